@@ -1,0 +1,49 @@
+"""sharpguard: train toward flat minima, train against adversarial inputs, and watch sharpness and
+robustness during long runs, in PyTorch, Lightning, the Hugging Face Trainer and Accelerate.
+
+Top-level names are imported lazily, so ``import sharpguard`` stays cheap and never imports a
+training framework.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0.dev0"
+
+_EXPORTS: dict[str, str] = {
+    # optimizer wrappers
+    "SAM": "sharpguard.optim",
+    "ASAM": "sharpguard.optim",
+    "GSAM": "sharpguard.optim",
+    "LookSAM": "sharpguard.optim",
+    "MomentumSAM": "sharpguard.optim",
+    "FriendlySAM": "sharpguard.optim",
+    # measurement
+    "hessian_eigenvalues": "sharpguard.sharpness",
+    "hessian_trace": "sharpguard.sharpness",
+    # attacks
+    "pgd": "sharpguard.attacks",
+    "fgsm": "sharpguard.attacks",
+    "ThreatModel": "sharpguard.attacks",
+    "robust_accuracy": "sharpguard.attacks",
+    # monitors
+    "SharpnessMonitor": "sharpguard.monitor",
+    "RobustnessMonitor": "sharpguard.monitor",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sharpguard' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,114 @@
+"""The loss protocol and probe sets shared by measurements, attacks and monitors.
+
+``loss_fn(model, batch) -> scalar tensor``. The default understands the two batch shapes users have:
+``(inputs, targets, ...)`` -> cross entropy of ``model(inputs)``, and a mapping (a Hugging Face batch)
+-> ``model(**batch).loss``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigurationError, NonFiniteLossError
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output: a tensor, a Hugging Face ``ModelOutput`` or a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ConfigurationError(
+        f"cannot find logits in a model output of type {type(output).__name__}; pass a loss_fn(model, batch)."
+    )
+
+
+def default_loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Cross entropy for ``(inputs, targets)``; ``model(**batch).loss`` for a mapping."""
+    if isinstance(batch, Mapping):
+        out = model(**batch)
+        loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
+        if loss is None:
+            raise ConfigurationError(
+                "the model returned no .loss for a mapping batch; include 'labels' in the batch or pass a loss_fn."
+            )
+        return loss
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
+        inputs, targets = batch[0], batch[1]
+        return F.cross_entropy(logits_of(model(inputs)), targets)
+    raise ConfigurationError(
+        f"the default loss needs (inputs, targets) or a mapping with labels, got {type(batch).__name__}; pass a loss_fn."
+    )
+
+
+def as_batches(batches: Any) -> list[Any]:
+    """One batch or a list of batches -> a non-empty list of batches (a frozen probe set)."""
+    if isinstance(batches, Mapping):
+        out = [batches]
+    elif isinstance(batches, tuple) and batches and isinstance(batches[0], torch.Tensor):
+        out = [batches]  # (inputs, targets) is one batch
+    elif isinstance(batches, list) and batches and isinstance(batches[0], torch.Tensor):
+        out = [tuple(batches)]  # [inputs, targets] from a DataLoader is one batch too
+    elif isinstance(batches, torch.Tensor):
+        raise ConfigurationError(
+            "a bare tensor is not a batch; pass (inputs, targets), a mapping, or a list of such batches."
+        )
+    else:
+        out = list(batches)
+    if not out:
+        raise ConfigurationError("the probe set is empty; pass at least one batch.")
+    return out
+
+
+def batch_size(batch: Any) -> int:
+    """Number of examples in a batch (first dimension of its first tensor)."""
+    if isinstance(batch, Mapping):
+        for v in batch.values():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                return int(v.shape[0])
+    elif isinstance(batch, (tuple, list)):
+        for v in batch:
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                return int(v.shape[0])
+    raise ConfigurationError(f"cannot tell the size of a batch of type {type(batch).__name__}.")
+
+
+def checked_loss(loss: Any, where: str = "loss_fn") -> torch.Tensor:
+    """Raise a clear error for a non-tensor, non-scalar or non-finite loss; return it otherwise.
+
+    The finiteness check synchronises with the device; measurements call it, the SAM hot path does not.
+    """
+    if not isinstance(loss, torch.Tensor):
+        raise ConfigurationError(f"{where} must return a tensor, got {type(loss).__name__}.")
+    if loss.numel() != 1:
+        raise ConfigurationError(
+            f"{where} must return a scalar loss, got shape {tuple(loss.shape)}; reduce it (e.g. .mean())."
+        )
+    if not bool(torch.isfinite(loss.detach())):
+        raise NonFiniteLossError(f"{where} returned a non-finite loss ({loss.item()}); check the model and the batch.")
+    return loss.reshape(())
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(move_to(v, device) for v in batch)
+    if isinstance(batch, list):
+        return [move_to(v, device) for v in batch]
+    return batch

@@ -1,0 +1,114 @@
+"""Save and restore the pieces of state a measurement must not disturb (DESIGN.md, promise 1).
+
+Each guard records what it finds on entry and puts it back *exactly* on exit, including on an
+exception: parameter values (by copy, never by subtraction), ``.grad`` (same tensor object and
+contents, or ``None``), ``requires_grad`` flags, buffers (BatchNorm running statistics and
+``num_batches_tracked``), each module's own train/eval flag, and the global RNG state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def preserve_modes(model: nn.Module, train: bool | None = None) -> Iterator[None]:
+    """Remember every module's ``training`` flag; optionally set one mode for the body.
+
+    Unlike ``model.train()`` on exit (what torchattacks and PyHessian do), a frozen-BN backbone kept
+    in eval inside a training model stays in eval afterwards.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        if train is not None:
+            model.train(train)
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+@contextlib.contextmanager
+def preserve_grads(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Keep each parameter's ``.grad`` (object identity and values) and ``requires_grad`` flag."""
+    params = list(params)
+    saved = []
+    for p in params:
+        g = p.grad
+        saved.append((g, None if g is None else g.detach().clone(), p.requires_grad))
+    try:
+        yield
+    finally:
+        for p, (g, values, flag) in zip(params, saved):
+            if g is not None:
+                with torch.no_grad():
+                    g.copy_(values)
+            p.grad = g
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def preserve_buffers(model: nn.Module) -> Iterator[None]:
+    """Copy every buffer (running statistics of BatchNorm and any custom module) and copy it back."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, values in saved:
+                b.copy_(values)
+
+
+@contextlib.contextmanager
+def preserve_parameters(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Copy parameter values and copy them back bitwise on exit (even after an exception)."""
+    params = list(params)
+    saved = [p.detach().clone() for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, values in zip(params, saved):
+                p.copy_(values)
+
+
+@contextlib.contextmanager
+def preserve_rng() -> Iterator[None]:
+    """Restore the global CPU (and, where initialised, CUDA) RNG state on exit."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextlib.contextmanager
+def side_effect_free(model: nn.Module, *, train: bool | None = False, parameters: bool = True) -> Iterator[None]:
+    """All guards at once: what a monitor or measurement wraps its work in.
+
+    ``train=False`` (the default) runs the body in eval mode; ``None`` keeps the current modes.
+    ``parameters=False`` skips the parameter copy for code that never writes to weights.
+    """
+    params = list(model.parameters())
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(preserve_rng())
+        stack.enter_context(preserve_buffers(model))
+        stack.enter_context(preserve_grads(params))
+        if parameters:
+            stack.enter_context(preserve_parameters(params))
+        stack.enter_context(preserve_modes(model, train))
+        yield
+
+
+def trainable_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters with ``requires_grad``; raises if there are none."""
+    from .errors import ConfigurationError
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigurationError(
+            "the model has no trainable parameters (requires_grad=True); unfreeze at least one before measuring."
+        )
+    return params

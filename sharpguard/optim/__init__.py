@@ -1,0 +1,1 @@
+"""SAM-family optimizer wrappers around one foreach perturbation kernel (:mod:`.functional`)."""

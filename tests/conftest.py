@@ -1,0 +1,21 @@
+"""Shared test fixtures. Every test runs on CPU with one intra-op thread (set by scripts/test.sh)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a gloo rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
