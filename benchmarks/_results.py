@@ -1,0 +1,43 @@
+"""Write one named section of benchmarks/RESULTS.md, leaving the other scripts' sections alone."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+_HEADER = "# Benchmark results\n\nEach section is written by the script it names; rerun the script to refresh it.\n"
+
+
+def machine() -> str:
+    """One line describing where the numbers came from."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} ({threads} intra-op threads), "
+        f"{gpu}, Python {platform.python_version()}"
+    )
+
+
+def write_section(name: str, markdown: str) -> None:
+    """Replace (or append) the section ``## name`` in RESULTS.md with ``markdown``."""
+    text = RESULTS.read_text() if RESULTS.exists() else _HEADER
+    block = f"## {name}\n\n{markdown.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block + "\n", text)
+    else:
+        text = text.rstrip() + "\n\n" + block
+    RESULTS.write_text(text.rstrip() + "\n")
