@@ -1,1 +1,55 @@
-"""(being built)"""
+"""Sharpness and curvature of a model's loss on a frozen probe set, measured without side effects.
+
+* :class:`HVPOperator` - Hessian-vector products (double backward; math-attention or finite-difference
+  fallback), batch-size weighted over the probe, all-reduced under ``torch.distributed``.
+* :func:`hessian_eigenvalues` (Lanczos), :func:`hessian_trace` (Hutchinson / Hutch++),
+  :func:`spectral_density` (stochastic Lanczos quadrature) with :func:`plot_spectral_density`.
+* :func:`worst_case_sharpness`, :func:`average_sharpness`, :func:`first_order_sharpness`,
+  :func:`keskar_sharpness` - loss increase under weight perturbations (SAM-style and Keskar).
+* :func:`loss_slice_1d`, :func:`loss_slice_2d`, :func:`plot_loss_slice` - filter-normalized slices.
+* :func:`eos_ratio`, :func:`directional_curvature` - edge-of-stability diagnostics.
+
+Every function leaves parameters, ``.grad``, ``requires_grad``, buffers, module modes and the global RNG
+exactly as it found them, and runs the model in eval mode unless ``train=True``. See docs/sharpness.md.
+"""
+
+from .density import SpectralDensity, plot_spectral_density, spectral_density
+from .lanczos import EigenResult, hessian_eigenvalues
+from .landscape import LossSlice, filter_normalized_direction, loss_slice_1d, loss_slice_2d, plot_loss_slice
+from .operator import HVPOperator, NonDeterministicHVPError, ProbeLoss
+from .perturbation import (
+    SharpnessResult,
+    average_sharpness,
+    first_order_sharpness,
+    keskar_sharpness,
+    worst_case_sharpness,
+)
+from .stability import DirectionalCurvature, EoSResult, directional_curvature, eos_ratio
+from .trace import TraceResult, hessian_trace
+
+__all__ = [
+    "DirectionalCurvature",
+    "EigenResult",
+    "EoSResult",
+    "HVPOperator",
+    "LossSlice",
+    "NonDeterministicHVPError",
+    "ProbeLoss",
+    "SharpnessResult",
+    "SpectralDensity",
+    "TraceResult",
+    "average_sharpness",
+    "directional_curvature",
+    "eos_ratio",
+    "filter_normalized_direction",
+    "first_order_sharpness",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "keskar_sharpness",
+    "loss_slice_1d",
+    "loss_slice_2d",
+    "plot_loss_slice",
+    "plot_spectral_density",
+    "spectral_density",
+    "worst_case_sharpness",
+]

@@ -1,0 +1,400 @@
+"""The Hessian-vector-product operator over a frozen probe set, and the probe loss it is built on.
+
+Every curvature estimate in :mod:`sharpguard.sharpness` is a sequence of products ``H v`` with the
+Hessian of the probe loss
+
+    L(w) = sum_b n_b L_b(w) / sum_b n_b,
+
+the batch-size-weighted mean of ``loss_fn(model, batch)`` over the probe batches (so a list of batches
+gives the same operator as their concatenation, as in PyHessian's ``dataloader_hv_product``). Under
+``torch.distributed`` the per-rank sums ``sum_b n_b H_b v`` and counts are all-reduced, so every rank
+holds the product for the union of the ranks' probe shards (a rank-identical probe simply gives the same
+operator on every rank).
+
+Products are computed by Pearlmutter's double backward (Pearlmutter, Neural Computation 1994). Where
+double backward is not implemented - PyTorch's fused CPU attention kernel has no derivative of its
+backward (pytorch/pytorch#116350) - ``hvp="auto"`` retries under the math attention kernel
+(``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``) and, failing that, uses the central difference
+
+    H v ~ (g(w + h v) - g(w - h v)) / (2 h),  h = eps_mach^(1/3) * max(||w||, 1) / ||v||,
+
+which needs first-order gradients only (the step balances O(h^2) truncation against O(eps/h) rounding).
+The method used is reported as :attr:`HVPOperator.method`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .._batches import LossFn, as_batches, batch_size, checked_loss, default_loss_fn
+from .._state import side_effect_free, trainable_parameters
+from ..errors import ConfigurationError, SharpGuardError
+
+HVPMethod = Literal["auto", "autograd", "finite_difference"]
+_HVP_CHOICES = ("auto", "autograd", "finite_difference")
+
+__all__ = ["HVPOperator", "NonDeterministicHVPError", "ProbeLoss"]
+
+
+class NonDeterministicHVPError(SharpGuardError, RuntimeError):
+    """The same vector gave two different Hessian-vector products (dropout or a random loss)."""
+
+
+class _DoubleBackwardError(RuntimeError):
+    """Internal: the second backward pass failed (a kernel without a double-backward formula)."""
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper: its forward would arm gradient hooks that a
+    ``torch.autograd.grad`` call never fires, so we run the inner module and all-reduce ourselves."""
+    ddp = getattr(torch.nn.parallel, "DistributedDataParallel", None)
+    if ddp is not None and isinstance(model, ddp):
+        return model.module
+    return model
+
+
+def _detach_inference(batch: Any) -> Any:
+    """Clone inference-mode tensors so autograd can save them for backward."""
+    if isinstance(batch, torch.Tensor):
+        return batch.clone() if batch.is_inference() else batch
+    if isinstance(batch, dict):
+        return {k: _detach_inference(v) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(_detach_inference(v) for v in batch)
+    if isinstance(batch, list):
+        return [_detach_inference(v) for v in batch]
+    return batch
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class ProbeLoss:
+    """The probe loss ``L(w)`` and its gradient, on flat vectors over the trainable parameters.
+
+    A context manager: entering it puts the model in eval mode (``train=False``, the default) inside the
+    guards of :func:`sharpguard._state.side_effect_free`, so parameters, ``.grad``, ``requires_grad``,
+    buffers, per-module modes and the global RNG are restored on exit, even after an exception.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Any,
+        loss_fn: LossFn | None = None,
+        *,
+        train: bool = False,
+        distributed: bool | None = None,
+    ) -> None:
+        self.batches = [_detach_inference(b) for b in as_batches(batches)]
+        self.params = trainable_parameters(model)
+        self.model = model
+        self.module = _unwrap(model)
+        self.loss_fn: LossFn = loss_fn if loss_fn is not None else default_loss_fn
+        self.train = bool(train)
+        self.distributed = _distributed() if distributed is None else bool(distributed and _distributed())
+        self.device = self.params[0].device
+        # Krylov vectors are kept in float32 or wider even for bf16/fp16 weights (rounding in a half
+        # precision matvec is ~1e-2 relative).
+        self.dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.size = sum(self.numels)
+        sizes = [batch_size(b) for b in self.batches]
+        if any(s <= 0 for s in sizes):
+            raise ConfigurationError("a probe batch has no examples; drop empty batches from the probe set.")
+        total = self._all_reduce(torch.tensor(float(sum(sizes)), dtype=torch.float64, device=self.device))
+        self.n_examples = round(float(total))
+        self.weights = [s / float(total) for s in sizes]
+        self._stack: contextlib.ExitStack | None = None
+        self.n_forward = 0
+        self.n_backward = 0
+
+    # -- context --------------------------------------------------------------------------------
+    def __enter__(self):
+        if self._stack is not None:
+            raise ConfigurationError(f"this {type(self).__name__} is already in use; enter it once.")
+        stack = contextlib.ExitStack()
+        stack.enter_context(side_effect_free(self.model, train=self.train))
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        self._stack = stack
+        self.w0 = self.flatten([p.detach() for p in self.params]).clone()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.__exit__(*exc)
+
+    def _require_entered(self) -> None:
+        if self._stack is None:
+            raise ConfigurationError(
+                f"use the {type(self).__name__} inside a `with` block, which restores the model afterwards."
+            )
+
+    # -- flat vectors ---------------------------------------------------------------------------
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Concatenate per-parameter tensors into one vector of :attr:`dtype` on :attr:`device`."""
+        return torch.cat([t.reshape(-1).to(device=self.device, dtype=self.dtype) for t in tensors])
+
+    def unflatten(self, vector: torch.Tensor, like_params: bool = False) -> list[torch.Tensor]:
+        """Split a flat vector into per-parameter views (cast to each parameter's dtype if asked)."""
+        chunks = torch.split(vector, self.numels)
+        out = [c.view(s) for c, s in zip(chunks, self.shapes)]
+        if like_params:
+            out = [c.to(p.dtype) for c, p in zip(out, self.params)]
+        return out
+
+    def as_vector(self, value: Any, what: str = "vector") -> torch.Tensor:
+        """Accept a flat tensor or a per-parameter list and return a flat vector (checked)."""
+        if isinstance(value, torch.Tensor):
+            if value.numel() != self.size:
+                raise ConfigurationError(
+                    f"the {what} has {value.numel()} entries but the model has {self.size} trainable parameters."
+                )
+            return value.detach().reshape(-1).to(device=self.device, dtype=self.dtype)
+        tensors = list(value)
+        if len(tensors) != len(self.params) or any(t.shape != p.shape for t, p in zip(tensors, self.params)):
+            raise ConfigurationError(
+                f"the {what} must be a flat tensor or one tensor per trainable parameter, shaped like them."
+            )
+        return self.flatten([t.detach() for t in tensors])
+
+    def set_parameters(self, vector: torch.Tensor) -> None:
+        """Copy a flat vector into the trainable parameters (restored when the context exits)."""
+        self._require_entered()
+        with torch.no_grad():
+            for p, chunk in zip(self.params, self.unflatten(vector)):
+                p.copy_(chunk)
+
+    # -- collectives ----------------------------------------------------------------------------
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    # -- loss and gradient ----------------------------------------------------------------------
+    def _batch_loss(self, batch: Any) -> torch.Tensor:
+        self.n_forward += 1
+        return checked_loss(self.loss_fn(self.module, batch), "loss_fn")
+
+    def loss(self) -> float:
+        """Probe loss at the current weights (forward passes only)."""
+        self._require_entered()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for w, batch in zip(self.weights, self.batches):
+                total += w * self._batch_loss(batch).detach().double()
+        return float(self._all_reduce(total))
+
+    def loss_and_grad(self) -> tuple[float, torch.Tensor]:
+        """Probe loss and its flat gradient at the current weights (never touches ``.grad``)."""
+        self._require_entered()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        grad = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        for w, batch in zip(self.weights, self.batches):
+            loss = self._batch_loss(batch)
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            self.n_backward += 1
+            grad.add_(self._flat_or_zero(grads), alpha=w)
+            total += w * loss.detach().double()
+        return float(self._all_reduce(total)), self._all_reduce(grad)
+
+    def _flat_or_zero(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        return self.flatten([torch.zeros_like(p) if t is None else t for t, p in zip(tensors, self.params)])
+
+    def restricted(self, batch: Any) -> ProbeLoss:
+        """The same loss on one of the probe batches, on this rank only (for per-batch m-sharpness)."""
+        self._require_entered()
+        sub = object.__new__(type(self))
+        sub.__dict__.update(self.__dict__)
+        sub.batches, sub.weights, sub.distributed = [batch], [1.0], False
+        sub.n_examples = batch_size(batch)
+        return sub
+
+
+class HVPOperator(ProbeLoss):
+    """``v -> H v`` for the Hessian of the probe loss over the trainable parameters (flat vectors).
+
+    Use it as a context manager (the model is restored on exit)::
+
+        with HVPOperator(model, batches) as op:
+            hv = op.matvec(v)          # v: flat tensor of op.size entries
+            print(op.method, op.n_hvp)
+
+    Args:
+        model: the model (a DDP wrapper is unwrapped; products are all-reduced instead).
+        batches: one batch or a list of batches, fixed for the operator's lifetime.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default cross entropy / ``model(**batch).loss``.
+        hvp: ``"auto"`` (double backward, then the math attention kernel, then finite differences),
+            ``"autograd"`` or ``"finite_difference"``.
+        train: run the model in train mode (default: eval mode, so dropout is off and BatchNorm uses its
+            running statistics).
+        check_determinism: apply ``H`` twice to the first vector and raise
+            :class:`NonDeterministicHVPError` if the products differ (the extra product is counted in
+            :attr:`n_hvp`).
+        fd_eps: relative step of the finite-difference product (default ``eps_mach ** (1/3)``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Any,
+        loss_fn: LossFn | None = None,
+        *,
+        hvp: HVPMethod = "auto",
+        train: bool = False,
+        check_determinism: bool = True,
+        fd_eps: float | None = None,
+        distributed: bool | None = None,
+    ) -> None:
+        if hvp not in _HVP_CHOICES:
+            raise ConfigurationError(f"hvp must be one of {_HVP_CHOICES}, got {hvp!r}.")
+        if fd_eps is not None and not (fd_eps > 0 and math.isfinite(fd_eps)):
+            raise ConfigurationError(f"fd_eps must be a positive number, got {fd_eps!r}.")
+        super().__init__(model, batches, loss_fn, train=train, distributed=distributed)
+        self.requested = hvp
+        self.method: str | None = "finite_difference" if hvp == "finite_difference" else None
+        self._kernel: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        self._unchecked = bool(check_determinism)
+        # The least precise parameter dtype sets both the finite-difference step and the tolerance of
+        # the determinism check (sqrt(eps): GPU atomics reorder sums, dropout changes the product O(1)).
+        eps_mach = max(torch.finfo(p.dtype).eps for p in self.params)
+        self.fd_eps = fd_eps if fd_eps is not None else eps_mach ** (1.0 / 3.0)
+        self._rtol = math.sqrt(eps_mach)
+        self.n_hvp = 0
+
+    # -- products -------------------------------------------------------------------------------
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` for a flat vector ``v`` (returned as a new flat vector of :attr:`dtype`)."""
+        self._require_entered()
+        v = self.as_vector(v)
+        hv = self._select_method(v) if self.method is None else self._product(v)
+        if self._unchecked:
+            self._unchecked = False
+            again = self._product(v)
+            diff = float(torch.linalg.vector_norm(hv - again))
+            scale = float(torch.linalg.vector_norm(hv))
+            if not diff <= self._rtol * max(scale, torch.finfo(self.dtype).tiny):
+                raise NonDeterministicHVPError(
+                    f"two Hessian-vector products with the same vector differ (relative difference "
+                    f"{diff / max(scale, 1e-300):.2e}); the loss is random - measure in eval mode (train=False), "
+                    f"turn off dropout/augmentation, and pass a fixed probe set."
+                )
+        return hv
+
+    __matmul__ = matvec
+
+    def _product(self, v: torch.Tensor) -> torch.Tensor:
+        self.n_hvp += 1
+        if self.method == "finite_difference":
+            return self._hvp_finite_difference(v)
+        with self._kernel():
+            return self._hvp_autograd(v)
+
+    def _select_method(self, v: torch.Tensor) -> torch.Tensor:
+        """First product under ``hvp="auto"``: find the cheapest method that works and remember it."""
+        self.n_hvp += 1
+        try:
+            hv = self._hvp_autograd(v)
+            self.method = "autograd"
+            return hv
+        except _DoubleBackwardError as exc:
+            first_error = exc.__cause__
+        if self.requested == "autograd":
+            raise ConfigurationError(
+                f"double backward failed through this model ({first_error}); pass hvp='auto' or "
+                f"hvp='finite_difference'."
+            ) from first_error
+        math_kernel = _math_attention_kernel()
+        if math_kernel is not None:
+            try:
+                with math_kernel():
+                    hv = self._hvp_autograd(v)
+                self.method, self._kernel = "autograd+math_sdpa", math_kernel
+                return hv
+            except _DoubleBackwardError:
+                pass
+        warnings.warn(
+            f"double backward is not available for this model ({first_error}); using a finite-difference "
+            f"Hessian-vector product (relative error ~{self.fd_eps**2:.0e} instead of exact products).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.method = "finite_difference"
+        return self._hvp_finite_difference(v)
+
+    def _hvp_autograd(self, v: torch.Tensor) -> torch.Tensor:
+        vs = self.unflatten(v, like_params=True)
+        out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        for w, batch in zip(self.weights, self.batches):
+            loss = self._batch_loss(batch)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            self.n_backward += 1
+            # A gradient with no graph is constant in w: its rows of H are zero.
+            pairs = [(g, u) for g, u in zip(grads, vs) if g is not None and g.requires_grad]
+            if not pairs:
+                continue
+            if self.method is None and _has_error_node([g for g, _ in pairs]):
+                raise _DoubleBackwardError(
+                    "a custom autograd.Function marked @once_differentiable has no double backward"
+                ) from RuntimeError("once_differentiable")
+            try:
+                hv = torch.autograd.grad(
+                    [g for g, _ in pairs], self.params, grad_outputs=[u for _, u in pairs], allow_unused=True
+                )
+            except (RuntimeError, NotImplementedError) as exc:
+                raise _DoubleBackwardError(str(exc)) from exc
+            self.n_backward += 1
+            out.add_(self._flat_or_zero(hv), alpha=w)
+        return self._all_reduce(out)
+
+    def _hvp_finite_difference(self, v: torch.Tensor) -> torch.Tensor:
+        v_norm = float(torch.linalg.vector_norm(v))
+        if v_norm == 0.0:
+            return torch.zeros_like(v)
+        w0 = self.flatten([p.detach() for p in self.params]).clone()
+        h = self.fd_eps * max(float(torch.linalg.vector_norm(w0)), 1.0) / v_norm
+        try:
+            self.set_parameters(w0 + h * v)
+            _, g_plus = self.loss_and_grad()
+            self.set_parameters(w0 - h * v)
+            _, g_minus = self.loss_and_grad()
+        finally:
+            self.set_parameters(w0)
+        return (g_plus - g_minus) / (2.0 * h)
+
+
+def _math_attention_kernel() -> Callable[[], contextlib.AbstractContextManager] | None:
+    """A factory for the math scaled-dot-product-attention kernel context, where PyTorch has one."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return None
+    return lambda: sdpa_kernel(SDPBackend.MATH)
+
+
+def _has_error_node(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether a gradient's graph contains autograd's ``Error`` node, which ``@once_differentiable``
+    functions leave instead of a derivative: double backward through it silently drops those paths
+    (the node has no inputs), so we must detect it rather than wait for an exception."""
+    seen: set[int] = set()
+    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if type(fn).__name__ in ("Error", "DelayedError"):
+            return True
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return False

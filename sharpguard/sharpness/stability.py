@@ -1,0 +1,291 @@
+"""Edge-of-stability ratios and the curvature along one direction.
+
+Gradient descent with heavy-ball momentum ``beta`` (``buf = beta buf + (1 - dampening) g``,
+``w -= lr buf``) on a quadratic with curvature ``lambda`` is stable iff
+``lambda < (2 + 2 beta) / ((1 - dampening) lr)``; with Nesterov momentum the bound is
+``(2 + 2 beta) / ((1 + 2 beta) lr)``. Full-batch training drifts to and hovers at this threshold: the
+"edge of stability" (Cohen, Kaur, Li, Kolter & Talwalkar, ICLR 2021). For Adam the relevant quantity is
+the *preconditioned* sharpness ``lambda_max(P^-1/2 H P^-1/2)`` with ``P = diag(sqrt(v_hat) + eps)``
+from the optimizer's ``exp_avg_sq``, against ``(2 + 2 beta1) / ((1 - beta1) lr)`` (38/lr for
+beta1 = 0.9; Cohen et al., "Adaptive gradient methods at the edge of stability", 2022, sec. 3).
+``ratio = lambda / threshold``: above 1 the optimizer is locally unstable along the top direction.
+
+Coupled L2 weight decay (SGD's and Adam's ``weight_decay``) adds ``wd * I`` to the curvature the
+update sees and is included; AdamW's decoupled decay is a contraction and is not. Parameter groups with
+different learning rates are folded into the operator (``lr_g / lr_max``), and the threshold uses the
+largest ``lr``.
+
+:func:`directional_curvature` is ``u^T H u / ||u||^2`` along the probe gradient or the optimizer's
+current update direction: one product, the cheap per-step companion of ``lambda_max`` (its crossing of
+``2 / lr`` along the update precedes Adam loss spikes; arXiv 2506.04805).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .._batches import LossFn
+from ..errors import ConfigurationError
+from .lanczos import _check_common, lanczos, start_vector
+from .operator import HVPMethod, HVPOperator
+
+__all__ = ["DirectionalCurvature", "EoSResult", "directional_curvature", "eos_ratio"]
+
+
+@dataclass
+class EoSResult:
+    """``ratio = lambda_max / threshold`` for the optimizer in use (see the module docstring)."""
+
+    ratio: float
+    lambda_max: float
+    threshold: float
+    optimizer: str  # "sgd" or "adam"
+    preconditioned: bool
+    lr: float
+    beta: float
+    n_hvp: int
+    residual: float
+    converged: bool
+    hvp_method: str = "autograd"
+    eigenvector: torch.Tensor | None = None
+    seconds: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DirectionalCurvature:
+    """``value = u^T H u / ||u||^2`` along ``direction``."""
+
+    value: float
+    direction: str
+    n_hvp: int
+    hvp_method: str = "autograd"
+    norm: float = float("nan")
+    seconds: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _base_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    # SAM-family wrappers keep the optimizer that applies the update in .base_optimizer
+    inner = getattr(optimizer, "base_optimizer", optimizer)
+    if not hasattr(inner, "param_groups") or not hasattr(inner, "state"):
+        raise ConfigurationError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+    return inner
+
+
+def _kind(opt: torch.optim.Optimizer) -> str:
+    groups = opt.param_groups
+    if all("betas" in g for g in groups):
+        return "adam"
+    if all("momentum" in g for g in groups):
+        return "sgd"
+    raise ConfigurationError(
+        f"eos_ratio knows SGD (momentum) and Adam/AdamW (betas) thresholds; {type(opt).__name__} is neither."
+    )
+
+
+def _group_of(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[dict]:
+    owner = {id(p): g for g in opt.param_groups for p in g["params"]}
+    missing = sum(id(p) not in owner for p in params)
+    if missing:
+        raise ConfigurationError(
+            f"{missing} trainable parameters are not in the optimizer; pass the optimizer that trains this model."
+        )
+    return [owner[id(p)] for p in params]
+
+
+def _same(groups: list[dict], key: Any, what: str) -> Any:
+    values = {repr(key(g)) for g in groups}
+    if len(values) > 1:
+        raise ConfigurationError(f"parameter groups use different {what}; eos_ratio needs one value.")
+    return key(groups[0])
+
+
+def _adam_denominator(opt: torch.optim.Optimizer, p: torch.Tensor, group: dict) -> torch.Tensor:
+    """Adam's ``sqrt(v_hat) + eps`` for one parameter (bias-corrected, amsgrad-aware)."""
+    state = opt.state.get(p, {})
+    key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+    if key not in state:
+        raise ConfigurationError(
+            "the optimizer has no exp_avg_sq yet; measure the Adam edge-of-stability ratio after the first step."
+        )
+    step = float(state["step"])
+    correction = 1.0 - group["betas"][1] ** step
+    return (state[key].detach() / correction).sqrt() + group["eps"]
+
+
+def _preconditioner(op: HVPOperator, opt: torch.optim.Optimizer, kind: str):
+    """Per-coordinate scale ``D`` and coupled decay ``wd`` so that the update's curvature is ``D(H + wd)D``."""
+    groups = _group_of(opt, op.params)
+    lr_max = max(float(g["lr"]) for g in groups)
+    if not lr_max > 0:
+        raise ConfigurationError("the optimizer's learning rate must be positive.")
+    parts, decay = [], []
+    for p, g in zip(op.params, groups):
+        scale = torch.full(p.shape, math.sqrt(float(g["lr"]) / lr_max), dtype=op.dtype, device=op.device)
+        if kind == "adam":
+            scale = scale / _adam_denominator(opt, p, g).to(op.dtype).sqrt()
+        parts.append(scale.reshape(-1))
+        # torch >= 2.6 marks AdamW's groups decoupled_weight_decay=True; older AdamW has no key
+        decoupled = g.get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW))
+        coupled = kind == "sgd" or not decoupled
+        decay.append(
+            torch.full(
+                (p.numel(),), float(g.get("weight_decay", 0.0)) if coupled else 0.0, dtype=op.dtype, device=op.device
+            )
+        )
+    return torch.cat(parts), torch.cat(decay), lr_max, groups
+
+
+def eos_ratio(
+    model: nn.Module,
+    batches: Any,
+    optimizer: Any,
+    loss_fn: LossFn | None = None,
+    *,
+    tol: float = 1e-3,
+    max_iter: int = 50,
+    init: torch.Tensor | list[torch.Tensor] | None = None,
+    seed: int = 0,
+    hvp: HVPMethod = "auto",
+    train: bool = False,
+    check_determinism: bool = True,
+) -> EoSResult:
+    """Top (preconditioned) curvature against the stability threshold of ``optimizer``.
+
+    ``optimizer``: torch SGD (any momentum, dampening, Nesterov) or Adam/AdamW (after its first step), or a
+    SAM-family wrapper around one. ``init`` warm-starts Lanczos from a previous ``result.eigenvector``.
+    """
+    _check_common(1, tol, max_iter)
+    opt = _base_optimizer(optimizer)
+    kind = _kind(opt)
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(int(seed))
+    op = HVPOperator(model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism)
+    with op:
+        d, wd, lr, groups = _preconditioner(op, opt, kind)  # validates the optimizer before any product
+        if kind == "adam":
+            beta = float(_same(groups, lambda g: g["betas"][0], "betas"))
+            threshold = (2 + 2 * beta) / ((1 - beta) * lr)
+        else:
+            beta = float(_same(groups, lambda g: g["momentum"], "momentum"))
+            dampening = float(_same(groups, lambda g: g.get("dampening", 0.0), "dampening")) if beta else 0.0
+            nesterov = bool(_same(groups, lambda g: g.get("nesterov", False), "nesterov"))
+            threshold = (2 + 2 * beta) / ((1 + 2 * beta) * lr) if nesterov else (2 + 2 * beta) / ((1 - dampening) * lr)
+
+        def matvec(v: torch.Tensor) -> torch.Tensor:
+            dv = d * v
+            return d * (op.matvec(dv) + wd * dv)
+
+        out = lanczos(
+            matvec,
+            start_vector(op, init, generator),
+            k=1,
+            which="largest",
+            tol=tol,
+            max_iter=max_iter,
+            generator=generator,
+            return_eigenvectors=True,
+        )
+    lam = out["eigenvalues"][0]
+    return EoSResult(
+        ratio=lam / threshold,
+        lambda_max=lam,
+        threshold=threshold,
+        optimizer=kind,
+        preconditioned=kind == "adam",
+        lr=lr,
+        beta=beta,
+        n_hvp=op.n_hvp,
+        residual=out["residuals"][0],
+        converged=out["converged"],
+        hvp_method=str(op.method),
+        eigenvector=out["eigenvectors"][0],
+        seconds=time.perf_counter() - start,
+        settings={
+            "tol": tol,
+            "max_iter": max_iter,
+            "seed": seed,
+            "warm_start": init is not None,
+            "train": train,
+            "probe_examples": op.n_examples,
+        },
+    )
+
+
+def _update_direction(op: HVPOperator, optimizer: Any) -> torch.Tensor:
+    """The direction of the optimizer's next update from its state (momentum buffer or Adam's m/sqrt(v))."""
+    opt = _base_optimizer(optimizer)
+    kind = _kind(opt)
+    groups = _group_of(opt, op.params)
+    parts = []
+    for p, g in zip(op.params, groups):
+        state = opt.state.get(p, {})
+        if kind == "sgd":
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                raise ConfigurationError(
+                    "SGD keeps no update direction without momentum (or before its first step); "
+                    "use direction='gradient'."
+                )
+            u = float(g["lr"]) * buf.detach()
+        else:
+            if "exp_avg" not in state:
+                raise ConfigurationError("the optimizer has no exp_avg yet; measure after its first step.")
+            step = float(state["step"])
+            m_hat = state["exp_avg"].detach() / (1.0 - g["betas"][0] ** step)
+            u = float(g["lr"]) * m_hat / _adam_denominator(opt, p, g)
+        parts.append(u.reshape(-1).to(device=op.device, dtype=op.dtype))
+    return torch.cat(parts)
+
+
+def directional_curvature(
+    model: nn.Module,
+    batches: Any,
+    loss_fn: LossFn | None = None,
+    *,
+    direction: Literal["gradient", "update"] | torch.Tensor | list[torch.Tensor] = "gradient",
+    optimizer: Any = None,
+    hvp: HVPMethod = "auto",
+    train: bool = False,
+    check_determinism: bool = True,
+) -> DirectionalCurvature:
+    """``u^T H u / ||u||^2`` for ``u`` the probe gradient, the optimizer's update direction
+    (``direction="update"``, needs ``optimizer``) or a given vector. One product (two with the
+    determinism check); ``"gradient"`` adds one gradient pass."""
+    if isinstance(direction, str) and direction not in ("gradient", "update"):
+        raise ConfigurationError(f"direction must be 'gradient', 'update' or a vector, got {direction!r}.")
+    if isinstance(direction, str) and direction == "update" and optimizer is None:
+        raise ConfigurationError("direction='update' needs the optimizer; pass optimizer=.")
+    start = time.perf_counter()
+    op = HVPOperator(model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism)
+    with op:
+        if isinstance(direction, str) and direction == "gradient":
+            _, u = op.loss_and_grad()
+        elif isinstance(direction, str):
+            u = _update_direction(op, optimizer)
+        else:
+            u = op.as_vector(direction, "direction")
+        norm = float(torch.linalg.vector_norm(u))
+        if not (norm > 0 and math.isfinite(norm)):
+            raise ConfigurationError(
+                f"the {direction if isinstance(direction, str) else 'given'} direction is zero "
+                "or not finite; curvature along it is undefined."
+            )
+        u = u / norm
+        value = float(u @ op.matvec(u))
+    return DirectionalCurvature(
+        value=value,
+        direction=direction if isinstance(direction, str) else "given",
+        n_hvp=op.n_hvp,
+        hvp_method=str(op.method),
+        norm=norm,
+        seconds=time.perf_counter() - start,
+        settings={"train": train, "probe_examples": op.n_examples},
+    )
