@@ -1,1 +1,12 @@
-"""SAM-family optimizer wrappers around one foreach perturbation kernel (:mod:`.functional`)."""
+"""SAM-family optimizer wrappers around one foreach perturbation kernel (:mod:`.functional`).
+
+``SAM`` / ``ASAM`` (:mod:`.sam`), ``GSAM`` / ``LookSAM`` / ``MomentumSAM`` / ``FriendlySAM``
+(:mod:`.variants`), and :func:`make_sam` to build any of them around an existing optimizer.
+Usage, the adapter protocol and comparisons with other libraries: ``docs/optim.md``.
+"""
+
+from .factory import VARIANTS, make_sam
+from .sam import ASAM, SAM
+from .variants import FriendlySAM, GSAM, LookSAM, MomentumSAM
+
+__all__ = ["SAM", "ASAM", "GSAM", "LookSAM", "MomentumSAM", "FriendlySAM", "make_sam", "VARIANTS"]

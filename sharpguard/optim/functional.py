@@ -26,6 +26,9 @@ __all__ = [
     "save_",
     "restore_",
     "add_scaled_",
+    "scale_",
+    "dot",
+    "select_",
     "sam_perturb_",
 ]
 
@@ -40,8 +43,10 @@ def _group(tensors: Tensors) -> dict[tuple[torch.device, torch.dtype], list[int]
 def global_norm(tensors: Tensors, *, device: torch.device | None = None) -> torch.Tensor:
     """L2 norm of all tensors together, as a float32 (or wider) 0-dim tensor on ``device``.
 
-    One ``_foreach_norm`` per device/dtype group, then one norm of the partial norms: the same
-    grouping ``torch.nn.utils.get_total_norm`` uses. Returns ``0`` for an empty list.
+    One ``_foreach_norm`` per device/dtype group (accumulated in float32, or float64 for float64
+    tensors, so half-precision gradients scaled by a GradScaler do not overflow the norm), then one
+    norm of the partial norms: the grouping ``torch.nn.utils.get_total_norm`` uses. Returns ``0``
+    for an empty list.
     """
     if device is None:
         device = tensors[0].device if len(tensors) else torch.device("cpu")
@@ -49,10 +54,13 @@ def global_norm(tensors: Tensors, *, device: torch.device | None = None) -> torc
         return torch.zeros((), device=device)
     partial = []
     for (_, dtype), idx in _group(tensors).items():
-        norms = torch._foreach_norm([tensors[i] for i in idx])
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        partial.extend(n.to(device=device, dtype=acc) for n in norms)
-    return torch.linalg.vector_norm(torch.stack([p.to(partial[0].dtype) for p in partial]))
+        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=acc)
+        partial.append(torch.linalg.vector_norm(torch.stack(norms)))
+    if len(partial) == 1:
+        return partial[0].to(device=device)
+    acc = torch.float64 if any(n.dtype == torch.float64 for n in partial) else torch.float32
+    return torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=acc) for n in partial]))
 
 
 def perturbation_scale(norm: torch.Tensor, rho: float | torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -88,6 +96,48 @@ def add_scaled_(tensors: Tensors, directions: Tensors, scale: torch.Tensor) -> N
         for (device, dtype), idx in _group(tensors).items():
             s = scale.to(device=device, dtype=dtype)
             torch._foreach_addcmul_([tensors[i] for i in idx], [directions[i] for i in idx], [s] * len(idx))
+
+
+def scale_(tensors: Tensors, factor: torch.Tensor) -> None:
+    """``t *= factor`` for every tensor, with ``factor`` a 0-dim device tensor (no host sync)."""
+    if not len(tensors):
+        return
+    with torch.no_grad():
+        for (device, dtype), idx in _group(tensors).items():
+            torch._foreach_mul_([tensors[i] for i in idx], factor.to(device=device, dtype=dtype))
+
+
+def dot(a: Tensors, b: Tensors) -> torch.Tensor:
+    """Inner product ``<a, b>`` of two tensor lists as one 0-dim tensor, without a per-tensor loop.
+
+    Uses the polarisation identity ``<a, b> = (||a + b||^2 - ||a||^2 - ||b||^2) / 2`` so that the
+    only reductions are fused ``_foreach_norm`` calls (one extra add over the tensors). The absolute
+    error is about ``eps * (||a||^2 + ||b||^2)``, which is what a cosine or a projection coefficient
+    between two gradients needs (``a + b`` is formed in the tensors' own dtype, so half-precision
+    lists carry half-precision error).
+    """
+    with torch.no_grad():
+        total = global_norm(torch._foreach_add(list(a), list(b)))
+        return 0.5 * (total.square() - global_norm(a).square() - global_norm(b).square())
+
+
+def select_(dst: Tensors, src: Tensors, take: torch.Tensor) -> None:
+    """``dst <- src`` if the 0-dim boolean ``take`` is true, else leave ``dst`` as it is; no host sync.
+
+    Safe when ``src`` holds inf/NaN and ``take`` is false: ``src ** 0`` is exactly 1 even for
+    inf/NaN entries (IEEE 754 ``pow``), so the blend ``lerp(dst, src ** w, w)`` with ``w`` in {0, 1}
+    never multiplies a non-finite number by zero. With ``take`` true the result is ``src`` bitwise.
+    Used to keep persistent optimizer state (LookSAM's ``gv``, Friendly-SAM's EMA) unpoisoned by a
+    step whose gradient overflowed.
+    """
+    if not len(dst):
+        return
+    with torch.no_grad():
+        for (device, dtype), idx in _group(dst).items():
+            w = take.to(device=device, dtype=dtype)
+            weights = [w] * len(idx)
+            finite = torch._foreach_pow([src[i] for i in idx], weights)
+            torch._foreach_lerp_([dst[i] for i in idx], finite, weights)
 
 
 def sam_perturb_(

@@ -1,0 +1,48 @@
+"""Build any SAM variant around an optimizer instance by name (what the framework adapters call)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.optim import Optimizer
+
+from ..errors import ConfigurationError
+from .sam import ASAM, SAM
+from .variants import FriendlySAM, GSAM, LookSAM, MomentumSAM
+
+__all__ = ["VARIANTS", "make_sam"]
+
+#: canonical variant name -> class
+VARIANTS: dict[str, type[SAM]] = {
+    "sam": SAM,
+    "asam": ASAM,
+    "gsam": GSAM,
+    "looksam": LookSAM,
+    "momentum_sam": MomentumSAM,
+    "friendly_sam": FriendlySAM,
+}
+
+_ALIASES = {
+    "look_sam": "looksam",
+    "msam": "momentum_sam",
+    "momentumsam": "momentum_sam",
+    "fsam": "friendly_sam",
+    "f_sam": "friendly_sam",
+    "friendlysam": "friendly_sam",
+}
+
+
+def make_sam(optimizer: Optimizer, variant: str = "sam", **knobs: Any) -> SAM:
+    """Wrap ``optimizer`` in the SAM variant named ``variant`` with its knobs.
+
+    ``variant`` is one of ``"sam"``, ``"asam"``, ``"gsam"``, ``"looksam"``, ``"momentum_sam"``,
+    ``"friendly_sam"`` (case and ``-``/``_`` do not matter; ``"msam"``, ``"fsam"`` and ``"F-SAM"`` are accepted).
+    ``knobs`` are the variant's keywords (``rho``, ``k``, ``alpha``, ...) plus ``model=`` and
+    ``sync_perturbation=``; an unknown one raises :class:`~sharpguard.errors.ConfigurationError`.
+    """
+    key = str(variant).strip().lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    cls = VARIANTS.get(key)
+    if cls is None:
+        raise ConfigurationError(f"unknown SAM variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
+    return cls.wrap(optimizer, **knobs)

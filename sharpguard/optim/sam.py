@@ -1,0 +1,582 @@
+"""Sharpness-Aware Minimization (Foret et al., ICLR 2021) around any ``torch.optim`` optimizer.
+
+:class:`SAM` is the front end shared by every variant. It owns no update rule: it moves the
+weights to ``w + e`` between two forward/backward passes, puts ``w`` back **by copy** (bitwise),
+and lets the base optimizer step with the gradient taken at ``w + e``. The per-step work is the
+foreach kernel of :mod:`.functional` (no Python loop of tensor operations over parameters, no
+``.item()``), with its buffers kept across steps.
+
+Every variant speaks one protocol, used by :meth:`SAM.step` and by the framework adapters that run
+the passes themselves::
+
+    opt.prepare()            # before the forward (Momentum-SAM perturbs here; a no-op otherwise)
+    loss.backward()          # clean gradient at w
+    if opt.perturb():        # save w, move to w + e, snapshot running statistics
+        zero the grads; loss_at_w_plus_e.backward()
+    opt.unperturb()          # restore w by copy, leave in .grad the gradient to step with
+    opt.base_optimizer.step()
+
+``perturb()`` returns False on steps that need no second pass (LookSAM's reuse steps, the skipped
+steps of ``interval > 1``); ``needs_second_pass()`` says so before the first forward, which is what
+a DDP adapter needs to decide whether the first pass may skip the gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from ..errors import ConfigurationError
+from . import functional as F
+
+__all__ = ["SAM", "ASAM", "Closure"]
+
+Closure = Callable[[], Any]
+
+#: Key of sharpguard's own entry in a state dict; the rest is exactly the base optimizer's.
+STATE_KEY = "sharpguard"
+
+
+# --------------------------------------------------------------------------------------------------
+# validation helpers: each raises one sentence before anything is built or changed
+# --------------------------------------------------------------------------------------------------
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigurationError(f"{name} must be a finite number, got {value!r}.")
+    return float(value)
+
+
+def _non_negative(name: str, value: Any, hint: str = "") -> float:
+    value = _real(name, value)
+    if value < 0:
+        raise ConfigurationError(f"{name} must be >= 0, got {value!r}{hint}.")
+    return value
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}.")
+    return value
+
+
+def _in_unit_interval(name: str, value: Any) -> float:
+    value = _real(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ConfigurationError(f"{name} must lie in [0, 1], got {value!r}.")
+    return value
+
+
+def _rho(value: Any) -> float:
+    return _non_negative("rho", value, "; the neighbourhood radius of SAM is usually 0.05 (ASAM: 0.5)")
+
+
+def _check_optimizer(optimizer: Any, cls_name: str) -> None:
+    if isinstance(optimizer, SAM):
+        raise ConfigurationError(
+            f"{cls_name}.wrap() got an optimizer that is already a {type(optimizer).__name__}; "
+            "wrap the base optimizer (its .base_optimizer) instead."
+        )
+    if not isinstance(optimizer, Optimizer):
+        raise ConfigurationError(
+            f"{cls_name}.wrap() needs a torch.optim.Optimizer instance, got {type(optimizer).__name__}; "
+            "unwrap framework wrappers first (e.g. Accelerate's AcceleratedOptimizer.optimizer)."
+        )
+
+
+def _build_base(cls_name: str, params: Any, base_cls: Any, base_kwargs: dict[str, Any]) -> Optimizer:
+    if not (isinstance(base_cls, type) and issubclass(base_cls, Optimizer)):
+        raise ConfigurationError(
+            f"{cls_name} needs a torch.optim.Optimizer subclass as base_optimizer_cls (e.g. torch.optim.SGD), "
+            f"got {base_cls!r}; to wrap an optimizer you already built use {cls_name}.wrap(optimizer)."
+        )
+    if issubclass(base_cls, SAM):
+        raise ConfigurationError(f"{cls_name} cannot use another SAM wrapper ({base_cls.__name__}) as its base optimizer.")
+    if isinstance(params, torch.Tensor):
+        raise ConfigurationError(
+            f"{cls_name} needs an iterable of parameters (e.g. model.parameters()), got a single tensor; wrap it in a list."
+        )
+    params = list(params)
+    if not params:
+        raise ConfigurationError(
+            f"{cls_name} got an empty parameter list; pass model.parameters() of a model with parameters."
+        )
+    return base_cls(params, **base_kwargs)
+
+
+def _running_stat_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, buffer name) of every buffer of every module that keeps running statistics.
+
+    A module counts when one of its own buffers is named ``running_*`` or ``num_batches_tracked``:
+    every ``_BatchNorm``, ``SyncBatchNorm``, ``InstanceNorm(track_running_stats=True)`` and custom
+    normalisation layers that follow the convention; all of that module's buffers are kept.
+    """
+    slots = []
+    for module in model.modules():
+        names = [name for name, buf in module.named_buffers(recurse=False) if buf is not None]
+        if any(n.startswith("running_") or n == "num_batches_tracked" for n in names):
+            slots.extend((module, n) for n in names)
+    return slots
+
+
+def _is_ddp(model: nn.Module | None) -> bool:
+    return model is not None and isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+# --------------------------------------------------------------------------------------------------
+# SAM
+# --------------------------------------------------------------------------------------------------
+class SAM(Optimizer):
+    r"""Sharpness-Aware Minimization (Foret et al., ICLR 2021, arXiv:2010.01412) around a base optimizer.
+
+    Each step computes the clean gradient :math:`g = \nabla L(w)`, moves to
+    :math:`w + e` with :math:`e = \rho\, g / \lVert g \rVert_2` (eq. 2), takes the gradient there,
+    restores :math:`w` by copy, and lets the base optimizer step with :math:`\nabla L(w + e)` (eq. 3).
+    ``adaptive=True`` uses ASAM's scale-invariant neighbourhood with ``eta = 0`` (the form of
+    davda54/sam); :class:`ASAM` has the paper's ``eta``.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim`` optimizer.
+        base_optimizer_cls: the optimizer class that takes the step (``torch.optim.SGD``, ``AdamW``, ...).
+        rho: neighbourhood radius (>= 0). ``rho=0`` reproduces the base optimizer bitwise.
+        adaptive: ASAM's element-wise scaling ``T = |w|`` (Kwon et al., 2021).
+        interval: perturb every ``interval``-th step only, a plain step otherwise (composer's "SAM
+            every k steps"; cost ``1 + 1/interval`` passes per step). Composer raises ``rho`` with k.
+        model: the model (or its DDP wrapper). Running statistics (BatchNorm and any module with
+            ``running_*`` buffers) are snapshotted after the clean pass and restored after the
+            perturbed one, so they come from the unperturbed pass only. For a
+            ``DistributedDataParallel`` model, :meth:`step` runs the clean pass under ``no_sync()``:
+            each worker perturbs with its own gradient (the paper's m-sharpness).
+        sync_perturbation: all-reduce the clean gradient too (one perturbation for all workers).
+        **base_kwargs: the base optimizer's own arguments (``lr``, ``momentum``, ...).
+
+    ``param_groups`` and ``state`` *are* the base optimizer's (LR schedulers attached to either work);
+    ``state_dict()`` is the base optimizer's plus one ``"sharpguard"`` entry (step counter, knobs,
+    variant buffers), so the base optimizer can load it too.
+    """
+
+    variant: ClassVar[str] = "sam"
+    #: names of the per-parameter tensors a variant keeps across steps (saved in state_dict)
+    state_buffers: ClassVar[tuple[str, ...]] = ()
+    #: ASAM's offset in ``T = |w| + eta``; SAM(adaptive=True) keeps davda54's eta = 0
+    eta: float = 0.0
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        base_optimizer_cls: type[Optimizer],
+        *,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        interval: int = 1,
+        model: nn.Module | None = None,
+        sync_perturbation: bool = False,
+        **base_kwargs: Any,
+    ) -> None:
+        self._configure(rho=rho, adaptive=adaptive, interval=interval)
+        self._attach(_build_base(type(self).__name__, params, base_optimizer_cls, base_kwargs), model, sync_perturbation)
+
+    def _configure(self, *, rho: float = 0.05, adaptive: bool = False, interval: int = 1) -> None:
+        """Validate and store the variant's knobs (the keyword defaults are the constructor's)."""
+        rho, interval = _rho(rho), _positive_int("interval", interval)
+        self.rho, self.adaptive, self.interval = rho, bool(adaptive), interval
+
+    @classmethod
+    def wrap(
+        cls,
+        optimizer: Optimizer,
+        *,
+        model: nn.Module | None = None,
+        sync_perturbation: bool = False,
+        **knobs: Any,
+    ) -> SAM:
+        """Wrap an optimizer you already built; ``knobs`` are the constructor's (``rho``, ``adaptive``, ...)."""
+        _check_optimizer(optimizer, cls.__name__)
+        self = cls.__new__(cls)
+        self._configure_checked(knobs)
+        self._attach(optimizer, model, sync_perturbation)
+        return self
+
+    def _configure_checked(self, knobs: dict[str, Any]) -> None:
+        allowed = [n for n in inspect.signature(self._configure).parameters]
+        unknown = sorted(set(knobs) - set(allowed))
+        if unknown:
+            raise ConfigurationError(
+                f"{type(self).__name__} has no setting {', '.join(map(repr, unknown))}; its settings are "
+                f"{', '.join(allowed)} (base-optimizer arguments belong to the optimizer you wrap)."
+            )
+        self._configure(**knobs)
+
+    def _knobs(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in inspect.signature(self._configure).parameters}
+
+    def _validate_base(self, base: Optimizer) -> None:
+        """Hook: refuse a base optimizer the variant cannot work with (before anything is attached)."""
+
+    def _attach(self, base: Optimizer, model: nn.Module | None, sync_perturbation: bool) -> None:
+        if model is not None and not isinstance(model, nn.Module):
+            raise ConfigurationError(f"model must be a torch.nn.Module (or None), got {type(model).__name__}.")
+        self._validate_base(base)
+        self.base_optimizer = base
+        # The hook tables and step profiling of torch.optim.Optimizer, without its own param_groups
+        # and state: those are properties that return the base optimizer's.
+        Optimizer.__setstate__(self, {"defaults": base.defaults})
+        self.model = model
+        self.sync_perturbation = bool(sync_perturbation)
+        self._ddp = model if _is_ddp(model) else None
+        self._stat_slots = _running_stat_slots(model) if model is not None else []
+        self.sam_state: defaultdict[torch.Tensor, dict[str, torch.Tensor]] = defaultdict(dict)
+        self._scratch: dict[str, tuple[list[torch.Tensor], list[int], list[torch.Tensor]]] = {}
+        self._step = 0
+        self._reset_step()
+
+    # ---------------------------------------------------------------------------- shared structure
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.base_optimizer.param_groups = value
+
+    @property
+    def state(self) -> defaultdict:  # type: ignore[override]
+        return self.base_optimizer.state
+
+    @state.setter
+    def state(self, value: defaultdict) -> None:
+        self.base_optimizer.state = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.base_optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        Optimizer.__setstate__(self, state)
+
+    def __repr__(self) -> str:
+        knobs = ", ".join(f"{k}={v!r}" for k, v in self._knobs().items())
+        base = "\n".join("    " + line for line in repr(self.base_optimizer).splitlines())
+        return f"{type(self).__name__}({knobs},\n  base_optimizer=\n{base}\n)"
+
+    @property
+    def cost(self) -> tuple[float, float]:
+        """Average (forward, backward) passes per step; a plain optimizer step is (1, 1)."""
+        n = 1.0 + 1.0 / self.interval
+        return (n, n)
+
+    # ------------------------------------------------------------------------------ the protocol
+    def needs_second_pass(self) -> bool:
+        """Whether this step runs a perturbed pass (known before the first forward)."""
+        return self._step % self.interval == 0
+
+    def prepare(self) -> None:
+        """Before the forward of a step. A no-op except for :class:`MomentumSAM`."""
+        self._prepared = True
+
+    @torch.no_grad()
+    def perturb(self) -> bool:
+        """After the clean backward: save ``w``, move to ``w + e``, snapshot running statistics.
+
+        Returns False (weights untouched) when this step needs no perturbed pass or no parameter
+        has a gradient. The gradients are left as they are: zero them before the perturbed
+        backward (``first_step(zero_grad=True)`` and :meth:`step` do); what the variant needs
+        from the clean gradient has been copied.
+        """
+        if self._perturb_called:
+            raise ConfigurationError(
+                f"{type(self).__name__}.perturb() was called twice in one step; call unperturb() after the "
+                "perturbed backward (or cancel()) before perturbing again."
+            )
+        params = self._params_with_grad()
+        self._perturb_called, self._pass_params = True, params
+        if not params or not self.needs_second_pass():
+            return False
+        grads = [p.grad for p in params]
+        directions, scale = self._ascent(params, grads)
+        backup = self._buffers("w", params)
+        torch._foreach_copy_(backup, params)
+        self._moved = (params, backup)
+        F.add_scaled_(params, directions, scale)
+        self._snapshot_stats()
+        self._perturbed = True
+        return True
+
+    @torch.no_grad()
+    def unperturb(self) -> None:
+        """After the perturbed backward (or right after ``perturb()`` returned False).
+
+        Restores ``w`` (and the running statistics) by copy and leaves in ``.grad`` the gradient
+        the base optimizer must use; advances the variant's step counter. Call
+        ``base_optimizer.step()`` (or ``scaler.step(opt.base_optimizer)``) next.
+        """
+        params = self._pass_params if self._perturb_called else self._params_with_grad()
+        perturbed = self._perturbed
+        self._restore()
+        grads = self._grads_of(params)
+        if perturbed:
+            self._after_perturbed_pass(params, grads)
+        else:
+            self._after_plain_pass(params, grads)
+        self._reset_step()
+        self._step += 1
+
+    @torch.no_grad()
+    def cancel(self) -> None:
+        """Abandon the current step: restore ``w`` and running statistics by copy, keep the counters.
+
+        Nothing from a perturbed pass reaches the variant's persistent state. :meth:`step` calls
+        this when a closure raises; call it yourself when your own perturbed pass fails.
+        """
+        self._restore()
+        self._reset_step()
+
+    # ------------------------------------------------------------------------------ front ends
+    def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
+        """One SAM step: ``closure()`` at ``w``, again at ``w + e``, restore ``w``, base step.
+
+        ``closure`` computes the loss and calls ``backward()``; it may zero the gradients itself
+        (Lightning's does) or not: SAM zeroes them before the second call either way, so the clean
+        gradient never leaks into the step. Returns the closure's loss at ``w``. If a closure
+        raises, the weights and running statistics are restored before the exception propagates.
+        """
+        if closure is None:
+            raise ConfigurationError(
+                f"{type(self).__name__}.step() needs a closure that computes the loss and calls backward(); "
+                "without one use first_step()/second_step() (or the GradScaler path in docs/optim.md)."
+            )
+        second = self.needs_second_pass()
+        try:
+            self.prepare()
+            with torch.enable_grad(), self._clean_pass_context(second):
+                loss = closure()
+            if self.perturb():
+                self._zero_pass_grads()
+                with torch.enable_grad():
+                    closure()
+            self.unperturb()
+        except BaseException:
+            self.cancel()
+            raise
+        self.base_optimizer.step()
+        return loss
+
+    def first_step(self, zero_grad: bool = False) -> bool:
+        """Two-step form, after the clean backward: move to ``w + e``.
+
+        Returns False when this step has no perturbed pass (LookSAM reuse, ``interval`` skips):
+        then skip the second forward/backward and call :meth:`second_step` directly (the
+        gradients are not zeroed in that case).
+        """
+        moved = self.perturb()
+        if moved and zero_grad:
+            self._zero_pass_grads()
+        return moved
+
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Two-step form, after the perturbed backward: restore ``w`` and take the base step."""
+        self.unperturb()
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    # ------------------------------------------------------------------------- variant hooks
+    def _ascent(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(direction tensors, 0-dim scale) with ``e = scale * direction``; called before ``w`` moves.
+
+        SAM: ``e = rho g / ||g||``. Adaptive (ASAM, Kwon et al. 2021, eq. 9 with p = 2):
+        ``e = rho T^2 g / ||T g||`` with ``T = |w| + eta``. A zero or non-finite norm gives a zero
+        scale (:func:`.functional.perturbation_scale`), never a division by zero.
+        """
+        if not self.adaptive:
+            return grads, F.perturbation_scale(F.global_norm(grads), self.rho)
+        t = torch._foreach_abs(params)
+        if self.eta:
+            torch._foreach_add_(t, self.eta)
+        tg = torch._foreach_mul(t, grads)
+        norm = F.global_norm(tg)
+        torch._foreach_mul_(tg, t)  # T^2 g
+        return tg, F.perturbation_scale(norm, self.rho)
+
+    def _after_perturbed_pass(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Hook: turn the perturbed gradient in ``grads`` into the one to step with (in place)."""
+
+    def _after_plain_pass(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Hook: a step without a perturbed pass (``grads`` holds the clean gradient)."""
+
+    # ------------------------------------------------------------------------------- plumbing
+    def _reset_step(self) -> None:
+        self._prepared = False
+        self._perturb_called = False
+        self._perturbed = False
+        self._pass_params: list[torch.Tensor] = []
+        self._moved: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._stats: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _params_with_grad(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+
+    @staticmethod
+    def _grads_of(params: list[torch.Tensor]) -> list[torch.Tensor]:
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):  # a closure that set grads to None and never used p again
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in params]
+        return grads  # type: ignore[return-value]
+
+    def _zero_pass_grads(self) -> None:
+        # In place: keeps the gradient tensors (and DDP's bucket views); the variant copied what it needs.
+        grads = [p.grad for p in self._pass_params if p.grad is not None]
+        if grads:
+            torch._foreach_zero_(grads)
+
+    def _buffers(self, name: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Scratch tensors shaped like ``like``, allocated once and reused while ``like`` is the same list."""
+        ids = list(map(id, like))
+        cached = self._scratch.get(name)
+        if cached is not None and cached[1] == ids:
+            return cached[2]
+        buffers = [torch.empty_like(t, memory_format=torch.preserve_format) for t in like]
+        # keep ``like`` referenced so that its ids cannot be reused by other tensors
+        self._scratch[name] = (list(like), ids, buffers)
+        return buffers
+
+    def _state_list(self, name: str, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The persistent per-parameter buffer ``name`` of each param (zeros where missing)."""
+        out = []
+        for p in params:
+            state = self.sam_state[p]
+            if name not in state:
+                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            out.append(state[name])
+        return out
+
+    def _snapshot_stats(self) -> None:
+        if not self._stat_slots:
+            return
+        tensors = [getattr(module, name) for module, name in self._stat_slots]
+        saved = self._buffers("stats", tensors)
+        torch._foreach_copy_(saved, tensors)
+        self._stats = (tensors, saved)
+
+    def _restore(self) -> None:
+        if self._moved is not None:
+            F.restore_(*self._moved)
+            self._moved = None
+        if self._stats is not None:
+            F.restore_(*self._stats)
+            self._stats = None
+
+    def _clean_pass_context(self, second_pass: bool) -> contextlib.AbstractContextManager:
+        if self._ddp is not None and second_pass and not self.sync_perturbation:
+            return self._ddp.no_sync()
+        return contextlib.nullcontext()
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The base optimizer's state dict plus ``"sharpguard"``: variant, step, knobs, buffers.
+
+        Buffers are indexed like the base optimizer's state (parameters numbered across groups);
+        the transient ``w`` backup is never saved.
+        """
+        state = self.base_optimizer.state_dict()
+        index = {p: i for i, p in enumerate(self._all_params())}
+        buffers: dict[str, dict[int, torch.Tensor]] = {}
+        for name in self.state_buffers:
+            buffers[name] = {
+                index[p]: s[name].detach().clone() for p, s in self.sam_state.items() if name in s and p in index
+            }
+        state[STATE_KEY] = {"variant": self.variant, "step": self._step, "knobs": self._knobs(), "buffers": buffers}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load a state dict from :meth:`state_dict` (or a plain base-optimizer one: counters reset)."""
+        state_dict = dict(state_dict)
+        ours = state_dict.pop(STATE_KEY, None)
+        params = self._all_params()
+        if ours is not None:
+            self._check_saved(ours, len(params))
+        self.base_optimizer.load_state_dict(state_dict)
+        self.sam_state.clear()
+        self._reset_step()
+        if ours is None:
+            self._step = 0
+            return
+        self._configure(**ours["knobs"])
+        self._step = int(ours["step"])
+        for name, entries in ours["buffers"].items():
+            for i, tensor in entries.items():
+                p = params[int(i)]
+                self.sam_state[p][name] = tensor.detach().to(device=p.device, dtype=p.dtype, copy=True)
+
+    def _check_saved(self, ours: Any, n_params: int) -> None:
+        name = type(self).__name__
+        if not isinstance(ours, dict) or not {"variant", "step", "knobs", "buffers"} <= set(ours):
+            raise ConfigurationError(
+                f"the {STATE_KEY!r} entry of this state dict is malformed; save it with {name}.state_dict()."
+            )
+        if ours["variant"] != self.variant:
+            raise ConfigurationError(
+                f"this state dict was saved by variant {ours['variant']!r}, not {self.variant!r}; build the same "
+                "variant, or load only the base state with opt.base_optimizer.load_state_dict()."
+            )
+        saved = self._knobs()
+        try:
+            self._configure_checked(dict(ours["knobs"]))
+        finally:
+            self._configure(**saved)
+        for entries in ours["buffers"].values():
+            for i in entries:
+                if not 0 <= int(i) < n_params:
+                    raise ConfigurationError(
+                        f"this state dict holds buffers for parameter {i}, but {name} has {n_params} parameters; "
+                        "build the optimizer over the same parameters before loading."
+                    )
+
+
+class ASAM(SAM):
+    r"""Adaptive SAM (Kwon et al., ICML 2021, arXiv:2102.11600): a scale-invariant neighbourhood.
+
+    :math:`e = \rho\, T^2 g / \lVert T g \rVert_2` with :math:`T = \mathrm{diag}(|w| + \eta)`
+    (eq. 9 with p = 2 and the paper's :math:`\eta`), applied to every parameter. The radius is
+    relative to :math:`|w|`, so ``rho`` is about ten times SAM's (paper: 0.5 to 2.0).
+    Cost: 2 forward/backward passes per step (``1 + 1/interval`` with ``interval``).
+    """
+
+    variant: ClassVar[str] = "asam"
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        base_optimizer_cls: type[Optimizer],
+        *,
+        rho: float = 0.5,
+        eta: float = 0.01,
+        interval: int = 1,
+        model: nn.Module | None = None,
+        sync_perturbation: bool = False,
+        **base_kwargs: Any,
+    ) -> None:
+        self._configure(rho=rho, eta=eta, interval=interval)
+        self._attach(_build_base(type(self).__name__, params, base_optimizer_cls, base_kwargs), model, sync_perturbation)
+
+    def _configure(self, *, rho: float = 0.5, eta: float = 0.01, interval: int = 1) -> None:  # type: ignore[override]
+        rho, eta, interval = _rho(rho), _non_negative("eta", eta), _positive_int("interval", interval)
+        self.rho, self.eta, self.interval, self.adaptive = rho, eta, interval, True

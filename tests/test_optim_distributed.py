@@ -1,0 +1,122 @@
+"""SAM under DistributedDataParallel (2 CPU processes over gloo) against a single-process reference.
+
+Default: the clean pass runs under ``no_sync()`` so each worker perturbs with its own gradient
+(m-sharpness); the perturbed gradients are averaged by DDP. ``sync_perturbation=True``: one
+perturbation from the averaged clean gradient.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from sharpguard.optim import SAM
+
+WORLD, STEPS, RHO, LR, MU = 2, 3, 0.2, 0.1, 0.9
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+
+def shard(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 1, generator=g, dtype=torch.float64)
+
+
+def loss_of(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        for sync in (False, True):
+            train(rank, out_dir, sync)
+    finally:
+        dist.destroy_process_group()
+
+
+def train(rank: int, out_dir: str, sync: bool) -> None:
+    """STEPS SAM steps on this rank's shards; checks the replicas agree and saves the weights."""
+    ddp = nn.parallel.DistributedDataParallel(make_model())
+    opt = SAM(ddp.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MU, model=ddp, sync_perturbation=sync)
+    for step in range(STEPS):
+        batch = shard(rank, step)
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_of(ddp, batch)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    params = [p.detach().clone() for p in ddp.module.parameters()]
+    gathered = [[torch.empty_like(p) for p in params] for _ in range(WORLD)]
+    for i, p in enumerate(params):
+        dist.all_gather([g[i] for g in gathered], p)
+    assert all(torch.equal(a, b) for a, b in zip(gathered[0], gathered[1])), "replicas diverged"
+    torch.save(params, os.path.join(out_dir, f"rank{rank}_sync{int(sync)}.pt"))
+
+
+def grads_at(model: nn.Module, batch) -> list[torch.Tensor]:
+    model.zero_grad()
+    loss_of(model, batch).backward()
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def reference(sync: bool) -> list[torch.Tensor]:
+    """Single process: SAM with per-worker (or averaged) perturbation and averaged SAM gradient."""
+    model = make_model()
+    params = list(model.parameters())
+    buf = None
+    for step in range(STEPS):
+        batches = [shard(r, step) for r in range(WORLD)]
+        w = [p.detach().clone() for p in params]
+        clean = [grads_at(model, b) for b in batches]
+        if sync:
+            avg = [sum(gs) / WORLD for gs in zip(*clean)]
+            clean = [avg] * WORLD
+        sam_grads = []
+        for r, b in enumerate(batches):
+            g = clean[r]
+            n = torch.sqrt(sum((t * t).sum() for t in g))
+            with torch.no_grad():
+                for p, w0, t in zip(params, w, g):
+                    p.copy_(w0 + RHO * t / n)
+            sam_grads.append(grads_at(model, b))
+            with torch.no_grad():
+                for p, w0 in zip(params, w):
+                    p.copy_(w0)
+        G = [sum(gs) / WORLD for gs in zip(*sam_grads)]
+        buf = G if buf is None else [MU * m + t for m, t in zip(buf, G)]
+        with torch.no_grad():
+            for p, m in zip(params, buf):
+                p.sub_(LR * m)
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.distributed
+def test_ddp_sam_equals_single_process_reference(tmp_path):
+    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    per_worker, synced = reference(sync=False), reference(sync=True)
+    assert any(not torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(per_worker, synced))  # modes differ
+    for sync, want in ((False, per_worker), (True, synced)):
+        for rank in range(WORLD):
+            got = torch.load(tmp_path / f"rank{rank}_sync{int(sync)}.pt", weights_only=True)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
