@@ -1,0 +1,342 @@
+"""The monitor machinery shared by :class:`SharpnessMonitor` and :class:`RobustnessMonitor`.
+
+A subclass only says which measures exist (:meth:`Monitor._measure`); this class owns the probe set,
+the schedule and its cost accounting, the alert rules and their actions, the history, checkpoint state
+and the side-effect-free execution (DESIGN.md promise 1): every check runs in eval mode under
+:func:`sharpguard._state.side_effect_free`, with gradients enabled even under ``torch.no_grad`` or
+``torch.inference_mode`` (validation hooks), and with the monitor's own seeded generators.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._batches import LossFn, batch_size, default_loss_fn, move_to
+from .._state import side_effect_free
+from ..errors import ConfigurationError
+from .alerts import Alert, AlertRule
+from .history import MetricHistory
+from .probe import ProbeSet
+from .schedule import Schedule
+
+__all__ = ["Monitor", "MonitorAlertWarning"]
+
+AlertAction = str | Callable[[Alert], Any]
+
+
+class MonitorAlertWarning(UserWarning):
+    """Category of the warnings a monitor emits when an alert fires."""
+
+
+class Monitor:
+    """Base class: probe set + schedule + measures + alerts + history.
+
+    Args:
+        measures: names of the measures to take (see the subclass's ``MEASURES``).
+        probe: the probe batches (one batch or a list), a :class:`ProbeSet`, or ``None`` to capture the
+            first ``probe_size`` examples of the batches passed to :meth:`capture` / :meth:`on_step_end`.
+        probe_size / probe_batch_size: size of a captured probe set and of its batches.
+        seed: seed of the monitor's own generators (random starts, probe vectors).
+        every_n_steps: fixed schedule; ``None`` (default) for the adaptive schedule under ``budget``.
+        budget: largest share of training time the monitor may use in adaptive mode (default 5%).
+        first_step / min_every / max_every: see :class:`Schedule`.
+        alerts: ``"default"``, ``None`` / ``[]`` for none, or a list of :class:`AlertRule`.
+        on_alert: ``"warn"`` (default; ``warnings.warn`` + the ``alert/<name>`` flag), ``"stop"`` (also
+            sets :attr:`should_stop`, which adapters turn into stopping training), ``"ignore"`` (flag
+            only), a callable receiving the :class:`Alert`, or a list of these.
+        history: path of the JSON-lines history (``None``: in memory only).
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default cross entropy / ``model(**batch).loss``.
+        probe_state_max_bytes: probe tensors up to this size are stored in :meth:`state_dict` (so a
+            resumed run measures on the very same examples); larger probes are captured again.
+    """
+
+    MEASURES: tuple[str, ...] = ()
+    DEFAULT_MEASURES: tuple[str, ...] = ()
+    prefix = ""
+    #: where the monitor's share of training time is logged (distinct per monitor kind, so two
+    #: monitors in one run do not overwrite each other's key)
+    overhead_metric = "monitor/overhead_pct"
+
+    def __init__(
+        self,
+        measures: Sequence[str] | None = None,
+        *,
+        probe: Any | None = None,
+        probe_size: int = 256,
+        probe_batch_size: int | None = None,
+        seed: int = 0,
+        every_n_steps: int | None = None,
+        budget: float = 0.05,
+        first_step: int = 1,
+        min_every: int = 1,
+        max_every: int | None = None,
+        alerts: str | Iterable[AlertRule] | None = "default",
+        on_alert: AlertAction | Sequence[AlertAction] = "warn",
+        history: str | None = None,
+        loss_fn: LossFn | None = None,
+        probe_state_max_bytes: int = 4 << 20,
+    ) -> None:
+        measures = tuple(self.DEFAULT_MEASURES if measures is None else measures)
+        unknown = [m for m in measures if m not in self.MEASURES]
+        if unknown or not measures:
+            raise ConfigurationError(
+                f"unknown or empty measures {unknown or list(measures)}; choose among {list(self.MEASURES)}."
+            )
+        self.measures = measures
+        if isinstance(probe, ProbeSet):
+            self.probe = probe
+        else:
+            self.probe = ProbeSet(probe, size=probe_size, batch_size=probe_batch_size, seed=seed)
+        self.seed = int(seed)
+        self.schedule = Schedule(every_n_steps, budget=budget, first_step=first_step, min_every=min_every, max_every=max_every)
+        if alerts == "default":
+            self.alerts = self.default_alerts()
+        elif alerts is None:
+            self.alerts = []
+        elif isinstance(alerts, str):
+            raise ConfigurationError(f"alerts must be 'default', None or a list of AlertRule, got {alerts!r}.")
+        else:
+            self.alerts = list(alerts)
+        actions = [on_alert] if isinstance(on_alert, str) or callable(on_alert) else list(on_alert)
+        for action in actions:
+            if isinstance(action, str) and action not in ("warn", "stop", "ignore"):
+                raise ConfigurationError(f"on_alert must be 'warn', 'stop', 'ignore' or a callable, got {action!r}.")
+        self.on_alert = actions
+        self.history = MetricHistory(history)
+        self.loss_fn = loss_fn or default_loss_fn
+        self.probe_state_max_bytes = probe_state_max_bytes
+        self.should_stop = False
+        self.last_alerts: list[Alert] = []
+        self.last_metrics: dict[str, float] = {}
+        self._loss: torch.Tensor | None = None
+        self._loss_avg: torch.Tensor | None = None
+        self._loss_decay = 0.9
+        self._probe_device: torch.device | None = None
+        self._warned: set[str] = set()
+        self._train_batch_size: int | None = None
+        self.schedule.estimate = self.estimate_cost
+
+    # -- overridables ------------------------------------------------------------------------------
+    def default_alerts(self) -> list[AlertRule]:
+        return []
+
+    def passes(self) -> float:
+        """Estimated cost of one check in training steps per probe batch of the training batch size."""
+        return 0.0
+
+    def estimate_cost(self, step_seconds: float) -> float:
+        """Estimated seconds of one check, from the measured step time (places the first adaptive check)."""
+        batch = self._train_batch_size
+        if batch is None and self.probe.ready:
+            batch = batch_size(self.probe.batches[0])
+        ratio = self.probe.size / batch if batch else 1.0
+        return step_seconds * self.passes() * max(ratio, 1.0)
+
+    def _measure(
+        self, model: nn.Module, batches: list[Any], optimizer: Any | None, batch: Any | None
+    ) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+        """Return ``(metrics, settings per metric)``; runs inside the side-effect-free guards."""
+        raise NotImplementedError
+
+    # -- probe -------------------------------------------------------------------------------------
+    @property
+    def probe_ready(self) -> bool:
+        return self.probe.ready
+
+    def capture(self, batch: Any) -> bool:
+        """Copy examples of a batch training already drew into the probe set (no-op once complete)."""
+        if self._train_batch_size is None:
+            self._train_batch_size = batch_size(batch)
+        if self.probe.ready:
+            return True
+        self._probe_device = None
+        return self.probe.capture(batch)
+
+    def set_probe(self, probe: Any) -> None:
+        """Replace the probe set (a :class:`ProbeSet`, a batch or a list of batches)."""
+        self.probe = probe if isinstance(probe, ProbeSet) else ProbeSet(probe, seed=self.seed)
+        self._probe_device = None
+
+    def _probe_batches(self, model: nn.Module) -> list[Any]:
+        device = next(model.parameters()).device
+        if self._probe_device != device:
+            self.probe.to(device)
+            self._probe_device = device
+        return self.probe.batches
+
+    # -- the calls adapters make -------------------------------------------------------------------
+    def on_step_end(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: Any | None = None,
+        loss: torch.Tensor | float | None = None,
+        batch: Any | None = None,
+    ) -> dict[str, float]:
+        """Call after every optimizer step; returns the metrics of a check, or ``{}`` when none is due.
+
+        Skipped steps cost a ``perf_counter()`` and, with ``loss``, one on-device running-average
+        update (no host synchronisation).
+        """
+        if batch is not None and (self._train_batch_size is None or not self.probe.ready):
+            self.capture(batch)
+        due = self.schedule.tick(step) and self.probe.ready
+        context: dict[str, float] = {}
+        if loss is not None:
+            if due:  # the current loss against the running average of the losses before it
+                context = self._loss_context(loss)
+            self._update_loss(loss)
+        if not due:
+            return {}
+        return self.check(step, model, optimizer=optimizer, batch=batch, _context=context)
+
+    def check(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: Any | None = None,
+        batch: Any | None = None,
+        *,
+        _context: Mapping[str, float] | None = None,
+    ) -> dict[str, float]:
+        """Measure now, evaluate alerts, append to the history, update the schedule; return the metrics."""
+        start = time.perf_counter()
+        metrics, settings = self.measure(model, optimizer=optimizer, batch=batch, with_settings=True)
+        context = dict(_context or {})
+        self.last_alerts = []
+        for rule in self.alerts:
+            alert = rule.observe(step, metrics, context)
+            rule.after_check(metrics, context)
+            if alert is not None:
+                self.last_alerts.append(alert)
+        for rule in self.alerts:
+            metrics[rule.flag_name] = float(rule.active)
+        for alert in self.last_alerts:
+            self._dispatch(alert)
+        self.schedule.record(step, time.perf_counter() - start)
+        metrics[self.overhead_metric] = self.schedule.overhead_pct
+        self.history.append(step, metrics, settings)
+        self.last_metrics = metrics
+        return metrics
+
+    def measure(
+        self,
+        model: nn.Module,
+        optimizer: Any | None = None,
+        batch: Any | None = None,
+        *,
+        with_settings: bool = False,
+    ) -> Any:
+        """Take every measure on the probe set now (no schedule, alerts or history); return the metrics.
+
+        Works inside ``torch.no_grad()`` and ``torch.inference_mode()``.
+        """
+        batches = self._probe_batches(model)
+        if batch is not None:
+            with torch.inference_mode(False):
+                batch = move_to(_clone(batch), next(model.parameters()).device)
+        with torch.inference_mode(False), torch.enable_grad(), side_effect_free(model, train=False, parameters=False):
+            metrics, settings = self._measure(model, batches, optimizer, batch)
+        common = {"probe_size": len(self.probe), "probe": self.probe.fingerprint, "seed": self.seed}
+        settings = {name: {**common, **settings.get(name, {})} for name in metrics}
+        return (metrics, settings) if with_settings else metrics
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _update_loss(self, loss: torch.Tensor | float) -> None:
+        loss = torch.as_tensor(loss).detach().float().reshape(())
+        if self._loss_avg is None:
+            self._loss_avg = loss.clone()
+        else:
+            # skip non-finite losses in the average without a host synchronisation
+            new = self._loss_avg * self._loss_decay + loss * (1 - self._loss_decay)
+            self._loss_avg = torch.where(torch.isfinite(loss), new, self._loss_avg)
+        self._loss = loss
+
+    def _loss_context(self, loss: torch.Tensor | float) -> dict[str, float]:
+        """The current loss and the running average of the earlier ones, as host floats."""
+        context = {"loss": float(torch.as_tensor(loss).detach().float().reshape(()))}
+        if self._loss_avg is not None:
+            context["loss_avg"] = float(self._loss_avg)
+        return context
+
+    def _dispatch(self, alert: Alert) -> None:
+        for action in self.on_alert:
+            if action == "warn":
+                warnings.warn(f"sharpguard alert at step {alert.step}: {alert.message}", MonitorAlertWarning, stacklevel=3)
+            elif action == "stop":
+                self.should_stop = True
+            elif callable(action):
+                action(alert)
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=3)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """History tail, running averages, alert counters, schedule and probe (tensors if small)."""
+        return {
+            "measures": list(self.measures),
+            "seed": self.seed,
+            "schedule": self.schedule.state_dict(),
+            "alerts": [rule.state_dict() for rule in self.alerts],
+            "history": self.history.state_dict(),
+            "probe": self.probe.state_dict(self.probe_state_max_bytes),
+            "loss": None if self._loss is None else float(self._loss),
+            "loss_avg": None if self._loss_avg is None else float(self._loss_avg),
+            "should_stop": self.should_stop,
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if list(state["measures"]) != list(self.measures):
+            raise ConfigurationError(
+                f"this checkpoint's monitor measured {state['measures']}, this one measures {list(self.measures)}; "
+                "configure the same measures (or give the monitors distinct names) to resume."
+            )
+        if len(state["alerts"]) != len(self.alerts):
+            raise ConfigurationError(
+                f"this checkpoint's monitor had {len(state['alerts'])} alert rules, this one has {len(self.alerts)}; "
+                "configure the same alerts to resume."
+            )
+        self.seed = int(state["seed"])
+        self.schedule.load_state_dict(state["schedule"])
+        for rule, rule_state in zip(self.alerts, state["alerts"]):
+            rule.load_state_dict(rule_state)
+        self.history.load_state_dict(state["history"])
+        self.probe.load_state_dict(state["probe"])
+        self._probe_device = None
+        self._loss = None if state["loss"] is None else torch.tensor(state["loss"])
+        self._loss_avg = None if state["loss_avg"] is None else torch.tensor(state["loss_avg"])
+        self.should_stop = bool(state["should_stop"])
+        self._load_extra_state(state.get("extra") or {})
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        every = self.schedule.every_n_steps
+        when = f"every_n_steps={every}" if every else f"budget={self.schedule.budget:g}"
+        return f"{type(self).__name__}(measures={list(self.measures)}, {when}, probe_size={self.probe.size})"
+
+
+def _clone(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.detach().clone()
+    if isinstance(batch, Mapping):
+        return {k: _clone(v) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(_clone(v) for v in batch)
+    if isinstance(batch, list):
+        return [_clone(v) for v in batch]
+    return batch

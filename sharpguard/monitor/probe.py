@@ -1,0 +1,229 @@
+"""A frozen, seeded probe set: the fixed examples every monitor check is measured on.
+
+Three sources, none of which iterates the training DataLoader again (its sampler draws from the global
+RNG, so a second pass would change which batches training sees):
+
+* given by the user: ``ProbeSet(batches)``;
+* captured from batches training already drew: :meth:`ProbeSet.capture` copies (``clone().detach()``)
+  the first examples it is shown until ``size`` are held;
+* taken from a dataset by index with the probe's own ``torch.Generator``: :meth:`ProbeSet.from_dataset`.
+
+A fixed probe is what makes consecutive checks comparable (the EoS papers use the first 5,000 training
+examples, GradAlign 256 fixed ones); the hash in :attr:`ProbeSet.fingerprint` is recorded with every
+metric so results from different probes are never compared silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .._batches import as_batches, batch_size, move_to
+from .._state import preserve_rng
+from ..errors import ConfigurationError
+
+__all__ = ["ProbeSet"]
+
+
+def _take(batch: Any, n: int) -> Any:
+    """The first ``n`` examples of a batch, copied and detached (outside inference mode)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:n].detach().clone() if batch.dim() > 0 else batch.detach().clone()
+    if isinstance(batch, Mapping):
+        return {k: _take(v, n) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(_take(v, n) for v in batch)
+    if isinstance(batch, list):
+        return [_take(v, n) for v in batch]
+    return batch
+
+
+def _tensors(batch: Any) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        return [t for v in batch.values() for t in _tensors(v)]
+    if isinstance(batch, (tuple, list)):
+        return [t for v in batch for t in _tensors(v)]
+    return []
+
+
+class ProbeSet:
+    """A list of batches that stays fixed for the whole run.
+
+    Args:
+        batches: the probe batches, or ``None`` to fill the set later with :meth:`capture`.
+        size: number of examples to capture (ignored when ``batches`` is given).
+        batch_size: examples per probe batch when capturing; default: the size of the batches seen.
+        seed: recorded with the metrics (and used by :meth:`from_dataset`).
+    """
+
+    def __init__(
+        self,
+        batches: Any | None = None,
+        *,
+        size: int = 256,
+        batch_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if size <= 0:
+            raise ConfigurationError(f"probe size must be positive, got {size}; pass e.g. probe_size=256.")
+        if batch_size is not None and batch_size <= 0:
+            raise ConfigurationError(f"probe batch_size must be positive, got {batch_size}.")
+        self.size = int(size)
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.source = "captured"
+        self._batches: list[Any] = []
+        self._held = 0
+        self._frozen = False
+        if batches is not None:
+            self._batches = [_take(b, batch_size_of(b)) for b in as_batches(batches)]
+            self._held = sum(batch_size_of(b) for b in self._batches)
+            self.size = self._held
+            self._frozen = True
+            self.source = "given"
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_dataset(
+        cls,
+        dataset: Sequence[Any],
+        size: int = 256,
+        *,
+        seed: int = 0,
+        batch_size: int = 64,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+    ) -> ProbeSet:
+        """Pick ``size`` examples of a map-style dataset by index with a private generator.
+
+        The global RNG is saved and restored around ``dataset[i]`` (a random augmentation there must not
+        move training's random stream).
+        """
+        n = len(dataset)
+        if n == 0:
+            raise ConfigurationError("the dataset is empty; a probe set needs at least one example.")
+        if collate_fn is None:
+            from torch.utils.data import default_collate as collate_fn
+        generator = torch.Generator().manual_seed(int(seed))
+        index = torch.randperm(n, generator=generator)[: min(size, n)].tolist()
+        with preserve_rng():
+            batches = [
+                collate_fn([dataset[i] for i in index[k : k + batch_size]]) for k in range(0, len(index), batch_size)
+            ]
+        probe = cls(batches, seed=seed)
+        probe.source = "dataset"
+        return probe
+
+    def capture(self, batch: Any) -> bool:
+        """Copy examples of ``batch`` until ``size`` are held; return True once the set is complete.
+
+        Called with batches training already drew; a no-op once complete. Works on inference tensors
+        (validation under ``torch.inference_mode``): the copies are ordinary tensors.
+        """
+        if self._frozen:
+            return True
+        need = self.size - self._held
+        n = min(need, batch_size_of(batch))
+        if self.batch_size is not None:
+            n = min(n, self.batch_size)
+        with torch.inference_mode(False):
+            part = _take(batch, n)
+        self._batches.append(part)
+        self._held += n
+        if self._held >= self.size:
+            self._frozen = True
+        elif self.batch_size is not None and n < batch_size_of(batch):
+            # the rest of this batch fills the next probe batches
+            rest = _drop(batch, n)
+            return self.capture(rest)
+        return self._frozen
+
+    # -- access ------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """True when the probe set holds ``size`` examples (or was given)."""
+        return self._frozen
+
+    @property
+    def batches(self) -> list[Any]:
+        """The probe batches (raises if the set is still being captured)."""
+        if not self._batches:
+            raise ConfigurationError(
+                "the probe set is empty; pass probe=..., or let the monitor capture training batches first."
+            )
+        return self._batches
+
+    def __len__(self) -> int:
+        return self._held
+
+    def to(self, device: torch.device) -> ProbeSet:
+        """Move the probe batches to ``device`` in place (no-op when already there); return self."""
+        self._batches = [move_to(b, device) for b in self._batches]
+        return self
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the probe tensors, recorded with every metric (cached once frozen)."""
+        if self._frozen and getattr(self, "_fingerprint", None):
+            return self._fingerprint
+        h = hashlib.sha1()
+        for b in self._batches:
+            for t in _tensors(b):
+                h.update(str((tuple(t.shape), str(t.dtype))).encode())
+                h.update(t.detach().cpu().contiguous().view(-1).to(torch.float64).sum().numpy().tobytes())
+        self._fingerprint = h.hexdigest()[:12]
+        return self._fingerprint
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for b in self._batches for t in _tensors(b))
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self, max_bytes: int = 4 << 20) -> dict[str, Any]:
+        """Settings always; the tensors themselves only when they take at most ``max_bytes`` (CPU copies)."""
+        state: dict[str, Any] = {
+            "size": self.size,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "source": self.source,
+            "held": self._held,
+            "frozen": self._frozen,
+            "fingerprint": self.fingerprint if self._batches else None,
+            "batches": None,
+        }
+        if self._batches and self.nbytes <= max_bytes:
+            state["batches"] = [move_to(b, torch.device("cpu")) for b in self._batches]
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device | None = None) -> bool:
+        """Restore; returns False when the tensors were not stored (the set must be captured again)."""
+        self.size, self.batch_size, self.seed = int(state["size"]), state["batch_size"], int(state["seed"])
+        self.source = state["source"]
+        if state.get("batches") is None:
+            if self.source != "given":  # a given probe stays; a captured one is captured again
+                self._batches, self._held, self._frozen = [], 0, False
+            return False
+        batches = list(state["batches"])
+        self._batches = [move_to(b, device) for b in batches] if device is not None else batches
+        self._held, self._frozen = int(state["held"]), bool(state["frozen"])
+        return True
+
+
+def batch_size_of(batch: Any) -> int:
+    return batch_size(batch)
+
+
+def _drop(batch: Any, n: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[n:] if batch.dim() > 0 else batch
+    if isinstance(batch, Mapping):
+        return {k: _drop(v, n) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(_drop(v, n) for v in batch)
+    if isinstance(batch, list):
+        return [_drop(v, n) for v in batch]
+    return batch

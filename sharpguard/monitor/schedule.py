@@ -1,0 +1,152 @@
+"""When a monitor runs: every ``n`` steps, or adaptively under a cost budget (DESIGN.md promise 4).
+
+The budget is a fraction of training wall time. The schedule measures training time between its own
+calls (excluding the monitor's time) and the monitor's cost, and places the next check at the first step
+where the cumulative monitor time would still be within ``budget`` of the cumulative training time
+(the first check, whose cost is not known yet, is placed from the monitor's estimate of it):
+
+    next = step + max(min_every, ceil(((T_monitor + c_last) / budget - T_train) / t_step))
+
+where ``c_last`` is the cost of the latest check and ``t_step`` an average step time. The first check
+waits until ``T_train >= estimate / budget`` (or comes at ``first_step`` when no estimate is given; its
+cost is then paid back by a longer gap). Decisions are taken when the first step time is known and when
+a check finishes (:attr:`Schedule.changed`), so distributed adapters agree on the schedule with one
+broadcast of :attr:`next_step` at those steps (none on the others).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import ConfigurationError
+
+__all__ = ["Schedule"]
+
+
+class Schedule:
+    """Every ``every_n_steps`` steps, or adaptive under ``budget`` when ``every_n_steps`` is None.
+
+    Args:
+        every_n_steps: fixed interval (checks at steps ``n, 2n, ...``); ``None`` for the adaptive schedule.
+        budget: share of training time the monitor may use (adaptive mode), ``0 < budget <= 1``.
+        first_step: step of the first adaptive check.
+        min_every / max_every: bounds on the adaptive interval, in steps.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        *,
+        budget: float = 0.05,
+        first_step: int = 1,
+        min_every: int = 1,
+        max_every: int | None = None,
+    ) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ConfigurationError(f"every_n_steps must be a positive integer or None, got {every_n_steps}.")
+        if not 0 < budget <= 1:
+            raise ConfigurationError(f"budget is a fraction of training time in (0, 1], got {budget}; e.g. 0.05.")
+        if min_every < 1 or (max_every is not None and max_every < min_every):
+            raise ConfigurationError(
+                f"need 1 <= min_every <= max_every, got min_every={min_every}, max_every={max_every}."
+            )
+        self.every_n_steps = every_n_steps
+        self.budget = float(budget)
+        self.min_every = int(min_every)
+        self.max_every = max_every
+        self.next_step = int(every_n_steps if every_n_steps is not None else max(first_step, 0))
+        self.monitor_seconds = 0.0
+        self.train_seconds = 0.0
+        self.last_cost = 0.0
+        self.step_seconds: float | None = None
+        self.n_checks = 0
+        self._last_time: float | None = None
+        self._last_step: int | None = None
+        #: ``estimate(step_seconds) -> seconds`` of one check, set by the monitor: places the first
+        #: adaptive check where the budget already covers it (None: at ``first_step``)
+        self.estimate: Callable[[float], float] | None = None
+        self._placed = every_n_steps is not None
+        #: True when :attr:`next_step` was set from wall-clock measurements since the adapter last
+        #: looked; distributed adapters broadcast ``next_step`` from rank 0 then (same step on all ranks)
+        self.changed = False
+
+    @property
+    def adaptive(self) -> bool:
+        return self.every_n_steps is None
+
+    @property
+    def overhead_pct(self) -> float:
+        """Monitor time as a percentage of training time so far (0 before any training time)."""
+        return 100.0 * self.monitor_seconds / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    def tick(self, step: int) -> bool:
+        """Account training time up to now; return True when a check is due at ``step``.
+
+        Call once per optimizer step; costs one ``perf_counter()``.
+        """
+        now = time.perf_counter()
+        if self._last_time is not None:
+            dt = now - self._last_time
+            self.train_seconds += dt
+            if self._last_step is not None and step > self._last_step:
+                per_step = dt / (step - self._last_step)
+                self.step_seconds = per_step if self.step_seconds is None else 0.8 * self.step_seconds + 0.2 * per_step
+        self._last_time, self._last_step = now, step
+        if self.adaptive and self.step_seconds is None:
+            return False  # the first adaptive check waits until a step time has been measured
+        if not self._placed:
+            self._placed = True
+            if self.estimate is not None:
+                # first check once the budget pays for it: T_train >= estimated cost / budget
+                wait = self.estimate(self.step_seconds) / self.budget - self.train_seconds
+                self.next_step = max(self.next_step, step + max(0, math.ceil(wait / self.step_seconds)))
+                self.changed = True
+        return step >= self.next_step
+
+    def record(self, step: int, cost_seconds: float) -> int:
+        """Register a check that took ``cost_seconds`` at ``step``; return the next check's step."""
+        self.monitor_seconds += cost_seconds
+        self.last_cost = cost_seconds
+        self.n_checks += 1
+        # the monitor's own time is not training time
+        self._last_time = time.perf_counter()
+        if self.every_n_steps is not None:
+            n = self.every_n_steps
+            self.next_step = (step // n + 1) * n
+            return self.next_step
+        step_seconds = self.step_seconds
+        if not step_seconds:  # no step measured yet: fall back to the mean step time, or a minimal gap
+            step_seconds = self.train_seconds / max(step, 1) if self.train_seconds > 0 else None
+        if not step_seconds:
+            interval = self.min_every
+        else:
+            owed = (self.monitor_seconds + self.last_cost) / self.budget - self.train_seconds
+            interval = max(self.min_every, math.ceil(owed / step_seconds))
+        if self.max_every is not None:
+            interval = min(interval, self.max_every)
+        self.next_step = step + interval
+        self.changed = True
+        return self.next_step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "every_n_steps": self.every_n_steps,
+            "budget": self.budget,
+            "next_step": self.next_step,
+            "monitor_seconds": self.monitor_seconds,
+            "train_seconds": self.train_seconds,
+            "last_cost": self.last_cost,
+            "step_seconds": self.step_seconds,
+            "n_checks": self.n_checks,
+            "placed": self._placed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("next_step", "monitor_seconds", "train_seconds", "last_cost", "step_seconds", "n_checks"):
+            setattr(self, key, state[key])
+        self._placed = bool(state.get("placed", True))
+        self._last_time = None  # the pause between save and load is not training time
+        self._last_step = None

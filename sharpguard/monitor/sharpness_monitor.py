@@ -1,0 +1,222 @@
+"""Periodic curvature measurements on a frozen probe set: lambda_max/min, trace, edge-of-stability
+ratio, SAM-style (worst-case / adaptive / average) sharpness and the curvature along the batch gradient.
+
+Each measure delegates to :mod:`sharpguard.sharpness`; the monitor adds the warm start (Lanczos begins
+from the previous check's top eigenvector, which cuts most of the ``log n`` start-up cost once training
+moves slowly; sharpness_anchors.md, recommendation 2) and the edge-of-stability ratio from the
+optimizer's own step size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigurationError
+from .alerts import AlertRule, default_sharpness_alerts
+from .base import Monitor
+
+__all__ = ["SharpnessMonitor"]
+
+
+def _base_optimizer(optimizer: Any) -> Any:
+    """Unwrap Lightning's/Accelerate's optimizer wrappers and a SAM wrapper down to the base optimizer."""
+    for _ in range(5):
+        inner = getattr(optimizer, "base_optimizer", None) or getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
+
+
+def _plain_sgd(optimizer: Any) -> bool:
+    """SGD with one learning rate and no weight decay: its EoS operator is the plain Hessian."""
+    opt = _base_optimizer(optimizer)
+    if not isinstance(opt, torch.optim.SGD):
+        return False
+    groups = opt.param_groups
+    return all(float(g.get("weight_decay", 0.0) or 0.0) == 0.0 for g in groups) and len({float(g["lr"]) for g in groups}) == 1
+
+
+class SharpnessMonitor(Monitor):
+    """Sharpness of the loss on a frozen probe set, every few steps or within a cost budget.
+
+    Measures (metric ``sharpness/<name>``):
+
+    ``lambda_max`` / ``lambda_min``
+        extreme Hessian eigenvalues by Lanczos (:func:`~sharpguard.sharpness.hessian_eigenvalues`),
+        warm-started from the previous check's eigenvector.
+    ``trace``
+        Hutch++ estimate of ``tr H`` (:func:`~sharpguard.sharpness.hessian_trace`).
+    ``eos_ratio``
+        top curvature over the optimizer's stability threshold (:func:`~sharpguard.sharpness.eos_ratio`:
+        ``(2 + 2 beta)/lr`` for SGD with momentum ``beta``, the preconditioned Hessian for Adam). Needs
+        ``optimizer``. For plain SGD one Lanczos run gives both ``lambda_max`` and the ratio.
+    ``worst_case`` / ``adaptive_worst_case`` / ``average``
+        SAM-style sharpness ``max_{||e|| <= rho} L(w + e) - L(w)`` (plain or adaptive, Kwon et al. 2021)
+        (radius ``rho=``) and the average-case version (Gaussian ``sigma`` in ``measure_kwargs``).
+    ``batch``
+        curvature along the gradient of the current training batch, ``g^T H g / g^T g``
+        (:func:`~sharpguard.sharpness.directional_curvature` on the batch already in memory; the first
+        probe batch when the adapter passes none).
+
+    Extra keyword arguments for a measure go in ``measure_kwargs``, e.g.
+    ``measure_kwargs={"lambda_max": {"tol": 1e-3, "max_iter": 20}, "trace": {"n_hvp": 30}}``.
+    Every check also logs ``monitor/n_hvp`` (Hessian-vector products spent) and
+    ``monitor/overhead_pct``. Default alerts: :func:`~sharpguard.monitor.default_sharpness_alerts`.
+    """
+
+    MEASURES = ("lambda_max", "lambda_min", "trace", "eos_ratio", "worst_case", "adaptive_worst_case", "average", "batch")
+    DEFAULT_MEASURES = ("lambda_max", "eos_ratio")
+    prefix = "sharpness"
+
+    def __init__(
+        self,
+        measures: Sequence[str] | None = None,
+        *,
+        rho: float = 0.05,
+        measure_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+        warm_start: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(measures, **kwargs)
+        if rho <= 0:
+            raise ConfigurationError(f"rho must be positive, got {rho}; the SAM default is 0.05.")
+        unknown = set(measure_kwargs or {}) - set(self.MEASURES)
+        if unknown:
+            raise ConfigurationError(f"measure_kwargs names unknown measures {sorted(unknown)}; choose among {list(self.MEASURES)}.")
+        self.rho = float(rho)
+        self.measure_kwargs = {k: dict(v) for k, v in (measure_kwargs or {}).items()}
+        self.warm_start = warm_start
+        self._eigenvector: Any | None = None
+        self._eos_vector: Any | None = None
+        self.n_hvp_total = 0
+
+    def default_alerts(self) -> list[AlertRule]:
+        return default_sharpness_alerts()
+
+    #: one Hessian-vector product costs about 2.5 training steps on the same examples (double backward)
+    HVP_STEPS = 2.5
+
+    def passes(self) -> float:
+        want, hvps, steps = set(self.measures), 0.0, 0.0
+        lanczos_runs = int(bool(want & {"lambda_max", "lambda_min"})) + int("eos_ratio" in want)
+        if {"lambda_max", "eos_ratio"} <= want and "lambda_min" not in want:
+            lanczos_runs = 1  # one run serves both for SGD (Adam's preconditioned run is extra)
+        if lanczos_runs:
+            iters = max(int(self._kw(m).get("max_iter", 20)) for m in ("lambda_max", "lambda_min", "eos_ratio"))
+            hvps += lanczos_runs * (iters + 2)
+        if "trace" in want:
+            hvps += int(self._kw("trace").get("n_hvp", 60)) + 1
+        for name in ("worst_case", "adaptive_worst_case"):
+            if name in want:
+                steps += int(self._kw(name).get("steps", 5)) + 1
+        if "average" in want:
+            steps += 0.5 * int(self._kw("average").get("n_samples", 10)) + 0.5
+        if "batch" in want:
+            hvps += 3
+        return hvps * self.HVP_STEPS + steps
+
+    def _kw(self, name: str) -> dict[str, Any]:
+        return dict(self.measure_kwargs.get(name, {}))
+
+    def _measure(self, model: nn.Module, batches: list[Any], optimizer: Any | None, batch: Any | None):
+        from .. import sharpness as S
+
+        metrics: dict[str, float] = {}
+        settings: dict[str, dict[str, Any]] = {}
+        n_hvp = 0
+        want = set(self.measures)
+        eos = "eos_ratio" in want and optimizer is not None
+        if "eos_ratio" in want and optimizer is None:
+            self.warn_once("eos", "sharpness/eos_ratio needs the optimizer; pass optimizer= to on_step_end.")
+        # for plain SGD the edge-of-stability operator is the Hessian itself: one Lanczos run serves both
+        lambda_from_eos = eos and "lambda_max" in want and "lambda_min" not in want and _plain_sgd(optimizer)
+
+        if eos:
+            kw = {"tol": 1e-3, "max_iter": 20, **self._kw("eos_ratio")}
+            init = self._eos_vector if self.warm_start else None
+            r = S.eos_ratio(model, batches, optimizer, self.loss_fn, init=init, seed=self.seed, **kw)
+            n_hvp += int(r.n_hvp)
+            self._eos_vector = r.eigenvector
+            metrics["sharpness/eos_ratio"] = float(r.ratio)
+            settings["sharpness/eos_ratio"] = {
+                "threshold": float(r.threshold), "lambda_max": float(r.lambda_max), "optimizer": r.optimizer,
+                "preconditioned": bool(r.preconditioned), "lr": float(r.lr), "beta": float(r.beta),
+                "n_hvp": int(r.n_hvp), "residual": float(r.residual), "converged": bool(r.converged),
+                "warm_start": init is not None, **_plain(kw),
+            }
+            if lambda_from_eos:
+                metrics["sharpness/lambda_max"] = float(r.lambda_max)
+                settings["sharpness/lambda_max"] = {**settings["sharpness/eos_ratio"], "method": "lanczos"}
+
+        need_max = "lambda_max" in want and not lambda_from_eos
+        if need_max or "lambda_min" in want:
+            which = "both" if need_max and "lambda_min" in want else ("largest" if need_max else "smallest")
+            kw = {"tol": 1e-3, "max_iter": 20, **self._kw("lambda_max"), **self._kw("lambda_min")}
+            init = self._eigenvector if (self.warm_start and which != "smallest") else None
+            res = S.hessian_eigenvalues(
+                model, batches, self.loss_fn, k=1, which=which, init=init, return_eigenvectors=which != "smallest",
+                seed=self.seed, **kw
+            )
+            n_hvp += int(res.n_hvp)
+            common = {"method": "lanczos", "n_hvp": int(res.n_hvp), "converged": bool(res.converged),
+                      "warm_start": init is not None, **_plain(kw)}
+            if which != "smallest" and res.eigenvectors:
+                self._eigenvector = res.eigenvectors[0]
+            if need_max:
+                metrics["sharpness/lambda_max"] = float(res.eigenvalues[0])
+                settings["sharpness/lambda_max"] = {**common, "residual": float(res.residuals[0])}
+            if "lambda_min" in want:
+                metrics["sharpness/lambda_min"] = float(res.eigenvalues[-1])
+                settings["sharpness/lambda_min"] = {**common, "residual": float(res.residuals[-1])}
+
+        if "trace" in want:
+            kw = {"method": "hutch++", **self._kw("trace")}
+            res = S.hessian_trace(model, batches, self.loss_fn, seed=self.seed, **kw)
+            n_hvp += int(res.n_hvp)
+            metrics["sharpness/trace"] = float(res.trace)
+            settings["sharpness/trace"] = {"n_hvp": int(res.n_hvp), "stderr": float(res.stderr), **_plain(kw)}
+
+        for name, adaptive in (("worst_case", False), ("adaptive_worst_case", True)):
+            if name in want:
+                kw = {"rho": self.rho, **self._kw(name)}
+                res = S.worst_case_sharpness(model, batches, self.loss_fn, adaptive=adaptive, **kw)
+                metrics[f"sharpness/{name}"] = float(res.value)
+                settings[f"sharpness/{name}"] = _result_settings(res, kw)
+        if "average" in want:
+            kw = {"seed": self.seed, **self._kw("average")}
+            res = S.average_sharpness(model, batches, self.loss_fn, **kw)
+            metrics["sharpness/average"] = float(res.value)
+            settings["sharpness/average"] = _result_settings(res, kw)
+        if "batch" in want:
+            on_batch = batch is not None
+            res = S.directional_curvature(model, batch if on_batch else batches[0], self.loss_fn, direction="gradient")
+            n_hvp += int(res.n_hvp)
+            metrics["sharpness/batch"] = float(res.value)
+            settings["sharpness/batch"] = {"definition": "g^T H g / g^T g along the batch gradient",
+                                           "n_hvp": int(res.n_hvp),
+                                           "on": "training batch" if on_batch else "first probe batch"}
+        self.n_hvp_total += n_hvp
+        metrics["monitor/n_hvp"] = float(n_hvp)
+        return metrics, settings
+
+    def _extra_state(self) -> dict[str, Any]:
+        # the warm-start vector has the size of the model: not stored; the first check after a resume
+        # starts Lanczos from a seeded random vector (the measured value does not depend on it)
+        return {"n_hvp_total": self.n_hvp_total}
+
+    def _load_extra_state(self, state):
+        self.n_hvp_total = int(state.get("n_hvp_total", 0))
+        self._eigenvector = self._eos_vector = None
+
+
+def _result_settings(res: Any, kw: Mapping[str, Any]) -> dict[str, Any]:
+    return {**_plain(getattr(res, "settings", {}) or {}), **_plain(kw), "definition": str(getattr(res, "definition", ""))}
+
+
+def _plain(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool)) or v is None}
