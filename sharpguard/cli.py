@@ -1,0 +1,112 @@
+"""The ``sharpguard`` command.
+
+``sharpguard study``   train every method over several seeds on digits (or your data), measure robustness and
+                       sharpness, write report.json, report.md and plots.
+``sharpguard report``  summarize and plot the JSON-lines history a monitor wrote during your own run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from .errors import SharpGuardError
+
+
+def _methods(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .study.config import ENSEMBLE, METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="sharpguard",
+        description="Sharpness-aware training, adversarial training and sharpness/robustness monitoring.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{study,report}")
+
+    study = sub.add_parser(
+        "study",
+        help="compare training methods on sharpness and adversarial robustness",
+        description=(
+            "Train each method over several seeds through sharpguard's Lightning integration (monitors attached), "
+            "measure clean/FGSM/PGD-20 accuracy, lambda_max, Hessian trace, worst-case and adaptive sharpness, and "
+            "write report.json, report.md and PNG plots. Methods: " + ", ".join(list(METHODS) + [ENSEMBLE]) + "."
+        ),
+    )
+    study.add_argument("--out", default="sharpguard-study", help="output folder (default: ./sharpguard-study)")
+    study.add_argument("--methods", type=_methods, default=None,
+                       help="comma-separated methods (default: all ten plus the sgd ensemble)")
+    study.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; 2 with --quick)")
+    study.add_argument("--epochs", type=int, default=None, help="training epochs (default 30; 2 with --quick)")
+    study.add_argument("--dataset", default="digits",
+                       help="'digits' (scikit-learn's bundled 8x8 digits) or 'package.module:function' returning "
+                            "(x_train, y_train, x_test, y_test) with inputs in [0, 1]")
+    study.add_argument("--eps", type=float, default=None, help="linf attack radius in [0, 1] pixel units (default 0.1)")
+    study.add_argument("--threads", type=int, default=1,
+                       help="torch intra-op threads (default 1: the study's small models run fastest single-threaded)")
+    study.add_argument("--no-ensemble", action="store_true", help="skip the ensemble of the sgd models")
+    study.add_argument("--quick", action="store_true", help="a tiny run (subset of the data, cheap measurements)")
+    study.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    report = sub.add_parser(
+        "report",
+        help="plot and summarize a monitor history (JSON lines)",
+        description="Read the JSON-lines history a SharpnessMonitor/RobustnessMonitor wrote and write "
+                    "history.png, summary.md and summary.json.",
+    )
+    report.add_argument("history", help="the history file (JSON lines: step, metric, value, settings)")
+    report.add_argument("--out", default=None, help="output folder (default: beside the history file)")
+    return parser
+
+
+def _study(args: argparse.Namespace) -> int:
+    from .study.config import METHODS, StudyConfig
+    from .study.runner import run_study
+
+    kwargs = {"dataset": args.dataset, "ensemble": not args.no_ensemble, "threads": args.threads}
+    kwargs["methods"] = args.methods if args.methods is not None else list(METHODS)
+    kwargs["seeds"] = args.seeds if args.seeds is not None else (2 if args.quick else 3)
+    if args.epochs is not None:
+        kwargs["epochs"] = args.epochs
+    elif args.quick:
+        kwargs["epochs"] = 2
+    if args.eps is not None:
+        kwargs["eps"] = args.eps
+    config = StudyConfig(**kwargs)
+    if args.quick:
+        config = config.with_quick()
+    start = time.perf_counter()
+    result = run_study(config, args.out, progress=not args.no_progress)
+    print(f"sharpguard study: wrote {', '.join(str(p) for p in result.files)} in {time.perf_counter() - start:.0f} s")
+    for line in result.headline:
+        print(f"  {line}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .study.history import report_history
+
+    out = args.out if args.out is not None else Path(args.history).resolve().parent / (Path(args.history).stem + "-report")
+    files = report_history(args.history, out)
+    print("sharpguard report: wrote " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sharpguard`` console script and of ``python -m sharpguard``."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _study(args) if args.command == "study" else _report(args)
+    except SharpGuardError as exc:
+        print(f"sharpguard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

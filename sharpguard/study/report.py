@@ -1,0 +1,355 @@
+"""Turn the study's per-run measurements into ``report.json`` and ``report.md``.
+
+Every sentence in the report's findings is computed from the runs: the comparisons (Welch's t-test over
+seeds), the rank correlations (Kendall's tau) and the verdicts. Nothing is hard-coded: if SAM is not flatter
+than SGD on a given run of the study, the report says so and lists what the data point to as reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .stats import kendall_tau, mean_ci, welch_compare
+
+# (key, column title, format) of every per-run metric, in table order.
+METRICS: list[tuple[str, str, str]] = [
+    ("clean_acc", "clean acc", ".3f"),
+    ("pgd_acc", "PGD-20 acc", ".3f"),
+    ("fgsm_acc", "FGSM acc", ".3f"),
+    ("pgd_margin_acc", "PGD-20 margin acc", ".3f"),
+    ("robust_acc", "worst-case robust acc", ".3f"),
+    ("lambda_max", "λ_max", ".3g"),
+    ("trace", "tr(H)", ".3g"),
+    ("worst_case_sharpness", "worst-case sharpness", ".3g"),
+    ("adaptive_sharpness", "adaptive sharpness", ".3g"),
+    ("train_time_s", "train time (s)", ".1f"),
+]
+SHARPNESS_MEASURES = ["lambda_max", "trace", "worst_case_sharpness", "adaptive_sharpness"]
+# Robust accuracy for the correlations: an example counts only if it survives FGSM, PGD-20 on cross
+# entropy and PGD-20 on the margin loss, so gradient masking cannot inflate it.
+ROBUST_METRIC = "robust_acc"
+ADVERSARIAL_METHODS = frozenset({"pgd-at", "trades", "fast-at"})
+ALPHA = 0.05  # significance level of every verdict
+
+
+def _values(runs: Sequence[Mapping[str, Any]], method: str, metric: str) -> list[float]:
+    return [float(r[metric]) for r in runs if r["method"] == method and r.get(metric) is not None]
+
+
+def _methods(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in runs:
+        seen.setdefault(r["method"], None)
+    return list(seen)
+
+
+def _fmt(value: float | None, spec: str = ".3g") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return format(value, spec)
+
+
+def _p(p: float | None) -> str:
+    if p is None:
+        return "p undefined"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def summarize(runs: Sequence[Mapping[str, Any]], level: float = 0.95) -> dict[str, dict[str, dict]]:
+    """``{method: {metric: MeanCI as dict}}`` over the seeds of each method."""
+    return {
+        m: {key: mean_ci(_values(runs, m, key), level).as_dict() for key, _, _ in METRICS}
+        for m in _methods(runs)
+    }
+
+
+def correlations(runs: Sequence[Mapping[str, Any]], robust: str = ROBUST_METRIC) -> dict[str, dict[str, dict]]:
+    """Kendall's tau between each sharpness measure and ``robust`` accuracy.
+
+    Three views: ``all_runs`` (every model is a point), ``no_adversarial_training`` (without the
+    adversarially trained methods, which are robust by construction and would dominate the ranking) and
+    ``method_means`` (one point per method: the mean over its seeds).
+    """
+    standard = [r for r in runs if r["method"] not in ADVERSARIAL_METHODS]
+    means = [
+        {"method": m, **{k: (sum(v) / len(v) if (v := _values(runs, m, k)) else None) for k, _, _ in METRICS}}
+        for m in _methods(runs)
+    ]
+    views = {"all_runs": list(runs), "no_adversarial_training": standard, "method_means": means}
+    out: dict[str, dict[str, dict]] = {}
+    for view, points in views.items():
+        out[view] = {}
+        for measure in SHARPNESS_MEASURES:
+            pairs = [(p[measure], p[robust]) for p in points if p.get(measure) is not None and p.get(robust) is not None]
+            rc = kendall_tau([a for a, _ in pairs], [b for _, b in pairs])
+            out[view][measure] = {"against": robust, **rc.as_dict()}
+    return out
+
+
+def _compare(runs, a: str, b: str, metric: str, level: float) -> dict | None:
+    if not _values(runs, a, metric) or not _values(runs, b, metric):
+        return None
+    return {"a": a, "b": b, "metric": metric, **welch_compare(_values(runs, a, metric), _values(runs, b, metric), level).as_dict()}
+
+
+# The study's hypotheses: (method, baseline, metric, expected sign of mean(method) - mean(baseline)).
+HYPOTHESES: list[tuple[str, str, str, int]] = [
+    ("sam", "sgd", "lambda_max", -1),
+    ("asam", "sgd", "adaptive_sharpness", -1),
+    ("pgd-at", "sgd", "pgd_acc", +1),
+    ("trades", "sgd", "pgd_acc", +1),
+    ("fast-at", "sgd", "pgd_acc", +1),
+]
+
+
+def _verdict(cmp: dict, sign: int) -> str:
+    diff, p = cmp["difference"], cmp["p_value"]
+    if diff is None:
+        return "not measured"
+    if diff * sign <= 0:
+        return "contradicted"
+    if p is not None and p < ALPHA:
+        return "supported"
+    return "direction only"
+
+
+def _why_not(runs, method: str, metric: str, settings: Mapping[str, Any], level: float) -> list[str]:
+    """Reasons, read off the data, why a hypothesis failed; each is a checked fact, not a guess."""
+    reasons: list[str] = []
+    n = len(_values(runs, method, metric))
+    reasons.append(f"only {n} seed(s) per method and {settings.get('epochs', '?')} epoch(s) of training")
+    if metric in ("lambda_max", "adaptive_sharpness"):
+        for other in ("worst_case_sharpness", "adaptive_sharpness", "trace", "lambda_max"):
+            if other == metric:
+                continue
+            c = _compare(runs, method, "sgd", other, level)
+            if c and c["difference"] is not None and c["difference"] < 0:
+                reasons.append(
+                    f"{method}'s {other} is lower than sgd's ({_fmt(c['mean_a'])} vs {_fmt(c['mean_b'])}), so it did flatten "
+                    f"by that measure; λ_max and the other measures are not reparametrization-invariant "
+                    "(Dinh et al., 2017) and need not move together"
+                )
+                break
+        ca = _compare(runs, method, "sgd", "clean_acc", level)
+        if ca and ca["difference"] is not None and ca["difference"] < 0:
+            reasons.append(
+                f"{method} reached lower clean accuracy than sgd ({_fmt(ca['mean_a'], '.3f')} vs "
+                f"{_fmt(ca['mean_b'], '.3f')}): the runs stopped at different points of training, where curvature differs"
+            )
+        sgd_lam = _values(runs, "sgd", "lambda_max")
+        lr, beta = settings.get("lr"), settings.get("momentum", 0.0)
+        if sgd_lam and lr:
+            # Stability threshold of heavy-ball SGD on a quadratic: lambda < 2 (1 + beta) / lr (Cohen et al., 2021).
+            threshold = 2.0 * (1.0 + beta) / lr
+            mean_sgd = sum(sgd_lam) / len(sgd_lam)
+            if mean_sgd < 0.5 * threshold:
+                reasons.append(
+                    f"sgd's λ_max ({_fmt(mean_sgd)}) sits far below the stability threshold 2(1+β)/lr = "
+                    f"{_fmt(threshold)}, so nothing pushes the runs toward sharp regions and SAM (rho = "
+                    f"{settings.get('rho', '?')}) has little to flatten"
+                )
+    if metric == "pgd_acc":
+        pgd, fgsm = _values(runs, "sgd", "pgd_acc"), _values(runs, "sgd", "fgsm_acc")
+        if pgd and fgsm and sum(fgsm) / len(fgsm) < sum(pgd) / len(pgd) - 0.02:
+            reasons.append("sgd's FGSM accuracy is below its PGD accuracy: PGD was too weak against the baseline "
+                           "(gradient masking or too few steps), which inflates the baseline's figure")
+        ca = _compare(runs, method, "sgd", "clean_acc", level)
+        if ca and ca["mean_a"] is not None and ca["mean_a"] < 0.5:
+            reasons.append(
+                f"{method} did not fit the data (clean accuracy {_fmt(ca['mean_a'], '.3f')}): eps = "
+                f"{settings.get('eps', '?')} may be too large for this model, or training too short"
+            )
+    return reasons
+
+
+def findings(runs: Sequence[Mapping[str, Any]], corr: Mapping[str, Any], settings: Mapping[str, Any],
+             level: float = 0.95) -> dict[str, list[dict]]:
+    """What the data support and what they do not, as ``{"hypotheses": [...], "supported": [str],
+    "not_supported": [str]}``, every sentence built from the numbers."""
+    hyps: list[dict] = []
+    supported: list[str] = []
+    not_supported: list[str] = []
+    for method, base, metric, sign in HYPOTHESES:
+        cmp = _compare(runs, method, base, metric, level)
+        if cmp is None:
+            continue
+        verdict = _verdict(cmp, sign)
+        word = "below" if sign < 0 else "above"
+        text = (
+            f"{method}'s mean {metric} ({_fmt(cmp['mean_a'])}, n={cmp['n_a']}) vs {base}'s ({_fmt(cmp['mean_b'])}, "
+            f"n={cmp['n_b']}): difference {_fmt(cmp['difference'])}, {int(level * 100)}% CI "
+            f"[{_fmt(cmp['low'])}, {_fmt(cmp['high'])}], Welch {_p(cmp['p_value'])}."
+        )
+        entry = {"claim": f"{method} {metric} {word} {base}", "verdict": verdict, "comparison": cmp, "text": text}
+        if verdict == "supported":
+            supported.append(f"{method}'s {metric} is {word} {base}'s (significant at {ALPHA}). {text}")
+        elif verdict == "direction only":
+            supported.append(
+                f"{method}'s mean {metric} is {word} {base}'s, but the difference is not significant at {ALPHA} "
+                f"with these seeds. {text}"
+            )
+            not_supported.append(
+                f"That {method}'s {metric} is reliably {word} {base}'s: the direction holds on average but the "
+                f"{int(level * 100)}% interval of the difference includes 0."
+            )
+        elif verdict == "contradicted":
+            entry["why"] = _why_not(runs, method, metric, settings, level)
+            not_supported.append(
+                f"That {method}'s {metric} is {word} {base}'s: in this run it is not. {text} Likely reasons: "
+                + "; ".join(entry["why"]) + "."
+            )
+        hyps.append(entry)
+
+    # Rank correlations between sharpness and robustness.
+    all_runs, standard = corr.get("all_runs", {}), corr.get("no_adversarial_training", {})
+    for measure in SHARPNESS_MEASURES:
+        c = all_runs.get(measure)
+        if not c or c["tau"] is None:
+            continue
+        s = standard.get(measure, {})
+        rel = "sharper models were less robust" if c["tau"] < 0 else "sharper models were more robust"
+        sig = c["p_value"] is not None and c["p_value"] < ALPHA
+        line = f"Across all {c['n']} models, Kendall τ({measure}, {c['against']}) = {c['tau']:.2f} ({_p(c['p_value'])})"
+        if sig:
+            supported.append(f"{line}: {rel}.")
+        else:
+            not_supported.append(f"A rank association between {measure} and {c['against']}: {line}, not significant at {ALPHA}.")
+        if s.get("tau") is not None:
+            s_sig = s["p_value"] is not None and s["p_value"] < ALPHA
+            s_line = (f"among the {s['n']} models trained without adversarial training, τ({measure}, {c['against']}) "
+                      f"= {s['tau']:.2f} ({_p(s['p_value'])})")
+            if sig and not s_sig:
+                not_supported.append(
+                    f"That {measure} predicts robustness beyond the training method: {s_line}; the pooled association "
+                    "comes from the difference between adversarially trained and other models."
+                )
+            elif s_sig:
+                s_rel = "sharper models were less robust" if s["tau"] < 0 else "sharper models were more robust"
+                supported.append(f"{s_line[0].upper()}{s_line[1:]}: {s_rel}.")
+
+    # Gradient masking: a multi-step attack must do at least as well as FGSM, and PGD on cross entropy should
+    # not be beaten by much by PGD on the margin loss (saturated softmax, Carlini & Wagner 2016).
+    for m in _methods(runs):
+        pgd, fgsm, worst = (_values(runs, m, k) for k in ("pgd_acc", "fgsm_acc", "robust_acc"))
+        if not pgd:
+            continue
+        mean_pgd = sum(pgd) / len(pgd)
+        signs = []
+        if fgsm and mean_pgd > sum(fgsm) / len(fgsm) + 0.02:
+            signs.append(f"FGSM, a weaker attack, brings its accuracy lower ({sum(fgsm) / len(fgsm):.3f})")
+        if worst and mean_pgd > sum(worst) / len(worst) + 0.05:
+            signs.append(f"PGD on the margin loss and FGSM bring its accuracy down to {sum(worst) / len(worst):.3f}")
+        if signs:
+            not_supported.append(
+                f"{m}'s PGD-20 accuracy ({mean_pgd:.3f}) as a robustness figure: " + " and ".join(signs)
+                + ": PGD on cross entropy overstates its robustness (a sign of gradient masking); its worst-case "
+                "robust accuracy is the figure to trust."
+            )
+    # Curvature that vanishes because the softmax saturates is not flatness in a useful sense.
+    lam_means = {m: sum(v) / len(v) for m in _methods(runs) if (v := _values(runs, m, "lambda_max"))}
+    top = max((abs(v) for v in lam_means.values()), default=0.0)
+    for m, v in lam_means.items():
+        if top > 0 and abs(v) < 1e-6 * top:
+            not_supported.append(
+                f"{m}'s near-zero curvature (λ_max {_fmt(v)}) as flatness: its training loss is saturated (the "
+                "softmax outputs one-hot probabilities), so the Hessian vanishes at the minimum while the loss rises "
+                "steeply a short distance away (see its loss slice); the same saturation masks input gradients."
+            )
+    # The price of robustness.
+    for m in sorted(ADVERSARIAL_METHODS & set(_methods(runs))):
+        c = _compare(runs, m, "sgd", "clean_acc", level)
+        if c and c["difference"] is not None and c["difference"] < 0 and c["p_value"] is not None and c["p_value"] < ALPHA:
+            supported.append(
+                f"{m} pays for robustness with clean accuracy: {_fmt(c['mean_a'], '.3f')} vs sgd's {_fmt(c['mean_b'], '.3f')} "
+                f"({_p(c['p_value'])})."
+            )
+    data = settings.get("dataset", {})
+    not_supported.append(
+        "Causation: rank correlations across training methods do not show that flatness causes robustness, since the "
+        "methods differ in more than sharpness; and these results cover one "
+        f"{settings.get('model', 'model')} on {data.get('name', 'one data set') if isinstance(data, Mapping) else data} "
+        f"at eps = {settings.get('eps', '?')} only."
+    )
+    return {"hypotheses": hyps, "supported": supported, "not_supported": not_supported}
+
+
+def _finite_or_none(value: Any) -> Any:
+    """NaN/inf become ``None`` (JSON ``null``): a measurement that failed is missing, not a number."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def build_report(runs: Sequence[Mapping[str, Any]], settings: Mapping[str, Any], level: float = 0.95) -> dict:
+    """The whole report as a JSON-ready dict: runs, per-method summary, correlations, findings, settings."""
+    runs = [{k: _finite_or_none(v) for k, v in r.items()} for r in runs]
+    corr = correlations(runs)
+    return {
+        "runs": runs,
+        "summary": summarize(runs, level),
+        "correlations": corr,
+        "findings": findings(runs, corr, settings, level),
+        "settings": dict(settings),
+    }
+
+
+def _cell(ci: Mapping[str, Any], spec: str) -> str:
+    if ci["mean"] is None:
+        return "n/a"
+    if ci["half_width"] is None:
+        return _fmt(ci["mean"], spec)
+    return f"{_fmt(ci['mean'], spec)} ± {_fmt(ci['half_width'], spec)}"
+
+
+def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
+    """``report.md``: settings, the table of means ± CI half-widths, correlations, findings, plots."""
+    settings = report["settings"]
+    level = int(round(100 * settings.get("confidence_level", 0.95)))
+    lines = ["# sharpguard study", ""]
+    data = settings.get("dataset", {})
+    lines.append(
+        f"Data: {data.get('name')} ({data.get('n_train')} train / {data.get('n_test')} test). "
+        f"Model: {settings.get('model')}. Seeds: {settings.get('seeds')}. Epochs: {settings.get('epochs')}. "
+        f"Threat model: {settings.get('norm', 'linf')} eps = {settings.get('eps')}."
+    )
+    if settings.get("eps_rationale"):
+        lines += ["", f"Why this eps: {settings['eps_rationale']}"]
+    lines += ["", f"## Results (mean ± {level}% CI half-width over seeds, t distribution)", ""]
+    lines.append("| method | n | " + " | ".join(title for _, title, _ in METRICS) + " |")
+    lines.append("|---|---|" + "---|" * len(METRICS))
+    for method, stats in report["summary"].items():
+        n = max(ci["n"] for ci in stats.values())
+        lines.append(f"| {method} | {n} | " + " | ".join(_cell(stats[k], spec) for k, _, spec in METRICS) + " |")
+    lines += ["", f"## Rank correlation of sharpness with {ROBUST_METRIC} (Kendall τ-b, two-sided p)", ""]
+    views = list(report["correlations"])
+    lines.append("| measure | " + " | ".join(views) + " |")
+    lines.append("|---|" + "---|" * len(views))
+    for measure in SHARPNESS_MEASURES:
+        cells = []
+        for view in views:
+            c = report["correlations"][view].get(measure)
+            cells.append("n/a" if not c or c["tau"] is None else f"τ = {c['tau']:.2f} ({_p(c['p_value'])}, n = {c['n']})")
+        lines.append(f"| {measure} | " + " | ".join(cells) + " |")
+    f = report["findings"]
+    lines += ["", "## What the data support", ""]
+    lines += [f"- {s}" for s in f["supported"]] or ["- Nothing at the chosen significance level."]
+    lines += ["", "## What the data do not support", ""]
+    lines += [f"- {s}" for s in f["not_supported"]]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    lines += ["", "## Settings", "", "```json", json.dumps(settings, indent=2, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def write_report(report: Mapping[str, Any], out_dir: str | Path, plots: Sequence[str] = ()) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "report.json", out / "report.md"
+    json_path.write_text(json.dumps(report, indent=2, allow_nan=False, default=str) + "\n")
+    md_path.write_text(render_markdown(report, plots))
+    return json_path, md_path

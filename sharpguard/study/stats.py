@@ -1,0 +1,141 @@
+"""Statistics for the study report: means with t-based confidence intervals, a Welch comparison of two
+methods, and Kendall's rank correlation with its p-value.
+
+Everything here is plain numbers in, plain numbers out (floats, ``None`` where a quantity is undefined,
+e.g. the confidence interval of a single seed), so the results go straight into ``report.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..errors import ConfigurationError
+
+
+def _finite_values(values: Sequence[float], what: str) -> np.ndarray:
+    arr = np.asarray([float(v) for v in values], dtype=np.float64)
+    if arr.ndim != 1:
+        raise ConfigurationError(f"{what} must be a flat sequence of numbers.")
+    return arr[np.isfinite(arr)]
+
+
+@dataclass(frozen=True)
+class MeanCI:
+    """Mean of ``n`` values with a two-sided ``level`` confidence interval from Student's t distribution.
+
+    ``half_width = t_{(1+level)/2, n-1} * s / sqrt(n)`` with ``s`` the sample standard deviation (ddof=1).
+    ``std``, ``half_width``, ``low`` and ``high`` are ``None`` when ``n < 2``; all fields are ``None``
+    when ``n == 0``.
+    """
+
+    n: int
+    mean: float | None
+    std: float | None
+    half_width: float | None
+    low: float | None
+    high: float | None
+    level: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> MeanCI:
+    """Mean and t-based confidence interval of ``values``; non-finite values are dropped."""
+    if not 0.0 < level < 1.0:
+        raise ConfigurationError(f"level must lie in (0, 1), got {level}; use e.g. 0.95.")
+    from scipy import stats
+
+    arr = _finite_values(values, "values")
+    n = int(arr.size)
+    if n == 0:
+        return MeanCI(0, None, None, None, None, None, level)
+    mean = float(arr.mean())
+    if n == 1:
+        return MeanCI(1, mean, None, None, None, None, level)
+    std = float(arr.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2.0, df=n - 1)) * std / math.sqrt(n)
+    return MeanCI(n, mean, std, half, mean - half, mean + half, level)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``mean(a) - mean(b)`` with Welch's t-test (unequal variances) and its confidence interval."""
+
+    n_a: int
+    n_b: int
+    mean_a: float | None
+    mean_b: float | None
+    difference: float | None
+    low: float | None
+    high: float | None
+    p_value: float | None
+    level: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def welch_compare(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Comparison:
+    """Compare two samples: difference of means, Welch-Satterthwaite CI and two-sided p-value.
+
+    With fewer than two finite values on either side, or zero variance on both, only the means and their
+    difference are returned (the test is undefined).
+    """
+    from scipy import stats
+
+    xa, xb = _finite_values(a, "a"), _finite_values(b, "b")
+    mean_a = float(xa.mean()) if xa.size else None
+    mean_b = float(xb.mean()) if xb.size else None
+    diff = mean_a - mean_b if mean_a is not None and mean_b is not None else None
+    if xa.size < 2 or xb.size < 2:
+        return Comparison(int(xa.size), int(xb.size), mean_a, mean_b, diff, None, None, None, level)
+    va, vb = xa.var(ddof=1) / xa.size, xb.var(ddof=1) / xb.size
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        return Comparison(int(xa.size), int(xb.size), mean_a, mean_b, diff, diff, diff,
+                          None if diff == 0 else 0.0, level)
+    # Welch-Satterthwaite degrees of freedom.
+    df = (va + vb) ** 2 / (va**2 / (xa.size - 1) + vb**2 / (xb.size - 1))
+    tq = float(stats.t.ppf(0.5 + level / 2.0, df=df))
+    p = float(2.0 * stats.t.sf(abs(diff) / se, df=df))
+    return Comparison(int(xa.size), int(xb.size), mean_a, mean_b, diff, diff - tq * se, diff + tq * se, p, level)
+
+
+@dataclass(frozen=True)
+class RankCorrelation:
+    """Kendall's tau-b between two paired samples with its two-sided p-value (``scipy.stats.kendalltau``)."""
+
+    n: int
+    tau: float | None
+    p_value: float | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> RankCorrelation:
+    """Kendall's tau-b of the pairs ``(x[i], y[i])`` whose both values are finite.
+
+    ``tau`` and ``p_value`` are ``None`` when fewer than three pairs remain or one side is constant
+    (the statistic is undefined there).
+    """
+    from scipy import stats
+
+    xs = np.asarray([float(v) for v in x], dtype=np.float64)
+    ys = np.asarray([float(v) for v in y], dtype=np.float64)
+    if xs.shape != ys.shape or xs.ndim != 1:
+        raise ConfigurationError(
+            f"kendall_tau needs two flat sequences of the same length, got {xs.shape} and {ys.shape}."
+        )
+    keep = np.isfinite(xs) & np.isfinite(ys)
+    xs, ys = xs[keep], ys[keep]
+    n = int(xs.size)
+    if n < 3 or np.ptp(xs) == 0.0 or np.ptp(ys) == 0.0:
+        return RankCorrelation(n, None, None)
+    result = stats.kendalltau(xs, ys)
+    return RankCorrelation(n, float(result.statistic), float(result.pvalue))
