@@ -1,1 +1,46 @@
-"""(being built)"""
+"""Adversarial attacks and robustness measurements.
+
+- :class:`ThreatModel`: norm (``linf``/``l2``), ``eps``, valid range and input normalization, declared once.
+- :func:`fgsm`, :func:`pgd`, :func:`apgd`: input-space attacks (pixel space, input-only gradients).
+- :class:`EmbeddingPerturbation`, :func:`embedding_pgd`: embedding-space perturbation of transformers
+  through a forward hook on ``get_input_embeddings()``.
+- :func:`robust_accuracy`, :func:`clean_accuracy`, :func:`input_grad_norm`: side-effect-free measurements.
+"""
+
+from .embedding import (
+    EmbeddingPerturbation,
+    embedding_pgd,
+    embedding_shape,
+    input_embeddings,
+    normalize_per_example,
+    normalize_per_token,
+    padding_mask,
+    per_example_norm,
+    project_per_example,
+)
+from .gradient import apgd, fgsm, pgd
+from .losses import resolve_loss
+from .metrics import clean_accuracy, input_grad_norm, robust_accuracy
+from .threat import ThreatModel, default_generator, make_generator
+
+__all__ = [
+    "ThreatModel",
+    "fgsm",
+    "pgd",
+    "apgd",
+    "robust_accuracy",
+    "clean_accuracy",
+    "input_grad_norm",
+    "EmbeddingPerturbation",
+    "embedding_pgd",
+    "embedding_shape",
+    "input_embeddings",
+    "padding_mask",
+    "per_example_norm",
+    "normalize_per_example",
+    "normalize_per_token",
+    "project_per_example",
+    "resolve_loss",
+    "default_generator",
+    "make_generator",
+]

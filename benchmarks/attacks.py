@@ -1,0 +1,188 @@
+"""Attacks and adversarial-training methods: speed against torchattacks, passes per step (measured by hooks).
+
+Run: ``OMP_NUM_THREADS=1 python benchmarks/attacks.py`` (about a minute on 2 CPU cores). Writes the
+section "Attacks" of benchmarks/RESULTS.md.
+
+1. PGD-10 (linf, eps 8/255, alpha 2/255) on the same CNN and batch: ``sharpguard.attacks.pgd`` vs
+   ``torchattacks.PGD``, interleaved repeats, median wall time; without random start the two must
+   return identical tensors (checked), with random start only the noise differs.
+2. For every training method: forwards/backwards per step declared (``method.cost``) and measured
+   with forward hooks and gradient hooks on the model output (:func:`sharpguard.adversarial.count_passes`),
+   the same for a SAM step that reuses the adversary vs one that regenerates it (run through the
+   SAM foreach kernel), and the wall time of one training step relative to plain training.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._results import machine, write_section  # noqa: E402
+from sharpguard.adversarial import count_passes, make_method, sam_adversarial_closure  # noqa: E402
+from sharpguard.attacks import make_generator, pgd  # noqa: E402
+from sharpguard.optim.functional import restore_, sam_perturb_  # noqa: E402
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10),
+    )
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def bench_pgd(repeats: int = 11) -> tuple[str, list[dict]]:
+    import torchattacks
+
+    model = cnn().eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(128, 3, 32, 32, generator=g), torch.randint(0, 10, (128,), generator=g)
+    rows = []
+    for random_start in (False, True):
+        theirs = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=random_start)
+        ours = lambda: pgd(model, x, y, steps=10, random_start=random_start, generator=make_generator("cpu", 0))  # noqa: E731
+        if not random_start:
+            assert torch.equal(ours(), theirs(x, y)), "PGD without random start must match torchattacks exactly"
+        ours(), theirs(x, y)  # warm-up
+        t_ours, t_theirs = [], []
+        for _ in range(repeats):  # interleaved, so a noisy neighbour hits both sides alike
+            t_ours += timed(ours, 1)
+            t_theirs += timed(lambda: theirs(x, y), 1)
+        rows.append({
+            "random_start": random_start,
+            "ours_ms": 1e3 * statistics.median(t_ours),
+            "theirs_ms": 1e3 * statistics.median(t_theirs),
+        })
+    lines = [
+        "| PGD-10 linf, CNN (2 conv + 2 fc, BN), batch 128x3x32x32 | sharpguard (ms) | torchattacks 3.5.1 (ms) | ratio |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        label = "random start" if r["random_start"] else "no random start (outputs identical)"
+        lines.append(f"| {label} | {r['ours_ms']:.1f} | {r['theirs_ms']:.1f} | {r['ours_ms'] / r['theirs_ms']:.2f} |")
+    return "\n".join(lines), rows
+
+
+def sam_step(model, closure, rho=0.05):
+    """A SAM step through the foreach kernel (closure at w, perturb, closure at w+e, restore)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    closure()
+    backup, _ = sam_perturb_(params, [p.grad for p in params], rho)
+    for p in params:
+        p.grad = None
+    closure()
+    restore_(params, backup)
+
+
+PAPERS = {
+    "pgd-at": "Madry et al. 2018", "trades": "Zhang et al. 2019", "mart": "Wang et al. 2020",
+    "fast-at": "Wong et al. 2020", "awp": "Wu et al. 2020", "defensive-distillation": "Papernot et al. 2016",
+    "fgm": "Miyato et al. 2017", "embedding-pgd": "Madry et al. 2018 (embeddings)", "freelb": "Zhu et al. 2020",
+    "smart": "Jiang et al. 2020", "r3f": "Aghajanyan et al. 2021",
+}
+
+
+def bench_methods(repeats: int = 3) -> str:
+    import transformers
+
+    g = torch.Generator().manual_seed(0)
+    image = (torch.rand(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g))
+    cfg = transformers.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64, num_labels=2)
+    ids = torch.randint(5, 1000, (32, 48), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::3, 32:] = 0
+    text = {"input_ids": ids * mask, "attention_mask": mask, "labels": torch.randint(0, 2, (32,), generator=g)}
+    teacher = cnn().eval()
+    specs = [("pgd-at", {"steps": 10}, "image"), ("trades", {"steps": 10}, "image"), ("mart", {"steps": 10}, "image"),
+             ("fast-at", {}, "image"), ("awp", {"steps": 10}, "image"), ("awp", {"base": "trades", "steps": 10}, "image"),
+             ("defensive-distillation", {"teacher": teacher}, "image"),
+             ("fgm", {}, "text"), ("embedding-pgd", {"steps": 3}, "text"), ("freelb", {"steps": 3}, "text"),
+             ("smart", {"steps": 1}, "text"), ("r3f", {}, "text")]
+
+    def plain_step(model, batch):
+        loss = F.cross_entropy(model(batch[0]), batch[1]) if isinstance(batch, tuple) else model(**batch).loss
+        loss.backward()
+
+    def build(kind):
+        if kind == "image":
+            return cnn().train(), image
+        torch.manual_seed(0)
+        return transformers.BertForSequenceClassification(cfg).train(), text
+
+    baseline = {}
+    for kind in ("image", "text"):
+        model, batch = build(kind)
+        plain_step(model, batch)
+        baseline[kind] = statistics.median(timed(lambda: plain_step(model, batch), repeats))
+
+    lines = [
+        "| method (paper) | settings | declared F/B | measured F/B | SAM + method, reuse: declared / measured | SAM, regenerate: measured | step time vs plain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, kw, kind in specs:
+        model, batch = build(kind)
+        method = make_method(name, **kw)
+        with count_passes(model) as counted:
+            method(model, batch).backward()
+        with count_passes(model) as reused:
+            sam_step(model, sam_adversarial_closure(model, method, batch, reuse=True))
+        with count_passes(model) as regenerated:
+            sam_step(model, sam_adversarial_closure(model, method, batch, reuse=False))
+        step = statistics.median(timed(lambda: method(model, batch).backward(), repeats))
+        shown = {k: v for k, v in kw.items() if k != "teacher"} | ({"teacher": "CNN"} if "teacher" in kw else {})
+        settings = ", ".join(f"{k}={v}" for k, v in shown.items()) or "defaults"
+        lines.append(
+            f"| {name} ({PAPERS[name]}) | {settings} | {method.cost[0]}/{method.cost[1]} | "
+            f"{counted.forwards}/{counted.backwards} | {method.sam_cost(True)[0]}/{method.sam_cost(True)[1]} / "
+            f"{reused.forwards}/{reused.backwards} | {regenerated.forwards}/{regenerated.backwards} | "
+            f"{step / baseline[kind]:.1f}x |"
+        )
+        print(lines[-1], flush=True)
+    notes = (
+        "F/B: forward/backward passes of the model over the batch per training step (plain training = 1/1); a "
+        "`backward()` through a loss built from two forwards counts two. Teacher forwards (distillation) are "
+        "declared but not hooked (another module). Image methods: the CNN above, batch 64. Text methods: BERT, "
+        "2 layers, hidden 64, batch 32x48 with padding. Step time: median of "
+        f"{repeats}, relative to a plain step on the same model and batch "
+        f"({1e3 * baseline['image']:.0f} ms image, {1e3 * baseline['text']:.0f} ms text)."
+    )
+    return "\n".join(lines) + "\n\n" + notes
+
+
+def main() -> None:
+    pgd_table, _ = bench_pgd()
+    print(pgd_table, flush=True)
+    methods_table = bench_methods()
+    markdown = "\n\n".join([
+        f"Machine: {machine()}. Script: `benchmarks/attacks.py` (one run, both libraries on the same model and "
+        f"batch, repeats interleaved). 1-minute load average at the end: {os.getloadavg()[0]:.1f} (a shared "
+        "machine: ratios within ~5% are noise).",
+        "### PGD-10: sharpguard vs torchattacks\n\n" + pgd_table,
+        "### Passes per training step (hook-counted) and SAM + adversarial training\n\n" + methods_table,
+    ])
+    write_section("Attacks", markdown)
+    print("\nwrote section 'Attacks' of", Path(__file__).with_name("RESULTS.md"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""``make_method(name, **settings)``: build a training method by its lowercase name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigurationError
+from .base import AdversarialMethod
+from .text import FGM, R3F, SMART, EmbeddingPGD, FreeLB
+from .vision import AWP, MART, PGDAT, TRADES, DefensiveDistillation, FastAT
+
+__all__ = ["make_method", "METHODS"]
+
+METHODS: dict[str, type[AdversarialMethod]] = {
+    "pgd-at": PGDAT,
+    "trades": TRADES,
+    "mart": MART,
+    "fast-at": FastAT,
+    "awp": AWP,
+    "defensive-distillation": DefensiveDistillation,
+    "fgm": FGM,
+    "embedding-pgd": EmbeddingPGD,
+    "freelb": FreeLB,
+    "smart": SMART,
+    "r3f": R3F,
+}
+_ALIASES = {
+    "pgdat": "pgd-at", "pgd": "pgd-at", "madry": "pgd-at", "at": "pgd-at",
+    "fastat": "fast-at", "fgsm-rs": "fast-at", "fgsmrs": "fast-at", "fgsm-at": "fast-at",
+    "distillation": "defensive-distillation", "defensivedistillation": "defensive-distillation",
+    "embeddingpgd": "embedding-pgd", "pgd-embedding": "embedding-pgd",
+}
+
+
+def make_method(name: str, **settings: Any) -> AdversarialMethod:
+    """A method by name (``"pgd-at"``, ``"trades"``, ``"mart"``, ``"fast-at"``, ``"awp"``,
+    ``"defensive-distillation"``, ``"fgm"``, ``"embedding-pgd"``, ``"freelb"``, ``"smart"``, ``"r3f"``;
+    case, ``_`` and spaces ignored), with the class's keyword settings."""
+    key = str(name).strip().lower().replace("_", "-").replace(" ", "-")
+    key = _ALIASES.get(key, key)
+    cls = METHODS.get(key)
+    if cls is None:
+        raise ConfigurationError(f"unknown adversarial method {name!r}; choose one of {sorted(METHODS)}.")
+    try:
+        return cls(**settings)
+    except TypeError as exc:  # an unknown keyword: say which method refused it
+        raise ConfigurationError(f"{key}: {exc}") from None

@@ -1,0 +1,304 @@
+"""White-box gradient attacks in input space: FGSM, PGD and APGD.
+
+All three differentiate with ``torch.autograd.grad`` with respect to the input only, so no
+parameter's ``.grad`` is ever written (advertorch and the Fast-AT/AWP scripts call ``.backward()``
+and throw the weight gradients away). They run inside :func:`attack_context` (modes saved and
+restored per module, BN statistics untouched, grad enabled under ``no_grad``/``inference_mode``),
+follow the device and dtype of ``x``, and draw random starts from their own generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .._batches import logits_of
+from ..errors import ConfigurationError
+from ._context import as_normal_tensor, attack_context, check_labels, check_steps
+from .losses import NEEDS_LABELS, AttackLoss, resolve_loss
+from .threat import ThreatModel, default_generator
+
+__all__ = ["fgsm", "pgd", "apgd"]
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _threat(threat, norm, eps, bounds, mean, std) -> ThreatModel:
+    if threat is not None:
+        if not isinstance(threat, ThreatModel):
+            raise ConfigurationError(f"threat must be a ThreatModel, got {type(threat).__name__}.")
+        return threat
+    return ThreatModel(norm=norm, eps=eps, bounds=bounds, mean=mean, std=std)
+
+
+class _Problem:
+    """What one attack call needs: pixel-space clean batch, labels, reference logits and a forward."""
+
+    def __init__(self, model, x, y, tm: ThreatModel, loss: str | AttackLoss, reference_logits, targeted: bool,
+                 check_range: bool = True):
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
+            raise ConfigurationError("x must be a non-empty tensor with the batch in dimension 0.")
+        if not x.dtype.is_floating_point:
+            raise ConfigurationError(f"x must be a floating-point tensor, got dtype {x.dtype}.")
+        self.loss_fn = resolve_loss(loss)
+        self.y = check_labels(y, x.shape[0], required=self.loss_fn in NEEDS_LABELS or targeted)
+        self.tm = tm
+        self.model = model
+        self.targeted = targeted
+        self.x0 = tm.to_pixel(as_normal_tensor(x), check=check_range)
+        self.reference = None
+        if reference_logits is not None:
+            self.reference = as_normal_tensor(reference_logits)
+        elif self.loss_fn not in NEEDS_LABELS:
+            with torch.no_grad():  # label-free losses (KL) compare with the clean prediction, computed once
+                self.reference = self.forward(self.x0)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model(self.tm.from_pixel(u)))
+
+    def per_example(self, logits: torch.Tensor) -> torch.Tensor:
+        values = self.loss_fn(logits, self.y, self.reference)
+        if values.dim() == 0:
+            values = values.expand(logits.shape[0])
+        return -values if self.targeted else values
+
+    def loss_and_grad(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, per-example objective, gradient w.r.t. ``u``): one forward, one input-only backward."""
+        u = u.detach().requires_grad_(True)
+        logits = self.forward(u)
+        values = self.per_example(logits)
+        (grad,) = torch.autograd.grad(values.sum(), u)
+        return logits.detach(), values.detach(), grad
+
+    def success(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.y is None:
+            return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        hit = logits.argmax(-1) == self.y
+        return hit if self.targeted else ~hit
+
+    def keep_worst(self, best, candidate):
+        """Per example, prefer a successful point, then the higher objective (restarts)."""
+        if best is None:
+            return candidate
+        (u_b, s_b, l_b), (u_c, s_c, l_c) = best, candidate
+        take = (s_c & ~s_b) | ((s_c == s_b) & (l_c > l_b))
+        mask = take.reshape((-1,) + (1,) * (u_b.dim() - 1))
+        return torch.where(mask, u_c, u_b), s_b | s_c, torch.where(take, l_c, l_b)
+
+    def evaluate(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            logits = self.forward(u)
+            return self.success(logits), self.per_example(logits)
+
+
+def _check_common(alpha: float, restarts: int) -> None:
+    if not alpha >= 0:
+        raise ConfigurationError(f"alpha (the step size) must be >= 0, got {alpha}.")
+    check_steps(restarts, "restarts")
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    eps: float = 8 / 255,
+    alpha: float = 2 / 255,
+    steps: int = 10,
+    norm: str = "linf",
+    random_start: bool | str = True,
+    *,
+    restarts: int = 1,
+    targeted: bool = False,
+    loss: str | AttackLoss = "ce",
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    mean=None,
+    std=None,
+    generator: torch.Generator | None = None,
+    threat: ThreatModel | None = None,
+    model_mode: str = "eval",
+    reference_logits: torch.Tensor | None = None,
+    check_range: bool = True,
+) -> torch.Tensor:
+    """Projected gradient descent (Madry et al., ICLR 2018, eq. 2.1/section 2.1) and its l2 version.
+
+    Each step is ``u <- Proj_{B(x, eps) ∩ bounds}(u + alpha * d)``, with ``d = sign(g)`` for linf and
+    ``g / ||g||_2`` per example for l2, ``g`` the input gradient of the summed per-example ``loss``.
+    ``random_start``: ``True``/``"uniform"`` (uniform in the ball), ``"normal"`` (``0.001 N(0,1)`` as
+    TRADES) or ``False``. ``restarts > 1`` keeps, per example, a successful point before a
+    higher-loss one. ``targeted=True`` reads ``y`` as target classes and minimises the loss.
+    ``threat`` (a :class:`ThreatModel`) replaces ``norm``/``eps``/``bounds``/``mean``/``std``.
+    ``reference_logits`` feeds ``loss="kl"`` (default: the clean logits, one extra forward).
+    ``check_range=False`` skips the input-range check (its one device synchronisation per call).
+    Returns the adversarial batch in the space ``x`` was given in (normalized if ``mean``/``std``).
+    Cost: ``restarts * steps`` forwards and input-only backwards (+1 forward per restart if > 1).
+    """
+    tm = _threat(threat, norm, eps, bounds, mean, std)
+    steps = check_steps(steps)
+    _check_common(alpha, restarts)
+    kind = {True: "uniform", False: None, "uniform": "uniform", "normal": "normal"}.get(random_start, "?")
+    if kind == "?":
+        raise ConfigurationError(f"random_start must be True, False, 'uniform' or 'normal', got {random_start!r}.")
+    with attack_context(model, model_mode):
+        problem = _Problem(model, x, y, tm, loss, reference_logits, targeted, check_range)
+        x0 = problem.x0
+        gen = None
+        if kind is not None:
+            gen = generator if generator is not None else default_generator(x0.device)
+        best = None
+        for _ in range(restarts):
+            u = x0.clone() if kind is None else tm.random_start(x0, gen, kind)
+            for _ in range(steps):
+                _, _, grad = problem.loss_and_grad(u)
+                u = tm.project(tm.ascent_step(u, grad, alpha), x0)
+            if restarts > 1:
+                best = problem.keep_worst(best, (u, *problem.evaluate(u)))
+            else:
+                best = (u,)
+        return tm.from_pixel(best[0]).detach()
+
+
+def fgsm(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    eps: float = 8 / 255,
+    *,
+    alpha: float | None = None,
+    norm: str = "linf",
+    random_start: bool | str = False,
+    targeted: bool = False,
+    loss: str | AttackLoss = "ce",
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    mean=None,
+    std=None,
+    generator: torch.Generator | None = None,
+    threat: ThreatModel | None = None,
+    model_mode: str = "eval",
+    reference_logits: torch.Tensor | None = None,
+    check_range: bool = True,
+) -> torch.Tensor:
+    """Fast gradient sign method (Goodfellow et al., ICLR 2015): one step of length ``alpha`` (default ``eps``).
+
+    With ``random_start=True`` and ``alpha=1.25 * eps`` this is FGSM-RS (Wong et al., ICLR 2020, Alg. 3).
+    The step is projected back onto the ball and into bounds. Cost: 1 forward, 1 input-only backward.
+    """
+    tm = _threat(threat, norm, eps, bounds, mean, std)
+    return pgd(
+        model, x, y, alpha=tm.eps if alpha is None else alpha, steps=1, random_start=random_start,
+        targeted=targeted, loss=loss, generator=generator, threat=tm, model_mode=model_mode,
+        reference_logits=reference_logits, check_range=check_range,
+    )
+
+
+def apgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    eps: float = 8 / 255,
+    steps: int = 100,
+    norm: str = "linf",
+    *,
+    restarts: int = 1,
+    loss: str | AttackLoss = "ce",
+    momentum: float = 0.75,
+    rho: float = 0.75,
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    mean=None,
+    std=None,
+    generator: torch.Generator | None = None,
+    threat: ThreatModel | None = None,
+    model_mode: str = "eval",
+) -> torch.Tensor:
+    """Auto-PGD (Croce & Hein, ICML 2020, Algorithm 1), APGD-CE by default (``loss="dlr"`` for APGD-DLR).
+
+    Step size starts at ``2 eps`` and follows the iterate with momentum ``0.75`` (eq. 2). At the
+    checkpoints ``w_j`` (first at ``0.22 N``, then shrinking by ``0.03 N`` down to ``0.06 N``) the step
+    halves and the iterate restarts from the best point for every example whose loss increased in
+    at most ``rho`` of the steps since the last checkpoint, or that did not improve and was not
+    already halved (conditions 1 and 2 of section 3.2). Returns, per example, the first point found
+    that is misclassified, else the highest-loss point. Cost: ``restarts * (steps + 1)`` forwards
+    and input-only backwards.
+    """
+    tm = _threat(threat, norm, eps, bounds, mean, std)
+    steps = check_steps(steps)
+    _check_common(0.0, restarts)
+    with attack_context(model, model_mode):
+        problem = _Problem(model, x, y, tm, loss, None, False)
+        x0 = problem.x0
+        gen = generator if generator is not None else default_generator(x0.device)
+        best = None
+        for _ in range(restarts):
+            best = problem.keep_worst(best, _apgd_run(problem, gen, steps, momentum, rho))
+        return tm.from_pixel(best[0]).detach()
+
+
+def _apgd_run(problem: _Problem, gen: torch.Generator, steps: int, momentum: float, rho: float):
+    tm, x0 = problem.tm, problem.x0
+    n = x0.shape[0]
+    shape = (n,) + (1,) * (x0.dim() - 1)
+    checkpoint, min_len, decrement = max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
+
+    # Start on the boundary of the ball (the reference implementation's init), then clamp into bounds.
+    if tm.norm == "linf":
+        t = torch.rand(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype) * 2 - 1
+        u = x0 + tm.eps * t / t.abs().flatten(1).amax(1).reshape(shape).clamp_min(1e-12)
+    else:
+        t = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+        u = x0 + tm.eps * t / tm._per_example_norm(t).clamp_min(1e-12)
+    u = tm.clamp(u)
+
+    logits, loss, grad = problem.loss_and_grad(u)
+    success = problem.success(logits)
+    u_first_adv = u.clone()
+    u_best, grad_best, loss_best = u.clone(), grad.clone(), loss.clone()
+    history = torch.empty(steps + 1, n, device=x0.device, dtype=loss.dtype)
+    history[0] = loss
+    step_size = torch.full(shape, 2.0 * tm.eps, device=x0.device, dtype=x0.dtype)
+    u_prev = u.clone()
+    halved_last = torch.ones(n, dtype=torch.bool, device=x0.device)
+    loss_best_last = loss_best.clone()
+    window, since = checkpoint, 0
+
+    for i in range(steps):
+        previous_move = u - u_prev
+        u_prev = u
+        a = momentum if i > 0 else 1.0
+        z = tm.project(_step(tm, u, grad, step_size), x0)
+        u = tm.project(u + (z - u) * a + previous_move * (1 - a), x0)
+
+        logits, loss, grad = problem.loss_and_grad(u)
+        now = problem.success(logits)
+        u_first_adv = torch.where((now & ~success).reshape(shape), u, u_first_adv)
+        success = success | now
+        improved = loss > loss_best
+        mask = improved.reshape(shape)
+        u_best = torch.where(mask, u, u_best)
+        grad_best = torch.where(mask, grad, grad_best)
+        loss_best = torch.where(improved, loss, loss_best)
+        history[i + 1] = loss
+
+        since += 1
+        if since == window:
+            increases = (history[i + 2 - window : i + 2] > history[i + 1 - window : i + 1]).sum(0)
+            oscillating = increases <= window * rho
+            stalled = ~halved_last & (loss_best_last >= loss_best)
+            halve = oscillating | stalled
+            halved_last = halve
+            loss_best_last = loss_best.clone()
+            hmask = halve.reshape(shape)
+            step_size = torch.where(hmask, step_size / 2, step_size)
+            u = torch.where(hmask, u_best, u)
+            grad = torch.where(hmask, grad_best, grad)
+            window, since = max(window - decrement, min_len), 0
+
+    u_out = torch.where(success.reshape(shape), u_first_adv, u_best)
+    return u_out, success, loss_best
+
+
+def _step(tm: ThreatModel, u: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor) -> torch.Tensor:
+    """``u + eta * d`` with a per-example step size ``eta``."""
+    if tm.norm == "linf":
+        return u + step_size * grad.sign()
+    return u + step_size * grad / (tm._per_example_norm(grad) + 1e-12)

@@ -1,0 +1,112 @@
+"""Robustness measurements for monitors: clean/robust accuracy and the input-gradient norm.
+
+Each is side-effect free (DESIGN.md promise 1): parameters, ``.grad``, buffers, per-module modes and
+the global RNG are as they were afterwards; the model is evaluated in eval mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._batches import as_batches, logits_of
+from .._state import side_effect_free
+from ..errors import ConfigurationError
+from ._context import as_normal_tensor, check_labels
+from .embedding import EmbeddingPerturbation, padding_mask
+from .losses import resolve_loss
+from .threat import ThreatModel
+
+__all__ = ["robust_accuracy", "clean_accuracy", "input_grad_norm"]
+
+Attack = Callable[[nn.Module, Any, torch.Tensor], Any]
+
+
+def _split(batch: Any) -> tuple[Any, torch.Tensor]:
+    if isinstance(batch, Mapping):
+        labels = batch.get("labels")
+        if labels is None:
+            raise ConfigurationError("a mapping batch needs 'labels' to measure accuracy.")
+        return batch, labels
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ConfigurationError(f"expected (inputs, labels) or a mapping with labels, got {type(batch).__name__}.")
+
+
+def _predict(model: nn.Module, inputs: Any, perturbation: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+    with torch.no_grad():
+        if isinstance(inputs, Mapping):
+            if perturbation is not None:
+                with EmbeddingPerturbation(model, perturbation, mask):
+                    return logits_of(model(**inputs)).argmax(-1)
+            return logits_of(model(**inputs)).argmax(-1)
+        return logits_of(model(inputs)).argmax(-1)
+
+
+def robust_accuracy(model: nn.Module, batches: Any, attack: Attack | None = None) -> float:
+    """Fraction of examples still classified correctly after ``attack(model, inputs, labels)``.
+
+    ``batches``: one batch or a list (a frozen probe set) of ``(inputs, labels)`` tuples or mappings
+    with ``labels``. ``attack=None`` gives the clean accuracy. For tuple batches the attack returns
+    the adversarial inputs (e.g. ``functools.partial(pgd, eps=8/255, steps=20)``); for mapping
+    (Hugging Face) batches it returns an embedding perturbation ``(B, L, D)`` (e.g.
+    :func:`~sharpguard.attacks.embedding_pgd`), applied through the input-embedding hook.
+    """
+    correct = total = 0
+    with side_effect_free(model, train=False, parameters=False):
+        for batch in as_batches(batches):
+            inputs, labels = _split(batch)
+            if isinstance(inputs, Mapping):
+                perturbation = None if attack is None else attack(model, inputs, labels)
+                if perturbation is not None and not isinstance(perturbation, torch.Tensor):
+                    raise ConfigurationError("for a mapping batch the attack must return an embedding perturbation tensor.")
+                pred = _predict(model, inputs, perturbation, padding_mask(inputs))
+            else:
+                adv = inputs if attack is None else attack(model, inputs, labels)
+                pred = _predict(model, adv)
+            correct += int((pred == labels.to(pred.device)).sum())
+            total += int(labels.numel())
+    return correct / total
+
+
+def clean_accuracy(model: nn.Module, batches: Any) -> float:
+    """Accuracy without attack (eval mode, side-effect free)."""
+    return robust_accuracy(model, batches, None)
+
+
+def input_grad_norm(
+    model: nn.Module,
+    batches: Any,
+    *,
+    loss: str = "ce",
+    mean=None,
+    std=None,
+) -> float:
+    """Mean over examples of ``||d loss_i / d x_i||_2`` in pixel space (Ross & Doshi-Velez 2018's input-gradient norm).
+
+    A large value flags a locally fragile model; a value near zero on a model that is not robust
+    flags gradient masking. ``mean``/``std``: the normalization applied outside the model (the chain
+    rule turns normalized-space gradients into pixel-space ones). One forward and one input-only
+    backward per batch.
+    """
+    loss_fn = resolve_loss(loss)
+    tm = ThreatModel(bounds=None, mean=mean, std=std) if mean is not None or std is not None else None
+    total = 0.0
+    count = 0
+    with side_effect_free(model, train=False, parameters=False), torch.inference_mode(False), torch.enable_grad():
+        for batch in as_batches(batches):
+            inputs, labels = _split(batch)
+            if isinstance(inputs, Mapping):
+                raise ConfigurationError("input_grad_norm takes (inputs, labels) batches of continuous inputs.")
+            x = as_normal_tensor(inputs)
+            y = check_labels(labels, x.shape[0], required=True)
+            u = (x if tm is None else tm.to_pixel(x, check=False)).requires_grad_(True)
+            z = u if tm is None else tm.from_pixel(u)
+            values = loss_fn(logits_of(model(z)), y, None)
+            (grad,) = torch.autograd.grad(values.sum(), u)
+            total += float(torch.linalg.vector_norm(grad.flatten(1).double(), dim=1).sum())
+            count += x.shape[0]
+    return total / count
