@@ -1,0 +1,123 @@
+"""Monitor callbacks on any Trainer: bitwise side-effect free, metrics in log_history, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from _tiny_text import FirstTokenTask, params_of, tiny_bert  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from sharpguard.integrations.huggingface import (  # noqa: E402
+    RobustnessMonitorCallback,
+    SharpGuardTrainer,
+    SharpnessMonitorCallback,
+)
+
+
+def _args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        max_steps=4,
+        per_device_train_batch_size=8,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        learning_rate=1e-3,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _monitor(**kw):
+    return SharpnessMonitorCallback(every_n_steps=2, measures=("lambda_max",), probe_size=16, alerts=None, **kw)
+
+
+def test_monitored_plain_trainer_equals_unmonitored_bitwise_and_logs_lambda_max(tmp_path):
+    data = FirstTokenTask(48)
+    plain = Trainer(model=tiny_bert(), args=_args(tmp_path / "a"), train_dataset=data)
+    plain.train()
+    cb = _monitor()
+    # a plain transformers.Trainer: the callback finds its trainer when training begins
+    monitored = Trainer(model=tiny_bert(), args=_args(tmp_path / "b"), train_dataset=data, callbacks=[cb])
+    monitored.train()
+
+    a, b = params_of(plain.model), params_of(monitored.model)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    logged = [(h["step"], h["sharpness/lambda_max"]) for h in monitored.state.log_history if "sharpness/lambda_max" in h]
+    assert [s for s, _ in logged] == [2, 4]
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in logged)
+    assert cb.trainer is monitored
+    # the losses logged by the Trainer are untouched too
+    assert [h["loss"] for h in plain.state.log_history if "loss" in h] == [
+        h["loss"] for h in monitored.state.log_history if "loss" in h
+    ]
+
+    # The value is the top Hessian eigenvalue of model(**batch).loss on the probe (through SDPA
+    # attention): measure the final model directly on the same probe set.
+    from sharpguard.sharpness import hessian_eigenvalues
+
+    r = hessian_eigenvalues(monitored.model, cb.monitor.probe.batches, k=1, tol=1e-6, max_iter=200)
+    assert logged[-1][1] == pytest.approx(r.eigenvalues[0], rel=1e-3, abs=1e-4)
+
+
+def test_monitor_history_survives_checkpoint_resume(tmp_path):
+    data = FirstTokenTask(48)
+    out = tmp_path / "run"
+    full_cb = _monitor()
+    full = SharpGuardTrainer(
+        model=tiny_bert(), args=_args(out, save_strategy="steps", save_steps=2), train_dataset=data, callbacks=[full_cb]
+    )
+    full.train()
+    saved = out / "checkpoint-2" / "sharpguard_sharpness_monitor.json"
+    assert saved.is_file()
+    json.loads(saved.read_text())  # plain JSON
+
+    resumed_cb = _monitor()
+    resumed = SharpGuardTrainer(
+        model=tiny_bert(), args=_args(out, save_strategy="steps", save_steps=2), train_dataset=data, callbacks=[resumed_cb]
+    )
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    want = full_cb.monitor.history.values("sharpness/lambda_max")
+    got = resumed_cb.monitor.history.values("sharpness/lambda_max")
+    assert [s for s, _ in got] == [2, 4]
+    assert got[0] == want[0]  # step 2 comes from the checkpoint, not re-measured
+    assert got[1][1] == pytest.approx(want[1][1], rel=1e-4)
+    # the probe set came back from the checkpoint: same examples
+    assert resumed_cb.monitor.probe.fingerprint == full_cb.monitor.probe.fingerprint
+
+
+def test_robustness_callback_clean_accuracy_on_a_text_model(tmp_path):
+    cb = RobustnessMonitorCallback(
+        every_n_steps=2, measures=("clean_acc",), probe_size=16, alerts=None, input_key="input_ids"
+    )
+    trainer = SharpGuardTrainer(model=tiny_bert(), args=_args(tmp_path, max_steps=2), train_dataset=FirstTokenTask(32), callbacks=[cb])
+    trainer.train()
+    acc = [h["robustness/clean_acc"] for h in trainer.state.log_history if "robustness/clean_acc" in h]
+    assert len(acc) == 1
+    # independent check: accuracy of the final model on the probe examples (no attention mask: all ones)
+    batches = cb.monitor.probe.batches
+    assert sum(len(y) for _, y in batches) == 16
+    model = trainer.model.eval()
+    with torch.no_grad():
+        hits = sum(int((model(input_ids=x).logits.argmax(-1) == y).sum()) for x, y in batches)
+    want = hits / 16
+    assert acc[0] == pytest.approx(want)
+
+
+def test_robustness_callback_refuses_input_attacks_on_token_ids(tmp_path):
+    from sharpguard.errors import ConfigurationError
+
+    cb = RobustnessMonitorCallback(every_n_steps=1, measures=("pgd_acc",), probe_size=8, input_key="input_ids")
+    trainer = Trainer(model=tiny_bert(), args=_args(tmp_path, max_steps=1), train_dataset=FirstTokenTask(16), callbacks=[cb])
+    with pytest.raises(ConfigurationError, match="token ids"):
+        trainer.train()
