@@ -20,14 +20,24 @@ _EXPORTS: dict[str, str] = {
     "LookSAM": "sharpguard.optim",
     "MomentumSAM": "sharpguard.optim",
     "FriendlySAM": "sharpguard.optim",
+    "make_sam": "sharpguard.optim",
     # measurement
     "hessian_eigenvalues": "sharpguard.sharpness",
     "hessian_trace": "sharpguard.sharpness",
+    "spectral_density": "sharpguard.sharpness",
+    "worst_case_sharpness": "sharpguard.sharpness",
+    "average_sharpness": "sharpguard.sharpness",
+    "eos_ratio": "sharpguard.sharpness",
     # attacks
     "pgd": "sharpguard.attacks",
     "fgsm": "sharpguard.attacks",
     "ThreatModel": "sharpguard.attacks",
+    "apgd": "sharpguard.attacks",
     "robust_accuracy": "sharpguard.attacks",
+    "clean_accuracy": "sharpguard.attacks",
+    "input_grad_norm": "sharpguard.attacks",
+    # adversarial training
+    "make_method": "sharpguard.adversarial",
     # monitors
     "SharpnessMonitor": "sharpguard.monitor",
     "RobustnessMonitor": "sharpguard.monitor",

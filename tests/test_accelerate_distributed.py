@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
+import transformers  # noqa: F401
+import accelerate  # noqa: F401
 
 from _dist_launch import check_per_worker_sam, torchrun  # noqa: E402
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytest.importorskip("accelerate")
-pytest.importorskip("transformers")
+import accelerate  # noqa: F401
+import transformers  # noqa: F401
 
 from _tiny_text import FirstTokenTask, params_of, sam_reference, tiny_bert  # noqa: E402
 from accelerate import Accelerator  # noqa: E402

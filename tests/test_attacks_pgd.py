@@ -14,7 +14,7 @@ from torch import nn
 from sharpguard.attacks import ThreatModel, apgd, clean_accuracy, fgsm, input_grad_norm, make_generator, pgd, robust_accuracy
 from sharpguard.errors import ConfigurationError
 
-torchattacks = pytest.importorskip("torchattacks")
+import torchattacks
 
 
 def small_cnn(seed: int = 0) -> nn.Module:

@@ -15,7 +15,7 @@ from sharpguard.cli import main
 from sharpguard.study.config import METHODS
 from sharpguard.study.report import METRICS, SHARPNESS_MEASURES
 
-pytest.importorskip("pytorch_lightning")
+import pytorch_lightning  # noqa: F401
 
 PNGS = ("sharpness_vs_robustness.png", "training_curves.png", "loss_slices.png")
 

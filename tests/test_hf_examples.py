@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
+import transformers  # noqa: F401
+import accelerate  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
+import transformers  # noqa: F401
+import accelerate  # noqa: F401
 
 from _tiny_text import FirstTokenTask, params_of, tiny_bert  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
+import transformers  # noqa: F401
+import accelerate  # noqa: F401
 
 from _tiny_text import FirstTokenTask, params_of, sam_reference, tiny_bert  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("pytorch_lightning")
+import pytorch_lightning  # noqa: F401
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lightning_digits.py"
 

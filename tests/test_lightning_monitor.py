@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-pl = pytest.importorskip("pytorch_lightning")
+import pytorch_lightning as pl
 from sklearn.datasets import load_digits  # noqa: E402
 
 from sharpguard.integrations.lightning import (  # noqa: E402

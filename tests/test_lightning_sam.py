@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-pl = pytest.importorskip("pytorch_lightning")
+import pytorch_lightning as pl
 from sklearn.datasets import load_digits  # noqa: E402
 
 from sharpguard.errors import ConfigurationError  # noqa: E402
@@ -272,7 +272,7 @@ def test_missing_lightning_names_the_extra(monkeypatch):
 def test_namespace_can_be_chosen(monkeypatch):
     from sharpguard.integrations import _lightning_namespace
 
-    pytest.importorskip("lightning.pytorch")
+    import lightning.pytorch  # noqa: F401
     monkeypatch.setenv("SHARPGUARD_LIGHTNING", "lightning")
     assert _lightning_namespace.load().__name__ == "lightning.pytorch"
     monkeypatch.setenv("SHARPGUARD_LIGHTNING", "pytorch_lightning")
