@@ -56,6 +56,7 @@ from torch import nn
 from sharpguard._batches import LossFn, default_loss_fn
 from sharpguard.errors import ConfigurationError, require
 from sharpguard.optim import functional as F_sam
+from sharpguard.optim.sam import perturbed_pass
 
 require("accelerate", "accelerate")
 from accelerate.utils import DistributedType  # noqa: E402
@@ -91,13 +92,7 @@ class SAMConfig:
 
         from sharpguard.optim import factory
 
-        key = str(self.variant).strip().lower().replace("-", "_")
-        key = factory._ALIASES.get(key, key)
-        if key not in factory.VARIANTS:
-            raise ConfigurationError(
-                f"unknown SAM variant {self.variant!r}; use one of {', '.join(factory.VARIANTS)}."
-            )
-        self.variant = key
+        key = self.variant = factory.canonical_variant(self.variant)
         if self.rho is not None and (isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not self.rho >= 0):
             raise ConfigurationError(f"rho must be a non-negative number, got {self.rho!r}.")
         # Check the knobs now, not at the first training step (the variant is built lazily).
@@ -202,16 +197,9 @@ class _ShardedSAM:
         local_g = [_local(p.grad) for p in params]
         self._backup = F_sam.save_(self._backup, local_p)
         self._params = local_p
-        with torch.no_grad():
-            if self.adaptive:
-                t = torch._foreach_abs(self._backup)
-                if self.eta:
-                    torch._foreach_add_(t, self.eta)
-                direction = torch._foreach_mul(t, local_g)
-                norm = sharded_global_norm(direction)
-                torch._foreach_mul_(direction, t)
-            else:
-                direction, norm = local_g, sharded_global_norm(local_g)
+        direction, norm = F_sam.ascent_direction(
+            self._backup, local_g, adaptive=self.adaptive, eta=self.eta, norm=sharded_global_norm
+        )
         F_sam.add_scaled_(local_p, direction, F_sam.perturbation_scale(norm, self.rho))
         return True
 
@@ -260,7 +248,12 @@ class _PerturbedReplay:
         self.sam = sam
         self.config = config
         # FSDP reduce-scatters: the norm needs the synced shards, so the first pass syncs there.
-        self.per_worker = not config.sync_perturbation and accelerator.distributed_type != DistributedType.FSDP
+        # Variants whose update mixes in the clean gradient (GSAM, LookSAM, Friendly-SAM) need it synced.
+        self.per_worker = (
+            not config.sync_perturbation
+            and accelerator.distributed_type != DistributedType.FSDP
+            and getattr(sam, "per_worker_safe", False)
+        )
         self._prepared = False
 
     def begin_window(self) -> None:
@@ -295,19 +288,7 @@ class _PerturbedReplay:
         base = self.sam.base_optimizer
         scaler = getattr(self.accelerator, "scaler", None)
         found_inf = self._overflow(base) if scaler is not None else None
-        try:
-            if self.sam.perturb():
-                # Zero in place: keeps DDP's bucket views valid; the variant copied what it needs.
-                grads = _grads(base)
-                if grads:
-                    torch._foreach_zero_(grads)
-                last = len(replays) - 1
-                for k, replay in enumerate(replays):
-                    with self.accelerator.no_sync(model) if k < last else contextlib.nullcontext():
-                        replay()
-        except BaseException:
-            self.sam.cancel()
-            raise
+        perturbed_pass(self.sam, replays, no_sync=lambda: self.accelerator.no_sync(model))
         self.sam.unperturb()
         if found_inf is not None:
             self._poison(base, found_inf)
@@ -399,6 +380,18 @@ class SharpnessAwareMinimization:
             self.accelerator.backward(self.loss_fn(self.model, batch))
 
         return replay
+
+    def state_dict(self) -> dict[str, Any]:
+        """The variant's own state (step counter, LookSAM's ``g_v``, Friendly-SAM's EMA): what the
+        prepared optimizer's state dict lacks. Plain containers and tensors (``weights_only`` loads);
+        ``accelerator.register_for_checkpointing(sam)`` puts it into ``save_state``/``load_state``."""
+        own = getattr(self.sam, "sharpguard_state_dict", None)
+        return {"sam": own() if own is not None else {}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; load the optimizer's own state dict as usual beside it."""
+        if state.get("sam"):
+            self.sam.load_sharpguard_state_dict(state["sam"])
 
     @property
     def pending_micro_batches(self) -> int:

@@ -123,6 +123,9 @@ class SharpGuardTrainerMixin:
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, _MonitorCallback):
                 callback.set_trainer(self)
+        self._sg_resume_from: str | None = None
+        if self.sam_config is not None:
+            super().add_callback(_SAMCheckpoint(self))
 
     def add_callback(self, callback: Any) -> None:
         super().add_callback(callback)
@@ -139,10 +142,25 @@ class SharpGuardTrainerMixin:
             # and a new train() call builds a new one.
             base = _unwrap_optimizer(self.optimizer)
             sam = _build_sam(self.sam_config, base, self.accelerator.unwrap_model(model), self.accelerator)
+            if self._sg_resume_from is not None:
+                _SAMCheckpoint.load(sam, self._sg_resume_from)
             self._sg_engine = _PerturbedReplay(self.accelerator, sam, self.sam_config)
             self._sg_engine_optimizer = self.optimizer
             self._sg_window = []
         return self._sg_engine
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; on resume, the SAM variant's own state comes back from the checkpoint too."""
+        if self.sam_config is not None and resume_from_checkpoint:
+            if resume_from_checkpoint is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # Trainer raises on None
+            self._sg_resume_from = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._sg_resume_from = None
 
     def training_step(self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The Trainer's own step at ``w``; on the sync micro-batch, also the SAM pass (module docs)."""
@@ -167,6 +185,33 @@ class SharpGuardTrainerMixin:
         return self.adversarial_method(model, inputs)
 
 
+class _SAMCheckpoint(TrainerCallback):
+    """Writes the SAM variant's own state (step counter, LookSAM's ``g_v``, Friendly-SAM's EMA,
+    knobs) into each checkpoint folder, beside the base optimizer the Trainer saves itself;
+    :meth:`SharpGuardTrainerMixin.train` reads it back on resume (promise 3: complete checkpoints).
+    """
+
+    FILE = "sharpguard_sam.pt"
+
+    def __init__(self, trainer: SharpGuardTrainerMixin):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        # the optimizer is not in a save_only_model checkpoint, so neither is the wrapper's state
+        sam = getattr(self.trainer._sg_engine, "sam", None)
+        if args.should_save and not args.save_only_model and hasattr(sam, "sharpguard_state_dict"):
+            folder = _checkpoint_folder(args, state)
+            if os.path.isdir(folder):
+                torch.save(sam.sharpguard_state_dict(), os.path.join(folder, self.FILE))
+        return control
+
+    @classmethod
+    def load(cls, sam: Any, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, cls.FILE)
+        if hasattr(sam, "load_sharpguard_state_dict") and os.path.isfile(path):
+            sam.load_sharpguard_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
 class SharpGuardTrainer(SharpGuardTrainerMixin, Trainer):
     """``transformers.Trainer`` with ``sam=`` and ``adversarial=`` (see :class:`SharpGuardTrainerMixin`)."""
 
@@ -175,6 +220,13 @@ class SharpGuardTrainer(SharpGuardTrainerMixin, Trainer):
 # monitors
 # --------------------------------------------------------------------------------------------------
 _STATE_FILE = "sharpguard_{name}.json"
+
+
+def _checkpoint_folder(args: Any, state: Any) -> str:
+    """The folder ``Trainer._save_checkpoint`` wrote at this step (outside hyperparameter search)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
 def _to_json(value: Any) -> Any:
@@ -304,7 +356,7 @@ class _MonitorCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            folder = _checkpoint_folder(args, state)
             if os.path.isdir(folder):
                 self.save_state(os.path.join(folder, self.state_file))
         return control
@@ -370,7 +422,7 @@ class _MonitorCallback(TrainerCallback):
             self.load_state_dict(_from_json(json.load(f)))
 
     def _load_from_checkpoint(self, args, state) -> None:
-        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.state_file)
+        path = os.path.join(_checkpoint_folder(args, state), self.state_file)
         if os.path.isfile(path):
             self.load_state(path)
 

@@ -26,6 +26,7 @@ The namespace (``pytorch_lightning`` or ``lightning.pytorch``) is chosen by
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -37,6 +38,7 @@ from sharpguard.errors import ConfigurationError
 from sharpguard.monitor import Monitor
 from sharpguard.monitor import RobustnessMonitor as _CoreRobustnessMonitor
 from sharpguard.monitor import SharpnessMonitor as _CoreSharpnessMonitor
+from sharpguard.optim.sam import perturbed_pass
 
 from ._lightning_namespace import NAMESPACE, pl
 
@@ -207,7 +209,8 @@ class SharpnessAwareMinimization(_GradientReplay):
         adaptive: shorthand for ASAM's scale-invariant perturbation with ``variant="sam"``.
         per_worker: under DDP, compute the perturbation from each worker's local gradient (the SAM paper's
             m-sharpness; saves one all-reduce per step). ``None``: on for ``sam``/``asam``, off for the
-            variants that reuse the clean gradient in the update (their clean gradient must be synced).
+            variants that reuse the clean gradient in the update (``per_worker_safe = False``: GSAM,
+            LookSAM, Friendly-SAM), for which ``per_worker=True`` is refused (the replicas would diverge).
         keep_bn_stats: keep BatchNorm running statistics from the clean pass only (``model=`` of the wrapper).
 
     Semantics:
@@ -225,7 +228,6 @@ class SharpnessAwareMinimization(_GradientReplay):
     """
 
     _who = "SharpnessAwareMinimization"
-    _PER_WORKER_DEFAULT = {"sam", "asam"}
 
     def __init__(
         self,
@@ -240,10 +242,19 @@ class SharpnessAwareMinimization(_GradientReplay):
         super().__init__()
         if not (isinstance(rho, (int, float)) and rho > 0 and math.isfinite(rho)):
             raise ConfigurationError(f"rho must be a positive number, got {rho!r}; the SAM default is 0.05.")
+        from sharpguard.optim.factory import VARIANTS, canonical_variant
+
+        key = canonical_variant(variant)
+        safe = VARIANTS[key].per_worker_safe
+        if per_worker and not safe:
+            raise ConfigurationError(
+                f"per_worker=True is not possible with variant {variant!r}: its update uses the clean gradient, "
+                "which must be all-reduced or the replicas diverge; leave per_worker=None."
+            )
         self.rho = float(rho)
         self.variant = variant
         self.adaptive = adaptive
-        self.per_worker = variant in self._PER_WORKER_DEFAULT if per_worker is None else bool(per_worker)
+        self.per_worker = safe if per_worker is None else bool(per_worker)
         self.keep_bn_stats = keep_bn_stats
         self.variant_kwargs = dict(variant_kwargs)
         self.sam: Any | None = None
@@ -254,7 +265,9 @@ class SharpnessAwareMinimization(_GradientReplay):
         return self._generate_state_key(variant=self.variant, rho=self.rho)
 
     def _block_clean_sync(self) -> bool:
-        return self.per_worker
+        # only when a perturbed pass follows: on a step without one (interval skips, LookSAM reuse,
+        # Momentum-SAM) the clean gradient is the update and must be all-reduced
+        return self.per_worker and self.sam is not None and self.sam.needs_second_pass()
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_fit_start(trainer, pl_module)
@@ -290,13 +303,13 @@ class SharpnessAwareMinimization(_GradientReplay):
             return
         clean = [g.clone() for g in grads] if scaler is not None else None
         fallback = False
-        if sam.perturb():
+        with torch.enable_grad(), _silenced_logging(pl_module):
+            perturbed = perturbed_pass(sam, self._replays(trainer, pl_module, batches, scaler), self._replay_no_sync(trainer))
+        if perturbed:
             try:
-                optimizer.zero_grad(set_to_none=False)
-                self._replay(trainer, pl_module, batches, scaler)
-                _, perturbed = _grads(optimizer)
-                self._unscale(perturbed, scaler)
-                fallback = scaler is not None and not _all_finite(perturbed)
+                _, perturbed_grads = _grads(optimizer)
+                self._unscale(perturbed_grads, scaler)
+                fallback = scaler is not None and not _all_finite(perturbed_grads)
             except BaseException:
                 sam.cancel()  # weights back to w by copy before the error propagates
                 raise
@@ -308,36 +321,31 @@ class SharpnessAwareMinimization(_GradientReplay):
         sam.unperturb()
         self.n_steps += 1
 
-    def _replay(self, trainer: Any, pl_module: Any, batches: list[tuple[Any, int]], scaler: Any) -> None:
+    @staticmethod
+    def _replay_no_sync(trainer: Any) -> Any:
+        # only the last replayed backward all-reduces (DDP's sync is decided at forward time)
+        return trainer.strategy.block_backward_sync if _is_parallel(trainer.strategy) else None
+
+    def _replays(self, trainer: Any, pl_module: Any, batches: list[tuple[Any, int]], scaler: Any) -> list[Any]:
+        """One callable per micro-batch: ``training_step`` through the strategy (autocast, DDP), backward."""
         strategy = trainer.strategy
-        parallel = _is_parallel(strategy)
         accumulate = trainer.accumulate_grad_batches
-        last = len(batches) - 1
-        with torch.enable_grad(), _silenced_logging(pl_module):
-            for k, (batch, batch_idx) in enumerate(batches):
-                # only the last replayed backward all-reduces (DDP's sync is decided at forward time)
-                sync = strategy.block_backward_sync() if parallel and k < last else contextlib.nullcontext()
-                with sync:
-                    loss = _loss_of(strategy.training_step(*_step_args(pl_module, batch, batch_idx)))
-                    if loss is None:
-                        continue
-                    self._backward(loss / accumulate, scaler)
+
+        def replay(batch: Any, batch_idx: int) -> None:
+            loss = _loss_of(strategy.training_step(*_step_args(pl_module, batch, batch_idx)))
+            if loss is not None:
+                self._backward(loss / accumulate, scaler)
+
+        return [functools.partial(replay, batch, batch_idx) for batch, batch_idx in batches]
 
     # -- checkpoint state. Lightning saves the user's optimizer (the base) itself, so a checkpoint loads
     # without sharpguard; the wrapper's own entry (step counter, variant buffers) lives here.
     def _sam_extra_state(self) -> dict[str, Any]:
-        if self.sam is None:
-            return {}
-        from sharpguard.optim.sam import STATE_KEY
-
-        return self.sam.state_dict()[STATE_KEY]
+        return {} if self.sam is None else self.sam.sharpguard_state_dict()
 
     def _load_sam_state(self, extra: dict[str, Any]) -> None:
-        if not extra:
-            return
-        from sharpguard.optim.sam import STATE_KEY
-
-        self.sam.load_state_dict({**self.sam.base_optimizer.state_dict(), STATE_KEY: extra})
+        if extra:
+            self.sam.load_sharpguard_state_dict(extra)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -55,6 +55,26 @@ class FirstTokenTask(torch.utils.data.Dataset):
         }
 
 
+def trainer_args(output_dir, **overrides):
+    """TrainingArguments for a short, quiet, deterministic CPU run without saving (override any)."""
+    from transformers import TrainingArguments
+
+    base = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        max_steps=3,
+        per_device_train_batch_size=8,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        learning_rate=1e-3,
+    )
+    base.update(overrides)
+    return TrainingArguments(**base)
+
+
 def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 

@@ -10,8 +10,7 @@ import torch
 import transformers  # noqa: F401
 import accelerate  # noqa: F401
 
-from _tiny_text import FirstTokenTask, params_of, tiny_bert  # noqa: E402
-from transformers import TrainingArguments  # noqa: E402
+from _tiny_text import FirstTokenTask, params_of, tiny_bert, trainer_args  # noqa: E402
 
 from sharpguard.adversarial import make_method  # noqa: E402
 from sharpguard.errors import ConfigurationError  # noqa: E402
@@ -19,21 +18,9 @@ from sharpguard.integrations.huggingface import SharpGuardTrainer  # noqa: E402
 
 
 def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        max_steps=2,
-        per_device_train_batch_size=8,
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
+    return trainer_args(
+        tmp_path, **{"max_steps": 2, "learning_rate": 5e-5, "lr_scheduler_type": "constant", "max_grad_norm": 0.0, **kw}
     )
-    base.update(kw)
-    return TrainingArguments(**base)
 
 
 class RecordingTrainer(SharpGuardTrainer):

@@ -10,8 +10,8 @@ import torch
 import transformers  # noqa: F401
 import accelerate  # noqa: F401
 
-from _tiny_text import FirstTokenTask, params_of, tiny_bert  # noqa: E402
-from transformers import Trainer, TrainingArguments  # noqa: E402
+from _tiny_text import FirstTokenTask, params_of, tiny_bert, trainer_args  # noqa: E402
+from transformers import Trainer  # noqa: E402
 
 from sharpguard.integrations.huggingface import (  # noqa: E402
     RobustnessMonitorCallback,
@@ -21,20 +21,7 @@ from sharpguard.integrations.huggingface import (  # noqa: E402
 
 
 def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        max_steps=4,
-        per_device_train_batch_size=8,
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        learning_rate=1e-3,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
+    return trainer_args(tmp_path, **{"max_steps": 4, **kw})
 
 
 def _monitor(**kw):

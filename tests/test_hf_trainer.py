@@ -8,28 +8,15 @@ import torch
 import transformers  # noqa: F401
 import accelerate  # noqa: F401
 
-from _tiny_text import FirstTokenTask, params_of, sam_reference, tiny_bert  # noqa: E402
-from transformers import Trainer, TrainingArguments  # noqa: E402
+from _tiny_text import FirstTokenTask, params_of, sam_reference, tiny_bert, trainer_args  # noqa: E402
+from transformers import Trainer  # noqa: E402
 
 from sharpguard.errors import ConfigurationError  # noqa: E402
 from sharpguard.integrations.huggingface import SAMConfig, SharpGuardTrainer  # noqa: E402
 
 
 def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        max_steps=3,
-        per_device_train_batch_size=8,
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        learning_rate=1e-3,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
+    return trainer_args(tmp_path, **kw)
 
 
 class _Recording:
@@ -181,3 +168,31 @@ def test_missing_transformers_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "sharpguard.integrations.huggingface", raising=False)
     with pytest.raises(MissingDependencyError, match=r"sharpguard\[hf\]"):
         importlib.import_module("sharpguard.integrations.huggingface")
+
+
+@pytest.mark.parametrize("how", ["path", "last"])
+def test_resume_restores_the_sam_variants_own_state_bitwise(tmp_path, how):
+    """LookSAM k=2: step 3 (0-based) reuses the g_v of step 2, so a resume from checkpoint-3 equals the
+    uninterrupted run only if g_v and the step counter come back with the checkpoint. (A plain Trainer
+    resumes bitwise here too: it restores model, optimizer, scheduler and RNG state.)"""
+    out = tmp_path / "run"
+    args = _args(out, max_steps=4, save_strategy="steps", save_steps=3, learning_rate=1e-2)
+    sam = {"variant": "looksam", "k": 2, "rho": 0.5}
+    data = FirstTokenTask(48)
+    full = SharpGuardTrainer(model=tiny_bert(), args=args, train_dataset=data, sam=sam)
+    full.train()
+    saved = torch.load(out / "checkpoint-3" / "sharpguard_sam.pt", weights_only=True)
+    assert saved["variant"] == "looksam" and saved["step"] == 3 and saved["buffers"]["gv"]
+
+    if how == "last":  # the Trainer also saved the final step: make checkpoint-3 the last one
+        import shutil
+
+        for folder in out.glob("checkpoint-*"):
+            if folder.name != "checkpoint-3":
+                shutil.rmtree(folder)
+    resumed = SharpGuardTrainer(model=tiny_bert(), args=args, train_dataset=data, sam=sam)
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-3") if how == "path" else True)
+    a, b = params_of(full.model), params_of(resumed.model)
+    assert resumed.state.global_step == 4
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

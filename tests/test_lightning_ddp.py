@@ -11,7 +11,7 @@ from torch import nn
 import pytorch_lightning as pl
 from sklearn.datasets import load_digits  # noqa: E402
 
-from sharpguard.integrations.lightning import SharpnessAwareMinimization, _silenced_logging  # noqa: E402
+from sharpguard.integrations.lightning import SharpnessAwareMinimization  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -69,10 +69,8 @@ class Report(pl.Callback):
 class ReplayOutsideStrategy(SharpnessAwareMinimization):
     """The fault of SAM callbacks that call pl_module.training_step: the backward bypasses DDP's reducer."""
 
-    def _replay(self, trainer, pl_module, batches, scaler):
-        with torch.enable_grad(), _silenced_logging(pl_module):
-            for batch, batch_idx in batches:
-                pl_module.training_step(batch, batch_idx).backward()
+    def _replays(self, trainer, pl_module, batches, scaler):
+        return [lambda b=batch, i=batch_idx: pl_module.training_step(b, i).backward() for batch, batch_idx in batches]
 
 
 def fit(tmp_path, sam_cls) -> dict:

@@ -280,3 +280,21 @@ def test_namespace_can_be_chosen(monkeypatch):
     monkeypatch.setenv("SHARPGUARD_LIGHTNING", "keras")
     with pytest.raises(ConfigurationError, match="SHARPGUARD_LIGHTNING"):
         _lightning_namespace.load()
+
+
+def test_per_worker_only_where_it_keeps_replicas_identical():
+    """Under DDP the clean pass skips the all-reduce only when a perturbed pass follows and the variant's
+    update does not use the clean gradient; anything else would let the replicas diverge."""
+    for variant in ("gsam", "looksam", "friendly_sam"):
+        with pytest.raises(ConfigurationError, match="per_worker=True"):
+            SharpnessAwareMinimization(variant=variant, per_worker=True)
+        assert not SharpnessAwareMinimization(variant=variant).per_worker
+    from sharpguard.optim import make_sam
+
+    cb = SharpnessAwareMinimization(rho=0.05, interval=2)
+    assert cb.per_worker
+    net = nn.Linear(2, 2)
+    cb.sam = make_sam(torch.optim.SGD(net.parameters(), lr=0.1), "sam", rho=0.05, interval=2)
+    assert cb._block_clean_sync()  # step 0 perturbs: its clean pass may stay local
+    cb.sam._step = 1
+    assert not cb._block_clean_sync()  # step 1 is a plain step: its only gradient must be all-reduced

@@ -27,6 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _leave_together() -> None:
+    """Free DDP reducers (optimizers sit in reference cycles that hold the model) before the group goes,
+    and leave together: either, left to interpreter exit, can abort a gloo worker."""
+    import gc
+
+    gc.collect()
+    dist.barrier()
+
+
 def make_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
@@ -47,6 +56,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     try:
         for sync in (False, True):
             train(rank, out_dir, sync)
+        _leave_together()
     finally:
         dist.destroy_process_group()
 
@@ -120,3 +130,45 @@ def test_ddp_sam_equals_single_process_reference(tmp_path):
             got = torch.load(tmp_path / f"rank{rank}_sync{int(sync)}.pt", weights_only=True)
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def variant_worker(rank: int, port: int, out_dir: str, force_per_worker: bool) -> None:
+    """GSAM and LookSAM with a DDP model= and default settings: the replicas must stay identical."""
+    from sharpguard.optim import GSAM, LookSAM
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        equal = {}
+        for cls, knobs in ((GSAM, {"alpha": 0.5}), (LookSAM, {"k": 2})):
+            if force_per_worker:  # the negative control: what an unsynced clean gradient does
+                cls = type(cls.__name__, (cls,), {"per_worker_safe": True})
+            ddp = nn.parallel.DistributedDataParallel(make_model())
+            opt = cls.wrap(torch.optim.SGD(ddp.parameters(), lr=LR), rho=RHO, model=ddp, **knobs)
+            for step in range(STEPS):
+                batch = shard(rank, step)
+
+                def closure():
+                    loss = loss_of(ddp, batch)
+                    loss.backward()
+                    return loss
+
+                opt.zero_grad()
+                opt.step(closure)
+            flat = torch.cat([p.detach().reshape(-1) for p in ddp.module.parameters()])
+            gathered = [torch.empty_like(flat) for _ in range(WORLD)]
+            dist.all_gather(gathered, flat)
+            equal[cls.variant] = bool(torch.equal(gathered[0], gathered[1]))
+        torch.save(equal, os.path.join(out_dir, f"variants_rank{rank}_force{int(force_per_worker)}.pt"))
+        _leave_together()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_ddp_variants_that_use_the_clean_gradient_keep_replicas_identical(tmp_path):
+    """GSAM's update and LookSAM's g_v mix in the clean gradient: it must be all-reduced (no no_sync)."""
+    for force in (False, True):
+        mp.spawn(variant_worker, args=(free_port(), str(tmp_path), force), nprocs=WORLD, join=True)
+    assert torch.load(tmp_path / "variants_rank0_force0.pt", weights_only=True) == {"gsam": True, "looksam": True}
+    # an unsynchronised clean gradient really would make them diverge
+    assert torch.load(tmp_path / "variants_rank0_force1.pt", weights_only=True) == {"gsam": False, "looksam": False}

@@ -10,7 +10,7 @@ from ..errors import ConfigurationError
 from .sam import ASAM, SAM
 from .variants import FriendlySAM, GSAM, LookSAM, MomentumSAM
 
-__all__ = ["VARIANTS", "make_sam"]
+__all__ = ["VARIANTS", "canonical_variant", "make_sam"]
 
 #: canonical variant name -> class
 VARIANTS: dict[str, type[SAM]] = {
@@ -40,9 +40,14 @@ def make_sam(optimizer: Optimizer, variant: str = "sam", **knobs: Any) -> SAM:
     ``knobs`` are the variant's keywords (``rho``, ``k``, ``alpha``, ...) plus ``model=`` and
     ``sync_perturbation=``; an unknown one raises :class:`~sharpguard.errors.ConfigurationError`.
     """
+    return VARIANTS[canonical_variant(variant)].wrap(optimizer, **knobs)
+
+
+def canonical_variant(variant: str) -> str:
+    """The key of ``variant`` in :data:`VARIANTS` (case, ``-``/``_`` and aliases normalised), or a
+    :class:`~sharpguard.errors.ConfigurationError` naming the choices."""
     key = str(variant).strip().lower().replace("-", "_")
     key = _ALIASES.get(key, key)
-    cls = VARIANTS.get(key)
-    if cls is None:
+    if key not in VARIANTS:
         raise ConfigurationError(f"unknown SAM variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
-    return cls.wrap(optimizer, **knobs)
+    return key

@@ -14,7 +14,7 @@ so the weights after a step are bitwise what the base optimizer produces.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -29,6 +29,7 @@ __all__ = [
     "scale_",
     "dot",
     "select_",
+    "ascent_direction",
     "sam_perturb_",
 ]
 
@@ -140,6 +141,34 @@ def select_(dst: Tensors, src: Tensors, take: torch.Tensor) -> None:
             torch._foreach_lerp_([dst[i] for i in idx], finite, weights)
 
 
+def ascent_direction(
+    params: Tensors,
+    grads: Tensors,
+    *,
+    adaptive: bool = False,
+    eta: float = 0.0,
+    norm: Callable[[Tensors], torch.Tensor] = global_norm,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``(d, n)`` with SAM's perturbation ``e = rho d / n``; read ``params`` before they move.
+
+    SAM (Foret et al. 2021, eq. 2): ``d = g``, ``n = ||g||``. ASAM (Kwon et al. 2021, eq. 9 with
+    p = 2): ``d = T^2 g``, ``n = ||T g||`` with ``T = |w| + eta``. ``norm`` computes ``n`` (a
+    sharded model passes one that all-reduces across shards). Without ``adaptive`` the returned
+    directions are ``grads`` themselves, not a copy.
+    """
+    grads = list(grads)
+    if not adaptive:
+        return grads, norm(grads)
+    with torch.no_grad():
+        t = torch._foreach_abs(list(params))
+        if eta:
+            torch._foreach_add_(t, eta)
+        tg = torch._foreach_mul(t, grads)
+        n = norm(tg)
+        torch._foreach_mul_(tg, t)  # T^2 g
+    return tg, n
+
+
 def sam_perturb_(
     params: Tensors,
     grads: Tensors,
@@ -152,23 +181,13 @@ def sam_perturb_(
     """Move ``params`` to ``w + e`` in place and return ``(backup of w, ||g|| or ||T g||)``.
 
     ``e = rho g / ||g||`` (SAM), or ``rho T^2 g / ||T g||`` with ``T = |w| + eta`` when ``adaptive``
-    (ASAM). The ascent direction does not depend on a constant factor of ``g``, so gradients still
-    multiplied by a GradScaler's loss scale give the same ``e``. A zero or non-finite norm gives
-    ``e = 0`` wherever the gradient itself is finite. ``backup`` is a buffer list from an earlier
-    call, reused to avoid allocating every step; restore with :func:`restore_`.
+    (ASAM); see :func:`ascent_direction`. The ascent direction does not depend on a constant factor
+    of ``g``, so gradients still multiplied by a GradScaler's loss scale give the same ``e``. A zero
+    or non-finite norm gives ``e = 0`` wherever the gradient itself is finite. ``backup`` is a buffer
+    list from an earlier call, reused to avoid allocating every step; restore with :func:`restore_`.
     """
     params, grads = list(params), list(grads)
     backup = save_(backup, params)
-    if adaptive:
-        with torch.no_grad():
-            t = torch._foreach_abs(backup)
-            if eta:
-                torch._foreach_add_(t, eta)
-            tg = torch._foreach_mul(t, grads)
-            norm = global_norm(tg)
-            torch._foreach_mul_(tg, t)  # T^2 g
-            add_scaled_(params, tg, perturbation_scale(norm, rho))
-    else:
-        norm = global_norm(grads)
-        add_scaled_(params, grads, perturbation_scale(norm, rho))
+    directions, norm = ascent_direction(backup, grads, adaptive=adaptive, eta=eta)
+    add_scaled_(params, directions, perturbation_scale(norm, rho))
     return backup, norm

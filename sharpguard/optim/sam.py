@@ -27,7 +27,7 @@ import contextlib
 import inspect
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -37,7 +37,7 @@ from torch.optim import Optimizer
 from ..errors import ConfigurationError
 from . import functional as F
 
-__all__ = ["SAM", "ASAM", "Closure"]
+__all__ = ["SAM", "ASAM", "Closure", "perturbed_pass"]
 
 Closure = Callable[[], Any]
 
@@ -130,6 +130,37 @@ def _is_ddp(model: nn.Module | None) -> bool:
     return model is not None and isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
 
+def perturbed_pass(
+    sam: Any,
+    replays: Sequence[Callable[[], Any]],
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> bool:
+    """The perturbed half of a step whose passes a framework adapter runs (adapter protocol).
+
+    After the clean backward: ``sam.perturb()``; if it moved the weights, zero the gradients in
+    place (keeping DDP's bucket views; the variant copied what it needs from the clean gradient)
+    and call every replay -- each runs one micro-batch's forward and backward at ``w + e`` -- all
+    but the last under ``no_sync()``, so that only the last backward all-reduces the accumulated
+    SAM gradient. If a replay raises, ``sam.cancel()`` restores the weights by copy before the
+    exception propagates. Returns whether a perturbed pass ran; the caller finishes the step with
+    ``sam.unperturb()`` (or ``sam.cancel()`` to drop it).
+    """
+    try:
+        if not sam.perturb():
+            return False
+        grads = [p.grad for group in sam.base_optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_zero_(grads)
+        last = len(replays) - 1
+        for k, replay in enumerate(replays):
+            with no_sync() if no_sync is not None and k < last else contextlib.nullcontext():
+                replay()
+    except BaseException:
+        sam.cancel()
+        raise
+    return True
+
+
 # --------------------------------------------------------------------------------------------------
 # SAM
 # --------------------------------------------------------------------------------------------------
@@ -155,6 +186,8 @@ class SAM(Optimizer):
             ``DistributedDataParallel`` model, :meth:`step` runs the clean pass under ``no_sync()``:
             each worker perturbs with its own gradient (the paper's m-sharpness).
         sync_perturbation: all-reduce the clean gradient too (one perturbation for all workers).
+            Variants whose update uses the clean gradient (GSAM, LookSAM, Friendly-SAM;
+            ``per_worker_safe = False``) always do.
         **base_kwargs: the base optimizer's own arguments (``lr``, ``momentum``, ...).
 
     ``param_groups`` and ``state`` *are* the base optimizer's (LR schedulers attached to either work);
@@ -167,6 +200,10 @@ class SAM(Optimizer):
     state_buffers: ClassVar[tuple[str, ...]] = ()
     #: ASAM's offset in ``T = |w| + eta``; SAM(adaptive=True) keeps davda54's eta = 0
     eta: float = 0.0
+    #: whether each DDP worker may perturb with its own (unsynchronised) clean gradient. False for
+    #: variants whose update or persistent state uses the clean gradient (GSAM, LookSAM,
+    #: Friendly-SAM): an unsynchronised one would make the replicas (or their saved state) diverge.
+    per_worker_safe: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -305,11 +342,7 @@ class SAM(Optimizer):
         if not params or not self.needs_second_pass():
             return False
         grads = [p.grad for p in params]
-        directions, scale = self._ascent(params, grads)
-        backup = self._buffers("w", params)
-        torch._foreach_copy_(backup, params)
-        self._moved = (params, backup)
-        F.add_scaled_(params, directions, scale)
+        self._move(params, *self._ascent(params, grads))
         self._snapshot_stats()
         self._perturbed = True
         return True
@@ -400,15 +433,8 @@ class SAM(Optimizer):
         ``e = rho T^2 g / ||T g||`` with ``T = |w| + eta``. A zero or non-finite norm gives a zero
         scale (:func:`.functional.perturbation_scale`), never a division by zero.
         """
-        if not self.adaptive:
-            return grads, F.perturbation_scale(F.global_norm(grads), self.rho)
-        t = torch._foreach_abs(params)
-        if self.eta:
-            torch._foreach_add_(t, self.eta)
-        tg = torch._foreach_mul(t, grads)
-        norm = F.global_norm(tg)
-        torch._foreach_mul_(tg, t)  # T^2 g
-        return tg, F.perturbation_scale(norm, self.rho)
+        directions, norm = F.ascent_direction(params, grads, adaptive=self.adaptive, eta=self.eta)
+        return directions, F.perturbation_scale(norm, self.rho)
 
     def _after_perturbed_pass(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """Hook: turn the perturbed gradient in ``grads`` into the one to step with (in place)."""
@@ -468,6 +494,13 @@ class SAM(Optimizer):
             out.append(state[name])
         return out
 
+    def _move(self, params: list[torch.Tensor], directions: list[torch.Tensor], scale: torch.Tensor) -> None:
+        """Save ``w`` into a reused buffer (for :meth:`_restore`) and move to ``w + scale * directions``."""
+        backup = self._buffers("w", params)
+        torch._foreach_copy_(backup, params)
+        self._moved = (params, backup)
+        F.add_scaled_(params, directions, scale)
+
     def _snapshot_stats(self) -> None:
         if not self._stat_slots:
             return
@@ -485,7 +518,7 @@ class SAM(Optimizer):
             self._stats = None
 
     def _clean_pass_context(self, second_pass: bool) -> contextlib.AbstractContextManager:
-        if self._ddp is not None and second_pass and not self.sync_perturbation:
+        if self._ddp is not None and second_pass and not self.sync_perturbation and self.per_worker_safe:
             return self._ddp.no_sync()
         return contextlib.nullcontext()
 
@@ -497,23 +530,40 @@ class SAM(Optimizer):
         the transient ``w`` backup is never saved.
         """
         state = self.base_optimizer.state_dict()
-        index = {p: i for i, p in enumerate(self._all_params())}
-        buffers: dict[str, dict[int, torch.Tensor]] = {}
-        for name in self.state_buffers:
-            buffers[name] = {
-                index[p]: s[name].detach().clone() for p, s in self.sam_state.items() if name in s and p in index
-            }
-        state[STATE_KEY] = {"variant": self.variant, "step": self._step, "knobs": self._knobs(), "buffers": buffers}
+        state[STATE_KEY] = self.sharpguard_state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Load a state dict from :meth:`state_dict` (or a plain base-optimizer one: counters reset)."""
         state_dict = dict(state_dict)
         ours = state_dict.pop(STATE_KEY, None)
-        params = self._all_params()
         if ours is not None:
-            self._check_saved(ours, len(params))
+            self._check_saved(ours, len(self._all_params()))
         self.base_optimizer.load_state_dict(state_dict)
+        self._load_own(ours)
+
+    def sharpguard_state_dict(self) -> dict[str, Any]:
+        """Only the wrapper's own state (the ``"sharpguard"`` entry of :meth:`state_dict`).
+
+        For frameworks that save the base optimizer themselves (Lightning, the Hugging Face
+        Trainer): store this beside their checkpoint; plain containers and tensors, so it loads
+        with ``torch.load(weights_only=True)``.
+        """
+        index = {p: i for i, p in enumerate(self._all_params())}
+        buffers: dict[str, dict[int, torch.Tensor]] = {}
+        for name in self.state_buffers:
+            buffers[name] = {
+                index[p]: s[name].detach().clone() for p, s in self.sam_state.items() if name in s and p in index
+            }
+        return {"variant": self.variant, "step": self._step, "knobs": self._knobs(), "buffers": buffers}
+
+    def load_sharpguard_state_dict(self, state: dict[str, Any]) -> None:
+        """Load :meth:`sharpguard_state_dict` output, leaving the base optimizer as it is."""
+        self._check_saved(state, len(self._all_params()))
+        self._load_own(state)
+
+    def _load_own(self, ours: dict[str, Any] | None) -> None:
+        params = self._all_params()
         self.sam_state.clear()
         self._reset_step()
         if ours is None:

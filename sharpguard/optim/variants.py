@@ -42,6 +42,7 @@ class GSAM(SAM):
     """
 
     variant: ClassVar[str] = "gsam"
+    per_worker_safe: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -87,6 +88,7 @@ class LookSAM(SAM):
     """
 
     variant: ClassVar[str] = "looksam"
+    per_worker_safe: ClassVar[bool] = False
     state_buffers: ClassVar[tuple[str, ...]] = ("gv",)
 
     def __init__(
@@ -214,11 +216,7 @@ class MomentumSAM(SAM):
         if not params:
             return
         momentum = [state[p][key] for p in params]
-        scale = F.perturbation_scale(F.global_norm(momentum), self.rho)
-        backup = self._buffers("w", params)
-        torch._foreach_copy_(backup, params)
-        self._moved = (params, backup)
-        F.add_scaled_(params, momentum, -scale)
+        self._move(params, momentum, -F.perturbation_scale(F.global_norm(momentum), self.rho))
 
     def perturb(self) -> bool:
         if not self._prepared and not self._perturb_called:
@@ -242,6 +240,7 @@ class FriendlySAM(SAM):
     """
 
     variant: ClassVar[str] = "friendly_sam"
+    per_worker_safe: ClassVar[bool] = False
     state_buffers: ClassVar[tuple[str, ...]] = ("ema",)
 
     def __init__(

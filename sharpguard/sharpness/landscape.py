@@ -22,6 +22,7 @@ from torch import nn
 from .._batches import LossFn
 from ..errors import ConfigurationError, require
 from .operator import ProbeLoss
+from .perturbation import _settings
 
 __all__ = ["LossSlice", "filter_normalized_direction", "loss_slice_1d", "loss_slice_2d", "plot_loss_slice"]
 
@@ -125,14 +126,7 @@ def loss_slice_1d(
         loss_at_center=center,
         directions=[d],
         definition=_definition(direction is not None, ignore_bias_bn),
-        settings={
-            "span": span,
-            "n_points": n_points,
-            "seed": seed,
-            "ignore_bias_bn": ignore_bias_bn,
-            "train": train,
-            "probe_examples": probe.n_examples,
-        },
+        settings=_settings(probe, span=span, n_points=n_points, seed=seed, ignore_bias_bn=ignore_bias_bn, train=train),
         seconds=time.perf_counter() - start,
     )
 
@@ -169,14 +163,7 @@ def loss_slice_2d(
         loss_at_center=center,
         directions=[d1, d2],
         definition=_definition(directions is not None, ignore_bias_bn),
-        settings={
-            "span": span,
-            "n_points": n_points,
-            "seed": seed,
-            "ignore_bias_bn": ignore_bias_bn,
-            "train": train,
-            "probe_examples": probe.n_examples,
-        },
+        settings=_settings(probe, span=span, n_points=n_points, seed=seed, ignore_bias_bn=ignore_bias_bn, train=train),
         seconds=time.perf_counter() - start,
     )
 
