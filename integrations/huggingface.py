@@ -44,6 +44,7 @@ import functools
 import inspect
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -150,8 +151,9 @@ class SharpGuardTrainerMixin:
         return self._sg_engine
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
-        """``Trainer.train``; on resume, the SAM variant's own state comes back from the checkpoint too."""
-        if self.sam_config is not None and resume_from_checkpoint:
+        """``Trainer.train``; on resume, the SAM variant's and the monitors' own state come back from the
+        checkpoint folder too (wherever it is stored)."""
+        if resume_from_checkpoint:
             if resume_from_checkpoint is True:
                 from transformers.trainer_utils import get_last_checkpoint
 
@@ -420,11 +422,33 @@ class _MonitorCallback(TrainerCallback):
     def load_state(self, path: str) -> None:
         with open(path) as f:
             self.load_state_dict(_from_json(json.load(f)))
+        self._state_loaded = True
 
     def _load_from_checkpoint(self, args, state) -> None:
-        path = os.path.join(_checkpoint_folder(args, state), self.state_file)
-        if os.path.isfile(path):
-            self.load_state(path)
+        """Reload the monitor from the folder training resumes from.
+
+        Callbacks are not told that folder. :class:`SharpGuardTrainerMixin` records what was passed to
+        ``train(resume_from_checkpoint=...)``; with a plain ``Trainer`` the candidates are
+        ``args.resume_from_checkpoint`` (the field the example scripts pass on) and
+        ``output_dir/checkpoint-<global_step>``. If none holds this monitor's state, warn: the history
+        would silently restart.
+        """
+        candidates = [getattr(self.trainer, "_sg_resume_from", None), getattr(args, "resume_from_checkpoint", None),
+                      _checkpoint_folder(args, state)]
+        for folder in candidates:
+            if isinstance(folder, str) and os.path.isfile(os.path.join(folder, self.state_file)):
+                self.load_state(os.path.join(folder, self.state_file))
+                return
+        if getattr(self, "_state_loaded", False):
+            return  # the user called load_state(path) before train()
+        warnings.warn(
+            f"{type(self).__name__}: training resumes at step {state.global_step} but no {self.state_file} was found in "
+            f"{[c for c in candidates if isinstance(c, str)]}; the monitor's history and schedule restart. With a plain "
+            "transformers.Trainer resuming from a folder outside output_dir, use SharpGuardTrainer (or "
+            "SharpGuardTrainerMixin), set args.resume_from_checkpoint, or call callback.load_state(path) before train().",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 class SharpnessMonitorCallback(_MonitorCallback):

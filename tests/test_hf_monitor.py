@@ -108,3 +108,39 @@ def test_robustness_callback_refuses_input_attacks_on_token_ids(tmp_path):
     trainer = Trainer(model=tiny_bert(), args=_args(tmp_path, max_steps=1), train_dataset=FirstTokenTask(16), callbacks=[cb])
     with pytest.raises(ConfigurationError, match="token ids"):
         trainer.train()
+
+
+def test_monitor_history_resumes_from_a_checkpoint_stored_outside_output_dir(tmp_path):
+    """The state is read from the folder given to train(resume_from_checkpoint=...), not output_dir/checkpoint-N."""
+    import shutil
+    import warnings
+
+    data = FirstTokenTask(48)
+    full_cb = _monitor()
+    Trainer(model=tiny_bert(), args=_args(tmp_path / "run", save_strategy="steps", save_steps=2), train_dataset=data,
+            callbacks=[full_cb]).train()
+    elsewhere = tmp_path / "archive" / "step2"
+    shutil.move(str(tmp_path / "run" / "checkpoint-2"), str(elsewhere))
+    want = full_cb.monitor.history.values("sharpness/lambda_max")
+
+    # SharpGuardTrainer records the folder it resumes from
+    cb = _monitor()
+    SharpGuardTrainer(model=tiny_bert(), args=_args(tmp_path / "new"), train_dataset=data,
+                      callbacks=[cb]).train(resume_from_checkpoint=str(elsewhere))
+    got = cb.monitor.history.values("sharpness/lambda_max")
+    assert [s for s, _ in got] == [2, 4] and got[0] == want[0]  # step 2 from the checkpoint, not re-measured
+
+    # a plain Trainer is not told the folder: it warns instead of silently restarting the history
+    cb = _monitor()
+    with pytest.warns(RuntimeWarning, match="sharpguard_sharpness_monitor.json"):
+        Trainer(model=tiny_bert(), args=_args(tmp_path / "plain"), train_dataset=data,
+                callbacks=[cb]).train(resume_from_checkpoint=str(elsewhere))
+    assert 2 not in [s for s, _ in cb.monitor.history.values("sharpness/lambda_max")]  # restarted: hence the warning
+    # ... and reads args.resume_from_checkpoint when the script sets it
+    cb = _monitor()
+    args = _args(tmp_path / "plain2", resume_from_checkpoint=str(elsewhere))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        Trainer(model=tiny_bert(), args=args, train_dataset=data, callbacks=[cb]).train(
+            resume_from_checkpoint=args.resume_from_checkpoint)
+    assert cb.monitor.history.values("sharpness/lambda_max")[0] == want[0]

@@ -37,6 +37,12 @@ class AdversarialMethod:
 
     name: str = "method"
 
+    #: True when the training loss is the task loss evaluated on the adversary as inputs,
+    #: ``objective(model, (x, y), x_adv) == CE(model(x_adv), y)`` (PGD-AT, fast AT): an adapter may then
+    #: write ``x_adv`` into the batch and let the user's own training step compute the loss, with no
+    #: extra pass. False for methods that change the loss (TRADES, MART, AWP, distillation, embedding methods).
+    replaces_inputs: bool = False
+
     def __init__(self, *, seed: int | None = None):
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}

@@ -104,6 +104,7 @@ class PGDAT(_ImageMethod):
     """
 
     name = "pgd-at"
+    replaces_inputs = True
 
     def objective(self, model: nn.Module, batch: Any, x_adv: torch.Tensor) -> torch.Tensor:
         _, y = image_batch(batch)
@@ -284,6 +285,7 @@ class FastAT(_ImageMethod):
     """
 
     name = "fast-at"
+    replaces_inputs = True
 
     def __init__(
         self,
