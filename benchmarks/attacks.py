@@ -6,7 +6,11 @@ section "Attacks" of benchmarks/RESULTS.md.
 1. PGD-10 (linf, eps 8/255, alpha 2/255) on the same CNN and batch: ``sharpguard.attacks.pgd`` vs
    ``torchattacks.PGD``, interleaved repeats, median wall time; without random start the two must
    return identical tensors (checked), with random start only the noise differs.
-2. For every training method: forwards/backwards per step declared (``method.cost``) and measured
+2. AutoAttack: ``sharpguard.attacks.auto_attack(version="standard")`` (APGD-CE -> APGD-T -> Square,
+   100 steps, 9 targets, 5,000 queries) vs ``torchattacks.AutoAttack`` (its port: 10-step APGD/APGD-T,
+   FAB-T, Square) vs the reference implementation (``pyautoattack``, the PyPI packaging of
+   fra31/auto-attack: 100 steps + FAB-T) on the same trained CNN and batch: wall time, robust accuracy.
+3. For every training method: forwards/backwards per step declared (``method.cost``) and measured
    with forward hooks and gradient hooks on the model output (:func:`sharpguard.adversarial.count_passes`),
    the same for a SAM step that reuses the adversary vs one that regenerates it (run through the
    SAM foreach kernel), and the wall time of one training step relative to plain training.
@@ -80,6 +84,63 @@ def bench_pgd(repeats: int = 11) -> tuple[str, list[dict]]:
         label = "random start" if r["random_start"] else "no random start (outputs identical)"
         lines.append(f"| {label} | {r['ours_ms']:.1f} | {r['theirs_ms']:.1f} | {r['ours_ms'] / r['theirs_ms']:.2f} |")
     return "\n".join(lines), rows
+
+
+def bench_autoattack() -> str:
+    """One run each (AutoAttack is seconds, not milliseconds): digits upsampled to 16x16, a small CNN, eps 0.08."""
+    import warnings
+
+    import pyautoattack
+    import torchattacks
+    from sklearn.datasets import load_digits
+
+    from sharpguard.attacks import AutoAttack
+
+    data = load_digits()
+    x = F.interpolate(torch.tensor(data.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0, size=16, mode="bilinear")
+    y = torch.tensor(data.target)
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(8):
+        for idx in torch.randperm(len(x), generator=g).split(64):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+    x, y = x[-256:], y[-256:]  # the last 256 images
+    eps = 0.08
+
+    def accuracy(adv):
+        with torch.no_grad():
+            return float((model(adv).argmax(1) == y).float().mean())
+
+    ours = AutoAttack(eps=eps, generator=make_generator("cpu", 0))
+    runs = [
+        ("sharpguard `auto_attack` (standard)", "APGD-CE 100, APGD-T 9x100, Square 5000",
+         lambda: ours(model, x, y)),
+        ("torchattacks 3.5.1 `AutoAttack` (standard)", "APGD-CE 10, APGD-T 9x10, FAB-T 9x10, Square 5000",
+         lambda: torchattacks.AutoAttack(model, eps=eps, n_classes=10, seed=0)(x, y)),
+        ("reference `pyautoattack` 0.2.0 (standard)", "APGD-CE 100, APGD-T 9x100, FAB-T 9x100, Square 5000",
+         lambda: pyautoattack.AutoAttack(model, eps=eps, norm="Linf", seed=0, device="cpu").run_standard_evaluation(x, y)[0]),
+    ]
+    lines = [
+        f"| AutoAttack linf eps {eps}, CNN on digits 16x16, batch 256 (clean acc {accuracy(x):.1%}) | stages | time (s) | robust acc |",
+        "|---|---|---|---|",
+    ]
+    for name, stages, run in runs:
+        with warnings.catch_warnings(), torch.random.fork_rng():  # the peers reseed the global RNG and log
+            warnings.simplefilter("ignore")
+            start = time.perf_counter()
+            adv = run()
+            seconds = time.perf_counter() - start
+        lines.append(f"| {name} | {stages} | {seconds:.1f} | {accuracy(adv):.2%} |")
+        print(lines[-1], flush=True)
+    report = ours.last_report
+    per_stage = ", ".join(f"{k} {v:.2f} s" for k, v in report.seconds.items())
+    after = ", ".join(f"{k} {v:.2%}" for k, v in report.accuracies.items())
+    return "\n".join(lines) + f"\n\nsharpguard per stage: {per_stage}; accuracy after each: {after}. One run each."
 
 
 def sam_step(model, closure, rho=0.05):
@@ -172,12 +233,14 @@ def bench_methods(repeats: int = 3) -> str:
 def main() -> None:
     pgd_table, _ = bench_pgd()
     print(pgd_table, flush=True)
+    autoattack_table = bench_autoattack()
     methods_table = bench_methods()
     markdown = "\n\n".join([
         f"Machine: {machine()}. Script: `benchmarks/attacks.py` (one run, both libraries on the same model and "
         f"batch, repeats interleaved). 1-minute load average at the end: {os.getloadavg()[0]:.1f} (a shared "
         "machine: ratios within ~5% are noise).",
         "### PGD-10: sharpguard vs torchattacks\n\n" + pgd_table,
+        "### AutoAttack: sharpguard vs torchattacks vs the reference\n\n" + autoattack_table,
         "### Passes per training step (hook-counted) and SAM + adversarial training\n\n" + methods_table,
     ])
     write_section("Attacks", markdown)

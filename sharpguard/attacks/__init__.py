@@ -1,12 +1,17 @@
 """Adversarial attacks and robustness measurements.
 
 - :class:`ThreatModel`: norm (``linf``/``l2``), ``eps``, valid range and input normalization, declared once.
-- :func:`fgsm`, :func:`pgd`, :func:`apgd`: input-space attacks (pixel space, input-only gradients).
+- :func:`fgsm`, :func:`pgd`, :func:`apgd`, :func:`apgd_targeted`: input-space attacks (pixel space,
+  input-only gradients); :func:`square`: the score-based Square attack (forwards only).
+- :func:`auto_attack`, :class:`AutoAttack`: AutoAttack's cascade (APGD-CE -> APGD-T -> Square) with
+  its gradient-masking checks (:mod:`~sharpguard.attacks.checks`).
 - :class:`EmbeddingPerturbation`, :func:`embedding_pgd`: embedding-space perturbation of transformers
   through a forward hook on ``get_input_embeddings()``.
 - :func:`robust_accuracy`, :func:`clean_accuracy`, :func:`input_grad_norm`: side-effect-free measurements.
 """
 
+from .autoattack import AutoAttack, AutoAttackReport, auto_attack
+from .checks import GradientMaskingError, GradientMaskingWarning
 from .embedding import (
     EmbeddingPerturbation,
     embedding_pgd,
@@ -18,9 +23,10 @@ from .embedding import (
     per_example_norm,
     project_per_example,
 )
-from .gradient import apgd, fgsm, pgd
+from .gradient import apgd, apgd_targeted, fgsm, pgd
 from .losses import resolve_loss
 from .metrics import clean_accuracy, input_grad_norm, robust_accuracy
+from .square import square
 from .threat import ThreatModel, default_generator, make_generator
 
 __all__ = [
@@ -28,6 +34,13 @@ __all__ = [
     "fgsm",
     "pgd",
     "apgd",
+    "apgd_targeted",
+    "square",
+    "auto_attack",
+    "AutoAttack",
+    "AutoAttackReport",
+    "GradientMaskingWarning",
+    "GradientMaskingError",
     "robust_accuracy",
     "clean_accuracy",
     "input_grad_norm",

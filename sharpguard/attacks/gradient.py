@@ -1,6 +1,6 @@
-"""White-box gradient attacks in input space: FGSM, PGD and APGD.
+"""White-box gradient attacks in input space: FGSM, PGD, APGD and APGD-T.
 
-All three differentiate with ``torch.autograd.grad`` with respect to the input only, so no
+All of them differentiate with ``torch.autograd.grad`` with respect to the input only, so no
 parameter's ``.grad`` is ever written (advertorch and the Fast-AT/AWP scripts call ``.backward()``
 and throw the weight gradients away). They run inside :func:`attack_context` (modes saved and
 restored per module, BN statistics untouched, grad enabled under ``no_grad``/``inference_mode``),
@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import copy
+
 import torch
 from torch import nn
 
 from .._batches import logits_of
 from ..errors import ConfigurationError
 from ._context import as_normal_tensor, attack_context, check_labels, check_steps
-from .losses import NEEDS_LABELS, AttackLoss, resolve_loss
+from .losses import NEEDS_LABELS, AttackLoss, dlr_targeted, resolve_loss
 from .threat import ThreatModel, default_generator
 
-__all__ = ["fgsm", "pgd", "apgd"]
+__all__ = ["fgsm", "pgd", "apgd", "apgd_targeted"]
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -54,6 +56,16 @@ class _Problem:
         elif self.loss_fn not in NEEDS_LABELS:
             with torch.no_grad():  # label-free losses (KL) compare with the clean prediction, computed once
                 self.reference = self.forward(self.x0)
+
+    def restrict(self, index: torch.Tensor, loss_fn: AttackLoss | None = None) -> "_Problem":
+        """The same problem on the examples ``index`` (and, if given, another per-example objective)."""
+        sub = copy.copy(self)
+        sub.x0 = self.x0[index]
+        sub.y = None if self.y is None else self.y[index]
+        sub.reference = None if self.reference is None else self.reference[index]
+        if loss_fn is not None:
+            sub.loss_fn = loss_fn
+        return sub
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return logits_of(self.model(self.tm.from_pixel(u)))
@@ -210,6 +222,7 @@ def apgd(
     generator: torch.Generator | None = None,
     threat: ThreatModel | None = None,
     model_mode: str = "eval",
+    check_range: bool = True,
 ) -> torch.Tensor:
     """Auto-PGD (Croce & Hein, ICML 2020, Algorithm 1), APGD-CE by default (``loss="dlr"`` for APGD-DLR).
 
@@ -225,13 +238,77 @@ def apgd(
     steps = check_steps(steps)
     _check_common(0.0, restarts)
     with attack_context(model, model_mode):
-        problem = _Problem(model, x, y, tm, loss, None, False)
+        problem = _Problem(model, x, y, tm, loss, None, False, check_range)
         x0 = problem.x0
         gen = generator if generator is not None else default_generator(x0.device)
         best = None
         for _ in range(restarts):
             best = problem.keep_worst(best, _apgd_run(problem, gen, steps, momentum, rho))
         return tm.from_pixel(best[0]).detach()
+
+
+def apgd_targeted(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float = 8 / 255,
+    steps: int = 100,
+    norm: str = "linf",
+    *,
+    n_target_classes: int = 9,
+    restarts: int = 1,
+    momentum: float = 0.75,
+    rho: float = 0.75,
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+    mean=None,
+    std=None,
+    generator: torch.Generator | None = None,
+    threat: ThreatModel | None = None,
+    model_mode: str = "eval",
+    check_range: bool = True,
+) -> torch.Tensor:
+    """APGD-T (Croce & Hein, ICML 2020, section 4): APGD on the targeted DLR loss, one run per target class.
+
+    The targets are the classes with the 2nd, 3rd, ... ``(n_target_classes + 1)``-th largest clean
+    logit (at most ``n_classes - 1`` of them; AutoAttack uses 9). For each target (and each of
+    ``restarts``), the APGD loop of :func:`apgd` maximises :func:`~sharpguard.attacks.losses.dlr_targeted`
+    on the examples not yet misclassified; an example counts as broken when it is misclassified
+    (any wrong class, not necessarily the target), and keeps the first such point. Examples
+    misclassified on the clean input are returned unchanged. ``y`` holds the true labels.
+    Cost: at most ``n_target_classes * restarts * (steps + 1)`` forwards and input-only backwards
+    per example, plus one clean forward.
+    """
+    tm = _threat(threat, norm, eps, bounds, mean, std)
+    steps = check_steps(steps)
+    n_target_classes = check_steps(n_target_classes, "n_target_classes")
+    _check_common(0.0, restarts)
+    with attack_context(model, model_mode):
+        problem = _Problem(model, x, y, tm, "dlr", None, False, check_range)
+        x0 = problem.x0
+        with torch.no_grad():
+            clean = problem.forward(x0)
+        n_classes = clean.shape[-1]
+        if n_classes < 4:
+            raise ConfigurationError(
+                f"APGD-T's targeted DLR loss needs at least 4 classes, the model has {n_classes}; use apgd(loss='dlr')."
+            )
+        # Ascending sort, column -k: the k-th largest logit, as AutoAttack picks its targets.
+        ranked = clean.sort(dim=-1).indices
+        robust = clean.argmax(-1) == problem.y
+        gen = generator if generator is not None else default_generator(x0.device)
+        u_out = x0.clone()
+        for k in range(2, min(n_target_classes, n_classes - 1) + 2):
+            for _ in range(restarts):
+                index = robust.nonzero().squeeze(1)  # one synchronisation per run, not per step
+                if index.numel() == 0:
+                    return tm.from_pixel(u_out).detach()
+                targets = ranked[index, -k]
+                sub = problem.restrict(index, lambda z, labels, _ref, t=targets: dlr_targeted(z, labels, t))
+                u, success, _ = _apgd_run(sub, gen, steps, momentum, rho)
+                broken = index[success]
+                u_out[broken] = u[success]
+                robust[broken] = False
+        return tm.from_pixel(u_out).detach()
 
 
 def _apgd_run(problem: _Problem, gen: torch.Generator, steps: int, momentum: float, rho: float):

@@ -11,6 +11,10 @@ gradient with respect to a batch of inputs is the batch of per-example gradients
   Zhang et al. 2019, eq. 5), computed in float32 or wider.
 - ``"dlr"``: difference of logits ratio ``-(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3)`` (Croce & Hein
   2020, eq. 6): invariant to shifting and scaling the logits.
+
+:func:`dlr_targeted` (APGD-T's objective, Croce & Hein 2020, eq. 7) takes a target class per example
+instead of reference logits, so it is not one of the named losses; :func:`~sharpguard.attacks.apgd_targeted`
+binds the targets.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ from ..errors import ConfigurationError
 
 AttackLoss = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 
-__all__ = ["wide", "AttackLoss", "resolve_loss", "cross_entropy", "margin", "kl_to_reference", "dlr", "NEEDS_LABELS"]
+__all__ = [
+    "wide", "AttackLoss", "resolve_loss", "cross_entropy", "margin", "kl_to_reference", "dlr", "dlr_targeted",
+    "NEEDS_LABELS",
+]
 
 
 def wide(t: torch.Tensor) -> torch.Tensor:
@@ -57,6 +64,20 @@ def dlr(logits: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tens
         raise ConfigurationError("the DLR loss needs at least 3 classes; use loss='margin' instead.")
     top = logits.sort(dim=-1, descending=True).values
     return margin(logits, labels) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def dlr_targeted(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Targeted DLR ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)`` (Croce & Hein 2020, eq. 7), per example.
+
+    Maximising it pushes the target logit ``z_t`` above the true one; like DLR it is invariant to
+    shifting and scaling the logits. ``pi`` sorts the logits in decreasing order (needs 4 classes).
+    """
+    if logits.shape[-1] < 4:
+        raise ConfigurationError("the targeted DLR loss needs at least 4 classes; use apgd(loss='dlr') or loss='margin'.")
+    top = logits.topk(4, dim=-1).values
+    true = logits.gather(-1, labels[:, None]).squeeze(-1)
+    target = logits.gather(-1, targets[:, None]).squeeze(-1)
+    return -(true - target) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
 
 
 _LOSSES: dict[str, AttackLoss] = {
