@@ -4,8 +4,12 @@ Every method is the same LightningModule (an MLP, SGD with momentum, cross entro
 what differs is what a user of sharpguard would change in their own Lightning code:
 
 - ``sam`` / ``asam``: the :class:`~sharpguard.integrations.lightning.SharpnessAwareMinimization` callback;
-- ``pgd-at`` / ``trades`` / ``fast-at``: the :class:`~sharpguard.integrations.lightning.AdversarialTraining`
-  callback with the method from :func:`sharpguard.adversarial.make_method`;
+- ``pgd-at`` / ``fast-at``: the :class:`~sharpguard.integrations.lightning.AdversarialTraining` callback
+  with the method from :func:`sharpguard.adversarial.make_method` (it puts the adversarial inputs into the
+  batch, so ``training_step`` is unchanged);
+- ``trades``: a loss-changing method, so ``training_step`` returns
+  :meth:`~sharpguard.integrations.lightning.AdversarialTrainingMixin.adversarial_loss` (what the docs advise
+  for such methods: no discarded clean pass);
 - ``weight-decay``: the optimizer's ``weight_decay``; ``dropout``: dropout layers in the model;
 - ``spectral-norm``: :func:`sharpguard.adversarial.spectral_normalize` on the model;
 - ``distillation``: the loss of :class:`sharpguard.adversarial.DefensiveDistillation`, first for a teacher
@@ -42,6 +46,7 @@ require("pytorch_lightning", "lightning")
 from sharpguard.integrations._lightning_namespace import pl  # noqa: E402
 from sharpguard.integrations.lightning import (  # noqa: E402
     AdversarialTraining,
+    AdversarialTrainingMixin,
     RobustnessMonitor,
     SharpnessAwareMinimization,
     SharpnessMonitor,
@@ -50,22 +55,27 @@ from sharpguard.integrations.lightning import (  # noqa: E402
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
-class StudyModule(pl.LightningModule):
+class StudyModule(AdversarialTrainingMixin, pl.LightningModule):
     """A classifier trained with SGD + momentum; ``loss_fn(model, batch)`` is cross entropy unless a method
-    (distillation) replaces it. ``forward`` maps inputs to logits, as the callbacks expect."""
+    (distillation) replaces it, and ``adversarial_method`` (TRADES) replaces it through the mixin.
+    ``forward`` maps inputs to logits, as the callbacks expect."""
 
     def __init__(self, model: nn.Module, *, lr: float, momentum: float, weight_decay: float = 0.0,
-                 loss_fn: LossFn | None = None) -> None:
+                 loss_fn: LossFn | None = None, adversarial_method: Any = None) -> None:
         super().__init__()
         self.model = model
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.loss_fn = loss_fn or default_loss_fn
+        self.adversarial_method = adversarial_method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = self.loss_fn(self.model, batch)
+        if self.adversarial_method is not None:
+            loss = self.adversarial_loss(batch)
+        else:
+            loss = self.loss_fn(self.model, batch)
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=batch[0].shape[0])
         return loss
 
@@ -161,6 +171,7 @@ def train_run(method: str, seed: int, data: StudyData, config: StudyConfig, hist
     optim = {"lr": config.lr, "momentum": config.momentum,
              "weight_decay": config.weight_decay if method == "weight-decay" else 0.0}
     loss_fn: LossFn | None = None
+    adversarial_method: Any = None
     extra_seconds = 0.0
     attack = {"eps": config.eps, "seed": seed}
     if method == "sam":
@@ -171,8 +182,8 @@ def train_run(method: str, seed: int, data: StudyData, config: StudyConfig, hist
         callbacks.append(AdversarialTraining(make_method(
             "pgd-at", alpha=config.train_attack_alpha, steps=config.train_attack_steps, **attack)))
     elif method == "trades":
-        callbacks.append(AdversarialTraining(make_method(
-            "trades", beta=config.trades_beta, alpha=config.train_attack_alpha, steps=config.train_attack_steps, **attack)))
+        adversarial_method = make_method(
+            "trades", beta=config.trades_beta, alpha=config.train_attack_alpha, steps=config.train_attack_steps, **attack)
     elif method == "fast-at":
         callbacks.append(AdversarialTraining(make_method("fast-at", **attack)))
     elif method == "distillation":
@@ -182,7 +193,7 @@ def train_run(method: str, seed: int, data: StudyData, config: StudyConfig, hist
         teacher_loss = _times(temperature, DefensiveDistillation(temperature=temperature))
         extra_seconds, _ = _fit(StudyModule(teacher, loss_fn=teacher_loss, **optim), data, config, seed, [])
         loss_fn = _times(temperature, DefensiveDistillation(temperature=temperature, teacher=teacher.eval()))
-    module = StudyModule(model, loss_fn=loss_fn, **optim)
+    module = StudyModule(model, loss_fn=loss_fn, adversarial_method=adversarial_method, **optim)
     seconds, steps = _fit(module, data, config, seed, callbacks)
     monitoring = _monitor_seconds(callbacks)
     training = seconds - monitoring  # the method's own cost; the monitors' share is reported apart
