@@ -8,32 +8,16 @@ perturbation from the averaged clean gradient.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _distributed import process_group, spawn
 from torch import nn
 
 from sharpguard.optim import SAM
 
 WORLD, STEPS, RHO, LR, MU = 2, 3, 0.2, 0.1, 0.9
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _leave_together() -> None:
-    """Free DDP reducers (optimizers sit in reference cycles that hold the model) before the group goes,
-    and leave together: either, left to interpreter exit, can abort a gloo worker."""
-    import gc
-
-    gc.collect()
-    dist.barrier()
 
 
 def make_model() -> nn.Module:
@@ -52,13 +36,9 @@ def loss_of(model: nn.Module, batch) -> torch.Tensor:
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, WORLD, port):
         for sync in (False, True):
             train(rank, out_dir, sync)
-        _leave_together()
-    finally:
-        dist.destroy_process_group()
 
 
 def train(rank: int, out_dir: str, sync: bool) -> None:
@@ -122,7 +102,7 @@ def reference(sync: bool) -> list[torch.Tensor]:
 
 @pytest.mark.distributed
 def test_ddp_sam_equals_single_process_reference(tmp_path):
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn(worker, str(tmp_path), nprocs=WORLD)
     per_worker, synced = reference(sync=False), reference(sync=True)
     assert any(not torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(per_worker, synced))  # modes differ
     for sync, want in ((False, per_worker), (True, synced)):
@@ -136,8 +116,7 @@ def variant_worker(rank: int, port: int, out_dir: str, force_per_worker: bool) -
     """GSAM and LookSAM with a DDP model= and default settings: the replicas must stay identical."""
     from sharpguard.optim import GSAM, LookSAM
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, WORLD, port):
         equal = {}
         for cls, knobs in ((GSAM, {"alpha": 0.5}), (LookSAM, {"k": 2})):
             if force_per_worker:  # the negative control: what an unsynced clean gradient does
@@ -159,16 +138,13 @@ def variant_worker(rank: int, port: int, out_dir: str, force_per_worker: bool) -
             dist.all_gather(gathered, flat)
             equal[cls.variant] = bool(torch.equal(gathered[0], gathered[1]))
         torch.save(equal, os.path.join(out_dir, f"variants_rank{rank}_force{int(force_per_worker)}.pt"))
-        _leave_together()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.distributed
 def test_ddp_variants_that_use_the_clean_gradient_keep_replicas_identical(tmp_path):
     """GSAM's update and LookSAM's g_v mix in the clean gradient: it must be all-reduced (no no_sync)."""
     for force in (False, True):
-        mp.spawn(variant_worker, args=(free_port(), str(tmp_path), force), nprocs=WORLD, join=True)
+        spawn(variant_worker, str(tmp_path), force, nprocs=WORLD)
     assert torch.load(tmp_path / "variants_rank0_force0.pt", weights_only=True) == {"gsam": True, "looksam": True}
     # an unsynchronised clean gradient really would make them diverge
     assert torch.load(tmp_path / "variants_rank0_force1.pt", weights_only=True) == {"gsam": False, "looksam": False}

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _distributed import process_group, spawn
 from torch import nn
 
 from sharpguard.sharpness import (
@@ -22,12 +20,6 @@ from sharpguard.sharpness import (
 )
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model() -> nn.Module:
@@ -59,20 +51,17 @@ def _measure(model: nn.Module, batches) -> dict[str, float]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, WORLD, port):
         model = nn.parallel.DistributedDataParallel(_model())
         result = _measure(model, _shards()[rank])
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
-    finally:
-        dist.destroy_process_group()
+        del model
 
 
 @pytest.mark.distributed
 def test_every_rank_gets_the_measurement_of_the_union_of_probe_shards(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn(_worker, str(tmp_path), nprocs=WORLD)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert ranks[0] == ranks[1]  # bitwise the same numbers on every rank
     reference = _measure(_model(), [b for shard in _shards() for b in shard])
