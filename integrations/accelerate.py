@@ -46,6 +46,7 @@ the update.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -423,14 +424,16 @@ class MonitorStep:
 
     def step(self, model: nn.Module, *, optimizer: Any = None, loss: torch.Tensor | None = None, batch: Any = None) -> dict[str, float]:
         """After ``optimizer.step()``; returns the metrics measured at this step (empty if none)."""
+        started = time.perf_counter()  # this call's whole time counts as the monitor's
         if not self.accelerator.sync_gradients:
             return {}
         self.global_step += 1
         model = self.accelerator.unwrap_model(model)
         opt = _unwrap_optimizer(optimizer) if optimizer is not None else None
-        metrics = self.monitor.on_step_end(self.global_step, model, optimizer=opt, loss=loss, batch=batch)
+        metrics = self.monitor.on_step_end(self.global_step, model, optimizer=opt, loss=loss, batch=batch, started=started)
         if metrics and self.log and self.accelerator.trackers:
             self.accelerator.log(dict(metrics), step=self.global_step)
+            self.monitor.schedule.leave()
         return dict(metrics or {})
 
     @property

@@ -44,6 +44,7 @@ import functools
 import inspect
 import json
 import os
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -341,8 +342,9 @@ class _MonitorCallback(TrainerCallback):
             self._probe_from_dataset(args, train_dataloader)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        started = time.perf_counter()  # this hook's whole time counts as the monitor's
         opt = _unwrap_optimizer(optimizer) if optimizer is not None else None
-        metrics = self.monitor.on_step_end(state.global_step, model, optimizer=opt)
+        metrics = self.monitor.on_step_end(state.global_step, model, optimizer=opt, started=started)
         if metrics:
             self._agree_on_schedule()
             # Through Trainer.log: state.log_history and every report_to integration (they check
@@ -352,6 +354,7 @@ class _MonitorCallback(TrainerCallback):
             should_log = control.should_log
             self.trainer.log({k: float(v) for k, v in metrics.items()})
             control.should_log = self.trainer.control.should_log = should_log
+            self.monitor.schedule.leave()
         if getattr(self.monitor, "should_stop", False):
             control.should_training_stop = True
         return control

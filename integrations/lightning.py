@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -676,18 +677,22 @@ class _MonitorCallback(Callback):
 
     # -- checks -------------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step == self._last_step:
+        started = time.perf_counter()  # this hook's whole time counts as the monitor's (honest cost)
+        step = trainer.global_step
+        if step == self._last_step:
             return  # an accumulation micro-batch: no optimizer step happened
-        self._last_step = trainer.global_step
+        self._last_step = step
         if self.when == "validation":
-            self.monitor.schedule.tick(trainer.global_step)  # training time, for monitor/overhead_pct
+            self.monitor.schedule.tick(step, now=started)  # training time, for monitor/overhead_pct
+            self.monitor.schedule.leave()
             return
         loss = _loss_of(outputs) if isinstance(outputs, (Tensor, Mapping)) else None
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        metrics = self.monitor.on_step_end(trainer.global_step, pl_module, optimizer=optimizer, loss=loss, batch=batch)
+        metrics = self.monitor.on_step_end(step, pl_module, optimizer=optimizer, loss=loss, batch=batch, started=started)
         self._agree_on_schedule(trainer)
         if metrics:
             self._publish(trainer, pl_module, metrics, on_step=True)
+            self.monitor.schedule.leave()
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.when == "train" or trainer.sanity_checking or not self.monitor.probe_ready:

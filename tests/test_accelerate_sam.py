@@ -131,7 +131,7 @@ class _CountingMonitor:
     def __init__(self):
         self.steps = []
 
-    def on_step_end(self, step, model, optimizer=None, loss=None, batch=None):
+    def on_step_end(self, step, model, optimizer=None, loss=None, batch=None, started=None):
         self.steps.append(step)
         return {"sharpness/lambda_max": float(step)} if step % 2 == 0 else {}
 

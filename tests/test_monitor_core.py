@@ -250,3 +250,49 @@ def test_alert_is_plain_data():
     a = Alert("eos", 3, "sharpness/eos_ratio", 1.5, "msg")
     assert json.loads(json.dumps(a.to_dict()))["step"] == 3
     assert math.isfinite(a.value)
+
+
+def test_adapter_hook_time_counts_as_monitor_time_not_training_time():
+    """Honest cost: what a monitor does on every step (capture, bookkeeping) is its own time, so the
+    budget and monitor/overhead_pct include it; the time between hooks is training time."""
+    import time as _time
+
+    from sharpguard.monitor.schedule import Schedule
+
+    schedule = Schedule(every_n_steps=1000)
+    schedule.tick(0)
+    _time.sleep(0.02)                      # training
+    started = _time.perf_counter()
+    schedule.tick(1, now=started)
+    _time.sleep(0.01)                      # the monitor's per-step work inside the hook
+    schedule.leave()
+    assert 0.018 <= schedule.train_seconds < 0.03
+    assert 0.009 <= schedule.monitor_seconds < 0.02
+    _time.sleep(0.02)                      # training again: not the monitor's
+    schedule.tick(2)
+    assert 0.038 <= schedule.train_seconds < 0.06
+    assert schedule.monitor_seconds < 0.02
+
+
+def test_loss_average_folded_at_checks_equals_the_sequential_update():
+    """The loss average is folded lazily (no tensor op on skipped steps) but equals the step-by-step
+    exponential average that skips non-finite losses."""
+    import math
+
+    import torch
+
+    from sharpguard.monitor import SharpnessMonitor
+
+    losses = [2.0, 1.5, float("nan"), 1.2, float("inf"), 1.1, 0.9] + [1.0 + 0.01 * k for k in range(30)]
+    mon = SharpnessMonitor(every_n_steps=10**6, probe=[(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))])
+    for step, value in enumerate(losses):
+        mon._update_loss(torch.tensor(value, dtype=torch.float64) if step % 2 else value)
+    avg = losses[0]
+    for value in losses[1:]:
+        if math.isfinite(value):
+            avg = 0.9 * avg + 0.1 * value
+    context = mon._loss_context(torch.tensor(5.0))
+    assert context["loss"] == 5.0
+    assert context["loss_avg"] == pytest.approx(avg, rel=1e-6)
+    state = mon.state_dict()
+    assert state["loss_avg"] == pytest.approx(avg, rel=1e-6) and state["loss"] == pytest.approx(losses[-1])

@@ -22,8 +22,11 @@ Adapter-facing API
     mon.set_probe(ProbeSet.from_dataset(dataset, size=256, seed=0, batch_size=64))
 
     # 2. after every optimizer step (not on accumulation micro-steps), on every rank:
-    metrics = mon.on_step_end(step, model, optimizer=None, loss=None, batch=None)
+    metrics = mon.on_step_end(step, model, optimizer=None, loss=None, batch=None, started=None)
     #    -> dict[str, float]; empty on steps the schedule skips (cost: one perf_counter()).
+    #    `started`: time.perf_counter() when the adapter's hook began; the hook's time up to the
+    #    return (and up to mon.schedule.leave(), which the adapter calls after logging) is counted
+    #    as the monitor's in monitor/overhead_pct and in the budget, not as training time.
     #    When it runs: {"sharpness/lambda_max": ..., "sharpness/eos_ratio": ..., "monitor/n_hvp": ...,
     #    "monitor/overhead_pct": ..., "alert/eos": 0.0 or 1.0, ...}. Log them with the framework's logger.
     #    `loss` (a tensor, not .item()'d: no host sync on skipped steps) feeds the loss-spike alert;

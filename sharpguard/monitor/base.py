@@ -117,6 +117,9 @@ class Monitor:
         self._loss: torch.Tensor | None = None
         self._loss_avg: torch.Tensor | None = None
         self._loss_decay = 0.9
+        #: losses of the steps since the last fold into the running average (kept as given: appending
+        #: costs no tensor operation on the steps between checks)
+        self._pending_losses: list[torch.Tensor | float] = []
         self._probe_device: torch.device | None = None
         self._warned: set[str] = set()
         self._train_batch_size: int | None = None
@@ -178,23 +181,28 @@ class Monitor:
         optimizer: Any | None = None,
         loss: torch.Tensor | float | None = None,
         batch: Any | None = None,
+        *,
+        started: float | None = None,
     ) -> dict[str, float]:
         """Call after every optimizer step; returns the metrics of a check, or ``{}`` when none is due.
 
         Skipped steps cost a ``perf_counter()`` and, with ``loss``, one on-device running-average
-        update (no host synchronisation).
+        update (no host synchronisation). ``started`` is the ``time.perf_counter()`` at which the
+        adapter's hook began (default: now); everything from then to the return, check or not, is
+        counted as the monitor's time in ``monitor/overhead_pct`` and in the budget.
         """
+        due = self.schedule.tick(step, now=started)
         if batch is not None and (self._train_batch_size is None or not self.probe.ready):
             self.capture(batch)
-        due = self.schedule.tick(step) and self.probe.ready
+        due = due and self.probe.ready
         context: dict[str, float] = {}
         if loss is not None:
             if due:  # the current loss against the running average of the losses before it
                 context = self._loss_context(loss)
             self._update_loss(loss)
-        if not due:
-            return {}
-        return self.check(step, model, optimizer=optimizer, batch=batch, _context=context)
+        metrics = self.check(step, model, optimizer=optimizer, batch=batch, _context=context) if due else {}
+        self.schedule.leave()
+        return metrics
 
     def check(
         self,
@@ -249,17 +257,36 @@ class Monitor:
 
     # -- helpers -----------------------------------------------------------------------------------
     def _update_loss(self, loss: torch.Tensor | float) -> None:
-        loss = torch.as_tensor(loss).detach().float().reshape(())
+        """Queue a step's loss for the running average; folded in at the next check (or every 1024 steps)."""
+        self._pending_losses.append(loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
+        if len(self._pending_losses) >= 1024:
+            self._fold_losses()
+
+    def _fold_losses(self) -> None:
+        """Fold the queued losses into the exponential average, skipping non-finite ones, on device.
+
+        Equal to the sequential update ``avg <- d * avg + (1 - d) * l`` over the finite ``l`` in order
+        (the first loss ever seen starts the average), computed in one vectorised pass.
+        """
+        pending, self._pending_losses = self._pending_losses, []
+        if not pending:
+            return
+        values = torch.stack([torch.as_tensor(v).float().reshape(()) for v in pending])
         if self._loss_avg is None:
-            self._loss_avg = loss.clone()
-        else:
-            # skip non-finite losses in the average without a host synchronisation
-            new = self._loss_avg * self._loss_decay + loss * (1 - self._loss_decay)
-            self._loss_avg = torch.where(torch.isfinite(loss), new, self._loss_avg)
-        self._loss = loss
+            self._loss_avg, values = values[0].clone(), values[1:]
+        if values.numel():
+            d = self._loss_decay
+            finite = torch.isfinite(values)
+            n_finite = finite.sum()
+            later = n_finite - torch.cumsum(finite, 0)  # finite updates after each position
+            weights = torch.where(finite, (1 - d) * torch.pow(d, later.float()), torch.zeros_like(values))
+            avg = self._loss_avg.to(values.device)
+            self._loss_avg = avg * d ** n_finite.float() + (weights * torch.nan_to_num(values)).sum()
+        self._loss = torch.as_tensor(pending[-1]).float().reshape(())
 
     def _loss_context(self, loss: torch.Tensor | float) -> dict[str, float]:
         """The current loss and the running average of the earlier ones, as host floats."""
+        self._fold_losses()
         context = {"loss": float(torch.as_tensor(loss).detach().float().reshape(()))}
         if self._loss_avg is not None:
             context["loss_avg"] = float(self._loss_avg)
@@ -282,6 +309,7 @@ class Monitor:
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """History tail, running averages, alert counters, schedule and probe (tensors if small)."""
+        self._fold_losses()
         return {
             "measures": list(self.measures),
             "seed": self.seed,
@@ -315,6 +343,7 @@ class Monitor:
         self._probe_device = None
         self._loss = None if state["loss"] is None else torch.tensor(state["loss"])
         self._loss_avg = None if state["loss_avg"] is None else torch.tensor(state["loss_avg"])
+        self._pending_losses = []
         self.should_stop = bool(state["should_stop"])
         self._load_extra_state(state.get("extra") or {})
 

@@ -82,12 +82,15 @@ class Schedule:
         """Monitor time as a percentage of training time so far (0 before any training time)."""
         return 100.0 * self.monitor_seconds / self.train_seconds if self.train_seconds > 0 else 0.0
 
-    def tick(self, step: int) -> bool:
-        """Account training time up to now; return True when a check is due at ``step``.
+    def tick(self, step: int, *, now: float | None = None) -> bool:
+        """Account training time up to ``now``; return True when a check is due at ``step``.
 
-        Call once per optimizer step; costs one ``perf_counter()``.
+        Call once per optimizer step; costs one ``perf_counter()``. An adapter passes the
+        ``perf_counter()`` taken when its hook started as ``now`` and calls :meth:`leave` when the hook
+        ends, so the hook's own time is counted as the monitor's, not as training time.
         """
-        now = time.perf_counter()
+        if now is None:
+            now = time.perf_counter()
         if self._last_time is not None:
             dt = now - self._last_time
             self.train_seconds += dt
@@ -105,6 +108,18 @@ class Schedule:
                 self.next_step = max(self.next_step, step + max(0, math.ceil(wait / self.step_seconds)))
                 self.changed = True
         return step >= self.next_step
+
+    def leave(self) -> None:
+        """The adapter hook that called :meth:`tick` ends: the time since then that no :meth:`record`
+        covered (probe capture, loss bookkeeping, logging) is the monitor's overhead too.
+
+        May be called more than once per hook; each call adds the time since the previous one.
+        """
+        if self._last_time is None:
+            return
+        now = time.perf_counter()
+        self.monitor_seconds += now - self._last_time
+        self._last_time = now
 
     def record(self, step: int, cost_seconds: float) -> int:
         """Register a check that took ``cost_seconds`` at ``step``; return the next check's step."""
