@@ -87,14 +87,19 @@ def main(argv: list[str] | None = None) -> str:
         t = statistics.median(times[name])
         extra = "-" if name == "no monitor" else f"{100 * (t - base) / base:+.1f}%"
         lines.append(f"| {name} | {t:.2f} | {extra} | {'; '.join(reported[name]) or '-'} |")
+    default = next(name for name in cfgs if name.startswith("SharpnessMonitor()"))
+    default_extra = 100 * (statistics.median(times[default]) - base) / base
+    verdict = "met" if default_extra <= 5.0 else "missed"
     lines += [
         "",
-        "Target: at most 5% extra time with the default monitor. The adaptive schedule measures its own time and the "
-        "training time between checks and spaces the checks so that the cumulative share stays within the budget; "
-        "the first check waits until the budget covers its estimated cost (one check on a 256-example probe costs "
-        "about as much as 200 training steps of this small CNN, so a run must be long for a 5% budget to afford checks). "
-        "Wall times on a shared machine vary by several percent between runs (a negative 'extra time' is such noise); "
-        "the monitors' own accounting in the last column is the precise measure.",
+        f"Target: at most 5% extra wall time with the default monitor: **{verdict}** in this run "
+        f"({default_extra:+.1f}%). The adaptive schedule counts the monitor's whole hook time (checks, probe "
+        "capture, loss bookkeeping, logging) against the budget and spaces the checks so that the cumulative "
+        "share stays within it; the first check waits until the budget covers its estimated cost (one check on a "
+        "256-example probe costs about as much as 200 training steps of this small CNN). The last column is that "
+        "accounting. Where the wall-clock extra exceeds it, the difference is time spent outside the monitor's "
+        "hooks (training steps running slower after a check), which the schedule does not see; it weighs most on "
+        "a model like this one whose steps take about 2 ms.",
     ]
     markdown = "\n".join(lines)
     print(markdown)

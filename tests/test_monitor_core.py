@@ -296,3 +296,24 @@ def test_loss_average_folded_at_checks_equals_the_sequential_update():
     assert context["loss_avg"] == pytest.approx(avg, rel=1e-6)
     state = mon.state_dict()
     assert state["loss_avg"] == pytest.approx(avg, rel=1e-6) and state["loss"] == pytest.approx(losses[-1])
+
+
+def test_eos_ratio_that_cannot_be_measured_warns_and_keeps_lambda_max():
+    """A monitor never stops training: Adam whose first step was skipped has no exp_avg_sq yet."""
+    import torch
+    from torch import nn
+
+    from sharpguard.monitor import SharpnessMonitor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    probe = [(torch.randn(16, 3), torch.randint(0, 2, (16,)))]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)  # no step taken: no exp_avg_sq
+    mon = SharpnessMonitor(measures=("lambda_max", "eos_ratio"), every_n_steps=1, probe=probe, alerts=None)
+    with pytest.warns(UserWarning, match="eos_ratio skipped"):
+        metrics = mon.check(1, model, optimizer=opt)
+    assert "sharpness/eos_ratio" not in metrics
+    assert math.isfinite(metrics["sharpness/lambda_max"])
+    # lr = 0 (end of a cosine schedule) is measurable: ratio 0
+    sgd = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    assert mon.check(2, model, optimizer=sgd)["sharpness/eos_ratio"] == 0.0

@@ -394,6 +394,24 @@ def test_eos_ratio_for_sgd_momentum_and_nesterov(case):
     assert rn.lambda_max == pytest.approx(lam + 0.01, rel=1e-5)  # coupled L2 decay adds wd * I
 
 
+def test_eos_ratio_at_zero_learning_rate_is_zero_not_an_error(case):
+    """The end of a cosine schedule (lr = 0) must not crash a monitored run: no step, nothing unstable."""
+    _, model, batches, hess = case
+    lam = float(torch.linalg.eigvalsh(hess)[-1])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
+    r = eos_ratio(model, batches, opt, tol=1e-6)
+    assert r.threshold == float("inf") and r.ratio == 0.0
+    assert r.lambda_max == pytest.approx(lam, rel=1e-5)
+    with pytest.raises(ConfigurationError, match="learning rates"):
+        eos_ratio(model, batches, _negative_lr(model), tol=1e-6)
+
+
+def _negative_lr(model):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    opt.param_groups[0]["lr"] = -0.1  # torch refuses it at construction; a scheduler bug could still set it
+    return opt
+
+
 def test_eos_ratio_for_adam_uses_preconditioned_hessian():
     model, batches = mlp_case()
     hess = dense_hessian(model, batches)

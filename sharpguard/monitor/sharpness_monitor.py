@@ -136,10 +136,18 @@ class SharpnessMonitor(Monitor):
         # for plain SGD the edge-of-stability operator is the Hessian itself: one Lanczos run serves both
         lambda_from_eos = eos and "lambda_max" in want and "lambda_min" not in want and _plain_sgd(optimizer)
 
+        r = None
         if eos:
             kw = {"tol": 1e-3, "max_iter": 20, **self._kw("eos_ratio")}
             init = self._eos_vector if self.warm_start else None
-            r = S.eos_ratio(model, batches, optimizer, self.loss_fn, init=init, seed=self.seed, **kw)
+            try:
+                r = S.eos_ratio(model, batches, optimizer, self.loss_fn, init=init, seed=self.seed, **kw)
+            except ConfigurationError as exc:
+                # the optimizer is not measurable right now (Adam whose first step a GradScaler skipped,
+                # an optimizer eos_ratio does not know): a monitor reports that, it never stops training
+                self.warn_once("eos-unavailable", f"sharpness/eos_ratio skipped: {exc}")
+                eos = lambda_from_eos = False
+        if r is not None:
             n_hvp += int(r.n_hvp)
             self._eos_vector = r.eigenvector
             metrics["sharpness/eos_ratio"] = float(r.ratio)

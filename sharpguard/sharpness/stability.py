@@ -123,12 +123,16 @@ def _adam_denominator(opt: torch.optim.Optimizer, p: torch.Tensor, group: dict) 
 def _preconditioner(op: HVPOperator, opt: torch.optim.Optimizer, kind: str):
     """Per-coordinate scale ``D`` and coupled decay ``wd`` so that the update's curvature is ``D(H + wd)D``."""
     groups = _group_of(opt, op.params)
-    lr_max = max(float(g["lr"]) for g in groups)
-    if not lr_max > 0:
-        raise ConfigurationError("the optimizer's learning rate must be positive.")
+    lrs = [float(g["lr"]) for g in groups]
+    if min(lrs) < 0 or not all(math.isfinite(lr) for lr in lrs):
+        raise ConfigurationError(f"the optimizer's learning rates must be finite and >= 0, got {sorted(set(lrs))}.")
+    lr_max = max(lrs)
     parts, decay = [], []
     for p, g in zip(op.params, groups):
-        scale = torch.full(p.shape, math.sqrt(float(g["lr"]) / lr_max), dtype=op.dtype, device=op.device)
+        # relative step sizes of the groups; at lr = 0 everywhere (the end of a cosine schedule) the
+        # preconditioned curvature is still defined, with equal weights, and the threshold is infinite
+        relative = math.sqrt(float(g["lr"]) / lr_max) if lr_max > 0 else 1.0
+        scale = torch.full(p.shape, relative, dtype=op.dtype, device=op.device)
         if kind == "adam":
             scale = scale / _adam_denominator(opt, p, g).to(op.dtype).sqrt()
         parts.append(scale.reshape(-1))
@@ -172,12 +176,14 @@ def eos_ratio(
         d, wd, lr, groups = _preconditioner(op, opt, kind)  # validates the optimizer before any product
         if kind == "adam":
             beta = float(_same(groups, lambda g: g["betas"][0], "betas"))
-            threshold = (2 + 2 * beta) / ((1 - beta) * lr)
+            scale = (1 - beta) * lr
         else:
             beta = float(_same(groups, lambda g: g["momentum"], "momentum"))
             dampening = float(_same(groups, lambda g: g.get("dampening", 0.0), "dampening")) if beta else 0.0
             nesterov = bool(_same(groups, lambda g: g.get("nesterov", False), "nesterov"))
-            threshold = (2 + 2 * beta) / ((1 + 2 * beta) * lr) if nesterov else (2 + 2 * beta) / ((1 - dampening) * lr)
+            scale = (1 + 2 * beta) * lr if nesterov else (1 - dampening) * lr
+        # lr = 0: no step is taken, nothing can be unstable (ratio 0)
+        threshold = (2 + 2 * beta) / scale if scale > 0 else math.inf
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
             dv = d * v
