@@ -15,6 +15,25 @@ VOCAB = 100
 SEQ_LEN = 12
 
 
+def sdpa_bert(seed: int, *, vocab: int = 20, num_labels: int = 3):
+    """A smaller BertForSequenceClassification (hidden 8, 1 layer, SDPA attention) for the curvature
+    tests: small enough for a dense Hessian, and exercising the fused-attention double-backward fallback."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=vocab,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        num_labels=num_labels,
+        attn_implementation="sdpa",
+    )
+    return BertForSequenceClassification(cfg)
+
+
 def tiny_bert(seed: int = 0, dropout: float = 0.0):
     """BertForSequenceClassification from a config (no hub): 1 layer, hidden 16, 2 heads."""
     from transformers import BertConfig, BertForSequenceClassification

@@ -49,19 +49,9 @@ def conv_bn_case():
 
 
 def bert_case():
-    import transformers
-    torch.manual_seed(3)
-    cfg = transformers.BertConfig(
-        vocab_size=20,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-        num_labels=3,
-        attn_implementation="sdpa",
-    )
-    model = transformers.BertForSequenceClassification(cfg).double()
+    from _tiny_text import sdpa_bert
+
+    model = sdpa_bert(3).double()
     # keep the dense Hessian small: differentiate w.r.t. the attention scores' weights and the head only
     for name, p in model.named_parameters():
         p.requires_grad_(any(k in name for k in ("attention.self.query", "attention.self.key", "classifier")))

@@ -228,19 +228,9 @@ def _conv_bn():
 
 
 def _bert():
-    import transformers
-    torch.manual_seed(2)
-    cfg = transformers.BertConfig(
-        vocab_size=20,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-        num_labels=3,
-        attn_implementation="sdpa",
-    )
-    model = transformers.BertForSequenceClassification(cfg)
+    from _tiny_text import sdpa_bert
+
+    model = sdpa_bert(2)
     return model, {"input_ids": torch.randint(0, 20, (4, 6)), "labels": torch.randint(0, 3, (4,))}
 
 
