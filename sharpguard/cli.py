@@ -63,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_out_dir(out) -> None:
+    """An ``--out`` that exists but is not a folder: say so before anything runs (not a FileExistsError later)."""
+    from pathlib import Path
+
+    from .errors import ConfigurationError
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigurationError(f"--out {str(path)!r} is not a folder; pass a new or existing folder.")
+
+
 def _study(args: argparse.Namespace) -> int:
     from .study.config import METHODS, StudyConfig
     from .study.runner import run_study
@@ -77,6 +88,7 @@ def _study(args: argparse.Namespace) -> int:
     if args.eps is not None:
         kwargs["eps"] = args.eps
     config = StudyConfig(**kwargs)
+    _check_out_dir(args.out)
     if args.quick:
         config = config.with_quick()
     start = time.perf_counter()
@@ -93,6 +105,7 @@ def _report(args: argparse.Namespace) -> int:
     from .study.history import report_history
 
     out = args.out if args.out is not None else Path(args.history).resolve().parent / (Path(args.history).stem + "-report")
+    _check_out_dir(out)
     files = report_history(args.history, out)
     print("sharpguard report: wrote " + ", ".join(str(p) for p in files.values()))
     return 0

@@ -310,3 +310,15 @@ def test_bad_labels_and_inputs_raise_before_anything_changes():
         pgd(model, (x - 0.5) / 0.25, y)
     with pytest.raises(ConfigurationError, match="needs labels"):
         pgd(model, x, None)
+
+
+def test_robust_accuracy_rejects_one_hot_labels_instead_of_broadcasting():
+    # (B, C) one-hot labels used to broadcast against the (B,) predictions and return a wrong fraction.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x, y = torch.rand(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    assert 0.0 <= robust_accuracy(model, [(x, y)]) <= 1.0
+    with pytest.raises(ConfigurationError, match="1-D tensor of class indices"):
+        robust_accuracy(model, [(x, F.one_hot(y, 3))])
+    with pytest.raises(ConfigurationError, match="predictions for"):
+        robust_accuracy(model, [(x, y[:4])])

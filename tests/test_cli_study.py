@@ -123,3 +123,12 @@ def test_python_dash_m_and_console_script_help():
     if script.exists():
         done = subprocess.run([str(script), "study", "--help"], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and "--quick" in done.stdout and "--dataset" in done.stdout
+
+
+def test_study_out_that_is_a_file_is_one_clear_line(tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    assert main(["study", "--methods", "sgd", "--quick", "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a folder" in err and "Traceback" not in err
+    assert target.read_text() == "not a folder"

@@ -66,3 +66,29 @@ def test_worst_case_attack_counts_an_example_broken_by_any_attack():
     flip_second = lambda m, x, y: torch.where(torch.arange(3)[:, None] == 1, -x, x)  # noqa: E731
     adv = worst_case_attack(flip_first, flip_second)(model, x, y)
     assert adv.flatten().tolist() == [-1.0, -2.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    "x_train, match",
+    [(torch.rand(4), "at least 2 dimensions"), (torch.tensor(0.5), "at least 2 dimensions")],
+)
+def test_validate_rejects_inputs_without_a_feature_dimension(x_train, match):
+    # A 1-D or scalar input has no (batch, features...) layout: it must fail here, not as an IndexError
+    # or inside the model's Flatten once training has started.
+    y = torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ConfigurationError, match=match):
+        validate("d", x_train, y, torch.rand(4, 3), y)
+
+
+def test_validate_rejects_boolean_labels():
+    x = torch.rand(4, 3)
+    y = torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ConfigurationError, match="labels must be 1-D integer"):
+        validate("d", x, y.bool(), x, y)
+
+
+def test_config_rejects_a_method_listed_twice():
+    # Listing a method twice would train and report every seed twice, doubling n in its confidence
+    # interval and Welch test with copies of the same runs.
+    with pytest.raises(ConfigurationError, match="listed more than once"):
+        StudyConfig(methods=["sgd", "sam", "sgd"])

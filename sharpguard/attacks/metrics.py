@@ -59,6 +59,12 @@ def robust_accuracy(model: nn.Module, batches: Any, attack: Attack | None = None
     with side_effect_free(model, train=False, parameters=False):
         for batch in as_batches(batches):
             inputs, labels = _split(batch)
+            if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+                # (B, C) one-hot labels would broadcast against (B,) predictions and count garbage.
+                shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+                raise ConfigurationError(
+                    f"labels must be a 1-D tensor of class indices, got {shape}; for one-hot labels pass y.argmax(-1)."
+                )
             if isinstance(inputs, Mapping):
                 perturbation = None if attack is None else attack(model, inputs, labels)
                 if perturbation is not None and not isinstance(perturbation, torch.Tensor):
@@ -67,6 +73,11 @@ def robust_accuracy(model: nn.Module, batches: Any, attack: Attack | None = None
             else:
                 adv = inputs if attack is None else attack(model, inputs, labels)
                 pred = _predict(model, adv)
+            if pred.shape != labels.shape:
+                raise ConfigurationError(
+                    f"the model made {tuple(pred.shape)} predictions for {tuple(labels.shape)} labels; "
+                    "pass one class index per example."
+                )
             correct += int((pred == labels.to(pred.device)).sum())
             total += int(labels.numel())
     return correct / total

@@ -95,6 +95,10 @@ class StudyConfig:
             )
         if not self.methods:
             raise ConfigurationError("no methods selected; pass e.g. --methods sgd,sam.")
+        repeated = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if repeated:
+            # A repeated method would train and count every seed twice, inflating n in its statistics.
+            raise ConfigurationError(f"method(s) {', '.join(repeated)} listed more than once; name each method once.")
         if ENSEMBLE in self.methods:
             # 'ensemble' is not trained by itself: it needs the sgd models.
             self.methods = [m for m in self.methods if m != ENSEMBLE]

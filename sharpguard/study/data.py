@@ -74,9 +74,14 @@ def validate(name: str, x_train, y_train, x_test, y_test) -> StudyData:
                 f"dataset {name!r}: {label} is not convertible to a tensor ({exc}); return tensors or numpy arrays."
             ) from exc
     xt, yt, xs, ys = tensors
+    if xt.dim() < 2 or xs.dim() < 2:
+        raise ConfigurationError(
+            f"dataset {name!r}: inputs must have at least 2 dimensions (examples, features...), got shapes "
+            f"{tuple(xt.shape)} and {tuple(xs.shape)}; for one feature per example use x.reshape(-1, 1)."
+        )
     if not (xt.is_floating_point() and xs.is_floating_point()):
         raise ConfigurationError(f"dataset {name!r}: inputs must be floating point; scale them to [0, 1].")
-    if yt.is_floating_point() or ys.is_floating_point() or yt.dim() != 1 or ys.dim() != 1:
+    if any(y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1 for y in (yt, ys)):
         raise ConfigurationError(f"dataset {name!r}: labels must be 1-D integer class indices.")
     if xt.shape[0] != yt.shape[0] or xs.shape[0] != ys.shape[0]:
         raise ConfigurationError(
