@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pytorch_lightning as pl
+from _lightning_dist import LeaveTogether  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from sharpguard.adversarial import (  # noqa: E402
@@ -364,7 +365,7 @@ def test_ddp_spawn_ranks_identical_and_attack_their_own_shard(tmp_path):
     path = str(tmp_path / "result.pt")
     t = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=STEPS, logger=False,
                    use_distributed_sampler=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, callbacks=[AdversarialTraining(pgd_at()), Report(path)])
+                   enable_model_summary=False, callbacks=[AdversarialTraining(pgd_at()), Report(path), LeaveTogether()])
     t.fit(LitSharded())
     result = torch.load(path, weights_only=True)
     assert result["world"] == 2 and result["equal"]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pytorch_lightning as pl
+from _lightning_dist import LeaveTogether  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from sharpguard.integrations.lightning import SharpnessAwareMinimization  # noqa: E402
@@ -78,7 +79,7 @@ def fit(tmp_path, sam_cls) -> dict:
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=STEPS, logger=False,
                          use_distributed_sampler=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[sam_cls(rho=RHO), Report(path)])
+                         callbacks=[sam_cls(rho=RHO), Report(path), LeaveTogether()])
     trainer.fit(LitDigits())
     return torch.load(path, weights_only=True)
 
