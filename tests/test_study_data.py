@@ -92,3 +92,28 @@ def test_config_rejects_a_method_listed_twice():
     # interval and Welch test with copies of the same runs.
     with pytest.raises(ConfigurationError, match="listed more than once"):
         StudyConfig(methods=["sgd", "sam", "sgd"])
+
+
+def test_robust_acc_is_never_above_any_attack_it_combines():
+    """robust_acc is the per-example worst case of FGSM, PGD and margin PGD with the same random starts,
+    so it can be no higher than any of their accuracies (a law, checked on a trained-ish model)."""
+    import torch
+    from torch import nn
+
+    from sharpguard.study.config import StudyConfig
+    from sharpguard.study.measure import measure_model
+
+    torch.manual_seed(0)
+    x = torch.rand(96, 1, 8, 8)
+    y = (x.flatten(1)[:, :32].sum(1) > x.flatten(1)[:, 32:].sum(1)).long()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    test = [(x[:48], y[:48]), (x[48:], y[48:])]
+    config = StudyConfig(methods=("sgd",), seeds=1, epochs=1, quick=True)
+    m = measure_model(model.eval(), test, test[:1], config, seed=0)
+    assert m["robust_acc"] <= min(m["pgd_acc"], m["fgsm_acc"], m["pgd_margin_acc"]) + 1e-12
+    assert m["pgd_acc"] < m["clean_acc"]  # the attacks bite: the law is not vacuous

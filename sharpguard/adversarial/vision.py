@@ -331,7 +331,8 @@ class AWP(AdversarialMethod):
     are never written: the perturbed forward uses ``torch.func.functional_call`` with ``w + v``
     (``v`` constant), so ``backward()`` puts ``grad L(w + v)`` into ``w.grad`` and there is nothing to
     restore, even after an exception (the authors' proxy model and add/subtract restore are not needed).
-    ``warmup``: number of calls that use the base objective only. Cost: base cost plus one more
+    ``warmup``: number of calls that use the base objective only (they cost what the base method costs; ``cost``
+    is the cost after warmup). Cost: base cost plus one more
     evaluation of the objective (PGD-AT base: ``(K+2, K+2)``; TRADES base: ``(K+5, K+4)``).
     """
 

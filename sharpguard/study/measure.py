@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._batches import logits_of
 from .config import StudyConfig
 
 
@@ -46,7 +47,7 @@ def worst_case_attack(*attacks: Callable[..., torch.Tensor]) -> Callable[[nn.Mod
         for a in attacks:
             x_adv = a(model, x, y)
             with torch.no_grad():
-                wrong = model(x_adv).argmax(-1) != y
+                wrong = logits_of(model(x_adv)).argmax(-1) != y
             take = wrong & ~fooled
             worst[take] = x_adv[take]
             fooled |= wrong
@@ -61,19 +62,24 @@ def measure_model(model: nn.Module, test: list, probe: list, config: StudyConfig
     from ..attacks import fgsm, pgd, robust_accuracy
 
     eps = config.eps
-    pgd_attack = functools.partial(pgd, eps=eps, alpha=config.eval_pgd_alpha, steps=config.eval_pgd_steps,
-                                   generator=_attack_generator(seed))
-    # PGD on the Carlini-Wagner margin: its gradient does not vanish when the softmax saturates, which is
-    # how defensive distillation fools PGD on cross entropy (Carlini & Wagner, 2016).
-    margin_attack = functools.partial(pgd, eps=eps, alpha=config.eval_pgd_alpha, steps=config.eval_pgd_steps,
-                                      loss="margin", generator=_attack_generator(seed + 1))
-    fgsm_attack = functools.partial(fgsm, eps=eps)
+
+    def attacks() -> tuple[Callable[..., torch.Tensor], ...]:
+        """Fresh attacks: each evaluation draws the same random starts, so the PGD runs inside ``robust_acc``
+        are exactly those of ``pgd_acc`` and ``pgd_margin_acc`` (robust_acc <= each of them, as a law)."""
+        pgd_attack = functools.partial(pgd, eps=eps, alpha=config.eval_pgd_alpha, steps=config.eval_pgd_steps,
+                                       generator=_attack_generator(seed))
+        # PGD on the Carlini-Wagner margin: its gradient does not vanish when the softmax saturates, which is
+        # how defensive distillation fools PGD on cross entropy (Carlini & Wagner, 2016).
+        margin_attack = functools.partial(pgd, eps=eps, alpha=config.eval_pgd_alpha, steps=config.eval_pgd_steps,
+                                          loss="margin", generator=_attack_generator(seed + 1))
+        return functools.partial(fgsm, eps=eps), pgd_attack, margin_attack
+
     return {
         "clean_acc": _safe(lambda: robust_accuracy(model, test, None)),
-        "pgd_acc": _safe(lambda: robust_accuracy(model, test, pgd_attack)),
-        "fgsm_acc": _safe(lambda: robust_accuracy(model, test, fgsm_attack)),
-        "pgd_margin_acc": _safe(lambda: robust_accuracy(model, test, margin_attack)),
-        "robust_acc": _safe(lambda: robust_accuracy(model, test, worst_case_attack(fgsm_attack, pgd_attack, margin_attack))),
+        "pgd_acc": _safe(lambda: robust_accuracy(model, test, attacks()[1])),
+        "fgsm_acc": _safe(lambda: robust_accuracy(model, test, attacks()[0])),
+        "pgd_margin_acc": _safe(lambda: robust_accuracy(model, test, attacks()[2])),
+        "robust_acc": _safe(lambda: robust_accuracy(model, test, worst_case_attack(*attacks()))),
         "lambda_max": _safe(lambda: S.hessian_eigenvalues(model, probe, k=1, tol=1e-3, max_iter=40, seed=seed).eigenvalues[0]),
         "trace": _safe(lambda: S.hessian_trace(model, probe, n_hvp=config.trace_hvps, seed=seed).trace),
         "worst_case_sharpness": _safe(lambda: S.worst_case_sharpness(
