@@ -459,3 +459,21 @@ def test_no_warning_on_the_plain_autograd_path():
         hessian_eigenvalues(model, batches)
         hessian_trace(model, batches, n_hvp=6)
     assert math.isfinite(hessian_trace(model, batches, n_hvp=6).trace)
+
+
+@pytest.mark.parametrize("cache_graph", [True, False])
+def test_cached_gradient_graph_gives_the_same_products_for_one_forward(cache_graph):
+    """A single-batch probe keeps the first-order graph between products (PyHessian's trick): every
+    product after the first costs one backward, and the products are those of the dense Hessian."""
+    model, batches = mlp_case()
+    batch = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    hess = dense_hessian(model, [batch])
+    g = torch.Generator().manual_seed(0)
+    vectors = [torch.randn(hess.shape[0], generator=g, dtype=torch.float64) for _ in range(4)]
+    with HVPOperator(model, batch, cache_graph=cache_graph) as op:
+        products = [op.matvec(v) for v in vectors]
+        forwards = op.n_forward
+    for v, hv in zip(vectors, products):
+        torch.testing.assert_close(hv, hess @ v, rtol=1e-10, atol=1e-12)
+    # 4 products + the determinism check's fresh product: 2 forwards cached, 5 without
+    assert forwards == (2 if cache_graph else 5)

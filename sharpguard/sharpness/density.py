@@ -70,6 +70,7 @@ def spectral_density(
     hvp: HVPMethod = "auto",
     train: bool = False,
     check_determinism: bool = True,
+    cache_graph: bool | None = None,
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature with ``n_v`` runs of ``n_iter`` steps (``n_v * n_iter`` products).
 
@@ -84,7 +85,9 @@ def spectral_density(
         raise ConfigurationError(f"sigma must be a positive number, got {sigma!r}.")
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(int(seed))
-    op = HVPOperator(model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism)
+    op = HVPOperator(
+        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph
+    )
     nodes, weights = [], []
     with op:
         for _ in range(n_v):

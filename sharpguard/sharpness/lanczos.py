@@ -263,6 +263,7 @@ def hessian_eigenvalues(
     hvp: HVPMethod = "auto",
     train: bool = False,
     check_determinism: bool = True,
+    cache_graph: bool | None = None,
 ) -> EigenResult:
     """The ``k`` algebraically largest (and/or smallest) eigenvalues of the probe-loss Hessian.
 
@@ -278,7 +279,9 @@ def hessian_eigenvalues(
     _check_common(k, tol, max_iter)
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(int(seed))
-    op = HVPOperator(model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism)
+    op = HVPOperator(
+        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph
+    )
     with op:
         v0 = start_vector(op, init, generator)
         out = lanczos(

@@ -218,6 +218,8 @@ class ProbeLoss:
         sub = object.__new__(type(self))
         sub.__dict__.update(self.__dict__)
         sub.batches, sub.weights, sub.distributed = [batch], [1.0], False
+        if "_graphs" in sub.__dict__:
+            sub._graphs = {}  # cached graphs are per batch of the parent's probe
         sub.n_examples = batch_size(batch)
         return sub
 
@@ -243,6 +245,10 @@ class HVPOperator(ProbeLoss):
             :class:`NonDeterministicHVPError` if the products differ (the extra product is counted in
             :attr:`n_hvp`).
         fd_eps: relative step of the finite-difference product (default ``eps_mach ** (1/3)``).
+        cache_graph: keep the first-order gradient graph of each probe batch alive between products, so
+            every product after the first costs one extra backward instead of a forward, a backward and
+            a double backward (as PyHessian does for one batch). It holds that graph's memory for the
+            operator's lifetime, so the default (``None``) caches only a single-batch probe.
     """
 
     def __init__(
@@ -256,6 +262,7 @@ class HVPOperator(ProbeLoss):
         check_determinism: bool = True,
         fd_eps: float | None = None,
         distributed: bool | None = None,
+        cache_graph: bool | None = None,
     ) -> None:
         if hvp not in _HVP_CHOICES:
             raise ConfigurationError(f"hvp must be one of {_HVP_CHOICES}, got {hvp!r}.")
@@ -272,6 +279,16 @@ class HVPOperator(ProbeLoss):
         self.fd_eps = fd_eps if fd_eps is not None else eps_mach ** (1.0 / 3.0)
         self._rtol = math.sqrt(eps_mach)
         self.n_hvp = 0
+        self.cache_graph = len(self.batches) == 1 if cache_graph is None else bool(cache_graph)
+        self._graphs: dict[int, list[tuple[torch.Tensor, int]]] = {}
+
+    def __exit__(self, *exc: object) -> None:
+        self._graphs.clear()  # free the cached gradient graphs before the model is restored
+        super().__exit__(*exc)
+
+    def set_parameters(self, vector: torch.Tensor) -> None:
+        self._graphs.clear()  # the cached graphs belong to the old weights
+        super().set_parameters(vector)
 
     # -- products -------------------------------------------------------------------------------
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -281,7 +298,7 @@ class HVPOperator(ProbeLoss):
         hv = self._select_method(v) if self.method is None else self._product(v)
         if self._unchecked:
             self._unchecked = False
-            again = self._product(v)
+            again = self._product(v, fresh=True)  # a new forward: a cached graph would hide randomness
             diff = float(torch.linalg.vector_norm(hv - again))
             scale = float(torch.linalg.vector_norm(hv))
             if not diff <= self._rtol * max(scale, torch.finfo(self.dtype).tiny):
@@ -294,12 +311,12 @@ class HVPOperator(ProbeLoss):
 
     __matmul__ = matvec
 
-    def _product(self, v: torch.Tensor) -> torch.Tensor:
+    def _product(self, v: torch.Tensor, fresh: bool = False) -> torch.Tensor:
         self.n_hvp += 1
         if self.method == "finite_difference":
             return self._hvp_finite_difference(v)
         with self._kernel():
-            return self._hvp_autograd(v)
+            return self._hvp_autograd(v, fresh=fresh)
 
     def _select_method(self, v: torch.Tensor) -> torch.Tensor:
         """First product under ``hvp="auto"``: find the cheapest method that works and remember it."""
@@ -309,6 +326,7 @@ class HVPOperator(ProbeLoss):
             self.method = "autograd"
             return hv
         except _DoubleBackwardError as exc:
+            self._graphs.clear()
             first_error = exc.__cause__
         if self.requested == "autograd":
             raise ConfigurationError(
@@ -323,7 +341,7 @@ class HVPOperator(ProbeLoss):
                 self.method, self._kernel = "autograd+math_sdpa", math_kernel
                 return hv
             except _DoubleBackwardError:
-                pass
+                self._graphs.clear()
         warnings.warn(
             f"double backward is not available for this model ({first_error}); using a finite-difference "
             f"Hessian-vector product (relative error ~{self.fd_eps**2:.0e} instead of exact products).",
@@ -333,30 +351,42 @@ class HVPOperator(ProbeLoss):
         self.method = "finite_difference"
         return self._hvp_finite_difference(v)
 
-    def _hvp_autograd(self, v: torch.Tensor) -> torch.Tensor:
+    def _hvp_autograd(self, v: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+        """Pearlmutter's product by double backward; ``fresh`` rebuilds the gradient graph, bypassing the cache."""
         vs = self.unflatten(v, like_params=True)
         out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
-        for w, batch in zip(self.weights, self.batches):
-            loss = self._batch_loss(batch)
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-            self.n_backward += 1
-            # A gradient with no graph is constant in w: its rows of H are zero.
-            pairs = [(g, u) for g, u in zip(grads, vs) if g is not None and g.requires_grad]
+        cache = self.cache_graph and not fresh
+        for i, (w, batch) in enumerate(zip(self.weights, self.batches)):
+            pairs = self._graphs.get(i) if cache else None
+            if pairs is None:
+                pairs = self._gradient_graph(batch)
+                if cache:
+                    self._graphs[i] = pairs
             if not pairs:
                 continue
-            if self.method is None and _has_error_node([g for g, _ in pairs]):
-                raise _DoubleBackwardError(
-                    "a custom autograd.Function marked @once_differentiable has no double backward"
-                ) from RuntimeError("once_differentiable")
             try:
                 hv = torch.autograd.grad(
-                    [g for g, _ in pairs], self.params, grad_outputs=[u for _, u in pairs], allow_unused=True
+                    [g for g, _ in pairs], self.params, grad_outputs=[vs[j] for _, j in pairs],
+                    allow_unused=True, retain_graph=cache,
                 )
             except (RuntimeError, NotImplementedError) as exc:
                 raise _DoubleBackwardError(str(exc)) from exc
             self.n_backward += 1
             out.add_(self._flat_or_zero(hv), alpha=w)
         return self._all_reduce(out)
+
+    def _gradient_graph(self, batch: Any) -> list[tuple[torch.Tensor, int]]:
+        """(gradient with its graph, parameter index) for one batch: the first half of Pearlmutter's product."""
+        loss = self._batch_loss(batch)
+        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        self.n_backward += 1
+        # A gradient with no graph is constant in w: its rows of H are zero.
+        pairs = [(g, j) for j, g in enumerate(grads) if g is not None and g.requires_grad]
+        if pairs and self.method is None and _has_error_node([g for g, _ in pairs]):
+            raise _DoubleBackwardError(
+                "a custom autograd.Function marked @once_differentiable has no double backward"
+            ) from RuntimeError("once_differentiable")
+        return pairs
 
     def _hvp_finite_difference(self, v: torch.Tensor) -> torch.Tensor:
         v_norm = float(torch.linalg.vector_norm(v))

@@ -160,6 +160,7 @@ def eos_ratio(
     hvp: HVPMethod = "auto",
     train: bool = False,
     check_determinism: bool = True,
+    cache_graph: bool | None = None,
 ) -> EoSResult:
     """Top (preconditioned) curvature against the stability threshold of ``optimizer``.
 
@@ -171,7 +172,9 @@ def eos_ratio(
     kind = _kind(opt)
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(int(seed))
-    op = HVPOperator(model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism)
+    op = HVPOperator(
+        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph
+    )
     with op:
         d, wd, lr, groups = _preconditioner(op, opt, kind)  # validates the optimizer before any product
         if kind == "adam":
@@ -261,6 +264,7 @@ def directional_curvature(
     hvp: HVPMethod = "auto",
     train: bool = False,
     check_determinism: bool = True,
+    cache_graph: bool | None = None,
 ) -> DirectionalCurvature:
     """``u^T H u / ||u||^2`` for ``u`` the probe gradient, the optimizer's update direction
     (``direction="update"``, needs ``optimizer``) or a given vector. One product (two with the
@@ -270,7 +274,9 @@ def directional_curvature(
     if isinstance(direction, str) and direction == "update" and optimizer is None:
         raise ConfigurationError("direction='update' needs the optimizer; pass optimizer=.")
     start = time.perf_counter()
-    op = HVPOperator(model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism)
+    op = HVPOperator(
+        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph
+    )
     with op:
         if isinstance(direction, str) and direction == "gradient":
             _, u = op.loss_and_grad()

@@ -67,6 +67,7 @@ def hessian_trace(
     hvp: HVPMethod = "auto",
     train: bool = False,
     check_determinism: bool = True,
+    cache_graph: bool | None = None,
 ) -> TraceResult:
     """Estimate the trace of the probe-loss Hessian with ``n_hvp`` products (plus one for the check).
 
@@ -81,7 +82,9 @@ def hessian_trace(
         raise ConfigurationError(f"{method} needs n_hvp >= {least} products for a standard error, got {n_hvp!r}.")
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(int(seed))
-    op = HVPOperator(model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism)
+    op = HVPOperator(
+        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph
+    )
     with op:
         n = op.size
         if method == "hutchinson":
