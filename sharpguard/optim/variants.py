@@ -111,15 +111,13 @@ class LookSAM(SAM):
         self, *, rho: float = 0.05, k: int = 5, alpha: float = 0.7, adaptive: bool = False
     ) -> None:
         rho, k, alpha = _rho(rho), _positive_int("k", k), _non_negative("alpha", alpha)
-        self.rho, self.k, self.alpha, self.adaptive, self.interval = rho, k, alpha, bool(adaptive), 1
+        # SAM's own cadence: a perturbed pass every k-th step (needs_second_pass, cost 1 + 1/k)
+        self.rho, self.alpha, self.adaptive, self.interval = rho, alpha, bool(adaptive), k
 
     @property
-    def cost(self) -> tuple[float, float]:
-        n = 1.0 + 1.0 / self.k
-        return (n, n)
-
-    def needs_second_pass(self) -> bool:
-        return self._step % self.k == 0
+    def k(self) -> int:
+        """Steps between SAM gradients: the ``interval`` of the base class under the paper's name."""
+        return self.interval
 
     def _ascent(self, params, grads):
         clean = self._buffers("clean_grad", params)
