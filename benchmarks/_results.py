@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import platform
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,6 +31,16 @@ def machine() -> str:
         f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} ({threads} intra-op threads), "
         f"{gpu}, Python {platform.python_version()}"
     )
+
+
+def timed(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn``, one sample per call."""
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
 
 
 def write_section(name: str, markdown: str) -> None:

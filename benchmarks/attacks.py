@@ -30,7 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._results import machine, write_section  # noqa: E402
+from benchmarks._results import machine, timed, write_section  # noqa: E402
 from sharpguard.adversarial import count_passes, make_method, sam_adversarial_closure  # noqa: E402
 from sharpguard.attacks import make_generator, pgd  # noqa: E402
 from sharpguard.optim.functional import restore_, sam_perturb_  # noqa: E402
@@ -43,15 +43,6 @@ def cnn() -> nn.Module:
         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10),
     )
-
-
-def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def bench_pgd(repeats: int = 11) -> tuple[str, list[dict]]:
