@@ -14,6 +14,13 @@ exactly as it found them, and runs the model in eval mode unless ``train=True``.
 """
 
 from .density import SpectralDensity, plot_spectral_density, spectral_density
+from .input_space import (
+    AdversarialGeometry,
+    InputCurvature,
+    adversarial_geometry,
+    input_hessian_eigenvalue,
+    robust_sharpness,
+)
 from .lanczos import EigenResult, hessian_eigenvalues
 from .landscape import LossSlice, filter_normalized_direction, loss_slice_1d, loss_slice_2d, plot_loss_slice
 from .operator import HVPOperator, NonDeterministicHVPError, ProbeLoss
@@ -24,20 +31,25 @@ from .perturbation import (
     keskar_sharpness,
     worst_case_sharpness,
 )
+from .relative import RelativeFlatnessResult, penultimate_linear, relative_flatness
 from .stability import DirectionalCurvature, EoSResult, directional_curvature, eos_ratio
 from .trace import TraceResult, hessian_trace
 
 __all__ = [
+    "AdversarialGeometry",
     "DirectionalCurvature",
     "EigenResult",
     "EoSResult",
     "HVPOperator",
+    "InputCurvature",
     "LossSlice",
     "NonDeterministicHVPError",
     "ProbeLoss",
+    "RelativeFlatnessResult",
     "SharpnessResult",
     "SpectralDensity",
     "TraceResult",
+    "adversarial_geometry",
     "average_sharpness",
     "directional_curvature",
     "eos_ratio",
@@ -45,11 +57,15 @@ __all__ = [
     "first_order_sharpness",
     "hessian_eigenvalues",
     "hessian_trace",
+    "input_hessian_eigenvalue",
     "keskar_sharpness",
     "loss_slice_1d",
     "loss_slice_2d",
+    "penultimate_linear",
     "plot_loss_slice",
     "plot_spectral_density",
+    "relative_flatness",
+    "robust_sharpness",
     "spectral_density",
     "worst_case_sharpness",
 ]
