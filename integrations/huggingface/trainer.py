@@ -1,0 +1,174 @@
+"""SharpGuardTrainer: the Trainer's own training_step at w, the step engine for the rest."""
+
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from sharpguard.errors import ConfigurationError, require
+
+require("transformers", "hf")
+require("accelerate", "hf")
+from transformers import Trainer, TrainerCallback  # noqa: E402
+
+from ..accelerate.sam import SAMConfig, _build_sam, _PerturbedReplay, _unwrap_optimizer, check_distributed_type  # noqa: E402
+
+
+from .monitors import _checkpoint_folder, _MonitorCallback
+
+def _coerce_adversarial(value: Any) -> Callable[[nn.Module, Any], torch.Tensor] | None:
+    """A method object ``method(model, batch) -> loss``, a name for ``make_method``, or a mapping
+    ``{"method": name, **keywords}``."""
+    if value is None:
+        return None
+    from sharpguard.adversarial import make_method
+
+    if isinstance(value, str):
+        return make_method(value)
+    if isinstance(value, Mapping):
+        kw = dict(value)
+        name = kw.pop("method", None) or kw.pop("name", None)
+        if not isinstance(name, str):
+            raise ConfigurationError(
+                "adversarial= as a mapping needs a 'method' key naming the method, e.g. {'method': 'freelb', 'steps': 3}."
+            )
+        return make_method(name, **kw)
+    if callable(value):
+        return value
+    raise ConfigurationError(
+        f"adversarial= must be a method name ('freelb', 'smart', 'fgm', ...), a mapping or a method object, "
+        f"got {type(value).__name__}."
+    )
+
+
+class SharpGuardTrainerMixin:
+    """Adds ``sam=`` and ``adversarial=`` to a ``transformers.Trainer`` subclass.
+
+    ``class MyTrainer(SharpGuardTrainerMixin, MyExistingTrainer): ...`` -- put the mixin first.
+
+    Args:
+        sam: a mapping of SAM keywords (``{"rho": 0.05, "variant": "gsam", "alpha": 0.1}``; keys
+            ``variant``, ``rho``, ``sync_perturbation``, and the variant's own knobs) or a
+            :class:`SAMConfig`. ``None``: no SAM.
+        adversarial: an embedding-space method of :mod:`sharpguard.adversarial` (``"freelb"``,
+            ``"smart"``, ``"fgm"``, ``"embedding-pgd"``, ``"r3f"``), a mapping
+            ``{"method": name, **keywords}``, or a method object ``method(model, batch) -> loss``.
+            It replaces the training loss (evaluation keeps the model's plain loss).
+    """
+
+    def __init__(self, *args: Any, sam: SAMConfig | Mapping[str, Any] | None = None, adversarial: Any = None, **kwargs: Any):
+        # Validate everything before the Trainer builds anything.
+        self.sam_config = SAMConfig.coerce(sam) if sam is not None else None
+        self.adversarial_method = _coerce_adversarial(adversarial)
+        self._sg_engine: _PerturbedReplay | None = None
+        self._sg_engine_optimizer: Any = None
+        self._sg_window: list[tuple[Any, tuple, dict]] = []
+        super().__init__(*args, **kwargs)
+        if self.sam_config is not None:
+            check_distributed_type(self.accelerator)
+        if self.adversarial_method is not None and getattr(self, "loss_is_scaled_for_ga", None) is None:
+            # The methods return a per-batch mean: let the Trainer divide it for gradient accumulation.
+            self.loss_is_scaled_for_ga = False
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, _MonitorCallback):
+                callback.set_trainer(self)
+        self._sg_resume_from: str | None = None
+        if self.sam_config is not None:
+            super().add_callback(_SAMCheckpoint(self))
+
+    def add_callback(self, callback: Any) -> None:
+        super().add_callback(callback)
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, _MonitorCallback) and cb.trainer is None:
+                cb.set_trainer(self)
+
+    # -- SAM ---------------------------------------------------------------------------------------
+    def _sharpguard_engine(self, model: nn.Module) -> _PerturbedReplay | None:
+        if self.sam_config is None:
+            return None
+        if self._sg_engine is None or self._sg_engine_optimizer is not self.optimizer:
+            # Built on first use: the optimizer exists (and is prepared) only once training starts,
+            # and a new train() call builds a new one.
+            base = _unwrap_optimizer(self.optimizer)
+            sam = _build_sam(self.sam_config, base, self.accelerator.unwrap_model(model), self.accelerator)
+            if self._sg_resume_from is not None:
+                _SAMCheckpoint.load(sam, self._sg_resume_from)
+            self._sg_engine = _PerturbedReplay(self.accelerator, sam, self.sam_config)
+            self._sg_engine_optimizer = self.optimizer
+            self._sg_window = []
+        return self._sg_engine
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; on resume, the SAM variant's and the monitors' own state come back from the
+        checkpoint folder too (wherever it is stored)."""
+        if resume_from_checkpoint:
+            if resume_from_checkpoint is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # Trainer raises on None
+            self._sg_resume_from = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._sg_resume_from = None
+
+    def training_step(self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The Trainer's own step at ``w``; on the sync micro-batch, also the SAM pass (module docs)."""
+        engine = self._sharpguard_engine(model)
+        if engine is None:
+            return super().training_step(model, inputs, *args, **kwargs)
+        engine.begin_window()
+        self._sg_window.append((inputs, args, kwargs))
+        with engine.clean_context(model):
+            loss = super().training_step(model, inputs, *args, **kwargs)
+        if self.accelerator.sync_gradients:
+            window, self._sg_window = self._sg_window, []
+            step = super().training_step  # zero-argument super() does not work inside the comprehension
+            engine.finish(model, [functools.partial(step, model, x, *a, **kw) for x, a, kw in window])
+        return loss
+
+    # -- adversarial training ----------------------------------------------------------------------
+    def compute_loss(self, model: nn.Module, inputs: Any, return_outputs: bool = False, **kwargs: Any):
+        """The adversarial method's loss while training; the Trainer's own loss otherwise."""
+        if self.adversarial_method is None or return_outputs or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        return self.adversarial_method(model, inputs)
+
+
+class _SAMCheckpoint(TrainerCallback):
+    """Writes the SAM variant's own state (step counter, LookSAM's ``g_v``, Friendly-SAM's EMA,
+    knobs) into each checkpoint folder, beside the base optimizer the Trainer saves itself;
+    :meth:`SharpGuardTrainerMixin.train` reads it back on resume (promise 3: complete checkpoints).
+    """
+
+    FILE = "sharpguard_sam.pt"
+
+    def __init__(self, trainer: SharpGuardTrainerMixin):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        # the optimizer is not in a save_only_model checkpoint, so neither is the wrapper's state
+        sam = getattr(self.trainer._sg_engine, "sam", None)
+        if args.should_save and not args.save_only_model and hasattr(sam, "sharpguard_state_dict"):
+            folder = _checkpoint_folder(args, state)
+            if os.path.isdir(folder):
+                torch.save(sam.sharpguard_state_dict(), os.path.join(folder, self.FILE))
+        return control
+
+    @classmethod
+    def load(cls, sam: Any, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, cls.FILE)
+        if hasattr(sam, "load_sharpguard_state_dict") and os.path.isfile(path):
+            sam.load_sharpguard_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+class SharpGuardTrainer(SharpGuardTrainerMixin, Trainer):
+    """``transformers.Trainer`` with ``sam=`` and ``adversarial=`` (see :class:`SharpGuardTrainerMixin`)."""
+
+

@@ -1,0 +1,168 @@
+"""Small helpers over Lightning's objects and the micro-batch recording shared by the gradient-replacing callbacks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sharpguard.errors import ConfigurationError
+
+from .._lightning_namespace import NAMESPACE, pl
+
+Callback = pl.Callback
+
+# --------------------------------------------------------------------------------------------------
+# small helpers over Lightning's objects (duck-typed where Lightning keeps things private)
+# --------------------------------------------------------------------------------------------------
+def _is_parallel(strategy: Any) -> bool:
+    return isinstance(strategy, pl.strategies.ParallelStrategy)
+
+
+def _refuse_unsupported(trainer: Any, pl_module: Any, who: str) -> None:
+    """Raise before training starts for setups a gradient-replacing callback cannot support."""
+    name = type(trainer.strategy).__name__
+    if "DeepSpeed" in name:
+        raise ConfigurationError(
+            f"{who} does not support DeepSpeed: its engine steps inside backward, so nothing can run between the "
+            "gradient and the update; use strategy='ddp' (or 'fsdp' is not supported yet either)."
+        )
+    if "FSDP" in name:
+        raise ConfigurationError(
+            f"{who} does not support FSDP yet (the perturbation needs the global norm of sharded gradients); use DDP."
+        )
+    if not pl_module.automatic_optimization:
+        raise ConfigurationError(
+            f"{who} works with Lightning's automatic optimization; with automatic_optimization=False call "
+            "sharpguard.SAM's first_step()/second_step() in your training_step instead."
+        )
+
+
+def _stepping(trainer: Any) -> bool:
+    """True when the optimizer steps after the current micro-batch (read in on_train_batch_start)."""
+    should_accumulate = getattr(trainer.fit_loop.epoch_loop, "_should_accumulate", None)
+    return True if should_accumulate is None else not should_accumulate()
+
+
+def _step_args(pl_module: Any, batch: Any, batch_idx: int) -> tuple[Any, ...]:
+    """``(batch, batch_idx)`` or ``(batch,)``, as Lightning's loop calls ``training_step``."""
+    from importlib import import_module
+
+    signature_utils = import_module(f"{NAMESPACE}.utilities.signature_utils")
+    if signature_utils.is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2):
+        return (batch, batch_idx)
+    return (batch,)
+
+
+def _loss_of(output: Any) -> Tensor | None:
+    if output is None or isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        return output.get("loss")
+    raise ConfigurationError(
+        f"training_step returned {type(output).__name__}; return the loss tensor, a dict with 'loss', or None."
+    )
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+_REPLAY_FLAG = "_sharpguard_sam_replay"
+
+
+@contextlib.contextmanager
+def _sam_replay(pl_module: Any):
+    """While a training_step is replayed at ``w + e``: ``self.log``/``self.log_dict`` are no-ops, and
+    :meth:`AdversarialTrainingMixin.adversarial_loss` reuses the adversaries of the clean pass."""
+    pl_module.__dict__["log"] = _noop
+    pl_module.__dict__["log_dict"] = _noop
+    pl_module.__dict__[_REPLAY_FLAG] = True
+    try:
+        yield
+    finally:
+        pl_module.__dict__.pop("log", None)
+        pl_module.__dict__.pop("log_dict", None)
+        pl_module.__dict__.pop(_REPLAY_FLAG, None)
+
+
+def _grads(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[Tensor]]:
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return params, [p.grad for p in params]
+
+
+def _all_finite(tensors: Sequence[Tensor]) -> bool:
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+class _GradientReplay(Callback):
+    """Shared plumbing: record the micro-batches of the accumulation window, optionally run the clean
+    pass of the stepping micro-batch without DDP gradient sync, and replace the gradient in
+    ``on_before_optimizer_step``."""
+
+    _who = "this callback"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffer: list[tuple[Any, int]] = []
+        self._no_sync: contextlib.AbstractContextManager | None = None
+        self.n_steps = 0
+        self.n_fallback = 0
+
+    # the clean pass of the stepping micro-batch: local gradients only (per-worker perturbation)
+    def _block_clean_sync(self) -> bool:
+        return False
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            _refuse_unsupported(trainer, pl_module, self._who)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ConfigurationError(
+                f"{self._who} needs exactly one optimizer, found {len(trainer.optimizers)}; put all parameter "
+                "groups in one optimizer in configure_optimizers."
+            )
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._buffer.append((batch, batch_idx))
+        if self._block_clean_sync() and _is_parallel(trainer.strategy) and _stepping(trainer):
+            # DDP decides at forward time whether the backward all-reduces: enter no_sync before the
+            # forward, leave it after the backward (on_after_backward)
+            self._no_sync = trainer.strategy.block_backward_sync()
+            self._no_sync.__enter__()
+
+    def _release_sync(self) -> None:
+        if self._no_sync is not None:
+            ctx, self._no_sync = self._no_sync, None
+            ctx.__exit__(None, None, None)
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        self._release_sync()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._release_sync()
+        if not _stepping(trainer):
+            return
+        self._buffer = []  # also after a step that skipped on_before_optimizer_step
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._release_sync()
+        self._buffer = []
+
+    def _backward(self, loss: Tensor, scaler: Any) -> None:
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    @staticmethod
+    def _unscale(grads: list[Tensor], scaler: Any) -> None:
+        if scaler is not None and grads:
+            # the scale as a device tensor through the public scale(): get_scale() would sync with the host
+            scale = scaler.scale(torch.ones((), dtype=torch.float32, device=grads[0].device))
+            torch._foreach_div_(grads, scale)
+
+
