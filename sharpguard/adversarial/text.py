@@ -29,14 +29,8 @@ from .._batches import logits_of
 from .._state import preserve_modes
 from ..attacks._context import check_steps
 from ..attacks.losses import wide
-from ..attacks.embedding import (
-    EmbeddingPerturbation,
-    embedding_shape,
-    normalize_per_example,
-    normalize_per_token,
-    padding_mask,
-    project_per_example,
-)
+from ..attacks import geometry
+from ..attacks.embedding import EmbeddingPerturbation, embedding_ascent, embedding_shape, padding_mask
 from ..errors import ConfigurationError
 from .base import AdversarialMethod, DropoutReplay, check_positive, gradient_carrier
 
@@ -107,14 +101,32 @@ class _EmbeddingMethod(AdversarialMethod):
             raise ConfigurationError("this method needs labels in the batch (the model's .loss).")
         return loss
 
-    def _clean_pass(self, model, batch, shape, dtype, device, hook: EmbeddingPerturbation, params):
-        """Clean loss, its gradient w.r.t. the (zero) embedding perturbation and the parameter gradients, in one backward."""
-        zero = torch.zeros(shape, device=device, dtype=dtype, requires_grad=True)
-        hook.delta = zero
-        clean = self._supervised_loss(model, batch)
-        grads = torch.autograd.grad(clean, [zero, *params], allow_unused=True)
-        g = torch.zeros_like(zero) if grads[0] is None else grads[0]
-        return clean, g, gradient_carrier(params, grads[1:], clean)
+    @staticmethod
+    def _loss_at(model: nn.Module, batch: Mapping[str, Any], hook: EmbeddingPerturbation, replay: DropoutReplay | None = None):
+        """``delta -> task loss with delta in the embeddings`` (the embedding attack's ``loss_at``)."""
+
+        def loss_at(delta: torch.Tensor) -> torch.Tensor:
+            hook.delta = delta
+            if replay is not None:
+                replay.replay()
+            return _EmbeddingMethod._supervised_loss(model, batch)
+
+        return loss_at
+
+    def _clean_step(self, model, batch, shape, dtype, device, hook, params, *, alpha: float, eps: float | None, mask,
+                    replay: DropoutReplay | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ascent step from ``delta = 0``: the clean pass, whose one backward gives the step's
+        embedding gradient and the clean parameter gradient (carried to the caller's ``backward()``).
+        Returns ``(delta_1, carrier of the clean loss and its parameter gradient)``."""
+        carried: list[torch.Tensor] = []
+
+        def carry(t: int, loss: torch.Tensor, grads: list[torch.Tensor | None]) -> None:
+            carried.append(gradient_carrier(params, grads, loss))
+
+        zero = torch.zeros(shape, device=device, dtype=dtype)
+        delta = embedding_ascent(self._loss_at(model, batch, hook, replay), zero, 1, alpha=alpha, eps=eps, mask=mask,
+                                 params=params, on_step=carry)
+        return delta, carried[0]
 
     def _pair_objective(self, model: nn.Module, batch: Any, delta: torch.Tensor) -> torch.Tensor:
         """Clean loss + loss at ``delta``, both with graphs (the SAM second pass of FGM/PGD): 2 F, 1 B."""
@@ -152,8 +164,8 @@ class FGM(_EmbeddingMethod):
         shape, dtype, device = embedding_shape(model, batch)
         mask, params = padding_mask(batch), self._params(model)
         with EmbeddingPerturbation(model, mask=mask) as hook:
-            _, g, carried = self._clean_pass(model, batch, shape, dtype, device, hook, params)
-            r = (self.eps * normalize_per_example(g, mask)).detach()
+            # r = eps g / ||g||: one unprojected embedding-attack step of length eps from 0.
+            r, carried = self._clean_step(model, batch, shape, dtype, device, hook, params, alpha=self.eps, eps=None, mask=mask)
             hook.delta = r
             return carried + self._supervised_loss(model, batch), r
 
@@ -194,17 +206,11 @@ class EmbeddingPGD(_EmbeddingMethod):
         mask, params = padding_mask(batch), self._params(model)
         replay = DropoutReplay(device, self.dropout == "fixed")
         with EmbeddingPerturbation(model, mask=mask) as hook:
-            replay.replay()
-            _, g, carried = self._clean_pass(model, batch, shape, dtype, device, hook, params)
-            delta = project_per_example(self.alpha * normalize_per_example(g, mask), self.eps)
-            with self._ascent_modes(model):
-                for _ in range(self.steps - 1):
-                    delta = delta.detach().requires_grad_(True)
-                    hook.delta = delta
-                    replay.replay()
-                    (g,) = torch.autograd.grad(self._supervised_loss(model, batch), delta)
-                    delta = project_per_example(delta.detach() + self.alpha * normalize_per_example(g, mask), self.eps)
-            delta = delta.detach()
+            delta, carried = self._clean_step(model, batch, shape, dtype, device, hook, params, alpha=self.alpha,
+                                              eps=self.eps, mask=mask, replay=replay)
+            with self._ascent_modes(model):  # the clean pass above trains: it runs in the model's own modes
+                delta = embedding_ascent(self._loss_at(model, batch, hook, replay), delta, self.steps - 1,
+                                         alpha=self.alpha, eps=self.eps, mask=mask)
             hook.delta = delta
             replay.replay()
             return carried + self._supervised_loss(model, batch), delta
@@ -246,13 +252,12 @@ class FreeLB(_EmbeddingMethod):
         return (self.steps, self.steps)
 
     def _init_delta(self, shape, dtype, device, mask) -> torch.Tensor:
-        gen = self.generator(device)
-        delta = torch.rand(shape, generator=gen, device=device, dtype=torch.float32) * 2 - 1
+        # Uniform in the linf ball of radius init_mag / sqrt(L_i d) over the real tokens (Algorithm 1, line 4).
         lengths = torch.full((shape[0],), float(shape[1]), device=device) if mask is None else mask.float().sum(1)
-        if mask is not None:
-            delta = delta * mask[..., None].float()
-        magnitude = self.init_mag / torch.sqrt(lengths.clamp_min(1.0) * shape[2])
-        return (delta * magnitude.reshape(-1, 1, 1)).to(dtype)
+        magnitude = (self.init_mag / torch.sqrt(lengths.clamp_min(1.0) * shape[2])).reshape(-1, 1, 1)
+        delta = geometry.random_in_ball(shape, "linf", magnitude, self.generator(device), device=device,
+                                        dtype=torch.float32, mask=mask)
+        return delta.to(dtype)
 
     def loss_and_adversary(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
         batch = self._batch(batch)
@@ -260,30 +265,33 @@ class FreeLB(_EmbeddingMethod):
         mask, params = padding_mask(batch), self._params(model)
         replay = DropoutReplay(device, self.dropout == "fixed")
         delta = self._init_delta(shape, dtype, device, mask)
-        accumulated: list[torch.Tensor] | None = None
+        accumulated: list[torch.Tensor] = []
         losses: list[torch.Tensor] = []
         used: list[torch.Tensor] = []
+
+        def accumulate(t: int, loss: torch.Tensor, grads: list[torch.Tensor | None]) -> None:
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            if not accumulated:
+                accumulated.extend(grads)
+            else:
+                torch._foreach_add_(accumulated, grads)
+
         with EmbeddingPerturbation(model, mask=mask) as hook:
-            for t in range(self.steps):
-                last = t == self.steps - 1
-                delta = delta.detach().requires_grad_(not last)
-                hook.delta = delta
-                replay.replay()
-                loss = self._supervised_loss(model, batch)
-                wrt = params if last else [delta, *params]
-                grads = list(torch.autograd.grad(loss / self.steps, wrt, allow_unused=True))
-                g_delta = None if last else grads.pop(0)
-                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-                if accumulated is None:
-                    accumulated = grads
-                else:
-                    torch._foreach_add_(accumulated, grads)
+            task_loss = self._loss_at(model, batch, hook, replay)
+
+            def scaled_loss_at(d: torch.Tensor) -> torch.Tensor:
+                # (loss / K).backward() at every step: the parameter gradients average over the K steps.
+                loss = task_loss(d)
                 losses.append(loss.detach())
-                used.append(delta.detach())
-                if not last:
-                    g_delta = torch.zeros_like(delta) if g_delta is None else g_delta
-                    delta = delta.detach() + self.alpha * normalize_per_example(g_delta, mask)
-                    delta = project_per_example(delta, self.max_norm)
+                used.append(d.detach())
+                return loss / self.steps
+
+            # K - 1 embedding-attack steps whose backwards also give parameter gradients, then the
+            # K-th forward at the last delta for its parameter gradient only.
+            delta = embedding_ascent(scaled_loss_at, delta, self.steps - 1, alpha=self.alpha, eps=self.max_norm,
+                                     mask=mask, params=params, on_step=accumulate)
+            last = scaled_loss_at(delta)
+            accumulate(self.steps - 1, last, list(torch.autograd.grad(last, params, allow_unused=True)))
         return gradient_carrier(params, accumulated, torch.stack(losses).mean()), used
 
     def generate(self, model: nn.Module, batch: Any) -> list[torch.Tensor]:
@@ -346,14 +354,15 @@ class SMART(_EmbeddingMethod):
             reference = clean.detach()
             delta = self.noise * torch.randn(shape, generator=self.generator(device), device=device, dtype=torch.float32)
             delta = delta.to(dtype)
-            with self._ascent_modes(model):
-                for _ in range(self.steps):
-                    delta = delta.detach().requires_grad_(True)
-                    hook.delta = delta
-                    replay.replay()
-                    (g,) = torch.autograd.grad(_kl_from(reference, self._forward(model, batch)[0]), delta)
-                    delta = (delta.detach() + self.step_size * normalize_per_token(g, mask)).clamp(-self.eps, self.eps)
-            delta = delta.detach()
+
+            def kl_at(d: torch.Tensor) -> torch.Tensor:
+                hook.delta = d
+                replay.replay()
+                return _kl_from(reference, self._forward(model, batch)[0])
+
+            with self._ascent_modes(model):  # the embedding attack, linf per token, on the label-free KL
+                delta = embedding_ascent(kl_at, delta, self.steps, alpha=self.step_size, eps=self.eps, norm="linf",
+                                         mask=mask)
             hook.delta = delta
             replay.replay()
             adv, _ = self._forward(model, batch)
@@ -401,7 +410,7 @@ class R3F(SMART):
         shape, dtype, device = embedding_shape(model, batch)
         gen = self.generator(device)
         if self.noise_kind == "uniform":
-            z = (torch.rand(shape, generator=gen, device=device) * 2 - 1) * self.eps
+            z = geometry.random_in_ball(shape, "linf", self.eps, gen, device=device)
         else:
             z = torch.randn(shape, generator=gen, device=device) * self.eps
         return z.to(dtype)

@@ -21,6 +21,7 @@ from torch import nn
 
 from .._batches import logits_of
 from .._state import preserve_buffers, preserve_modes, side_effect_free
+from ..attacks import geometry
 from ..attacks._context import attack_context, check_steps
 from ..attacks.gradient import pgd
 from ..attacks.losses import wide
@@ -269,7 +270,8 @@ class CatastrophicOverfittingDetector:
         with attack_context(model, "eval"):
             u0 = threat.to_pixel(x.detach())
             grads = []
-            for u in (u0, threat.clamp(u0 + torch.empty_like(u0).uniform_(-threat.eps, threat.eps, generator=gen))):
+            noise = geometry.random_in_ball(u0.shape, "linf", threat.eps, gen, device=u0.device, dtype=u0.dtype)
+            for u in (u0, threat.clamp(u0 + noise)):
                 u = u.detach().requires_grad_(True)
                 loss = F.cross_entropy(logits_of(model(threat.from_pixel(u))), y, reduction="sum")
                 grads.append(torch.autograd.grad(loss, u)[0].flatten(1))

@@ -13,7 +13,7 @@ perturbation is zero at padding (``attention_mask == 0``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 from .._batches import default_loss_fn
 from ..errors import ConfigurationError
 from ._context import attack_context, check_steps
-from .losses import wide
+from . import geometry
 from .threat import default_generator
 
 __all__ = [
@@ -35,6 +35,8 @@ __all__ = [
     "project_per_example",
     "normalize_per_token",
     "embedding_pgd",
+    "embedding_ascent",
+    "embedding_step",
 ]
 
 
@@ -137,33 +139,81 @@ def padding_mask(batch: Mapping[str, Any]) -> torch.Tensor | None:
 
 
 def _masked(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return t if mask is None else t * mask[..., None].to(t.dtype)
+    return geometry.apply_mask(t, mask)
 
 
 def per_example_norm(t: torch.Tensor) -> torch.Tensor:
     """l2 norm over everything but the batch dimension, shape ``(B, 1, 1)``; half precision is
-    widened to float32 first (FreeLB #8: fp16 norms overflow)."""
-    return torch.linalg.vector_norm(wide(t.flatten(1)), dim=1).reshape(-1, 1, 1)
+    widened to float32 first (FreeLB #8: fp16 norms overflow). :func:`.geometry.per_example_norm`."""
+    return geometry.per_example_norm(t)
 
 
 def normalize_per_example(g: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``g / ||g||_2`` per example (zero stays zero), masked at padding."""
-    g = _masked(g, mask)
-    return (wide(g) / per_example_norm(g).clamp_min(1e-12)).to(g.dtype)
+    """``g / ||g||_2`` per example (zero stays zero), masked at padding. :func:`.geometry.normalize_l2`."""
+    return geometry.normalize_l2(g, mask)
 
 
 def project_per_example(delta: torch.Tensor, eps: float) -> torch.Tensor:
-    """Scale each example's ``delta`` into the l2 ball of radius ``eps`` (``eps <= 0``: no projection)."""
+    """Scale each example's ``delta`` into the l2 ball of radius ``eps`` (``eps <= 0``: no projection,
+    FreeLB's ``max_norm=0`` convention). :func:`.geometry.project_l2`."""
     if eps <= 0:
         return delta
-    norm = per_example_norm(delta)
-    return delta * torch.clamp(eps / norm.clamp_min(1e-12), max=1.0).to(delta.dtype)
+    return geometry.project_l2(delta, eps)
 
 
-def normalize_per_token(g: torch.Tensor, mask: torch.Tensor | None = None, tiny: float = 1e-6) -> torch.Tensor:
-    """``g / (||g||_inf + tiny)`` per token over the hidden dimension (SMART's per-token normalization)."""
-    g = _masked(g, mask)
-    return g / (g.abs().amax(dim=-1, keepdim=True) + tiny)
+normalize_per_token = geometry.normalize_per_token
+
+_EMBEDDING_NORMS = ("l2", "linf")
+
+
+def embedding_step(delta: torch.Tensor, grad: torch.Tensor, alpha: float, eps: float | None, norm: str = "l2",
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One projected ascent step in embedding space: ``Proj_eps(delta + alpha * d(grad))``.
+
+    ``norm="l2"``: ``d = g / ||g||_2`` per example (masked), projection onto the l2 ball (``eps``
+    ``None`` or ``<= 0``: none). ``norm="linf"``: SMART's per-token step ``d = g / (||g||_inf,token +
+    1e-6)`` (Jiang et al., ACL 2020, Alg. 1), projection by clipping to ``[-eps, eps]``.
+    """
+    if norm == "l2":
+        moved = delta + alpha * geometry.normalize_l2(grad, mask)
+        return moved if eps is None else project_per_example(moved, eps)
+    moved = delta + alpha * geometry.normalize_per_token(grad, mask)
+    return moved if eps is None else geometry.project_linf(moved, eps)
+
+
+def embedding_ascent(
+    loss_at: Callable[[torch.Tensor], torch.Tensor],
+    delta: torch.Tensor,
+    steps: int,
+    *,
+    alpha: float,
+    eps: float | None,
+    norm: str = "l2",
+    mask: torch.Tensor | None = None,
+    params: Sequence[torch.Tensor] = (),
+    on_step: Callable[[int, torch.Tensor, list[torch.Tensor | None]], None] | None = None,
+) -> torch.Tensor:
+    """The embedding attack's loop: ``steps`` times, ``g = d loss_at(delta) / d delta`` and
+    ``delta <- embedding_step(delta, g, alpha, eps, norm, mask)``; returns the last ``delta`` (detached).
+
+    ``loss_at(delta)`` runs the forward with ``delta`` in the embeddings (it sets the hook). With
+    ``params``, the same backward also returns their gradients, handed with the step index and the
+    loss to ``on_step(t, loss, param_grads)``: FGM/PGD take the clean pass's parameter gradient from
+    it and FreeLB accumulates its K ascent gradients, without a second backward. Each step costs one
+    forward and one backward; ``steps=0`` returns ``delta`` unchanged.
+    """
+    if norm not in _EMBEDDING_NORMS:
+        raise ConfigurationError(f"embedding attacks take norm 'l2' or 'linf', got {norm!r}.")
+    params = list(params)
+    for t in range(steps):
+        delta = delta.detach().requires_grad_(True)
+        loss = loss_at(delta)
+        grads = torch.autograd.grad(loss, [delta, *params], allow_unused=True)
+        g = torch.zeros_like(delta) if grads[0] is None else grads[0]
+        if on_step is not None:
+            on_step(t, loss, list(grads[1:]))
+        delta = embedding_step(delta.detach(), g, alpha, eps, norm, mask)
+    return delta.detach()
 
 
 def embedding_pgd(
@@ -173,12 +223,18 @@ def embedding_pgd(
     alpha: float = 0.3,
     steps: int = 3,
     *,
+    norm: str = "l2",
     random_start: bool = False,
     loss_fn=None,
     generator: torch.Generator | None = None,
     model_mode: str = "eval",
 ) -> torch.Tensor:
-    """l2 PGD on the input embeddings (per example, masked at padding); returns ``delta`` ``(B, L, D)``.
+    """PGD on the input embeddings (per example, masked at padding); returns ``delta`` ``(B, L, D)``.
+
+    ``norm="l2"`` (default): l2 ball of radius ``eps`` per example, normalized-gradient steps;
+    ``"linf"``: clipping to ``[-eps, eps]`` with SMART's per-token steps (:func:`embedding_step`).
+    ``random_start=True`` draws uniformly from the ball over the real tokens
+    (:func:`.geometry.random_in_ball`), from ``generator``.
 
     Maximises ``loss_fn(model, batch)`` (default ``model(**batch).loss``). Evaluate the model under
     it with ``with EmbeddingPerturbation(model, delta, mask): model(**batch)``. Side-effect free like
@@ -186,6 +242,8 @@ def embedding_pgd(
     """
     if not eps >= 0 or not alpha >= 0:
         raise ConfigurationError(f"eps and alpha must be >= 0, got eps={eps}, alpha={alpha}.")
+    if norm not in _EMBEDDING_NORMS:
+        raise ConfigurationError(f"embedding_pgd takes norm 'l2' or 'linf', got {norm!r}.")
     steps = check_steps(steps)
     loss_fn = loss_fn or default_loss_fn
     shape, dtype, device = embedding_shape(model, batch)
@@ -193,15 +251,14 @@ def embedding_pgd(
     with attack_context(model, model_mode):
         if random_start:
             gen = generator if generator is not None else default_generator(device)
-            delta = torch.randn(shape, generator=gen, device=device, dtype=dtype)
-            u = torch.rand((shape[0], 1, 1), generator=gen, device=device, dtype=dtype)
-            delta = normalize_per_example(delta, mask) * eps * u
+            delta = geometry.random_in_ball(shape, norm, eps, gen, device=device, dtype=dtype, mask=mask)
         else:
             delta = torch.zeros(shape, device=device, dtype=dtype)
         with EmbeddingPerturbation(model, mask=mask) as hook:
-            for _ in range(steps):
-                delta = delta.detach().requires_grad_(True)
-                hook.delta = delta
-                (grad,) = torch.autograd.grad(loss_fn(model, batch), delta)
-                delta = project_per_example(delta.detach() + alpha * normalize_per_example(grad, mask), eps)
+
+            def loss_at(d: torch.Tensor) -> torch.Tensor:
+                hook.delta = d
+                return loss_fn(model, batch)
+
+            delta = embedding_ascent(loss_at, delta, steps, alpha=alpha, eps=eps, norm=norm, mask=mask)
         return _masked(delta, mask).detach()

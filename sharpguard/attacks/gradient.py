@@ -18,6 +18,7 @@ from torch import nn
 
 from .._batches import logits_of
 from ..errors import ConfigurationError
+from . import geometry
 from ._context import as_normal_tensor, attack_context, check_labels, check_steps
 from .losses import NEEDS_LABELS, AttackLoss, dlr_targeted, resolve_loss
 from .threat import ThreatModel, default_generator
@@ -320,11 +321,9 @@ def _apgd_run(problem: _Problem, gen: torch.Generator, steps: int, momentum: flo
     # Start on the boundary of the ball (the reference implementation's init), then clamp into bounds.
     if tm.norm == "linf":
         t = torch.rand(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype) * 2 - 1
-        u = x0 + tm.eps * t / t.abs().flatten(1).amax(1).reshape(shape).clamp_min(1e-12)
     else:
         t = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
-        u = x0 + tm.eps * t / tm._per_example_norm(t).clamp_min(1e-12)
-    u = tm.clamp(u)
+    u = tm.clamp(x0 + tm.eps * t / geometry.per_example_norm(t, tm.norm).to(t.dtype).clamp_min(1e-12))
 
     logits, loss, grad = problem.loss_and_grad(u)
     success = problem.success(logits)
@@ -376,6 +375,4 @@ def _apgd_run(problem: _Problem, gen: torch.Generator, steps: int, momentum: flo
 
 def _step(tm: ThreatModel, u: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor) -> torch.Tensor:
     """``u + eta * d`` with a per-example step size ``eta``."""
-    if tm.norm == "linf":
-        return u + step_size * grad.sign()
-    return u + step_size * grad / (tm._per_example_norm(grad) + 1e-12)
+    return u + step_size * geometry.ascent_direction(grad, tm.norm)

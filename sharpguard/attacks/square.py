@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigurationError
+from . import geometry
 from ._context import attack_context, check_steps
 from .gradient import _Problem, _threat
 from .threat import ThreatModel, default_generator
@@ -103,8 +104,12 @@ def _put(t: torch.Tensor, top: torch.Tensor, left: torch.Tensor, s: int, values:
     t[n[:, None, None], :, r[:, :, None], c[:, None, :]] = values.permute(0, 2, 3, 1)
 
 
-def _l2(t: torch.Tensor, dims=(1, 2, 3)) -> torch.Tensor:
-    return t.pow(2).sum(dim=dims, keepdim=True).sqrt()
+def _l2(t: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    """l2 norm per example ``(n, 1, 1, 1)``, or per example and channel ``(n, c, 1, 1)`` (geometry's norm)."""
+    if not per_channel:
+        return geometry.per_example_norm(t).to(t.dtype)
+    n, c = t.shape[:2]
+    return geometry.per_example_norm(t.flatten(0, 1)).to(t.dtype).reshape(n, c, 1, 1)
 
 
 def square(
@@ -230,14 +235,14 @@ def _square_l2(problem: _Problem, gen, n_queries: int, p_init: float, loss: str,
         mask1, top1, left1 = _window_mask(m, h, w, s, gen, x_act.device)
         mask2, top2, left2 = _window_mask(m, h, w, s, gen, x_act.device)
         window1 = _take(d, top1, left1, s)
-        norm_window1 = _l2(window1, (2, 3))
+        norm_window1 = _l2(window1, per_channel=True)
         norm_image = _l2(d)
         norm_windows = _l2(d * (mask1 | mask2))
         # The new window: eta plus the old window's direction, carrying the mass of both windows and
         # whatever budget is left, spread over the channels.
         new = _eta_batch(m, c, s, gen, x_act) + window1 / (norm_window1 + 1e-12)
         budget = ((eps**2 - norm_image.pow(2)).clamp_min(0) / c + norm_windows.pow(2)).sqrt()
-        new = new / (_l2(new, (2, 3)) + 1e-12) * budget
+        new = new / (_l2(new, per_channel=True) + 1e-12) * budget
         d = torch.where(mask2, torch.zeros_like(d), d)
         _put(d, top1, left1, s, new)
         return tm.clamp(x_act + eps * d / (_l2(d) + 1e-12))

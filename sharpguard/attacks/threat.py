@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigurationError
+from . import geometry
 
 __all__ = ["ThreatModel", "default_generator", "make_generator"]
 
@@ -136,50 +137,37 @@ class ThreatModel:
             )
 
     # ----------------------------------------------------------------- geometry (pixel space)
+    # The maths lives in .geometry (shared with the embedding attack, Square and the text methods).
     def _per_example_norm(self, t: torch.Tensor) -> torch.Tensor:
-        shape = (-1,) + (1,) * (t.dim() - 1)
-        flat = t.flatten(1)
-        flat = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
-        return torch.linalg.vector_norm(flat, dim=1).to(t.dtype).reshape(shape)
+        return geometry.per_example_norm(t).to(t.dtype)
 
     def clamp(self, u: torch.Tensor) -> torch.Tensor:
         return u if self.bounds is None else u.clamp(*self.bounds)
 
     def project(self, u: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Project ``u`` onto the ``eps`` ball around ``x0``, then clamp into ``bounds``."""
-        delta = u - x0
-        if self.norm == "linf":
-            delta = delta.clamp(-self.eps, self.eps)
-        else:
-            norm = self._per_example_norm(delta)
-            delta = delta * torch.clamp(self.eps / norm.clamp_min(1e-12), max=1.0)
-        return self.clamp(x0 + delta)
+        return self.clamp(x0 + geometry.project(u - x0, self.eps, self.norm))
 
     def ascent_step(self, u: torch.Tensor, grad: torch.Tensor, alpha: float) -> torch.Tensor:
         """One steepest-ascent step of length ``alpha`` in the threat model's norm (sign step for linf)."""
         if self.norm == "linf":
             return u + alpha * grad.sign()
         # torchattacks.PGDL2's 1e-10 keeps a zero gradient at zero step and lets the two agree bitwise.
-        return u + alpha * (grad / (self._per_example_norm(grad) + 1e-10))
+        return u + alpha * geometry.normalize_l2(grad, add=1e-10)
 
     def random_start(self, x0: torch.Tensor, generator: torch.Generator, kind: str = "uniform") -> torch.Tensor:
         """A random point of the ball around ``x0`` (clamped into bounds).
 
-        ``"uniform"``: uniform in the ball. For l2 that is a Gaussian direction with radius
-        ``eps * U^(1/d)`` (d = input size): uniform by volume, unlike a radius ``eps * U`` which piles
-        points near the centre (torchattacks.PGDL2). ``"normal"``: ``x0 + 0.001 N(0, 1)`` as TRADES.
+        ``"uniform"``: uniform in the ball (:func:`~sharpguard.attacks.geometry.random_in_ball`): for l2
+        a Gaussian direction with radius ``eps * U^(1/d)`` (d = input size), uniform by volume, unlike
+        a radius ``eps * U`` which piles points near the centre (torchattacks.PGDL2).
+        ``"normal"``: ``x0 + 0.001 N(0, 1)`` as TRADES.
         """
         if kind == "normal":
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             return self.project(x0 + 0.001 * noise, x0)
-        if self.norm == "linf":
-            noise = torch.empty_like(x0).uniform_(-self.eps, self.eps, generator=generator)
-            return self.clamp(x0 + noise)
-        direction = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        direction = direction / self._per_example_norm(direction).clamp_min(1e-12)
-        d = x0[0].numel()
-        u = torch.rand((x0.shape[0],) + (1,) * (x0.dim() - 1), generator=generator, device=x0.device, dtype=x0.dtype)
-        return self.clamp(x0 + direction * self.eps * u.pow(1.0 / d))
+        delta = geometry.random_in_ball(x0.shape, self.norm, self.eps, generator, device=x0.device, dtype=x0.dtype)
+        return self.clamp(x0 + delta)
 
 
 # ----------------------------------------------------------------------------- generators
