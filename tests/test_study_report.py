@@ -200,3 +200,34 @@ def test_history_resumed_run_counts_a_step_once(tmp_path):
     with pytest.raises(ConfigurationError, match="'step' must be an integer"):
         path.write_text('{"step": "ten", "metric": "m", "value": 1.0}\n')
         hist.read_history(path)
+
+
+def test_a_finding_is_supported_only_after_holm_correction():
+    from scipy import stats
+
+    from sharpguard.study.runner import headline
+
+    runs = _runs()
+    sam_lam = {0: 9.2, 1: 9.75, 2: 9.5}
+    for r in runs:
+        if r["method"] == "sam":
+            r["lambda_max"] = sam_lam[r["seed"]]
+    report = build_report(runs, SETTINGS)
+    hyp = next(h for h in report["findings"]["hypotheses"] if h["claim"] == "sam lambda_max below sgd")
+    raw = stats.ttest_ind([9.2, 9.75, 9.5], [10.0, 10.1, 10.2], equal_var=False).pvalue
+    assert hyp["comparison"]["p_value"] == pytest.approx(raw) and raw < 0.05
+    family = report["findings"]["multiple_comparisons"]
+    ps = [t["p_value"] for t in family["tests"] if t["p_value"] is not None]
+    assert family["n_tests"] == len(ps) > 10
+    # Holm by hand: the adjusted p of this test is at least (m - rank) * p over the smaller ones
+    rank = sorted(ps).index(hyp["comparison"]["p_value"])
+    assert hyp["comparison"]["p_adjusted"] >= min(1.0, (len(ps) - rank) * raw) - 1e-12
+    assert hyp["comparison"]["p_adjusted"] >= 0.05 and hyp["verdict"] == "direction only"
+    assert not any(s.startswith("sam's lambda_max") for s in report["findings"]["supported"])
+    assert hyp["comparison"]["hedges_g"] < 0  # effect size beside the p-value
+    # every correlation carries its adjusted p too, and the console summary lists every supported finding
+    assert all("p_adjusted" in c for view in report["correlations"].values() for c in view.values())
+    lines = headline(report)
+    supported = report["findings"]["supported"]
+    assert supported and all(f"- {s}" in lines for s in supported)
+    assert "Holm-adjusted" in render_markdown(report)

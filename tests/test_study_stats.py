@@ -121,3 +121,41 @@ def test_mean_ci_contains_the_mean_and_shifts_with_the_data(values):
     shifted = mean_ci([v + 10.0 for v in values])
     assert shifted.mean == pytest.approx(ci.mean + 10.0, abs=1e-6)
     assert shifted.half_width == pytest.approx(ci.half_width, rel=1e-6, abs=1e-6)
+
+
+def test_holm_and_benjamini_hochberg_by_hand():
+    from sharpguard.study.stats import benjamini_hochberg, holm
+
+    # sorted: 0.005, 0.01, 0.03, 0.04 (m = 4). Holm: 4*0.005, 3*0.01, 2*0.03, max(0.06, 1*0.04)
+    assert holm([0.01, None, 0.04, 0.03, 0.005]) == pytest.approx([0.03, None, 0.06, 0.06, 0.02])
+    # BH: m p_(i) / i = 0.02, 0.02, 0.04, 0.04, then the running minimum from the top
+    assert benjamini_hochberg([0.01, None, 0.04, 0.03, 0.005]) == pytest.approx([0.02, None, 0.04, 0.04, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([]) == [] and holm([None]) == [None]
+    with pytest.raises(ConfigurationError, match="p-values must lie in"):
+        holm([0.2, 1.5])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=25))
+def test_corrections_agree_with_scipy_and_dominate_the_raw_p_values(ps):
+    from scipy import stats
+
+    from sharpguard.study.stats import benjamini_hochberg, holm
+
+    h, bh = holm(ps), benjamini_hochberg(ps)
+    assert all(a >= p - 1e-15 for a, p in zip(h, ps)) and all(a >= p - 1e-15 for a, p in zip(bh, ps))
+    assert all(b <= a + 1e-12 for a, b in zip(h, bh))  # BH is never stricter than Holm
+    assert bh == pytest.approx(list(stats.false_discovery_control(ps, method="bh")), abs=1e-12)
+    # Holm keeps the order of the raw p-values
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    assert all(h[order[i]] <= h[order[i + 1]] + 1e-15 for i in range(len(ps) - 1))
+
+
+def test_hedges_g_by_hand():
+    from sharpguard.study.stats import hedges_g
+
+    # pooled sd 1, d = -3, J = 1 - 3 / (4 * 6 - 9) = 0.8
+    assert hedges_g([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(-2.4)
+    assert hedges_g([1.0], [2.0, 3.0]) is None
+    assert hedges_g([1.0, 1.0], [2.0, 2.0]) is None  # zero pooled variance

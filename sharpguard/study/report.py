@@ -1,8 +1,11 @@
 """Turn the study's per-run measurements into ``report.json`` and ``report.md``.
 
 Every sentence in the report's findings is computed from the runs: the comparisons (Welch's t-test over
-seeds), the rank correlations (Kendall's tau) and the verdicts. Nothing is hard-coded: if SAM is not flatter
-than SGD on a given run of the study, the report says so and lists what the data point to as reasons.
+seeds, with Hedges' g beside it), the rank correlations (Kendall's tau, itself an effect size) and the
+verdicts. Every p-value the report computes is one test of one family: Holm's correction runs across all of
+them (:func:`apply_correction`), and a finding is called supported only when its *adjusted* p-value is below
+``ALPHA``. Nothing is hard-coded: if SAM is not flatter than SGD on a given run of the study, the report says
+so and lists what the data point to as reasons.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .stats import kendall_tau, mean_ci, welch_compare
+from .stats import benjamini_hochberg, hedges_g, holm, kendall_tau, mean_ci, welch_compare
 
 # (key, column title, format) of every per-run metric, in table order.
 METRICS: list[tuple[str, str, str]] = [
@@ -33,7 +36,8 @@ SHARPNESS_MEASURES = ["lambda_max", "trace", "worst_case_sharpness", "adaptive_s
 # entropy and PGD-20 on the margin loss, so gradient masking cannot inflate it.
 ROBUST_METRIC = "robust_acc"
 ADVERSARIAL_METHODS = frozenset({"pgd-at", "trades", "fast-at"})
-ALPHA = 0.05  # significance level of every verdict
+ALPHA = 0.05  # family-wise significance level of every verdict (after Holm's correction)
+CORRECTIONS = {"holm": holm, "benjamini-hochberg": benjamini_hochberg}
 
 
 def _values(runs: Sequence[Mapping[str, Any]], method: str, metric: str) -> list[float]:
@@ -53,10 +57,27 @@ def _fmt(value: float | None, spec: str = ".3g") -> str:
     return format(value, spec)
 
 
-def _p(p: float | None) -> str:
+def _p(p: float | None, adjusted: float | None = None) -> str:
     if p is None:
         return "p undefined"
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    text = "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    if adjusted is not None:
+        text += ", Holm-adjusted " + ("p < 0.001" if adjusted < 0.001 else f"p = {adjusted:.3f}")
+    return text
+
+
+def _significant(entry: Mapping[str, Any]) -> bool:
+    """Significant after the correction (the adjusted p-value, never the raw one)."""
+    q = entry.get("p_adjusted")
+    return q is not None and q < ALPHA
+
+
+def apply_correction(tests: list[dict], method: str = "holm") -> None:
+    """Write ``p_adjusted`` into every test dict (each has ``p_value``, ``None`` when undefined), corrected
+    across all of them at once: the family is every test the report makes."""
+    adjusted = CORRECTIONS[method]([t.get("p_value") for t in tests])
+    for t, q in zip(tests, adjusted):
+        t["p_adjusted"] = q
 
 
 def summarize(runs: Sequence[Mapping[str, Any]], level: float = 0.95) -> dict[str, dict[str, dict]]:
@@ -93,7 +114,8 @@ def correlations(runs: Sequence[Mapping[str, Any]], robust: str = ROBUST_METRIC)
 def _compare(runs, a: str, b: str, metric: str, level: float) -> dict | None:
     if not _values(runs, a, metric) or not _values(runs, b, metric):
         return None
-    return {"a": a, "b": b, "metric": metric, **welch_compare(_values(runs, a, metric), _values(runs, b, metric), level).as_dict()}
+    xa, xb = _values(runs, a, metric), _values(runs, b, metric)
+    return {"a": a, "b": b, "metric": metric, **welch_compare(xa, xb, level).as_dict(), "hedges_g": hedges_g(xa, xb)}
 
 
 # The study's hypotheses: (method, baseline, metric, expected sign of mean(method) - mean(baseline)).
@@ -107,12 +129,12 @@ HYPOTHESES: list[tuple[str, str, str, int]] = [
 
 
 def _verdict(cmp: dict, sign: int) -> str:
-    diff, p = cmp["difference"], cmp["p_value"]
+    diff = cmp["difference"]
     if diff is None:
         return "not measured"
     if diff * sign <= 0:
         return "contradicted"
-    if p is not None and p < ALPHA:
+    if _significant(cmp):
         return "supported"
     return "direction only"
 
@@ -166,35 +188,67 @@ def _why_not(runs, method: str, metric: str, settings: Mapping[str, Any], level:
     return reasons
 
 
+def _g(cmp: Mapping[str, Any]) -> str:
+    g = cmp.get("hedges_g")
+    return "Hedges' g undefined" if g is None else f"Hedges' g = {g:.2f}"
+
+
+VIEW_TEXT = {
+    "all_runs": "across all {n} models",
+    "no_adversarial_training": "among the {n} models trained without adversarial training",
+    "method_means": "across the {n} method means",
+}
+
+
 def findings(runs: Sequence[Mapping[str, Any]], corr: Mapping[str, Any], settings: Mapping[str, Any],
-             level: float = 0.95) -> dict[str, list[dict]]:
+             level: float = 0.95) -> dict[str, Any]:
     """What the data support and what they do not, as ``{"hypotheses": [...], "supported": [str],
-    "not_supported": [str]}``, every sentence built from the numbers."""
+    "not_supported": [str], "multiple_comparisons": {...}}``, every sentence built from the numbers.
+
+    Every test (the hypotheses' Welch tests, the price-of-robustness comparisons and every Kendall tau in
+    every view of ``corr``) is one family for Holm's correction; ``p_adjusted`` is written beside each
+    ``p_value`` (also into ``corr``) and only an adjusted p below ``ALPHA`` counts as supported.
+    """
+    hyp_cmps = [(method, base, metric, sign, _compare(runs, method, base, metric, level))
+                for method, base, metric, sign in HYPOTHESES]
+    hyp_cmps = [h for h in hyp_cmps if h[4] is not None]
+    price = [(m, c) for m in sorted(ADVERSARIAL_METHODS & set(_methods(runs)))
+             if (c := _compare(runs, m, "sgd", "clean_acc", level)) is not None]
+    tests: list[dict] = [c for *_, c in hyp_cmps] + [c for _, c in price]
+    labels = [f"welch: {c['a']} vs {c['b']} on {c['metric']}" for c in tests]
+    for view, measures in corr.items():
+        for measure, c in measures.items():
+            tests.append(c)
+            labels.append(f"kendall: {measure} vs {c['against']} ({view})")
+    apply_correction(tests, "holm")
+    family = {
+        "method": "holm", "alpha": ALPHA, "n_tests": sum(t.get("p_value") is not None for t in tests),
+        "tests": [{"test": lab, "p_value": t.get("p_value"), "p_adjusted": t.get("p_adjusted"),
+                   "effect_size": t.get("hedges_g") if lab.startswith("welch") else t.get("tau"),
+                   "effect_measure": "hedges_g" if lab.startswith("welch") else "kendall_tau"}
+                  for lab, t in zip(labels, tests)],
+    }
+    m_tests = family["n_tests"]
+
     hyps: list[dict] = []
     supported: list[str] = []
     not_supported: list[str] = []
-    for method, base, metric, sign in HYPOTHESES:
-        cmp = _compare(runs, method, base, metric, level)
-        if cmp is None:
-            continue
+    for method, base, metric, sign, cmp in hyp_cmps:
         verdict = _verdict(cmp, sign)
         word = "below" if sign < 0 else "above"
         text = (
             f"{method}'s mean {metric} ({_fmt(cmp['mean_a'])}, n={cmp['n_a']}) vs {base}'s ({_fmt(cmp['mean_b'])}, "
             f"n={cmp['n_b']}): difference {_fmt(cmp['difference'])}, {int(level * 100)}% CI "
-            f"[{_fmt(cmp['low'])}, {_fmt(cmp['high'])}], Welch {_p(cmp['p_value'])}."
+            f"[{_fmt(cmp['low'])}, {_fmt(cmp['high'])}], {_g(cmp)}, Welch {_p(cmp['p_value'], cmp['p_adjusted'])}."
         )
         entry = {"claim": f"{method} {metric} {word} {base}", "verdict": verdict, "comparison": cmp, "text": text}
         if verdict == "supported":
-            supported.append(f"{method}'s {metric} is {word} {base}'s (significant at {ALPHA}). {text}")
+            supported.append(f"{method}'s {metric} is {word} {base}'s (significant at {ALPHA} after Holm's correction "
+                             f"over {m_tests} tests). {text}")
         elif verdict == "direction only":
-            supported.append(
-                f"{method}'s mean {metric} is {word} {base}'s, but the difference is not significant at {ALPHA} "
-                f"with these seeds. {text}"
-            )
             not_supported.append(
-                f"That {method}'s {metric} is reliably {word} {base}'s: the direction holds on average but the "
-                f"{int(level * 100)}% interval of the difference includes 0."
+                f"That {method}'s {metric} is reliably {word} {base}'s: the mean is {word}, but not significantly "
+                f"after Holm's correction over {m_tests} tests. {text}"
             )
         elif verdict == "contradicted":
             entry["why"] = _why_not(runs, method, metric, settings, level)
@@ -204,32 +258,27 @@ def findings(runs: Sequence[Mapping[str, Any]], corr: Mapping[str, Any], setting
             )
         hyps.append(entry)
 
-    # Rank correlations between sharpness and robustness.
-    all_runs, standard = corr.get("all_runs", {}), corr.get("no_adversarial_training", {})
+    # Rank correlations between sharpness and robustness, every view.
+    all_runs = corr.get("all_runs", {})
     for measure in SHARPNESS_MEASURES:
-        c = all_runs.get(measure)
-        if not c or c["tau"] is None:
-            continue
-        s = standard.get(measure, {})
-        rel = "sharper models were less robust" if c["tau"] < 0 else "sharper models were more robust"
-        sig = c["p_value"] is not None and c["p_value"] < ALPHA
-        line = f"Across all {c['n']} models, Kendall τ({measure}, {c['against']}) = {c['tau']:.2f} ({_p(c['p_value'])})"
-        if sig:
-            supported.append(f"{line}: {rel}.")
-        else:
-            not_supported.append(f"A rank association between {measure} and {c['against']}: {line}, not significant at {ALPHA}.")
-        if s.get("tau") is not None:
-            s_sig = s["p_value"] is not None and s["p_value"] < ALPHA
-            s_line = (f"among the {s['n']} models trained without adversarial training, τ({measure}, {c['against']}) "
-                      f"= {s['tau']:.2f} ({_p(s['p_value'])})")
-            if sig and not s_sig:
+        pooled_sig = bool(all_runs.get(measure)) and _significant(all_runs[measure])
+        for view, measures in corr.items():
+            c = measures.get(measure)
+            if not c or c.get("tau") is None:
+                continue
+            where = VIEW_TEXT.get(view, view + " ({n} points)").format(n=c["n"])
+            line = f"{where[0].upper()}{where[1:]}, Kendall τ({measure}, {c['against']}) = {c['tau']:.2f} ({_p(c['p_value'], c['p_adjusted'])})"
+            if _significant(c):
+                rel = "sharper models were less robust" if c["tau"] < 0 else "sharper models were more robust"
+                supported.append(f"{line}: {rel}.")
+            elif view == "all_runs":
+                not_supported.append(f"A rank association between {measure} and {c['against']}: {line}, not significant "
+                                     f"at {ALPHA} after Holm's correction.")
+            elif view == "no_adversarial_training" and pooled_sig:
                 not_supported.append(
-                    f"That {measure} predicts robustness beyond the training method: {s_line}; the pooled association "
+                    f"That {measure} predicts robustness beyond the training method: {line}; the pooled association "
                     "comes from the difference between adversarially trained and other models."
                 )
-            elif s_sig:
-                s_rel = "sharper models were less robust" if s["tau"] < 0 else "sharper models were more robust"
-                supported.append(f"{s_line[0].upper()}{s_line[1:]}: {s_rel}.")
 
     # Gradient masking: a multi-step attack must do at least as well as FGSM, and PGD on cross entropy should
     # not be beaten by much by PGD on the margin loss (saturated softmax, Carlini & Wagner 2016).
@@ -260,12 +309,11 @@ def findings(runs: Sequence[Mapping[str, Any]], corr: Mapping[str, Any], setting
                 "steeply a short distance away (see its loss slice); the same saturation masks input gradients."
             )
     # The price of robustness.
-    for m in sorted(ADVERSARIAL_METHODS & set(_methods(runs))):
-        c = _compare(runs, m, "sgd", "clean_acc", level)
-        if c and c["difference"] is not None and c["difference"] < 0 and c["p_value"] is not None and c["p_value"] < ALPHA:
+    for m, c in price:
+        if c["difference"] is not None and c["difference"] < 0 and _significant(c):
             supported.append(
                 f"{m} pays for robustness with clean accuracy: {_fmt(c['mean_a'], '.3f')} vs sgd's {_fmt(c['mean_b'], '.3f')} "
-                f"({_p(c['p_value'])})."
+                f"({_g(c)}, {_p(c['p_value'], c['p_adjusted'])})."
             )
     data = settings.get("dataset", {})
     not_supported.append(
@@ -274,7 +322,7 @@ def findings(runs: Sequence[Mapping[str, Any]], corr: Mapping[str, Any], setting
         f"{settings.get('model', 'model')} on {data.get('name', 'one data set') if isinstance(data, Mapping) else data} "
         f"at eps = {settings.get('eps', '?')} only."
     )
-    return {"hypotheses": hyps, "supported": supported, "not_supported": not_supported}
+    return {"hypotheses": hyps, "supported": supported, "not_supported": not_supported, "multiple_comparisons": family}
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -324,7 +372,7 @@ def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str
     for method, stats in report["summary"].items():
         n = max(ci["n"] for ci in stats.values())
         lines.append(f"| {method} | {n} | " + " | ".join(_cell(stats[k], spec) for k, _, spec in METRICS) + " |")
-    lines += ["", f"## Rank correlation of sharpness with {ROBUST_METRIC} (Kendall τ-b, two-sided p)", ""]
+    lines += ["", f"## Rank correlation of sharpness with {ROBUST_METRIC} (Kendall τ-b, two-sided p, Holm-adjusted p)", ""]
     views = list(report["correlations"])
     lines.append("| measure | " + " | ".join(views) + " |")
     lines.append("|---|" + "---|" * len(views))
@@ -332,9 +380,14 @@ def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str
         cells = []
         for view in views:
             c = report["correlations"][view].get(measure)
-            cells.append("n/a" if not c or c["tau"] is None else f"τ = {c['tau']:.2f} ({_p(c['p_value'])}, n = {c['n']})")
+            cells.append("n/a" if not c or c["tau"] is None else f"τ = {c['tau']:.2f} ({_p(c['p_value'], c.get('p_adjusted'))}, n = {c['n']})")
         lines.append(f"| {measure} | " + " | ".join(cells) + " |")
     f = report["findings"]
+    family = f.get("multiple_comparisons")
+    if family:
+        lines += ["", f"Multiple comparisons: {family['n_tests']} tests (every Welch comparison and every Kendall τ "
+                      f"above), Holm's correction at family-wise α = {family['alpha']}; a finding is supported only "
+                      "when its adjusted p-value is below α. Effect sizes: Hedges' g for comparisons, τ for correlations."]
     lines += ["", "## What the data support", ""]
     lines += [f"- {s}" for s in f["supported"]] or ["- Nothing at the chosen significance level."]
     lines += ["", "## What the data do not support", ""]

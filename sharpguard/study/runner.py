@@ -55,8 +55,19 @@ def headline(report: Mapping[str, Any]) -> list[str]:
     for measure in SHARPNESS_MEASURES:
         c = report["correlations"]["all_runs"].get(measure, {})
         if c.get("tau") is not None:
-            lines.append(f"Kendall tau({measure}, {c['against']}) = {c['tau']:.2f} (p = {c['p_value']:.3g}, n = {c['n']})")
-    return lines
+            adjusted = f", Holm-adjusted p = {c['p_adjusted']:.3g}" if c.get("p_adjusted") is not None else ""
+            lines.append(f"Kendall tau({measure}, {c['against']}) = {c['tau']:.2f} (p = {c['p_value']:.3g}{adjusted}, n = {c['n']})")
+    return lines + supported_lines(report)
+
+
+def supported_lines(report: Mapping[str, Any]) -> list[str]:
+    """Every finding the report calls supported (after its multiple-comparison correction), for the console."""
+    f = report["findings"]
+    family = f.get("multiple_comparisons") or {}
+    supported = list(f["supported"])
+    head = (f"supported after {family.get('method', 'the')} correction over {family.get('n_tests', '?')} tests "
+            f"({len(supported)}):")
+    return [head] + [f"- {s}" for s in supported] if supported else [head + " none"]
 
 
 def _settings(config: StudyConfig, data_info: dict, model_name: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Statistics for the study report: means with t-based confidence intervals, a Welch comparison of two
-methods, and Kendall's rank correlation with its p-value.
+methods with Hedges' g as its effect size, Kendall's rank correlation with its p-value, and the
+multiple-comparison corrections (Holm; Benjamini-Hochberg) the report applies across every test it makes.
 
 Everything here is plain numbers in, plain numbers out (floats, ``None`` where a quantity is undefined,
 e.g. the confidence interval of a single seed), so the results go straight into ``report.json``.
@@ -139,3 +140,70 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> RankCorrelation:
         return RankCorrelation(n, None, None)
     result = stats.kendalltau(xs, ys)
     return RankCorrelation(n, float(result.statistic), float(result.pvalue))
+
+
+def hedges_g(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Standardized mean difference ``(mean(a) - mean(b)) / s_pooled`` with Hedges' small-sample correction
+    ``J = 1 - 3 / (4 (n_a + n_b) - 9)`` (Hedges & Olkin, *Statistical Methods for Meta-Analysis*, 1985, eq. 5.10).
+
+    ``s_pooled^2 = ((n_a - 1) s_a^2 + (n_b - 1) s_b^2) / (n_a + n_b - 2)``. ``None`` with fewer than two finite
+    values on a side or zero pooled variance (the effect is then undefined in standard-deviation units).
+    """
+    xa, xb = _finite_values(a, "a"), _finite_values(b, "b")
+    na, nb = int(xa.size), int(xb.size)
+    if na < 2 or nb < 2:
+        return None
+    pooled = ((na - 1) * xa.var(ddof=1) + (nb - 1) * xb.var(ddof=1)) / (na + nb - 2)
+    if pooled <= 0.0:
+        return None
+    correction = 1.0 - 3.0 / (4.0 * (na + nb) - 9.0)
+    return float(correction * (xa.mean() - xb.mean()) / math.sqrt(pooled))
+
+
+def _check_p_values(p_values: Sequence[float | None]) -> list[float | None]:
+    out: list[float | None] = []
+    for p in p_values:
+        if p is None:
+            out.append(None)
+            continue
+        p = float(p)
+        if not 0.0 <= p <= 1.0:
+            raise ConfigurationError(f"p-values must lie in [0, 1], got {p}; pass None for an undefined test.")
+        out.append(p)
+    return out
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (Holm, Scand. J. Statist. 1979), in the input order.
+
+    With the ``m`` defined p-values sorted, ``p~_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``; rejecting
+    where ``p~ < alpha`` controls the family-wise error rate at ``alpha`` under any dependence. ``None``
+    (an undefined test) stays ``None`` and does not count in ``m``.
+    """
+    ps = _check_p_values(p_values)
+    defined = sorted((p, i) for i, p in enumerate(ps) if p is not None)
+    m = len(defined)
+    out: list[float | None] = [None] * len(ps)
+    running = 0.0
+    for rank, (p, i) in enumerate(defined):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
+def benjamini_hochberg(p_values: Sequence[float | None]) -> list[float | None]:
+    """Benjamini-Hochberg adjusted p-values (J. R. Statist. Soc. B 1995), in the input order.
+
+    ``p~_(i) = min_{j >= i} min(1, m p_(j) / j)``; rejecting where ``p~ < q`` controls the false discovery
+    rate at ``q`` for independent or positively dependent tests. ``None`` stays ``None``.
+    """
+    ps = _check_p_values(p_values)
+    defined = sorted((p, i) for i, p in enumerate(ps) if p is not None)
+    m = len(defined)
+    out: list[float | None] = [None] * len(ps)
+    running = 1.0
+    for rank in range(m - 1, -1, -1):
+        p, i = defined[rank]
+        running = min(running, min(1.0, m * p / (rank + 1)))
+        out[i] = running
+    return out
