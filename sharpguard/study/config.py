@@ -77,6 +77,7 @@ class StudyConfig:
     adaptive_sharpness_rho: float = 0.5
     sharpness_steps: int = 10
     trace_hvps: int = 60
+    curvature_examples: int = 64  # examples whose input-Hessian top eigenvalue is measured (Lanczos each)
     # monitors during training
     monitor_checks: int = 8  # monitor measurements per run
     monitor_probe_size: int = 256
@@ -127,7 +128,7 @@ class StudyConfig:
     def with_quick(self) -> StudyConfig:
         """A tiny run for smoke tests: fewer epochs, a subset of the data, cheap measurements."""
         return replace(self, quick=True, subset=(256, 128),
-                       probe_size=128, sharpness_steps=3, trace_hvps=9, eval_pgd_steps=5, train_attack_steps=2,
+                       probe_size=128, sharpness_steps=3, trace_hvps=9, curvature_examples=16, eval_pgd_steps=5, train_attack_steps=2,
                        monitor_checks=2, monitor_probe_size=64)
 
     def as_settings(self) -> dict[str, Any]:

@@ -1,5 +1,7 @@
-"""Measure one trained model: clean, FGSM and PGD-20 accuracy on the test set, and four sharpness
-measures of the training loss on a fixed probe set. Every measurement is side-effect free (it leaves
+"""Measure one trained model: clean, FGSM and PGD-20 accuracy on the test set; four sharpness measures of
+the training loss, relative flatness of the penultimate layer (Petzka et al. 2021; Walter et al. 2026), the
+sharpness of the robust loss (Stutz et al. 2021) and the input-space curvature (CURE) on a fixed probe
+set; and the confidence and curvature at the test set's PGD examples. Every measurement is side-effect free (it leaves
 weights, gradients, modes and the global RNG as it found them), so measuring order does not matter."""
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 
 from .._batches import logits_of
 from .config import StudyConfig
+from .models import LogitEnsemble
 
 
 def probe_batches(x: torch.Tensor, y: torch.Tensor, size: int, batch_size: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -74,6 +77,17 @@ def measure_model(model: nn.Module, test: list, probe: list, config: StudyConfig
                                           loss="margin", generator=_attack_generator(seed + 1))
         return functools.partial(fgsm, eps=eps), pgd_attack, margin_attack
 
+    geometry: dict[str, Any] = {}
+
+    def geo(key: str) -> float:
+        """The adversarial-geometry measurement, taken once (PGD-20 on the test set) and read per field."""
+        if not geometry:
+            g = S.adversarial_geometry(model, test, eps=eps, attack_steps=config.eval_pgd_steps,
+                                       n_curvature=config.curvature_examples, seed=seed)
+            geometry.update(vars(g))
+        value = geometry[key]
+        return float("nan") if value is None else value
+
     return {
         "clean_acc": _safe(lambda: robust_accuracy(model, test, None)),
         "pgd_acc": _safe(lambda: robust_accuracy(model, test, attacks()[1])),
@@ -86,6 +100,16 @@ def measure_model(model: nn.Module, test: list, probe: list, config: StudyConfig
             model, probe, rho=config.sharpness_rho, steps=config.sharpness_steps).value),
         "adaptive_sharpness": _safe(lambda: S.worst_case_sharpness(
             model, probe, rho=config.adaptive_sharpness_rho, steps=config.sharpness_steps, adaptive=True).value),
+        # An ensemble has no single penultimate layer feeding its logits: relative flatness is undefined.
+        "relative_flatness": None if isinstance(model, LogitEnsemble) else _safe(
+            lambda: S.relative_flatness(model, probe, method="closed_form").value),
+        "robust_sharpness": _safe(lambda: S.robust_sharpness(
+            model, probe, eps=eps, attack_steps=config.train_attack_steps, rho=config.sharpness_rho,
+            steps=config.sharpness_steps, seed=seed).value),
+        "input_curvature": _safe(lambda: S.input_hessian_eigenvalue(
+            model, probe, n_examples=config.curvature_examples, seed=seed).mean),
+        "adv_confidence": _safe(lambda: geo("adv_confidence_fooled")),
+        "adv_input_curvature": _safe(lambda: geo("adv_curvature")),
     }
 
 

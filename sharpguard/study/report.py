@@ -29,9 +29,15 @@ METRICS: list[tuple[str, str, str]] = [
     ("trace", "tr(H)", ".3g"),
     ("worst_case_sharpness", "worst-case sharpness", ".3g"),
     ("adaptive_sharpness", "adaptive sharpness", ".3g"),
+    ("relative_flatness", "relative flatness κ", ".3g"),
+    ("robust_sharpness", "robust-loss sharpness", ".3g"),
+    ("input_curvature", "input-Hessian λ_max", ".3g"),
+    ("adv_confidence", "confidence when fooled", ".3f"),
+    ("adv_input_curvature", "input λ_max at PGD examples", ".3g"),
     ("train_time_s", "train time (s)", ".1f"),
 ]
-SHARPNESS_MEASURES = ["lambda_max", "trace", "worst_case_sharpness", "adaptive_sharpness"]
+SHARPNESS_MEASURES = ["lambda_max", "trace", "worst_case_sharpness", "adaptive_sharpness", "relative_flatness",
+                      "robust_sharpness", "input_curvature"]
 # Robust accuracy for the correlations: an example counts only if it survives FGSM, PGD-20 on cross
 # entropy and PGD-20 on the margin loss, so gradient masking cannot inflate it.
 ROBUST_METRIC = "robust_acc"
