@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .._batches import logits_of
+from ..attacks._context import check_label_range
 from ..attacks.threat import ThreatModel, make_generator
 from ..errors import ConfigurationError
 
@@ -88,6 +89,31 @@ class AdversarialMethod:
         return (f + o[0], b + o[1])
 
     # --- helpers --------------------------------------------------------------------------
+    def checked_logits(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``model(x)``'s logits, with ``y`` checked against the number of classes before anything changes.
+
+        Once the number of outputs is known (after the first call) the labels are checked before the
+        forward; on the first call the forward runs with the buffers (BatchNorm statistics) and the CPU
+        RNG saved, and both are put back if the labels turn out to be out of range.
+        """
+        n_classes = getattr(self, "_n_classes", None)
+        if n_classes is not None:
+            check_label_range(y, n_classes)
+            return logits_of(model(x))
+        buffers = [b.detach().clone() for b in model.buffers()]
+        rng = torch.get_rng_state()
+        logits = logits_of(model(x))
+        try:
+            check_label_range(y, logits.shape[-1])
+        except ConfigurationError:
+            with torch.no_grad():
+                for b, saved in zip(model.buffers(), buffers):
+                    b.copy_(saved)
+            torch.set_rng_state(rng)
+            raise
+        self._n_classes = logits.shape[-1]
+        return logits
+
     def generator(self, device: torch.device) -> torch.Generator:
         """This method's own generator on ``device`` (seed + rank); the global RNG is not used for random starts."""
         key = str(device)

@@ -22,7 +22,7 @@ from torch import nn
 from .._batches import logits_of
 from .._state import preserve_buffers, preserve_modes, side_effect_free
 from ..attacks import geometry
-from ..attacks._context import attack_context, check_steps
+from ..attacks._context import attack_context, check_label_range, check_steps
 from ..attacks.gradient import pgd
 from ..attacks.losses import wide
 from ..attacks.threat import ThreatModel, make_generator
@@ -414,11 +414,13 @@ class DefensiveDistillation(AdversarialMethod):
         self.teacher = teacher
 
     def generate(self, model: nn.Module, batch: Any) -> torch.Tensor | None:
-        x, _ = image_batch(batch)
+        x, y = image_batch(batch)
         if self.teacher is None:
             return None
         with torch.no_grad(), preserve_modes(self.teacher, train=False):
-            return F.softmax(wide(logits_of(self.teacher(x))) / self.temperature, dim=-1)
+            teacher = logits_of(self.teacher(x))
+        check_label_range(y, teacher.shape[-1])  # before the student's training forward
+        return F.softmax(wide(teacher) / self.temperature, dim=-1)
 
     @property
     def attack_cost(self) -> tuple[int, int]:
@@ -426,7 +428,8 @@ class DefensiveDistillation(AdversarialMethod):
 
     def objective(self, model: nn.Module, batch: Any, soft_labels: torch.Tensor | None) -> torch.Tensor:
         x, y = image_batch(batch)
-        scaled = wide(logits_of(model(x))) / self.temperature
+        logits = logits_of(model(x)) if soft_labels is not None else self.checked_logits(model, x, y)
+        scaled = wide(logits) / self.temperature
         if soft_labels is None:
             return F.cross_entropy(scaled, y)
         return -(soft_labels * F.log_softmax(scaled, dim=-1)).sum(-1).mean()

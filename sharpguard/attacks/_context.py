@@ -11,7 +11,7 @@ from torch import nn
 from .._state import preserve_buffers, preserve_modes, preserve_rng
 from ..errors import ConfigurationError
 
-__all__ = ["attack_context", "MODEL_MODES", "check_steps", "check_labels", "as_normal_tensor"]
+__all__ = ["attack_context", "MODEL_MODES", "check_steps", "check_labels", "check_label_range", "as_normal_tensor"]
 
 MODEL_MODES = ("eval", "train", "keep")
 
@@ -70,3 +70,20 @@ def check_labels(y: torch.Tensor | None, n: int, *, required: bool) -> torch.Ten
     if y.dtype.is_floating_point or y.dtype == torch.bool:
         raise ConfigurationError(f"labels must be integer class indices, got dtype {y.dtype}.")
     return as_normal_tensor(y)
+
+
+def check_label_range(y: torch.Tensor, n_classes: int) -> None:
+    """Raise unless every label is a class index in ``[0, n_classes)`` (one device synchronisation).
+
+    Without it an out-of-range label gives an accuracy of 0 for that example without a word, an
+    attack that reports every point as already broken, or torch's ``IndexError`` (a device-side
+    assert on CUDA) after a training forward has already updated BatchNorm statistics.
+    """
+    if y.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.stack([y.min(), y.max()]).tolist())
+    if lo < 0 or hi >= n_classes:
+        raise ConfigurationError(
+            f"labels must be class indices in [0, {n_classes}) for a model with {n_classes} outputs, got values in "
+            f"[{lo}, {hi}]; check the label encoding (and ignore indices such as -100) or the model's output size."
+        )

@@ -27,7 +27,7 @@ from torch import nn
 from .._batches import logits_of
 from ..errors import ConfigurationError
 from . import checks as _checks
-from ._context import as_normal_tensor, attack_context, check_labels, check_steps
+from ._context import as_normal_tensor, attack_context, check_label_range, check_labels, check_steps
 from .gradient import _threat, apgd, apgd_targeted
 from .square import square
 from .threat import ThreatModel, default_generator
@@ -160,6 +160,7 @@ class AutoAttack:
 
         u = x.detach().requires_grad_(True)
         logits = logits_of(model(u))
+        check_label_range(y, logits.shape[-1])
         flag(_checks.check_probability_output(logits))
         flag(_checks.check_zero_gradients(logits, u, y))
         with torch.no_grad():

@@ -19,7 +19,7 @@ from torch import nn
 from .._batches import logits_of
 from ..errors import ConfigurationError
 from . import geometry
-from ._context import as_normal_tensor, attack_context, check_labels, check_steps
+from ._context import as_normal_tensor, attack_context, check_label_range, check_labels, check_steps
 from .losses import NEEDS_LABELS, AttackLoss, dlr_targeted, resolve_loss
 from .threat import ThreatModel, default_generator
 
@@ -52,6 +52,7 @@ class _Problem:
         self.targeted = targeted
         self.x0 = tm.to_pixel(as_normal_tensor(x), check=check_range)
         self.reference = None
+        self._classes_checked = False
         if reference_logits is not None:
             self.reference = as_normal_tensor(reference_logits)
         elif self.loss_fn not in NEEDS_LABELS:
@@ -71,7 +72,14 @@ class _Problem:
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return logits_of(self.model(self.tm.from_pixel(u)))
 
+    def check_classes(self, logits: torch.Tensor) -> None:
+        """Labels against the model's number of outputs, once per attack (the first forward tells it)."""
+        if not self._classes_checked and self.y is not None:
+            check_label_range(self.y, logits.shape[-1])
+        self._classes_checked = True
+
     def per_example(self, logits: torch.Tensor) -> torch.Tensor:
+        self.check_classes(logits)
         values = self.loss_fn(logits, self.y, self.reference)
         if values.dim() == 0:
             values = values.expand(logits.shape[0])
@@ -288,6 +296,7 @@ def apgd_targeted(
         x0 = problem.x0
         with torch.no_grad():
             clean = problem.forward(x0)
+        problem.check_classes(clean)
         n_classes = clean.shape[-1]
         if n_classes < 4:
             raise ConfigurationError(

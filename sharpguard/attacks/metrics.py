@@ -15,7 +15,7 @@ from torch import nn
 from .._batches import as_batches, logits_of
 from .._state import side_effect_free
 from ..errors import ConfigurationError
-from ._context import as_normal_tensor, check_labels
+from ._context import as_normal_tensor, check_label_range, check_labels
 from .embedding import EmbeddingPerturbation, padding_mask
 from .losses import resolve_loss
 from .threat import ThreatModel
@@ -36,14 +36,14 @@ def _split(batch: Any) -> tuple[Any, torch.Tensor]:
     raise ConfigurationError(f"expected (inputs, labels) or a mapping with labels, got {type(batch).__name__}.")
 
 
-def _predict(model: nn.Module, inputs: Any, perturbation: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+def _logits(model: nn.Module, inputs: Any, perturbation: torch.Tensor | None = None, mask=None) -> torch.Tensor:
     with torch.no_grad():
         if isinstance(inputs, Mapping):
             if perturbation is not None:
                 with EmbeddingPerturbation(model, perturbation, mask):
-                    return logits_of(model(**inputs)).argmax(-1)
-            return logits_of(model(**inputs)).argmax(-1)
-        return logits_of(model(inputs)).argmax(-1)
+                    return logits_of(model(**inputs))
+            return logits_of(model(**inputs))
+        return logits_of(model(inputs))
 
 
 def robust_accuracy(model: nn.Module, batches: Any, attack: Attack | None = None) -> float:
@@ -69,10 +69,13 @@ def robust_accuracy(model: nn.Module, batches: Any, attack: Attack | None = None
                 perturbation = None if attack is None else attack(model, inputs, labels)
                 if perturbation is not None and not isinstance(perturbation, torch.Tensor):
                     raise ConfigurationError("for a mapping batch the attack must return an embedding perturbation tensor.")
-                pred = _predict(model, inputs, perturbation, padding_mask(inputs))
+                logits = _logits(model, inputs, perturbation, padding_mask(inputs))
             else:
                 adv = inputs if attack is None else attack(model, inputs, labels)
-                pred = _predict(model, adv)
+                logits = _logits(model, adv)
+            # An out-of-range label would count as a silent error; nothing has changed yet (side_effect_free).
+            check_label_range(labels, logits.shape[-1])
+            pred = logits.argmax(-1)
             if pred.shape != labels.shape:
                 raise ConfigurationError(
                     f"the model made {tuple(pred.shape)} predictions for {tuple(labels.shape)} labels; "
@@ -93,18 +96,28 @@ def input_grad_norm(
     batches: Any,
     *,
     loss: str = "ce",
+    bounds: tuple[float, float] | None = (0.0, 1.0),
     mean=None,
     std=None,
+    threat: ThreatModel | None = None,
+    check_range: bool = True,
 ) -> float:
     """Mean over examples of ``||d loss_i / d x_i||_2`` in pixel space (Ross & Doshi-Velez 2018's input-gradient norm).
 
     A large value flags a locally fragile model; a value near zero on a model that is not robust
     flags gradient masking. ``mean``/``std``: the normalization applied outside the model (the chain
     rule turns normalized-space gradients into pixel-space ones). One forward and one input-only
-    backward per batch.
+    backward per batch. ``bounds``/``threat``/``check_range``: the input-range check of the attacks
+    (inputs outside ``bounds`` in pixel space raise; ``bounds=None`` for unbounded inputs). Labels must
+    be class indices below the model's number of outputs.
     """
     loss_fn = resolve_loss(loss)
-    tm = ThreatModel(bounds=None, mean=mean, std=std) if mean is not None or std is not None else None
+    if threat is not None:
+        if not isinstance(threat, ThreatModel):
+            raise ConfigurationError(f"threat must be a ThreatModel, got {type(threat).__name__}.")
+        tm = threat
+    else:
+        tm = ThreatModel(bounds=bounds, mean=mean, std=std)
     total = 0.0
     count = 0
     with side_effect_free(model, train=False, parameters=False), torch.inference_mode(False), torch.enable_grad():
@@ -114,9 +127,12 @@ def input_grad_norm(
                 raise ConfigurationError("input_grad_norm takes (inputs, labels) batches of continuous inputs.")
             x = as_normal_tensor(inputs)
             y = check_labels(labels, x.shape[0], required=True)
-            u = (x if tm is None else tm.to_pixel(x, check=False)).requires_grad_(True)
-            z = u if tm is None else tm.from_pixel(u)
-            values = loss_fn(logits_of(model(z)), y, None)
+            if not x.dtype.is_floating_point:
+                raise ConfigurationError(f"input_grad_norm needs floating-point inputs, got dtype {x.dtype}.")
+            u = tm.to_pixel(x, check=check_range).detach().requires_grad_(True)
+            logits = logits_of(model(tm.from_pixel(u)))
+            check_label_range(y, logits.shape[-1])
+            values = loss_fn(logits, y, None)
             (grad,) = torch.autograd.grad(values.sum(), u)
             total += float(torch.linalg.vector_norm(grad.flatten(1).double(), dim=1).sum())
             count += x.shape[0]

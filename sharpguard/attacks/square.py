@@ -162,7 +162,9 @@ def square(
         problem = _Problem(model, x, y, tm, "margin", None, False, check_range)
         gen = generator if generator is not None else default_generator(problem.x0.device)
         u_out = problem.x0.clone()
-        robust = problem.forward(problem.x0).argmax(-1) == problem.y
+        clean = problem.forward(problem.x0)
+        problem.check_classes(clean)
+        robust = clean.argmax(-1) == problem.y
         for _ in range(restarts):
             index = robust.nonzero().squeeze(1)
             if index.numel() == 0:
