@@ -127,8 +127,18 @@ class ProbeLoss:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         self._stack = stack
-        self.w0 = self.flatten([p.detach() for p in self.params]).clone()
+        self._w0: torch.Tensor | None = None  # captured before the first write (one model-size vector)
+        self._at_w0 = True  # the weights are the entry weights
         return self
+
+    @property
+    def w0(self) -> torch.Tensor:
+        """The weights found on entry, as a flat vector (copied lazily: a curvature measure that never
+        moves the weights never pays for the copy)."""
+        self._require_entered()
+        if self._w0 is None:
+            self._w0 = self.flatten([p.detach() for p in self.params]).clone()
+        return self._w0
 
     def __exit__(self, *exc: object) -> None:
         stack, self._stack = self._stack, None
@@ -172,9 +182,11 @@ class ProbeLoss:
     def set_parameters(self, vector: torch.Tensor) -> None:
         """Copy a flat vector into the trainable parameters (restored when the context exits)."""
         self._require_entered()
+        w0 = self.w0  # make sure the entry weights are captured before they change
         with torch.no_grad():
             for p, chunk in zip(self.params, self.unflatten(vector)):
                 p.copy_(chunk)
+        self._at_w0 = vector is w0
 
     # -- collectives ----------------------------------------------------------------------------
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -392,7 +404,8 @@ class HVPOperator(ProbeLoss):
         v_norm = float(torch.linalg.vector_norm(v))
         if v_norm == 0.0:
             return torch.zeros_like(v)
-        w0 = self.flatten([p.detach() for p in self.params]).clone()
+        # at the entry weights (the usual case) reuse their copy instead of taking another
+        w0 = self.w0 if self._at_w0 else self.flatten([p.detach() for p in self.params]).clone()
         h = self.fd_eps * max(float(torch.linalg.vector_norm(w0)), 1.0) / v_norm
         try:
             self.set_parameters(w0 + h * v)

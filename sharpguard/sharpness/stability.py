@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,7 +33,7 @@ from torch import nn
 
 from .._batches import LossFn
 from ..errors import ConfigurationError
-from .lanczos import _check_common, lanczos, start_vector
+from .lanczos import _check_common, check_max_basis, lanczos, start_vector
 from .operator import HVPMethod, HVPOperator
 
 __all__ = ["DirectionalCurvature", "EoSResult", "directional_curvature", "eos_ratio"]
@@ -127,13 +128,22 @@ def _preconditioner(op: HVPOperator, opt: torch.optim.Optimizer, kind: str):
     if min(lrs) < 0 or not all(math.isfinite(lr) for lr in lrs):
         raise ConfigurationError(f"the optimizer's learning rates must be finite and >= 0, got {sorted(set(lrs))}.")
     lr_max = max(lrs)
+    stateless = _params_without_state(opt, op.params, groups) if kind == "adam" else []
+    if len(stateless) == len(op.params):
+        raise ConfigurationError(
+            "the optimizer has no exp_avg_sq yet; measure the Adam edge-of-stability ratio after the first step."
+        )
     parts, decay = [], []
-    for p, g in zip(op.params, groups):
+    for i, (p, g) in enumerate(zip(op.params, groups)):
         # relative step sizes of the groups; at lr = 0 everywhere (the end of a cosine schedule) the
         # preconditioned curvature is still defined, with equal weights, and the threshold is infinite
         relative = math.sqrt(float(g["lr"]) / lr_max) if lr_max > 0 else 1.0
         scale = torch.full(p.shape, relative, dtype=op.dtype, device=op.device)
-        if kind == "adam":
+        if kind == "adam" and i in stateless:
+            # Adam never updated this parameter (it never had a gradient: an unused layer); it does not
+            # move, so it is no direction of the update's dynamics - a zero scale removes it from D H D
+            scale.zero_()
+        elif kind == "adam":
             scale = scale / _adam_denominator(opt, p, g).to(op.dtype).sqrt()
         parts.append(scale.reshape(-1))
         # torch >= 2.6 marks AdamW's groups decoupled_weight_decay=True; older AdamW has no key
@@ -144,7 +154,17 @@ def _preconditioner(op: HVPOperator, opt: torch.optim.Optimizer, kind: str):
                 (p.numel(),), float(g.get("weight_decay", 0.0)) if coupled else 0.0, dtype=op.dtype, device=op.device
             )
         )
-    return torch.cat(parts), torch.cat(decay), lr_max, groups
+    return torch.cat(parts), torch.cat(decay), lr_max, groups, stateless
+
+
+def _params_without_state(opt: torch.optim.Optimizer, params: list[torch.Tensor], groups: list[dict]) -> list[int]:
+    """Indices of the trainable parameters for which Adam holds no second moment (never had a gradient)."""
+    out = []
+    for i, (p, g) in enumerate(zip(params, groups)):
+        key = "max_exp_avg_sq" if g.get("amsgrad") else "exp_avg_sq"
+        if key not in opt.state.get(p, {}):
+            out.append(i)
+    return out
 
 
 def eos_ratio(
@@ -161,13 +181,18 @@ def eos_ratio(
     train: bool = False,
     check_determinism: bool = True,
     cache_graph: bool | None = None,
+    max_basis: int | None = None,
 ) -> EoSResult:
     """Top (preconditioned) curvature against the stability threshold of ``optimizer``.
 
     ``optimizer``: torch SGD (any momentum, dampening, Nesterov) or Adam/AdamW (after its first step), or a
     SAM-family wrapper around one. ``init`` warm-starts Lanczos from a previous ``result.eigenvector``.
+    ``max_basis`` bounds the Lanczos vectors kept (see :func:`hessian_eigenvalues`). With Adam,
+    parameters that never received a gradient (no ``exp_avg_sq``) are left out of the operator, with a
+    ``RuntimeWarning`` and their count in ``settings["params_without_state"]``.
     """
     _check_common(1, tol, max_iter)
+    check_max_basis(max_basis, 1, "largest")
     opt = _base_optimizer(optimizer)
     kind = _kind(opt)
     start = time.perf_counter()
@@ -176,7 +201,16 @@ def eos_ratio(
         model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph
     )
     with op:
-        d, wd, lr, groups = _preconditioner(op, opt, kind)  # validates the optimizer before any product
+        d, wd, lr, groups, stateless = _preconditioner(op, opt, kind)  # validates before any product
+        if stateless:
+            names = _names(model, [op.params[i] for i in stateless])
+            warnings.warn(
+                f"{len(stateless)} trainable parameters have no Adam state (they never received a gradient: "
+                f"{names}); the preconditioned sharpness is measured over the {len(op.params) - len(stateless)} "
+                f"parameters Adam updates.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if kind == "adam":
             beta = float(_same(groups, lambda g: g["betas"][0], "betas"))
             scale = (1 - beta) * lr
@@ -192,15 +226,19 @@ def eos_ratio(
             dv = d * v
             return d * (op.matvec(dv) + wd * dv)
 
+        v0 = start_vector(op, init, generator)
+        if stateless:
+            v0 = v0 * (d != 0)  # start in the subspace the operator acts on
         out = lanczos(
             matvec,
-            start_vector(op, init, generator),
+            v0,
             k=1,
             which="largest",
             tol=tol,
             max_iter=max_iter,
             generator=generator,
             return_eigenvectors=True,
+            max_basis=max_basis,
         )
     lam = out["eigenvalues"][0]
     return EoSResult(
@@ -224,8 +262,16 @@ def eos_ratio(
             "warm_start": init is not None,
             "train": train,
             "probe_examples": op.n_examples,
+            "max_basis": max_basis,
+            "params_without_state": len(stateless),
         },
     )
+
+
+def _names(model: nn.Module, params: list[torch.Tensor], limit: int = 3) -> str:
+    ids = {id(p) for p in params}
+    names = [n for n, p in model.named_parameters() if id(p) in ids]
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
 def _update_direction(op: HVPOperator, optimizer: Any) -> torch.Tensor:
@@ -246,7 +292,11 @@ def _update_direction(op: HVPOperator, optimizer: Any) -> torch.Tensor:
             u = float(g["lr"]) * buf.detach()
         else:
             if "exp_avg" not in state:
-                raise ConfigurationError("the optimizer has no exp_avg yet; measure after its first step.")
+                # never updated (no gradient yet): it contributes no update, unless nothing has state
+                if not any("exp_avg" in opt.state.get(q, {}) for q in op.params):
+                    raise ConfigurationError("the optimizer has no exp_avg yet; measure after its first step.")
+                parts.append(torch.zeros(p.numel(), device=op.device, dtype=op.dtype))
+                continue
             step = float(state["step"])
             m_hat = state["exp_avg"].detach() / (1.0 - g["betas"][0] ** step)
             u = float(g["lr"]) * m_hat / _adam_denominator(opt, p, g)
