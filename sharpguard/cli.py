@@ -21,6 +21,7 @@ def _methods(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .study.config import ENSEMBLE, METHODS
+    from .study.scenarios import SCENARIOS
 
     parser = argparse.ArgumentParser(
         prog="sharpguard",
@@ -37,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
             "write report.json, report.md and PNG plots. Methods: " + ", ".join(list(METHODS) + [ENSEMBLE]) + "."
         ),
     )
-    study.add_argument("--out", default="sharpguard-study", help="output folder (default: ./sharpguard-study)")
+    study.add_argument("--out", default=None,
+                       help="output folder (default: ./sharpguard-study, or ./sharpguard-<scenario> with --scenario)")
+    study.add_argument("--scenario", default=None, choices=sorted(SCENARIOS),
+                       help="reproduce one published law instead of the method comparison: "
+                            + "; ".join(f"{k}: {v}" for k, v in SCENARIOS.items()))
     study.add_argument("--methods", type=_methods, default=None,
                        help="comma-separated methods (default: all ten plus the sgd ensemble)")
     study.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; 2 with --quick)")
@@ -74,9 +79,35 @@ def _check_out_dir(out) -> None:
         raise ConfigurationError(f"--out {str(path)!r} is not a folder; pass a new or existing folder.")
 
 
+def _scenario(args: argparse.Namespace) -> int:
+    from .errors import ConfigurationError
+    from .study.scenarios import ScenarioSettings, run_scenario
+
+    ignored = [flag for flag, value in (("--methods", args.methods), ("--no-ensemble", args.no_ensemble)) if value]
+    if ignored:
+        raise ConfigurationError(f"{' and '.join(ignored)} do not apply to --scenario; drop them.")
+    settings = ScenarioSettings(seeds=args.seeds if args.seeds is not None else (2 if args.quick else 3),
+                                epochs=args.epochs, quick=args.quick, threads=args.threads, dataset=args.dataset,
+                                **({"eps": args.eps} if args.eps is not None else {}))
+    out = args.out if args.out is not None else f"sharpguard-{args.scenario.replace('_', '-')}"
+    _check_out_dir(out)
+    start = time.perf_counter()
+    result = run_scenario(args.scenario, out, settings, progress=not args.no_progress)
+    print(f"sharpguard study --scenario {args.scenario}: wrote {', '.join(str(p) for p in result.files)} "
+          f"in {time.perf_counter() - start:.0f} s")
+    for line in result.summary:
+        print(f"  {line}")
+    return 0
+
+
 def _study(args: argparse.Namespace) -> int:
     from .study.config import METHODS, StudyConfig
     from .study.runner import run_study
+
+    if args.scenario is not None:
+        return _scenario(args)
+    if args.out is None:
+        args.out = "sharpguard-study"
 
     kwargs = {"dataset": args.dataset, "ensemble": not args.no_ensemble, "threads": args.threads}
     kwargs["methods"] = args.methods if args.methods is not None else list(METHODS)

@@ -27,7 +27,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,3 +199,34 @@ def train_run(method: str, seed: int, data: StudyData, config: StudyConfig, hist
     training = seconds - monitoring  # the method's own cost; the monitors' share is reported apart
     return TrainedRun(model=model.eval(), seconds=training + extra_seconds, steps=steps,
                       monitor_overhead_pct=100.0 * monitoring / training if training > 0 else None)
+
+
+def train_model(data: StudyData, config: StudyConfig, seed: int, *, adversarial_method: Any = None,
+                callbacks: Sequence[Any] = (), weight_decay: float = 0.0) -> TrainedRun:
+    """Train the study's MLP with ``config``'s optimizer settings (``batch_size``, ``lr``, ``epochs``) through
+    the same :class:`StudyModule` and Lightning ``Trainer`` as :func:`train_run`, without the monitors and
+    with the caller's ``callbacks`` (a scenario's per-epoch measurements). ``adversarial_method`` (e.g.
+    ``make_method("awp", base="pgd-at", ...)``) goes through :class:`AdversarialTrainingMixin`, as TRADES does."""
+    pl.seed_everything(seed, verbose=False)
+    model = make_mlp(data.input_shape, data.n_classes, config.hidden)
+    module = StudyModule(model, lr=config.lr, momentum=config.momentum, weight_decay=weight_decay,
+                         adversarial_method=adversarial_method)
+    seconds, steps = _fit(module, data, config, seed, list(callbacks))
+    return TrainedRun(model=model.eval(), seconds=seconds, steps=steps, monitor_overhead_pct=None)
+
+
+class EpochEnd(pl.Callback):
+    """Calls ``fn(model, epoch)`` (epochs counted from 1) after every ``every``-th training epoch and the last;
+    ``fn`` must be side-effect free (every sharpguard measurement is)."""
+
+    def __init__(self, fn: Callable[[nn.Module, int], None], every: int = 1) -> None:
+        super().__init__()
+        self.fn, self.every = fn, max(1, int(every))
+        self.seconds = 0.0
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        epoch = int(trainer.current_epoch) + 1
+        if epoch % self.every == 0 or epoch == trainer.max_epochs:
+            start = time.perf_counter()
+            self.fn(pl_module.model, epoch)
+            self.seconds += time.perf_counter() - start
