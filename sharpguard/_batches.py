@@ -38,7 +38,13 @@ def logits_of(output: Any) -> torch.Tensor:
 def default_loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
     """Cross entropy for ``(inputs, targets)``; ``model(**batch).loss`` for a mapping."""
     if isinstance(batch, Mapping):
-        out = model(**batch)
+        try:
+            out = model(**batch)
+        except TypeError as exc:
+            raise ConfigurationError(
+                f"the default loss calls model(**batch) for a mapping batch (keys {sorted(map(str, batch))}) and that "
+                f"failed ({exc}); pass loss_fn=lambda model, batch: ... that computes the loss of your batch."
+            ) from exc
         loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
         if loss is None:
             raise ConfigurationError(
@@ -47,7 +53,16 @@ def default_loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
         return loss
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
         inputs, targets = batch[0], batch[1]
-        return F.cross_entropy(logits_of(model(inputs)), targets)
+        logits = logits_of(model(inputs))
+        if (
+            logits.dim() >= 3
+            and isinstance(targets, torch.Tensor)
+            and targets.dim() == logits.dim() - 1
+            and logits.shape[:-1] == targets.shape
+        ):
+            # (batch, time, vocab) logits of a language model against (batch, time) targets
+            return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-100)
+        return F.cross_entropy(logits, targets)
     raise ConfigurationError(
         f"the default loss needs (inputs, targets) or a mapping with labels, got {type(batch).__name__}; pass a loss_fn."
     )
@@ -72,17 +87,27 @@ def as_batches(batches: Any) -> list[Any]:
     return out
 
 
+def _first_dim(batch: Any) -> int | None:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else None
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for v in values:
+        n = _first_dim(v)
+        if n is not None:
+            return n
+    return None
+
+
 def batch_size(batch: Any) -> int:
-    """Number of examples in a batch (first dimension of its first tensor)."""
-    if isinstance(batch, Mapping):
-        for v in batch.values():
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                return int(v.shape[0])
-    elif isinstance(batch, (tuple, list)):
-        for v in batch:
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                return int(v.shape[0])
-    raise ConfigurationError(f"cannot tell the size of a batch of type {type(batch).__name__}.")
+    """Number of examples in a batch: the first dimension of its first tensor (bare, in a tuple, list or
+    mapping, nested at any depth)."""
+    n = _first_dim(batch)
+    if n is None:
+        raise ConfigurationError(
+            f"cannot tell the size of a batch of type {type(batch).__name__}: it holds no tensor with a batch "
+            "dimension; pass probe=[batches] of tensors."
+        )
+    return n
 
 
 def checked_loss(loss: Any, where: str = "loss_fn") -> torch.Tensor:

@@ -1,55 +1,156 @@
-"""Monitor callbacks: run a sharpguard.monitor monitor at optimizer-step ends and/or validation ends."""
+"""Monitor callbacks: a :class:`sharpguard.monitor.MonitorDriver` driven from Lightning's hooks.
+
+The driver owns step counting, timing, the budget, rank-0 history, the schedule broadcast, the
+averaging across ranks and the checkpoint state; this module only translates Lightning's hooks, its
+strategy's collectives and its loggers.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from sharpguard._validation import one_of
 from sharpguard.errors import ConfigurationError
-
-
 from sharpguard.monitor import Monitor
 from sharpguard.monitor import RobustnessMonitor as _CoreRobustnessMonitor
 from sharpguard.monitor import SharpnessMonitor as _CoreSharpnessMonitor
+from sharpguard.monitor.driver import MonitorDriver
 
-from ._hooks import Callback, _loss_of
+from .._lightning_namespace import NAMESPACE
+from ._hooks import Callback, _loss_of, _step_args
 
-# --------------------------------------------------------------------------------------------------
-# monitors
-# --------------------------------------------------------------------------------------------------
+
+class _StrategyComm:
+    """The driver's collectives over a Lightning strategy (DDP, FSDP, ... as Lightning runs them)."""
+
+    def __init__(self, trainer: Any, device: torch.device) -> None:
+        self.strategy = trainer.strategy
+        self.world_size = int(trainer.world_size)
+        self.device = device
+
+    def broadcast_int(self, value: int) -> int:
+        return int(self.strategy.broadcast(int(value), src=0))
+
+    def mean_floats(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        return self.strategy.reduce(t, reduce_op="mean").tolist()
+
+    def any_true(self, flag: bool) -> bool:
+        return bool(self.strategy.reduce_boolean_decision(bool(flag), all=False))
+
+
+def _rank_zero_info(message: str) -> None:
+    from importlib import import_module
+
+    import_module(f"{NAMESPACE}.utilities").rank_zero_info(message)
+
+
+@contextlib.contextmanager
+def _guarded_training_step(pl_module: Any) -> Iterator[None]:
+    """Run the module's own ``training_step`` as a probe loss without side effects on the module.
+
+    ``self.log`` / ``self.log_dict`` are silenced, and the module's own attributes (tensors and
+    containers it rebinds or fills in ``training_step``, e.g. a carried hidden state) are restored
+    afterwards. Parameters, buffers, modes and RNG are guarded by the monitor itself.
+    """
+    saved: dict[str, Any] = {}
+    before = set(pl_module.__dict__)
+    for key, value in pl_module.__dict__.items():
+        if key in ("_parameters", "_buffers", "_modules") or key.startswith("_forward") or key.startswith("_backward"):
+            continue
+        if isinstance(value, Tensor):
+            saved[key] = (value, value.detach().clone())
+        elif isinstance(value, (list, dict, set)):
+            saved[key] = (value, type(value)(value) if not isinstance(value, dict) else dict(value))
+        elif isinstance(value, tuple) or value is None or isinstance(value, (int, float, bool, str)):
+            saved[key] = (value, None)
+    had_log = "log" in pl_module.__dict__, "log_dict" in pl_module.__dict__
+    pl_module.log = lambda *a, **k: None
+    pl_module.log_dict = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        for name, had in zip(("log", "log_dict"), had_log):
+            if not had:
+                pl_module.__dict__.pop(name, None)
+        for key in [k for k in pl_module.__dict__ if k not in before]:
+            del pl_module.__dict__[key]  # created by the probe's training_step
+        for key, (obj, copy) in saved.items():
+            pl_module.__dict__[key] = obj
+            if isinstance(obj, Tensor) and copy is not None and not torch.equal(obj.detach(), copy):
+                with torch.no_grad():
+                    obj.copy_(copy)
+            elif isinstance(obj, (list, set)):
+                obj.clear()
+                obj.update(copy) if isinstance(obj, set) else obj.extend(copy)
+            elif isinstance(obj, dict):
+                obj.clear()
+                obj.update(copy)
+
+
+class _TrainingStepLoss:
+    """``loss_fn(model, batch)`` = the module's own ``training_step`` loss, run guarded."""
+
+    def __init__(self, pl_module: Any) -> None:
+        self.pl_module = pl_module
+
+    def __call__(self, model: Any, batch: Any) -> Tensor:
+        module = self.pl_module
+        with _guarded_training_step(module):
+            out = module.training_step(*_step_args(module, batch, 0))
+        loss = _loss_of(out)
+        if loss is None:
+            raise ConfigurationError(
+                f"{type(module).__name__}.training_step returned None for a probe batch, so the monitor has no loss; "
+                "pass loss_fn=... to the monitor callback."
+            )
+        return loss
+
+
 class _MonitorCallback(Callback):
     """Runs a :class:`sharpguard.monitor.Monitor` at optimizer-step ends and/or at validation end.
 
-    Metrics go to every logger the Trainer has (``logger.log_metrics`` at ``step=trainer.global_step``,
-    independent of ``log_every_n_steps``: checks are sparse) and into ``trainer.callback_metrics`` through
-    ``pl_module.log(..., logger=False)``, where ``ModelCheckpoint(monitor=...)``, ``EarlyStopping`` and
-    the progress bar find them. Under DDP every rank measures (the Hessian products all-reduce), the
-    metrics are averaged across ranks, the adaptive schedule is broadcast from rank 0 after each check and
-    a "stop" alert stops all ranks.
+    Metrics go to every logger the Trainer has (``logger.log_metrics`` at the step Lightning uses
+    for its own rows of the same batch, independent of ``log_every_n_steps``: checks are sparse)
+    and into ``trainer.callback_metrics`` through ``pl_module.log(..., logger=False)``, where
+    ``ModelCheckpoint(monitor=...)``, ``EarlyStopping`` and the progress bar find them. Under DDP
+    every rank measures, the metrics are averaged across ranks and a "stop" alert stops all ranks.
     """
 
     _core: type[Monitor] = Monitor
+    _uses_loss = False
 
     def __init__(self, *, name: str | None = None, when: str = "train", prog_bar: bool = False, **monitor_kwargs: Any) -> None:
         super().__init__()
-        if when not in ("train", "validation", "both"):
-            raise ConfigurationError(f"when must be 'train', 'validation' or 'both', got {when!r}.")
+        one_of("when", when, ("train", "validation", "both"))
+        self._own_loss = self._uses_loss and monitor_kwargs.get("loss_fn") is None
         self.monitor = self._core(**monitor_kwargs)
+        self.driver = MonitorDriver(self.monitor)
         self.name = name
         self.when = when
         self.prog_bar = prog_bar
-        self._last_step = -1
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(name=self.name, measures=",".join(self.monitor.measures))
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self.monitor.history.enabled = trainer.is_global_zero
+        self.driver.set_comm(_StrategyComm(trainer, pl_module.device), is_rank_zero=trainer.is_global_zero)
+        if self._own_loss:
+            # the probe loss is the module's own loss, whatever its batch and output look like
+            self.monitor.loss_fn = _TrainingStepLoss(pl_module)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        _rank_zero_info(f"sharpguard: {self.monitor.describe()}")
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        _rank_zero_info(f"sharpguard: {self.monitor.summary()}")
 
     # -- probe capture from batches Lightning already drew (training batches: in on_step_end) -------
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -59,65 +160,40 @@ class _MonitorCallback(Callback):
     # -- checks -------------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         started = time.perf_counter()  # this hook's whole time counts as the monitor's (honest cost)
-        step = trainer.global_step
-        if step == self._last_step:
-            return  # an accumulation micro-batch: no optimizer step happened
-        self._last_step = step
-        if self.when == "validation":
-            self.monitor.schedule.tick(step, now=started)  # training time, for monitor/overhead_pct
-            self.monitor.schedule.leave()
-            return
         loss = _loss_of(outputs) if isinstance(outputs, (Tensor, Mapping)) else None
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        metrics = self.monitor.on_step_end(step, pl_module, optimizer=optimizer, loss=loss, batch=batch, started=started)
-        self._agree_on_schedule(trainer)
+        metrics = self.driver.step(pl_module, step=trainer.global_step, optimizer=optimizer, loss=loss, batch=batch,
+                                   started=started, measure=self.when != "validation")
         if metrics:
             self._publish(trainer, pl_module, metrics, on_step=True)
-            self.monitor.schedule.leave()
+            self.driver.leave()
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.when == "train" or trainer.sanity_checking or not self.monitor.probe_ready:
+        if self.when == "train" or trainer.sanity_checking:
+            return
+        if not self.monitor.probe_ready and not self.monitor.freeze_partial_probe("the validation set"):
             return
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        metrics = self.monitor.check(trainer.global_step, pl_module, optimizer=optimizer)
+        metrics = self.driver.check(trainer.global_step, pl_module, optimizer=optimizer)
         self._publish(trainer, pl_module, metrics, on_step=False)
 
-    def _agree_on_schedule(self, trainer: Any) -> None:
-        """Adaptive schedules are set from wall-clock times, which differ across ranks: take rank 0's.
-
-        The schedule changes only at the same steps on every rank (the first measured step, checks), so
-        this collective runs at the same step everywhere.
-        """
-        schedule = self.monitor.schedule
-        if schedule.changed:
-            schedule.changed = False
-            if trainer.world_size > 1:
-                schedule.next_step = int(trainer.strategy.broadcast(schedule.next_step, src=0))
-
     def _publish(self, trainer: Any, pl_module: Any, metrics: dict[str, float], *, on_step: bool) -> None:
-        strategy = trainer.strategy
-        if trainer.world_size > 1:
-            names = sorted(metrics)
-            values = torch.tensor([metrics[n] for n in names], dtype=torch.float64, device=pl_module.device)
-            values = strategy.reduce(values, reduce_op="mean")
-            metrics = dict(zip(names, values.tolist()))
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=on_step, on_epoch=not on_step, logger=False, prog_bar=self.prog_bar,
                           sync_dist=False, batch_size=1)
+        # Lightning writes its own rows of this batch at fit_loop.epoch_loop._batches_that_stepped,
+        # which is incremented after on_train_batch_end: use the same step so rows line up
+        step = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", trainer.global_step)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        stop = self.monitor.should_stop
-        if trainer.world_size > 1:
-            stop = strategy.reduce_boolean_decision(stop, all=False)
-        if stop:
+            logger.log_metrics(metrics, step=step)
+        if self.driver.should_stop:
             trainer.should_stop = True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"monitor": self.monitor.state_dict(), "last_step": self._last_step}
+        return self.driver.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.monitor.load_state_dict(state_dict["monitor"])
-        self._last_step = int(state_dict["last_step"])
+        self.driver.load_state_dict(state_dict)
 
 
 class SharpnessMonitor(_MonitorCallback):
@@ -127,20 +203,23 @@ class SharpnessMonitor(_MonitorCallback):
     ``budget``, ``probe``, ``probe_size``, ``alerts``, ``on_alert``, ``history``, ``rho``,
     ``measure_kwargs`` ...) plus ``name`` (distinguishes two instances in checkpoints), ``when``
     (``"train"``: after optimizer steps on the schedule; ``"validation"``: at every validation end;
-    ``"both"``) and ``prog_bar``. ``on_alert="stop"`` sets ``trainer.should_stop``.
+    ``"both"``) and ``prog_bar``. ``on_alert="stop"`` sets ``trainer.should_stop``. Without
+    ``loss_fn=`` the probe loss is the module's own ``training_step`` (run with ``self.log`` silenced
+    and the module's attributes restored), so any batch structure works.
     """
 
     _core = _CoreSharpnessMonitor
+    _uses_loss = True
 
 
 class RobustnessMonitor(_MonitorCallback):
     """Log ``robustness/*`` metrics (clean/FGSM/PGD accuracy, input-gradient norm) during training.
 
     Keywords are those of :class:`sharpguard.monitor.RobustnessMonitor` (``measures``, ``eps``,
-    ``alpha``, ``steps``, ``every_n_steps``, ``budget``, ``probe`` ...) plus ``name``, ``when`` and
-    ``prog_bar`` (see :class:`SharpnessMonitor`). ``robustness/pgd_acc`` can drive
-    ``ModelCheckpoint(monitor="robustness/pgd_acc", mode="max")`` (keep the most robust weights) and
-    ``EarlyStopping(monitor="robustness/pgd_acc", mode="max")`` (Rice et al., ICML 2020).
+    ``alpha``, ``steps``, ``input_key``, ``label_key``, ``every_n_steps``, ``budget``, ``probe`` ...)
+    plus ``name``, ``when`` and ``prog_bar`` (see :class:`SharpnessMonitor`). ``robustness/pgd_acc``
+    can drive ``ModelCheckpoint(monitor="robustness/pgd_acc", mode="max")`` (keep the most robust
+    weights) and ``EarlyStopping(monitor="robustness/pgd_acc", mode="max")`` (Rice et al., ICML 2020).
     With ``when="validation"`` the check also runs in ``trainer.validate()`` (under inference mode).
     """
 

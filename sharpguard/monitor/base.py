@@ -10,6 +10,7 @@ and the side-effect-free execution (DESIGN.md promise 1): every check runs in ev
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -20,6 +21,7 @@ from torch import nn
 
 from .._batches import LossFn, batch_size, default_loss_fn, move_to
 from .._state import side_effect_free
+from .._validation import non_negative_int, positive_int
 from ..errors import ConfigurationError
 from .alerts import Alert, AlertRule
 from .history import MetricHistory
@@ -83,6 +85,18 @@ class Monitor:
         loss_fn: LossFn | None = None,
         probe_state_max_bytes: int = 4 << 20,
     ) -> None:
+        if isinstance(measures, str):
+            measures = (measures,)
+        probe_size = positive_int("probe_size", probe_size)
+        if probe_batch_size is not None:
+            positive_int("probe_batch_size", probe_batch_size)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigurationError(f"seed must be an integer, got {seed!r}.")
+        non_negative_int("probe_state_max_bytes", probe_state_max_bytes)
+        if loss_fn is not None and not callable(loss_fn):
+            raise ConfigurationError(f"loss_fn must be a callable loss_fn(model, batch) -> scalar, got {type(loss_fn).__name__}.")
+        if history is not None and not isinstance(history, (str, os.PathLike)):
+            raise ConfigurationError(f"history must be a file path or None, got {type(history).__name__}.")
         measures = tuple(self.DEFAULT_MEASURES if measures is None else measures)
         unknown = [m for m in measures if m not in self.MEASURES]
         if unknown or not measures:
@@ -126,8 +140,8 @@ class Monitor:
         self._loss_decay = 0.9
         self._probe_device: torch.device | None = None
         self._warned: set[str] = set()
+        self._last_step = 0
         self._train_batch_size: int | None = None
-        self.schedule.estimate = self.estimate_cost
 
     # -- overridables ------------------------------------------------------------------------------
     def default_alerts(self) -> list[AlertRule]:
@@ -196,6 +210,7 @@ class Monitor:
         counted as the monitor's time in ``monitor/overhead_pct`` and in the budget.
         """
         due = self.schedule.tick(step, now=started)
+        self._last_step = step
         if batch is not None and (self._train_batch_size is None or not self.probe.ready):
             self.capture(batch)
         due = due and self.probe.ready
@@ -327,10 +342,57 @@ class Monitor:
             elif callable(action):
                 action(alert)
 
-    def warn_once(self, key: str, message: str) -> None:
+    def warn_once(self, key: str, message: str, step: int | None = None) -> None:
+        """Say once why something cannot be done (DESIGN.md promise 9): a warning and a history line.
+
+        The history line is ``{"metric": "monitor/note", "value": 1.0, "settings": {"reason": ...}}``.
+        """
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, UserWarning, stacklevel=3)
+            warnings.warn(f"sharpguard {type(self).__name__}: {message}", UserWarning, stacklevel=3)
+            where = self._last_step if step is None else step
+            self.history.append(max(int(where), 0), {"monitor/note": 1.0}, {"monitor/note": {"reason": message, "key": key}})
+
+    def freeze_partial_probe(self, source: str) -> bool:
+        """Measure with what a probe that cannot fill holds, and say so; False when it holds nothing."""
+        if self.probe.ready:
+            return True
+        if len(self.probe) == 0:
+            self.warn_once("probe-empty", f"no check can run: the probe set captured no examples from {source}; "
+                           "pass probe=[batches] or check that the batches reach the monitor.")
+            return False
+        self.warn_once("probe-partial", f"the probe set holds {len(self.probe)} of the {self.probe.size} examples asked for "
+                       f"({source} has no more); measuring with those {len(self.probe)}.")
+        self.probe.freeze()
+        self._probe_device = None
+        return True
+
+    def estimated_check_steps(self) -> float | None:
+        """Estimated cost of one check in training steps (None before the training batch size is known)."""
+        batch = self._train_batch_size
+        if batch is None and self.probe.ready:
+            batch = batch_size(self.probe.batches[0])
+        if not batch:
+            return None
+        return self.passes() * max(self.probe.size / batch, 1.0)
+
+    def describe(self) -> str:
+        """One console line: what this monitor measures, on what probe, when and at what estimated cost."""
+        every = self.schedule.every_n_steps
+        when = (f"every {every} steps" if every else
+                f"first check at the first measured step, then within {100 * self.schedule.budget:g}% of training time")
+        cost = self.estimated_check_steps()
+        cost_txt = (f"~{cost:.0f} training steps per check (estimated)" if cost is not None
+                    else f"~{self.passes():.0f} training steps per check per training-batch-sized probe batch (estimated)")
+        return (f"{type(self).__name__} measures {', '.join(self.measures)} on a {self.probe.source} probe of "
+                f"{self.probe.size} examples, {when}; {cost_txt}.")
+
+    def summary(self) -> str:
+        """One console line at the end: checks made and the share of training time they took."""
+        s = self.schedule
+        return (f"{type(self).__name__} made {s.n_checks} checks in {s.monitor_seconds:.1f} s = {s.overhead_pct:.1f}% of "
+                f"{s.train_seconds:.1f} s of training time ({self.overhead_metric}: the monitor's own wall time, checks and "
+                "per-step bookkeeping, as a percentage of the training time between its calls).")
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

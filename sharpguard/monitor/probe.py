@@ -23,6 +23,7 @@ import torch
 
 from .._batches import as_batches, batch_size, move_to
 from .._state import preserve_rng
+from .._validation import positive_int
 from ..errors import ConfigurationError
 
 __all__ = ["ProbeSet"]
@@ -69,10 +70,9 @@ class ProbeSet:
         batch_size: int | None = None,
         seed: int = 0,
     ) -> None:
-        if size <= 0:
-            raise ConfigurationError(f"probe size must be positive, got {size}; pass e.g. probe_size=256.")
-        if batch_size is not None and batch_size <= 0:
-            raise ConfigurationError(f"probe batch_size must be positive, got {batch_size}.")
+        positive_int("probe size", size)
+        if batch_size is not None:
+            positive_int("probe batch_size", batch_size)
         self.size = int(size)
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -82,7 +82,12 @@ class ProbeSet:
         self._frozen = False
         if batches is not None:
             self._batches = [_take(b, batch_size_of(b)) for b in as_batches(batches)]
-            self._held = sum(batch_size_of(b) for b in self._batches)
+            sizes = [batch_size_of(b) for b in self._batches]
+            if 0 in sizes:
+                raise ConfigurationError(
+                    f"probe batch {sizes.index(0)} holds no examples (size 0); every probe batch needs at least one."
+                )
+            self._held = sum(sizes)
             self.size = self._held
             self._frozen = True
             self.source = "given"
@@ -128,6 +133,8 @@ class ProbeSet:
             return True
         need = self.size - self._held
         n = min(need, batch_size_of(batch))
+        if n == 0:
+            return self._frozen  # an empty batch adds nothing
         if self.batch_size is not None:
             n = min(n, self.batch_size)
         with torch.inference_mode(False):
@@ -141,6 +148,14 @@ class ProbeSet:
             rest = _drop(batch, n)
             return self.capture(rest)
         return self._frozen
+
+    def freeze(self) -> None:
+        """Stop capturing and measure with what is held (a source smaller than ``size``)."""
+        if not self._batches:
+            raise ConfigurationError("the probe set is empty; nothing to freeze. Pass probe=[batches].")
+        self._frozen = True
+        self.size = self._held
+        self._fingerprint = None
 
     # -- access ------------------------------------------------------------------------------------
     @property

@@ -7,12 +7,13 @@ for Rice et al.'s (ICML 2020) early stopping against robust overfitting.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._validation import check_keywords, keywords_of, one_of, positive, positive_int, real
 from ..errors import ConfigurationError
 from .alerts import AlertRule, default_robustness_alerts
 from .base import Monitor
@@ -33,6 +34,10 @@ class RobustnessMonitor(Monitor):
             ``eps / 4``).
         bounds / mean / std: the valid input range and, for models that normalise inside, the
             normalisation (see :class:`sharpguard.attacks.ThreatModel`).
+        input_key / label_key: where a batch holds the inputs and labels (mapping keys, or tuple
+            positions); default: positions 0 and 1, or the usual names (``pixel_values``/``image``/...,
+            ``labels``/``label``/...). Checked on the first captured batch.
+        batch_map: instead, a callable ``batch -> (inputs, labels)``.
         Other keywords: see :class:`~sharpguard.monitor.Monitor`.
     """
 
@@ -53,17 +58,75 @@ class RobustnessMonitor(Monitor):
         bounds: tuple[float, float] | None = (0.0, 1.0),
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        input_key: str | int | None = None,
+        label_key: str | int | None = None,
+        batch_map: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] | None = None,
         **kwargs: Any,
     ) -> None:
+        check_keywords("RobustnessMonitor", kwargs, keywords_of(Monitor.__init__) + keywords_of(RobustnessMonitor.__init__))
+        # every setting is checked before anything is built (issue 12, item 8)
+        eps = positive("eps", eps, "; e.g. eps=8/255 for images in [0, 1]")
+        alpha = positive("alpha", alpha) if alpha is not None else eps / 4
+        steps, restarts = positive_int("steps", steps), positive_int("restarts", restarts)
+        one_of("norm", norm, ("linf", "l2"))
+        if bounds is not None:
+            if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+                raise ConfigurationError(f"bounds must be (low, high) or None, got {bounds!r}.")
+            lo, hi = real("bounds[0]", bounds[0]), real("bounds[1]", bounds[1])
+            if not lo < hi:
+                raise ConfigurationError(f"bounds must satisfy low < high, got {bounds!r}.")
+        for key_name, key in (("input_key", input_key), ("label_key", label_key)):
+            if key is not None and (isinstance(key, bool) or not isinstance(key, (str, int))):
+                raise ConfigurationError(f"{key_name} must be a mapping key (str) or a tuple position (int), got {key!r}.")
+        if batch_map is not None and not callable(batch_map):
+            raise ConfigurationError(f"batch_map must be a callable batch -> (inputs, labels), got {type(batch_map).__name__}.")
+        if batch_map is not None and (input_key is not None or label_key is not None):
+            raise ConfigurationError("pass either batch_map= or input_key=/label_key=, not both.")
+        self.input_key, self.label_key, self.batch_map = input_key, label_key, batch_map
         super().__init__(measures, **kwargs)
-        if eps <= 0:
-            raise ConfigurationError(f"eps must be positive, got {eps}.")
-        if steps < 1 or restarts < 1:
-            raise ConfigurationError(f"steps and restarts must be >= 1, got {steps} and {restarts}.")
-        self.eps = float(eps)
-        self.alpha = float(alpha) if alpha is not None else self.eps / 4
-        self.steps, self.norm, self.restarts = int(steps), norm, int(restarts)
+        self.eps = eps
+        self.alpha = alpha
+        self.steps, self.norm, self.restarts = steps, norm, restarts
         self.bounds, self.mean, self.std = bounds, mean, std
+
+    #: the names a mapping batch's inputs and labels are looked up under when no key is given
+    INPUT_KEYS = ("pixel_values", "input", "inputs", "image", "images", "x")
+    LABEL_KEYS = ("labels", "label", "target", "targets", "y")
+
+    def pair(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, labels)`` of a batch: ``batch_map``, ``input_key``/``label_key``, or the usual names."""
+        if self.batch_map is not None:
+            out = self.batch_map(batch)
+            if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+                raise ConfigurationError("batch_map must return (inputs, labels) tensors.")
+            return out[0], out[1]
+        if isinstance(batch, Mapping):
+            xk = self.input_key if self.input_key is not None else next((k for k in self.INPUT_KEYS if k in batch), None)
+            yk = self.label_key if self.label_key is not None else next((k for k in self.LABEL_KEYS if k in batch), None)
+            missing = [name for name, k in (("input_key", xk), ("label_key", yk)) if k is None or k not in batch]
+            if missing:
+                raise ConfigurationError(
+                    f"RobustnessMonitor cannot find the inputs/labels of a batch with keys {sorted(map(str, batch))}; "
+                    f"pass {' and '.join(f'{m}=' for m in missing)} (or batch_map=) naming them."
+                )
+            return batch[xk], batch[yk]
+        if isinstance(batch, (tuple, list)):
+            xi = self.input_key if self.input_key is not None else 0
+            yi = self.label_key if self.label_key is not None else 1
+            if not (isinstance(xi, int) and isinstance(yi, int)) or max(xi, yi) >= len(batch):
+                raise ConfigurationError(
+                    f"RobustnessMonitor needs (inputs, labels) batches, got a {type(batch).__name__} of {len(batch)} items; "
+                    "pass input_key=/label_key= positions or batch_map=."
+                )
+            return batch[xi], batch[yi]
+        raise ConfigurationError(
+            f"RobustnessMonitor needs (inputs, labels) batches, got {type(batch).__name__}; pass batch_map=batch -> (inputs, labels)."
+        )
+
+    def capture(self, batch: Any) -> bool:
+        if not self.probe.ready and len(self.probe) == 0:
+            self.pair(batch)  # a wrong key fails on the first batch, not after an epoch
+        return super().capture(batch)
 
     def default_alerts(self) -> list[AlertRule]:
         return default_robustness_alerts()
@@ -83,6 +146,7 @@ class RobustnessMonitor(Monitor):
         settings: dict[str, dict[str, Any]] = {}
         want = set(self.measures)
         device = next(model.parameters()).device
+        batches = [self.pair(b) for b in batches]
 
         def generator() -> torch.Generator:
             # the same random starts at every check: consecutive checks differ only by the weights

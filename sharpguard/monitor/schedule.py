@@ -2,14 +2,13 @@
 
 The budget is a fraction of training wall time. The schedule measures training time between its own
 calls (excluding the monitor's time) and the monitor's cost, and places the next check at the first step
-where the cumulative monitor time would still be within ``budget`` of the cumulative training time
-(the first check, whose cost is not known yet, is placed from the monitor's estimate of it):
+where the cumulative monitor time would still be within ``budget`` of the cumulative training time:
 
     next = step + max(min_every, ceil(((T_monitor + c_last) / budget - T_train) / t_step))
 
 where ``c_last`` is the cost of the latest check and ``t_step`` an average step time. The first check
-waits until ``T_train >= estimate / budget`` (or comes at ``first_step`` when no estimate is given; its
-cost is then paid back by a longer gap). Decisions are taken when the first step time is known and when
+comes early, at the first step whose time is known (not before ``first_step``), so a broken setup shows
+in seconds (DESIGN.md promise 9); its cost is paid back by the gap after it. Decisions are taken when the first step time is known and when
 a check finishes (:attr:`Schedule.changed`), so distributed adapters agree on the schedule with one
 broadcast of :attr:`next_step` at those steps (none on the others).
 """
@@ -18,9 +17,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
+from .._validation import non_negative_int, positive_int, real
 from ..errors import ConfigurationError
 
 __all__ = ["Schedule"]
@@ -45,11 +44,16 @@ class Schedule:
         min_every: int = 1,
         max_every: int | None = None,
     ) -> None:
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ConfigurationError(f"every_n_steps must be a positive integer or None, got {every_n_steps}.")
+        if every_n_steps is not None:
+            positive_int("every_n_steps", every_n_steps)
+        budget = real("budget", budget)
         if not 0 < budget <= 1:
             raise ConfigurationError(f"budget is a fraction of training time in (0, 1], got {budget}; e.g. 0.05.")
-        if min_every < 1 or (max_every is not None and max_every < min_every):
+        first_step = non_negative_int("first_step", first_step)
+        min_every = positive_int("min_every", min_every)
+        if max_every is not None:
+            positive_int("max_every", max_every)
+        if max_every is not None and max_every < min_every:
             raise ConfigurationError(
                 f"need 1 <= min_every <= max_every, got min_every={min_every}, max_every={max_every}."
             )
@@ -65,9 +69,6 @@ class Schedule:
         self.n_checks = 0
         self._last_time: float | None = None
         self._last_step: int | None = None
-        #: ``estimate(step_seconds) -> seconds`` of one check, set by the monitor: places the first
-        #: adaptive check where the budget already covers it (None: at ``first_step``)
-        self.estimate: Callable[[float], float] | None = None
         self._placed = every_n_steps is not None
         #: True when :attr:`next_step` was set from wall-clock measurements since the adapter last
         #: looked; distributed adapters broadcast ``next_step`` from rank 0 then (same step on all ranks)
@@ -101,12 +102,11 @@ class Schedule:
         if self.adaptive and self.step_seconds is None:
             return False  # the first adaptive check waits until a step time has been measured
         if not self._placed:
+            # fail fast (DESIGN.md promise 9): the first adaptive check runs at the first step whose
+            # time is known (and whose probe holds data); its cost is then paid back by the gap the
+            # budget sets after it
             self._placed = True
-            if self.estimate is not None:
-                # first check once the budget pays for it: T_train >= estimated cost / budget
-                wait = self.estimate(self.step_seconds) / self.budget - self.train_seconds
-                self.next_step = max(self.next_step, step + max(0, math.ceil(wait / self.step_seconds)))
-                self.changed = True
+            self.changed = True
         return step >= self.next_step
 
     def leave(self) -> None:

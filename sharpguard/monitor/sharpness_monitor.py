@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._validation import check_keywords, keywords_of, positive
 from ..errors import ConfigurationError
 from .alerts import AlertRule, default_sharpness_alerts
 from .base import Monitor
@@ -82,9 +83,17 @@ class SharpnessMonitor(Monitor):
         warm_start: bool = True,
         **kwargs: Any,
     ) -> None:
+        check_keywords("SharpnessMonitor", kwargs, keywords_of(Monitor.__init__) + keywords_of(SharpnessMonitor.__init__))
+        rho = positive("rho", rho, "; the SAM default is 0.05")
+        if measure_kwargs is not None and (
+            not isinstance(measure_kwargs, Mapping) or not all(isinstance(v, Mapping) for v in measure_kwargs.values())
+        ):
+            raise ConfigurationError(
+                "measure_kwargs maps a measure name to its keywords, e.g. {'lambda_max': {'max_iter': 20}}."
+            )
+        if not isinstance(warm_start, bool):
+            raise ConfigurationError(f"warm_start must be True or False, got {warm_start!r}.")
         super().__init__(measures, **kwargs)
-        if rho <= 0:
-            raise ConfigurationError(f"rho must be positive, got {rho}; the SAM default is 0.05.")
         unknown = set(measure_kwargs or {}) - set(self.MEASURES)
         if unknown:
             raise ConfigurationError(f"measure_kwargs names unknown measures {sorted(unknown)}; choose among {list(self.MEASURES)}.")
