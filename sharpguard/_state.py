@@ -9,6 +9,7 @@ contents, or ``None``), ``requires_grad`` flags, buffers (BatchNorm running stat
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -112,3 +113,32 @@ def trainable_parameters(model: nn.Module) -> list[torch.Tensor]:
             "the model has no trainable parameters (requires_grad=True); unfreeze at least one before measuring."
         )
     return params
+
+
+def _is_carried_state(value: Any) -> bool:
+    if value is None or isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, tuple):
+        return all(_is_carried_state(v) for v in value)
+    return False
+
+
+def module_attribute_state(module: nn.Module) -> dict[str, Any]:
+    """The state a ``training_step`` may carry across steps in its module's own attributes.
+
+    The public (no leading ``_``) entries of ``module.__dict__`` holding tensors, ``None`` or
+    (nested) tuples of them -- a truncated-BPTT ``self.hidden`` -- by reference: attributes the step
+    *reassigns* come back; tensors it changes in place do not. Lists are left alone: they are the
+    logs a step appends to (``self.training_step_outputs``), not state it starts from. Parameters,
+    buffers and submodules live elsewhere and are never touched. Only the module itself is read,
+    not its children, so the cost is a few dictionary lookups.
+    """
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and _is_carried_state(v)}
+
+
+def restore_module_attributes(module: nn.Module, state: dict[str, Any]) -> None:
+    """Put back :func:`module_attribute_state` output: set those attributes, drop carried ones added since."""
+    for k in [k for k, v in vars(module).items() if not k.startswith("_") and _is_carried_state(v) and k not in state]:
+        delattr(module, k)
+    for k, v in state.items():
+        setattr(module, k, v)

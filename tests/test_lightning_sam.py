@@ -289,12 +289,14 @@ def test_per_worker_only_where_it_keeps_replicas_identical():
         with pytest.raises(ConfigurationError, match="per_worker=True"):
             SharpnessAwareMinimization(variant=variant, per_worker=True)
         assert not SharpnessAwareMinimization(variant=variant).per_worker
-    from sharpguard.optim import make_sam
+    from sharpguard.optim import SAMEngine, make_sam
 
     cb = SharpnessAwareMinimization(rho=0.05, interval=2)
     assert cb.per_worker
+    assert not SharpnessAwareMinimization(rho=0.05, per_worker=False).per_worker
     net = nn.Linear(2, 2)
-    cb.sam = make_sam(torch.optim.SGD(net.parameters(), lr=0.1), "sam", rho=0.05, interval=2)
-    assert cb._block_clean_sync()  # step 0 perturbs: its clean pass may stay local
-    cb.sam._step = 1
-    assert not cb._block_clean_sync()  # step 1 is a plain step: its only gradient must be all-reduced
+    engine = SAMEngine(make_sam(torch.optim.SGD(net.parameters(), lr=0.1), "sam", rho=0.05, interval=2))
+    assert engine.clean_pass_unsynced(distributed=True)  # step 0 perturbs: its clean pass may stay local
+    assert not engine.clean_pass_unsynced(distributed=False)  # nothing to skip in one process
+    engine.sam._step = 1
+    assert not engine.clean_pass_unsynced(distributed=True)  # step 1 is a plain step: its gradient must be all-reduced

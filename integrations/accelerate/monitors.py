@@ -15,7 +15,7 @@ from sharpguard.errors import require
 require("accelerate", "accelerate")
 
 
-from .sam import _unwrap_optimizer
+from sharpguard.optim import unwrap_optimizer as _unwrap_optimizer
 
 # --------------------------------------------------------------------------------------------------
 # public: monitors in an Accelerate loop

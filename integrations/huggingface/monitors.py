@@ -20,7 +20,7 @@ require("transformers", "hf")
 require("accelerate", "hf")
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
-from ..accelerate.sam import _unwrap_optimizer  # noqa: E402
+from sharpguard.optim import unwrap_optimizer as _unwrap_optimizer  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------

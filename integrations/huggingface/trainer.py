@@ -17,10 +17,11 @@ require("transformers", "hf")
 require("accelerate", "hf")
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
-from ..accelerate.sam import SAMConfig, _build_sam, _PerturbedReplay, _unwrap_optimizer, check_distributed_type  # noqa: E402
+from sharpguard.optim import SAMConfig, SAMEngine  # noqa: E402
 
+from ..accelerate.sam import build_engine, check_distributed_type, clean_pass_context, finish_step  # noqa: E402
+from .monitors import _checkpoint_folder, _MonitorCallback  # noqa: E402
 
-from .monitors import _checkpoint_folder, _MonitorCallback
 
 def _coerce_adversarial(value: Any) -> Callable[[nn.Module, Any], torch.Tensor] | None:
     """A method object ``method(model, batch) -> loss``, a name for ``make_method``, or a mapping
@@ -54,21 +55,28 @@ class SharpGuardTrainerMixin:
 
     Args:
         sam: a mapping of SAM keywords (``{"rho": 0.05, "variant": "gsam", "alpha": 0.1}``; keys
-            ``variant``, ``rho``, ``sync_perturbation``, and the variant's own knobs) or a
-            :class:`SAMConfig`. ``None``: no SAM.
+            ``variant``, ``rho``, ``sync_perturbation``, ``nonfinite`` and the variant's own knobs;
+            a missing ``rho`` is the variant's default), a variant name, or a :class:`SAMConfig`.
+            ``None``: no SAM. Validated here, before the Trainer builds anything.
+        sam_resume: when the checkpoint's SAM settings differ from ``sam=`` on resume: ``"error"``
+            (default, names the settings), ``"checkpoint"`` (take the checkpoint's) or ``"current"``.
         adversarial: an embedding-space method of :mod:`sharpguard.adversarial` (``"freelb"``,
             ``"smart"``, ``"fgm"``, ``"embedding-pgd"``, ``"r3f"``), a mapping
             ``{"method": name, **keywords}``, or a method object ``method(model, batch) -> loss``.
             It replaces the training loss (evaluation keeps the model's plain loss).
     """
 
-    def __init__(self, *args: Any, sam: SAMConfig | Mapping[str, Any] | None = None, adversarial: Any = None, **kwargs: Any):
+    def __init__(self, *args: Any, sam: SAMConfig | Mapping[str, Any] | str | None = None, adversarial: Any = None,
+                 sam_resume: str = "error", **kwargs: Any):
         # Validate everything before the Trainer builds anything.
+        from sharpguard._validation import one_of
+        from sharpguard.optim.sam import RESUME_POLICIES
+
         self.sam_config = SAMConfig.coerce(sam) if sam is not None else None
+        self.sam_resume = one_of("sam_resume", sam_resume, RESUME_POLICIES)
         self.adversarial_method = _coerce_adversarial(adversarial)
-        self._sg_engine: _PerturbedReplay | None = None
+        self._sg_engine: SAMEngine | None = None
         self._sg_engine_optimizer: Any = None
-        self._sg_window: list[tuple[Any, tuple, dict]] = []
         super().__init__(*args, **kwargs)
         if self.sam_config is not None:
             check_distributed_type(self.accelerator)
@@ -89,19 +97,17 @@ class SharpGuardTrainerMixin:
                 cb.set_trainer(self)
 
     # -- SAM ---------------------------------------------------------------------------------------
-    def _sharpguard_engine(self, model: nn.Module) -> _PerturbedReplay | None:
+    def _sharpguard_engine(self, model: nn.Module) -> SAMEngine | None:
         if self.sam_config is None:
             return None
         if self._sg_engine is None or self._sg_engine_optimizer is not self.optimizer:
             # Built on first use: the optimizer exists (and is prepared) only once training starts,
             # and a new train() call builds a new one.
-            base = _unwrap_optimizer(self.optimizer)
-            sam = _build_sam(self.sam_config, base, self.accelerator.unwrap_model(model), self.accelerator)
+            engine = build_engine(self.accelerator, self.optimizer, model, self.sam_config)
             if self._sg_resume_from is not None:
-                _SAMCheckpoint.load(sam, self._sg_resume_from)
-            self._sg_engine = _PerturbedReplay(self.accelerator, sam, self.sam_config)
+                _SAMCheckpoint.load(engine.sam, self._sg_resume_from, self.sam_resume)
+            self._sg_engine = engine
             self._sg_engine_optimizer = self.optimizer
-            self._sg_window = []
         return self._sg_engine
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -123,14 +129,12 @@ class SharpGuardTrainerMixin:
         engine = self._sharpguard_engine(model)
         if engine is None:
             return super().training_step(model, inputs, *args, **kwargs)
-        engine.begin_window()
-        self._sg_window.append((inputs, args, kwargs))
-        with engine.clean_context(model):
+        engine.record(functools.partial(super().training_step, model, inputs, *args, **kwargs),
+                      self.accelerator.unwrap_model(model))
+        with clean_pass_context(self.accelerator, engine, model):
             loss = super().training_step(model, inputs, *args, **kwargs)
         if self.accelerator.sync_gradients:
-            window, self._sg_window = self._sg_window, []
-            step = super().training_step  # zero-argument super() does not work inside the comprehension
-            engine.finish(model, [functools.partial(step, model, x, *a, **kw) for x, a, kw in window])
+            finish_step(self.accelerator, engine, model)
         return loss
 
     # -- adversarial training ----------------------------------------------------------------------
@@ -162,10 +166,10 @@ class _SAMCheckpoint(TrainerCallback):
         return control
 
     @classmethod
-    def load(cls, sam: Any, checkpoint: str) -> None:
+    def load(cls, sam: Any, checkpoint: str, resume: str = "error") -> None:
         path = os.path.join(checkpoint, cls.FILE)
         if hasattr(sam, "load_sharpguard_state_dict") and os.path.isfile(path):
-            sam.load_sharpguard_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            sam.load_sharpguard_state_dict(torch.load(path, map_location="cpu", weights_only=True), resume=resume)
 
 
 class SharpGuardTrainer(SharpGuardTrainerMixin, Trainer):

@@ -22,23 +22,31 @@ def _is_parallel(strategy: Any) -> bool:
     return isinstance(strategy, pl.strategies.ParallelStrategy)
 
 
-def _refuse_unsupported(trainer: Any, pl_module: Any, who: str) -> None:
+def _refuse_unsupported(trainer: Any, pl_module: Any, who: str, *, allow_fsdp: bool = False) -> None:
     """Raise before training starts for setups a gradient-replacing callback cannot support."""
     name = type(trainer.strategy).__name__
     if "DeepSpeed" in name:
         raise ConfigurationError(
-            f"{who} does not support DeepSpeed: its engine steps inside backward, so nothing can run between the "
-            "gradient and the update; use strategy='ddp' (or 'fsdp' is not supported yet either)."
+            f"{who} does not support DeepSpeed: its engine steps inside backward (and ZeRO partitions the "
+            "gradient as it reduces it), so nothing can run between the gradient and the update; use "
+            "strategy='ddp' or 'fsdp'."
         )
-    if "FSDP" in name:
+    if "FSDP" in name and not allow_fsdp:
         raise ConfigurationError(
-            f"{who} does not support FSDP yet (the perturbation needs the global norm of sharded gradients); use DDP."
+            f"{who} does not support FSDP (it replaces the gradient of sharded parameters); use DDP."
         )
     if not pl_module.automatic_optimization:
         raise ConfigurationError(
             f"{who} works with Lightning's automatic optimization; with automatic_optimization=False call "
             "sharpguard.SAM's first_step()/second_step() in your training_step instead."
         )
+
+
+def rank_zero_info(message: str) -> None:
+    """Lightning's rank-zero console message (one line per run, not per process)."""
+    from importlib import import_module
+
+    import_module(f"{NAMESPACE}.utilities.rank_zero").rank_zero_info(message)
 
 
 def _stepping(trainer: Any) -> bool:

@@ -1,46 +1,60 @@
-"""The SAM callback: Lightning runs the clean pass, the step engine runs the rest."""
+"""The SAM callback: Lightning runs the clean pass, :class:`sharpguard.optim.SAMEngine` the rest.
+
+This file only translates Lightning's hooks: where the batch is (``on_train_batch_start``), how one
+micro-batch runs forward/backward (``trainer.strategy.training_step``, so DDP and autocast apply),
+how gradient sync is suspended (``strategy.block_backward_sync``), and that under ``16-mixed`` the
+clean gradient was already unscaled when ``on_before_optimizer_step`` fires (so the replayed one
+is unscaled here too). The algorithm, its defaults and its fault policy live in the core.
+"""
 
 from __future__ import annotations
 
-import functools
-import math
+import contextlib
 from typing import Any
 
 import torch
 
+from sharpguard._validation import check_keywords, one_of
 from sharpguard.errors import ConfigurationError
+from sharpguard.optim import SAMConfig, SAMEngine
+from sharpguard.optim.factory import VARIANTS
+from sharpguard.optim.sam import RESUME_POLICIES
+
+from ._hooks import Callback, _is_parallel, _loss_of, _refuse_unsupported, _sam_replay, _step_args, _stepping
+
+__all__ = ["SharpnessAwareMinimization"]
 
 
-from sharpguard.optim.sam import perturbed_pass
-
-from ._hooks import _GradientReplay, _all_finite, _grads, _is_parallel, _loss_of, _sam_replay, _step_args
-
-# --------------------------------------------------------------------------------------------------
-# SAM
-# --------------------------------------------------------------------------------------------------
-class SharpnessAwareMinimization(_GradientReplay):
+class SharpnessAwareMinimization(Callback):
     """Sharpness-aware minimization (Foret et al., ICLR 2021) for any LightningModule, as one callback.
 
     Args:
-        rho: radius of the weight perturbation (SAM's ``rho``; 0.05 in the paper, ~2.0 for ASAM).
+        rho: radius of the weight perturbation; ``None`` (default) takes the variant's own default
+            (SAM 0.05, ASAM 0.5, Momentum-SAM 0.3); ``0`` reproduces the plain optimizer.
         variant: ``"sam"``, ``"asam"``, ``"gsam"``, ``"looksam"``, ``"momentum_sam"``, ``"friendly_sam"``
-            (see :func:`sharpguard.optim.make_sam`); paper knobs go in ``**variant_kwargs``.
+            (see :class:`sharpguard.optim.SAMConfig`); the variant's knobs go in ``**variant_kwargs``.
         adaptive: shorthand for ASAM's scale-invariant perturbation with ``variant="sam"``.
         per_worker: under DDP, compute the perturbation from each worker's local gradient (the SAM paper's
             m-sharpness; saves one all-reduce per step). ``None``: on for ``sam``/``asam``, off for the
             variants that reuse the clean gradient in the update (``per_worker_safe = False``: GSAM,
             LookSAM, Friendly-SAM), for which ``per_worker=True`` is refused (the replicas would diverge).
         keep_bn_stats: keep BatchNorm running statistics from the clean pass only (``model=`` of the wrapper).
+        nonfinite: ``"fallback"`` or ``"skip"``, the core's policy for non-finite gradients (docs/reliability.md).
+        resume: when a checkpoint's SAM settings differ from this callback's: ``"error"`` (default),
+            ``"checkpoint"`` (take the checkpoint's) or ``"current"`` (keep these).
+
+    Every argument is checked here, when the callback is built (a misspelled knob names the fix).
 
     Semantics:
         * gradient accumulation over ``k`` micro-batches: the perturbation comes from the accumulated
-          clean gradient ``g = (1/k) sum_i grad L_i(w)``; every micro-batch is replayed at ``w + e`` and
-          the update uses ``(1/k) sum_i grad L_i(w + e)`` -- exact SAM on the whole accumulated batch
-          (cost: 2 forward/backward per micro-batch; the micro-batches are held until the step);
+          clean gradient; every micro-batch is replayed at ``w + e`` from the module state its clean
+          pass started from (a truncated-BPTT ``self.hidden`` included) -- exact SAM on the whole
+          accumulated batch (2 forward/backward per micro-batch; the micro-batches are held until the step);
         * gradient clipping (``gradient_clip_val``) acts on the final SAM gradient;
-        * ``16-mixed``: the replayed losses are scaled by the GradScaler's scale and unscaled after; if the
-          perturbed gradient overflows the step falls back to the clean gradient (``n_fallback``); if the
-          clean one overflows the scaler skips the step as usual;
+        * ``16-mixed``: the replayed losses are scaled by the GradScaler's scale and unscaled after; a
+          non-finite clean gradient is left for ``scaler.step`` to skip, a non-finite perturbed one falls
+          back to the clean gradient -- the same policy as every other front end;
+        * FSDP: SAM and ASAM with the norm all-reduced across shards; DeepSpeed is refused;
         * ``training_step`` runs twice per micro-batch; ``self.log`` is silenced in the replay, but other
           side effects of ``training_step`` (e.g. a torchmetrics ``update``) happen twice;
           ``on_before_backward``/``on_after_backward`` hooks are not called for the replay.
@@ -50,137 +64,185 @@ class SharpnessAwareMinimization(_GradientReplay):
 
     def __init__(
         self,
-        rho: float = 0.05,
+        rho: float | None = None,
         variant: str = "sam",
         *,
         adaptive: bool = False,
         per_worker: bool | None = None,
         keep_bn_stats: bool = True,
+        nonfinite: str = "fallback",
+        resume: str = "error",
         **variant_kwargs: Any,
     ) -> None:
         super().__init__()
-        if not (isinstance(rho, (int, float)) and rho > 0 and math.isfinite(rho)):
-            raise ConfigurationError(f"rho must be a positive number, got {rho!r}; the SAM default is 0.05.")
-        from sharpguard.optim.factory import VARIANTS, canonical_variant
+        knobs = dict(variant_kwargs)
+        if adaptive:
+            knobs["adaptive"] = True
+        from sharpguard.optim.factory import canonical_variant
 
-        key = canonical_variant(variant)
-        safe = VARIANTS[key].per_worker_safe
+        safe = VARIANTS[canonical_variant(variant)].per_worker_safe
         if per_worker and not safe:
             raise ConfigurationError(
                 f"per_worker=True is not possible with variant {variant!r}: its update uses the clean gradient, "
                 "which must be all-reduced or the replicas diverge; leave per_worker=None."
             )
-        self.rho = float(rho)
-        self.variant = variant
-        self.adaptive = adaptive
-        self.per_worker = safe if per_worker is None else bool(per_worker)
-        self.keep_bn_stats = keep_bn_stats
-        self.variant_kwargs = dict(variant_kwargs)
-        self.sam: Any | None = None
+        self.config = SAMConfig(
+            variant=variant, rho=rho, sync_perturbation=per_worker is False, nonfinite=nonfinite, knobs=knobs
+        )
+        self.resume = one_of("resume", resume, RESUME_POLICIES)
+        self.keep_bn_stats = bool(keep_bn_stats)
+        self.engine: SAMEngine | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._pending_n_steps = 0
+        self._no_sync: contextlib.AbstractContextManager | None = None
+
+    # ------------------------------------------------------------------------------ properties
+    @property
+    def per_worker(self) -> bool:
+        return not self.config.sync_perturbation and VARIANTS[self.config.variant].per_worker_safe
+
+    @property
+    def sam(self) -> Any:
+        """The SAM variant around the user's optimizer (built at fit start)."""
+        return None if self.engine is None else self.engine.sam
+
+    @property
+    def n_steps(self) -> int:
+        """Optimizer steps that ran a perturbed pass."""
+        return 0 if self.engine is None else self.engine.n_steps
+
+    @property
+    def n_fallback(self) -> int:
+        """Steps whose perturbed gradient was not finite and fell back to the clean one."""
+        counts = getattr(self.sam, "nonfinite_counts", None)
+        return 0 if counts is None else counts["nonfinite_perturbed"]
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(variant=self.variant, rho=self.rho)
+        # One key whatever the settings: a resumed run with other settings finds the saved state and
+        # is told what differs (a key built from rho/variant would drop the state silently).
+        return self._generate_state_key()
 
-    def _block_clean_sync(self) -> bool:
-        # only when a perturbed pass follows: on a step without one (interval skips, LookSAM reuse,
-        # Momentum-SAM) the clean gradient is the update and must be all-reduced
-        return self.per_worker and self.sam is not None and self.sam.needs_second_pass()
+    # ------------------------------------------------------------------------------------ hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            _refuse_unsupported(trainer, pl_module, self._who, allow_fsdp=True)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        super().on_fit_start(trainer, pl_module)
-        from sharpguard.optim import make_sam
-
-        knobs = dict(self.variant_kwargs)
-        if self.adaptive:
-            knobs["adaptive"] = True
-        self.sam = make_sam(
-            trainer.optimizers[0], self.variant, rho=self.rho, model=pl_module if self.keep_bn_stats else None, **knobs
-        )
+        if len(trainer.optimizers) != 1:
+            raise ConfigurationError(
+                f"{self._who} needs exactly one optimizer, found {len(trainer.optimizers)}; put all parameter "
+                "groups in one optimizer in configure_optimizers."
+            )
+        sharded = "FSDP" in type(trainer.strategy).__name__
+        sam = self.config.build(trainer.optimizers[0], model=pl_module if self.keep_bn_stats else None, sharded=sharded)
+        self.engine = SAMEngine(sam, sharded=sharded)
         if self._pending_state is not None:
             self._load_sam_state(self._pending_state)
+            self.engine.n_steps = self._pending_n_steps
             self._pending_state = None
+        from ._hooks import rank_zero_info
+
+        rank_zero_info(f"sharpguard: SAM active -- {self.config.describe()}.")
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if not self._buffer and self.sam is not None:
-            self.sam.prepare()  # before the first forward of the window (Momentum-SAM moves w here)
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        engine = self.engine
+        if engine is None:
+            return
+        engine.record(self._replay(trainer, pl_module, batch, batch_idx), pl_module)
+        parallel = _is_parallel(trainer.strategy)
+        if _stepping(trainer) and engine.clean_pass_unsynced(distributed=parallel):
+            # DDP decides at forward time whether the backward all-reduces: enter no_sync before the
+            # forward, leave it after the backward (on_after_backward)
+            self._no_sync = trainer.strategy.block_backward_sync()
+            self._no_sync.__enter__()
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        self._release_sync()
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self._release_sync()
-        batches, self._buffer = self._buffer, []
-        sam = self.sam
-        if sam is None:
+        engine = self.engine
+        if engine is None or not engine.pending:
             return
-        params, grads = _grads(optimizer)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if not params or not batches or (scaler is not None and not _all_finite(grads)):
-            # nothing to perturb, or an fp16 overflow that scaler.step will skip: abandon the SAM step
-            # (weights back by copy if prepare() moved them; the variant's counters do not advance)
-            sam.cancel()
-            return
-        clean = [g.clone() for g in grads] if scaler is not None else None
-        fallback = False
+        no_sync = trainer.strategy.block_backward_sync if _is_parallel(trainer.strategy) else None
         with torch.enable_grad(), _sam_replay(pl_module):
-            perturbed = perturbed_pass(sam, self._replays(trainer, pl_module, batches, scaler), self._replay_no_sync(trainer))
-        if perturbed:
-            try:
-                _, perturbed_grads = _grads(optimizer)
-                self._unscale(perturbed_grads, scaler)
-                fallback = scaler is not None and not _all_finite(perturbed_grads)
-            except BaseException:
-                sam.cancel()  # weights back to w by copy before the error propagates
-                raise
-        if fallback:
-            sam.cancel()
-            torch._foreach_copy_([p.grad for p in params], clean)
-            self.n_fallback += 1
-            return
-        sam.unperturb()
-        self.n_steps += 1
+            engine.finish(no_sync=no_sync, unscale=self._unscaler(scaler))
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._release_sync()
+        if _stepping(trainer) and self.engine is not None and self.engine.pending:
+            self.engine.abandon()  # the optimizer step was skipped: drop the window, w back by copy
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._release_sync()
+        if self.engine is not None and self.engine.pending:
+            self.engine.abandon()
+
+    # ---------------------------------------------------------------------------- translation
+    def _release_sync(self) -> None:
+        if self._no_sync is not None:
+            ctx, self._no_sync = self._no_sync, None
+            ctx.__exit__(None, None, None)
 
     @staticmethod
-    def _replay_no_sync(trainer: Any) -> Any:
-        # only the last replayed backward all-reduces (DDP's sync is decided at forward time)
-        return trainer.strategy.block_backward_sync if _is_parallel(trainer.strategy) else None
+    def _replay(trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> Any:
+        """One micro-batch at the current weights: ``training_step`` through the strategy, backward."""
 
-    def _replays(self, trainer: Any, pl_module: Any, batches: list[tuple[Any, int]], scaler: Any) -> list[Any]:
-        """One callable per micro-batch: ``training_step`` through the strategy (autocast, DDP), backward."""
-        strategy = trainer.strategy
-        accumulate = trainer.accumulate_grad_batches
+        def replay() -> None:
+            loss = _loss_of(trainer.strategy.training_step(*_step_args(pl_module, batch, batch_idx)))
+            if loss is None:
+                return
+            loss = loss / trainer.accumulate_grad_batches
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
 
-        def replay(batch: Any, batch_idx: int) -> None:
-            loss = _loss_of(strategy.training_step(*_step_args(pl_module, batch, batch_idx)))
-            if loss is not None:
-                self._backward(loss / accumulate, scaler)
+        return replay
 
-        return [functools.partial(replay, batch, batch_idx) for batch, batch_idx in batches]
+    @staticmethod
+    def _unscaler(scaler: Any) -> Any:
+        """Lightning unscaled the clean gradient before this hook: unscale the replayed one the same way."""
+        if scaler is None:
+            return None
+
+        def unscale(grads: list[torch.Tensor]) -> None:
+            if grads:
+                # the scale as a device tensor through the public scale(): get_scale() would sync with the host
+                scale = scaler.scale(torch.ones((), dtype=torch.float32, device=grads[0].device))
+                torch._foreach_div_(grads, scale)
+
+        return unscale
 
     # -- checkpoint state. Lightning saves the user's optimizer (the base) itself, so a checkpoint loads
-    # without sharpguard; the wrapper's own entry (step counter, variant buffers) lives here.
-    def _sam_extra_state(self) -> dict[str, Any]:
-        return {} if self.sam is None else self.sam.sharpguard_state_dict()
-
+    # without sharpguard; the wrapper's own entry (step counter, knobs, variant buffers) lives here.
     def _load_sam_state(self, extra: dict[str, Any]) -> None:
         if extra:
-            self.sam.load_sharpguard_state_dict(extra)
+            self.sam.load_sharpguard_state_dict(extra, resume=self.resume)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "variant": self.variant,
-            "rho": self.rho,
-            "n_steps": self.n_steps,
-            "n_fallback": self.n_fallback,
-            "sam": self._sam_extra_state(),
-        }
+        sam = self.sam
+        own = sam.sharpguard_state_dict() if hasattr(sam, "sharpguard_state_dict") else {}
+        return {"variant": self.config.variant, "n_steps": self.n_steps, "sam": own}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.n_steps = int(state_dict["n_steps"])
-        self.n_fallback = int(state_dict["n_fallback"])
-        if self.sam is not None:
-            self._load_sam_state(state_dict.get("sam") or {})
+        check_keywords(f"{self._who} checkpoint state", state_dict, ("variant", "n_steps", "sam", "rho", "n_fallback"))
+        n_steps = state_dict.get("n_steps", 0)
+        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
+            raise ConfigurationError(f"{self._who} checkpoint state: n_steps must be an integer >= 0, got {n_steps!r}.")
+        saved_variant = state_dict.get("variant", self.config.variant)
+        if saved_variant != self.config.variant and self.resume != "current":
+            raise ConfigurationError(
+                f"this checkpoint was trained with SAM variant {saved_variant!r}, this callback runs "
+                f"{self.config.variant!r}; build SharpnessAwareMinimization(variant={saved_variant!r}) to resume "
+                "it, or pass resume='current' to start the variant's state afresh."
+            )
+        extra = state_dict.get("sam") or {}
+        if saved_variant != self.config.variant:
+            extra = {}
+        if self.engine is not None:
+            self._load_sam_state(extra)
+            self.engine.n_steps = n_steps
         else:  # callbacks are restored before on_fit_start builds the wrapper
-            self._pending_state = state_dict.get("sam") or {}
-
-
+            self._pending_state = extra
+            self._pending_n_steps = n_steps

@@ -5,8 +5,13 @@
 Usage, the adapter protocol and comparisons with other libraries: ``docs/optim.md``.
 """
 
+from .config import SAMConfig
+from .engine import SAMEngine, unwrap_optimizer
 from .factory import VARIANTS, make_sam
 from .sam import ASAM, SAM
 from .variants import FriendlySAM, GSAM, LookSAM, MomentumSAM
 
-__all__ = ["SAM", "ASAM", "GSAM", "LookSAM", "MomentumSAM", "FriendlySAM", "make_sam", "VARIANTS"]
+__all__ = [
+    "SAM", "ASAM", "GSAM", "LookSAM", "MomentumSAM", "FriendlySAM", "make_sam", "VARIANTS",
+    "SAMConfig", "SAMEngine", "unwrap_optimizer",
+]

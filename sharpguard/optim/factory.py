@@ -32,15 +32,27 @@ _ALIASES = {
 }
 
 
-def make_sam(optimizer: Optimizer, variant: str = "sam", **knobs: Any) -> SAM:
+def make_sam(
+    optimizer: Optimizer,
+    variant: str = "sam",
+    *,
+    model: Any = None,
+    sync_perturbation: bool = False,
+    nonfinite: str = "fallback",
+    **knobs: Any,
+) -> SAM:
     """Wrap ``optimizer`` in the SAM variant named ``variant`` with its knobs.
 
     ``variant`` is one of ``"sam"``, ``"asam"``, ``"gsam"``, ``"looksam"``, ``"momentum_sam"``,
     ``"friendly_sam"`` (case and ``-``/``_`` do not matter; ``"msam"``, ``"fsam"`` and ``"F-SAM"`` are accepted).
-    ``knobs`` are the variant's keywords (``rho``, ``k``, ``alpha``, ...) plus ``model=`` and
-    ``sync_perturbation=``; an unknown one raises :class:`~sharpguard.errors.ConfigurationError`.
+    ``knobs`` are the variant's keywords (``rho``, ``k``, ``alpha``, ...; missing ones take the
+    variant's own defaults); an unknown one raises :class:`~sharpguard.errors.ConfigurationError`.
+    The same :class:`~sharpguard.optim.config.SAMConfig` path as every framework adapter.
     """
-    return VARIANTS[canonical_variant(variant)].wrap(optimizer, **knobs)
+    from .config import SAMConfig  # config imports this module
+
+    config = SAMConfig(variant=variant, sync_perturbation=sync_perturbation, nonfinite=nonfinite, knobs=knobs)
+    return config.build(optimizer, model=model)
 
 
 def canonical_variant(variant: str) -> str:

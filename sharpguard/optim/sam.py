@@ -24,8 +24,9 @@ a DDP adapter needs to decide whether the first pass may skip the gradient all-r
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
-import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
@@ -34,44 +35,33 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .._validation import check_keywords
 from ..errors import ConfigurationError
 from . import functional as F
 
-__all__ = ["SAM", "ASAM", "Closure", "perturbed_pass"]
+__all__ = ["SAM", "ASAM", "Closure", "perturbed_pass", "NONFINITE_POLICIES", "SAMFallbackWarning"]
 
 Closure = Callable[[], Any]
 
 #: Key of sharpguard's own entry in a state dict; the rest is exactly the base optimizer's.
 STATE_KEY = "sharpguard"
 
+#: what a step does when the clean or the perturbed gradient (or loss) is not finite; see
+#: :meth:`SAM.unperturb` and docs/reliability.md
+NONFINITE_POLICIES = ("fallback", "skip")
 
-# --------------------------------------------------------------------------------------------------
-# validation helpers: each raises one sentence before anything is built or changed
-# --------------------------------------------------------------------------------------------------
-def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigurationError(f"{name} must be a finite number, got {value!r}.")
-    return float(value)
+#: how :meth:`SAM.load_sharpguard_state_dict` treats knobs that differ from the checkpoint's
+RESUME_POLICIES = ("error", "checkpoint", "current")
 
 
-def _non_negative(name: str, value: Any, hint: str = "") -> float:
-    value = _real(name, value)
-    if value < 0:
-        raise ConfigurationError(f"{name} must be >= 0, got {value!r}{hint}.")
-    return value
+class SAMFallbackWarning(UserWarning):
+    """A SAM step met a non-finite gradient and fell back (said once per kind and optimizer)."""
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}.")
-    return value
-
-
-def _in_unit_interval(name: str, value: Any) -> float:
-    value = _real(name, value)
-    if not 0.0 <= value <= 1.0:
-        raise ConfigurationError(f"{name} must lie in [0, 1], got {value!r}.")
-    return value
+from .._validation import in_unit_interval as _in_unit_interval  # noqa: F401 (re-exported to variants)
+from .._validation import non_negative as _non_negative
+from .._validation import one_of as _one_of
+from .._validation import positive_int as _positive_int
 
 
 def _rho(value: Any) -> float:
@@ -109,6 +99,13 @@ def _build_base(cls_name: str, params: Any, base_cls: Any, base_kwargs: dict[str
             f"{cls_name} got an empty parameter list; pass model.parameters() of a model with parameters."
         )
     return base_cls(params, **base_kwargs)
+
+
+@functools.cache
+def _knob_defaults(cls: type) -> dict[str, Any]:
+    """name -> default of each keyword of ``cls._configure``: a variant's declared knobs (read-only)."""
+    params = inspect.signature(cls._configure).parameters.values()
+    return {p.name: p.default for p in params if p.name != "self"}
 
 
 def _running_stat_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -188,6 +185,13 @@ class SAM(Optimizer):
         sync_perturbation: all-reduce the clean gradient too (one perturbation for all workers).
             Variants whose update uses the clean gradient (GSAM, LookSAM, Friendly-SAM;
             ``per_worker_safe = False``) always do.
+        nonfinite: what a step does with a non-finite gradient (docs/reliability.md). ``"fallback"``
+            (default): a non-finite clean gradient gives no perturbation and the base optimizer gets
+            that clean gradient, exactly as without SAM; a non-finite perturbed gradient is replaced
+            by the clean one. ``"skip"``: either case skips the update entirely (every gradient is
+            set to ``None``, so the base optimizer leaves weights and state alone), as a GradScaler
+            does; this costs one host synchronisation per step. Both are counted
+            (:attr:`nonfinite_counts`) and warned once. Neither adds a host sync under ``"fallback"``.
         **base_kwargs: the base optimizer's own arguments (``lr``, ``momentum``, ...).
 
     ``param_groups`` and ``state`` *are* the base optimizer's (LR schedulers attached to either work);
@@ -215,10 +219,11 @@ class SAM(Optimizer):
         interval: int = 1,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
+        nonfinite: str = "fallback",
         **base_kwargs: Any,
     ) -> None:
         self._configure(rho=rho, adaptive=adaptive, interval=interval)
-        self._attach(_build_base(type(self).__name__, params, base_optimizer_cls, base_kwargs), model, sync_perturbation)
+        self._attach(_build_base(type(self).__name__, params, base_optimizer_cls, base_kwargs), model, sync_perturbation, nonfinite)
 
     def _configure(self, *, rho: float = 0.05, adaptive: bool = False, interval: int = 1) -> None:
         """Validate and store the variant's knobs (the keyword defaults are the constructor's)."""
@@ -232,35 +237,62 @@ class SAM(Optimizer):
         *,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
+        nonfinite: str = "fallback",
         **knobs: Any,
     ) -> SAM:
         """Wrap an optimizer you already built; ``knobs`` are the constructor's (``rho``, ``adaptive``, ...)."""
         _check_optimizer(optimizer, cls.__name__)
         self = cls.__new__(cls)
         self._configure_checked(knobs)
-        self._attach(optimizer, model, sync_perturbation)
+        self._attach(optimizer, model, sync_perturbation, nonfinite)
         return self
 
+    @classmethod
+    def knob_defaults(cls) -> dict[str, Any]:
+        """The variant's knobs and their defaults: the one declaration every front end reads.
+
+        It is the keyword signature of ``_configure`` (which also validates them), so the wrapper,
+        :func:`~sharpguard.optim.make_sam`, the Lightning callback, the Hugging Face Trainer and the
+        Accelerate helper cannot disagree on a default (ASAM's ``rho`` is 0.5 everywhere).
+        """
+        return dict(_knob_defaults(cls))
+
     def _configure_checked(self, knobs: dict[str, Any]) -> None:
-        allowed = [n for n in inspect.signature(self._configure).parameters]
-        unknown = sorted(set(knobs) - set(allowed))
-        if unknown:
-            raise ConfigurationError(
-                f"{type(self).__name__} has no setting {', '.join(map(repr, unknown))}; its settings are "
-                f"{', '.join(allowed)} (base-optimizer arguments belong to the optimizer you wrap)."
-            )
-        self._configure(**knobs)
+        check_keywords(
+            type(self).__name__, knobs, self.knob_defaults(),
+            " (base-optimizer arguments belong to the optimizer you wrap)",
+        )
+        self._apply_knobs(**knobs)
 
     def _knobs(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in inspect.signature(self._configure).parameters}
+        return {name: getattr(self, name) for name in self.knob_defaults()}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A knob assigned between steps (``opt.rho = 0.1``, a rho schedule) is validated by the same
+        # rule as at construction, before it takes effect: ``opt.rho = nan`` raises, nothing changes.
+        if not self.__dict__.get("_configuring", True) and name in _knob_defaults(type(self)):
+            self._apply_knobs(**{**self._knobs(), name: value})
+            return
+        object.__setattr__(self, name, value)
+
+    def _apply_knobs(self, **knobs: Any) -> None:
+        """``_configure`` (validate, then store) with the assignment guard of ``__setattr__`` lifted."""
+        object.__setattr__(self, "_configuring", True)
+        try:
+            self._configure(**knobs)
+        finally:
+            object.__setattr__(self, "_configuring", False)
 
     def _validate_base(self, base: Optimizer) -> None:
         """Hook: refuse a base optimizer the variant cannot work with (before anything is attached)."""
 
-    def _attach(self, base: Optimizer, model: nn.Module | None, sync_perturbation: bool) -> None:
+    def _attach(self, base: Optimizer, model: nn.Module | None, sync_perturbation: bool, nonfinite: str = "fallback") -> None:
         if model is not None and not isinstance(model, nn.Module):
             raise ConfigurationError(f"model must be a torch.nn.Module (or None), got {type(model).__name__}.")
+        _one_of("nonfinite", nonfinite, NONFINITE_POLICIES)
         self._validate_base(base)
+        self._configuring = False  # from here on, knob assignments are validated (__setattr__)
+        self.nonfinite = nonfinite
         self.base_optimizer = base
         # The hook tables and step profiling of torch.optim.Optimizer, without its own param_groups
         # and state: those are properties that return the base optimizer's.
@@ -272,6 +304,11 @@ class SAM(Optimizer):
         self.sam_state: defaultdict[torch.Tensor, dict[str, torch.Tensor]] = defaultdict(dict)
         self._scratch: dict[str, tuple[list[torch.Tensor], list[int], list[torch.Tensor]]] = {}
         self._step = 0
+        # device-side fault counters [non-finite clean gradient, non-finite perturbed gradient],
+        # copied to the host without blocking and read one step later (no host sync in the step)
+        self._faults: torch.Tensor | None = None
+        self._faults_host = torch.zeros(2, dtype=torch.int64)
+        self._faults_warned = [0, 0]
         self._reset_step()
 
     # ---------------------------------------------------------------------------- shared structure
@@ -338,11 +375,20 @@ class SAM(Optimizer):
                 "perturbed backward (or cancel()) before perturbing again."
             )
         params = self._params_with_grad()
+        self._refuse_sparse(params)
+        self._warn_about_faults()
         self._perturb_called, self._pass_params = True, params
         if not params or not self.needs_second_pass():
             return False
         grads = [p.grad for p in params]
-        self._move(params, *self._ascent(params, grads))
+        # the clean gradient, kept for the non-finite fallback (and read by GSAM / LookSAM)
+        clean = self._buffers("clean_grad", params)
+        torch._foreach_copy_(clean, grads)
+        directions, scale = self._ascent(params, grads)
+        # A non-finite clean gradient gives no perturbation: the scale is 0 (perturbation_scale), and
+        # the few weights that 0 * inf still poisons are restored by copy before anything steps.
+        self._clean_ok = torch.isfinite(F.global_norm(clean))
+        self._move(params, directions, scale)
         self._snapshot_stats()
         self._perturbed = True
         return True
@@ -361,10 +407,63 @@ class SAM(Optimizer):
         grads = self._grads_of(params)
         if perturbed:
             self._after_perturbed_pass(params, grads)
+            self._apply_nonfinite_policy(params, grads)
         else:
             self._after_plain_pass(params, grads)
         self._reset_step()
         self._step += 1
+
+    def _apply_nonfinite_policy(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Never more non-finite values than the base optimizer would get (docs/reliability.md).
+
+        ``ok`` = clean and final gradients both finite; otherwise the final gradient becomes the clean
+        one (``select_`` never multiplies a non-finite value by 0), all on the device. Under
+        ``nonfinite="skip"`` a failed step sets every gradient to ``None`` instead (one host sync).
+        """
+        clean_ok = self._clean_ok
+        final_ok = torch.isfinite(F.global_norm(grads)) & clean_ok
+        F.select_(grads, self._buffers("clean_grad", params), ~final_ok)
+        faults = torch.stack([~clean_ok, clean_ok & ~final_ok]).to(torch.int64)
+        self._faults = faults if self._faults is None else self._faults + faults
+        if self._faults.is_cuda and not self._faults_host.is_pinned():
+            self._faults_host = self._faults_host.pin_memory()  # a non-blocking copy needs pinned memory
+        self._faults_host.copy_(self._faults, non_blocking=True)
+        if self.nonfinite == "skip" and not bool(final_ok):
+            for p in params:
+                p.grad = None
+
+    @property
+    def nonfinite_counts(self) -> dict[str, int]:
+        """Steps whose clean gradient was not finite, and steps whose perturbed one fell back (host sync)."""
+        counts = [0, 0] if self._faults is None else self._faults.tolist()
+        return {"nonfinite_clean": int(counts[0]), "nonfinite_perturbed": int(counts[1])}
+
+    def _warn_about_faults(self) -> None:
+        """Warn once per kind, from the counters copied to the host by an earlier step (no sync)."""
+        if self._faults is None:
+            return
+        seen = self._faults_host.tolist()
+        what = ("a non-finite clean gradient (or loss)", "a non-finite gradient at w + e")
+        done = ("it did not perturb and gave that gradient to the base optimizer, as without SAM",
+                "it stepped with the clean gradient instead")
+        for kind in (0, 1):
+            if seen[kind] > 0 and not self._faults_warned[kind]:
+                self._faults_warned[kind] = 1
+                action = "it skipped the update" if self.nonfinite == "skip" else done[kind]
+                warnings.warn(
+                    f"{type(self).__name__}: a step met {what[kind]}; {action} (counted in opt.nonfinite_counts; "
+                    "said once). Lower the learning rate or rho if it repeats.",
+                    SAMFallbackWarning,
+                    stacklevel=3,
+                )
+
+    @staticmethod
+    def _refuse_sparse(params: list[torch.Tensor]) -> None:
+        if any(p.grad.is_sparse for p in params):
+            raise ConfigurationError(
+                "SAM cannot perturb along sparse gradients (e.g. nn.Embedding(sparse=True)); build the "
+                "embedding with sparse=False, or leave its parameters out of the SAM optimizer."
+            )
 
     @torch.no_grad()
     def cancel(self) -> None:
@@ -390,19 +489,24 @@ class SAM(Optimizer):
                 f"{type(self).__name__}.step() needs a closure that computes the loss and calls backward(); "
                 "without one use first_step()/second_step() (or the GradScaler path in docs/optim.md)."
             )
-        second = self.needs_second_pass()
+        from .engine import SAMEngine  # the engine imports this module
+
+        engine = SAMEngine(self)
+        model = self.model.module if self._ddp is not None else self.model
+
+        def replay() -> Any:
+            with torch.enable_grad():
+                return closure()
+
         try:
-            self.prepare()
-            with torch.enable_grad(), self._clean_pass_context(second):
+            engine.record(replay, model)
+            no_sync = self._ddp.no_sync if self._ddp is not None else None
+            with torch.enable_grad(), engine.clean_pass_context(no_sync, distributed=self._ddp is not None):
                 loss = closure()
-            if self.perturb():
-                self._zero_pass_grads()
-                with torch.enable_grad():
-                    closure()
-            self.unperturb()
         except BaseException:
-            self.cancel()
+            engine.abandon()
             raise
+        engine.finish()
         self.base_optimizer.step()
         return loss
 
@@ -447,6 +551,7 @@ class SAM(Optimizer):
         self._prepared = False
         self._perturb_called = False
         self._perturbed = False
+        self._clean_ok: torch.Tensor | None = None
         self._pass_params: list[torch.Tensor] = []
         self._moved: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._stats: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
@@ -517,11 +622,6 @@ class SAM(Optimizer):
             F.restore_(*self._stats)
             self._stats = None
 
-    def _clean_pass_context(self, second_pass: bool) -> contextlib.AbstractContextManager:
-        if self._ddp is not None and second_pass and not self.sync_perturbation and self.per_worker_safe:
-            return self._ddp.no_sync()
-        return contextlib.nullcontext()
-
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The base optimizer's state dict plus ``"sharpguard"``: variant, step, knobs, buffers.
@@ -533,14 +633,27 @@ class SAM(Optimizer):
         state[STATE_KEY] = self.sharpguard_state_dict()
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Load a state dict from :meth:`state_dict` (or a plain base-optimizer one: counters reset)."""
+    def load_state_dict(self, state_dict: dict[str, Any], *, resume: str = "error") -> None:  # type: ignore[override]
+        """Load a state dict from :meth:`state_dict` (or a plain base-optimizer one: counters reset).
+
+        Everything is checked before anything changes (variant, step, knobs, every buffer's type,
+        shape and finiteness); if the base optimizer then refuses its part, its previous state is put
+        back. ``resume`` says what to do when the checkpoint's knobs differ from this optimizer's:
+        ``"error"`` (default) raises naming them, ``"checkpoint"`` takes the checkpoint's,
+        ``"current"`` keeps this optimizer's.
+        """
+        if not isinstance(state_dict, dict):
+            raise ConfigurationError(f"load_state_dict needs the dict from state_dict(), got {type(state_dict).__name__}.")
         state_dict = dict(state_dict)
         ours = state_dict.pop(STATE_KEY, None)
-        if ours is not None:
-            self._check_saved(ours, len(self._all_params()))
-        self.base_optimizer.load_state_dict(state_dict)
-        self._load_own(ours)
+        checked = self._checked_own_state(ours, resume) if ours is not None else None
+        previous = self.base_optimizer.state_dict()
+        try:
+            self.base_optimizer.load_state_dict(state_dict)
+        except Exception:
+            self.base_optimizer.load_state_dict(previous)
+            raise
+        self._load_own(checked)
 
     def sharpguard_state_dict(self) -> dict[str, Any]:
         """Only the wrapper's own state (the ``"sharpguard"`` entry of :meth:`state_dict`).
@@ -557,10 +670,10 @@ class SAM(Optimizer):
             }
         return {"variant": self.variant, "step": self._step, "knobs": self._knobs(), "buffers": buffers}
 
-    def load_sharpguard_state_dict(self, state: dict[str, Any]) -> None:
-        """Load :meth:`sharpguard_state_dict` output, leaving the base optimizer as it is."""
-        self._check_saved(state, len(self._all_params()))
-        self._load_own(state)
+    def load_sharpguard_state_dict(self, state: dict[str, Any], *, resume: str = "error") -> None:
+        """Load :meth:`sharpguard_state_dict` output, leaving the base optimizer as it is (see
+        :meth:`load_state_dict` for the checks and ``resume``)."""
+        self._load_own(self._checked_own_state(state, resume))
 
     def _load_own(self, ours: dict[str, Any] | None) -> None:
         params = self._all_params()
@@ -569,36 +682,72 @@ class SAM(Optimizer):
         if ours is None:
             self._step = 0
             return
-        self._configure(**ours["knobs"])
-        self._step = int(ours["step"])
+        self._apply_knobs(**ours["knobs"])
+        self._step = ours["step"]
         for name, entries in ours["buffers"].items():
             for i, tensor in entries.items():
-                p = params[int(i)]
+                p = params[i]
                 self.sam_state[p][name] = tensor.detach().to(device=p.device, dtype=p.dtype, copy=True)
 
-    def _check_saved(self, ours: Any, n_params: int) -> None:
+    def _checked_own_state(self, ours: Any, resume: str) -> dict[str, Any]:
+        """A validated, normalised copy of a ``"sharpguard"`` entry, or one ConfigurationError."""
         name = type(self).__name__
+        _one_of("resume", resume, RESUME_POLICIES)
+        bad = f"the {STATE_KEY!r} entry of this state dict is malformed"
         if not isinstance(ours, dict) or not {"variant", "step", "knobs", "buffers"} <= set(ours):
-            raise ConfigurationError(
-                f"the {STATE_KEY!r} entry of this state dict is malformed; save it with {name}.state_dict()."
-            )
+            raise ConfigurationError(f"{bad}; save it with {name}.state_dict().")
         if ours["variant"] != self.variant:
             raise ConfigurationError(
                 f"this state dict was saved by variant {ours['variant']!r}, not {self.variant!r}; build the same "
                 "variant, or load only the base state with opt.base_optimizer.load_state_dict()."
             )
-        saved = self._knobs()
-        try:
-            self._configure_checked(dict(ours["knobs"]))
-        finally:
-            self._configure(**saved)
-        for entries in ours["buffers"].values():
-            for i in entries:
-                if not 0 <= int(i) < n_params:
+        step = ours["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigurationError(f"{bad}: its step must be an integer >= 0, got {step!r}.")
+        knobs = ours["knobs"]
+        if not isinstance(knobs, dict):
+            raise ConfigurationError(f"{bad}: its knobs must be a dict, got {type(knobs).__name__}.")
+        check_keywords(f"{name} (in this checkpoint)", knobs, self.knob_defaults())
+        trial = object.__new__(type(self))  # validate by the constructor's rule without touching self
+        object.__setattr__(trial, "_configuring", True)
+        trial._configure(**knobs)
+        current = self._knobs()
+        saved = {k: getattr(trial, k) for k in current}
+        differ = sorted(k for k in current if saved[k] != current[k])
+        if differ and resume == "error":
+            pairs = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {current[k]!r}" for k in differ)
+            raise ConfigurationError(
+                f"this checkpoint was saved with other {name} settings ({pairs}); build the optimizer with the "
+                "checkpoint's settings, or pass resume='checkpoint' (take them) or resume='current' (keep yours)."
+            )
+        params = self._all_params()
+        buffers = ours["buffers"]
+        if not isinstance(buffers, dict):
+            raise ConfigurationError(f"{bad}: its buffers must be a dict, got {type(buffers).__name__}.")
+        clean: dict[str, dict[int, torch.Tensor]] = {}
+        for buf, entries in buffers.items():
+            if buf not in self.state_buffers or not isinstance(entries, dict):
+                raise ConfigurationError(
+                    f"{bad}: buffer {buf!r} is not one {name} keeps ({', '.join(self.state_buffers) or 'none'})."
+                )
+            clean[buf] = {}
+            for i, tensor in entries.items():
+                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params):
                     raise ConfigurationError(
-                        f"this state dict holds buffers for parameter {i}, but {name} has {n_params} parameters; "
+                        f"this state dict holds buffers for parameter {i!r}, but {name} has {len(params)} parameters; "
                         "build the optimizer over the same parameters before loading."
                     )
+                p = params[i]
+                if not isinstance(tensor, torch.Tensor) or tensor.shape != p.shape or not tensor.is_floating_point():
+                    got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                    raise ConfigurationError(
+                        f"{bad}: buffer {buf!r} of parameter {i} must be a floating tensor of shape {tuple(p.shape)}, "
+                        f"got {got}."
+                    )
+                if not bool(torch.isfinite(tensor).all()):
+                    raise ConfigurationError(f"{bad}: buffer {buf!r} of parameter {i} holds NaN or inf values.")
+                clean[buf][i] = tensor
+        return {"step": step, "knobs": saved if resume != "current" else current, "buffers": clean}
 
 
 class ASAM(SAM):
@@ -622,10 +771,11 @@ class ASAM(SAM):
         interval: int = 1,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
+        nonfinite: str = "fallback",
         **base_kwargs: Any,
     ) -> None:
         self._configure(rho=rho, eta=eta, interval=interval)
-        self._attach(_build_base(type(self).__name__, params, base_optimizer_cls, base_kwargs), model, sync_perturbation)
+        self._attach(_build_base(type(self).__name__, params, base_optimizer_cls, base_kwargs), model, sync_perturbation, nonfinite)
 
     def _configure(self, *, rho: float = 0.5, eta: float = 0.01, interval: int = 1) -> None:  # type: ignore[override]
         rho, eta, interval = _rho(rho), _non_negative("eta", eta), _positive_int("interval", interval)

@@ -54,19 +54,15 @@ class GSAM(SAM):
         adaptive: bool = False,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
+        nonfinite: str = "fallback",
         **base_kwargs: Any,
     ) -> None:
         self._configure(rho=rho, alpha=alpha, adaptive=adaptive)
-        self._attach(_build_base(type(self).__name__, params, base_optimizer_cls, base_kwargs), model, sync_perturbation)
+        self._attach(_build_base(type(self).__name__, params, base_optimizer_cls, base_kwargs), model, sync_perturbation, nonfinite)
 
     def _configure(self, *, rho: float = 0.05, alpha: float = 0.4, adaptive: bool = False) -> None:  # type: ignore[override]
         rho, alpha = _rho(rho), _in_unit_interval("alpha", alpha)
         self.rho, self.alpha, self.adaptive, self.interval = rho, alpha, bool(adaptive), 1
-
-    def _ascent(self, params, grads):
-        clean = self._buffers("clean_grad", params)
-        torch._foreach_copy_(clean, grads)
-        return super()._ascent(params, grads)
 
     def _after_perturbed_pass(self, params, grads):
         clean = self._buffers("clean_grad", params)
@@ -102,10 +98,11 @@ class LookSAM(SAM):
         adaptive: bool = False,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
+        nonfinite: str = "fallback",
         **base_kwargs: Any,
     ) -> None:
         self._configure(rho=rho, k=k, alpha=alpha, adaptive=adaptive)
-        self._attach(_build_base(type(self).__name__, params, base_optimizer_cls, base_kwargs), model, sync_perturbation)
+        self._attach(_build_base(type(self).__name__, params, base_optimizer_cls, base_kwargs), model, sync_perturbation, nonfinite)
 
     def _configure(  # type: ignore[override]
         self, *, rho: float = 0.05, k: int = 5, alpha: float = 0.7, adaptive: bool = False
@@ -118,11 +115,6 @@ class LookSAM(SAM):
     def k(self) -> int:
         """Steps between SAM gradients: the ``interval`` of the base class under the paper's name."""
         return self.interval
-
-    def _ascent(self, params, grads):
-        clean = self._buffers("clean_grad", params)
-        torch._foreach_copy_(clean, grads)
-        return super()._ascent(params, grads)
 
     def _after_perturbed_pass(self, params, grads):
         clean = self._buffers("clean_grad", params)
@@ -164,10 +156,11 @@ class MomentumSAM(SAM):
         momentum_key: str | None = None,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
+        nonfinite: str = "fallback",
         **base_kwargs: Any,
     ) -> None:
         self._configure(rho=rho, momentum_key=momentum_key)
-        self._attach(_build_base(type(self).__name__, params, base_optimizer_cls, base_kwargs), model, sync_perturbation)
+        self._attach(_build_base(type(self).__name__, params, base_optimizer_cls, base_kwargs), model, sync_perturbation, nonfinite)
 
     def _configure(self, *, rho: float = 0.3, momentum_key: str | None = None) -> None:  # type: ignore[override]
         if momentum_key is not None and not isinstance(momentum_key, str):
@@ -252,10 +245,11 @@ class FriendlySAM(SAM):
         adaptive: bool = False,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
+        nonfinite: str = "fallback",
         **base_kwargs: Any,
     ) -> None:
         self._configure(rho=rho, sigma=sigma, lmbda=lmbda, adaptive=adaptive)
-        self._attach(_build_base(type(self).__name__, params, base_optimizer_cls, base_kwargs), model, sync_perturbation)
+        self._attach(_build_base(type(self).__name__, params, base_optimizer_cls, base_kwargs), model, sync_perturbation, nonfinite)
 
     def _configure(  # type: ignore[override]
         self, *, rho: float = 0.05, sigma: float = 1.0, lmbda: float = 0.9, adaptive: bool = False

@@ -1,0 +1,178 @@
+"""The SAM step engine: one SAM step over an accumulation window, for every front end.
+
+:meth:`SAM.step` (a closure), the Lightning callback, the Hugging Face Trainer and the Accelerate
+helper all run the same sequence, and this module is the only place it is written:
+
+1. ``begin_window()`` before the first forward of a window (Momentum-SAM moves ``w`` here);
+2. for each micro-batch, ``record(replay, module)`` *before* its clean forward, then the framework's
+   own forward/backward at ``w`` -- under ``clean_pass_context(...)`` on the micro-batch that
+   steps, which suspends gradient sync when the perturbation is per worker (Foret et al., ICLR 2021,
+   Sec. 4: m-sharpness; each worker ascends along its own gradient);
+3. ``finish(no_sync=..., unscale=...)`` after the last clean backward: perturb (save ``w``, move to
+   ``w + e``, snapshot running statistics), zero the gradients in place, replay every recorded
+   micro-batch at ``w + e`` -- each from the module state its clean pass started from, all but
+   the last under ``no_sync`` so only the last backward all-reduces -- unscale the replayed
+   gradients if the framework already unscaled the clean ones, restore ``w`` by copy, apply the
+   variant's update and the non-finite policy (:meth:`SAM.unperturb`), and put back the module
+   state the clean pass left.
+
+An adapter supplies only what its framework knows: how to run one micro-batch forward/backward
+(the ``replay`` callables), how to suspend gradient sync (``no_sync``), and where the scaler is
+(``unscale``). The algorithm, its defaults and its fault policy stay in :mod:`sharpguard.optim`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._state import module_attribute_state, restore_module_attributes
+from .sam import SAM, perturbed_pass
+
+__all__ = ["SAMEngine", "Replay", "unwrap_optimizer"]
+
+#: runs one micro-batch's forward and backward at the current weights
+Replay = Callable[[], Any]
+
+
+class SAMEngine:
+    """Owns one SAM step over an accumulation window (see the module docs for the sequence).
+
+    Args:
+        sam: the SAM variant (any :class:`~sharpguard.optim.SAM`, or the sharded form) whose
+            ``prepare / perturb / unperturb / cancel`` protocol the engine drives.
+        sharded: the gradients are shards (FSDP): the clean pass must be synchronised (the norm
+            of ``g`` needs every shard's reduced gradient), so the perturbation is never per worker.
+    """
+
+    def __init__(self, sam: Any, *, sharded: bool = False) -> None:
+        self.sam = sam
+        self.sharded = bool(sharded)
+        self._window: list[tuple[Replay, Any]] = []
+        self._prepared = False
+        self.n_steps = 0  # optimizer steps that ran a perturbed pass
+
+    # ------------------------------------------------------------------------------- policy
+    @property
+    def per_worker(self) -> bool:
+        """Whether each worker perturbs along its own (unsynchronised) clean gradient.
+
+        True for SAM/ASAM unless ``sync_perturbation`` was asked for; never for variants whose
+        update uses the clean gradient (``per_worker_safe = False``: the replicas would diverge) nor
+        for sharded gradients.
+        """
+        return (
+            not self.sharded
+            and not getattr(self.sam, "sync_perturbation", False)
+            and bool(getattr(self.sam, "per_worker_safe", False))
+        )
+
+    def clean_pass_unsynced(self, *, distributed: bool) -> bool:
+        """Whether the stepping micro-batch's clean backward may skip the gradient all-reduce.
+
+        Only when a perturbed pass follows (``needs_second_pass()`` is known before the forward):
+        on LookSAM's reuse steps, ``interval`` skips and Momentum-SAM the clean gradient *is* the
+        update and must be reduced as usual.
+        """
+        return distributed and self.per_worker and self.sam.needs_second_pass()
+
+    # ------------------------------------------------------------------------------- window
+    def begin_window(self) -> None:
+        """Before the first forward of an accumulation window (idempotent within a window)."""
+        if not self._prepared:
+            self.sam.prepare()
+            self._prepared = True
+
+    def record(self, replay: Replay, module: nn.Module | None = None) -> None:
+        """Keep one micro-batch for the perturbed pass; call before its clean forward.
+
+        ``module``: the module whose attribute state a ``training_step`` may carry across steps
+        (a truncated-BPTT ``self.hidden``); its state now is what the replay at ``w + e`` starts from.
+        """
+        self.begin_window()
+        state = module_attribute_state(module) if module is not None else None
+        self._window.append((replay, (module, state)))
+
+    @property
+    def pending(self) -> int:
+        """Micro-batches recorded for the current window."""
+        return len(self._window)
+
+    def clean_pass_context(self, no_sync: Callable[[], contextlib.AbstractContextManager] | None, *,
+                           distributed: bool) -> contextlib.AbstractContextManager:
+        """``no_sync()`` around the stepping micro-batch's clean backward when ``e`` is per worker."""
+        if no_sync is not None and self.clean_pass_unsynced(distributed=distributed):
+            return no_sync()
+        return contextlib.nullcontext()
+
+    def abandon(self) -> None:
+        """Drop the window (an exception, or a step the framework skips): ``w`` back by copy."""
+        self._window = []
+        self._prepared = False
+        self.sam.cancel()
+
+    # ------------------------------------------------------------------------------- the step
+    def finish(
+        self,
+        *,
+        no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+        unscale: Callable[[list[torch.Tensor]], None] | None = None,
+    ) -> bool:
+        """After the last clean backward of the window: the perturbed pass and the final gradient.
+
+        ``no_sync``: suspends gradient sync for all replays but the last. ``unscale``: divides the
+        replayed gradients by the loss scale in place, for frameworks that unscaled the clean
+        gradient before this point (Lightning's ``16-mixed``); frameworks whose scaler unscales at
+        ``optimizer.step()`` pass ``None``. Returns whether a perturbed pass ran. On an exception
+        the weights are restored by copy before it propagates.
+        """
+        window, self._window = self._window, []
+        self._prepared = False
+        end_states = [(m, module_attribute_state(m)) for m in {id(m): m for _, (m, _) in window if m is not None}.values()]
+        replays = [self._from_state(replay, module, state) for replay, (module, state) in window]
+        try:
+            ran = perturbed_pass(self.sam, replays, no_sync=no_sync)
+            if ran and unscale is not None:
+                unscale([p.grad for p in self.sam._pass_params if p.grad is not None])
+            self.sam.unperturb()
+        except BaseException:
+            self.sam.cancel()
+            raise
+        finally:
+            for module, state in end_states:
+                restore_module_attributes(module, state)  # what the clean pass left
+        self.n_steps += int(ran)
+        return ran
+
+    @staticmethod
+    def _from_state(replay: Replay, module: nn.Module | None, state: Any) -> Replay:
+        if module is None:
+            return replay
+
+        def run() -> Any:
+            restore_module_attributes(module, state)
+            return replay()
+
+        return run
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` inside framework wrappers (Accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``, a SAM wrapper's base), found by their public attributes."""
+    seen = 0
+    while not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, SAM):
+        inner = getattr(optimizer, "base_optimizer", None) if isinstance(optimizer, SAM) else None
+        inner = inner or getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        seen += 1
+        if inner is None or seen > 8:
+            from ..errors import ConfigurationError
+
+            raise ConfigurationError(
+                f"cannot find the torch.optim.Optimizer inside {type(optimizer).__name__}; pass the optimizer itself."
+            )
+        optimizer = inner
+    return optimizer

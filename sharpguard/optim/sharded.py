@@ -1,0 +1,94 @@
+"""SAM over sharded parameters (FSDP): the norm of ``g`` is a sum over shards.
+
+Under FSDP every rank holds a disjoint shard of each parameter and of its gradient, so the local
+norm is not ``||g||``; :func:`sharded_global_norm` all-reduces the squared local norms.
+Framework-free: only ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import functional as F
+
+__all__ = ["ShardedSAM", "sharded_global_norm"]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), the tensor itself otherwise (FSDP1 flat shards)."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def sharded_global_norm(tensors: Sequence[torch.Tensor], group: Any = None) -> torch.Tensor:
+    """L2 norm of tensors sharded across the processes of ``group``: sqrt(all_reduce(sum ||g_i||^2)).
+
+    Under FSDP every rank holds a disjoint shard of each gradient, so the local norm is not the
+    norm of ``g``; this is what ``e = rho g / ||g||`` needs.
+    """
+    local = F.global_norm([_local(t) for t in tensors]) if len(tensors) else torch.zeros(())
+    sq = local.double() ** 2
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sq, op=torch.distributed.ReduceOp.SUM, group=group)
+    return sq.sqrt().to(local.dtype)
+
+
+class ShardedSAM:
+    """SAM / ASAM over sharded parameters (FSDP), speaking the engine's protocol.
+
+    Each shard moves by ``rho * g_shard / ||g||`` (ASAM: ``rho * T^2 g_shard / ||T g||``, Kwon et
+    al. 2021, eq. 9) with the norm all-reduced across shards (:func:`sharded_global_norm`): ``e``
+    is elementwise once the norm is known, so the perturbation equals unsharded SAM's. The knobs and
+    their defaults are SAM's / ASAM's own (``SAM.knob_defaults()``); the other variants keep
+    unsharded state and are refused by :func:`~sharpguard.optim.factory.build_sam`. The non-finite
+    policy is SAM's ``"fallback"``: a non-finite clean or perturbed gradient leaves the clean one.
+    """
+
+    per_worker_safe = False  # the norm needs the reduced shards: the clean pass is synchronised
+    sync_perturbation = True
+
+    def __init__(self, optimizer: torch.optim.Optimizer, rho: float, adaptive: bool = False, eta: float = 0.0):
+        self.base_optimizer = optimizer
+        self.rho, self.adaptive, self.eta = rho, adaptive, eta
+        self._backup: list[torch.Tensor] | None = None
+        self._clean: list[torch.Tensor] | None = None
+        self._params: list[torch.Tensor] = []
+        self._pass_params: list[torch.Tensor] = []
+
+    def prepare(self) -> None:
+        pass
+
+    def needs_second_pass(self) -> bool:
+        return True
+
+    def perturb(self) -> bool:
+        params = [p for g in self.base_optimizer.param_groups for p in g["params"] if p.grad is not None]
+        local_p = [_local(p) for p in params]
+        local_g = [_local(p.grad) for p in params]
+        self._backup = F.save_(self._backup, local_p)
+        self._clean = F.save_(self._clean, local_g)
+        self._params, self._pass_params = local_p, params
+        direction, norm = F.ascent_direction(
+            self._backup, local_g, adaptive=self.adaptive, eta=self.eta, norm=sharded_global_norm
+        )
+        self._clean_ok = torch.isfinite(norm)
+        F.add_scaled_(local_p, direction, F.perturbation_scale(norm, self.rho))
+        return True
+
+    def unperturb(self) -> None:
+        if self._backup is not None and self._params:
+            F.restore_(self._params, self._backup)
+            grads = [_local(p.grad) for p in self._pass_params]
+            ok = torch.isfinite(sharded_global_norm(grads)) & self._clean_ok
+            F.select_(grads, self._clean, ~ok)
+        self._params, self._pass_params = [], []
+
+    def cancel(self) -> None:
+        if self._backup is not None and self._params:
+            F.restore_(self._params, self._backup)
+        self._params, self._pass_params = [], []
+
+
