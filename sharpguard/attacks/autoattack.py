@@ -1,11 +1,12 @@
 """AutoAttack's cascade (Croce & Hein, ICML 2020): the evaluation a robustness number should survive.
 
-``version="standard"``: APGD-CE (100 steps) -> APGD-T (100 steps, 9 target classes) -> Square
-(5,000 queries, ``p_init`` 0.8), each attack run only on the points every earlier attack failed
-on, and a point's first successful adversarial example kept. AutoAttack's third stage, FAB-T
-(Croce & Hein 2020b), is omitted: it rarely breaks a point the others miss (it is listed for its
-minimal-norm view) and costs about as much as APGD-T. ``version="fast"`` is the cheap check for
-monitors: APGD-CE and APGD-T (3 targets), 25 steps each.
+``version="standard"`` is AutoAttack's standard version: APGD-CE (100 steps) -> APGD-T (100 steps, 9
+target classes) -> FAB-T (100 steps, 9 target classes) -> Square (5,000 queries, ``p_init`` 0.8),
+each attack run only on the points every earlier attack failed on, and a point's first successful
+adversarial example kept. For the l1 threat model the APGD stages are l1-APGD (Croce & Hein, ICML
+2021) with AutoAttack's l1 settings (5 restarts of APGD-CE, 5 target classes for APGD-T, the
+``3 eps, 2 eps, eps`` radius schedule); Square has no l1 version here and is skipped with a note.
+``version="fast"`` is the cheap check for monitors: APGD-CE and APGD-T (3 targets), 25 steps each.
 
 Before attacking, the checks of AutoAttack's ``checks.py`` run on the batch (probabilities instead of
 logits, randomness across two forwards, zero gradients); after, the "Square beats white-box" check.
@@ -28,6 +29,7 @@ from .._batches import logits_of
 from ..errors import ConfigurationError
 from . import checks as _checks
 from ._context import as_normal_tensor, attack_context, check_label_range, check_labels, check_steps
+from .fab import fab_targeted
 from .gradient import _threat, apgd, apgd_targeted
 from .square import square
 from .threat import ThreatModel, default_generator
@@ -36,10 +38,10 @@ __all__ = ["AutoAttack", "AutoAttackReport", "auto_attack", "VERSIONS"]
 
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
-# name -> (apgd steps, APGD-T target classes, square queries or None)
-VERSIONS: dict[str, tuple[int, int, int | None]] = {
-    "standard": (100, 9, 5000),
-    "fast": (25, 3, None),
+# name -> (apgd and fab steps, APGD-T target classes, square queries or None, run FAB-T)
+VERSIONS: dict[str, tuple[int, int, int | None, bool]] = {
+    "standard": (100, 9, 5000, True),
+    "fast": (25, 3, None, False),
 }
 
 
@@ -112,7 +114,9 @@ class AutoAttack:
             raise ConfigurationError(f"version must be one of {sorted(VERSIONS) + ['custom']}, got {version!r}.")
         if attacks is not None:
             raise ConfigurationError(f"attacks= is only read with version='custom', not with version={version!r}.")
-        d_steps, d_targets, d_queries = VERSIONS[version]
+        d_steps, d_targets, d_queries, self.fab_t = VERSIONS[version]
+        if self.threat.norm == "l1" and n_target_classes is None and version == "standard":
+            d_targets = 5  # AutoAttack's standard l1 setting
         self.steps = check_steps(d_steps if steps is None else steps)
         self.n_target_classes = check_steps(d_targets if n_target_classes is None else n_target_classes, "n_target_classes")
         self.n_queries = d_queries if n_queries is None else check_steps(n_queries, "n_queries")
@@ -121,16 +125,28 @@ class AutoAttack:
         if self.version == "custom":
             return self.attacks
         common = dict(threat=self.threat, generator=gen, model_mode=self.model_mode, check_range=False)
+        l1 = self.threat.norm == "l1"
+        restarts = 5 if l1 and self.version == "standard" else 1  # AutoAttack's l1 APGD-CE: 5 restarts
         stages: list[tuple[str, Attack]] = [
-            ("apgd-ce", lambda m, a, b: apgd(m, a, b, steps=self.steps, loss="ce", **common)),
+            ("apgd-ce", lambda m, a, b: apgd(m, a, b, steps=self.steps, loss="ce", restarts=restarts, **common)),
         ]
         if n_classes >= 4:
             stages.append(("apgd-t", lambda m, a, b: apgd_targeted(
                 m, a, b, steps=self.steps, n_target_classes=self.n_target_classes, **common)))
         else:
             skipped.append(f"apgd-t: its targeted DLR loss needs at least 4 classes, the model has {n_classes}.")
+        if self.fab_t:
+            if n_classes < 4:
+                skipped.append(f"fab-t: the targeted stages run on models with at least 4 classes, the model has {n_classes}.")
+            elif self.threat.bounds is None:
+                skipped.append("fab-t: it projects onto the input box and the threat model has bounds=None.")
+            else:
+                stages.append(("fab-t", lambda m, a, b: fab_targeted(
+                    m, a, b, steps=self.steps, n_target_classes=9, **common)))
         if self.n_queries is not None:
-            if x.dim() == 4:
+            if l1:
+                skipped.append("square: Square is implemented for linf and l2 only; the l1 cascade ends at FAB-T.")
+            elif x.dim() == 4:
                 # AutoAttack runs Square with the unscaled schedule (resc_schedule=False).
                 stages.append(("square", lambda m, a, b: square(
                     m, a, b, n_queries=self.n_queries, p_init=0.8, rescale_schedule=False, **common)))

@@ -15,6 +15,8 @@ start to the real tokens: padding is never perturbed.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import ConfigurationError
@@ -28,6 +30,7 @@ __all__ = [
     "project_l2",
     "project_linf",
     "project_l1",
+    "project_l1_box",
     "project",
     "random_in_ball",
     "apply_mask",
@@ -127,6 +130,43 @@ def project_l1(delta: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
     theta = torch.where(inside, torch.zeros_like(theta), theta.clamp_min(0))
     out = flat.sign() * (a - theta).clamp_min(0)
     return out.to(delta.dtype).reshape(delta.shape)
+
+
+def project_l1_box(
+    delta: torch.Tensor, eps: float, lower: torch.Tensor | None = None, upper: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Euclidean projection of ``delta`` onto ``{d : ||d||_1 <= eps, lower <= d <= upper}`` per example.
+
+    ``lower <= 0 <= upper`` (same shape as ``delta``) is the box that keeps ``x0 + d`` inside the input
+    bounds (``bounds - x0``); ``None`` leaves that side open. This is the projection l1-APGD needs
+    (Croce & Hein, ICML 2021, section 3.2): by the KKT conditions each coordinate is
+    ``sign(v_i) * clip(|v_i| - theta, 0, cap_i)`` with ``cap_i`` the room the box leaves in the
+    direction of ``v_i``, and ``theta >= 0`` the smallest value with ``sum_i |d_i| <= eps``. The sum is
+    piecewise linear in ``theta`` with breakpoints ``|v_i| - cap_i`` and ``|v_i|``; they are sorted
+    once and ``theta`` is read off the segment where the sum crosses ``eps`` (no iteration).
+    """
+    shape = delta.shape
+    v = _wide(delta.flatten(1))
+    a = v.abs()
+    inf = torch.full_like(v, math.inf)
+    up = inf if upper is None else _wide(upper.flatten(1)).clamp_min(0)
+    low = inf if lower is None else (-_wide(lower.flatten(1))).clamp_min(0)
+    cap = torch.where(v >= 0, up, low)
+    kept = torch.minimum(a, cap)  # theta = 0: only the box acts
+    total = kept.sum(1, keepdim=True)
+    # Coordinate i shrinks for theta in [max(|v_i| - cap_i, 0), |v_i|): slope -1 there, 0 elsewhere.
+    starts = (a - cap).clamp_min(0)
+    points = torch.cat([starts, a], 1)
+    steps = torch.cat([-torch.ones_like(a), torch.ones_like(a)], 1)
+    points, order = points.sort(1)
+    slope = steps.gather(1, order).cumsum(1)  # slope of the sum just after each breakpoint
+    rise = (slope[:, :-1] * (points[:, 1:] - points[:, :-1])).cumsum(1)
+    values = torch.cat([total, total + rise], 1)  # the sum at each breakpoint (non-increasing)
+    k = ((values > eps).sum(1, keepdim=True) - 1).clamp_min(0)  # the last breakpoint still above eps
+    theta = points.gather(1, k) + (values.gather(1, k) - eps) / (-slope.gather(1, k)).clamp_min(1)
+    theta = torch.where(total > eps, theta, torch.zeros_like(theta))
+    out = v.sign() * torch.minimum((a - theta).clamp_min(0), cap)
+    return out.to(delta.dtype).reshape(shape)
 
 
 def project(delta: torch.Tensor, eps: float | torch.Tensor, norm: str) -> torch.Tensor:

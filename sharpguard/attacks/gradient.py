@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import copy
+import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -156,6 +158,7 @@ def pgd(
     Cost: ``restarts * steps`` forwards and input-only backwards (+1 forward per restart if > 1).
     """
     tm = _threat(threat, norm, eps, bounds, mean, std)
+    tm.require_norm("pgd and fgsm")
     steps = check_steps(steps)
     _check_common(alpha, restarts)
     kind = {True: "uniform", False: None, "uniform": "uniform", "normal": "normal"}.get(random_start, "?")
@@ -225,6 +228,7 @@ def apgd(
     loss: str | AttackLoss = "ce",
     momentum: float = 0.75,
     rho: float = 0.75,
+    eps_schedule: bool = True,
     bounds: tuple[float, float] | None = (0.0, 1.0),
     mean=None,
     std=None,
@@ -242,6 +246,17 @@ def apgd(
     already halved (conditions 1 and 2 of section 3.2). Returns, per example, the first point found
     that is misclassified, else the highest-loss point. Cost: ``restarts * (steps + 1)`` forwards
     and input-only backwards.
+
+    ``norm="l1"``: l1-APGD (Croce & Hein, ICML 2021, "Mind the box", Algorithm 2): the step moves
+    along the sign of the ``k`` largest gradient coordinates, ``u + eta * sign(g_k) / ||sign(g_k)||_1``
+    (eq. 6), followed by the exact projection onto the l1 ball intersected with the input box
+    (:func:`~sharpguard.attacks.geometry.project_l1_box`); no momentum; every ``0.04 N`` steps the
+    sparsity ``k`` follows the best point's (``||u_best - x||_0 / 1.5``) and the step size resets to
+    ``eps`` when the sparsity fell by 5 % or more, else shrinks by 1.5 (down to ``eps / 10``).
+    ``eps_schedule=True`` (AutoAttack's standard l1 setting) runs ``0.3 N, 0.3 N, 0.4 N`` steps at
+    radii ``3 eps, 2 eps, eps`` from a Gaussian start, each stage starting from the previous best
+    projected onto the smaller ball. ``momentum``/``rho`` are not used by l1-APGD. Cost with the
+    schedule: ``restarts * (steps + 3)`` forwards and input-only backwards (one start per stage).
     """
     tm = _threat(threat, norm, eps, bounds, mean, std)
     steps = check_steps(steps)
@@ -252,7 +267,7 @@ def apgd(
         gen = generator if generator is not None else default_generator(x0.device)
         best = None
         for _ in range(restarts):
-            best = problem.keep_worst(best, _apgd_run(problem, gen, steps, momentum, rho))
+            best = problem.keep_worst(best, _apgd_any(problem, gen, steps, momentum, rho, eps_schedule))
         return tm.from_pixel(best[0]).detach()
 
 
@@ -268,6 +283,7 @@ def apgd_targeted(
     restarts: int = 1,
     momentum: float = 0.75,
     rho: float = 0.75,
+    eps_schedule: bool = True,
     bounds: tuple[float, float] | None = (0.0, 1.0),
     mean=None,
     std=None,
@@ -284,6 +300,8 @@ def apgd_targeted(
     on the examples not yet misclassified; an example counts as broken when it is misclassified
     (any wrong class, not necessarily the target), and keeps the first such point. Examples
     misclassified on the clean input are returned unchanged. ``y`` holds the true labels.
+    ``norm="l1"`` runs the l1-APGD loop of :func:`apgd` (with its ``eps_schedule``; AutoAttack uses 5
+    target classes for l1).
     Cost: at most ``n_target_classes * restarts * (steps + 1)`` forwards and input-only backwards
     per example, plus one clean forward.
     """
@@ -314,11 +332,96 @@ def apgd_targeted(
                     return tm.from_pixel(u_out).detach()
                 targets = ranked[index, -k]
                 sub = problem.restrict(index, lambda z, labels, _ref, t=targets: dlr_targeted(z, labels, t))
-                u, success, _ = _apgd_run(sub, gen, steps, momentum, rho)
+                u, success, _ = _apgd_any(sub, gen, steps, momentum, rho, eps_schedule)
                 broken = index[success]
                 u_out[broken] = u[success]
                 robust[broken] = False
         return tm.from_pixel(u_out).detach()
+
+
+def _apgd_any(problem: _Problem, gen: torch.Generator, steps: int, momentum: float, rho: float, eps_schedule: bool):
+    if problem.tm.norm != "l1":
+        return _apgd_run(problem, gen, steps, momentum, rho)
+    if not eps_schedule or steps < 3:
+        return _apgd_l1_run(problem, gen, steps)[:3]
+    return _apgd_l1_schedule(problem, gen, steps)
+
+
+def _apgd_l1_schedule(problem: _Problem, gen: torch.Generator, steps: int):
+    """AutoAttack's ``use_largereps`` for l1: radii 3, 2, 1 times eps for 30 %, 30 %, 40 % of the steps."""
+    tm, x0 = problem.tm, problem.x0
+    iters = [math.ceil(0.3 * steps), math.ceil(0.3 * steps)]
+    iters.append(steps - sum(iters))
+    u = x0 + torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+    result = None
+    for factor, n_steps in zip((3.0, 2.0, 1.0), iters):
+        stage = copy.copy(problem)
+        stage.tm = dataclasses.replace(tm, eps=factor * tm.eps)
+        u = stage.tm.project(u, x0)
+        *result, u = _apgd_l1_run(stage, gen, n_steps, u_init=u)
+    return tuple(result)
+
+
+def _l0(t: torch.Tensor) -> torch.Tensor:
+    return (t != 0).flatten(1).sum(1).to(t.dtype)
+
+
+def _apgd_l1_run(problem: _Problem, gen: torch.Generator, steps: int, u_init: torch.Tensor | None = None):
+    """l1-APGD (Croce & Hein 2021, Algorithm 2) from a Gaussian start projected on the ball (or ``u_init``).
+
+    Returns ``(u_out, success, loss_best, u_best)``: per example the first misclassified point, else the best.
+    """
+    tm, x0 = problem.tm, problem.x0
+    n, eps = x0.shape[0], tm.eps
+    shape = (n,) + (1,) * (x0.dim() - 1)
+    n_features = x0[0].numel()
+    if u_init is None:
+        u = tm.project(x0 + torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype), x0)
+        topk = torch.full((n,), 0.2, device=x0.device, dtype=x0.dtype)
+        sparsity_old = torch.full((n,), float(n_features), device=x0.device, dtype=x0.dtype)
+    else:
+        u = tm.clamp(u_init)
+        sparsity_old = _l0(u - x0)
+        topk = sparsity_old / n_features / 1.5
+    logits, loss, grad = problem.loss_and_grad(u)
+    success = problem.success(logits)
+    u_first_adv = u.clone()
+    u_best, grad_best, loss_best = u.clone(), grad.clone(), loss.clone()
+    step_size = torch.full(shape, eps, device=x0.device, dtype=x0.dtype)  # alpha = 1 for l1
+    window, since = max(int(0.04 * steps), 1), 0
+    for _ in range(steps):
+        # Sparse steepest step: the sign of the top-k coordinates of |g|, scaled to l1 length step_size.
+        magnitude = grad.abs().flatten(1)
+        rank = ((1.0 - topk) * n_features).clamp(0, n_features - 1).long()
+        threshold = magnitude.sort(dim=1).values.gather(1, rank[:, None]).reshape(shape)
+        direction = (grad * (grad.abs() >= threshold)).sign()
+        u = tm.project(u + step_size * direction / (geometry.per_example_norm(direction, "l1").to(u.dtype) + 1e-10), x0)
+
+        logits, loss, grad = problem.loss_and_grad(u)
+        now = problem.success(logits)
+        u_first_adv = torch.where((now & ~success).reshape(shape), u, u_first_adv)
+        success = success | now
+        improved = loss > loss_best
+        mask = improved.reshape(shape)
+        u_best = torch.where(mask, u, u_best)
+        grad_best = torch.where(mask, grad, grad_best)
+        loss_best = torch.where(improved, loss, loss_best)
+
+        since += 1
+        if since == window:
+            sparsity = _l0(u_best - x0)
+            reset = sparsity / sparsity_old < 0.95
+            topk = sparsity / n_features / 1.5
+            step_size = torch.where(reset.reshape(shape), torch.full_like(step_size, eps), step_size / 1.5)
+            step_size = step_size.clamp(eps / 10.0, eps)
+            sparsity_old = sparsity
+            rmask = reset.reshape(shape)
+            u = torch.where(rmask, u_best, u)
+            grad = torch.where(rmask, grad_best, grad)
+            since = 0
+
+    u_out = torch.where(success.reshape(shape), u_first_adv, u_best)
+    return u_out, success, loss_best, u_best
 
 
 def _apgd_run(problem: _Problem, gen: torch.Generator, steps: int, momentum: float, rho: float):

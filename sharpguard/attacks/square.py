@@ -147,6 +147,7 @@ def square(
     example, no backward; one device synchronisation per iteration (selecting the active examples).
     """
     tm = _threat(threat, norm, eps, bounds, mean, std)
+    tm.require_norm("square")
     n_queries = check_steps(n_queries, "n_queries")
     check_steps(restarts, "restarts")
     if not 0.0 < p_init <= 1.0:

@@ -25,7 +25,7 @@ from . import geometry
 
 __all__ = ["ThreatModel", "default_generator", "make_generator"]
 
-_NORMS = ("linf", "l2")
+_NORMS = ("linf", "l2", "l1")
 
 
 def _as_floats(name: str, value: float | Sequence[float] | torch.Tensor | None) -> tuple[float, ...] | None:
@@ -43,7 +43,10 @@ def _as_floats(name: str, value: float | Sequence[float] | torch.Tensor | None) 
 
 @dataclass(frozen=True)
 class ThreatModel:
-    """An ``eps`` ball in the ``norm`` (``"linf"`` or ``"l2"``) around each input, inside ``bounds``.
+    """An ``eps`` ball in the ``norm`` (``"linf"``, ``"l2"`` or ``"l1"``) around each input, inside ``bounds``.
+
+    The l1 ball is attacked by :func:`~sharpguard.attacks.apgd` / :func:`~sharpguard.attacks.apgd_targeted`
+    (l1-APGD) and :func:`~sharpguard.attacks.fab_targeted`; PGD, FGSM and Square take linf and l2.
 
     ``bounds=None`` means the input range is unbounded (features, logits). ``mean``/``std`` are per
     channel (dimension 1 of the input) and describe a normalization applied *outside* the model.
@@ -57,9 +60,9 @@ class ThreatModel:
 
     def __post_init__(self) -> None:
         norm = str(self.norm).lower().replace("_", "")
-        norm = {"inf": "linf", "infinity": "linf", "l_inf": "linf", "2": "l2"}.get(norm, norm)
+        norm = {"inf": "linf", "infinity": "linf", "l_inf": "linf", "2": "l2", "1": "l1"}.get(norm, norm)
         if norm not in _NORMS:
-            raise ConfigurationError(f"norm must be 'linf' or 'l2', got {self.norm!r}.")
+            raise ConfigurationError(f"norm must be 'linf', 'l2' or 'l1', got {self.norm!r}.")
         object.__setattr__(self, "norm", norm)
         eps = float(self.eps)
         if not math.isfinite(eps) or eps < 0:
@@ -145,8 +148,24 @@ class ThreatModel:
         return u if self.bounds is None else u.clamp(*self.bounds)
 
     def project(self, u: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """Project ``u`` onto the ``eps`` ball around ``x0``, then clamp into ``bounds``."""
+        """Project ``u`` onto the ``eps`` ball around ``x0``, then clamp into ``bounds``.
+
+        For l1 the projection is onto the intersection of the ball and the box (the two do not commute).
+        """
+        if self.norm == "l1":
+            lower = upper = None
+            if self.bounds is not None:
+                lower, upper = self.bounds[0] - x0, self.bounds[1] - x0
+            return self.clamp(x0 + geometry.project_l1_box(u - x0, self.eps, lower, upper))
         return self.clamp(x0 + geometry.project(u - x0, self.eps, self.norm))
+
+    def require_norm(self, attack: str, norms: tuple[str, ...] = ("linf", "l2")) -> None:
+        """Raise unless this threat model's norm is one ``attack`` supports."""
+        if self.norm not in norms:
+            raise ConfigurationError(
+                f"norm must be one of {norms} for {attack}, got {self.norm!r}; the l1 threat model is attacked by "
+                "apgd(norm='l1'), apgd_targeted(norm='l1') and fab_targeted(norm='l1')."
+            )
 
     def ascent_step(self, u: torch.Tensor, grad: torch.Tensor, alpha: float) -> torch.Tensor:
         """One steepest-ascent step of length ``alpha`` in the threat model's norm (sign step for linf)."""
