@@ -33,8 +33,9 @@ def test_monitored_plain_trainer_equals_unmonitored_bitwise_and_logs_lambda_max(
     plain = Trainer(model=tiny_bert(), args=_args(tmp_path / "a"), train_dataset=data)
     plain.train()
     cb = _monitor()
-    # a plain transformers.Trainer: the callback finds its trainer when training begins
+    # a plain transformers.Trainer: callbacks are not given their Trainer, so the user hands it over
     monitored = Trainer(model=tiny_bert(), args=_args(tmp_path / "b"), train_dataset=data, callbacks=[cb])
+    cb.set_trainer(monitored)
     monitored.train()
 
     a, b = params_of(plain.model), params_of(monitored.model)
@@ -65,9 +66,12 @@ def test_monitor_history_survives_checkpoint_resume(tmp_path):
         model=tiny_bert(), args=_args(out, save_strategy="steps", save_steps=2), train_dataset=data, callbacks=[full_cb]
     )
     full.train()
-    saved = out / "checkpoint-2" / "sharpguard_sharpness_monitor.json"
-    assert saved.is_file()
-    json.loads(saved.read_text())  # plain JSON
+    # the state lives in transformers' own callback state: trainer_state.json's stateful_callbacks
+    saved = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["stateful_callbacks"]
+    entry = saved["SharpnessMonitorCallback"]
+    assert entry["args"] == {"restore_into": full_cb.state_key}
+    assert [r["step"] for r in entry["attributes"]["sharpguard_state"]["monitor"]["history"]["records"]
+            if r["metric"] == "sharpness/lambda_max"] == [2]
 
     resumed_cb = _monitor()
     resumed = SharpGuardTrainer(
@@ -79,8 +83,32 @@ def test_monitor_history_survives_checkpoint_resume(tmp_path):
     assert [s for s, _ in got] == [2, 4]
     assert got[0] == want[0]  # step 2 comes from the checkpoint, not re-measured
     assert got[1][1] == pytest.approx(want[1][1], rel=1e-4)
-    # the probe set came back from the checkpoint: same examples
+    # the probe set is drawn again from the dataset with the same seed: same examples
     assert resumed_cb.monitor.probe.fingerprint == full_cb.monitor.probe.fingerprint
+
+
+def test_restore_callback_states_flag_restores_the_live_callback_in_place(tmp_path):
+    """With restore_callback_states_from_checkpoint=True the Trainer rebuilds callbacks from their
+    state's args: the user's configured instance is reused, not replaced by a default one."""
+    data = FirstTokenTask(48)
+    out = tmp_path / "run"
+    SharpGuardTrainer(model=tiny_bert(), args=_args(out, save_strategy="steps", save_steps=2), train_dataset=data,
+                      callbacks=[_monitor(name="flag")]).train()
+    cb = _monitor(name="flag")
+    trainer = SharpGuardTrainer(model=tiny_bert(), args=_args(tmp_path / "new", restore_callback_states_from_checkpoint=True),
+                                train_dataset=data, callbacks=[cb])
+    trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert cb in trainer.callback_handler.callbacks
+    assert [s for s, _ in cb.monitor.history.values("sharpness/lambda_max")] == [2, 4]
+
+
+def test_plain_trainer_without_set_trainer_is_a_clear_error(tmp_path):
+    from sharpguard.errors import ConfigurationError
+
+    cb = _monitor()
+    trainer = Trainer(model=tiny_bert(), args=_args(tmp_path, max_steps=1), train_dataset=FirstTokenTask(16), callbacks=[cb])
+    with pytest.raises(ConfigurationError, match="set_trainer"):
+        trainer.train()
 
 
 def test_robustness_callback_clean_accuracy_on_a_text_model(tmp_path):
@@ -106,41 +134,29 @@ def test_robustness_callback_refuses_input_attacks_on_token_ids(tmp_path):
 
     cb = RobustnessMonitorCallback(every_n_steps=1, measures=("pgd_acc",), probe_size=8, input_key="input_ids")
     trainer = Trainer(model=tiny_bert(), args=_args(tmp_path, max_steps=1), train_dataset=FirstTokenTask(16), callbacks=[cb])
+    cb.set_trainer(trainer)
     with pytest.raises(ConfigurationError, match="token ids"):
         trainer.train()
 
 
 def test_monitor_history_resumes_from_a_checkpoint_stored_outside_output_dir(tmp_path):
-    """The state is read from the folder given to train(resume_from_checkpoint=...), not output_dir/checkpoint-N."""
+    """The state comes with the trainer_state.json of the folder training resumes from, wherever it is,
+    for SharpGuardTrainer and for a plain Trainer alike."""
     import shutil
-    import warnings
 
     data = FirstTokenTask(48)
     full_cb = _monitor()
-    Trainer(model=tiny_bert(), args=_args(tmp_path / "run", save_strategy="steps", save_steps=2), train_dataset=data,
-            callbacks=[full_cb]).train()
+    SharpGuardTrainer(model=tiny_bert(), args=_args(tmp_path / "run", save_strategy="steps", save_steps=2),
+                      train_dataset=data, callbacks=[full_cb]).train()
     elsewhere = tmp_path / "archive" / "step2"
     shutil.move(str(tmp_path / "run" / "checkpoint-2"), str(elsewhere))
     want = full_cb.monitor.history.values("sharpness/lambda_max")
 
-    # SharpGuardTrainer records the folder it resumes from
-    cb = _monitor()
-    SharpGuardTrainer(model=tiny_bert(), args=_args(tmp_path / "new"), train_dataset=data,
-                      callbacks=[cb]).train(resume_from_checkpoint=str(elsewhere))
-    got = cb.monitor.history.values("sharpness/lambda_max")
-    assert [s for s, _ in got] == [2, 4] and got[0] == want[0]  # step 2 from the checkpoint, not re-measured
-
-    # a plain Trainer is not told the folder: it warns instead of silently restarting the history
-    cb = _monitor()
-    with pytest.warns(RuntimeWarning, match="sharpguard_sharpness_monitor.json"):
-        Trainer(model=tiny_bert(), args=_args(tmp_path / "plain"), train_dataset=data,
-                callbacks=[cb]).train(resume_from_checkpoint=str(elsewhere))
-    assert 2 not in [s for s, _ in cb.monitor.history.values("sharpness/lambda_max")]  # restarted: hence the warning
-    # ... and reads args.resume_from_checkpoint when the script sets it
-    cb = _monitor()
-    args = _args(tmp_path / "plain2", resume_from_checkpoint=str(elsewhere))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        Trainer(model=tiny_bert(), args=args, train_dataset=data, callbacks=[cb]).train(
-            resume_from_checkpoint=args.resume_from_checkpoint)
-    assert cb.monitor.history.values("sharpness/lambda_max")[0] == want[0]
+    for kind in ("sharpguard", "plain"):
+        cb = _monitor()
+        cls = SharpGuardTrainer if kind == "sharpguard" else Trainer
+        trainer = cls(model=tiny_bert(), args=_args(tmp_path / kind), train_dataset=data, callbacks=[cb])
+        cb.set_trainer(trainer)
+        trainer.train(resume_from_checkpoint=str(elsewhere))
+        got = cb.monitor.history.values("sharpness/lambda_max")
+        assert [s for s, _ in got] == [2, 4] and got[0] == want[0], kind  # step 2 from the checkpoint

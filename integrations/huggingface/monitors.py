@@ -1,13 +1,15 @@
-"""Monitor callbacks for any transformers.Trainer."""
+"""Monitor callbacks for any transformers.Trainer: a :class:`sharpguard.monitor.MonitorDriver` driven
+from the Trainer's callback events, logging through ``Trainer.log``, with its state in transformers' own
+callback-state mechanism (``ExportableState``: ``trainer_state.json``'s ``stateful_callbacks``)."""
 
 
 from __future__ import annotations
 
-import inspect
-import json
+import logging
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,14 +21,13 @@ from sharpguard.errors import ConfigurationError, require
 require("transformers", "hf")
 require("accelerate", "hf")
 from transformers import Trainer, TrainerCallback  # noqa: E402
+from transformers.trainer_callback import ExportableState  # noqa: E402
 
+from sharpguard.monitor.driver import MonitorDriver, torch_comm  # noqa: E402
+from sharpguard.monitor.history import decode_state, encode_state  # noqa: E402
 from sharpguard.optim import unwrap_optimizer as _unwrap_optimizer  # noqa: E402
 
-
-# --------------------------------------------------------------------------------------------------
-# monitors
-# --------------------------------------------------------------------------------------------------
-_STATE_FILE = "sharpguard_{name}.json"
+logger = logging.getLogger("sharpguard")
 
 
 def _checkpoint_folder(args: Any, state: Any) -> str:
@@ -36,76 +37,59 @@ def _checkpoint_folder(args: Any, state: Any) -> str:
     return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
-def _to_json(value: Any) -> Any:
-    """Plain containers with tensors written as ``{"__tensor__": values, "dtype": ..., "shape": ...}``."""
-    if isinstance(value, torch.Tensor):
-        t = value.detach().cpu()
-        return {"__tensor__": t.reshape(-1).tolist(), "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-    if isinstance(value, Mapping):
-        return {"__mapping__": [[_to_json(k), _to_json(v)] for k, v in value.items()]}
-    if isinstance(value, tuple):
-        return {"__tuple__": [_to_json(v) for v in value]}
-    if isinstance(value, list):
-        return [_to_json(v) for v in value]
-    if isinstance(value, float) and not (value == value and abs(value) != float("inf")):
-        return {"__float__": repr(value)}
-    return value
+#: the monitor callbacks alive in this process, by state key. ``Trainer._load_callback_state`` (with
+#: ``restore_callback_states_from_checkpoint=True``) rebuilds a callback as ``type(cb)(**args)``: our
+#: ``args`` name the live instance, which is restored in place (its configuration is not JSON)
+_LIVE: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
 
-def _from_json(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_from_json(v) for v in value]
-    if isinstance(value, dict):
-        if "__tensor__" in value:
-            dtype = getattr(torch, value["dtype"])
-            return torch.tensor(value["__tensor__"], dtype=dtype).reshape(value["shape"])
-        if "__mapping__" in value:
-            return {_from_json(k): _from_json(v) for k, v in value["__mapping__"]}
-        if "__tuple__" in value:
-            return tuple(_from_json(v) for v in value["__tuple__"])
-        if "__float__" in value:
-            return float(value["__float__"])
-    return value
+class _MonitorCallback(TrainerCallback, ExportableState):
+    """Runs a :mod:`sharpguard.monitor` monitor after optimizer steps and logs through the Trainer.
 
-
-def _find_trainer(callback: TrainerCallback) -> Trainer | None:
-    """The Trainer whose callback handler holds ``callback``, found on the calling stack.
-
-    Callbacks are not given the trainer; events are dispatched from a Trainer method, so one of
-    the calling frames has it as ``self``.
+    Its state goes through transformers' own callback-state mechanism: :meth:`state` is written into
+    ``trainer_state.json`` (``stateful_callbacks``) with every checkpoint and read back from the state
+    the Trainer resumes from, whatever folder that is. Give two callbacks of one class distinct
+    ``name=``s.
     """
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            obj = frame.f_locals.get("self")
-            if isinstance(obj, Trainer) and callback in obj.callback_handler.callbacks:
-                return obj
-            frame = frame.f_back
-    finally:
-        del frame
-    return None
-
-
-class _MonitorCallback(TrainerCallback):
-    """Runs a :mod:`sharpguard.monitor` monitor after optimizer steps and logs through the Trainer."""
 
     _monitor_cls_name = ""
-    _state_name = ""
+    _uses_loss = False
+
+    def __new__(cls, *args: Any, restore_into: str | None = None, **kwargs: Any) -> Any:
+        if restore_into is None:
+            return super().__new__(cls)
+        live = _LIVE.get(restore_into)
+        if live is None or type(live) is not cls:
+            raise ConfigurationError(
+                f"the checkpoint holds the state of {restore_into!r}, but no such callback was built in this process; "
+                "pass the same monitor callbacks (with the same name=) to the Trainer you resume."
+            )
+        return live
 
     def __init__(
         self,
         monitor: Any = None,
         *,
+        name: str | None = None,
         every_n_steps: int | None = None,
         probe: Any = None,
         probe_size: int = 64,
         probe_batch_size: int | None = None,
         seed: int = 0,
+        restore_into: str | None = None,
         **monitor_kwargs: Any,
     ):
+        if restore_into is not None:
+            return  # Trainer._load_callback_state re-using the live instance (see __new__)
+        if name is not None and not isinstance(name, str):
+            raise ConfigurationError(f"name must be a string, got {name!r}.")
+        self._own_loss = False
         if monitor is None:
             import sharpguard.monitor as sgm
 
+            self._own_loss = self._uses_loss and monitor_kwargs.get("loss_fn") is None
+            # a probe drawn from the dataset is drawn again, identically, on resume: no tensors in the JSON
+            monitor_kwargs.setdefault("probe_state_max_bytes", 0 if probe is None else 1 << 20)
             monitor = getattr(sgm, self._monitor_cls_name)(
                 every_n_steps=every_n_steps,
                 probe=probe,
@@ -119,55 +103,105 @@ class _MonitorCallback(TrainerCallback):
                 "pass either a ready monitor= or the monitor's keywords (every_n_steps=, probe=, ...), not both."
             )
         self.monitor = monitor
+        self.driver = MonitorDriver(monitor)
+        self.name = name
         self.probe_size = probe_size
         self.probe_batch_size = probe_batch_size
         self.seed = seed
         self.trainer: Trainer | None = None
+        _LIVE[self.state_key] = self
+
+    @property
+    def state_key(self) -> str:
+        measures = ",".join(getattr(self.monitor, "measures", ()))
+        return f"{type(self).__name__}[{self.name or measures}]"
 
     def set_trainer(self, trainer: Trainer) -> None:
-        """Hold the trainer whose ``log`` the metrics go through (called by :class:`SharpGuardTrainer`)."""
+        """Hold the trainer whose ``log`` the metrics go through (:class:`SharpGuardTrainer` calls it).
+
+        With a plain ``transformers.Trainer`` call it before ``train()``: callbacks are not given the
+        Trainer, and only ``Trainer.log`` reaches ``state.log_history`` and every ``report_to``
+        integration.
+        """
         self.trainer = trainer
+
+    # -- transformers' callback state (ExportableState) --------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"args": {"restore_into": self.state_key}, "attributes": {"sharpguard_state": self.sharpguard_state}}
+
+    @property
+    def sharpguard_state(self) -> dict[str, Any]:
+        """The driver's state as plain JSON (the one codec: :func:`sharpguard.monitor.history.encode_state`)."""
+        return encode_state(self.driver.state_dict())
+
+    @sharpguard_state.setter
+    def sharpguard_state(self, value: Any) -> None:
+        self.load_state_dict(decode_state(value))
+        self._restored_at = getattr(self.monitor, "_last_step", None)
+        self._restored = True
+
+    def _restore_from(self, state: Any) -> None:
+        """Load this callback's entry of ``state.stateful_callbacks`` (the state training resumes from)."""
+        if getattr(self, "_restored", False):
+            return
+        stored = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        entries = stored if isinstance(stored, list) else [stored] if stored is not None else []
+        mine = [e for e in entries if isinstance(e, Mapping) and (e.get("args") or {}).get("restore_into") == self.state_key]
+        if not mine:
+            warnings.warn(
+                f"{type(self).__name__}: training resumes at step {state.global_step} but the trainer state holds no "
+                f"state for {self.state_key}; the monitor's history and schedule restart.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        # transformers appends to a list entry at every save: the last one is the newest
+        self.sharpguard_state = mine[-1]["attributes"]["sharpguard_state"]
 
     # -- events ------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if self.trainer is None:
-            self.trainer = _find_trainer(self)
-            if self.trainer is None:
-                raise ConfigurationError(
-                    f"{type(self).__name__} could not find its Trainer; call callback.set_trainer(trainer) before train()."
-                )
-        history = getattr(self.monitor, "history", None)
-        if history is not None and hasattr(history, "enabled"):
-            history.enabled = history.enabled and state.is_world_process_zero
+            raise ConfigurationError(
+                f"{type(self).__name__} logs through Trainer.log, and callbacks are not given the Trainer: call "
+                "callback.set_trainer(trainer) before trainer.train(), or use SharpGuardTrainer, which does it."
+            )
+        device = getattr(model, "device", None)
+        self.driver.set_comm(torch_comm(device), is_rank_zero=state.is_world_process_zero)
         if state.global_step > 0:
-            self._load_from_checkpoint(args, state)
+            self._restore_from(state)
         probe = getattr(self.monitor, "probe", None)
         if probe is None or not probe.ready:
             self._probe_from_dataset(args, train_dataloader)
+        if self._own_loss:
+            # the probe loss is the Trainer's own loss (compute_loss, or a subclass's override); the
+            # batch is copied because compute_loss pops "labels" from it
+            trainer = self.trainer
+            self.monitor.loss_fn = lambda m, batch: trainer.compute_loss(m, dict(batch)) if isinstance(batch, Mapping) \
+                else trainer.compute_loss(m, batch)
+        if state.is_world_process_zero and hasattr(self.monitor, "describe"):
+            logger.info("sharpguard: %s", self.monitor.describe())
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and hasattr(self.monitor, "summary"):
+            logger.info("sharpguard: %s", self.monitor.summary())
+        return control
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         started = time.perf_counter()  # this hook's whole time counts as the monitor's
         opt = _unwrap_optimizer(optimizer) if optimizer is not None else None
-        metrics = self.monitor.on_step_end(state.global_step, model, optimizer=opt, started=started)
+        metrics = self.driver.step(model, step=state.global_step, optimizer=opt, started=started)
         if metrics:
-            self._agree_on_schedule()
             # Through Trainer.log: state.log_history and every report_to integration (they check
             # is_world_process_zero themselves, so every rank calls it).
             # CallbackHandler.on_log clears control.should_log, which would drop the Trainer's own
             # loss log due at this very step: keep the flag as DefaultFlowCallback set it.
             should_log = control.should_log
-            self.trainer.log({k: float(v) for k, v in metrics.items()})
+            self.trainer.log(metrics)
             control.should_log = self.trainer.control.should_log = should_log
-            self.monitor.schedule.leave()
-        if getattr(self.monitor, "should_stop", False):
+            self.driver.leave()
+        if self.driver.should_stop:
             control.should_training_stop = True
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            folder = _checkpoint_folder(args, state)
-            if os.path.isdir(folder):
-                self.save_state(os.path.join(folder, self.state_file))
         return control
 
     # -- probe -------------------------------------------------------------------------------------
@@ -176,7 +210,8 @@ class _MonitorCallback(TrainerCallback):
 
         The DataLoader's dataset and collate function are used (so removed columns and padding are
         what training sees), but the DataLoader itself is never iterated: its sampler would draw
-        from the global RNG and change the training order.
+        from the global RNG and change the training order. A dataset smaller than the probe gives
+        a probe of the whole dataset, and the monitor says so.
         """
         from sharpguard.monitor import ProbeSet
 
@@ -188,6 +223,9 @@ class _MonitorCallback(TrainerCallback):
                 f"{type(self).__name__} needs a map-style training dataset to draw its probe set from; "
                 "pass probe=[batches] instead."
             )
+        if len(dataset) < self.probe_size and hasattr(self.monitor, "warn_once"):
+            self.monitor.warn_once("probe-partial", f"the training set holds {len(dataset)} examples, fewer than "
+                                   f"probe_size={self.probe_size}; measuring on all {len(dataset)}.")
         collate = getattr(train_dataloader, "collate_fn", None) or self.trainer.data_collator
         self.monitor.set_probe(
             ProbeSet.from_dataset(
@@ -199,63 +237,13 @@ class _MonitorCallback(TrainerCallback):
             )
         )
 
-    def _agree_on_schedule(self) -> None:
-        """Adaptive schedules depend on each rank's timings: take rank 0's next step everywhere."""
-        schedule = getattr(self.monitor, "schedule", None)
-        accelerator = self.trainer.accelerator
-        if schedule is None or not getattr(schedule, "adaptive", False) or accelerator.num_processes < 2:
-            return
-        from accelerate.utils import broadcast
-
-        next_step = torch.tensor([int(schedule.next_step)], device=accelerator.device)
-        schedule.next_step = int(broadcast(next_step, from_process=0).item())
-
     # -- checkpoints -------------------------------------------------------------------------------
-    @property
-    def state_file(self) -> str:
-        return _STATE_FILE.format(name=self._state_name)
-
     def state_dict(self) -> dict[str, Any]:
-        return {"monitor": self.monitor.state_dict()}
+        return self.driver.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.monitor.load_state_dict(state["monitor"])
-
-    def save_state(self, path: str) -> None:
-        """Write the monitor's state as JSON (tensors as lists with their dtype and shape)."""
-        with open(path, "w") as f:
-            json.dump(_to_json(self.state_dict()), f)
-
-    def load_state(self, path: str) -> None:
-        with open(path) as f:
-            self.load_state_dict(_from_json(json.load(f)))
-        self._state_loaded = True
-
-    def _load_from_checkpoint(self, args, state) -> None:
-        """Reload the monitor from the folder training resumes from.
-
-        Callbacks are not told that folder. :class:`SharpGuardTrainerMixin` records what was passed to
-        ``train(resume_from_checkpoint=...)``; with a plain ``Trainer`` the candidates are
-        ``args.resume_from_checkpoint`` (the field the example scripts pass on) and
-        ``output_dir/checkpoint-<global_step>``. If none holds this monitor's state, warn: the history
-        would silently restart.
-        """
-        candidates = [getattr(self.trainer, "_sg_resume_from", None), getattr(args, "resume_from_checkpoint", None),
-                      _checkpoint_folder(args, state)]
-        for folder in candidates:
-            if isinstance(folder, str) and os.path.isfile(os.path.join(folder, self.state_file)):
-                self.load_state(os.path.join(folder, self.state_file))
-                return
-        if getattr(self, "_state_loaded", False):
-            return  # the user called load_state(path) before train()
-        warnings.warn(
-            f"{type(self).__name__}: training resumes at step {state.global_step} but no {self.state_file} was found in "
-            f"{[c for c in candidates if isinstance(c, str)]}; the monitor's history and schedule restart. With a plain "
-            "transformers.Trainer resuming from a folder outside output_dir, use SharpGuardTrainer (or "
-            "SharpGuardTrainerMixin), set args.resume_from_checkpoint, or call callback.load_state(path) before train().",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        """All-or-nothing: the state is checked completely before anything changes."""
+        self.driver.load_state_dict(state)
 
 
 class SharpnessMonitorCallback(_MonitorCallback):
@@ -268,7 +256,7 @@ class SharpnessMonitorCallback(_MonitorCallback):
     """
 
     _monitor_cls_name = "SharpnessMonitor"
-    _state_name = "sharpness_monitor"
+    _uses_loss = True
 
 
 class _KeywordInputModel(nn.Module):
@@ -298,10 +286,14 @@ class RobustnessMonitorCallback(_MonitorCallback):
     """
 
     _monitor_cls_name = "RobustnessMonitor"
-    _state_name = "robustness_monitor"
 
     def __init__(self, monitor: Any = None, *, input_key: str = "pixel_values", label_key: str = "labels", **kwargs: Any):
         super().__init__(monitor, **kwargs)
+        if kwargs.get("restore_into") is not None:
+            return  # the live instance, configured already
+        for key_name, key in (("input_key", input_key), ("label_key", label_key)):
+            if not isinstance(key, str):
+                raise ConfigurationError(f"{key_name} must name a key of the Trainer's batches, got {key!r}.")
         self.input_key, self.label_key = input_key, label_key
 
     def _as_pairs(self, batch: Any) -> Any:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricHistory", "read_history"]
+__all__ = ["MetricHistory", "decode_state", "encode_state", "read_history"]
 
 
 def _jsonable(value: Any) -> Any:
@@ -29,6 +29,52 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, bool)) or value is None:
         return value
     return str(value)
+
+
+def encode_state(value: Any) -> Any:
+    """A state dict as plain JSON: tensors as ``{"__tensor__": values, "dtype", "shape"}``, tuples,
+    mappings with non-string keys and non-finite floats tagged so :func:`decode_state` restores them
+    exactly. The one codec of monitor state (the HF callback state in ``trainer_state.json`` uses it)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+        return {"__tensor__": t.reshape(-1).tolist(), "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+    if isinstance(value, Mapping):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: encode_state(v) for k, v in value.items()}
+        return {"__mapping__": [[encode_state(k), encode_state(v)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [encode_state(v) for v in value]}
+    if isinstance(value, list):
+        return [encode_state(v) for v in value]
+    if isinstance(value, deque):
+        return [encode_state(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": repr(value)}
+    return value
+
+
+def decode_state(value: Any) -> Any:
+    """Inverse of :func:`encode_state`."""
+    import torch
+
+    if isinstance(value, list):
+        return [decode_state(v) for v in value]
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            dtype = getattr(torch, str(value.get("dtype")), None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"unknown tensor dtype {value.get('dtype')!r} in a monitor state.")
+            return torch.tensor(value["__tensor__"], dtype=dtype).reshape(value["shape"])
+        if "__mapping__" in value:
+            return {decode_state(k): decode_state(v) for k, v in value["__mapping__"]}
+        if "__tuple__" in value:
+            return tuple(decode_state(v) for v in value["__tuple__"])
+        if "__float__" in value:
+            return float(value["__float__"])
+        return {k: decode_state(v) for k, v in value.items()}
+    return value
 
 
 class MetricHistory:
