@@ -161,18 +161,24 @@ class SAMEngine:
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The ``torch.optim.Optimizer`` inside framework wrappers (Accelerate's ``AcceleratedOptimizer``,
-    Lightning's ``LightningOptimizer``, a SAM wrapper's base), found by their public attributes."""
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, SAM):
-        inner = getattr(optimizer, "base_optimizer", None) if isinstance(optimizer, SAM) else None
-        inner = inner or getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        seen += 1
-        if inner is None or seen > 8:
-            from ..errors import ConfigurationError
+    """The ``torch.optim.Optimizer`` inside framework wrappers, found by their public attributes:
+    Accelerate's ``AcceleratedOptimizer.optimizer`` (itself an ``Optimizer`` subclass), Lightning's
+    ``LightningOptimizer._optimizer``, a SAM wrapper's ``base_optimizer``. The one place that unwraps."""
+    for _ in range(8):
+        if isinstance(optimizer, SAM):
+            optimizer = optimizer.base_optimizer
+            continue
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            inner = getattr(optimizer, "_optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            optimizer = inner
+            continue
+        if isinstance(optimizer, torch.optim.Optimizer):
+            return optimizer
+        break
+    from ..errors import ConfigurationError
 
-            raise ConfigurationError(
-                f"cannot find the torch.optim.Optimizer inside {type(optimizer).__name__}; pass the optimizer itself."
-            )
-        optimizer = inner
-    return optimizer
+    raise ConfigurationError(
+        f"cannot find the torch.optim.Optimizer inside {type(optimizer).__name__}; pass the optimizer itself."
+    )

@@ -125,20 +125,24 @@ def dot(a: Tensors, b: Tensors) -> torch.Tensor:
 def select_(dst: Tensors, src: Tensors, take: torch.Tensor) -> None:
     """``dst <- src`` if the 0-dim boolean ``take`` is true, else leave ``dst`` as it is; no host sync.
 
-    Safe when ``src`` holds inf/NaN and ``take`` is false: ``src ** 0`` is exactly 1 even for
-    inf/NaN entries (IEEE 754 ``pow``), so the blend ``lerp(dst, src ** w, w)`` with ``w`` in {0, 1}
-    never multiplies a non-finite number by zero. With ``take`` true the result is ``src`` bitwise.
+    Safe when either side holds inf/NaN: ``x ** 0`` is exactly 1 and ``x ** 1`` exactly ``x`` even
+    for inf/NaN entries (IEEE 754 ``pow``), so with ``w`` in {0, 1} the blend
+    ``lerp(dst ** (1 - w), src ** w, w)`` never multiplies a non-finite number by zero, and
+    ``lerp`` returns its end point exactly at weight 1 (its ``end - (end - start)(1 - w)`` branch).
+    With ``take`` true the result is ``src`` bitwise, with ``take`` false ``dst`` is unchanged.
     Used to keep persistent optimizer state (LookSAM's ``gv``, Friendly-SAM's EMA) unpoisoned by a
-    step whose gradient overflowed.
+    step whose gradient overflowed, and to replace a non-finite SAM gradient by the clean one.
     """
     if not len(dst):
         return
     with torch.no_grad():
         for (device, dtype), idx in _group(dst).items():
             w = take.to(device=device, dtype=dtype)
-            weights = [w] * len(idx)
+            weights, keep = [w] * len(idx), [1 - w] * len(idx)
+            targets = [dst[i] for i in idx]
+            torch._foreach_pow_(targets, keep)
             finite = torch._foreach_pow([src[i] for i in idx], weights)
-            torch._foreach_lerp_([dst[i] for i in idx], finite, weights)
+            torch._foreach_lerp_(targets, finite, weights)
 
 
 def ascent_direction(

@@ -428,6 +428,7 @@ class SAM(Optimizer):
         if self._faults.is_cuda and not self._faults_host.is_pinned():
             self._faults_host = self._faults_host.pin_memory()  # a non-blocking copy needs pinned memory
         self._faults_host.copy_(self._faults, non_blocking=True)
+        self._warn_about_faults()  # on CPU the copy is done; on a GPU it is read when it has landed
         if self.nonfinite == "skip" and not bool(final_ok):
             for p in params:
                 p.grad = None
