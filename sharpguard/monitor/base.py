@@ -411,16 +411,12 @@ class Monitor:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if list(state["measures"]) != list(self.measures):
-            raise ConfigurationError(
-                f"this checkpoint's monitor measured {state['measures']}, this one measures {list(self.measures)}; "
-                "configure the same measures (or give the monitors distinct names) to resume."
-            )
-        if len(state["alerts"]) != len(self.alerts):
-            raise ConfigurationError(
-                f"this checkpoint's monitor had {len(state['alerts'])} alert rules, this one has {len(self.alerts)}; "
-                "configure the same alerts to resume."
-            )
+        """Restore a :meth:`state_dict`; all or nothing (issue 12).
+
+        Every field is checked first (types, ranges, finiteness, the measures and alerts configured);
+        on any problem one :class:`ConfigurationError` names the field and nothing has changed.
+        """
+        _check_state(self, state)
         self.seed = int(state["seed"])
         self.schedule.load_state_dict(state["schedule"])
         for rule, rule_state in zip(self.alerts, state["alerts"]):
@@ -435,6 +431,9 @@ class Monitor:
         self.should_stop = bool(state["should_stop"])
         self._load_extra_state(state.get("extra") or {})
 
+    def _check_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Subclasses check their :meth:`_extra_state` here (raise ConfigurationError)."""
+
     def _extra_state(self) -> dict[str, Any]:
         return {}
 
@@ -445,6 +444,130 @@ class Monitor:
         every = self.schedule.every_n_steps
         when = f"every_n_steps={every}" if every else f"budget={self.schedule.budget:g}"
         return f"{type(self).__name__}(measures={list(self.measures)}, {when}, probe_size={self.probe.size})"
+
+
+def _bad(field: str, value: Any, want: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"monitor checkpoint field {field!r} must be {want}, got {value!r}; the checkpoint is corrupt or from another "
+        "monitor; nothing was loaded."
+    )
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_real(value: Any, *, none: bool = False, low: float | None = None) -> bool:
+    if value is None:
+        return none
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return low is None or value >= low
+
+
+def _check_state(monitor: Monitor, state: Any) -> None:
+    """Check a whole monitor state before any of it is loaded (raises ConfigurationError)."""
+    if not isinstance(state, Mapping):
+        raise _bad("<state>", type(state).__name__, "a mapping returned by state_dict()")
+    need = ("measures", "seed", "schedule", "alerts", "history", "probe", "loss", "loss_avg", "should_stop")
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise ConfigurationError(f"the monitor checkpoint lacks {missing}; pass what state_dict() returned. Nothing was loaded.")
+    measures = state["measures"]
+    if not isinstance(measures, (list, tuple)) or not all(isinstance(m, str) for m in measures):
+        raise _bad("measures", measures, "a list of measure names")
+    if list(measures) != list(monitor.measures):
+        raise ConfigurationError(
+            f"this checkpoint's monitor measured {list(measures)}, this one measures {list(monitor.measures)}; "
+            "configure the same measures (or give the monitors distinct names) to resume."
+        )
+    if not _is_int(state["seed"], low=-(2**63)):
+        raise _bad("seed", state["seed"], "an integer")
+    for key in ("loss", "loss_avg"):
+        if not _is_real(state[key], none=True):
+            raise _bad(key, state[key], "a finite number or None")
+    if not isinstance(state["should_stop"], bool):
+        raise _bad("should_stop", state["should_stop"], "True or False")
+    # schedule
+    sched = state["schedule"]
+    if not isinstance(sched, Mapping):
+        raise _bad("schedule", sched, "a mapping")
+    for key in ("next_step", "n_checks"):
+        if not _is_int(sched.get(key)):
+            raise _bad(f"schedule.{key}", sched.get(key), "an integer >= 0")
+    for key in ("monitor_seconds", "train_seconds", "last_cost"):
+        if not _is_real(sched.get(key), low=0.0):
+            raise _bad(f"schedule.{key}", sched.get(key), "a finite number >= 0")
+    if not _is_real(sched.get("step_seconds"), none=True, low=0.0):
+        raise _bad("schedule.step_seconds", sched.get("step_seconds"), "a finite number >= 0 or None")
+    if "placed" in sched and not isinstance(sched["placed"], bool):
+        raise _bad("schedule.placed", sched["placed"], "True or False")
+    # alerts
+    alerts = state["alerts"]
+    if not isinstance(alerts, (list, tuple)) or len(alerts) != len(monitor.alerts):
+        raise ConfigurationError(
+            f"this checkpoint's monitor had {len(alerts) if isinstance(alerts, (list, tuple)) else alerts!r} alert rules, "
+            f"this one has {len(monitor.alerts)}; configure the same alerts to resume. Nothing was loaded."
+        )
+    for i, (rule, rule_state) in enumerate(zip(monitor.alerts, alerts)):
+        own = rule.state_dict()
+        if not isinstance(rule_state, Mapping) or set(rule_state) != set(own):
+            raise _bad(f"alerts[{i}]", rule_state, f"a mapping with keys {sorted(own)}")
+        for key, value in rule_state.items():
+            if key == "active":
+                ok = isinstance(value, bool)
+            elif key in ("hits", "clears", "n_fired", "seen"):
+                ok = _is_int(value)
+            else:
+                ok = _is_real(value, none=True)
+            if not ok:
+                raise _bad(f"alerts[{i}].{key}", value, "a valid value of that alert's state")
+    # history
+    hist = state["history"]
+    if not isinstance(hist, Mapping) or not isinstance(hist.get("records"), (list, tuple)):
+        raise _bad("history", hist, "a mapping with a list of records")
+    for j, rec in enumerate(hist["records"]):
+        if (
+            not isinstance(rec, Mapping)
+            or not _is_int(rec.get("step"))
+            or not isinstance(rec.get("metric"), str)
+            or not (rec.get("value") is None or _is_real(rec.get("value")))
+            or not isinstance(rec.get("settings", {}), Mapping)
+        ):
+            raise _bad(f"history.records[{j}]", rec, "{'step': int >= 0, 'metric': str, 'value': finite float or None, 'settings': {...}}")
+    # probe
+    probe = state["probe"]
+    if not isinstance(probe, Mapping):
+        raise _bad("probe", probe, "a mapping")
+    if not _is_int(probe.get("size"), low=1):
+        raise _bad("probe.size", probe.get("size"), "an integer >= 1")
+    if probe.get("batch_size") is not None and not _is_int(probe.get("batch_size"), low=1):
+        raise _bad("probe.batch_size", probe.get("batch_size"), "an integer >= 1 or None")
+    if not _is_int(probe.get("seed"), low=-(2**63)):
+        raise _bad("probe.seed", probe.get("seed"), "an integer")
+    if probe.get("source") not in ("captured", "given", "dataset"):
+        raise _bad("probe.source", probe.get("source"), "'captured', 'given' or 'dataset'")
+    if not _is_int(probe.get("held")) or not isinstance(probe.get("frozen"), bool):
+        raise _bad("probe.held/frozen", (probe.get("held"), probe.get("frozen")), "an integer >= 0 and a bool")
+    batches = probe.get("batches")
+    if batches is not None:
+        if not isinstance(batches, (list, tuple)) or not batches:
+            raise _bad("probe.batches", type(batches).__name__, "None or a non-empty list of batches")
+        held = 0
+        for k, b in enumerate(batches):
+            try:
+                n = batch_size(b)
+            except ConfigurationError:
+                raise _bad(f"probe.batches[{k}]", type(b).__name__, "a batch of tensors") from None
+            if n < 1:
+                raise _bad(f"probe.batches[{k}]", f"{n} examples", "a batch with at least one example")
+            held += n
+        if held != probe["held"]:
+            raise _bad("probe.held", probe["held"], f"the number of examples in probe.batches ({held})")
+    extra = state.get("extra") or {}
+    if not isinstance(extra, Mapping):
+        raise _bad("extra", extra, "a mapping")
+    monitor._check_extra_state(extra)
 
 
 def _clone(batch: Any) -> Any:

@@ -226,6 +226,13 @@ class SharpnessMonitor(Monitor):
         # starts Lanczos from a seeded random vector (the measured value does not depend on it)
         return {"n_hvp_total": self.n_hvp_total}
 
+    def _check_extra_state(self, state):
+        value = state.get("n_hvp_total", 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigurationError(
+                f"monitor checkpoint field 'extra.n_hvp_total' must be an integer >= 0, got {value!r}; nothing was loaded."
+            )
+
     def _load_extra_state(self, state):
         self.n_hvp_total = int(state.get("n_hvp_total", 0))
         self._eigenvector = self._eos_vector = None
