@@ -1,7 +1,7 @@
 """Adversarial-training methods: ``loss = method(model, batch)``; ``method.cost`` = (forwards, backwards) per step.
 
 Images: :class:`PGDAT`, :class:`TRADES`, :class:`MART`, :class:`FastAT` (+ :class:`CatastrophicOverfittingDetector`),
-:class:`AWP`, :class:`DefensiveDistillation`, :func:`spectral_normalize`.
+:class:`FreeAT`, :class:`GradAlign`, :class:`AWP`, :class:`DefensiveDistillation`, :func:`spectral_normalize`.
 Transformers (embedding space): :class:`FGM`, :class:`EmbeddingPGD`, :class:`FreeLB`, :class:`SMART`, :class:`R3F`.
 SAM/ASAM with any of them, reusing the adversary: :func:`sam_adversarial_closure`, :func:`sam_adversarial_step`.
 """
@@ -9,6 +9,7 @@ SAM/ASAM with any of them, reusing the adversary: :func:`sam_adversarial_closure
 from .base import AdversarialMethod, PassCount, count_passes, gradient_carrier
 from .factory import METHODS, make_method
 from .sam import sam_adversarial_closure, sam_adversarial_step
+from .single_step import FreeAT, GradAlign, grad_align_cosine
 from .text import FGM, R3F, SMART, EmbeddingPGD, FreeLB, symmetric_kl
 from .vision import (
     AWP,
@@ -29,6 +30,9 @@ __all__ = [
     "TRADES",
     "MART",
     "FastAT",
+    "FreeAT",
+    "GradAlign",
+    "grad_align_cosine",
     "AWP",
     "DefensiveDistillation",
     "CatastrophicOverfittingDetector",

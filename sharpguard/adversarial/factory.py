@@ -6,6 +6,7 @@ from typing import Any
 
 from ..errors import ConfigurationError
 from .base import AdversarialMethod
+from .single_step import FreeAT, GradAlign
 from .text import FGM, R3F, SMART, EmbeddingPGD, FreeLB
 from .vision import AWP, MART, PGDAT, TRADES, DefensiveDistillation, FastAT
 
@@ -23,18 +24,23 @@ METHODS: dict[str, type[AdversarialMethod]] = {
     "freelb": FreeLB,
     "smart": SMART,
     "r3f": R3F,
+    "free-at": FreeAT,
+    "grad-align": GradAlign,
 }
 _ALIASES = {
     "pgdat": "pgd-at", "pgd": "pgd-at", "madry": "pgd-at", "at": "pgd-at",
     "fastat": "fast-at", "fgsm-rs": "fast-at", "fgsmrs": "fast-at", "fgsm-at": "fast-at",
     "distillation": "defensive-distillation", "defensivedistillation": "defensive-distillation",
     "embeddingpgd": "embedding-pgd", "pgd-embedding": "embedding-pgd",
+    "free": "free-at", "freeat": "free-at", "free-adversarial-training": "free-at",
+    "gradalign": "grad-align", "fgsm-gradalign": "grad-align",
 }
 
 
 def make_method(name: str, **settings: Any) -> AdversarialMethod:
     """A method by name (``"pgd-at"``, ``"trades"``, ``"mart"``, ``"fast-at"``, ``"awp"``,
-    ``"defensive-distillation"``, ``"fgm"``, ``"embedding-pgd"``, ``"freelb"``, ``"smart"``, ``"r3f"``;
+    ``"defensive-distillation"``, ``"fgm"``, ``"embedding-pgd"``, ``"freelb"``, ``"smart"``, ``"r3f"``,
+    ``"free-at"``, ``"grad-align"``;
     case, ``_`` and spaces ignored), with the class's keyword settings."""
     key = str(name).strip().lower().replace("_", "-").replace(" ", "-")
     key = _ALIASES.get(key, key)
