@@ -166,7 +166,7 @@ def test_grad_align_cost_and_batchnorm_statistics_updated_by_the_training_forwar
 
 def test_factory_names_and_bad_settings():
     assert isinstance(make_method("FreeAT"), FreeAT) and isinstance(make_method("grad_align", lam=0.5), GradAlign)
-    assert make_method("gradalign").lam == 0.2 and make_method("free").alpha == pytest.approx(8 / 255)
+    assert make_method("fgsm-grad-align").lam == 0.2 and make_method("free").alpha == pytest.approx(8 / 255)
     with pytest.raises(ConfigurationError, match="lam"):
         GradAlign(lam=-1.0)
     with pytest.raises(ConfigurationError, match="norm must be one of"):

@@ -33,7 +33,7 @@ _ALIASES = {
     "distillation": "defensive-distillation", "defensivedistillation": "defensive-distillation",
     "embeddingpgd": "embedding-pgd", "pgd-embedding": "embedding-pgd",
     "free": "free-at", "freeat": "free-at", "free-adversarial-training": "free-at",
-    "gradalign": "grad-align", "fgsm-gradalign": "grad-align",
+    "fgsm-grad-align": "grad-align",
 }
 
 
