@@ -222,13 +222,16 @@ class ProbeLoss:
         """Probe loss and its flat gradient at the current weights (never touches ``.grad``)."""
         self._require_entered()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        grad = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        grad: torch.Tensor | None = None
         for w, batch in zip(self.weights, self.batches):
             loss = self._batch_loss(batch)
-            grads = self._first_order(loss)
+            flat = self._flat_or_zero(self._first_order(loss))  # the per-parameter grads die here
             self.n_backward += 1
-            grad.add_(self._flat_or_zero(grads), alpha=w)
+            # accumulate into the first batch's vector: one model-size vector besides the current one
+            grad = flat.mul_(w) if grad is None else grad.add_(flat, alpha=w)
+            del flat
             total += w * loss.detach().double()
+        assert grad is not None  # the probe has at least one batch (checked in __init__)
         return float(self._all_reduce(total)), self._all_reduce(grad)
 
     def _first_order(self, loss: torch.Tensor) -> Sequence[torch.Tensor | None]:
@@ -451,7 +454,7 @@ class HVPOperator(ProbeLoss):
             _, g_minus = self.loss_and_grad()
         finally:
             self.set_parameters(w0)
-        return (g_plus - g_minus) / (2.0 * h)
+        return g_plus.sub_(g_minus).div_(2.0 * h)  # in place: no third gradient-size vector
 
 
 def _math_attention_kernel() -> Callable[[], contextlib.AbstractContextManager] | None:
