@@ -60,10 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser(
         "report",
         help="plot and summarize a monitor history (JSON lines)",
-        description="Read the JSON-lines history a SharpnessMonitor/RobustnessMonitor wrote and write "
-                    "history.png, summary.md and summary.json.",
+        description="Read the JSON-lines histories SharpnessMonitor/RobustnessMonitor wrote and write "
+                    "history.png (constant metrics left out), summary.md and summary.json.",
     )
-    report.add_argument("history", help="the history file (JSON lines: step, metric, value, settings)")
+    report.add_argument("history", nargs="+",
+                        help="one or more history files (JSON lines: step, metric, value, settings); several are "
+                             "merged into one figure, one line per file")
     report.add_argument("--out", default=None, help="output folder (default: beside the history file)")
     return parser
 
@@ -135,7 +137,9 @@ def _report(args: argparse.Namespace) -> int:
 
     from .study.history import report_history
 
-    out = args.out if args.out is not None else Path(args.history).resolve().parent / (Path(args.history).stem + "-report")
+    first = Path(args.history[0]).resolve()
+    default = first.parent / (first.stem + "-report" if len(args.history) == 1 else "merged-report")
+    out = args.out if args.out is not None else default
     _check_out_dir(out)
     files = report_history(args.history, out)
     print("sharpguard report: wrote " + ", ".join(str(p) for p in files.values()))

@@ -171,7 +171,9 @@ def test_history_summary_known_trends(tmp_path):
     md = out["markdown"].read_text()
     assert "sharpness/lambda_max rose over training" in md and "robustness/pgd_acc fell" in md
     fig = plots.history_figure(hist.read_history(path))
-    assert sorted(ax.get_title() for ax in fig.axes) == ["monitor/overhead_pct", "robustness/pgd_acc", "sharpness/lambda_max"]
+    # the constant monitor/overhead_pct gets no panel; the title names it with its value
+    assert sorted(ax.get_title() for ax in fig.axes) == ["robustness/pgd_acc", "sharpness/lambda_max"]
+    assert "monitor/overhead_pct = 2" in fig.get_suptitle()
     assert all(x == "training step" and y for x, y in _labels(fig))
 
 
@@ -231,3 +233,55 @@ def test_a_finding_is_supported_only_after_holm_correction():
     supported = report["findings"]["supported"]
     assert supported and all(f"- {s}" in lines for s in supported)
     assert "Holm-adjusted" in render_markdown(report)
+
+
+def test_scatter_grid_annotates_outliers_draws_tau_and_keeps_the_legend_outside():
+    from scipy import stats
+
+    runs = _runs()
+    runs[3]["lambda_max"] = 1e-16  # a saturated softmax: would squash the log axis
+    fig = plots.sharpness_vs_robustness_figure(runs, SHARPNESS_MEASURES)
+    ax = fig.axes[0]
+    assert "1 outlier annotated" in ax.get_title()
+    assert any("sam: 1e-16" in t.get_text() for t in ax.texts)
+    lo, _ = ax.get_xlim()
+    assert lo > 1e-3  # the outlier did not set the scale
+    inl = [r for i, r in enumerate(runs) if i != 3]
+    tau = stats.kendalltau([r["lambda_max"] for r in inl], [r["robust_acc"] for r in inl]).statistic
+    assert f"τ = {tau:.2f}" in ax.get_title()
+    assert len(ax.lines) == 1 and ax.lines[0].get_linestyle() == "--"  # the Theil-Sen trend line
+    assert all(a.get_legend() is None for a in fig.axes) and len(fig.legends) == 1
+    rows = {round(a.get_position().y0, 3) for a in fig.axes}
+    assert len(rows) == 2  # seven panels on a grid of two rows, not one strip
+
+
+def test_training_curves_show_the_spread_across_seeds():
+    recs = {"sgd": [{"step": s, "metric": "sharpness/lambda_max", "value": float(s + seed)}
+                    for seed in (0, 2) for s in (10, 20)]}
+    fig = plots.training_curves_figure(recs, metrics=("sharpness/lambda_max",))
+    ax = fig.axes[0]
+    assert list(ax.lines[0].get_ydata()) == [11.0, 21.0]  # the mean over the two seeds
+    band = ax.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == pytest.approx(10.0) and band[:, 1].max() == pytest.approx(22.0)  # min-max band
+
+
+def test_report_merges_several_histories(tmp_path, capsys):
+    from sharpguard.cli import main
+
+    a, b = tmp_path / "a" / "run.jsonl", tmp_path / "b" / "run.jsonl"
+    for i, path in enumerate((a, b)):
+        path.parent.mkdir()
+        _write_history(path, n=4 + i)
+    out = hist.report_history([a, b], tmp_path / "merged")
+    summary = json.loads(out["json"].read_text())
+    assert set(summary["histories"]) == {"a/run", "b/run"}
+    assert summary["histories"]["b/run"]["metrics"]["sharpness/lambda_max"]["n"] == 5
+    assert summary["constant_metrics"] == {"monitor/overhead_pct": 2.0}
+    md = out["markdown"].read_text()
+    assert "## sharpguard monitor history: a/run" in md and "## sharpguard monitor history: b/run" in md
+    fig = plots.history_figure({"a": hist.read_history(a), "b": hist.read_history(b)})
+    assert len(fig.axes) == 2 and all(len(ax.lines) == 2 for ax in fig.axes) and len(fig.legends) == 1
+    assert main(["report", str(a), str(b)]) == 0
+    assert (tmp_path / "a" / "merged-report" / "history.png").exists()
+    assert main(["report", str(a), str(tmp_path / "missing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err

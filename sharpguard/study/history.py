@@ -1,5 +1,6 @@
-"""Read a monitor history (JSON lines ``{"step", "metric", "value", "settings"}``) and summarize it: the
-``sharpguard report HISTORY.jsonl`` command."""
+"""Read monitor histories (JSON lines ``{"step", "metric", "value", "settings"}``) and summarize them: the
+``sharpguard report HISTORY.jsonl [MORE.jsonl ...]`` command (several histories are merged into one figure,
+one line per history, and one summary section per history)."""
 
 from __future__ import annotations
 
@@ -113,17 +114,40 @@ def render_history_markdown(summary: Mapping[str, Any], source: str, plot: str |
     return "\n".join(lines)
 
 
-def report_history(path: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """Read ``path``, write ``history.png``, ``summary.json`` and ``summary.md`` into ``out_dir``."""
-    from .plots import history_figure, save
+def _labels(paths: Sequence[Path]) -> list[str]:
+    """Short, distinct labels: the file stems, or the parent folder and stem where stems repeat."""
+    stems = [p.stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [f"{p.parent.name}/{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
 
-    records = read_history(path)
-    summary = summarize_history(records)
+
+def report_history(path: str | Path | Sequence[str | Path], out_dir: str | Path) -> dict[str, Path]:
+    """Read one history (or several, merged), write ``history.png``, ``summary.json`` and ``summary.md``.
+
+    With one file ``summary.json`` is :func:`summarize_history`'s dict; with several it is
+    ``{"histories": {label: summary}, "constant_metrics": {...}}`` and the figure draws one line per history.
+    Metrics constant over every history get no panel (the figure's title names them)."""
+    from .plots import constant_metrics, history_figure, save
+
+    paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+    if not paths:
+        raise ConfigurationError("no history file given; pass at least one JSON-lines file a monitor wrote.")
+    loaded = {label: read_history(p) for label, p in zip(_labels(paths), paths)}  # all read before writing
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    png = save(history_figure(records), out / "history.png")
-    js = out / "summary.json"
+    js, md = out / "summary.json", out / "summary.md"
+    if len(paths) == 1:
+        records = next(iter(loaded.values()))
+        summary = summarize_history(records)
+        png = save(history_figure(records), out / "history.png")
+        md.write_text(render_history_markdown(summary, str(paths[0]), str(png)))
+    else:
+        summary = {"histories": {label: summarize_history(r) for label, r in loaded.items()},
+                   "constant_metrics": constant_metrics(loaded)}
+        png = save(history_figure(loaded), out / "history.png")
+        sections = [render_history_markdown(s, f"{label} ({p})") for (label, s), p in zip(summary["histories"].items(), paths)]
+        md.write_text(f"# {len(paths)} monitor histories\n\n![history]({png.name})\n\n" + "\n".join(
+            "#" + sec for sec in sections))
     js.write_text(json.dumps(summary, indent=2) + "\n")
-    md = out / "summary.md"
-    md.write_text(render_history_markdown(summary, str(path), str(png)))
     return {"plot": png, "json": js, "markdown": md}

@@ -52,39 +52,102 @@ def _colors(names: Sequence[str]) -> dict[str, Any]:
     return {n: cmap(order[i % 20]) for i, n in enumerate(names)}
 
 
+def _outliers(values: Sequence[float]) -> list[bool]:
+    """Points far outside the bulk: more than 5 scaled median absolute deviations from the median (on a
+    log scale when every value is positive, so a spread of decades is not an outlier by itself). These are
+    annotated at the edge instead of setting the axis range (a saturated softmax's ~1e-16 curvature would
+    otherwise squash every other point into one pixel)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    if v.size < 4:
+        return [False] * int(v.size)
+    if (v > 0).all():
+        v = np.log10(v)
+    med = np.median(v)
+    mad = 1.4826 * np.median(np.abs(v - med))
+    if mad == 0:  # more than half the points equal: fall back to the mean absolute deviation (x sqrt(pi/2))
+        mad = 1.2533 * np.mean(np.abs(v - med))
+    if mad == 0:
+        return [False] * int(v.size)
+    return [bool(abs(x - med) > 5 * mad) for x in v]
+
+
+def _trend(ax, xs: Sequence[float], ys: Sequence[float], log_x: bool) -> str:
+    """Draw the Theil-Sen line (the slope estimator that goes with Kendall's tau; Sen 1968) through the
+    points and return ``tau = .., p = ..`` for the title."""
+    import numpy as np
+    from scipy import stats as st
+
+    from .stats import kendall_tau
+
+    rc = kendall_tau(xs, ys)
+    if rc.tau is None:
+        return "τ undefined"
+    x = np.log10(xs) if log_x else np.asarray(xs, dtype=float)
+    slope, intercept, _, _ = st.theilslopes(ys, x)
+    grid = np.linspace(x.min(), x.max(), 50)
+    ax.plot(10**grid if log_x else grid, intercept + slope * grid, color="0.3", lw=1.2, ls="--", zorder=1)
+    return f"τ = {rc.tau:.2f}, p = {rc.p_value:.2g}, n = {rc.n}"
+
+
 def sharpness_vs_robustness_figure(runs: Sequence[Mapping[str, Any]], measures: Sequence[str],
                                    robust: str = "robust_acc"):
-    """One scatter panel per sharpness measure: measure (x, log scale when positive) against ``robust`` (y),
-    one colour per method, one point per trained model."""
+    """A grid of scatter panels, one per sharpness measure: measure (x, log scale when positive and spread
+    over decades) against ``robust`` (y), one colour per method, one point per trained model; a Theil-Sen
+    trend line with Kendall's tau in each title; outliers annotated at the panel's edge rather than setting
+    its scale; one legend for the figure, outside the panels."""
     methods = list(dict.fromkeys(r["method"] for r in runs))
     colors = _colors(methods)
     fig, axes = _figure(len(measures))
     for ax, measure in zip(axes, measures):
-        xs_all = []
-        for m in methods:
-            pts = [(r[measure], r[robust]) for r in runs
-                   if r["method"] == m and r.get(measure) is not None and r.get(robust) is not None]
-            if pts:
-                xs, ys = zip(*pts)
-                xs_all += xs
-                ax.scatter(xs, ys, color=colors[m], label=m, s=28, alpha=0.85)
-        # log scale for positive values spanning decades; a near-zero outlier (a saturated softmax gives
-        # curvature ~1e-16) would squash everything else, so then stay linear
-        if xs_all and min(xs_all) > 0 and 20 < max(xs_all) / min(xs_all) < 1e4:
+        pts = [(r[measure], r[robust], r["method"]) for r in runs
+               if r.get(measure) is not None and r.get(robust) is not None]
+        flags = _outliers([x for x, _, _ in pts])
+        inliers = [p for p, out in zip(pts, flags) if not out]
+        xs_in = [x for x, _, _ in inliers]
+        log_x = bool(xs_in) and min(xs_in) > 0 and max(xs_in) / min(xs_in) > 20
+        if log_x:
             ax.set_xscale("log")
+        for m in methods:
+            mine = [(x, y) for x, y, mm in inliers if mm == m]
+            if mine:
+                ax.scatter([x for x, _ in mine], [y for _, y in mine], color=colors[m], label=m, s=28, alpha=0.85,
+                           zorder=2)
+        title = f"{measure} vs {robust}"
+        if len(inliers) >= 3:
+            title += "\n" + _trend(ax, xs_in, [y for _, y, _ in inliers], log_x)
+        outs = [p for p, out in zip(pts, flags) if out]
+        if outs and xs_in:
+            lo, hi = min(xs_in), max(xs_in)
+            for i, (x, y, m) in enumerate(outs):
+                edge, ha = (lo, "left") if x < lo else (hi, "right")
+                ax.annotate(f"{m}: {x:.2g}", xy=(edge, y), xytext=(0, 8 + 9 * i), textcoords="offset points",
+                            ha=ha, fontsize=7, color=colors[m], arrowprops={"arrowstyle": "->", "color": colors[m]})
+            title += f" ({len(outs)} outlier{'s' if len(outs) > 1 else ''} annotated)"
         ax.set_xlabel(LABELS.get(measure, measure))
         ax.set_ylabel(LABELS.get(robust, robust))
-        ax.set_title(f"{measure} vs {robust}")
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    if methods:
-        axes[-1].legend(fontsize=7, loc="best")
+    _figure_legend(fig, methods, colors)
     return fig
+
+
+def _figure_legend(fig, names: Sequence[str], colors: Mapping[str, Any]) -> None:
+    """One legend for the whole figure, to the right of the panels (never over the data)."""
+    if not names:
+        return
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="o", ls="-", color=colors[n], label=n) for n in names]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
 
 
 def training_curves_figure(histories: Mapping[str, Sequence[Mapping[str, Any]]],
                            metrics: Sequence[str] = ("sharpness/lambda_max", "robustness/pgd_acc")):
     """``metric`` against training step, one line per method: the mean over that method's seeds at each
-    step. ``histories`` maps a method to its monitor records ``{"step", "metric", "value", ...}``."""
+    step, with a band from the lowest to the highest seed (the spread across seeds). ``histories`` maps a
+    method to its monitor records ``{"step", "metric", "value", ...}`` (all seeds together)."""
     methods = list(histories)
     colors = _colors(methods)
     fig, axes = _figure(len(metrics), width=5.5)
@@ -98,12 +161,14 @@ def training_curves_figure(histories: Mapping[str, Sequence[Mapping[str, Any]]],
                 steps = sorted(by_step)
                 ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], marker="o", ms=3,
                         color=colors[m], label=m)
+                if any(len(by_step[s]) > 1 for s in steps):
+                    ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                                    color=colors[m], alpha=0.15, lw=0)
         ax.set_xlabel("training step")
         ax.set_ylabel(LABELS.get(metric, metric))
-        ax.set_title(f"{metric} during training (mean over seeds)")
+        ax.set_title(f"{metric} during training\n(mean over seeds; band: min-max)", fontsize=9)
         ax.grid(alpha=0.3)
-    if methods:
-        axes[-1].legend(fontsize=7, loc="best")
+    _figure_legend(fig, methods, colors)
     return fig
 
 
@@ -126,22 +191,48 @@ def loss_slices_figure(slices: Mapping[str, tuple[Sequence[float], Sequence[floa
     return fig
 
 
-def history_figure(records: Sequence[Mapping[str, Any]]):
-    """Every metric of a monitor history against its step, one panel per metric."""
-    by_metric: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for rec in records:
-        v = rec.get("value")
-        if v is not None and math.isfinite(v):
-            by_metric[rec["metric"]].append((int(rec["step"]), float(v)))
-    names = sorted(by_metric)
+def constant_metrics(histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, float]:
+    """Metrics whose every finite value, over every history, is the same number: ``{metric: value}``."""
+    values: dict[str, set[float]] = defaultdict(set)
+    for records in histories.values():
+        for rec in records:
+            v = rec.get("value")
+            if v is not None and math.isfinite(v):
+                values[rec["metric"]].add(float(v))
+    return {m: next(iter(v)) for m, v in values.items() if len(v) == 1}
+
+
+def history_figure(records: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Mapping[str, Any]]]):
+    """Every metric of one monitor history (a list of records) or of several (``{label: records}``, one line
+    each, one legend outside the panels) against the step, one panel per metric, on a grid. Metrics that are
+    constant over every history get no panel; the figure's title names them with their value."""
+    histories = dict(records) if isinstance(records, Mapping) else {"": list(records)}
+    constant = constant_metrics(histories)
+    by_metric: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
+    for label, recs in histories.items():
+        for rec in recs:
+            v = rec.get("value")
+            if v is not None and math.isfinite(v):
+                by_metric[rec["metric"]][label].append((int(rec["step"]), float(v)))
+    names = sorted(m for m in by_metric if m not in constant) or sorted(by_metric)
+    labels = list(histories)
+    colors = _colors(labels)
     fig, axes = _figure(max(1, len(names)))
     for ax, name in zip(axes, names):
-        pts = sorted(by_metric[name])
-        ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", ms=3)
+        for label in labels:
+            pts = sorted(by_metric[name].get(label, []))
+            if pts:
+                ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", ms=3, color=colors[label],
+                        label=label or None)
         ax.set_xlabel("training step")
         ax.set_ylabel(LABELS.get(name, name))
         ax.set_title(name)
         ax.grid(alpha=0.3)
+    left_out = [m for m in sorted(constant) if m not in names]
+    if left_out:
+        fig.suptitle("constant, not plotted: " + ", ".join(f"{m} = {constant[m]:.4g}" for m in left_out), fontsize=9)
+    if len(labels) > 1:
+        _figure_legend(fig, labels, colors)
     return fig
 
 

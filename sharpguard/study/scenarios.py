@@ -265,7 +265,7 @@ def robust_overfitting(s: ScenarioSettings, progress: Callable[[str], None]) -> 
     from ..adversarial import make_method
     from .train import EpochEnd, train_model
 
-    epochs = s.epochs or (4 if s.quick else 40)
+    epochs = s.epochs or (4 if s.quick else 60)
     config = _study_config(s, epochs)
     data = _data(s, config)
     n = 64 if s.quick else 256
