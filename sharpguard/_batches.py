@@ -68,9 +68,19 @@ def default_loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
     )
 
 
+class BatchList(list):
+    """A list that is known to hold batches (a probe set), never one ``[inputs, targets]`` batch.
+
+    Needed for bare-tensor batches: ``[x1, x2]`` from a DataLoader is one batch, a probe of two
+    bare-tensor batches is a :class:`BatchList`.
+    """
+
+
 def as_batches(batches: Any) -> list[Any]:
     """One batch or a list of batches -> a non-empty list of batches (a frozen probe set)."""
-    if isinstance(batches, Mapping):
+    if isinstance(batches, BatchList):
+        out = list(batches)
+    elif isinstance(batches, Mapping):
         out = [batches]
     elif isinstance(batches, tuple) and batches and isinstance(batches[0], torch.Tensor):
         out = [batches]  # (inputs, targets) is one batch

@@ -73,7 +73,7 @@ class _MonitorCallback(TrainerCallback, ExportableState):
         name: str | None = None,
         every_n_steps: int | None = None,
         probe: Any = None,
-        probe_size: int = 64,
+        probe_size: int | None = None,
         probe_batch_size: int | None = None,
         seed: int = 0,
         restore_into: str | None = None,
@@ -223,14 +223,17 @@ class _MonitorCallback(TrainerCallback, ExportableState):
                 f"{type(self).__name__} needs a map-style training dataset to draw its probe set from; "
                 "pass probe=[batches] instead."
             )
-        if len(dataset) < self.probe_size and hasattr(self.monitor, "warn_once"):
+        size = self.probe_size
+        if size is None:  # sized to the work: one check within ~50 training steps of this run
+            size = self.monitor.auto_probe_size(args.per_device_train_batch_size)
+        if len(dataset) < size and hasattr(self.monitor, "warn_once"):
             self.monitor.warn_once("probe-partial", f"the training set holds {len(dataset)} examples, fewer than "
-                                   f"probe_size={self.probe_size}; measuring on all {len(dataset)}.")
+                                   f"the probe's {size}; measuring on all {len(dataset)}.")
         collate = getattr(train_dataloader, "collate_fn", None) or self.trainer.data_collator
         self.monitor.set_probe(
             ProbeSet.from_dataset(
                 dataset,
-                self.probe_size,
+                size,
                 seed=self.seed,
                 batch_size=self.probe_batch_size or args.per_device_train_batch_size,
                 collate_fn=collate,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._batches import LossFn, batch_size, default_loss_fn, move_to
+from .._batches import BatchList, LossFn, batch_size, default_loss_fn, move_to
 from .._state import side_effect_free
 from .._validation import non_negative_int, positive_int
 from ..errors import ConfigurationError
@@ -44,7 +44,10 @@ class Monitor:
         measures: names of the measures to take (see the subclass's ``MEASURES``).
         probe: the probe batches (one batch or a list), a :class:`ProbeSet`, or ``None`` to capture the
             first ``probe_size`` examples of the batches passed to :meth:`capture` / :meth:`on_step_end`.
-        probe_size / probe_batch_size: size of a captured probe set and of its batches.
+        probe_size / probe_batch_size: size of a captured probe set and of its batches. The default
+            (``None``) sizes the probe to the work: as many whole training batches as keep one check
+            within :attr:`CHECK_STEPS` training steps of the same run (at least one batch, at most
+            256 examples beyond it), set when the first batch is seen.
         seed: seed of the monitor's own generators (random starts, probe vectors).
         every_n_steps: fixed schedule; ``None`` (default) for the adaptive schedule under ``budget``.
         budget: largest share of training time the monitor may use in adaptive mode (default 5%).
@@ -59,6 +62,8 @@ class Monitor:
             resumed run measures on the very same examples); larger probes are captured again.
     """
 
+    #: the cost of one default check the auto-sized probe aims at, in training steps of the same run
+    CHECK_STEPS = 50
     MEASURES: tuple[str, ...] = ()
     DEFAULT_MEASURES: tuple[str, ...] = ()
     prefix = ""
@@ -71,7 +76,7 @@ class Monitor:
         measures: Sequence[str] | None = None,
         *,
         probe: Any | None = None,
-        probe_size: int = 256,
+        probe_size: int | None = None,
         probe_batch_size: int | None = None,
         seed: int = 0,
         every_n_steps: int | None = None,
@@ -87,7 +92,8 @@ class Monitor:
     ) -> None:
         if isinstance(measures, str):
             measures = (measures,)
-        probe_size = positive_int("probe_size", probe_size)
+        self._auto_probe = probe_size is None and probe is None
+        probe_size = 256 if probe_size is None else positive_int("probe_size", probe_size)
         if probe_batch_size is not None:
             positive_int("probe_batch_size", probe_batch_size)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -170,10 +176,19 @@ class Monitor:
     def probe_ready(self) -> bool:
         return self.probe.ready
 
+    def auto_probe_size(self, train_batch_size: int) -> int:
+        """The default probe size for a training batch size: whole batches, one check within
+        :attr:`CHECK_STEPS` training steps (``passes()`` counts one probe batch of that size)."""
+        per_batch = max(self.passes(), 1e-9)
+        n_batches = max(1, int(self.CHECK_STEPS // per_batch))
+        return max(train_batch_size, min(n_batches * train_batch_size, 256))
+
     def capture(self, batch: Any) -> bool:
         """Copy examples of a batch training already drew into the probe set (no-op once complete)."""
         if self._train_batch_size is None:
             self._train_batch_size = batch_size(batch)
+            if self._auto_probe and len(self.probe) == 0 and not self.probe.ready:
+                self.probe.size = self.auto_probe_size(self._train_batch_size)
         if self.probe.ready:
             return True
         self._probe_device = None
@@ -182,6 +197,7 @@ class Monitor:
     def set_probe(self, probe: Any) -> None:
         """Replace the probe set (a :class:`ProbeSet`, a batch or a list of batches)."""
         self.probe = probe if isinstance(probe, ProbeSet) else ProbeSet(probe, seed=self.seed)
+        self._auto_probe = False
         self._probe_device = None
 
     def _probe_batches(self, model: nn.Module) -> list[Any]:
@@ -189,7 +205,7 @@ class Monitor:
         if self._probe_device != device:
             self.probe.to(device)
             self._probe_device = device
-        return self.probe.batches
+        return BatchList(self.probe.batches)
 
     # -- the calls adapters make -------------------------------------------------------------------
     def on_step_end(
@@ -384,8 +400,11 @@ class Monitor:
         cost = self.estimated_check_steps()
         cost_txt = (f"~{cost:.0f} training steps per check (estimated)" if cost is not None
                     else f"~{self.passes():.0f} training steps per check per training-batch-sized probe batch (estimated)")
-        return (f"{type(self).__name__} measures {', '.join(self.measures)} on a {self.probe.source} probe of "
-                f"{self.probe.size} examples, {when}; {cost_txt}.")
+        size = ("sized at the first batch to keep a check within ~"
+                f"{self.CHECK_STEPS} training steps" if self._auto_probe and self._train_batch_size is None
+                else f"of {self.probe.size} examples")
+        return (f"{type(self).__name__} measures {', '.join(self.measures)} on a {self.probe.source} probe {size}, "
+                f"{when}; {cost_txt}.")
 
     def summary(self) -> str:
         """One console line at the end: checks made and the share of training time they took."""

@@ -1,0 +1,115 @@
+"""Monitors at their defaults on client code we did not write (issue 11): the demo LightningModules
+that ship with Lightning (synthetic data in place of their downloads) and Hugging Face model families
+built from configs. Each trains; a finite ``sharpness/lambda_max`` is logged within ~25 steps; the
+monitored run equals the unmonitored one bitwise (DESIGN.md promise 1)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import pytorch_lightning as pl
+from pytorch_lightning.demos import boring_classes, lstm, transformer
+
+from sharpguard.integrations.lightning import SharpnessMonitor
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class _Tokens(Dataset):
+    """(inputs, target) token blocks, as the demos' WikiText2 yields them, from a seeded generator."""
+
+    def __init__(self, n: int, vocab: int, block: int) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.data = torch.randint(0, vocab, (n, block + 1), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i, :-1], self.data[i, 1:]
+
+
+def _boring():
+    return boring_classes.BoringModel(), DataLoader(boring_classes.RandomDataset(32, 64), batch_size=4)
+
+
+def _demo():
+    return boring_classes.DemoModel(), DataLoader(boring_classes.RandomDataset(32, 64), batch_size=4)
+
+
+def _transformer():
+    module = transformer.LightningTransformer(vocab_size=40)
+    module.model = transformer.Transformer(vocab_size=40, ninp=16, nhead=2, nhid=16, nlayers=1)
+    module.prepare_data = lambda: None  # WikiText2 would be downloaded: synthetic tokens instead
+    return module, DataLoader(_Tokens(64, 40, 8), batch_size=4)
+
+
+def _lstm():
+    module = lstm.LightningLSTM(vocab_size=40)
+    module.model = lstm.SimpleLSTM(vocab_size=40, ninp=16, nhid=16, nlayers=2)
+    module.prepare_data = lambda: None
+    data = _Tokens(64, 40, 8)
+    return module, DataLoader(data, batch_sampler=lstm.SequenceSampler(data, batch_size=4))
+
+
+DEMOS = {"BoringModel": _boring, "DemoModel": _demo, "LightningTransformer": _transformer, "LightningLSTM": _lstm}
+
+
+def _fit(build, callbacks, steps=12):
+    torch.manual_seed(0)
+    module, loader = build()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, callbacks=callbacks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, loader)
+    return module, trainer
+
+
+@pytest.mark.parametrize("name", list(DEMOS))
+def test_lightning_demo_module_with_a_default_monitor(name):
+    plain, _ = _fit(DEMOS[name], [])
+    cb = SharpnessMonitor()
+    monitored, trainer = _fit(DEMOS[name], [cb])
+    # bitwise the same training: parameters, buffers and the module's own state (the LSTM's hidden)
+    for (k, a), (_, b) in zip(plain.state_dict().items(), monitored.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    # a finite top eigenvalue early: the first check comes at the first measured step
+    values = cb.monitor.history.values("sharpness/lambda_max")
+    assert values and values[0][0] <= 3 and all(math.isfinite(v) for _, v in values), values
+    assert "sharpness/lambda_max" in trainer.callback_metrics
+    # the default probe is the module's own loss on the batches it trains on: one whole batch
+    assert len(cb.monitor.probe) == 4
+
+
+def test_the_guard_is_what_keeps_a_stateful_training_step_bitwise(monkeypatch):
+    """Negative control: without restoring the module's attributes, the probe's training_step leaves
+    its own hidden state in the LSTM demo and training changes."""
+    import contextlib
+
+    from sharpguard.integrations.lightning import monitors
+
+    plain, _ = _fit(_lstm, [])
+
+    @contextlib.contextmanager
+    def log_silenced_only(module):
+        module.log = lambda *a, **k: None
+        try:
+            yield
+        finally:
+            del module.log
+
+    from sharpguard.sharpness.operator import NonDeterministicHVPError
+
+    monkeypatch.setattr(monitors, "_guarded_training_step", log_silenced_only)
+    try:
+        unguarded, _ = _fit(_lstm, [SharpnessMonitor()])
+    except NonDeterministicHVPError:
+        return  # each probe loss call moved the hidden state: the measurement itself is broken
+    assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), unguarded.parameters(), strict=True))
