@@ -218,3 +218,48 @@ def test_lightning_adversarial_training_callback_drives_free_at_like_a_plain_loo
     reference = free_at_reference(mlp(), batches, 1, EPS, 0.5)  # and both are Algorithm 1 with m = 1
     for p, q in zip(reference.parameters(), model.parameters()):
         assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- the HF trainer drives Free-AT
+def test_hf_trainer_drives_free_at_in_embedding_space(tmp_path):
+    """SharpGuardTrainer(adversarial="free-at"): each optimizer step is the gradient of method(model, batch),
+    the embedding-space delta carried from one batch to the next (an SGD reference on the same batches)."""
+    from _tiny_text import FirstTokenTask, params_of, tiny_bert, trainer_args
+
+    from sharpguard.integrations.huggingface import SharpGuardTrainer
+
+    class Recording(SharpGuardTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            self.seen.append({k: v.detach().clone() for k, v in inputs.items()})
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    settings = {"method": "free-at", "eps": 0.05, "alpha": 0.05}
+    model = tiny_bert()
+    trainer = Recording(
+        model=model,
+        args=trainer_args(tmp_path, max_steps=3, learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0),
+        train_dataset=FirstTokenTask(32),
+        optimizers=(torch.optim.SGD(model.parameters(), lr=0.5), None),
+        adversarial=settings,
+    )
+    trainer.seen = []
+    trainer.train()
+    reference = tiny_bert()
+    reference.train()
+    method = make_method("free-at", eps=0.05, alpha=0.05)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    for batch in trainer.seen:
+        opt.zero_grad()
+        method(reference, batch).backward()
+        opt.step()
+    assert float(method._delta.detach().abs().max()) == pytest.approx(0.05)  # the carried delta moved
+    got, want = params_of(trainer.model), params_of(reference)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+    plain = tiny_bert()
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.5)
+    for batch in trainer.seen:
+        plain_opt.zero_grad()
+        plain(**batch).loss.backward()
+        plain_opt.step()
+    assert any(not torch.allclose(got[k], params_of(plain)[k], atol=1e-7) for k in got)  # not plain training

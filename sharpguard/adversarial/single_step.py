@@ -7,6 +7,7 @@ outside the model are declared with ``mean``/``std`` (:class:`~sharpguard.attack
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from .._batches import logits_of
 from ..attacks import geometry
+from ..attacks.embedding import EmbeddingPerturbation, embedding_shape, padding_mask
 from ..attacks.gradient import pgd
 from ..attacks.threat import ThreatModel
 from ..errors import ConfigurationError
@@ -42,6 +44,12 @@ class FreeAT(AdversarialMethod):
     ``delta`` starts at zero, is cut or zero-padded to the batch size, and a non-finite input gradient
     (an fp16 overflow step) moves it by nothing. Loss ``CE(f(x + delta), y)``. Cost: 1 forward,
     1 backward: the price of plain training.
+
+    Mapping (Hugging Face) batches: the same update on the input embeddings through the forward hook
+    of :class:`~sharpguard.attacks.EmbeddingPerturbation` (``eps``/``alpha`` then in embedding units,
+    linf per coordinate; ``delta`` of shape ``(batch, seq_len, hidden)`` is cut or zero-padded in the
+    first two dimensions, zero at padding), loss ``model(**batch).loss``: how
+    ``SharpGuardTrainer(adversarial="free-at")`` drives it.
     """
 
     name = "free-at"
@@ -71,34 +79,58 @@ class FreeAT(AdversarialMethod):
         """Forget the carried perturbation (the next call starts from ``delta = 0``)."""
         self._delta = None
 
-    def _carried(self, like: torch.Tensor) -> torch.Tensor:
-        """The previous delta, moved one signed step along the gradient the caller's backward left on it."""
+    def _carried_any(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, resizable: int) -> torch.Tensor:
+        """The previous delta moved one signed step along the gradient the caller's backward left on it
+        (``delta + alpha sign(g)``, clipped to the linf ball), fitted to ``shape`` (its first ``resizable``
+        dimensions may change between batches; anything else starts again from zero)."""
         previous = self._delta
-        if previous is None or previous.shape[1:] != like.shape[1:] or previous.device != like.device:
-            return torch.zeros_like(like)
+        like = torch.zeros(shape, dtype=dtype, device=device)
+        if previous is None or previous.shape[resizable:] != like.shape[resizable:] or previous.device != device:
+            return like
         step = previous.detach()
         if previous.grad is not None:
             g = torch.nan_to_num(previous.grad, nan=0.0, posinf=0.0, neginf=0.0)
             step = geometry.project_linf(step + self.alpha * g.sign(), self.threat.eps)
-        n = like.shape[0]
-        if step.shape[0] >= n:
-            return step[:n].to(like.dtype)
-        pad = torch.zeros((n - step.shape[0],) + tuple(like.shape[1:]), device=like.device, dtype=like.dtype)
-        return torch.cat([step.to(like.dtype), pad])
+        return _fit(step.to(dtype), shape)
 
     def generate(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        """``delta`` for this batch (pixel space), a leaf whose ``.grad`` the caller's backward fills."""
+        """``delta`` for this batch (pixel space, or embedding space for a mapping batch), a leaf whose
+        ``.grad`` the caller's backward fills."""
+        if isinstance(batch, Mapping):
+            shape, dtype, device = embedding_shape(model, batch)
+            delta = geometry.apply_mask(self._carried_any(shape, dtype, device, 2), padding_mask(batch))
+            self._delta = delta.detach().requires_grad_(True)
+            return self._delta
         x, _ = image_batch(batch)
         u = self.threat.to_pixel(x.detach(), check=self._delta is None)
-        delta = self._carried(u)
-        delta = self.threat.clamp(u + delta) - u  # x + delta stays in bounds (line 9's clip to the image range)
+        delta = self._carried_any(u.shape, u.dtype, u.device, 1)
+        delta = self.threat.clamp(u + delta) - u  # x + delta stays in bounds, as in the authors' train_free.py
         self._delta = delta.detach().requires_grad_(True)
         return self._delta
 
     def objective(self, model: nn.Module, batch: Any, delta: torch.Tensor) -> torch.Tensor:
+        if isinstance(batch, Mapping):
+            with EmbeddingPerturbation(model, delta, padding_mask(batch)):
+                out = model(**batch)
+            loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+            if loss is None:
+                raise ConfigurationError("free-at on a mapping batch needs labels in it (the model's .loss).")
+            return loss
         x, y = image_batch(batch)
         u = self.threat.to_pixel(x.detach(), check=False)
         return F.cross_entropy(self.checked_logits(model, self.threat.from_pixel(u + delta), y), y)
+
+
+def _fit(t: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """``t`` cut or zero-padded to ``shape`` (which agrees with it beyond the dimensions that differ)."""
+    for dim, size in enumerate(shape):
+        if t.shape[dim] > size:
+            t = t.narrow(dim, 0, size)
+        elif t.shape[dim] < size:
+            pad_shape = list(t.shape)
+            pad_shape[dim] = size - t.shape[dim]
+            t = torch.cat([t, t.new_zeros(pad_shape)], dim)
+    return t
 
 
 def grad_align_cosine(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
