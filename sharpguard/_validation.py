@@ -87,16 +87,28 @@ def keywords_of(fn: Callable[..., Any], *, exclude: Iterable[str] = ("self",)) -
     ]
 
 
-def check_keywords(owner: str, given: Mapping[str, Any] | Iterable[str], allowed: Iterable[str], hint: str = "") -> None:
-    """Refuse keywords ``owner`` does not take, naming the closest valid one (``varient`` -> ``variant``)."""
+def check_keywords(
+    owner: str,
+    given: Mapping[str, Any] | Iterable[str],
+    allowed: Iterable[str],
+    hint: str = "",
+    *,
+    suggest_from: Iterable[str] | None = None,
+) -> None:
+    """Refuse keywords ``owner`` does not take, naming the closest valid one (``varient`` -> ``variant``).
+
+    ``suggest_from``: the names to suggest from, when they are more than ``allowed`` (a front end
+    that also takes run settings besides the variant's knobs).
+    """
     allowed = list(allowed)
     unknown = sorted(set(given) - set(allowed))
     if not unknown:
         return
+    candidates = list(suggest_from) if suggest_from is not None else allowed
     parts = []
     for name in unknown:
-        close = difflib.get_close_matches(name, allowed, n=1)
+        close = difflib.get_close_matches(name, candidates, n=1)
         parts.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
     raise ConfigurationError(
-        f"{owner} has no setting {', '.join(parts)}; its settings are {', '.join(allowed)}{hint}."
+        f"{owner} has no setting {', '.join(parts)}; its settings are {', '.join(allowed) or 'none'}{hint}."
     )

@@ -10,8 +10,11 @@ from .engine import SAMEngine, unwrap_optimizer
 from .factory import VARIANTS, make_sam
 from .sam import ASAM, SAM
 from .variants import FriendlySAM, GSAM, LookSAM, MomentumSAM
+from .lora import FlatLoRA, lora_parameters
+from .variants_extra import ARWP, ESAM, RWP, WSAM
 
 __all__ = [
     "SAM", "ASAM", "GSAM", "LookSAM", "MomentumSAM", "FriendlySAM", "make_sam", "VARIANTS",
     "SAMConfig", "SAMEngine", "unwrap_optimizer",
 ]
+__all__ += ["WSAM", "RWP", "ARWP", "ESAM", "FlatLoRA", "lora_parameters"]

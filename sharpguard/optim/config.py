@@ -58,6 +58,7 @@ class SAMConfig:
         check_keywords(
             f"SAM variant {self.variant!r}", knobs, [k for k in declared if k != "rho"],
             " (and rho, sync_perturbation, nonfinite)",
+            suggest_from=[*declared, *RUN_SETTINGS, "per_worker", "keep_bn_stats", "resume", "adaptive"],
         )
         self.knobs = knobs
         # the variant's own rule, on a throwaway instance: bad values fail now, not at fit

@@ -9,6 +9,8 @@ from torch.optim import Optimizer
 from ..errors import ConfigurationError
 from .sam import ASAM, SAM
 from .variants import FriendlySAM, GSAM, LookSAM, MomentumSAM
+from .lora import FlatLoRA
+from .variants_extra import ARWP, ESAM, RWP, WSAM
 
 __all__ = ["VARIANTS", "canonical_variant", "make_sam"]
 
@@ -20,6 +22,11 @@ VARIANTS: dict[str, type[SAM]] = {
     "looksam": LookSAM,
     "momentum_sam": MomentumSAM,
     "friendly_sam": FriendlySAM,
+    "wsam": WSAM,
+    "rwp": RWP,
+    "arwp": ARWP,
+    "esam": ESAM,
+    "flat_lora": FlatLoRA,
 }
 
 _ALIASES = {
@@ -29,6 +36,12 @@ _ALIASES = {
     "fsam": "friendly_sam",
     "f_sam": "friendly_sam",
     "friendlysam": "friendly_sam",
+    "m_rwp": "rwp",
+    "mrwp": "rwp",
+    "m_arwp": "arwp",
+    "marwp": "arwp",
+    "swp": "esam",
+    "flatlora": "flat_lora",
 }
 
 
@@ -44,7 +57,8 @@ def make_sam(
     """Wrap ``optimizer`` in the SAM variant named ``variant`` with its knobs.
 
     ``variant`` is one of ``"sam"``, ``"asam"``, ``"gsam"``, ``"looksam"``, ``"momentum_sam"``,
-    ``"friendly_sam"`` (case and ``-``/``_`` do not matter; ``"msam"``, ``"fsam"`` and ``"F-SAM"`` are accepted).
+    ``"friendly_sam"``, ``"wsam"``, ``"rwp"``, ``"arwp"``, ``"esam"``, ``"flat_lora"`` (case and ``-``/``_`` do
+    not matter; ``"msam"``, ``"fsam"``, ``"F-SAM"``, ``"m-RWP"``, ``"m-ARWP"`` and ``"Flat-LoRA"`` are accepted).
     ``knobs`` are the variant's keywords (``rho``, ``k``, ``alpha``, ...; missing ones take the
     variant's own defaults); an unknown one raises :class:`~sharpguard.errors.ConfigurationError`.
     The same :class:`~sharpguard.optim.config.SAMConfig` path as every framework adapter.

@@ -24,6 +24,7 @@ a DDP adapter needs to decide whether the first pass may skip the gradient all-r
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import inspect
 import warnings
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .._validation import check_keywords
+from .._validation import check_keywords, keywords_of
 from ..errors import ConfigurationError
 from . import functional as F
 
@@ -98,6 +99,26 @@ def _build_base(cls_name: str, params: Any, base_cls: Any, base_kwargs: dict[str
         raise ConfigurationError(
             f"{cls_name} got an empty parameter list; pass model.parameters() of a model with parameters."
         )
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    if tensors and all(isinstance(t, torch.Tensor) and not t.requires_grad for t in tensors):
+        raise ConfigurationError(
+            f"{cls_name} got only parameters that do not require grad (a frozen model): nothing would train; "
+            "unfreeze the parameters to train, or pass only the trainable ones."
+        )
+    # A keyword neither SAM nor the base optimizer takes is reported here, by SAM, with both lists
+    # (not as the base optimizer's bare TypeError).
+    signature = inspect.signature(base_cls.__init__).parameters.values()
+    if not any(p.kind == p.VAR_KEYWORD for p in signature):
+        base_keywords = keywords_of(base_cls.__init__, exclude=("self", "params"))
+        ours = [*_knob_defaults(_CLASSES.get(cls_name, SAM)), "model", "sync_perturbation", "nonfinite"]
+        unknown = sorted(set(base_kwargs) - set(base_keywords))
+        if unknown:
+            close = [m for name in unknown for m in difflib.get_close_matches(name, ours + base_keywords, n=1)]
+            raise ConfigurationError(
+                f"{cls_name} got {', '.join(map(repr, unknown))}, which neither {cls_name} ({', '.join(ours)}) nor "
+                f"its base optimizer {base_cls.__name__} ({', '.join(base_keywords)}) takes"
+                + (f"; did you mean {', '.join(map(repr, close))}?" if close else ".")
+            )
     return base_cls(params, **base_kwargs)
 
 
@@ -161,6 +182,10 @@ def perturbed_pass(
 # --------------------------------------------------------------------------------------------------
 # SAM
 # --------------------------------------------------------------------------------------------------
+#: class name -> class of every SAM variant (filled as they are defined), for messages
+_CLASSES: dict[str, type] = {}
+
+
 class SAM(Optimizer):
     r"""Sharpness-Aware Minimization (Foret et al., ICLR 2021, arXiv:2010.01412) around a base optimizer.
 
@@ -208,6 +233,10 @@ class SAM(Optimizer):
     #: variants whose update or persistent state uses the clean gradient (GSAM, LookSAM,
     #: Friendly-SAM): an unsynchronised one would make the replicas (or their saved state) diverge.
     per_worker_safe: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _CLASSES[cls.__name__] = cls
 
     def __init__(
         self,
@@ -378,7 +407,11 @@ class SAM(Optimizer):
         self._refuse_sparse(params)
         self._warn_about_faults()
         self._perturb_called, self._pass_params = True, params
-        if not params or not self.needs_second_pass():
+        if not params:
+            self._warn_once("no_grad", "a step found no gradient at all (did the loss call backward(), and does any "
+                            "parameter of this optimizer take part in it?); nothing was perturbed")
+            return False
+        if not self.needs_second_pass():
             return False
         grads = [p.grad for p in params]
         # the clean gradient, kept for the non-finite fallback (and read by GSAM / LookSAM)
@@ -410,6 +443,8 @@ class SAM(Optimizer):
             self._apply_nonfinite_policy(params, grads)
         else:
             self._after_plain_pass(params, grads)
+            if self._perturb_called and params:
+                self._count_faults(torch.isfinite(F.global_norm(grads)), None)
         self._reset_step()
         self._step += 1
 
@@ -423,15 +458,20 @@ class SAM(Optimizer):
         clean_ok = self._clean_ok
         final_ok = torch.isfinite(F.global_norm(grads)) & clean_ok
         F.select_(grads, self._buffers("clean_grad", params), ~final_ok)
-        faults = torch.stack([~clean_ok, clean_ok & ~final_ok]).to(torch.int64)
+        self._count_faults(clean_ok, final_ok)
+        if self.nonfinite == "skip" and not bool(final_ok):
+            for p in params:
+                p.grad = None
+
+    def _count_faults(self, clean_ok: torch.Tensor, final_ok: torch.Tensor | None) -> None:
+        """Add this step's faults to the device counters (``final_ok=None``: a step with one pass)."""
+        perturbed_bad = torch.zeros_like(clean_ok) if final_ok is None else clean_ok & ~final_ok
+        faults = torch.stack([~clean_ok, perturbed_bad]).to(torch.int64)
         self._faults = faults if self._faults is None else self._faults + faults
         if self._faults.is_cuda and not self._faults_host.is_pinned():
             self._faults_host = self._faults_host.pin_memory()  # a non-blocking copy needs pinned memory
         self._faults_host.copy_(self._faults, non_blocking=True)
         self._warn_about_faults()  # on CPU the copy is done; on a GPU it is read when it has landed
-        if self.nonfinite == "skip" and not bool(final_ok):
-            for p in params:
-                p.grad = None
 
     @property
     def nonfinite_counts(self) -> dict[str, int]:
@@ -457,6 +497,12 @@ class SAM(Optimizer):
                     SAMFallbackWarning,
                     stacklevel=3,
                 )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        warned = self.__dict__.setdefault("_warned", set())
+        if key not in warned:
+            warned.add(key)
+            warnings.warn(f"{type(self).__name__}: {message}.", SAMFallbackWarning, stacklevel=4)
 
     @staticmethod
     def _refuse_sparse(params: list[torch.Tensor]) -> None:
@@ -504,6 +550,11 @@ class SAM(Optimizer):
             no_sync = self._ddp.no_sync if self._ddp is not None else None
             with torch.enable_grad(), engine.clean_pass_context(no_sync, distributed=self._ddp is not None):
                 loss = closure()
+            if not self._params_with_grad():
+                raise ConfigurationError(
+                    f"{type(self).__name__}.step(closure): after the closure no parameter has a gradient; the closure "
+                    "must compute the loss and call loss.backward() (and the loss must depend on the parameters)."
+                )
         except BaseException:
             engine.abandon()
             raise
@@ -646,8 +697,9 @@ class SAM(Optimizer):
         if not isinstance(state_dict, dict):
             raise ConfigurationError(f"load_state_dict needs the dict from state_dict(), got {type(state_dict).__name__}.")
         state_dict = dict(state_dict)
+        present = STATE_KEY in state_dict  # absent: a plain base-optimizer state dict (counters reset)
         ours = state_dict.pop(STATE_KEY, None)
-        checked = self._checked_own_state(ours, resume) if ours is not None else None
+        checked = self._checked_own_state(ours, resume) if present else None
         previous = self.base_optimizer.state_dict()
         try:
             self.base_optimizer.load_state_dict(state_dict)

@@ -129,8 +129,10 @@ class LookSAM(SAM):
         if not params or self.needs_second_pass():  # a full step that had nothing to perturb
             return
         gv = self._state_list("gv", params)
-        # zero while gv has never been set (e.g. resumed from a plain optimizer checkpoint)
-        factor = self.alpha * _ratio(F.global_norm(grads), F.global_norm(gv))
+        # zero while gv has never been set (e.g. resumed from a plain optimizer checkpoint), and zero
+        # when the clean gradient is not finite: alpha ||g|| / ||g_v|| would spread an inf over every weight
+        norm = F.global_norm(grads)
+        factor = self.alpha * _ratio(torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm)), F.global_norm(gv))
         F.add_scaled_(grads, gv, factor)
 
 
