@@ -370,6 +370,8 @@ class SAM(Optimizer):
         Optimizer.__setstate__(self, state)
 
     def __repr__(self) -> str:
+        if "base_optimizer" not in self.__dict__:  # refused while being built (an error message's repr)
+            return f"{type(self).__name__}(<not built>)"
         knobs = ", ".join(f"{k}={v!r}" for k, v in self._knobs().items())
         base = "\n".join("    " + line for line in repr(self.base_optimizer).splitlines())
         return f"{type(self).__name__}({knobs},\n  base_optimizer=\n{base}\n)"
