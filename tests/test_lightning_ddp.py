@@ -118,7 +118,9 @@ def per_worker_sam_reference() -> list[torch.Tensor]:
 def test_ddp_ranks_identical_and_per_worker_sam(tmp_path):
     result = fit(tmp_path, SharpnessAwareMinimization)
     assert result["world"] == 2 and result["equal"]
-    for got, want in zip(result["weights"], per_worker_sam_reference()):
+    reference = per_worker_sam_reference()
+    assert len(result["weights"]) == len(reference) > 0
+    for got, want in zip(result["weights"], reference):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 

@@ -29,5 +29,13 @@ def test_plain_sam_example_runs(tmp_path):
     script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "plain_sam_digits.py"
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    text = out.stdout.lower()
-    assert "sgd" in text and "sam" in text
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("SGD (momentum", "SAM(SGD)"))]
+    assert len(rows) == 2, out.stdout
+    results = {}
+    for row in rows:
+        *_, train_loss, train_acc, test_loss, test_acc, seconds = row.split()
+        results[row[:3]] = [float(v) for v in (train_loss, train_acc, test_loss, test_acc, seconds)]
+    for name, (train_loss, train_acc, test_loss, test_acc, seconds) in results.items():
+        # an MLP on the digits reaches > 90% test accuracy in 30 epochs with either optimizer
+        assert 0 < train_loss < 1 and 0.9 < train_acc <= 1 and 0 < test_loss < 1 and 0.9 < test_acc <= 1, name
+    assert results["SGD"][:4] != results["SAM"][:4]  # two different trainings, not one printed twice
