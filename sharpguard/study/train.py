@@ -122,7 +122,10 @@ def _monitors(data: StudyData, config: StudyConfig, seed: int, total_steps: int,
     held_out = [(data.x_test[:n], data.y_test[:n])]
     common = {"every_n_steps": every, "history": str(history), "alerts": None, "seed": seed}
     return [
-        SharpnessMonitor(measures=("lambda_max",), probe=train_probe,
+        # loss_fn: the clean cross entropy the final measurement uses. Left unset, the monitor would take the
+        # module's own training_step, which for TRADES is the adversarial loss with a random PGD start: a
+        # random loss, whose Hessian-vector products the monitor (rightly) refuses.
+        SharpnessMonitor(measures=("lambda_max",), probe=train_probe, loss_fn=default_loss_fn,
                          measure_kwargs={"lambda_max": {"tol": 1e-3, "max_iter": 20}}, **common),
         RobustnessMonitor(measures=("clean_acc", "pgd_acc"), probe=held_out, eps=config.eps,
                           alpha=config.train_attack_alpha, steps=config.train_attack_steps, **common),
