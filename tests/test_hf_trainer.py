@@ -200,3 +200,9 @@ def test_resume_restores_the_sam_variants_own_state_bitwise(tmp_path, how):
     assert resumed.state.global_step == 4
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_fp16_on_a_cpu_is_said_not_silently_ignored(tmp_path):
+    args = _args(tmp_path, fp16=True)
+    with pytest.warns(RuntimeWarning, match="fp16=True cannot act on this device"):
+        SharpGuardTrainer(model=tiny_bert(), args=args, train_dataset=FirstTokenTask(8), sam={"rho": 0.05})

@@ -101,6 +101,9 @@ class SharpnessAwareMinimization:
         self.loss_fn = loss_fn or default_loss_fn
         self._unwrapped = accelerator.unwrap_model(model)
         self.engine = build_engine(accelerator, optimizer, model, self.config)
+        from accelerate.logging import get_logger
+
+        get_logger(__name__).info(f"sharpguard: SAM active -- {self.config.describe()}.", main_process_only=True)
 
     def backward(self, batch: Any) -> torch.Tensor:
         """Forward and backward of one micro-batch at ``w``; on the sync micro-batch, the SAM pass.

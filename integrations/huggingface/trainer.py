@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,11 +17,14 @@ from sharpguard.errors import ConfigurationError, require
 require("transformers", "hf")
 require("accelerate", "hf")
 from transformers import Trainer, TrainerCallback  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from sharpguard.optim import SAMConfig, SAMEngine  # noqa: E402
 
 from ..accelerate.sam import build_engine, check_distributed_type, clean_pass_context, finish_step  # noqa: E402
 from .monitors import _checkpoint_folder, _MonitorCallback  # noqa: E402
+
+logger = hf_logging.get_logger(__name__)
 
 
 def _coerce_adversarial(value: Any) -> Callable[[nn.Module, Any], torch.Tensor] | None:
@@ -78,6 +82,14 @@ class SharpGuardTrainerMixin:
         self._sg_engine: SAMEngine | None = None
         self._sg_engine_optimizer: Any = None
         super().__init__(*args, **kwargs)
+        if self.args.fp16 and not getattr(self.accelerator, "native_amp", True):
+            # transformers accepts fp16=True on a CPU and then trains in fp32 with no scaler: say so
+            warnings.warn(
+                "fp16=True cannot act on this device (no CUDA, so no fp16 autocast and no GradScaler): training runs "
+                "in fp32. Use bf16=True on a CPU, or train on a GPU for fp16.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if self.sam_config is not None:
             check_distributed_type(self.accelerator)
         if self.adversarial_method is not None and getattr(self, "loss_is_scaled_for_ga", None) is None:
@@ -104,6 +116,8 @@ class SharpGuardTrainerMixin:
             # Built on first use: the optimizer exists (and is prepared) only once training starts,
             # and a new train() call builds a new one.
             engine = build_engine(self.accelerator, self.optimizer, model, self.sam_config)
+            # the Trainer's own convention for its run banner ("***** Running training *****")
+            logger.info(f"sharpguard: SAM active -- {self.sam_config.describe()}.")
             if self._sg_resume_from is not None:
                 _SAMCheckpoint.load(engine.sam, self._sg_resume_from, self.sam_resume)
             self._sg_engine = engine

@@ -168,6 +168,11 @@ class _MonitorCallback(Callback):
             self._publish(trainer, pl_module, metrics, on_step=True)
             self.driver.leave()
 
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        # a training set smaller than the probe: measure with what one epoch gave, and say so
+        if self.when != "validation" and not self.monitor.probe_ready:
+            self.monitor.freeze_partial_probe("one epoch of training batches")
+
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.when == "train" or trainer.sanity_checking:
             return
