@@ -6,11 +6,16 @@ section "Attacks" of benchmarks/RESULTS.md.
 1. PGD-10 (linf, eps 8/255, alpha 2/255) on the same CNN and batch: ``sharpguard.attacks.pgd`` vs
    ``torchattacks.PGD``, interleaved repeats, median wall time; without random start the two must
    return identical tensors (checked), with random start only the noise differs.
-2. AutoAttack: ``sharpguard.attacks.auto_attack(version="standard")`` (APGD-CE -> APGD-T -> Square,
-   100 steps, 9 targets, 5,000 queries) vs ``torchattacks.AutoAttack`` (its port: 10-step APGD/APGD-T,
+2. AutoAttack: ``sharpguard.attacks.auto_attack(version="standard")`` (APGD-CE -> APGD-T -> FAB-T ->
+   Square, 100 steps, 9 targets, 5,000 queries) vs ``torchattacks.AutoAttack`` (its port: 10-step APGD/APGD-T,
    FAB-T, Square) vs the reference implementation (``pyautoattack``, the PyPI packaging of
    fra31/auto-attack: 100 steps + FAB-T) on the same trained CNN and batch: wall time, robust accuracy.
-3. For every training method: forwards/backwards per step declared (``method.cost``) and measured
+3. FAB-T (linf, l2, l1) and l1-APGD / l1-APGD-T, stage by stage: ``sharpguard.attacks.fab_targeted``,
+   ``apgd(norm="l1")`` and ``apgd_targeted(norm="l1")`` vs the reference classes of ``pyautoattack``
+   (``FABAttack_PT``, ``APGDAttack``, ``APGDAttack_targeted`` with AutoAttack's standard settings) on
+   the same trained CNN and batch: wall time, robust accuracy. ``--only fab-l1`` runs this part alone
+   and prints it (RESULTS.md is not written then).
+4. For every training method: forwards/backwards per step declared (``method.cost``) and measured
    with forward hooks and gradient hooks on the model output (:func:`sharpguard.adversarial.count_passes`),
    the same for a SAM step that reuses the adversary vs one that regenerates it (run through the
    SAM foreach kernel), and the wall time of one training step relative to plain training.
@@ -83,24 +88,10 @@ def bench_autoattack() -> str:
 
     import pyautoattack
     import torchattacks
-    from sklearn.datasets import load_digits
 
     from sharpguard.attacks import AutoAttack
 
-    data = load_digits()
-    x = F.interpolate(torch.tensor(data.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0, size=16, mode="bilinear")
-    y = torch.tensor(data.target)
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(8):
-        for idx in torch.randperm(len(x), generator=g).split(64):
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    model.eval()
-    x, y = x[-256:], y[-256:]  # the last 256 images
+    model, x, y = digits_cnn()  # the last 256 images
     eps = 0.08
 
     def accuracy(adv):
@@ -109,7 +100,7 @@ def bench_autoattack() -> str:
 
     ours = AutoAttack(eps=eps, generator=make_generator("cpu", 0))
     runs = [
-        ("sharpguard `auto_attack` (standard)", "APGD-CE 100, APGD-T 9x100, Square 5000",
+        ("sharpguard `auto_attack` (standard)", "APGD-CE 100, APGD-T 9x100, FAB-T 9x100, Square 5000",
          lambda: ours(model, x, y)),
         ("torchattacks 3.5.1 `AutoAttack` (standard)", "APGD-CE 10, APGD-T 9x10, FAB-T 9x10, Square 5000",
          lambda: torchattacks.AutoAttack(model, eps=eps, n_classes=10, seed=0)(x, y)),
@@ -134,6 +125,77 @@ def bench_autoattack() -> str:
     return "\n".join(lines) + f"\n\nsharpguard per stage: {per_stage}; accuracy after each: {after}. One run each."
 
 
+def digits_cnn(n: int = 256):
+    """The AutoAttack benchmark's model and batch: a small CNN trained on digits upsampled to 16x16."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = F.interpolate(torch.tensor(data.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0, size=16, mode="bilinear")
+    y = torch.tensor(data.target)
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(8):
+        for idx in torch.randperm(len(x), generator=g).split(64):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval(), x[-n:], y[-n:]
+
+
+def bench_fab_l1(steps: int = 100) -> str:
+    """FAB-T and l1-APGD against the reference's classes, one run each (seconds, not milliseconds)."""
+    import warnings
+
+    import pyautoattack.autopgd_base as reference_apgd
+    import pyautoattack.fab_pt as reference_fab
+
+    from sharpguard.attacks import apgd, apgd_targeted, fab_targeted
+
+    model, x, y = digits_cnn()
+
+    def accuracy(adv):
+        with torch.no_grad():
+            return float((model(adv).argmax(1) == y).float().mean())
+
+    aa_norm = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+    runs = []
+    for norm, eps in (("linf", 0.08), ("l2", 0.8), ("l1", 4.0)):
+        runs.append((f"FAB-T {norm} eps {eps}", f"9 targets x {steps}",
+                     lambda norm=norm, eps=eps: fab_targeted(model, x, y, eps=eps, steps=steps, norm=norm),
+                     lambda norm=norm, eps=eps: reference_fab.FABAttack_PT(
+                         model, norm=aa_norm[norm], n_restarts=1, n_iter=steps, eps=eps, targeted=True,
+                         n_target_classes=9, device="cpu", seed=0).perturb(x, y)))
+    eps = 4.0
+    runs.append((f"l1-APGD-CE eps {eps}", f"{steps} steps, radius schedule 3/2/1 eps",
+                 lambda: apgd(model, x, y, eps=eps, steps=steps, norm="l1", generator=make_generator("cpu", 0)),
+                 lambda: reference_apgd.APGDAttack(model, n_iter=steps, norm="L1", eps=eps, loss="ce", device="cpu",
+                                                   seed=0, use_largereps=True).perturb(x, y)))
+    runs.append((f"l1-APGD-T eps {eps}", f"5 targets x {steps}, radius schedule",
+                 lambda: apgd_targeted(model, x, y, eps=eps, steps=steps, norm="l1", n_target_classes=5,
+                                       generator=make_generator("cpu", 0)),
+                 lambda: reference_apgd.APGDAttack_targeted(model, n_iter=steps, norm="L1", eps=eps, device="cpu",
+                                                            seed=0, n_target_classes=5, use_largereps=True).perturb(x, y)))
+    lines = [
+        f"| stage, CNN on digits 16x16, batch {len(y)} (clean acc {accuracy(x):.1%}) | settings | sharpguard (s) | "
+        "pyautoattack 0.2.0 (s) | robust acc sharpguard | robust acc pyautoattack |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, settings, ours, theirs in runs:
+        results = []
+        for run in (ours, theirs):
+            with warnings.catch_warnings(), torch.random.fork_rng():  # the reference reseeds the global RNG
+                warnings.simplefilter("ignore")
+                start = time.perf_counter()
+                adv = run()
+                results.append((time.perf_counter() - start, accuracy(adv)))
+        (t_ours, a_ours), (t_ref, a_ref) = results
+        lines.append(f"| {name} | {settings} | {t_ours:.2f} | {t_ref:.2f} | {a_ours:.2%} | {a_ref:.2%} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n\nOne run each, interleaved per stage; FAB-T is deterministic (no restarts) in both."
+
+
 def sam_step(model, closure, rho=0.05):
     """A SAM step through the foreach kernel (closure at w, perturb, closure at w+e, restore)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -149,7 +211,8 @@ PAPERS = {
     "pgd-at": "Madry et al. 2018", "trades": "Zhang et al. 2019", "mart": "Wang et al. 2020",
     "fast-at": "Wong et al. 2020", "awp": "Wu et al. 2020", "defensive-distillation": "Papernot et al. 2016",
     "fgm": "Miyato et al. 2017", "embedding-pgd": "Madry et al. 2018 (embeddings)", "freelb": "Zhu et al. 2020",
-    "smart": "Jiang et al. 2020", "r3f": "Aghajanyan et al. 2021",
+    "smart": "Jiang et al. 2020", "r3f": "Aghajanyan et al. 2021", "free-at": "Shafahi et al. 2019",
+    "grad-align": "Andriushchenko & Flammarion 2020",
 }
 
 
@@ -166,7 +229,8 @@ def bench_methods(repeats: int = 3) -> str:
     text = {"input_ids": ids * mask, "attention_mask": mask, "labels": torch.randint(0, 2, (32,), generator=g)}
     teacher = cnn().eval()
     specs = [("pgd-at", {"steps": 10}, "image"), ("trades", {"steps": 10}, "image"), ("mart", {"steps": 10}, "image"),
-             ("fast-at", {}, "image"), ("awp", {"steps": 10}, "image"), ("awp", {"base": "trades", "steps": 10}, "image"),
+             ("fast-at", {}, "image"), ("free-at", {}, "image"), ("grad-align", {}, "image"),
+             ("awp", {"steps": 10}, "image"), ("awp", {"base": "trades", "steps": 10}, "image"),
              ("defensive-distillation", {"teacher": teacher}, "image"),
              ("fgm", {}, "text"), ("embedding-pgd", {"steps": 3}, "text"), ("freelb", {"steps": 3}, "text"),
              ("smart", {"steps": 1}, "text"), ("r3f", {}, "text")]
@@ -222,6 +286,9 @@ def bench_methods(repeats: int = 3) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--only", "fab-l1"]:
+        bench_fab_l1()
+        return
     pgd_table, _ = bench_pgd()
     print(pgd_table, flush=True)
     autoattack_table = bench_autoattack()
@@ -232,6 +299,7 @@ def main() -> None:
         "machine: ratios within ~5% are noise).",
         "### PGD-10: sharpguard vs torchattacks\n\n" + pgd_table,
         "### AutoAttack: sharpguard vs torchattacks vs the reference\n\n" + autoattack_table,
+        "### FAB-T and l1-APGD: sharpguard vs the reference, stage by stage\n\n" + bench_fab_l1(),
         "### Passes per training step (hook-counted) and SAM + adversarial training\n\n" + methods_table,
     ])
     write_section("Attacks", markdown)

@@ -7,7 +7,10 @@ matrix (and an output layer tied to it) is never modified, norms are per example
 perturbed. Parameter gradients of passes that are needed anyway (the clean pass of FGM/PGD, the K
 ascent steps of FreeLB) are taken in the same backward as the perturbation's gradient and handed to
 the caller's ``backward()`` through :func:`~sharpguard.adversarial.base.gradient_carrier`, so each
-method costs what the paper says and the caller still does exactly one ``backward()``.
+method costs what the paper says and the caller still does exactly one ``backward()``. The ascent
+loops are the embedding attack's own (:func:`~sharpguard.attacks.embedding.embedding_ascent`, l2 or
+SMART's per-token linf step, the projections of :mod:`sharpguard.attacks.geometry`); each method only
+says where its loop starts, what loss it climbs and which steps also return parameter gradients.
 
 Dropout during the ascent steps (``dropout=``): ``"train"`` (the model's modes, fresh masks at each
 forward: the FGM/PGD snippets, SMART, R3F), ``"fixed"`` (the same masks at every forward of a step,

@@ -171,6 +171,7 @@ class ThreatModel:
         """One steepest-ascent step of length ``alpha`` in the threat model's norm (sign step for linf)."""
         if self.norm == "linf":
             return u + alpha * grad.sign()
+        self.require_norm("ascent_step")  # l1's steepest step is one coordinate: l1-APGD has its own sparse step
         # torchattacks.PGDL2's 1e-10 keeps a zero gradient at zero step and lets the two agree bitwise.
         return u + alpha * geometry.normalize_l2(grad, add=1e-10)
 
