@@ -232,3 +232,48 @@ def test_adversarial_training_callback_replaces_the_gradient():
         opt.step()
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_validation_set_smaller_than_the_probe_measures_what_it_holds_and_says_so():
+    cb = RobustnessMonitor(when="validation", probe_size=256, eps=0.1, steps=2, alerts=None)
+    t = trainer(max_steps=2, val_check_interval=2, callbacks=[cb])
+    with pytest.warns(UserWarning, match="holds 40 of the 256"):
+        t.fit(LitDigits(), loader(), loader(n=40, batch_size=20))
+    assert len(cb.monitor.probe) == 40
+    assert 0.0 <= t.callback_metrics["robustness/clean_acc"].item() <= 1.0
+    notes = [r for r in cb.monitor.history.records if r["metric"] == "monitor/note"]
+    assert len(notes) == 1 and "40 of the 256" in notes[0]["settings"]["reason"]
+
+
+def test_training_set_smaller_than_a_fixed_probe_measures_after_one_epoch():
+    cb = SharpnessMonitor(probe_size=500, every_n_steps=1, measures=("lambda_max",), alerts=None)
+    t = trainer(max_steps=-1, max_epochs=2, callbacks=[cb])
+    with pytest.warns(UserWarning, match="192 of the 500"):
+        t.fit(LitDigits(), loader())
+    steps = [s for s, _ in cb.monitor.history.values("sharpness/lambda_max")]
+    assert steps and steps[0] == 7  # the first step of the second epoch (6 batches an epoch)
+
+
+class _DictDigits(LitDigits):
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch["image"]), batch["label"])
+
+
+def _dict_loader():
+    x, y = digits()
+    data = [{"image": x[i], "label": y[i]} for i in range(len(x))]
+    return torch.utils.data.DataLoader(data, batch_size=BATCH)
+
+
+def test_robustness_keys_of_dict_batches_fail_at_the_first_step_or_measure():
+    bad = RobustnessMonitor(every_n_steps=2, eps=0.1, steps=2, input_key="img")
+    t = trainer(max_steps=4, callbacks=[bad])
+    from sharpguard.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="input_key"):
+        t.fit(_DictDigits(), _dict_loader())
+    assert t.global_step == 1  # refused on the first captured batch, not after an epoch
+    good = RobustnessMonitor(every_n_steps=2, eps=0.1, steps=2, probe_size=32, alerts=None)  # keys found by name
+    t = trainer(max_steps=2, callbacks=[good])
+    t.fit(_DictDigits(), _dict_loader())
+    assert 0.0 <= t.callback_metrics["robustness/pgd_acc"].item() <= t.callback_metrics["robustness/clean_acc"].item()
