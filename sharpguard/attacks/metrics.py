@@ -1,6 +1,6 @@
 """Robustness measurements for monitors: clean/robust accuracy and the input-gradient norm.
 
-Each is side-effect free (DESIGN.md promise 1): parameters, ``.grad``, buffers, per-module modes and
+Each is side-effect free (docs/adversarial.md, "Guarantees"): parameters, ``.grad``, buffers, per-module modes and
 the global RNG are as they were afterwards; the model is evaluated in eval mode.
 """
 
