@@ -1,12 +1,20 @@
 """Extra wall time of sharpguard's monitors in a Lightning run, against the same run without them.
 
     python benchmarks/monitor_overhead.py [--epochs 300] [--repeats 2]
+    python benchmarks/monitor_overhead.py --check-cost [--repeats 3]
 
 One process, same data, same model, same seed; the configurations run interleaved ``--repeats`` times
 and the median wall time of ``trainer.fit`` is reported. The target (DESIGN.md promise 4) is at most 5%
 extra time for the default monitor, whose adaptive schedule keeps its own time within a 5% budget. The
 table also gives what the monitors report themselves (``monitor/overhead_pct``) and how many checks
 they ran. Writes the section "Monitor overhead" of benchmarks/RESULTS.md.
+
+``--check-cost`` instead measures, for each model of the client matrix (tests/test_monitor_clients.py,
+tests/test_monitor_hf_clients.py: Lightning's demo modules and Hugging Face families built from tiny
+configs), one default ``SharpnessMonitor`` check (default measures, the auto-sized probe of one training
+batch, the framework's own loss) in training steps of the same model and batch: cold (the first check)
+and warm (later checks, Lanczos warm-started). Target (issue 11): at most ~50 steps. Writes the section
+"Monitor check cost".
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import machine, write_section  # noqa: E402
+from _results import machine, timed, write_section  # noqa: E402
 from lightning_digits import DigitsCNN, digits_loaders  # noqa: E402
 
 from sharpguard.integrations.lightning import NAMESPACE, RobustnessMonitor, SharpnessMonitor  # noqa: E402
@@ -108,5 +116,124 @@ def main(argv: list[str] | None = None) -> str:
     return markdown
 
 
+# -- cost of one default check in training steps, per model of the client matrix -------------------------
+def _lightning_clients() -> dict[str, callable]:
+    from torch.utils.data import default_collate
+
+    demos = __import__(f"{NAMESPACE}.demos", fromlist=["boring_classes", "lstm", "transformer"])
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 40, (4, 9), generator=g)
+    lm_batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+
+    def boring():
+        return demos.boring_classes.BoringModel(), torch.randn(4, 32, generator=g)
+
+    def demo():
+        return demos.boring_classes.DemoModel(), torch.randn(4, 32, generator=g)
+
+    def transformer():
+        m = demos.transformer.LightningTransformer(vocab_size=40)
+        m.model = demos.transformer.Transformer(vocab_size=40, ninp=16, nhead=2, nhid=16, nlayers=1)
+        return m, lm_batch
+
+    def lstm():
+        m = demos.lstm.LightningLSTM(vocab_size=40)
+        m.model = demos.lstm.SimpleLSTM(vocab_size=40, ninp=16, nhid=16, nlayers=2)
+        return m, lm_batch
+
+    del default_collate
+    return {"Lightning BoringModel": boring, "Lightning DemoModel": demo,
+            "Lightning demo Transformer": transformer, "Lightning demo LSTM": lstm}
+
+
+def _hf_clients() -> dict[str, callable]:
+    import transformers as T
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 50, (8, 12), generator=g)
+
+    def gpt2():
+        cfg = T.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+        return T.GPT2LMHeadModel(cfg), {"input_ids": ids, "labels": ids}
+
+    def bert():
+        cfg = T.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=16, num_labels=3)
+        return T.BertForSequenceClassification(cfg), {"input_ids": ids, "labels": ids[:, 0] % 3}
+
+    def vit():
+        cfg = T.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                          num_attention_heads=2, intermediate_size=32, num_labels=3)
+        x = torch.rand(8, 3, 8, 8, generator=g)
+        return T.ViTForImageClassification(cfg), {"pixel_values": x, "labels": (x[:, 0, 0, 0] * 3).long()}
+
+    def t5():
+        cfg = T.T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        return T.T5ForConditionalGeneration(cfg), {"input_ids": ids, "labels": ids.flip(1)[:, :6].contiguous()}
+
+    return {"HF GPT-2 (causal LM)": gpt2, "HF BERT (classifier)": bert, "HF ViT (image classifier)": vit,
+            "HF T5 (seq2seq)": t5}
+
+
+def check_cost(repeats: int) -> tuple[str, list[tuple[str, float, float, float]]]:
+    """Rows ``(model, step seconds, cold check in steps, warm check in steps)``."""
+    from sharpguard.integrations.lightning.monitors import _TrainingStepLoss
+    from sharpguard.monitor import SharpnessMonitor as CoreSharpness
+
+    rows = []
+    for kind, clients in (("lightning", _lightning_clients()), ("hf", _hf_clients())):
+        for name, build in clients.items():
+            torch.manual_seed(0)
+            model, batch = build()
+            if kind == "lightning":
+                loss_fn = _TrainingStepLoss(model)
+                model.log = lambda *a, **k: None  # outside a Trainer: the training step's own self.log
+            else:
+                loss_fn = lambda m, b: m(**b).loss  # noqa: E731 (what Trainer.compute_loss does here)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+            def step():
+                opt.zero_grad()
+                loss_fn(model, batch).backward()
+                opt.step()
+
+            model.train()
+            step()  # warm-up
+            step_s = statistics.median(timed(step, max(5, repeats * 3)))
+            mon = CoreSharpness(loss_fn=loss_fn, every_n_steps=10**9, alerts=None)
+            mon.capture(batch)
+            cold = timed(lambda: mon.check(1, model, optimizer=opt), 1)[0]
+            warm = statistics.median(timed(lambda: mon.check(2, model, optimizer=opt), repeats))
+            rows.append((name, step_s, cold / step_s, warm / step_s))
+    lines = [
+        f"Machine: {machine()}.",
+        "One default `SharpnessMonitor` check (lambda_max + eos_ratio, SGD: one Lanczos run serves both; the "
+        "auto-sized probe = one training batch; the framework's own loss) against one training step "
+        f"(forward, backward, SGD step) of the same model and batch; median of {repeats} warm checks.",
+        "",
+        "| model | step (ms) | first check (steps) | later checks (steps) |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {n} | {1e3 * s:.1f} | {c:.0f} | {w:.0f} |" for n, s, c, w in rows]
+    worst = max(w for *_, w in rows)
+    lines += ["", f"Target (issue 11): one default check at most ~50 training steps: worst later check {worst:.0f} steps; "
+              "the first check (cold Lanczos start) is the most expensive one."]
+    return "\n".join(lines), rows
+
+
 if __name__ == "__main__":
-    main()
+    if "--check-cost" in sys.argv:
+        parser = argparse.ArgumentParser(description="cost of one default monitor check in training steps")
+        parser.add_argument("--check-cost", action="store_true")
+        parser.add_argument("--repeats", type=int, default=3)
+        parser.add_argument("--no-write", action="store_true")
+        a = parser.parse_args()
+        warnings.filterwarnings("ignore")
+        torch.set_num_threads(1)
+        text, _ = check_cost(a.repeats)
+        print(text)
+        if not a.no_write:
+            write_section("Monitor check cost", text)
+    else:
+        main()
