@@ -266,3 +266,29 @@ def test_l1_is_refused_where_it_is_not_implemented():
         fab_targeted(model, x, y, bounds=None)
     with pytest.raises(ConfigurationError, match="alpha_max"):
         fab_targeted(model, x, y, alpha_max=2.0)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train", "keep"])
+def test_fab_and_l1_apgd_leave_the_model_and_rng_untouched_and_work_under_inference_mode(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.2),
+                          nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).train()
+    model[1].eval()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 2.0)
+    grads = [p.grad for p in model.parameters()]
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.rand(12, 1, 6, 6, generator=g), torch.randint(0, 10, (12,), generator=g)
+    with torch.inference_mode():
+        fab_targeted(model, x, y, eps=0.3, steps=3, n_target_classes=2, model_mode=mode)
+        apgd(model, x, y, eps=2.0, steps=4, norm="l1", model_mode=mode)
+        apgd_targeted(model, x, y, eps=2.0, steps=4, norm="l1", n_target_classes=2, model_mode=mode)
+    assert [m.training for m in model.modules()] == modes
+    assert all(p.grad is q and torch.all(q == 2.0) for p, q in zip(model.parameters(), grads))
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert torch.equal(torch.get_rng_state(), rng)
