@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> str:
         f"Target: at most 5% extra wall time with the default monitor: **{verdict}** in this run "
         f"({default_extra:+.1f}%). The adaptive schedule counts the monitor's whole hook time (checks, probe "
         "capture, loss bookkeeping, logging) against the budget and spaces the checks so that the cumulative "
-        "share stays within it; the first check waits until the budget covers its estimated cost (one check on a "
-        "256-example probe costs about as much as 200 training steps of this small CNN). The last column is that "
+        "share stays within it; the first check runs at the first measured step and the gap after it pays it back "
+        "(the default probe is one training batch). The last column is that "
         "accounting. Where the wall-clock extra exceeds it, the difference is time spent outside the monitor's "
         "hooks (training steps running slower after a check), which the schedule does not see; it weighs most on "
         "a model like this one whose steps take about 2 ms.",
