@@ -8,6 +8,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from sharpguard.adversarial import DefensiveDistillation, make_method
@@ -153,3 +155,20 @@ def test_valid_labels_still_give_the_same_numbers():
     adv = pgd(model, x, y, steps=3, generator=make_generator("cpu", 0))
     with torch.no_grad():
         assert robust_accuracy(model, (adv, y)) == int((model(adv).argmax(1) == y).sum()) / len(y)
+
+
+@settings(max_examples=30, deadline=None)
+@given(labels=st.lists(st.integers(-4, 14), min_size=1, max_size=6), classes=st.integers(2, 10))
+def test_a_label_is_accepted_exactly_when_it_is_a_class_index(labels, classes):
+    """The law: every measurement accepts labels in [0, C) and refuses any other, whatever the batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, classes)).eval()
+    x, y = torch.rand(len(labels), 1, 2, 2), torch.tensor(labels)
+    valid = all(0 <= v < classes for v in labels)
+    for measure in (lambda: clean_accuracy(model, (x, y)), lambda: pgd(model, x, y, steps=1),
+                    lambda: input_grad_norm(model, (x, y))):
+        if valid:
+            measure()
+        else:
+            with pytest.raises(ConfigurationError, match=rf"class indices in \[0, {classes}\)"):
+                measure()
