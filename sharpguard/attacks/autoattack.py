@@ -71,9 +71,10 @@ class AutoAttackReport:
 class AutoAttack:
     """The AutoAttack cascade as an attack callable ``attack(model, x, y) -> x_adv`` (for :func:`robust_accuracy`).
 
-    ``version``: ``"standard"``, ``"fast"``, or ``"custom"`` with ``attacks=[(name, attack), ...]``
-    (each ``attack(model, x, y) -> x_adv`` in the space ``x`` is given in). ``steps``,
-    ``n_target_classes``, ``n_queries`` override the version's settings. ``checks``: ``"warn"``,
+    ``version``: ``"standard"`` (APGD-CE, APGD-T, FAB-T, Square), ``"fast"``, or ``"custom"`` with
+    ``attacks=[(name, attack), ...]`` (each ``attack(model, x, y) -> x_adv`` in the space ``x`` is given
+    in). ``steps`` (APGD and FAB-T iterations), ``n_target_classes`` (APGD-T's; FAB-T keeps 9) and
+    ``n_queries`` override the version's settings; ``norm="l1"`` follows AutoAttack's l1 settings. ``checks``: ``"warn"``,
     ``"raise"`` or ``"off"``. Random starts and Square's windows draw from ``generator`` (default:
     derived from the global RNG state, never advancing it). After each call ``last_report`` holds
     an :class:`AutoAttackReport`.
