@@ -17,7 +17,7 @@ backward (pytorch/pytorch#116350) - ``hvp="auto"`` retries under the math attent
 (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``) and, failing that, uses the central difference
 
     H v ~ (g(w + h v) - g(w - h v)) / (2 h),  h = 4 eps_mach^(1/3) * s_v / ||v||,
-    s_v = max(sqrt(sum_i (w_i^2 + rms(w)^2) v_i^2) / ||v||, 1e-3),
+    s_v = max(sqrt(sum_i w_i^2 v_i^2) / ||v||, 1e-2),
 
 which needs first-order gradients only (the step balances O(h^2) truncation against O(eps/h) rounding).
 ``s_v`` is the typical size of the weights that ``v`` moves: a step relative to the whole ``||w||`` (what
@@ -467,12 +467,11 @@ def _math_attention_kernel() -> Callable[[], contextlib.AbstractContextManager] 
 
 
 def _weight_scale_along(w: torch.Tensor, v: torch.Tensor, v_norm: float) -> float:
-    """``sqrt(sum_i (w_i^2 + rms(w)^2) v_i^2) / ||v||``: the size of the weights that ``v`` perturbs (its
-    ``v``-weighted RMS, never below the RMS of all weights, so a direction on zero-initialized biases still
-    steps like the typical weight), floored at 1e-3."""
-    rms2 = float(torch.mean(w * w))
-    along = float(torch.linalg.vector_norm(w * v)) ** 2 / (v_norm * v_norm)
-    return max(math.sqrt(along + rms2), 1e-3)
+    """``sqrt(sum_i w_i^2 v_i^2) / ||v||``: the size of the weights that ``v`` perturbs (their ``v``-weighted
+    RMS; an idle large block elsewhere, such as an embedding table, does not enter), floored at 1e-2 so a
+    direction on zero-initialized weights (biases) still takes a step above rounding."""
+    along = float(torch.linalg.vector_norm(w * v)) / v_norm
+    return max(along, 1e-2)
 
 
 def _is_reentrant_checkpoint_error(exc: BaseException) -> bool:

@@ -1,0 +1,243 @@
+"""Bounded-memory curvature: thick-restarted Lanczos against the dense Hessian, the model-size vectors a
+check holds, the finite-difference fallbacks (reentrant checkpointing, step size) and Adam EoS with a
+parameter that never had a gradient."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as checkpoint
+from test_sharpness_curvature import conv_bn_case, dense_hessian, mlp_case
+from torch import nn
+
+from sharpguard.errors import ConfigurationError
+from sharpguard.sharpness import HVPOperator, eos_ratio, hessian_eigenvalues
+from sharpguard.sharpness.lanczos import default_max_basis, lanczos
+
+# ----------------------------------------------------------------------------------------------
+# thick restarts are exact
+
+
+@pytest.mark.parametrize("make", [mlp_case, conv_bn_case], ids=["mlp", "conv_bn"])
+@pytest.mark.parametrize("which, k, max_basis", [("largest", 2, 5), ("largest", 1, 3), ("smallest", 1, 4), ("both", 1, 6)])
+def test_restarted_lanczos_matches_dense_hessian(make, which, k, max_basis):
+    model, batches = make()
+    exact = torch.linalg.eigvalsh(dense_hessian(model, batches)).flip(0).numpy()
+    r = hessian_eigenvalues(model, batches, k=k, which=which, tol=1e-8, max_iter=400, max_basis=max_basis)
+    want = {"largest": exact[:k], "smallest": exact[-k:], "both": np.r_[exact[:k], exact[-k:]]}[which]
+    assert r.converged
+    assert r.n_restarts > 0  # the tiny cap forced restarts
+    assert r.basis_vectors <= max_basis + 1
+    np.testing.assert_allclose(r.eigenvalues, want, rtol=1e-7, atol=1e-9)
+    # the certificate: every residual bounds the distance to some exact eigenvalue
+    for lam, res in zip(r.eigenvalues, r.residuals):
+        assert np.min(np.abs(exact - lam)) <= res + 1e-12
+
+
+def test_restarted_eigenvectors_are_eigenvectors():
+    model, batches = mlp_case()
+    hess = dense_hessian(model, batches)
+    r = hessian_eigenvalues(model, batches, k=2, tol=1e-10, max_iter=400, max_basis=4, return_eigenvectors=True)
+    for lam, y in zip(r.eigenvalues, r.eigenvectors):
+        torch.testing.assert_close(float(torch.linalg.vector_norm(y)), 1.0, rtol=1e-9, atol=0)
+        assert float(torch.linalg.vector_norm(hess @ y - lam * y)) < 1e-7 * abs(lam)
+
+
+def test_max_basis_is_validated_before_anything_runs():
+    model, batches = mlp_case()
+    before = [p.detach().clone() for p in model.parameters()]
+    for bad in (1, 2, 2.5, "10", True):
+        with pytest.raises(ConfigurationError, match="max_basis"):
+            hessian_eigenvalues(model, batches, k=1, max_basis=bad)
+    with pytest.raises(ConfigurationError, match="max_basis"):
+        hessian_eigenvalues(model, batches, k=2, which="both", max_basis=5)
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# memory: model-size vectors alive while the solver runs, counted by storage
+
+
+def _live_vectors(n: int, itemsize: int) -> float:
+    """Bytes of distinct live tensor storages of at least one model-size vector, in model-size vectors."""
+    seen: dict[int, int] = {}
+    for obj in _tensors():
+        storage = obj.untyped_storage()
+        if storage.nbytes() >= n * itemsize:
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values()) / (n * itemsize)
+
+
+def _tensors() -> list[torch.Tensor]:
+    with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        return [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+
+
+def _peak_vectors(max_basis: int | None, n: int = 4000, max_iter: int = 90) -> tuple[float, dict]:
+    # a diagonal "Hessian" without a gap at the top (slow convergence): every allowed product is taken
+    diag = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    calls, peak = [0], [0.0]
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] % 15 == 0:  # the old basis only grows, so sampling every few products finds its peak
+            peak[0] = max(peak[0], _live_vectors(n, 8))
+        return diag * v
+
+    g = torch.Generator().manual_seed(0)
+    v0 = torch.randn(n, generator=g, dtype=torch.float64)
+    out = lanczos(matvec, v0, k=1, tol=1e-300, max_iter=max_iter, generator=g, max_basis=max_basis)
+    assert out["n_iter"] == max_iter and calls[0] == max_iter
+    return peak[0], out
+
+
+def test_a_lambda_max_check_holds_a_bounded_number_of_model_size_vectors():
+    cap = default_max_basis(1, "largest")
+    bounded, out = _peak_vectors(None)
+    # the basis (cap + 1 rows), the product, the diagonal, the start vector and one temporary
+    assert bounded <= cap + 1 + 4, bounded
+    assert out["peak_rows"] <= cap + 1 and out["n_restarts"] > 0
+    # the same run with an unbounded basis (the old behaviour) holds every vector: the count can fail
+    unbounded, _ = _peak_vectors(90)
+    assert unbounded > 60, unbounded
+    assert abs(out["eigenvalues"][0] - 1.0) < 1e-3
+
+
+def test_finite_difference_check_holds_no_gradient_graph():
+    """The memory-lean path: every product is two first-order gradient passes, so nothing with a
+    ``grad_fn`` is alive between products (a cached double-backward graph would be)."""
+    model, batches = mlp_case()
+    batch = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    graphs = []
+
+    with HVPOperator(model, batch, hvp="finite_difference") as op:
+        v = torch.randn(op.size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        for _ in range(3):
+            op.matvec(v)
+            graphs.append(sum(t.grad_fn is not None for t in _tensors()))
+        assert not op._graphs
+    assert graphs == [0, 0, 0]
+    with HVPOperator(model, batch) as op:  # the exact default caches the single batch's gradient graph
+        op.matvec(v)
+        assert sum(t.grad_fn is not None for t in _tensors()) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# finite-difference fallbacks
+
+
+class _CheckpointedMLP(nn.Module):
+    """The test MLP with its hidden layer under reentrant activation checkpointing."""
+
+    def __init__(self, reference: nn.Sequential, use_reentrant: bool = True) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 10), nn.Linear(10, 4)
+        self.a.load_state_dict(reference[0].state_dict())
+        self.b.load_state_dict(reference[2].state_dict())
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)  # the checkpoint's input requires grad, as hidden states inside a network do
+        h = checkpoint.checkpoint(torch.tanh, h, use_reentrant=self.use_reentrant)
+        return self.b(h)
+
+
+def test_reentrant_checkpointing_falls_back_to_finite_differences_with_the_right_lambda_max():
+    reference, batches = mlp_case()
+    exact = torch.linalg.eigvalsh(dense_hessian(reference, batches)).flip(0).numpy()
+    net = _CheckpointedMLP(reference).double()
+    grads = [torch.full_like(p, 0.5) for p in net.parameters()]
+    for p, g in zip(net.parameters(), grads):
+        p.grad = g
+    with pytest.warns(RuntimeWarning, match="finite-difference"):
+        r = hessian_eigenvalues(net, batches, k=2, tol=1e-8)
+    assert r.hvp_method == "finite_difference" and r.converged
+    np.testing.assert_allclose(r.eigenvalues, exact[:2], rtol=1e-6)
+    # .grad was used as scratch space by backward(): the same tensors with the same values are back
+    for p, g in zip(net.parameters(), grads):
+        assert p.grad is g and torch.equal(g, torch.full_like(g, 0.5))
+    with pytest.raises(ConfigurationError, match="double backward failed"):
+        hessian_eigenvalues(net, batches, hvp="autograd")
+    # non-reentrant checkpointing supports double backward: exact products, no fallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exact_path = hessian_eigenvalues(_CheckpointedMLP(reference, use_reentrant=False).double(), batches, k=2)
+    assert exact_path.hvp_method == "autograd"
+    np.testing.assert_allclose(exact_path.eigenvalues, exact[:2], rtol=1e-7)
+
+
+def test_finite_difference_step_follows_the_weights_the_direction_moves():
+    """A large, idle weight block (an embedding table the probe does not use) used to set the step:
+    ``h ~ eps^(1/3) ||w||`` moved the small head weights along the top eigenvector far beyond their own
+    size. The step is now the v-weighted size of the weights moved, and the float32 product along the
+    top eigenvector is accurate."""
+    reference, batches = mlp_case()
+    hess = dense_hessian(reference, batches)
+    evals, evecs = torch.linalg.eigh(hess)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.full((4000,), 10.0))  # parameters() yields it first
+            self.head = reference
+
+        def forward(self, x):
+            return self.head(x) + 0.0 * self.table.sum()
+
+    net = Net().float()
+    top = torch.cat([torch.zeros(4000, dtype=torch.float64), evecs[:, -1]])
+    with HVPOperator(net, [(x.float(), y) for x, y in batches], hvp="finite_difference") as op:
+        hv = op.matvec(top.float()).double()
+        old_step = torch.finfo(torch.float32).eps ** (1 / 3) * float(torch.linalg.vector_norm(op.w0))
+    err = float(torch.linalg.vector_norm(hv - evals[-1] * top)) / float(evals[-1])
+    assert err < 1e-3, err
+    assert old_step > 3.0  # the old rule's step along the unit eigenvector dwarfs the head's weights
+
+
+# ----------------------------------------------------------------------------------------------
+# Adam EoS with a layer that never had a gradient (issue 12, item 5)
+
+
+def test_adam_eos_ratio_leaves_out_parameters_without_state():
+    reference, batches = mlp_case()
+
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = reference
+            self.unused = nn.Linear(3, 3).double()  # trainable, never in the forward
+
+        def forward(self, x):
+            return self.net(x)
+
+    model = WithUnused()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert model.unused.weight not in opt.state
+    with pytest.warns(RuntimeWarning, match="2 trainable parameters have no Adam state"):
+        r = eos_ratio(model, batches, opt, tol=1e-9, max_iter=200)
+    assert r.settings["params_without_state"] == 2
+    # independent reference: lambda_max(P^-1/2 H P^-1/2) over the used parameters, dense
+    hess = dense_hessian(reference, batches)
+    d = torch.cat(
+        [
+            1.0 / (opt.state[p]["exp_avg_sq"] / (1 - 0.999 ** float(opt.state[p]["step"]))).sqrt().add(1e-8).reshape(-1)
+            for p in reference.parameters()
+        ]
+    ).sqrt()
+    lam = float(torch.linalg.eigvalsh(d[:, None] * hess * d[None, :])[-1])
+    np.testing.assert_allclose(r.lambda_max, lam, rtol=1e-7)
+    assert r.eigenvector[-12:].abs().max() == 0  # no weight on the unused layer
+    fresh = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with pytest.raises(ConfigurationError, match="after the first step"):
+        eos_ratio(model, batches, fresh)
