@@ -182,3 +182,6 @@ def test_embedding_pgd_linf_stays_in_the_box_and_attacks():
     assert attacked > clean
     with pytest.raises(ConfigurationError, match="norm"):
         embedding_pgd(model, batch, norm="l1")
+    # eps = 0 is the zero ball (it used to mean "no projection" here, an unbounded attack)
+    for norm in ("l2", "linf"):
+        assert torch.equal(embedding_pgd(model, batch, eps=0.0, alpha=0.5, steps=2, norm=norm), torch.zeros_like(delta))

@@ -209,11 +209,12 @@ class EmbeddingPGD(_EmbeddingMethod):
         mask, params = padding_mask(batch), self._params(model)
         replay = DropoutReplay(device, self.dropout == "fixed")
         with EmbeddingPerturbation(model, mask=mask) as hook:
+            radius = self.eps if self.eps > 0 else None  # eps = 0: no projection, as project_per_example
             delta, carried = self._clean_step(model, batch, shape, dtype, device, hook, params, alpha=self.alpha,
-                                              eps=self.eps, mask=mask, replay=replay)
+                                              eps=radius, mask=mask, replay=replay)
             with self._ascent_modes(model):  # the clean pass above trains: it runs in the model's own modes
                 delta = embedding_ascent(self._loss_at(model, batch, hook, replay), delta, self.steps - 1,
-                                         alpha=self.alpha, eps=self.eps, mask=mask)
+                                         alpha=self.alpha, eps=radius, mask=mask)
             hook.delta = delta
             replay.replay()
             return carried + self._supervised_loss(model, batch), delta
@@ -291,7 +292,8 @@ class FreeLB(_EmbeddingMethod):
 
             # K - 1 embedding-attack steps whose backwards also give parameter gradients, then the
             # K-th forward at the last delta for its parameter gradient only.
-            delta = embedding_ascent(scaled_loss_at, delta, self.steps - 1, alpha=self.alpha, eps=self.max_norm,
+            delta = embedding_ascent(scaled_loss_at, delta, self.steps - 1, alpha=self.alpha,
+                                     eps=self.max_norm if self.max_norm > 0 else None,  # max_norm = 0: unbounded
                                      mask=mask, params=params, on_step=accumulate)
             last = scaled_loss_at(delta)
             accumulate(self.steps - 1, last, list(torch.autograd.grad(last, params, allow_unused=True)))

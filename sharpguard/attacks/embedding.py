@@ -170,13 +170,13 @@ def embedding_step(delta: torch.Tensor, grad: torch.Tensor, alpha: float, eps: f
                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """One projected ascent step in embedding space: ``Proj_eps(delta + alpha * d(grad))``.
 
-    ``norm="l2"``: ``d = g / ||g||_2`` per example (masked), projection onto the l2 ball (``eps``
-    ``None`` or ``<= 0``: none). ``norm="linf"``: SMART's per-token step ``d = g / (||g||_inf,token +
+    ``norm="l2"``: ``d = g / ||g||_2`` per example (masked), projection onto the l2 ball (``eps=None``:
+    no projection). ``norm="linf"``: SMART's per-token step ``d = g / (||g||_inf,token +
     1e-6)`` (Jiang et al., ACL 2020, Alg. 1), projection by clipping to ``[-eps, eps]``.
     """
     if norm == "l2":
         moved = delta + alpha * geometry.normalize_l2(grad, mask)
-        return moved if eps is None else project_per_example(moved, eps)
+        return moved if eps is None else geometry.project_l2(moved, eps)
     moved = delta + alpha * geometry.normalize_per_token(grad, mask)
     return moved if eps is None else geometry.project_linf(moved, eps)
 
