@@ -277,3 +277,15 @@ def test_robustness_keys_of_dict_batches_fail_at_the_first_step_or_measure():
     t = trainer(max_steps=2, callbacks=[good])
     t.fit(_DictDigits(), _dict_loader())
     assert 0.0 <= t.callback_metrics["robustness/pgd_acc"].item() <= t.callback_metrics["robustness/clean_acc"].item()
+
+
+def test_console_lines_say_what_is_active_and_what_it_spent(caplog):
+    import logging
+
+    cb = SharpnessMonitor()
+    with caplog.at_level(logging.INFO):
+        trainer(max_steps=4, callbacks=[cb]).fit(LitDigits(), loader())
+    text = caplog.text
+    assert "SharpnessMonitor measures lambda_max, eos_ratio" in text and "training steps per check" in text
+    assert f"made {cb.monitor.schedule.n_checks} checks" in text and "monitor/overhead_pct" in text
+    assert cb.monitor.schedule.n_checks >= 1  # the default schedule checks early

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -16,7 +15,6 @@ from sharpguard.monitor.driver import MonitorDriver, torch_comm
 
 require("accelerate", "accelerate")
 
-logger = logging.getLogger("sharpguard")
 
 
 from sharpguard.optim import unwrap_optimizer as _unwrap_optimizer
@@ -44,8 +42,10 @@ class MonitorStep:
         comm = torch_comm(accelerator.device) if accelerator.num_processes > 1 else None
         self.driver = MonitorDriver(monitor, comm, is_rank_zero=accelerator.is_main_process)
         describe = getattr(monitor, "describe", None)
-        if callable(describe) and accelerator.is_main_process:
-            logger.info("sharpguard: %s", describe())
+        if callable(describe):
+            from accelerate.logging import get_logger
+
+            get_logger(__name__).info(f"sharpguard: {describe()}", main_process_only=True)
 
     @property
     def global_step(self) -> int:

@@ -5,7 +5,6 @@ callback-state mechanism (``ExportableState``: ``trainer_state.json``'s ``statef
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 import warnings
@@ -27,7 +26,9 @@ from sharpguard.monitor.driver import MonitorDriver, torch_comm  # noqa: E402
 from sharpguard.monitor.history import decode_state, encode_state  # noqa: E402
 from sharpguard.optim import unwrap_optimizer as _unwrap_optimizer  # noqa: E402
 
-logger = logging.getLogger("sharpguard")
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+logger = hf_logging.get_logger(__name__)
 
 
 def _checkpoint_folder(args: Any, state: Any) -> str:
