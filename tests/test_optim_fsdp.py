@@ -1,0 +1,106 @@
+"""SAM on FSDP2 (``torch.distributed.fsdp.fully_shard``) over gloo on two CPU processes (issue 13).
+
+torch 2.13 runs FSDP2 on CPU with gloo: parameters and gradients are DTensors sharded over the ranks,
+the backward reduce-scatters the averaged gradient. The step engine with ``sharded=True`` perturbs
+each shard by ``rho g_shard / ||g||`` with the norm all-reduced across shards; the trajectory must
+equal unsharded SAM on the union of both ranks' batches, for SAM and ASAM with their own defaults.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from _distributed import process_group, spawn
+
+STEPS, LR = 3, 0.1
+
+
+def make_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def rank_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+def _worker(rank, port, world, variants, out):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    with process_group(rank, world, port):
+        mesh = init_device_mesh("cpu", (world,))
+        for variant in variants:
+            _train(rank, mesh, variant, out)
+
+
+def _train(rank, mesh, variant, out):
+    from torch.distributed.fsdp import fully_shard
+
+    from sharpguard.optim import SAMConfig, SAMEngine
+
+    net = make_net()
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
+    engine = SAMEngine(SAMConfig(variant=variant).build(opt, sharded=True), sharded=True)
+    assert not engine.per_worker  # the norm needs every shard's reduced gradient
+    for step in range(STEPS):
+        x, y = rank_batch(step, rank)
+
+        def replay():
+            nn.functional.cross_entropy(net(x), y).backward()
+
+        opt.zero_grad()
+        engine.record(replay)
+        replay()  # the clean pass (FSDP reduce-scatters the averaged gradient)
+        engine.finish()
+        opt.step()
+    full = [p.full_tensor().detach().clone() for p in net.parameters()]
+    if rank == 0:
+        torch.save(full, f"{out}/{variant}.pt")
+
+
+def unsharded_reference(variant: str, world: int) -> list[torch.Tensor]:
+    from sharpguard.optim import make_sam
+
+    net = make_net()
+    opt = make_sam(torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9), variant)
+    for step in range(STEPS):
+        batches = [rank_batch(step, r) for r in range(world)]
+
+        def closure():
+            for x, y in batches:  # the mean over ranks of each rank's mean loss, as FSDP averages
+                (nn.functional.cross_entropy(net(x), y) / world).backward()
+
+        opt.zero_grad()
+        opt.step(closure)
+    return [p.detach() for p in net.parameters()]
+
+
+@pytest.mark.distributed
+def test_fsdp2_sam_and_asam_equal_unsharded_sam(tmp_path):
+    variants = ["sam", "asam"]
+    spawn(_worker, 2, variants, str(tmp_path), nprocs=2)  # one pair of processes for both
+    for variant in variants:
+        got = torch.load(tmp_path / f"{variant}.pt", weights_only=True)
+        want = unsharded_reference(variant, 2)
+        assert len(got) == len(want) > 0
+        start = [p.detach() for p in make_net().parameters()]
+        assert any(not torch.equal(g, s) for g, s in zip(got, start))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=variant)
+
+
+def test_sharded_training_refuses_the_variants_that_keep_unsharded_state():
+    from sharpguard.errors import ConfigurationError
+    from sharpguard.optim import SAMConfig
+
+    opt = torch.optim.SGD(make_net().parameters(), lr=LR)
+    for variant in ("gsam", "looksam", "friendly_sam", "momentum_sam"):
+        with pytest.raises(ConfigurationError, match="sharded \\(FSDP\\) training supports variant 'sam' or 'asam'"):
+            SAMConfig(variant=variant).build(opt, sharded=True)
