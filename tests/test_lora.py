@@ -5,6 +5,8 @@ Lightning, with one forward per step."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -211,3 +213,19 @@ def test_flat_lora_trains_the_same_adapters_in_plain_pytorch_hf_and_lightning(tm
         got = adapter_vector(model)
         assert float((got - reference).abs().max() / reference.abs().max()) <= 1e-5, name
         assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen), name
+
+
+def test_lora_finetune_example_quick(capsys):
+    """examples/lora_finetune.py end to end (--quick), both methods: it trains and the monitor measures."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "lora_finetune.py"
+    spec = importlib.util.spec_from_file_location("lora_finetune_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    for method in ("flat_lora", "sam"):
+        result = example.main(["--quick", "--method", method])
+        assert result["n_sharpness"] == 3 and math.isfinite(result["eval_loss"])  # 3 monitor checks in 6 steps
+    out = capsys.readouterr().out
+    assert "method flat_lora" in out and "method sam" in out
