@@ -30,15 +30,16 @@ exact form for gradient accumulation):
 
 Under fp16 both passes are scaled by the same loss scale (no ``scaler.update()`` in between). ``e``
 does not depend on that scale, and the gradient left for ``optimizer.step()`` is the *second* one,
-which ``scaler.step`` unscales and inf-checks like any other gradient. If the *first* gradient
-overflowed, ``e`` is zero and the final gradient is poisoned with a NaN so the scaler skips the
-step and lowers its scale, exactly as it would without SAM.
+which ``scaler.step`` unscales and inf-checks like any other gradient. The fault policy is the core's
+(:mod:`sharpguard.optim.sam`, the same in every front end): if the *first* gradient overflowed there
+is no perturbation and that non-finite gradient reaches ``scaler.step``, which skips the step and
+lowers its scale, exactly as without SAM; if only the *second* overflowed, the clean one is used.
 
 Supported: single process, DDP (``MULTI_CPU``/``MULTI_GPU``; tested on CPU over gloo with two
 processes), gradient accumulation, fp32 and bf16; fp16 with a GradScaler (the logic is tested on CPU
-with an injected ``torch.amp.GradScaler``; a GPU run is pending). FSDP: the first pass is
-synchronised and the norm of ``g`` is all-reduced across shards before each shard is perturbed in
-place (plain SAM/ASAM only; not tested here -- it needs several GPUs). DeepSpeed is refused: it
+with an injected ``torch.amp.GradScaler``; a GPU run is pending). FSDP: SAM and ASAM through the
+core's sharded path (the first pass is synchronised and the norm of ``g`` is all-reduced across
+shards; FSDP2 parity tested on two CPU processes at the engine level). DeepSpeed is refused: it
 steps the optimizer inside ``accelerator.backward``, so nothing can run between the gradient and
 the update.
 """
