@@ -21,6 +21,13 @@ _EXPORTS: dict[str, str] = {
     "MomentumSAM": "sharpguard.optim",
     "FriendlySAM": "sharpguard.optim",
     "make_sam": "sharpguard.optim",
+    "WSAM": "sharpguard.optim",
+    "RWP": "sharpguard.optim",
+    "ARWP": "sharpguard.optim",
+    "ESAM": "sharpguard.optim",
+    "FlatLoRA": "sharpguard.optim",
+    "lora_parameters": "sharpguard.optim",
+    "MESA": "sharpguard.optim",
     # measurement
     "hessian_eigenvalues": "sharpguard.sharpness",
     "hessian_trace": "sharpguard.sharpness",

@@ -336,3 +336,109 @@ def test_make_sam_builds_every_new_variant_by_name(name):
     opt = make_sam(torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), name, model=model)
     run(opt, model, 2)
     assert all(np.isfinite(w).all() for w in weights(model))
+
+
+# --------------------------------------------------------------------------------------------------
+# MESA (a loss term with an EMA teacher)
+# --------------------------------------------------------------------------------------------------
+def _softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def test_mesa_term_gradient_and_teacher_update():
+    from sharpguard.optim import MESA
+
+    weight, tau, decay = 0.7, 2.0, 0.5
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(6, 4)), rng.integers(0, 3, size=6)
+    W, b = rng.normal(size=(3, 4)), rng.normal(size=3)
+    model = nn.Linear(4, 3).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(W))
+        model.bias.copy_(torch.from_numpy(b))
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    mesa = MESA(model, opt, weight=weight, temperature=tau, decay=decay)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    T, c = W.copy(), b.copy()  # the teacher starts as the model
+    for _ in range(3):
+        opt.zero_grad()
+        out = model(xt)
+        loss = nn.functional.cross_entropy(out, yt) + mesa(out, xt)
+        loss.backward()
+        opt.step()
+        s, t = x @ W.T + b, x @ T.T + c
+        p, q = _softmax(t / tau), _softmax(s / tau)
+        term = weight * tau * tau * (p * (np.log(p) - np.log(q))).sum(-1).mean()
+        assert abs(term - float(loss.detach() - nn.functional.cross_entropy(out, yt).detach())) < 1e-12
+        g = (_softmax(s) - np.eye(3)[y]) / len(x) + weight * tau * (q - p) / len(x)  # d loss / d logits
+        W, b = W - LR * g.T @ x, b - LR * g.sum(0)
+        T, c = decay * T + (1 - decay) * W, decay * c + (1 - decay) * b  # after the step (post-hook)
+        close(weights(model), [W, b])
+        close([mesa.teacher.weight.detach().numpy(), mesa.teacher.bias.detach().numpy()], [T, c])
+    assert mesa.steps == 3
+
+
+def test_mesa_waits_for_start_step_and_refuses_bad_settings():
+    from sharpguard.optim import MESA
+
+    model = lsq_model()
+    mesa = MESA(model, weight=1.0, start_step=2)
+    out = model(torch.from_numpy(X))
+    assert float(mesa(out, torch.from_numpy(X))) == 0.0
+    with pytest.raises(ConfigurationError, match="temperature"):
+        MESA(model, temperature=0.0)
+    with pytest.raises(ConfigurationError, match="decay"):
+        MESA(model, decay=1.5)
+    with pytest.raises(ConfigurationError, match="logits"):
+        mesa.output_fn(("no logits",))  # a model output without logits
+
+
+def test_mesa_in_lightning_trains_like_plain_pytorch():
+    """The term is a plain loss term and the teacher follows the optimizer's steps: a LightningModule that
+    adds it to its loss (attach in on_fit_start) trains to the same weights as a hand-written loop."""
+    from sharpguard.integrations._lightning_namespace import pl
+    from sharpguard.optim import MESA
+
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.normal(size=(24, 4))).float()
+    y = torch.from_numpy(rng.integers(0, 3, size=24))
+
+    def fresh():
+        torch.manual_seed(0)
+        return nn.Linear(4, 3)
+
+    plain = fresh()
+    opt = torch.optim.SGD(plain.parameters(), lr=LR)
+    mesa = MESA(plain, opt, decay=0.5)
+    for i in range(0, 24, 8):
+        opt.zero_grad()
+        out = plain(x[i : i + 8])
+        (nn.functional.cross_entropy(out, y[i : i + 8]) + mesa(out, x[i : i + 8])).backward()
+        opt.step()
+
+    class Lit(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = fresh()
+            self.mesa = MESA(self.net, decay=0.5)
+
+        def on_fit_start(self) -> None:
+            self.mesa.attach(self.trainer.optimizers[0])
+
+        def training_step(self, batch, batch_idx):
+            xb, yb = batch
+            out = self.net(xb)
+            return nn.functional.cross_entropy(out, yb) + self.mesa(out, xb)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.net.parameters(), lr=LR)
+
+    lit = Lit()
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(lit, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
+    assert lit.mesa.steps == 3
+    for a, b in zip(lit.net.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -11,10 +11,11 @@ from .factory import VARIANTS, make_sam
 from .sam import ASAM, SAM
 from .variants import FriendlySAM, GSAM, LookSAM, MomentumSAM
 from .lora import FlatLoRA, lora_parameters
+from .mesa import MESA
 from .variants_extra import ARWP, ESAM, RWP, WSAM
 
 __all__ = [
     "SAM", "ASAM", "GSAM", "LookSAM", "MomentumSAM", "FriendlySAM", "make_sam", "VARIANTS",
     "SAMConfig", "SAMEngine", "unwrap_optimizer",
 ]
-__all__ += ["WSAM", "RWP", "ARWP", "ESAM", "FlatLoRA", "lora_parameters"]
+__all__ += ["WSAM", "RWP", "ARWP", "ESAM", "FlatLoRA", "lora_parameters", "MESA"]
