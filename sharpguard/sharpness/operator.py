@@ -165,6 +165,19 @@ class ProbeLoss:
         """Concatenate per-parameter tensors into one vector of :attr:`dtype` on :attr:`device`."""
         return torch.cat([t.reshape(-1).to(device=self.device, dtype=self.dtype) for t in tensors])
 
+    def _consume_flat(self, tensors: list[torch.Tensor | None]) -> torch.Tensor:
+        """Like :meth:`flatten` (``None`` as zeros) but drops each piece once copied, so a gradient and
+        its flat copy never coexist in full (one model-size vector instead of two at the peak)."""
+        pieces = tensors if isinstance(tensors, list) else list(tensors)  # a list is emptied in place
+        out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        offset = 0
+        for i, n in enumerate(self.numels):
+            if pieces[i] is not None:
+                out[offset : offset + n].copy_(pieces[i].reshape(-1))
+            pieces[i] = None
+            offset += n
+        return out
+
     def unflatten(self, vector: torch.Tensor, like_params: bool = False) -> list[torch.Tensor]:
         """Split a flat vector into per-parameter views (cast to each parameter's dtype if asked)."""
         chunks = torch.split(vector, self.numels)
@@ -225,7 +238,7 @@ class ProbeLoss:
         grad: torch.Tensor | None = None
         for w, batch in zip(self.weights, self.batches):
             loss = self._batch_loss(batch)
-            flat = self._flat_or_zero(self._first_order(loss))  # the per-parameter grads die here
+            flat = self._consume_flat(self._first_order(loss))  # the per-parameter grads die here
             self.n_backward += 1
             # accumulate into the first batch's vector: one model-size vector besides the current one
             grad = flat.mul_(w) if grad is None else grad.add_(flat, alpha=w)
@@ -234,14 +247,14 @@ class ProbeLoss:
         assert grad is not None  # the probe has at least one batch (checked in __init__)
         return float(self._all_reduce(total)), self._all_reduce(grad)
 
-    def _first_order(self, loss: torch.Tensor) -> Sequence[torch.Tensor | None]:
+    def _first_order(self, loss: torch.Tensor) -> list[torch.Tensor | None]:
         """``dL/dw`` without touching ``.grad`` where autograd allows it. Reentrant activation checkpointing
         (``torch.utils.checkpoint(use_reentrant=True)``, Hugging Face's ``gradient_checkpointing`` with its
         default kwargs) refuses ``torch.autograd.grad``; then the gradient is taken by ``backward()`` into
         emptied ``.grad`` slots, which the guards give back (same tensor objects and values) on exit."""
         if not self._grad_by_backward:
             try:
-                return torch.autograd.grad(loss, self.params, allow_unused=True)
+                return list(torch.autograd.grad(loss, self.params, allow_unused=True))
             except RuntimeError as exc:
                 if not _is_reentrant_checkpoint_error(exc):
                     raise
@@ -448,9 +461,9 @@ class HVPOperator(ProbeLoss):
         w0 = self.w0 if self._at_w0 else self.flatten([p.detach() for p in self.params]).clone()
         h = self.fd_eps * _weight_scale_along(w0, v, v_norm) / v_norm
         try:
-            self.set_parameters(w0 + h * v)
+            self.set_parameters(torch.add(w0, v, alpha=h))
             _, g_plus = self.loss_and_grad()
-            self.set_parameters(w0 - h * v)
+            self.set_parameters(torch.add(w0, v, alpha=-h))
             _, g_minus = self.loss_and_grad()
         finally:
             self.set_parameters(w0)
