@@ -129,17 +129,17 @@ def sharpness_vs_robustness_figure(runs: Sequence[Mapping[str, Any]], measures: 
         ax.set_ylabel(LABELS.get(robust, robust))
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    _figure_legend(fig, methods, colors)
+    _figure_legend(fig, methods, colors, line=False)
     return fig
 
 
-def _figure_legend(fig, names: Sequence[str], colors: Mapping[str, Any]) -> None:
+def _figure_legend(fig, names: Sequence[str], colors: Mapping[str, Any], line: bool = True) -> None:
     """One legend for the whole figure, to the right of the panels (never over the data)."""
     if not names:
         return
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], marker="o", ls="-", color=colors[n], label=n) for n in names]
+    handles = [Line2D([], [], marker="o", ls="-" if line else "", color=colors[n], label=n) for n in names]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
 
 
