@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                             + "; ".join(f"{k}: {v}" for k, v in SCENARIOS.items()))
     study.add_argument("--methods", type=_methods, default=None,
                        help="comma-separated methods (default: all ten plus the sgd ensemble)")
-    study.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; 2 with --quick)")
+    study.add_argument("--seeds", type=int, default=None,
+                       help="seeds per method (default 3, 5 for --scenario large_batch; 2 with --quick)")
     study.add_argument("--epochs", type=int, default=None, help="training epochs (default 30; 2 with --quick)")
     study.add_argument("--dataset", default="digits",
                        help="'digits' (scikit-learn's bundled 8x8 digits) or 'package.module:function' returning "
@@ -88,7 +89,7 @@ def _scenario(args: argparse.Namespace) -> int:
     ignored = [flag for flag, value in (("--methods", args.methods), ("--no-ensemble", args.no_ensemble)) if value]
     if ignored:
         raise ConfigurationError(f"{' and '.join(ignored)} do not apply to --scenario; drop them.")
-    settings = ScenarioSettings(seeds=args.seeds if args.seeds is not None else (2 if args.quick else 3),
+    settings = ScenarioSettings(seeds=args.seeds,
                                 epochs=args.epochs, quick=args.quick, threads=args.threads, dataset=args.dataset,
                                 **({"eps": args.eps} if args.eps is not None else {}))
     out = args.out if args.out is not None else f"sharpguard-{args.scenario.replace('_', '-')}"
