@@ -147,6 +147,10 @@ class Monitor:
         self._probe_device: torch.device | None = None
         self._warned: set[str] = set()
         self._last_step = 0
+        #: set by a distributed driver: averages a check's measured metrics over ranks before the
+        #: alerts see them and the history records them (the same values, alerts and stops everywhere)
+        self.reduce_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
+        self.reduced_keys: frozenset[str] = frozenset()
         self._train_batch_size: int | None = None
 
     # -- overridables ------------------------------------------------------------------------------
@@ -251,6 +255,9 @@ class Monitor:
         """Measure now, evaluate alerts, append to the history, update the schedule; return the metrics."""
         start = time.perf_counter()
         metrics, settings = self.measure(model, optimizer=optimizer, batch=batch, with_settings=True)
+        if self.reduce_metrics is not None:
+            metrics = self.reduce_metrics(metrics)
+            self.reduced_keys = frozenset(metrics)
         context = dict(_context or {})
         self.last_alerts = []
         for rule in self.alerts:

@@ -75,12 +75,19 @@ class MonitorDriver:
         self.last_step = -1
         #: optimizer steps counted by :meth:`step` when the adapter does not give one
         self.global_step = 0
-        self.set_rank_zero(is_rank_zero)
+        self.set_comm(comm, is_rank_zero=is_rank_zero)
 
     def set_comm(self, comm: Comm | None, *, is_rank_zero: bool = True) -> None:
         """Attach the collectives once the framework has set up its processes."""
         self.comm = comm or LocalComm()
         self.set_rank_zero(is_rank_zero)
+        if hasattr(self.monitor, "reduce_metrics"):
+            # measured values are averaged inside the check, before alerts and history see them
+            self.monitor.reduce_metrics = self._mean if self.comm.world_size > 1 else None
+
+    def _mean(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        names = sorted(metrics)
+        return dict(zip(names, self.comm.mean_floats([float(metrics[n]) for n in names]), strict=True))
 
     def set_rank_zero(self, is_rank_zero: bool) -> None:
         history = getattr(self.monitor, "history", None)
@@ -151,8 +158,12 @@ class MonitorDriver:
         """Average a check's metrics over ranks and agree on "stop" (collectives at check steps only)."""
         metrics = {k: float(v) for k, v in metrics.items()}
         if self.comm.world_size > 1:
-            names = sorted(metrics)
-            metrics = dict(zip(names, self.comm.mean_floats([metrics[n] for n in names]), strict=True))
+            # what the check added after its measures (overhead_pct, alert flags) is averaged here;
+            # the measured values were averaged inside the check
+            done = getattr(self.monitor, "reduced_keys", frozenset())
+            rest = {k: v for k, v in metrics.items() if k not in done}
+            if rest:
+                metrics.update(self._mean(rest))
             self._stop = self.comm.any_true(bool(getattr(self.monitor, "should_stop", False)))
         return metrics
 
