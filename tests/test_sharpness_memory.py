@@ -241,3 +241,31 @@ def test_adam_eos_ratio_leaves_out_parameters_without_state():
     fresh = torch.optim.Adam(model.parameters(), lr=1e-2)
     with pytest.raises(ConfigurationError, match="after the first step"):
         eos_ratio(model, batches, fresh)
+
+
+# ----------------------------------------------------------------------------------------------
+# cost model (docs/cost_model.md)
+
+
+def test_cost_model_terms_and_validation():
+    from sharpguard.sharpness import estimate_check_cost, estimate_sam_cost
+    from sharpguard.sharpness.cost import EXTRA_VECTORS, GRAPH_FACTOR, HVP_PASSES, transformer_activation_bytes
+
+    p, step_peak, step_s = 5_000_000, 400e6, 0.5
+    c = estimate_check_cost(p, step_peak_bytes=step_peak, step_seconds=step_s, n_hvp=20, max_basis=6)
+    assert c.basis_bytes == 7 * p * 4  # the basis cap + the next vector, float32
+    activations = step_peak - 3 * p * 4  # gradients + Adam's two moments
+    assert c.peak_bytes == pytest.approx(GRAPH_FACTOR["autograd"] * activations + (7 + EXTRA_VECTORS["autograd"]) * p * 4)
+    assert c.seconds == pytest.approx(20 * HVP_PASSES["autograd"] * step_s)
+    assert c.peak_over_step == pytest.approx(c.peak_bytes / step_peak)
+    lean = estimate_check_cost(p, step_peak_bytes=step_peak, step_seconds=step_s, hvp="finite_difference")
+    assert lean.peak_bytes < c.peak_bytes
+    sam = estimate_sam_cost(p, step_seconds=step_s)
+    assert sam.extra_bytes == p * 4 and sam.seconds == 2 * step_s
+    # Korthikanti et al. 2022, eq. 1 (2-byte activations) for one layer, plus 3 logits-sized tensors
+    one = transformer_activation_bytes(batch=2, seq_len=8, hidden=16, layers=1, heads=2, vocab=10, dtype_bytes=2)
+    assert one == 8 * 2 * 16 * (34 + 5 * 2 * 8 / 16) + 3 * 8 * 2 * 10 * 2
+    for bad in (dict(hvp="jvp"), dict(step_seconds=0.0), dict(step_peak_bytes=float("nan")), dict(max_basis=2)):
+        kw = {"step_peak_bytes": step_peak, "step_seconds": step_s, **bad}
+        with pytest.raises(ConfigurationError):
+            estimate_check_cost(p, **kw)

@@ -69,3 +69,8 @@ __all__ = [
     "spectral_density",
     "worst_case_sharpness",
 ]
+
+# cost model of SAM steps and curvature checks (docs/cost_model.md)
+from .cost import CheckCost, SamCost, estimate_check_cost, estimate_sam_cost  # noqa: E402
+
+__all__ += ["CheckCost", "SamCost", "estimate_check_cost", "estimate_sam_cost"]

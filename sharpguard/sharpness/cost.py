@@ -1,0 +1,143 @@
+"""What a SAM step and a lambda_max check cost, from a model's size and its training step (docs/cost_model.md).
+
+Framework-free (floats in, floats out) so a monitor can print the expected cost of a check and size its
+budget before it runs one. The model, fitted on the sizes of ``benchmarks/scale.py`` (GPT-2 decoders of
+1.4M-10.2M parameters and a ResNet-style CNN, CPU float32, peak RSS in fresh processes):
+
+* a **training step** holds its activations ``A`` plus ``(1 + s) P b`` bytes of gradients and optimizer
+  state (``P`` parameters of ``b`` bytes, ``s`` state vectors: 2 for Adam, 1 for SGD with momentum);
+* a **SAM step** adds one weight copy, ``P b`` bytes live between steps, and costs two steps' time
+  (Foret et al., ICLR 2021, Alg. 1: two forward/backward passes per update);
+* a **lambda_max check** with ``n`` Hessian-vector products holds ``c_A A`` of graph memory (the
+  double-backward graph for ``hvp="autograd"``; one gradient pass at a time for
+  ``hvp="finite_difference"``) plus ``(max_basis + 1 + c_v) P b`` for the Lanczos basis and the
+  solver's other vectors (sharpguard/sharpness/lanczos.py), and takes ``n t_h`` seconds, one product
+  costing ``t_h = c_t`` forward+backward passes.
+
+``c_A``, ``c_v`` and ``c_t`` are fitted per product method; docs/cost_model.md gives the fit, its error
+on the measured sizes, and extrapolations to 100M, 1B and 7B parameters (marked as such).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["CheckCost", "SamCost", "estimate_check_cost", "estimate_sam_cost", "transformer_activation_bytes"]
+
+# Fitted on benchmarks/scale.py (docs/cost_model.md, "Fit"): graph memory over the training step's
+# activations, model-size vectors besides the basis, and one product's time in forward+backward passes.
+GRAPH_FACTOR = {"autograd": 2.6, "finite_difference": 1.0}
+EXTRA_VECTORS = {"autograd": 6.0, "finite_difference": 6.0}
+HVP_PASSES = {"autograd": 2.8, "finite_difference": 2.2}
+DEFAULT_MAX_BASIS = 6  # sharpguard.sharpness.lanczos.default_max_basis(1, "largest")
+
+
+@dataclass(frozen=True)
+class CheckCost:
+    """Predicted cost of one lambda_max check (extra peak bytes over the model itself, seconds)."""
+
+    peak_bytes: float
+    seconds: float
+    peak_over_step: float  # over the training step's own extra peak
+    seconds_over_step: float  # over one training step (forward + backward + optimizer)
+    basis_bytes: float
+    n_hvp: int
+    hvp: str
+
+
+@dataclass(frozen=True)
+class SamCost:
+    """Predicted cost of one SAM step: live extra bytes (the weight copy), seconds, time over a plain step."""
+
+    extra_bytes: float
+    seconds: float
+    seconds_over_step: float
+
+
+def _positive(name: str, value: float) -> float:
+    from ..errors import ConfigurationError
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ConfigurationError(f"{name} must be a positive finite number, got {value!r}.")
+    return float(value)
+
+
+def estimate_check_cost(
+    n_params: int,
+    *,
+    step_peak_bytes: float,
+    step_seconds: float,
+    hvp: str = "autograd",
+    n_hvp: int = 20,
+    max_basis: int = DEFAULT_MAX_BASIS,
+    dtype_bytes: int = 4,
+    optimizer_state_vectors: int = 2,
+) -> CheckCost:
+    """Extra peak memory and time of ``hessian_eigenvalues(k=1)`` with ``n_hvp`` products.
+
+    Args:
+        n_params: trainable parameters ``P``.
+        step_peak_bytes: the training step's own extra peak (activations + gradients + optimizer state),
+            measured (``torch.cuda.max_memory_allocated`` around a step) or from
+            :func:`transformer_activation_bytes` plus ``(1 + s) P b``.
+        step_seconds: one training step's wall time; a product costs ``HVP_PASSES[hvp]`` of its
+            forward+backward (taken as the whole step, which slightly overstates the check's time).
+        hvp: ``"autograd"`` (exact, double backward) or ``"finite_difference"``.
+        n_hvp: products per check (the monitor's default cap is 20; a warm start needs a few).
+        max_basis: the Lanczos basis cap (``hessian_eigenvalues(max_basis=...)``).
+        dtype_bytes: bytes per parameter (4 for float32; Krylov vectors are never below float32).
+        optimizer_state_vectors: model-size state vectors of the optimizer (Adam 2, SGD momentum 1).
+    """
+    from ..errors import ConfigurationError
+
+    if hvp not in GRAPH_FACTOR:
+        raise ConfigurationError(f"hvp must be one of {sorted(GRAPH_FACTOR)}, got {hvp!r}.")
+    p = _positive("n_params", n_params)
+    step_peak = _positive("step_peak_bytes", step_peak_bytes)
+    step_s = _positive("step_seconds", step_seconds)
+    b = max(4.0, _positive("dtype_bytes", dtype_bytes))
+    if not (isinstance(n_hvp, int) and n_hvp >= 1 and isinstance(max_basis, int) and max_basis >= 3):
+        raise ConfigurationError(f"n_hvp must be >= 1 and max_basis >= 3 (integers), got {n_hvp!r}, {max_basis!r}.")
+    state = (1 + optimizer_state_vectors) * p * _positive("dtype_bytes", dtype_bytes)
+    activations = max(step_peak - state, 0.0)
+    basis = (max_basis + 1) * p * b
+    peak = GRAPH_FACTOR[hvp] * activations + basis + EXTRA_VECTORS[hvp] * p * b
+    seconds = n_hvp * HVP_PASSES[hvp] * step_s
+    return CheckCost(
+        peak_bytes=peak,
+        seconds=seconds,
+        peak_over_step=peak / step_peak,
+        seconds_over_step=seconds / step_s,
+        basis_bytes=basis,
+        n_hvp=n_hvp,
+        hvp=hvp,
+    )
+
+
+def estimate_sam_cost(n_params: int, *, step_seconds: float, dtype_bytes: int = 4) -> SamCost:
+    """A SAM step: one weight copy (``P b`` bytes, kept between steps) and two forward/backward passes."""
+    p = _positive("n_params", n_params)
+    s = _positive("step_seconds", step_seconds)
+    return SamCost(extra_bytes=p * _positive("dtype_bytes", dtype_bytes), seconds=2.0 * s, seconds_over_step=2.0)
+
+
+def transformer_activation_bytes(
+    *,
+    batch: int,
+    seq_len: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    vocab: int,
+    dtype_bytes: int = 4,
+) -> float:
+    """Activation bytes of a decoder's training step: ``s b h (34 + 5 a s / h)`` per layer in 2-byte
+    activations (Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models",
+    2022, eq. 1), rescaled to ``dtype_bytes``, plus the logits, their log-softmax and their gradient
+    (``3 s b V`` values), which dominate small models with a real vocabulary."""
+    for name, value in (("batch", batch), ("seq_len", seq_len), ("hidden", hidden), ("layers", layers),
+                        ("heads", heads), ("vocab", vocab), ("dtype_bytes", dtype_bytes)):
+        _positive(name, value)
+    per_layer = seq_len * batch * hidden * (34 + 5 * heads * seq_len / hidden) * dtype_bytes / 2
+    return layers * per_layer + 3 * seq_len * batch * vocab * dtype_bytes
