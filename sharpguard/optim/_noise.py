@@ -2,9 +2,9 @@
 
 Both methods draw :math:`\\varepsilon_{ij} \\sim \\mathcal N(0, s_i^2)` where the standard deviation of
 row ``i`` (one output unit: a filter of a conv, a row of a ``Linear`` weight) is proportional to the
-norm of that row (Li et al., TMLR 2024, Sec. 6 "filter-wise" noise; Flat-LoRA, Li et al., ICML 2025,
-Sec. 3.3). The whole list of tensors is handled with a few kernels per device/dtype group (one
-concatenation, one ``index_add_`` for the row sums, one ``randn``), never a Python loop of tensor
+norm of that row (RWP: Li et al., TMLR 2024, the "filter-wise" noise of its code; Flat-LoRA: Li et
+al., ICML 2025, its perturbation generation). The whole list of tensors is handled with a few kernels per device/dtype group (one
+concatenation, one ``segment_reduce`` for the row sums, one ``randn``), never a Python loop of tensor
 operations over parameters. Randomness comes from a private ``torch.Generator`` reseeded from
 ``(seed, step)``, so the noise of a step is the same in every front end and the global RNG is left
 alone (DESIGN.md promise 1).
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["RowLayout", "step_generator", "row_sums", "row_gaussian"]
+__all__ = ["RowLayout", "step_generator", "gaussian"]
 
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -31,64 +31,65 @@ def step_generator(cache: dict[torch.device, torch.Generator], device: torch.dev
 
 
 class RowLayout:
-    """Which row each element of a list of same-device, same-dtype tensors belongs to.
+    """The rows (output units) of a list of same-device, same-dtype tensors, laid end to end.
 
-    ``out_dims[k]`` is the dimension of tensor ``k`` that indexes output units (0 for ``Linear`` and
-    conv weights, 1 for a transposed ``Conv1D`` weight); ``None`` makes the whole tensor one row
-    (biases and other 1-D tensors, as in the RWP code), and ``"element"`` makes every element its
-    own row. ``fan_in[r]`` is the number of elements of row ``r``. Built once per parameter list.
+    ``out_dims[k]`` is the dimension of tensor ``k`` that indexes output units: 0 for ``Linear`` and
+    conv weights, 1 for a transposed ``Conv1D`` weight of shape ``(in, out)`` (read through its
+    transpose, so that every row is contiguous in the flat layout); ``None`` makes the whole tensor one
+    row (biases and other 1-D tensors, as in the RWP code), and ``"element"`` makes every element its
+    own row. Only the row lengths are kept (one integer per row, not per element).
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], out_dims: Sequence[int | str | None]) -> None:
-        ids, fan_in, offset = [], [], 0
-        device = tensors[0].device
+        lengths: list[int] = []
+        self.transposed: list[bool] = []
         for t, dim in zip(tensors, out_dims):
             n = t.numel()
             if dim is None:
-                rows = torch.full((n,), offset, dtype=torch.long)
-                fan_in.append(n)
-                offset += 1
+                lengths.append(n)
             elif dim == "element":
-                rows = torch.arange(offset, offset + n, dtype=torch.long)
-                fan_in.extend([1] * n)
-                offset += n
+                lengths.extend([1] * n)
             else:
-                index = torch.arange(t.shape[dim], dtype=torch.long).view(
-                    [-1 if d == dim else 1 for d in range(t.dim())]
-                ).expand(t.shape)
-                rows = offset + index.reshape(-1)
-                fan_in.extend([n // t.shape[dim]] * t.shape[dim])
-                offset += t.shape[dim]
-            ids.append(rows)
-        self.row_ids = torch.cat(ids).to(device)
-        self.n_rows = offset
-        self.fan_in = torch.tensor(fan_in, dtype=tensors[0].dtype, device=device)
+                if dim not in (0, 1) or (dim == 1 and t.dim() != 2):
+                    raise ValueError(f"output dimension {dim!r} of a {t.dim()}-D tensor")
+                rows = t.shape[dim]
+                lengths.extend([n // rows] * rows)
+            self.transposed.append(dim == 1)
+        device = tensors[0].device
+        self.lengths = torch.tensor(lengths, dtype=torch.long, device=device)
+        #: elements per row, as a float vector (Flat-LoRA's fan-in ``n``)
+        self.fan_in = self.lengths.to(torch.float32)
+        self.n_rows = len(lengths)
+        self.numel = sum(t.numel() for t in tensors)
         self.sizes = [t.numel() for t in tensors]
         self.shapes = [t.shape for t in tensors]
 
+    def flat(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """All tensors as one vector, rows contiguous (a transposed weight read column by column)."""
+        return torch.cat([(t.t() if tr else t).reshape(-1) for t, tr in zip(tensors, self.transposed)])
+
+    def row_sums(self, tensors: Sequence[torch.Tensor], *, square: bool) -> torch.Tensor:
+        """Per-row sums of ``tensors`` (of their squares when ``square``), in float32 or wider."""
+        flat = self.flat(tensors)
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()  # squares of half-precision weights overflow or lose the small rows
+        if square:
+            flat = flat * flat
+        return torch.segment_reduce(flat, "sum", lengths=self.lengths)
+
+    def expand(self, per_row: torch.Tensor) -> torch.Tensor:
+        """One value per element: ``per_row[r]`` on every element of row ``r``."""
+        return torch.repeat_interleave(per_row, self.lengths, output_size=self.numel)
+
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of ``flat`` shaped like the tensors of this layout."""
-        return [chunk.view(shape) for chunk, shape in zip(torch.split(flat, self.sizes), self.shapes)]
+        out = []
+        for chunk, shape, tr in zip(torch.split(flat, self.sizes), self.shapes, self.transposed):
+            out.append(chunk.view(shape[1], shape[0]).t() if tr else chunk.view(shape))
+        return out
 
 
-def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def row_sums(layout: RowLayout, tensors: Sequence[torch.Tensor], *, square: bool) -> torch.Tensor:
-    """Per-row sums of ``tensors`` (of their squares when ``square``), one value per row."""
-    flat = _flat(tensors)
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.float()  # squares of half-precision weights overflow or lose the small rows
-    if square:
-        flat = flat * flat
-    return torch.zeros(layout.n_rows, dtype=flat.dtype, device=flat.device).index_add_(0, layout.row_ids, flat)
-
-
-def row_gaussian(layout: RowLayout, row_std: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-    """Gaussian noise with standard deviation ``row_std[r]`` on every element of row ``r``."""
-    flat = torch.randn(
-        int(layout.row_ids.numel()), generator=generator, device=row_std.device, dtype=row_std.dtype
-    )
-    flat.mul_(row_std[layout.row_ids])
-    return layout.split(flat)
+def gaussian(layout: RowLayout, row_std: torch.Tensor, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Flat Gaussian noise (in ``layout.flat`` order) with standard deviation ``row_std[r]`` on row ``r``."""
+    flat = torch.randn(layout.numel, generator=generator, device=row_std.device, dtype=dtype)
+    return flat.mul_(layout.expand(row_std))

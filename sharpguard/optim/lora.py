@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from .._validation import non_negative_int
 from ..errors import ConfigurationError
 from . import functional as F
-from ._noise import RowLayout, row_sums, step_generator
+from ._noise import RowLayout, gaussian, step_generator
 from .sam import SAM, _build_base, _non_negative
 
 __all__ = ["FlatLoRA", "lora_parameters", "lora_layers"]
@@ -79,10 +79,10 @@ class FlatLoRA(SAM):
     For every LoRA layer with merged weight :math:`W' = W + s\,BA \in \mathbb R^{m\times n}` (``n``
     inputs), the forward of the step runs at :math:`W + \varepsilon_W + sBA` with
     :math:`\varepsilon_W \sim \mathcal N\big(0, \tfrac{\sigma^2}{n}\,\mathrm{diag}(\lVert W'_{1,:}\rVert^2,
-    \dots, \lVert W'_{m,:}\rVert^2)\otimes 1_{1\times n}\big)` (Sec. 3.3): each output row gets noise
+    \dots, \lVert W'_{m,:}\rVert^2)\otimes 1_{1\times n}\big)` (the paper's perturbation generation): each output row gets noise
     proportional to its merged norm, divided by :math:`\sqrt n` so that the output's variance does
     not grow with the width. The gradient reaching ``A`` and ``B`` is that of the Bayesian expected
-    loss :math:`\mathbb E_\varepsilon L(W + sBA + \varepsilon_W)` (eq. 6), one sample per step. Other
+    loss :math:`\mathbb E_\varepsilon L(W + sBA + \varepsilon_W)` (the paper's objective), one sample per step. Other
     trainable parameters of the optimizer (a classifier head, or a model without LoRA layers: full
     fine-tuning) get the same rule on themselves (a 1-D tensor is one row of ``n = numel``).
 
@@ -183,10 +183,9 @@ class FlatLoRA(SAM):
         noise: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
         for idx, rows in layouts:
             merged = [self._merged(tensors[i], info[i][0]) for i in idx]  # one matmul per LoRA layer
-            std = row_sums(rows, merged, square=True).div_(rows.fan_in).sqrt_().mul_(self.sigma)
+            std = rows.row_sums(merged, square=True).div_(rows.fan_in).sqrt_().mul_(self.sigma)
             gen = step_generator(self._generators, tensors[idx[0]].device, self.seed, self._step)
-            flat = torch.randn(int(rows.row_ids.numel()), generator=gen, device=std.device, dtype=tensors[idx[0]].dtype)
-            flat.mul_(std[rows.row_ids])
+            flat = gaussian(rows, std, gen, tensors[idx[0]].dtype)
             for i, d in zip(idx, rows.split(flat)):
                 noise[i] = d
         self._move(tensors, noise, torch.ones((), device=tensors[0].device))

@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 from .._validation import non_negative_int, positive
 from ..errors import ConfigurationError
 from . import functional as F
-from ._noise import RowLayout, row_sums, step_generator
+from ._noise import RowLayout, gaussian, step_generator
 from .sam import SAM, _build_base, _in_unit_interval, _non_negative, _rho
 from .variants import _ratio
 
@@ -48,13 +48,13 @@ class WSAM(SAM):
     r"""Weighted SAM (Yue et al., KDD 2023, arXiv:2305.15817): sharpness as a weighted regulariser.
 
     The loss is :math:`L(w) + \frac{\gamma}{1-\gamma}\,(L(w + e) - L(w))` with SAM's
-    :math:`e = \rho g / \lVert g\rVert` (eq. 3). With ``decouple=True`` (Algorithm 2, "weight
-    decouple", the paper's default) the base optimizer steps with the clean gradient :math:`g` and
+    :math:`e = \rho g / \lVert g\rVert`. With ``decouple=True`` (the paper's "weight decouple",
+    its default) the base optimizer steps with the clean gradient :math:`g` and
     the sharpness term is applied after its step, outside its state:
     :math:`w \leftarrow \mathrm{base}(w, g) - \eta\,\alpha\,(\tilde g - g)`, with
     :math:`\alpha = \gamma / (1-\gamma)`, :math:`\tilde g = \nabla L(w + e)` and :math:`\eta` the group's
     learning rate. With ``decouple=False`` the base optimizer gets :math:`g + \alpha(\tilde g - g)`
-    (Algorithm 1). ``gamma=0.5`` without decoupling is SAM.
+    ``gamma=0.5`` without decoupling is SAM.
 
     The decoupled term is applied by a step post-hook on the base optimizer, so it follows whatever
     calls ``base_optimizer.step()`` (every front end; a GradScaler that skips a step skips it too).
@@ -153,11 +153,11 @@ class RWP(SAM):
     r"""Mixed random weight perturbation, m-RWP (Li et al., TMLR 2024, arXiv:2404.00357).
 
     Minimises :math:`(1-\lambda) L(w) + \lambda\,\mathbb E_\varepsilon L(w + \varepsilon)` (the mixed
-    loss of Sec. 5.2): the step uses :math:`\lambda \nabla L(w + \varepsilon) + (1-\lambda) \nabla L(w)`.
-    The perturbation is random, not gradient-directed, filter-wise as in the paper's code:
+    loss): the step uses :math:`\lambda \nabla L(w + \varepsilon) + (1-\lambda) \nabla L(w)`.
+    The perturbation is random, not gradient-directed, filter-wise as in the paper's code (github.com/nblt/mARWP):
     :math:`\varepsilon_{ij} \sim \mathcal N(0, \sigma^2 \lVert W_{i,:}\rVert^2)` for each output row
     ``i`` of a weight with two or more dimensions, :math:`\mathcal N(0, \sigma^2\lVert b\rVert^2)`
-    for a 1-D tensor. With ``eta > 0`` it is m-ARWP (Sec. 6): the noise of row ``i`` is divided by
+    for a 1-D tensor. With ``eta > 0`` it is m-ARWP: the noise of row ``i`` is divided by
     :math:`\sqrt{1 + \eta F_i}`, with :math:`F \leftarrow \beta F + \tilde g^2` accumulated from the
     perturbed gradients (summed over the row; per element for 1-D tensors), so directions of high
     curvature are perturbed less.
@@ -222,12 +222,11 @@ class RWP(SAM):
         fisher = self._state_list("fisher", params) if self.eta > 0 else None
         for idx, rows, frows in self._layouts(params):
             ts = [params[i] for i in idx]
-            std = row_sums(rows, ts, square=True).sqrt_().mul_(self.sigma)
+            std = rows.row_sums(ts, square=True).sqrt_().mul_(self.sigma)
             gen = step_generator(self._generators, ts[0].device, self.seed, self._step)
-            flat = torch.randn(int(rows.row_ids.numel()), generator=gen, device=ts[0].device, dtype=ts[0].dtype)
-            flat.mul_(std[rows.row_ids])
+            flat = gaussian(rows, std, gen, ts[0].dtype)
             if fisher is not None:
-                f = row_sums(frows, [fisher[i] for i in idx], square=False)[frows.row_ids]
+                f = frows.expand(frows.row_sums([fisher[i] for i in idx], square=False))
                 flat.div_(f.mul_(self.eta).add_(1.0).sqrt_())
             for i, d in zip(idx, rows.split(flat)):
                 directions[i] = d
@@ -244,7 +243,7 @@ class RWP(SAM):
 
 
 class ARWP(RWP):
-    r"""m-ARWP (Li et al., TMLR 2024, Sec. 6): :class:`RWP` with the adaptive noise on (``eta=1``).
+    r"""m-ARWP (Li et al., TMLR 2024, arXiv:2404.00357): :class:`RWP` with the adaptive noise on (``eta=1``).
 
     The noise of output row ``i`` is :math:`\mathcal N(0, \sigma^2\lVert W_{i,:}\rVert^2 / (1 + \eta F_i))`
     with :math:`F \leftarrow \beta F + \tilde g^2` from the perturbed gradients (the paper's code).
@@ -280,12 +279,12 @@ class ARWP(RWP):
 # ESAM
 # --------------------------------------------------------------------------------------------------
 class ESAM(SAM):
-    r"""ESAM's stochastic weight perturbation, SWP (Du et al., ICLR 2022, arXiv:2110.03141, Sec. 3.1).
+    r"""ESAM's stochastic weight perturbation, SWP (Du et al., ICLR 2022, arXiv:2110.03141).
 
     Each step perturbs a random subset of the parameter tensors: tensor ``j`` is chosen with
     probability ``beta`` (the official code's per-tensor draw), and the chosen ones move by
     :math:`e_j = \frac{\rho}{\beta}\,\frac{g_j}{\lVert g_S\rVert}` with :math:`g_S` the clean gradient
-    of the chosen tensors, the :math:`1/\beta` keeping the expected perturbation SAM's (eq. 5).
+    of the chosen tensors, the :math:`1/\beta` keeping the expected perturbation SAM's.
     ``adaptive`` uses ASAM's ``T = |w|`` on the chosen tensors. The step uses :math:`\nabla L(w + e)`.
 
     Cost: 2 passes per step. The paper's saving comes from not computing the clean gradient of the
