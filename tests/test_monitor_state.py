@@ -171,3 +171,14 @@ def test_a_probe_that_cannot_fill_measures_with_what_it_holds_and_says_so():
     assert len(notes) == 1 and "5 of the 64" in notes[0]["settings"]["reason"]
     assert math.isfinite(mon.check(1, model)["sharpness/lambda_max"])
     assert isinstance(ProbeSet, type)
+
+
+def test_a_due_check_without_any_probe_says_why_once():
+    model = nn.Linear(3, 2)
+    mon = SharpnessMonitor(measures=("lambda_max",), every_n_steps=1, alerts=None)
+    with pytest.warns(UserWarning, match="probe set is empty") as record:
+        for step in range(1, 4):
+            assert mon.on_step_end(step, model) == {}
+    assert sum("probe set is empty" in str(w.message) for w in record) == 1
+    notes = [r for r in mon.history.records if r["metric"] == "monitor/note"]
+    assert len(notes) == 1 and notes[0]["step"] == 1

@@ -233,6 +233,10 @@ class Monitor:
         self._last_step = step
         if batch is not None and (self._train_batch_size is None or not self.probe.ready):
             self.capture(batch)
+        if due and len(self.probe) == 0 and not self.probe.ready:
+            # never silent (DESIGN.md promise 9): a check is due but nothing can be measured
+            self.warn_once("no-probe", f"no check can run at step {step}: the probe set is empty; pass probe=[batches] "
+                           "to the monitor or batch= to on_step_end so it can capture one.", step=step)
         due = due and self.probe.ready
         context: dict[str, float] = {}
         if loss is not None:
