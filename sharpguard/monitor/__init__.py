@@ -38,10 +38,13 @@ Adapter-facing API
     metrics = mon.check(step, model, optimizer=None)     # + alerts, history, overhead
     metrics = mon.measure(model, optimizer=None)         # the raw measures only
 
-    # 3. distributed: run on every rank with the same probe; in adaptive mode agree on the schedule
-    #    after each check (one collective per check, none per step):
-    mon.schedule.next_step = broadcast_from_rank0(mon.schedule.next_step)
-    mon.history.enabled = is_rank_zero          # only one process writes the JSON lines
+    # 3. adapters and distributed runs: drive the monitor through the framework-free driver, which owns
+    #    step counting (micro-batches ignored), hook timing, rank-0 history, the one schedule-broadcast
+    #    rule (rank 0's next step when the schedule changed: collectives at check steps only) and the
+    #    averaging of measured values over ranks:
+    driver = MonitorDriver(mon, comm=torch_comm(), is_rank_zero=rank == 0)
+    metrics = driver.step(model, step=global_step, optimizer=opt, loss=loss, batch=batch, started=t0)
+    driver.leave()                  # after logging: the hook's time is the monitor's
 
     # 4. checkpoints: plain Python / tensor containers, loadable with torch.load(weights_only=True)
     state = mon.state_dict(); mon.load_state_dict(state)
@@ -74,6 +77,7 @@ from .alerts import (
     default_sharpness_alerts,
 )
 from .base import Monitor
+from .driver import Comm, LocalComm, MonitorDriver, torch_comm
 from .history import MetricHistory, read_history
 from .probe import ProbeSet
 from .robustness_monitor import RobustnessMonitor
@@ -84,6 +88,9 @@ __all__ = [
     "Alert",
     "AlertRule",
     "CatastrophicOverfittingAlert",
+    "Comm",
+    "LocalComm",
+    "MonitorDriver",
     "EdgeOfStabilityAlert",
     "LossSpikeAlert",
     "MetricHistory",
@@ -96,4 +103,5 @@ __all__ = [
     "default_robustness_alerts",
     "default_sharpness_alerts",
     "read_history",
+    "torch_comm",
 ]
