@@ -289,3 +289,24 @@ def test_console_lines_say_what_is_active_and_what_it_spent(caplog):
     assert "SharpnessMonitor measures lambda_max, eos_ratio" in text and "training steps per check" in text
     assert f"made {cb.monitor.schedule.n_checks} checks" in text and "monitor/overhead_pct" in text
     assert cb.monitor.schedule.n_checks >= 1  # the default schedule checks early
+
+
+def test_manual_optimization_modules_get_the_default_loss_and_are_told():
+    class Manual(LitDigits):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            return loss
+
+    cb = SharpnessMonitor(every_n_steps=2, measures=("lambda_max",), alerts=None)
+    with pytest.warns(UserWarning, match="manual optimization"):
+        trainer(max_steps=2, callbacks=[cb]).fit(Manual(), loader())
+    assert cb.monitor.history.values("sharpness/lambda_max")

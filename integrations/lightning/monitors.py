@@ -142,9 +142,15 @@ class _MonitorCallback(Callback):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self.driver.set_comm(_StrategyComm(trainer, pl_module.device), is_rank_zero=trainer.is_global_zero)
-        if self._own_loss:
+        if self._own_loss and pl_module.automatic_optimization:
             # the probe loss is the module's own loss, whatever its batch and output look like
             self.monitor.loss_fn = _TrainingStepLoss(pl_module)
+        elif self._own_loss:
+            # a manual-optimization training_step steps optimizers itself: it cannot serve as a loss
+            self.monitor.warn_once(
+                "manual-optimization", "the module uses manual optimization, so its training_step cannot be the probe "
+                "loss; measuring the default loss (cross entropy of model(inputs), or model(**batch).loss). Pass "
+                "loss_fn=lambda model, batch: ... to measure your loss.")
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         _rank_zero_info(f"sharpguard: {self.monitor.describe()}")
