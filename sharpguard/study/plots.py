@@ -73,9 +73,10 @@ def _outliers(values: Sequence[float]) -> list[bool]:
     return [bool(abs(x - med) > 5 * mad) for x in v]
 
 
-def _trend(ax, xs: Sequence[float], ys: Sequence[float], log_x: bool) -> str:
-    """Draw the Theil-Sen line (the slope estimator that goes with Kendall's tau; Sen 1968) through the
-    points and return ``tau = .., p = ..`` for the title."""
+def _trend(ax, xs: Sequence[float], ys: Sequence[float], log_x: bool, x_range: tuple[float, float]) -> str:
+    """Draw the Theil-Sen line (the slope estimator that goes with Kendall's tau; Sen 1968) fitted to all the
+    points, over ``x_range`` (the inliers' span), and return ``tau = .., p = ..`` over all the points (ranks:
+    an outlier moves neither)."""
     import numpy as np
     from scipy import stats as st
 
@@ -84,10 +85,12 @@ def _trend(ax, xs: Sequence[float], ys: Sequence[float], log_x: bool) -> str:
     rc = kendall_tau(xs, ys)
     if rc.tau is None:
         return "τ undefined"
-    x = np.log10(xs) if log_x else np.asarray(xs, dtype=float)
+    use_log = log_x and min(xs) > 0
+    x = np.log10(xs) if use_log else np.asarray(xs, dtype=float)
     slope, intercept, _, _ = st.theilslopes(ys, x)
-    grid = np.linspace(x.min(), x.max(), 50)
-    ax.plot(10**grid if log_x else grid, intercept + slope * grid, color="0.3", lw=1.2, ls="--", zorder=1)
+    lo, hi = (np.log10(v) for v in x_range) if use_log else x_range
+    grid = np.linspace(lo, hi, 50)
+    ax.plot(10**grid if use_log else grid, intercept + slope * grid, color="0.3", lw=1.2, ls="--", zorder=1)
     return f"τ = {rc.tau:.2f}, p = {rc.p_value:.2g}, n = {rc.n}"
 
 
@@ -115,15 +118,21 @@ def sharpness_vs_robustness_figure(runs: Sequence[Mapping[str, Any]], measures: 
                 ax.scatter([x for x, _ in mine], [y for _, y in mine], color=colors[m], label=m, s=28, alpha=0.85,
                            zorder=2)
         title = f"{measure} vs {robust}"
-        if len(inliers) >= 3:
-            title += "\n" + _trend(ax, xs_in, [y for _, y, _ in inliers], log_x)
+        if len(pts) >= 3 and xs_in:
+            title += "\n" + _trend(ax, [x for x, _, _ in pts], [y for _, y, _ in pts], log_x, (min(xs_in), max(xs_in)))
         outs = [p for p, out in zip(pts, flags) if out]
         if outs and xs_in:
             lo, hi = min(xs_in), max(xs_in)
-            for i, (x, y, m) in enumerate(outs):
-                edge, ha = (lo, "left") if x < lo else (hi, "right")
-                ax.annotate(f"{m}: {x:.2g}", xy=(edge, y), xytext=(0, 8 + 9 * i), textcoords="offset points",
-                            ha=ha, fontsize=7, color=colors[m], arrowprops={"arrowstyle": "->", "color": colors[m]})
+            groups: dict[tuple[str, bool], list[tuple[float, float]]] = defaultdict(list)
+            for x, y, m in outs:  # one label per method and side, so labels do not pile up
+                groups[(m, x < lo)].append((x, y))
+            for i, ((m, low_side), xy) in enumerate(sorted(groups.items())):
+                vals = sorted(x for x, _ in xy)
+                text = f"{m}: {vals[0]:.2g}" if len(vals) == 1 else f"{m} ×{len(vals)}: {vals[0]:.2g}…{vals[-1]:.2g}"
+                y_mean = sum(y for _, y in xy) / len(xy)
+                ax.annotate(text, xy=(lo if low_side else hi, y_mean), xytext=(4 if low_side else -4, 10 + 10 * i),
+                            textcoords="offset points", ha="left" if low_side else "right", fontsize=7,
+                            color=colors[m], arrowprops={"arrowstyle": "->", "color": colors[m]})
             title += f" ({len(outs)} outlier{'s' if len(outs) > 1 else ''} annotated)"
         ax.set_xlabel(LABELS.get(measure, measure))
         ax.set_ylabel(LABELS.get(robust, robust))
