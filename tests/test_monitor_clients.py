@@ -113,3 +113,24 @@ def test_the_guard_is_what_keeps_a_stateful_training_step_bitwise(monkeypatch):
     except NonDeterministicHVPError:
         return  # each probe loss call moved the hidden state: the measurement itself is broken
     assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), unguarded.parameters(), strict=True))
+
+
+def test_a_random_training_step_is_measured_as_one_fixed_function():
+    """A training_step with random draws (noise added to the inputs, as an adversarial loss's random
+    start would be) is measured with the same draws at every call of a check: the Hessian products are
+    deterministic, the value finite, and training still bitwise the unmonitored run's."""
+
+    class Noisy(boring_classes.BoringModel):
+        def training_step(self, batch, batch_idx):
+            return {"loss": self.step(batch + 0.1 * torch.randn_like(batch))}
+
+    def build():
+        return Noisy(), DataLoader(boring_classes.RandomDataset(32, 64), batch_size=4)
+
+    plain, _ = _fit(build, [])
+    cb = SharpnessMonitor()
+    monitored, _ = _fit(build, [cb])
+    for a, b in zip(plain.parameters(), monitored.parameters(), strict=True):
+        assert torch.equal(a, b)
+    values = cb.monitor.history.values("sharpness/lambda_max")
+    assert values and all(math.isfinite(v) for _, v in values)

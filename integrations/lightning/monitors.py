@@ -97,12 +97,18 @@ def _guarded_training_step(pl_module: Any) -> Iterator[None]:
 class _TrainingStepLoss:
     """``loss_fn(model, batch)`` = the module's own ``training_step`` loss, run guarded."""
 
-    def __init__(self, pl_module: Any) -> None:
+    def __init__(self, pl_module: Any, seed: int = 0) -> None:
         self.pl_module = pl_module
+        self.seed = int(seed)
 
     def __call__(self, model: Any, batch: Any) -> Tensor:
         module = self.pl_module
-        with _guarded_training_step(module):
+        # a training_step that draws random numbers (an adversarial loss's random start, noise) gives
+        # the same draws at every call of one check, so the probe loss is a fixed function the HVPs can
+        # measure; fork_rng restores the global RNG afterwards
+        devices = [module.device] if getattr(module, "device", torch.device("cpu")).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), _guarded_training_step(module):
+            torch.manual_seed(self.seed)
             out = module.training_step(*_step_args(module, batch, 0))
         loss = _loss_of(out)
         if loss is None:
@@ -144,7 +150,7 @@ class _MonitorCallback(Callback):
         self.driver.set_comm(_StrategyComm(trainer, pl_module.device), is_rank_zero=trainer.is_global_zero)
         if self._own_loss and pl_module.automatic_optimization:
             # the probe loss is the module's own loss, whatever its batch and output look like
-            self.monitor.loss_fn = _TrainingStepLoss(pl_module)
+            self.monitor.loss_fn = _TrainingStepLoss(pl_module, self.monitor.seed)
         elif self._own_loss:
             # a manual-optimization training_step steps optimizers itself: it cannot serve as a loss
             self.monitor.warn_once(

@@ -17,6 +17,7 @@ from torch import nn
 
 from .._validation import check_keywords, keywords_of, positive
 from ..errors import ConfigurationError
+from ..sharpness.cost import HVP_PASSES
 from .alerts import AlertRule, default_sharpness_alerts
 from .base import Monitor
 
@@ -107,8 +108,9 @@ class SharpnessMonitor(Monitor):
     def default_alerts(self) -> list[AlertRule]:
         return default_sharpness_alerts()
 
-    #: one Hessian-vector product costs about 2.5 training steps on the same examples (double backward)
-    HVP_STEPS = 2.5
+    #: one Hessian-vector product in training steps on the same examples: the fitted cost model of
+    #: :mod:`sharpguard.sharpness.cost` (docs/cost_model.md), exact products by double backward
+    HVP_STEPS = HVP_PASSES["autograd"]
 
     def passes(self) -> float:
         want, hvps, steps = set(self.measures), 0.0, 0.0
