@@ -44,6 +44,21 @@ def _checkpoint_folder(args: Any, state: Any) -> str:
 _LIVE: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
 
+class _ComputeLoss:
+    """``loss_fn(model, batch)`` = the Trainer's own ``compute_loss``; the batch is copied (compute_loss
+    pops ``labels``) and random draws inside it are the same at every call of one check (a forked,
+    seeded RNG), so the probe loss is a fixed function."""
+
+    def __init__(self, trainer: Trainer, seed: int) -> None:
+        self.trainer, self.seed = trainer, int(seed)
+
+    def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            return self.trainer.compute_loss(model, dict(batch) if isinstance(batch, Mapping) else batch)
+
+
 class _MonitorCallback(TrainerCallback, ExportableState):
     """Runs a :mod:`sharpguard.monitor` monitor after optimizer steps and logs through the Trainer.
 
@@ -176,9 +191,7 @@ class _MonitorCallback(TrainerCallback, ExportableState):
         if self._own_loss:
             # the probe loss is the Trainer's own loss (compute_loss, or a subclass's override); the
             # batch is copied because compute_loss pops "labels" from it
-            trainer = self.trainer
-            self.monitor.loss_fn = lambda m, batch: trainer.compute_loss(m, dict(batch)) if isinstance(batch, Mapping) \
-                else trainer.compute_loss(m, batch)
+            self.monitor.loss_fn = _ComputeLoss(self.trainer, getattr(self.monitor, "seed", 0))
         if state.is_world_process_zero and hasattr(self.monitor, "describe"):
             logger.info("sharpguard: %s", self.monitor.describe())
         return control
