@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._batches import LossFn, as_batches, batch_size, logits_of
@@ -120,8 +121,13 @@ def _closed_form(model: nn.Module, module: nn.Module, batches: list[Any]) -> tor
                     return None
                 p = torch.softmax(logits.double(), dim=-1)
                 sq = (phi.double() ** 2).sum(dim=1)  # ||phi(x)||^2 per example
-                # sum_x ||phi||^2 (diag(p) - p p^T)
-                block = torch.diag((sq[:, None] * p).sum(0)) - (sq[:, None] * p).T @ p
+                # sum_x ||phi||^2 (diag(p) - p p^T), with the diagonal p_s (1 - p_s) formed without cancellation:
+                # for the top class 1 - p_s is the sum of the other (small) probabilities, not 1 minus ~1, so a
+                # saturated softmax gives a tiny positive curvature instead of rounding noise of either sign.
+                top = F.one_hot(p.argmax(-1), p.shape[-1]).bool()
+                rest = torch.where(top, p.masked_fill(top, 0.0).sum(-1, keepdim=True), 1.0 - p)
+                block = -((sq[:, None] * p).T @ p)
+                block.diagonal().copy_((sq[:, None] * p * rest).sum(0))
                 total = block if total is None else total + block
                 n += x.shape[0]
                 captured.clear()
