@@ -43,17 +43,20 @@ class RowLayout:
     def __init__(self, tensors: Sequence[torch.Tensor], out_dims: Sequence[int | str | None]) -> None:
         lengths: list[int] = []
         self.transposed: list[bool] = []
+        #: (rows, elements per row) of each tensor: its block of the flat layout as a matrix
+        self.blocks: list[tuple[int, int]] = []
         for t, dim in zip(tensors, out_dims):
             n = t.numel()
             if dim is None:
-                lengths.append(n)
+                block = (1, n)
             elif dim == "element":
-                lengths.extend([1] * n)
+                block = (n, 1)
             else:
                 if dim not in (0, 1) or (dim == 1 and t.dim() != 2):
                     raise ValueError(f"output dimension {dim!r} of a {t.dim()}-D tensor")
-                rows = t.shape[dim]
-                lengths.extend([n // rows] * rows)
+                block = (t.shape[dim], n // max(t.shape[dim], 1))
+            lengths.extend([block[1]] * block[0])
+            self.blocks.append(block)
             self.transposed.append(dim == 1)
         device = tensors[0].device
         self.lengths = torch.tensor(lengths, dtype=torch.long, device=device)
@@ -70,16 +73,20 @@ class RowLayout:
 
     def row_sums(self, tensors: Sequence[torch.Tensor], *, square: bool) -> torch.Tensor:
         """Per-row sums of ``tensors`` (of their squares when ``square``), in float32 or wider."""
-        flat = self.flat(tensors)
+        flat = self.flat(tensors)  # a fresh tensor (torch.cat): squared in place
         if flat.dtype in (torch.float16, torch.bfloat16):
             flat = flat.float()  # squares of half-precision weights overflow or lose the small rows
         if square:
-            flat = flat * flat
+            flat.mul_(flat)
         return torch.segment_reduce(flat, "sum", lengths=self.lengths)
 
-    def expand(self, per_row: torch.Tensor) -> torch.Tensor:
-        """One value per element: ``per_row[r]`` on every element of row ``r``."""
-        return torch.repeat_interleave(per_row, self.lengths, output_size=self.numel)
+    def scale_rows_(self, flat: torch.Tensor, per_row: torch.Tensor) -> torch.Tensor:
+        """Multiply every element of row ``r`` of ``flat`` by ``per_row[r]``, in place (one foreach
+        multiply of per-tensor ``(rows, length)`` views by ``(rows, 1)`` slices: no per-element index)."""
+        views = [c.view(b) for c, b in zip(torch.split(flat, self.sizes), self.blocks)]
+        factors = [f.view(b[0], 1) for f, b in zip(torch.split(per_row, [b[0] for b in self.blocks]), self.blocks)]
+        torch._foreach_mul_(views, factors)
+        return flat
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of ``flat`` shaped like the tensors of this layout."""
@@ -92,4 +99,4 @@ class RowLayout:
 def gaussian(layout: RowLayout, row_std: torch.Tensor, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     """Flat Gaussian noise (in ``layout.flat`` order) with standard deviation ``row_std[r]`` on row ``r``."""
     flat = torch.randn(layout.numel, generator=generator, device=row_std.device, dtype=dtype)
-    return flat.mul_(layout.expand(row_std))
+    return layout.scale_rows_(flat, row_std)

@@ -225,9 +225,9 @@ class RWP(SAM):
             std = rows.row_sums(ts, square=True).sqrt_().mul_(self.sigma)
             gen = step_generator(self._generators, ts[0].device, self.seed, self._step)
             flat = gaussian(rows, std, gen, ts[0].dtype)
-            if fisher is not None:
-                f = frows.expand(frows.row_sums([fisher[i] for i in idx], square=False))
-                flat.div_(f.mul_(self.eta).add_(1.0).sqrt_())
+            if fisher is not None:  # the same flat order: both layouts read rows front to back
+                f = frows.row_sums([fisher[i] for i in idx], square=False)
+                frows.scale_rows_(flat, f.mul_(self.eta).add_(1.0).rsqrt_())
             for i, d in zip(idx, rows.split(flat)):
                 directions[i] = d
         return directions, torch.ones((), device=params[0].device)
