@@ -305,31 +305,29 @@ class RobustnessMonitorCallback(_MonitorCallback):
     _monitor_cls_name = "RobustnessMonitor"
 
     def __init__(self, monitor: Any = None, *, input_key: str = "pixel_values", label_key: str = "labels", **kwargs: Any):
+        if kwargs.get("restore_into") is None:
+            for key_name, key in (("input_key", input_key), ("label_key", label_key)):
+                if not isinstance(key, str):
+                    raise ConfigurationError(f"{key_name} must name a key of the Trainer's batches, got {key!r}.")
+            if monitor is None:  # the core monitor owns the key rule (sharpguard.monitor.RobustnessMonitor.pair)
+                kwargs.update(input_key=input_key, label_key=label_key)
         super().__init__(monitor, **kwargs)
         if kwargs.get("restore_into") is not None:
             return  # the live instance, configured already
-        for key_name, key in (("input_key", input_key), ("label_key", label_key)):
-            if not isinstance(key, str):
-                raise ConfigurationError(f"{key_name} must name a key of the Trainer's batches, got {key!r}.")
         self.input_key, self.label_key = input_key, label_key
 
     def _as_pairs(self, batch: Any) -> Any:
         if not isinstance(batch, Mapping):
             return batch
-        missing = [k for k in (self.input_key, self.label_key) if k not in batch]
-        if missing:
-            raise ConfigurationError(
-                f"the probe batches have no {missing} key(s) (keys: {sorted(batch)}); "
-                "set input_key=/label_key= on RobustnessMonitorCallback."
-            )
-        x = batch[self.input_key]
+        pair = getattr(self.monitor, "pair", None)
+        x, y = pair(batch) if callable(pair) else (batch[self.input_key], batch[self.label_key])
         attacks = set(self.monitor.measures) - {"clean_acc"}
         if attacks and not torch.is_floating_point(x):
             raise ConfigurationError(
                 f"{self.input_key!r} holds integer token ids, which {sorted(attacks)} cannot perturb; "
                 "use measures=('clean_acc',) for a text model."
             )
-        return (x, batch[self.label_key])
+        return (x, y)
 
     def on_train_begin(self, args, state, control, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)

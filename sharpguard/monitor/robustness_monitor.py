@@ -111,9 +111,10 @@ class RobustnessMonitor(Monitor):
                 )
             return batch[xk], batch[yk]
         if isinstance(batch, (tuple, list)):
-            xi = self.input_key if self.input_key is not None else 0
-            yi = self.label_key if self.label_key is not None else 1
-            if not (isinstance(xi, int) and isinstance(yi, int)) or max(xi, yi) >= len(batch):
+            # string keys name mapping entries; a tuple batch is (inputs, labels) unless positions are given
+            xi = self.input_key if isinstance(self.input_key, int) else 0
+            yi = self.label_key if isinstance(self.label_key, int) else 1
+            if max(xi, yi) >= len(batch):
                 raise ConfigurationError(
                     f"RobustnessMonitor needs (inputs, labels) batches, got a {type(batch).__name__} of {len(batch)} items; "
                     "pass input_key=/label_key= positions or batch_map=."
