@@ -435,7 +435,6 @@ def rescale(model: nn.Sequential, first: int, second: int, alpha: float) -> nn.S
 
 
 def rescaling(s: ScenarioSettings, progress: Callable[[str], None]) -> dict[str, Any]:
-    from .. import sharpness as S
     from .train import train_model
 
     epochs = s.epochs or (2 if s.quick else 20)
