@@ -269,3 +269,27 @@ def test_cost_model_terms_and_validation():
         kw = {"step_peak_bytes": step_peak, "step_seconds": step_s, **bad}
         with pytest.raises(ConfigurationError):
             estimate_check_cost(p, **kw)
+
+
+def test_products_skip_an_accelerate_style_autocast_wrapper():
+    """Accelerate's mixed precision (HF ``bf16=True``) keeps the original forward as ``_original_forward``
+    and puts an autocast wrapper in ``model.forward``; the measures use the float32 forward (the exact
+    products of the unwrapped model) and leave the wrapper in place afterwards."""
+    import types
+
+    reference, batches = mlp_case()
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 4))
+    model.load_state_dict(reference.float().state_dict())
+    batches32 = [(x.float(), y) for x, y in batches]
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(0))
+    with HVPOperator(model, batches32) as op:
+        plain = op.matvec(v)
+    model._original_forward = model.forward
+    wrapper = types.MethodType(torch.autocast("cpu", dtype=torch.bfloat16)(type(model).forward), model)
+    model.forward = wrapper
+    with torch.no_grad():
+        assert model(batches32[0][0]).dtype == torch.bfloat16  # the wrapper does change the arithmetic
+    with HVPOperator(model, batches32) as op:
+        unwrapped = op.matvec(v)
+    assert torch.equal(unwrapped, plain)
+    assert model.forward is wrapper
