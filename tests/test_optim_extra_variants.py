@@ -111,6 +111,20 @@ def test_wsam_decoupled_term_follows_the_unscaling_of_the_gradient():
     close(weights(scaled), weights(plain), rtol=1e-12, atol=1e-14)
 
 
+def test_wsam_with_a_non_finite_perturbed_gradient_takes_the_plain_step():
+    """g~ = NaN: the base optimizer steps with the clean g and the decoupled term is dropped (no NaN)."""
+    model = lsq_model()
+    opt = WSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=LR)
+    opt.prepare()
+    lsq_loss(model).backward()
+    assert opt.first_step(zero_grad=True)
+    lsq_loss(model).backward()
+    model.weight.grad[0, 0] = float("nan")
+    opt.second_step()
+    assert opt.nonfinite_counts["nonfinite_perturbed"] == 1
+    close(weights(model), add([W0, B0], lsq_grad([W0, B0]), -LR))
+
+
 # --------------------------------------------------------------------------------------------------
 # random weight perturbation
 # --------------------------------------------------------------------------------------------------

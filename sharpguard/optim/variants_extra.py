@@ -116,11 +116,27 @@ class WSAM(SAM):
         sharpness = self._buffers("sharpness", params)
         torch._foreach_copy_(sharpness, grads)
         torch._foreach_sub_(sharpness, clean)  # g~ - g
-        zeros = self._buffers("zeros", params)
-        torch._foreach_zero_(zeros)
-        F.select_(sharpness, zeros, ~torch.isfinite(F.global_norm(sharpness)))  # never a non-finite term
-        torch._foreach_copy_(grads, clean)
+        ok = torch.isfinite(F.global_norm(sharpness))
+        F.select_(sharpness, self._zeros(params), ~ok)  # never a non-finite term
+        # the clean g when the step is sound; otherwise leave g~ so that the fault policy sees, counts
+        # and handles it like any variant's (fallback to the clean gradient, or skip)
+        F.select_(grads, clean, ok)
         self._pending = (params, sharpness, clean)
+
+    def _zeros(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Zero tensors shaped like ``params`` that hold no memory (expanded 0-dim zeros), built once."""
+        ids = list(map(id, params))
+        cached = getattr(self, "_zero_views", None)
+        if cached is None or cached[0] != ids:
+            scalars: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+            views = []
+            for p in params:
+                key = (p.device, p.dtype)
+                if key not in scalars:
+                    scalars[key] = torch.zeros((), device=p.device, dtype=p.dtype)
+                views.append(scalars[key].expand_as(p))
+            cached = self._zero_views = (ids, list(params), views)
+        return cached[2]
 
     @torch.no_grad()
     def _decoupled_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
