@@ -279,6 +279,9 @@ def robust_overfitting(s: ScenarioSettings, progress: Callable[[str], None]) -> 
     attack = {"eps": config.eps, "alpha": config.train_attack_alpha, "steps": config.train_attack_steps}
     curves: dict[str, dict[int, list[dict]]] = {}
     every = 1 if s.quick else max(1, epochs // 10)
+    # Rice et al. (2020) see robust overfitting right after the first decay of a piecewise schedule (x0.1 at
+    # 50% and 75% of training); a constant learning rate hides it.
+    milestones = [epochs // 2, (3 * epochs) // 4] if epochs >= 4 else []
     for arm in ("pgd-at", "awp"):
         curves[arm] = {}
         for seed in range(s.seeds):
@@ -295,7 +298,8 @@ def robust_overfitting(s: ScenarioSettings, progress: Callable[[str], None]) -> 
 
             method = (make_method("pgd-at", seed=seed, **attack) if arm == "pgd-at"
                       else make_method("awp", base="pgd-at", gamma=1e-2, seed=seed, **attack))
-            train_model(data, config, seed, adversarial_method=method, callbacks=[EpochEnd(measure, every)])
+            train_model(data, config, seed, adversarial_method=method, callbacks=[EpochEnd(measure, every)],
+                        lr_milestones=milestones)
             curves[arm][seed] = rows
     src = "Stutz et al., ICCV 2021 (sec. 4-5); Rice et al., ICML 2020"
     claims = []
@@ -338,7 +342,8 @@ def robust_overfitting(s: ScenarioSettings, progress: Callable[[str], None]) -> 
         [r["robust_test_acc"] for r in last["awp"]], [r["robust_test_acc"] for r in last["pgd-at"]],
         "final robust test accuracy, AWP - PGD-AT", +1))
     return {"claims": claims, "data": {"curves": {a: {str(k): v for k, v in c.items()} for a, c in curves.items()}},
-            "settings": {"epochs": epochs, "measured_every": every, "eval_examples": n, **_cfg(config)}}
+            "settings": {"epochs": epochs, "measured_every": every, "eval_examples": n, "lr_milestones": milestones,
+                         **_cfg(config)}}
 
 
 def _cfg(config: StudyConfig) -> dict[str, Any]:

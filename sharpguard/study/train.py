@@ -61,10 +61,12 @@ class StudyModule(AdversarialTrainingMixin, pl.LightningModule):
     ``forward`` maps inputs to logits, as the callbacks expect."""
 
     def __init__(self, model: nn.Module, *, lr: float, momentum: float, weight_decay: float = 0.0,
-                 loss_fn: LossFn | None = None, adversarial_method: Any = None) -> None:
+                 loss_fn: LossFn | None = None, adversarial_method: Any = None,
+                 lr_milestones: Sequence[int] = ()) -> None:
         super().__init__()
         self.model = model
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.lr_milestones = list(lr_milestones)  # epochs where the learning rate drops 10x (none by default)
         self.loss_fn = loss_fn or default_loss_fn
         self.adversarial_method = adversarial_method
 
@@ -79,8 +81,12 @@ class StudyModule(AdversarialTrainingMixin, pl.LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=batch[0].shape[0])
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        if not self.lr_milestones:
+            return opt
+        schedule = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=self.lr_milestones, gamma=0.1)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
 
 
 @dataclass
@@ -205,15 +211,16 @@ def train_run(method: str, seed: int, data: StudyData, config: StudyConfig, hist
 
 
 def train_model(data: StudyData, config: StudyConfig, seed: int, *, adversarial_method: Any = None,
-                callbacks: Sequence[Any] = (), weight_decay: float = 0.0) -> TrainedRun:
+                callbacks: Sequence[Any] = (), weight_decay: float = 0.0, lr_milestones: Sequence[int] = ()) -> TrainedRun:
     """Train the study's MLP with ``config``'s optimizer settings (``batch_size``, ``lr``, ``epochs``) through
     the same :class:`StudyModule` and Lightning ``Trainer`` as :func:`train_run`, without the monitors and
     with the caller's ``callbacks`` (a scenario's per-epoch measurements). ``adversarial_method`` (e.g.
-    ``make_method("awp", base="pgd-at", ...)``) goes through :class:`AdversarialTrainingMixin`, as TRADES does."""
+    ``make_method("awp", base="pgd-at", ...)``) goes through :class:`AdversarialTrainingMixin`, as TRADES does;
+    ``lr_milestones``: epochs where the learning rate drops 10x (piecewise decay, as in Rice et al. 2020)."""
     pl.seed_everything(seed, verbose=False)
     model = make_mlp(data.input_shape, data.n_classes, config.hidden)
     module = StudyModule(model, lr=config.lr, momentum=config.momentum, weight_decay=weight_decay,
-                         adversarial_method=adversarial_method)
+                         adversarial_method=adversarial_method, lr_milestones=lr_milestones)
     seconds, steps = _fit(module, data, config, seed, list(callbacks))
     return TrainedRun(model=model.eval(), seconds=seconds, steps=steps, monitor_overhead_pct=None)
 
