@@ -87,6 +87,10 @@ def test_every_scenario_writes_its_report(tmp_path, name):
         arms = report["data"]["confounder"]
         assert arms["small"]["batch_size"] == 32 and arms["large"]["lr"] == arms["small"]["lr"]
         assert arms["large_scaled_lr"]["lr_over_batch"] == pytest.approx(arms["small"]["lr_over_batch"])
+        assert "## The confounder: learning rate over batch size" in md and "| large_scaled_lr | " in md
+    if name == "local_global":
+        taus = report["data"]["tau_by_eps"]
+        assert list(taus) == ["0.02", "0.1", "0.3"] and "## Relative flatness against robust accuracy" in md
 
 
 def test_scenario_cli_and_its_errors(tmp_path, capsys):

@@ -421,7 +421,15 @@ def large_batch(s: ScenarioSettings, progress: Callable[[str], None]) -> dict[st
     ]
     confounder = {arm: {"batch_size": cfg.batch_size, "lr": cfg.lr, "lr_over_batch": cfg.lr / cfg.batch_size,
                         "steps_per_run": _mean(vals(arm, "steps"))} for arm, cfg in arms.items()}
-    return {"claims": claims, "data": {"runs": runs, "confounder": confounder},
+    table = ["## The confounder: learning rate over batch size", "",
+             "| arm | batch | lr | lr / B | steps | λ_max | worst-case sharpness | adaptive sharpness | κ | train acc | test acc |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, c in confounder.items():
+        table.append(f"| {arm} | {c['batch_size']} | {c['lr']:.3g} | {c['lr_over_batch']:.2g} | {c['steps_per_run']:.0f} | "
+                     + " | ".join(_fmt(_mean(vals(arm, k)), ".3g" if "acc" not in k else ".3f") for k in
+                                  ("lambda_max", "worst_case_sharpness", "adaptive_sharpness", "relative_flatness",
+                                   "train_acc", "test_acc")) + " |")
+    return {"claims": claims, "data": {"runs": runs, "confounder": confounder}, "markdown": table,
             "settings": {"epochs": epochs, "arms": confounder, **_cfg(base)}}
 
 
@@ -573,7 +581,16 @@ def local_global(s: ScenarioSettings, progress: Callable[[str], None]) -> dict[s
     for eps in eps_grid:
         t = kendall_tau(kappa, [r[f"robust_acc@{eps}"] for r in models])
         taus[str(eps)] = {"tau": t.tau, "p_value": t.p_value, "n": t.n}
-    return {"claims": claims, "data": {"models": models, "tau_by_eps": taus},
+    table = ["## Relative flatness against robust accuracy, eps by eps", "",
+             "| eps | " + " | ".join(f"{arm} robust acc" for arm in arms) + " | τ(κ, robust acc) | p |",
+             "|---|" + "---|" * (len(arms) + 2)]
+    for eps in eps_grid:
+        accs = [_fmt(_mean([r[f"robust_acc@{eps}"] for r in models if r["arm"] == arm]), ".3f") for arm in arms]
+        t = taus[str(eps)]
+        table.append(f"| {eps} | " + " | ".join(accs) + f" | {_fmt(t['tau'], '.2f')} | {_fmt(t['p_value'], '.2g')} |")
+    table += ["", "Mean κ (training probe): " + ", ".join(
+        f"{arm} {_fmt(_mean([r['relative_flatness'] for r in models if r['arm'] == arm]))}" for arm in arms) + "."]
+    return {"claims": claims, "data": {"models": models, "tau_by_eps": taus}, "markdown": table,
             "settings": {"epochs": epochs, "eps_grid": eps_grid, "test_examples": n_test, **_cfg(config)}}
 
 
@@ -632,6 +649,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     notes = [c for c in report["claims"] if c.get("note")]
     if notes:
         lines += ["", "Notes:", ""] + [f"- {c['name']}: {c['note']}" for c in notes]
+    if report.get("markdown"):
+        lines += [""] + list(report["markdown"])
     lines += ["", "## Settings", "", "```json", json.dumps(report["settings"], indent=2, default=str), "```", ""]
     return "\n".join(lines)
 
@@ -677,6 +696,7 @@ def run_scenario(name: str, out_dir: str | Path, settings: ScenarioSettings | No
         "claims": [asdict(c) for c in claims],
         "multiple_comparisons": family,
         "data": result["data"],
+        "markdown": result.get("markdown", []),
         "settings": {**asdict(settings), **result["settings"]},
         "seconds": time.perf_counter() - start,
     })
