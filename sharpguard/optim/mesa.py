@@ -48,7 +48,7 @@ class MESA:
     r"""MESA's trajectory loss: :math:`\lambda\,\tau^2\,\mathrm{KL}\big(\sigma(f_{\bar\theta}(x)/\tau)\,\Vert\,\sigma(f_\theta(x)/\tau)\big)`.
 
     :math:`\bar\theta \leftarrow d\,\bar\theta + (1-d)\,\theta` after every optimizer step (the EMA
-    teacher, eq. 9 of the paper with the EMA in place of stored past outputs); the KL is summed over
+    teacher: the paper's trajectory loss with the EMA in place of stored past outputs); the KL is summed over
     the classes (last dimension) and averaged over the rest, as in the official ``MESA_train.py``
     (``reinforce=0.3``, ``temperature=5``). The term is 0 before ``start_step`` optimizer steps (the
     paper starts it after a few epochs, when the teacher has something to teach).
