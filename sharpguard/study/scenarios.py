@@ -486,7 +486,8 @@ def rescaling(s: ScenarioSettings, progress: Callable[[str], None]) -> dict[str,
     claims.append(law_claim("function_preserved", src, "the rescaled network computes the same function",
                             logit_change, 0.0, logit_change, "max relative change of the logits", logit_change < 1e-5,
                             "< 1e-5 (float32 rounding)"))
-    for key, label in (("lambda_max", "λ_max"), ("worst_case_sharpness", "worst-case sharpness (l2 ρ-ball)")):
+    for key, label in (("lambda_max", "λ_max"), ("worst_case_sharpness", "worst-case sharpness (l2 ρ-ball)"),
+                       ("robust_sharpness", "robust-loss sharpness (l2 ρ-ball)")):
         factor, lo, hi = spread(key)
         claims.append(law_claim(f"{key}_moves", src, f"{label} can be made arbitrarily larger or smaller",
                                 factor, lo, hi, f"largest factor by which {label} changed (ratio range)",
@@ -494,21 +495,34 @@ def rescaling(s: ScenarioSettings, progress: Callable[[str], None]) -> dict[str,
     for key, label, source in (
         ("adaptive_sharpness", "adaptive sharpness", "Kwon et al., ICML 2021 (ASAM, Thm. 2)"),
         ("relative_flatness", "relative flatness κ", "Petzka et al., NeurIPS 2021 (Thm. 5)"),
+        ("input_curvature", "input-Hessian λ_max", "a function of the input only (CURE, Moosavi-Dezfooli et al. 2019)"),
     ):
         factor, lo, hi = spread(key)
-        tol = 0.05 if key == "adaptive_sharpness" else 1e-4
+        tol = {"adaptive_sharpness": 0.05, "relative_flatness": 1e-4, "input_curvature": 1e-3}[key]
         claims.append(law_claim(f"{key}_invariant", source, f"{label} is invariant to this reparametrization",
                                 factor - 1.0, lo - 1.0, hi - 1.0,
                                 f"largest relative change of {label} (range of ratio - 1)",
                                 factor - 1.0 <= tol, f"<= {tol:g}",
-                                note="the ascent of adaptive sharpness is iterative (a few steps from a fixed start), "
-                                     "hence the looser tolerance" if key == "adaptive_sharpness" else ""))
+                                note={"adaptive_sharpness": "the ascent of adaptive sharpness is iterative (a few steps "
+                                                            "from a fixed start), hence the looser tolerance",
+                                      "input_curvature": "Lanczos stops at a 1e-3 residual; the same function gives "
+                                                         "the same products up to float32 rounding"}.get(key, "")))
     return {"claims": claims, "data": {"rows": rows, "linear_layers": linear},
             "settings": {"epochs": epochs, "alphas": alphas, **_cfg(config)}}
 
 
 def _rescaling_row(model: nn.Module, probe: list, config: StudyConfig, seed: int) -> dict[str, float]:
-    return _sharpness_row(model, probe, config, seed)
+    """The weight-space measures plus two that depend on the function only (input curvature) or also on the
+    weights (the robust loss's sharpness in a plain l2 ball)."""
+    from .. import sharpness as S
+
+    return {
+        **_sharpness_row(model, probe, config, seed),
+        "input_curvature": S.input_hessian_eigenvalue(model, probe, n_examples=config.curvature_examples,
+                                                      seed=seed).mean,
+        "robust_sharpness": S.robust_sharpness(model, probe, eps=config.eps, attack_steps=config.train_attack_steps,
+                                               rho=config.sharpness_rho, steps=config.sharpness_steps, seed=seed).value,
+    }
 
 
 # -- local vs global ----------------------------------------------------------------------------------------
