@@ -83,6 +83,7 @@ def test_every_scenario_writes_its_report(tmp_path, name):
         assert verdicts["function_preserved"] == "held"
         assert verdicts["relative_flatness_invariant"] == "held"
         assert verdicts["lambda_max_moves"] == "held"
+        assert verdicts["input_curvature_invariant"] == "held"  # the function, hence its input Hessian, is unchanged
     if name == "large_batch":
         arms = report["data"]["confounder"]
         assert arms["small"]["batch_size"] == 32 and arms["large"]["lr"] == arms["small"]["lr"]
