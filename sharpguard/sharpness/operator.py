@@ -359,7 +359,10 @@ class HVPOperator(ProbeLoss):
         hv = self._select_method(v) if self.method is None else self._product(v)
         if self._unchecked:
             self._unchecked = False
-            again = self._product(v, fresh=True)  # a new forward: a cached graph would hide randomness
+            # A new forward (a cached graph would hide randomness). The first product's cached graph is
+            # dropped first and the new one cached in its place: never two gradient graphs alive at once.
+            self._graphs.clear()
+            again = self._product(v)
             diff = float(torch.linalg.vector_norm(hv - again))
             scale = float(torch.linalg.vector_norm(hv))
             if not diff <= self._rtol * max(scale, torch.finfo(self.dtype).tiny):
