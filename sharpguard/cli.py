@@ -34,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare training methods on sharpness and adversarial robustness",
         description=(
             "Train each method over several seeds through sharpguard's Lightning integration (monitors attached), "
-            "measure clean/FGSM/PGD-20 accuracy, lambda_max, Hessian trace, worst-case and adaptive sharpness, and "
-            "write report.json, report.md and PNG plots. Methods: " + ", ".join(list(METHODS) + [ENSEMBLE]) + "."
+            "measure clean/FGSM/PGD-20 accuracy, lambda_max, Hessian trace, worst-case and adaptive sharpness, relative "
+            "flatness, robust-loss sharpness and input-space curvature, and write report.json, report.md (Holm-corrected "
+            "findings) and PNG plots. Methods: " + ", ".join(list(METHODS) + [ENSEMBLE]) + ". With --scenario NAME, "
+            "reproduce one published law instead and write scenario.json and scenario.md."
         ),
     )
     study.add_argument("--out", default=None,
