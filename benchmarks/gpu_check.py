@@ -1038,7 +1038,7 @@ def _error(exc: BaseException) -> str:
 
 def record_warnings(results: dict[str, Any], part: str, caught: list[warnings.WarningMessage]) -> None:
     """Keep the warnings sharpguard itself raised (once each, with a count): a fallback or a skipped step
-    is said in a warning (DESIGN.md promise 9), and a GPU run should show which ones it met."""
+    is said in a warning (docs/design.md promise 9), and a GPU run should show which ones it met."""
     seen: dict[tuple[str, str], dict[str, Any]] = results.setdefault("_warnings", {})
     for w in caught:
         origin = f"{w.category.__module__}.{w.category.__name__}"

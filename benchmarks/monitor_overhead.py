@@ -4,7 +4,7 @@
     python benchmarks/monitor_overhead.py --check-cost [--repeats 3]
 
 One process, same data, same model, same seed; the configurations run interleaved ``--repeats`` times
-and the median wall time of ``trainer.fit`` is reported. The target (DESIGN.md promise 4) is at most 5%
+and the median wall time of ``trainer.fit`` is reported. The target (docs/design.md promise 4) is at most 5%
 extra time for the default monitor, whose adaptive schedule keeps its own time within a 5% budget. The
 table also gives what the monitors report themselves (``monitor/overhead_pct``) and how many checks
 they ran. Writes the section "Monitor overhead" of benchmarks/RESULTS.md.

@@ -1,4 +1,4 @@
-"""Save and restore the pieces of state a measurement must not disturb (DESIGN.md, promise 1).
+"""Save and restore the pieces of state a measurement must not disturb (docs/design.md, promise 1).
 
 Each guard records what it finds on entry and puts it back *exactly* on exit, including on an
 exception: parameter values (by copy, never by subtraction), ``.grad`` (same tensor object and

@@ -1,4 +1,4 @@
-"""One configuration, four front ends, the same weights (issue 10; DESIGN.md promise 8).
+"""One configuration, four front ends, the same weights (issue 10; docs/design.md promise 8).
 
 Every SAM variant, given by name with that variant's own defaults, trains the same small network on
 the same data order with gradient accumulation 2 in plain PyTorch (``make_sam`` + closure), the

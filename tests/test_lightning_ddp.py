@@ -70,8 +70,9 @@ class Report(pl.Callback):
 class ReplayOutsideStrategy(SharpnessAwareMinimization):
     """The fault of SAM callbacks that call pl_module.training_step: the backward bypasses DDP's reducer."""
 
-    def _replays(self, trainer, pl_module, batches, scaler):
-        return [lambda b=batch, i=batch_idx: pl_module.training_step(b, i).backward() for batch, batch_idx in batches]
+    @staticmethod
+    def _replay(trainer, pl_module, batch, batch_idx):
+        return lambda: pl_module.training_step(batch, batch_idx).backward()
 
 
 def fit(tmp_path, sam_cls) -> dict:

@@ -1,4 +1,4 @@
-"""The law of DESIGN.md promise 1, property-tested: for any monitor configuration, a monitored run
+"""The law of docs/design.md promise 1, property-tested: for any monitor configuration, a monitored run
 trains to bitwise the same weights, buffers and RNG state as the same run without the monitor."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Monitors at their defaults on client code we did not write (issue 11): the demo LightningModules
 that ship with Lightning (synthetic data in place of their downloads) and Hugging Face model families
 built from configs. Each trains; a finite ``sharpness/lambda_max`` is logged within ~25 steps; the
-monitored run equals the unmonitored one bitwise (DESIGN.md promise 1)."""
+monitored run equals the unmonitored one bitwise (docs/design.md promise 1)."""
 
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ def test_adaptive_schedule_keeps_the_budget(monkeypatch, step_time, cost, budget
 
 
 def test_first_adaptive_check_comes_first_then_the_budget_pays_it_back(monkeypatch):
-    """Fail fast (DESIGN.md promise 9): the first check runs at the first measured step; a 10 s check
+    """Fail fast (docs/design.md promise 9): the first check runs at the first measured step; a 10 s check
     on 1 s steps under a 5% budget is then followed by a gap of (10 + 10) / 0.05 - T_train steps."""
     clock = FakeClock()
     monkeypatch.setattr(schedule_module.time, "perf_counter", clock)

@@ -1,4 +1,4 @@
-"""Issue 13: a monitor keeps nothing per step (DESIGN.md promise 10).
+"""Issue 13: a monitor keeps nothing per step (docs/design.md promise 10).
 
 The RSS test runs in a fresh interpreter with glibc's default allocator: kept per-step loss tensors
 pinned the heap above each freed logits block and RSS grew ~1-2 MiB per step on this small decoder

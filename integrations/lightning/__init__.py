@@ -9,7 +9,7 @@
 
 **How SAM runs (no closure needed).** Lightning's automatic optimization hands a closure to the
 optimizer at 32-bit/bf16 but calls ``scaler.step`` without one under fp16, and does not zero gradients
-between two closure calls under gradient accumulation (integration_conventions.md, 1.1-1.2). So the
+between two closure calls under gradient accumulation (docs/lightning.md, "How it works"). So the
 callback never relies on the closure: Lightning runs the clean pass as usual; in
 ``on_before_optimizer_step`` (gradients complete, already unscaled under ``16-mixed``) the callback moves
 the weights to ``w + e`` through the optimizer adapter protocol of :func:`sharpguard.optim.make_sam`

@@ -49,7 +49,7 @@ Adapter-facing API
     # 4. checkpoints: plain Python / tensor containers, loadable with torch.load(weights_only=True)
     state = mon.state_dict(); mon.load_state_dict(state)
 
-Metric names are exactly DESIGN.md's (``sharpness/lambda_max``, ``sharpness/lambda_min``,
+Metric names are exactly docs/design.md's (``sharpness/lambda_max``, ``sharpness/lambda_min``,
 ``sharpness/trace``, ``sharpness/eos_ratio``, ``sharpness/worst_case``,
 ``sharpness/adaptive_worst_case``, ``sharpness/average``, ``sharpness/batch``,
 ``robustness/clean_acc``, ``robustness/fgsm_acc``, ``robustness/pgd_acc``,
@@ -60,7 +60,7 @@ flags (1.0 while an alert is active). The robustness monitor reports its own sha
 History: one JSON object per line, ``{"step": int, "metric": str, "value": float, "settings": {...}}``
 (:class:`MetricHistory`, :func:`read_history`): the input of ``sharpguard report``.
 
-Promise (DESIGN.md, 1): a monitor leaves parameters, ``.grad``, ``requires_grad``, buffers, modes and
+Promise (docs/design.md, promise 1): a monitor leaves parameters, ``.grad``, ``requires_grad``, buffers, modes and
 the global RNG exactly as it found them, so a monitored run trains to bitwise the same weights.
 """
 

@@ -4,7 +4,7 @@ A rule *fires* when its condition has held for ``patience`` consecutive checks, 
 ``alert/<name>`` flag logs 1.0) and does not fire again until it has been clear for ``clear_patience``
 consecutive checks -- so a metric hovering at a threshold raises one alert, not one per check.
 
-Rules (sharpness_anchors.md, recommendation 4; adversarial_anchors.md, recommendation 9):
+Rules (docs/monitors.md, "Alerts (with hysteresis)"):
 
 * :class:`EdgeOfStabilityAlert` -- ``sharpness/eos_ratio > 1`` (lambda_max above 2/lr, Cohen et al.,
   ICLR 2021) for several checks; clears below ``clear_below``.

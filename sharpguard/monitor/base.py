@@ -2,7 +2,7 @@
 
 A subclass only says which measures exist (:meth:`Monitor._measure`); this class owns the probe set,
 the schedule and its cost accounting, the alert rules and their actions, the history, checkpoint state
-and the side-effect-free execution (DESIGN.md promise 1): every check runs in eval mode under
+and the side-effect-free execution (docs/design.md promise 1): every check runs in eval mode under
 :func:`sharpguard._state.side_effect_free`, with gradients enabled even under ``torch.no_grad`` or
 ``torch.inference_mode`` (validation hooks), and with the monitor's own seeded generators.
 """
@@ -234,7 +234,7 @@ class Monitor:
         if batch is not None and (self._train_batch_size is None or not self.probe.ready):
             self.capture(batch)
         if due and len(self.probe) == 0 and not self.probe.ready:
-            # never silent (DESIGN.md promise 9): a check is due but nothing can be measured
+            # never silent (docs/design.md promise 9): a check is due but nothing can be measured
             self.warn_once("no-probe", f"no check can run at step {step}: the probe set is empty; pass probe=[batches] "
                            "to the monitor or batch= to on_step_end so it can capture one.", step=step)
         due = due and self.probe.ready
@@ -303,7 +303,7 @@ class Monitor:
 
     # -- helpers -----------------------------------------------------------------------------------
     def _update_loss(self, loss: torch.Tensor | float) -> None:
-        """Fold a step's loss into the running average in place (DESIGN.md promise 10).
+        """Fold a step's loss into the running average in place (docs/design.md promise 10).
 
         Nothing of the step is kept: a tensor loss is folded into two preallocated 0-dim device tensors
         (the average and the count of finite losses) with in-place kernels, so there is no host
@@ -370,7 +370,7 @@ class Monitor:
                 action(alert)
 
     def warn_once(self, key: str, message: str, step: int | None = None) -> None:
-        """Say once why something cannot be done (DESIGN.md promise 9): a warning and a history line.
+        """Say once why something cannot be done (docs/design.md promise 9): a warning and a history line.
 
         The history line is ``{"metric": "monitor/note", "value": 1.0, "settings": {"reason": ...}}``.
         """

@@ -8,7 +8,7 @@ agreeing on the schedule across ranks, the averaging of metrics across ranks, "s
 rank, and the monitor's checkpoint state. An adapter supplies a :class:`Comm` built from its framework
 (Lightning's strategy, Accelerate's state) and translates hooks and logging; nothing else.
 
-The schedule rule (DESIGN.md promise 8): an adaptive schedule is set from wall-clock time, which
+The schedule rule (docs/design.md promise 8): an adaptive schedule is set from wall-clock time, which
 differs across ranks. It changes only at steps that are the same on every rank (the first step whose
 time is known, and the steps with a check), and :attr:`Schedule.changed` says so; the driver then
 broadcasts rank 0's ``next_step``. No collective runs on the other steps.

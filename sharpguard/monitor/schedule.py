@@ -1,4 +1,4 @@
-"""When a monitor runs: every ``n`` steps, or adaptively under a cost budget (DESIGN.md promise 4).
+"""When a monitor runs: every ``n`` steps, or adaptively under a cost budget (docs/design.md promise 4).
 
 The budget is a fraction of training wall time. The schedule measures training time between its own
 calls (excluding the monitor's time) and the monitor's cost, and places the next check at the first step
@@ -8,7 +8,7 @@ where the cumulative monitor time would still be within ``budget`` of the cumula
 
 where ``c_last`` is the cost of the latest check and ``t_step`` an average step time. The first check
 comes early, at the first step whose time is known (not before ``first_step``), so a broken setup shows
-in seconds (DESIGN.md promise 9); its cost is paid back by the gap after it. Decisions are taken when the first step time is known and when
+in seconds (docs/design.md promise 9); its cost is paid back by the gap after it. Decisions are taken when the first step time is known and when
 a check finishes (:attr:`Schedule.changed`), so distributed adapters agree on the schedule with one
 broadcast of :attr:`next_step` at those steps (none on the others).
 """
@@ -102,7 +102,7 @@ class Schedule:
         if self.adaptive and self.step_seconds is None:
             return False  # the first adaptive check waits until a step time has been measured
         if not self._placed:
-            # fail fast (DESIGN.md promise 9): the first adaptive check runs at the first step whose
+            # fail fast (docs/design.md promise 9): the first adaptive check runs at the first step whose
             # time is known (and whose probe holds data); its cost is then paid back by the gap the
             # budget sets after it
             self._placed = True

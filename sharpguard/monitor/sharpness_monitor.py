@@ -3,7 +3,7 @@ ratio, SAM-style (worst-case / adaptive / average) sharpness and the curvature a
 
 Each measure delegates to :mod:`sharpguard.sharpness`; the monitor adds the warm start (Lanczos begins
 from the previous check's top eigenvector, which cuts most of the ``log n`` start-up cost once training
-moves slowly; sharpness_anchors.md, recommendation 2) and the edge-of-stability ratio from the
+moves slowly; docs/sharpness.md, warm start) and the edge-of-stability ratio from the
 optimizer's own step size.
 """
 

@@ -7,7 +7,7 @@ al., ICML 2025, its perturbation generation). The whole list of tensors is handl
 concatenation, one ``segment_reduce`` for the row sums, one ``randn``), never a Python loop of tensor
 operations over parameters. Randomness comes from a private ``torch.Generator`` reseeded from
 ``(seed, step)``, so the noise of a step is the same in every front end and the global RNG is left
-alone (DESIGN.md promise 1).
+alone (docs/design.md promise 1).
 """
 
 from __future__ import annotations

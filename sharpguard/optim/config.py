@@ -115,9 +115,12 @@ class SAMConfig:
         )
 
     def describe(self) -> str:
-        """One line for the console: variant, knobs and passes per step."""
-        knobs = ", ".join(f"{k}={v}" for k, v in self.resolved_knobs().items())
+        """One line for the console: variant, knobs and passes per step (the variant's own ``cost``)."""
+        knobs = self.resolved_knobs()
         cls: type[SAM] = VARIANTS[self.variant]
-        interval = self.resolved_knobs().get("interval", self.resolved_knobs().get("k", 1))
-        passes = 1.0 if self.variant == "momentum_sam" else 1.0 + 1.0 / float(interval)
-        return f"{cls.__name__}({knobs}): {passes:g} forward/backward passes per step"
+        trial = object.__new__(cls)  # the variant's cost from its knobs, without building anything
+        object.__setattr__(trial, "_configuring", True)
+        trial._configure(**knobs)
+        forwards, _ = cls.cost.fget(trial)
+        listed = ", ".join(f"{k}={v}" for k, v in knobs.items())
+        return f"{cls.__name__}({listed}): {forwards:g} forward/backward passes per step"

@@ -299,9 +299,15 @@ class SAM(Optimizer):
     def __setattr__(self, name: str, value: Any) -> None:
         # A knob assigned between steps (``opt.rho = 0.1``, a rho schedule) is validated by the same
         # rule as at construction, before it takes effect: ``opt.rho = nan`` raises, nothing changes.
-        if not self.__dict__.get("_configuring", True) and name in _knob_defaults(type(self)):
-            self._apply_knobs(**{**self._knobs(), name: value})
-            return
+        if not self.__dict__.get("_configuring", True):
+            knobs = _knob_defaults(type(self))
+            if name in knobs:
+                self._apply_knobs(**{**self._knobs(), name: value})
+                return
+            if name == "rho":  # a radius schedule written for SAM would silently do nothing here
+                raise ConfigurationError(
+                    f"{type(self).__name__} has no setting 'rho'; its settings are {', '.join(knobs)}."
+                )
         object.__setattr__(self, name, value)
 
     def _apply_knobs(self, **knobs: Any) -> None:
@@ -407,7 +413,8 @@ class SAM(Optimizer):
             )
         params = self._params_with_grad()
         self._refuse_sparse(params)
-        self._warn_about_faults()
+        if self._faults is not None:
+            self._warn_about_faults()
         self._perturb_called, self._pass_params = True, params
         if not params:
             self._warn_once("no_grad", "a step found no gradient at all (did the loss call backward(), and does any "
@@ -422,7 +429,8 @@ class SAM(Optimizer):
         directions, scale = self._ascent(params, grads)
         # A non-finite clean gradient gives no perturbation: the scale is 0 (perturbation_scale), and
         # the few weights that 0 * inf still poisons are restored by copy before anything steps.
-        self._clean_ok = torch.isfinite(F.global_norm(clean))
+        norm = self.__dict__.pop("_ascent_norm", None)  # SAM's own ascent leaves ||g|| (or ||T g||) here
+        self._clean_ok = torch.isfinite(F.global_norm(clean) if norm is None else norm)
         self._move(params, directions, scale)
         self._snapshot_stats()
         self._perturbed = True
@@ -454,12 +462,18 @@ class SAM(Optimizer):
         """Never more non-finite values than the base optimizer would get (docs/reliability.md).
 
         ``ok`` = clean and final gradients both finite; otherwise the final gradient becomes the clean
-        one (``select_`` never multiplies a non-finite value by 0), all on the device. Under
-        ``nonfinite="skip"`` a failed step sets every gradient to ``None`` instead (one host sync).
+        one. On an accelerator this is decided on the device (``select_`` never multiplies a
+        non-finite value by 0; no host sync). On the CPU there is no device to wait for, so the flag is
+        read directly and the copy only happens on a faulty step. Under ``nonfinite="skip"`` a failed
+        step sets every gradient to ``None`` instead (one host sync on an accelerator).
         """
         clean_ok = self._clean_ok
         final_ok = torch.isfinite(F.global_norm(grads)) & clean_ok
-        F.select_(grads, self._buffers("clean_grad", params), ~final_ok)
+        if final_ok.device.type == "cpu":
+            if not bool(final_ok):
+                torch._foreach_copy_(grads, self._buffers("clean_grad", params))
+        else:
+            F.select_(grads, self._buffers("clean_grad", params), ~final_ok)
         self._count_faults(clean_ok, final_ok)
         if self.nonfinite == "skip" and not bool(final_ok):
             for p in params:
@@ -467,6 +481,14 @@ class SAM(Optimizer):
 
     def _count_faults(self, clean_ok: torch.Tensor, final_ok: torch.Tensor | None) -> None:
         """Add this step's faults to the device counters (``final_ok=None``: a step with one pass)."""
+        if clean_ok.device.type == "cpu":  # host flags: nothing to wait for, no tensor arithmetic needed
+            clean_bad = not bool(clean_ok)
+            perturbed_bad = final_ok is not None and not clean_bad and not bool(final_ok)
+            if clean_bad or perturbed_bad:
+                self._faults_host += torch.tensor([int(clean_bad), int(perturbed_bad)])
+                self._faults = self._faults_host.clone()
+                self._warn_about_faults()
+            return
         perturbed_bad = torch.zeros_like(clean_ok) if final_ok is None else clean_ok & ~final_ok
         faults = torch.stack([~clean_ok, perturbed_bad]).to(torch.int64)
         self._faults = faults if self._faults is None else self._faults + faults
@@ -592,6 +614,7 @@ class SAM(Optimizer):
         scale (:func:`.functional.perturbation_scale`), never a division by zero.
         """
         directions, norm = F.ascent_direction(params, grads, adaptive=self.adaptive, eta=self.eta)
+        self._ascent_norm = norm  # finite iff the clean gradient is: perturb() reuses it
         return directions, F.perturbation_scale(norm, self.rho)
 
     def _after_perturbed_pass(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
