@@ -339,17 +339,33 @@ def test_declared_cost_equals_hook_count_text(name, kw):
 
 
 # ----------------------------------------------------------------------------- SAM + AT
-def sam_step_reference(model, closure, rho=0.05):
-    """SAM through the functional kernel: closure at w, perturb, closure at w + e, restore."""
-    from sharpguard.optim.functional import restore_, sam_perturb_
+def hand_sam_perturbation(params, rho, adaptive=False):
+    """e of SAM (Foret et al. 2021, eq. 2) or ASAM with eta = 0 (Kwon et al. 2021, eq. 9), written out
+    per tensor in float64 -- an independent reference, not the package's kernel."""
+    grads = [p.grad.double() for p in params]
+    if adaptive:
+        t = [p.detach().double().abs() for p in params]
+        norm = torch.sqrt(sum(((ti * g) ** 2).sum() for ti, g in zip(t, grads)))
+        return [(rho * ti * ti * g / norm).to(p.dtype) for ti, g, p in zip(t, grads, params)]
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    return [(rho * g / norm).to(p.dtype) for g, p in zip(grads, params)]
 
+
+def sam_step_reference(model, closure, rho=0.05):
+    """SAM by hand: closure at w, move to w + e, closure at w + e, put w back."""
     params = [p for p in model.parameters()]
     closure()
-    backup, _ = sam_perturb_(params, [p.grad for p in params], rho)
+    e = hand_sam_perturbation(params, rho)
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, ei in zip(params, e):
+            p.add_(ei)
     for p in params:
         p.grad = None
     closure()
-    restore_(params, backup)
+    with torch.no_grad():
+        for p, w in zip(params, saved):
+            p.copy_(w)
 
 
 @pytest.mark.parametrize("reuse, expected", [(True, (12, 12)), (False, (22, 22))])
@@ -379,8 +395,6 @@ def test_sam_closure_second_pass_is_the_objective_at_the_cached_adversary():
 def test_sam_adversarial_step_with_sharpguard_sam_matches_the_kernel_reference(adaptive):
     import sharpguard.optim as optim
     from sharpguard.adversarial import sam_adversarial_step
-    from sharpguard.optim.functional import restore_, sam_perturb_
-
     (x, y), method = image_data(), PGDAT(EPS, ALPHA, 5, random_start=False)
     model, reference = mlp(), mlp()
     opt = optim.SAM(model.parameters(), torch.optim.SGD, rho=0.05, adaptive=adaptive, lr=0.1)
@@ -392,10 +406,16 @@ def test_sam_adversarial_step_with_sharpguard_sam_matches_the_kernel_reference(a
     params = list(reference.parameters())
     x_adv = method.generate(reference, (x, y))
     F.cross_entropy(reference(x_adv), y).backward()
-    backup, _ = sam_perturb_(params, [p.grad for p in params], 0.05, adaptive=adaptive)
+    e = hand_sam_perturbation(params, 0.05, adaptive=adaptive)
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, ei in zip(params, e):
+            p.add_(ei)
     reference.zero_grad()
     F.cross_entropy(reference(x_adv), y).backward()
-    restore_(params, backup)
+    with torch.no_grad():
+        for p, w in zip(params, saved):
+            p.copy_(w)
     torch.optim.SGD(params, lr=0.1).step()
     assert torch.allclose(loss, F.cross_entropy(mlp()(x_adv), y))
     for p, q in zip(model.parameters(), reference.parameters()):

@@ -256,26 +256,27 @@ def test_alert_is_plain_data():
     assert math.isfinite(a.value)
 
 
-def test_adapter_hook_time_counts_as_monitor_time_not_training_time():
+def test_adapter_hook_time_counts_as_monitor_time_not_training_time(monkeypatch):
     """Honest cost: what a monitor does on every step (capture, bookkeeping) is its own time, so the
-    budget and monitor/overhead_pct include it; the time between hooks is training time."""
-    import time as _time
-
+    budget and monitor/overhead_pct include it; the time between hooks is training time. A fake clock
+    makes the accounting exact (no sleeps, no tolerance windows)."""
+    from sharpguard.monitor import schedule as schedule_module
     from sharpguard.monitor.schedule import Schedule
 
+    clock = [100.0]
+    monkeypatch.setattr(schedule_module.time, "perf_counter", lambda: clock[0])
     schedule = Schedule(every_n_steps=1000)
     schedule.tick(0)
-    _time.sleep(0.02)                      # training
-    started = _time.perf_counter()
-    schedule.tick(1, now=started)
-    _time.sleep(0.01)                      # the monitor's per-step work inside the hook
+    clock[0] += 0.020                      # training
+    schedule.tick(1, now=clock[0])
+    clock[0] += 0.010                      # the monitor's per-step work inside the hook
     schedule.leave()
-    assert 0.018 <= schedule.train_seconds < 0.03
-    assert 0.009 <= schedule.monitor_seconds < 0.02
-    _time.sleep(0.02)                      # training again: not the monitor's
+    assert schedule.train_seconds == pytest.approx(0.020, abs=1e-12)
+    assert schedule.monitor_seconds == pytest.approx(0.010, abs=1e-12)
+    clock[0] += 0.020                      # training again: not the monitor's
     schedule.tick(2)
-    assert 0.038 <= schedule.train_seconds < 0.06
-    assert schedule.monitor_seconds < 0.02
+    assert schedule.train_seconds == pytest.approx(0.040, abs=1e-12)
+    assert schedule.monitor_seconds == pytest.approx(0.010, abs=1e-12)
 
 
 def test_loss_average_folded_at_checks_equals_the_sequential_update():
