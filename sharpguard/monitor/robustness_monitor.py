@@ -25,7 +25,11 @@ class RobustnessMonitor(Monitor):
     """Robust accuracy on a frozen probe set of ``(inputs, labels)`` batches.
 
     Measures (metric ``robustness/<name>``): ``clean_acc``, ``fgsm_acc``, ``pgd_acc`` (PGD-``steps``,
-    ``restarts`` random starts), ``input_grad_norm`` (mean ``||grad_x L||_2``). Its share of training
+    ``restarts`` random starts), ``input_grad_norm`` (mean ``||grad_x L||_2``), ``input_curvature`` (mean
+    top eigenvalue of the input Hessian, CURE, Moosavi-Dezfooli et al. 2019), ``adv_confidence`` and
+    ``adv_input_curvature`` (the confidence of the misclassified PGD examples and the input curvature at
+    the PGD examples: Walter et al. 2026's "confidently wrong in flat regions"; one PGD run serves
+    both; :func:`sharpguard.sharpness.adversarial_geometry`). Its share of training
     time is logged as ``monitor/robustness_overhead_pct`` (``monitor/overhead_pct`` is the sharpness
     monitor's).
 
@@ -41,7 +45,8 @@ class RobustnessMonitor(Monitor):
         Other keywords: see :class:`~sharpguard.monitor.Monitor`.
     """
 
-    MEASURES = ("clean_acc", "fgsm_acc", "pgd_acc", "input_grad_norm")
+    MEASURES = ("clean_acc", "fgsm_acc", "pgd_acc", "input_grad_norm", "input_curvature", "adv_confidence",
+                "adv_input_curvature")
     DEFAULT_MEASURES = ("clean_acc", "pgd_acc")
     prefix = "robustness"
     overhead_metric = "monitor/robustness_overhead_pct"
@@ -84,6 +89,11 @@ class RobustnessMonitor(Monitor):
             raise ConfigurationError("pass either batch_map= or input_key=/label_key=, not both.")
         self.input_key, self.label_key, self.batch_map = input_key, label_key, batch_map
         super().__init__(measures, **kwargs)
+        if (mean is not None or std is not None) and set(self.measures) & {"adv_confidence", "adv_input_curvature"}:
+            raise ConfigurationError(
+                "adv_confidence / adv_input_curvature attack raw inputs and do not take mean/std yet; drop mean=/std= "
+                "(normalise inside the model on raw [0, 1] inputs) or leave these measures out."
+            )
         self.eps = eps
         self.alpha = alpha
         self.steps, self.norm, self.restarts = steps, norm, restarts
@@ -133,8 +143,13 @@ class RobustnessMonitor(Monitor):
         return default_robustness_alerts()
 
     def passes(self) -> float:
-        cost = {"clean_acc": 0.5, "fgsm_acc": 1.5, "pgd_acc": self.steps * self.restarts + 0.5, "input_grad_norm": 1.0}
-        return sum(cost[m] for m in self.measures)
+        cost = {"clean_acc": 0.5, "fgsm_acc": 1.5, "pgd_acc": self.steps * self.restarts + 0.5, "input_grad_norm": 1.0,
+                # Lanczos in input space on up to 64 / 32 examples (~30 products each), then the PGD run
+                "input_curvature": 30.0, "adv_confidence": self.steps + 1.0, "adv_input_curvature": 30.0}
+        total = sum(cost[m] for m in self.measures)
+        if {"adv_confidence", "adv_input_curvature"} <= set(self.measures):
+            total -= self.steps + 1.0  # one PGD run serves both
+        return total
 
     def _settings(self, **extra: Any) -> dict[str, Any]:
         return {"eps": self.eps, "norm": self.norm, "bounds": list(self.bounds) if self.bounds else None, **extra}
@@ -175,6 +190,29 @@ class RobustnessMonitor(Monitor):
             settings["robustness/pgd_acc"] = self._settings(attack="pgd", alpha=self.alpha, steps=self.steps,
                                                             restarts=self.restarts)
         if "input_grad_norm" in want:
-            metrics["robustness/input_grad_norm"] = float(A.input_grad_norm(model, batches))
+            value = A.input_grad_norm(model, batches, bounds=self.bounds, mean=self.mean, std=self.std)
+            metrics["robustness/input_grad_norm"] = float(value)
             settings["robustness/input_grad_norm"] = {"definition": "mean ||grad_x CE||_2 over probe examples"}
+        if want & {"input_curvature", "adv_confidence", "adv_input_curvature"}:
+            from .. import sharpness as S
+
+            if "input_curvature" in want:
+                res = S.input_hessian_eigenvalue(model, batches, seed=self.seed)
+                metrics["robustness/input_curvature"] = float(res.mean)
+                settings["robustness/input_curvature"] = {"definition": "mean top eigenvalue of the input Hessian",
+                                                          "n_examples": int(res.n_examples), "n_hvp": int(res.n_hvp)}
+            if want & {"adv_confidence", "adv_input_curvature"}:
+                geo = S.adversarial_geometry(model, batches, eps=self.eps, attack_steps=self.steps, alpha=self.alpha,
+                                             norm=self.norm, bounds=self.bounds, seed=self.seed)
+                attack = self._settings(attack="pgd", alpha=self.alpha, steps=self.steps, fooled=float(geo.fooled))
+                if "adv_confidence" in want:
+                    if geo.adv_confidence_fooled is None:
+                        self.warn_once("adv-confidence", "robustness/adv_confidence: the attack fooled no probe "
+                                       "example at this check, so there is no confidence of a wrong answer to log")
+                    else:
+                        metrics["robustness/adv_confidence"] = float(geo.adv_confidence_fooled)
+                        settings["robustness/adv_confidence"] = attack
+                if "adv_input_curvature" in want:
+                    metrics["robustness/adv_input_curvature"] = float(geo.adv_curvature)
+                    settings["robustness/adv_input_curvature"] = attack
         return metrics, settings

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._batches import default_loss_fn
 from .._validation import check_keywords, keywords_of, positive
 from ..errors import ConfigurationError
 from ..sharpness.cost import HVP_PASSES
@@ -65,13 +66,23 @@ class SharpnessMonitor(Monitor):
         (:func:`~sharpguard.sharpness.directional_curvature` on the batch already in memory; the first
         probe batch when the adapter passes none).
 
+    ``relative_flatness``
+        Petzka et al.'s (NeurIPS 2021) relative flatness of the last linear layer
+        (:func:`~sharpguard.sharpness.relative_flatness`; one forward for a cross-entropy head), logged
+        with its neuron-wise part as ``sharpness/relative_flatness_neuronwise``.
+    ``robust_sharpness``
+        worst-case sharpness of the PGD loss (Stutz et al., ICCV 2021;
+        :func:`~sharpguard.sharpness.robust_sharpness`); needs the threat model's radius:
+        ``measure_kwargs={"robust_sharpness": {"eps": 8/255}}``.
+
     Extra keyword arguments for a measure go in ``measure_kwargs``, e.g.
     ``measure_kwargs={"lambda_max": {"tol": 1e-3, "max_iter": 20}, "trace": {"n_hvp": 30}}``.
     Every check also logs ``monitor/n_hvp`` (Hessian-vector products spent) and
     ``monitor/overhead_pct``. Default alerts: :func:`~sharpguard.monitor.default_sharpness_alerts`.
     """
 
-    MEASURES = ("lambda_max", "lambda_min", "trace", "eos_ratio", "worst_case", "adaptive_worst_case", "average", "batch")
+    MEASURES = ("lambda_max", "lambda_min", "trace", "eos_ratio", "worst_case", "adaptive_worst_case", "average", "batch",
+                "relative_flatness", "robust_sharpness")
     DEFAULT_MEASURES = ("lambda_max", "eos_ratio")
     prefix = "sharpness"
 
@@ -98,6 +109,10 @@ class SharpnessMonitor(Monitor):
         unknown = set(measure_kwargs or {}) - set(self.MEASURES)
         if unknown:
             raise ConfigurationError(f"measure_kwargs names unknown measures {sorted(unknown)}; choose among {list(self.MEASURES)}.")
+        if "robust_sharpness" in self.measures:
+            eps = (measure_kwargs or {}).get("robust_sharpness", {}).get("eps")
+            positive("measure_kwargs['robust_sharpness']['eps']", eps if eps is not None else float("nan"),
+                     "; robust_sharpness attacks with PGD of that radius, e.g. {'robust_sharpness': {'eps': 8/255}}")
         self.rho = float(rho)
         self.measure_kwargs = {k: dict(v) for k, v in (measure_kwargs or {}).items()}
         self.warm_start = warm_start
@@ -129,6 +144,11 @@ class SharpnessMonitor(Monitor):
             steps += 0.5 * int(self._kw("average").get("n_samples", 10)) + 0.5
         if "batch" in want:
             hvps += 3
+        if "relative_flatness" in want:
+            steps += 0.5  # the closed form: one forward over the probe
+        if "robust_sharpness" in want:
+            kw = self._kw("robust_sharpness")
+            steps += (int(kw.get("steps", 5)) + 1) * (int(kw.get("attack_steps", 10)) + 1)
         return hvps * self.HVP_STEPS + steps
 
     def _kw(self, name: str) -> dict[str, Any]:
@@ -219,6 +239,21 @@ class SharpnessMonitor(Monitor):
             settings["sharpness/batch"] = {"definition": "g^T H g / g^T g along the batch gradient",
                                            "n_hvp": int(res.n_hvp),
                                            "on": "training batch" if on_batch else "first probe batch"}
+        if "relative_flatness" in want:
+            kw = self._kw("relative_flatness")
+            # the default cross entropy has a closed form (one forward); any other loss costs HVPs
+            loss_fn = None if self.loss_fn is default_loss_fn else self.loss_fn
+            res = S.relative_flatness(model, batches, loss_fn, **kw)
+            n_hvp += int(res.n_hvp)
+            metrics["sharpness/relative_flatness"] = float(res.value)
+            metrics["sharpness/relative_flatness_neuronwise"] = float(res.neuronwise)
+            settings["sharpness/relative_flatness"] = {"layer": res.layer, "method": res.method,
+                                                       "n_hvp": int(res.n_hvp), **_plain(kw)}
+        if "robust_sharpness" in want:
+            kw = {"rho": self.rho, "seed": self.seed, **self._kw("robust_sharpness")}
+            res = S.robust_sharpness(model, batches, **kw)
+            metrics["sharpness/robust_sharpness"] = float(res.value)
+            settings["sharpness/robust_sharpness"] = _result_settings(res, kw)
         self.n_hvp_total += n_hvp
         metrics["monitor/n_hvp"] = float(n_hvp)
         return metrics, settings
