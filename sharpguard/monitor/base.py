@@ -594,7 +594,8 @@ def _check_state(monitor: Monitor, state: Any) -> None:
             held += n
         if held != probe["held"]:
             raise _bad("probe.held", probe["held"], f"the number of examples in probe.batches ({held})")
-    extra = state.get("extra") or {}
+    extra = state.get("extra", {})
+    extra = {} if extra is None else extra  # (no truth test: a corrupted field may be a tensor)
     if not isinstance(extra, Mapping):
         raise _bad("extra", extra, "a mapping")
     monitor._check_extra_state(extra)
