@@ -30,12 +30,13 @@ zeroes the gradients as usual. The logged ``loss`` is the loss at ``w``. See
 :mod:`sharpguard.integrations.accelerate` for fp16, FSDP and DeepSpeed (refused).
 
 The monitor callbacks are plain ``TrainerCallback``\\ s that work with any Trainer. They hold the
-trainer (``set_trainer``; :class:`SharpGuardTrainer` calls it, a plain ``Trainer`` is found when
-training begins) so their metrics go through ``Trainer.log``: into ``state.log_history`` and every
-``report_to`` integration. Their probe set is drawn from the training dataset by index with a
-private generator (the DataLoader is never iterated), every measurement is side-effect free (a
-monitored run trains to bitwise the same weights), and their state is written into each checkpoint
-folder and read back on resume.
+trainer (``set_trainer``: :class:`SharpGuardTrainer` calls it; with a plain ``Trainer`` call
+``callback.set_trainer(trainer)`` before ``train()``, which otherwise stops at once saying so) so their
+metrics go through ``Trainer.log``: into ``state.log_history`` and every ``report_to`` integration.
+Their probe set is drawn from the training dataset by index with a private generator (the DataLoader
+is never iterated), every measurement is side-effect free (a monitored run trains to bitwise the same
+weights), and their state goes into ``trainer_state.json`` through transformers' own callback-state
+mechanism (``ExportableState``) and comes back on resume.
 """
 
 from __future__ import annotations
