@@ -8,6 +8,11 @@
   :func:`keskar_sharpness` - loss increase under weight perturbations (SAM-style and Keskar).
 * :func:`loss_slice_1d`, :func:`loss_slice_2d`, :func:`plot_loss_slice` - filter-normalized slices.
 * :func:`eos_ratio`, :func:`directional_curvature` - edge-of-stability diagnostics.
+* :func:`relative_flatness` - Petzka et al.'s (NeurIPS 2021) relative flatness of a layer (closed form
+  for a softmax head, as in Walter et al. 2026); :func:`robust_sharpness` - worst-case sharpness of the
+  PGD loss (Stutz et al., ICCV 2021).
+* :func:`input_hessian_eigenvalue` (CURE, Moosavi-Dezfooli et al. 2019), :func:`adversarial_geometry` -
+  curvature and confidence in input space, at clean and at adversarial examples.
 
 Every function leaves parameters, ``.grad``, ``requires_grad``, buffers, module modes and the global RNG
 exactly as it found them, and runs the model in eval mode unless ``train=True``. See docs/sharpness.md.
