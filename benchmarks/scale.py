@@ -14,7 +14,7 @@ Columns, per model:
   cached graph) against one forward+backward of the same examples; the peer is PyHessian's
   ``dataloader_hv_product`` on the same two batches.
 * *check*: ``hessian_eigenvalues(model, batch, k=1)`` with its defaults (tol 1e-4, the bounded Lanczos
-  basis of 10 vectors) but ``max_iter=20`` (the basis is full after 10 products, so the memory peak is
+  basis of 6 vectors) but ``max_iter=20`` (the basis is full after 6 products, so the memory peak is
   that of the default ``max_iter=100``; the time grows with the products), seconds and extra peak memory
   over the training step's extra peak; the same with ``hvp="finite_difference"`` (two gradient passes
   per product, no double-backward graph), and PyHessian's ``eigenvalues(top_n=1, maxIter=20)`` (tol 1e-3)
@@ -53,7 +53,7 @@ from _results import machine, write_section  # noqa: E402
 
 GPT2_SIZES = {"gpt2-1.4M": (128, 2), "gpt2-5.2M": (256, 4), "gpt2-10.2M": (384, 4), "gpt2-29M": (512, 8)}
 CNN_WIDTHS = {"cnn": (64, 128, 256), "cnn-small": (32, 64, 128)}
-# Products per check: the bounded basis is full after 10, so the memory peak is that of the defaults
+# Products per check: the bounded basis is full after 6, so the memory peak is that of the defaults
 # (max_iter=100); 20 keeps a full run near 10 minutes on 2 shared cores. Time scales with the products.
 MAX_ITER = 20
 
