@@ -49,7 +49,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _results import machine, write_section  # noqa: E402
+from _results import machine, write_section
 
 GPT2_SIZES = {"gpt2-1.4M": (128, 2), "gpt2-5.2M": (256, 4), "gpt2-10.2M": (384, 4), "gpt2-29M": (512, 8)}
 CNN_WIDTHS = {"cnn": (64, 128, 256), "cnn-small": (32, 64, 128)}
@@ -375,19 +375,19 @@ def main() -> None:
         Path(__file__).with_name("scale_raw.json").write_text(json.dumps(raw, indent=1, default=str))
     lines = [
         f"Machine: {machine()}. `benchmarks/scale.py{' --quick' if args.quick else ''}`; one intra-op thread.",
-        "Memory: extra peak RSS (`VmHWM` after resetting it through `/proc/self/clear_refs`) of the one measured "
+        ("Memory: extra peak RSS (`VmHWM` after resetting it through `/proc/self/clear_refs`) of the one measured "
         "thing in a fresh subprocess, over the RSS after building the model and batch; glibc malloc. Time: min over rounds, "
         "interleaved in one process. `a / b` = sharpguard / peer (pytorch_optimizer SAM; PyHessian). "
         "HVP columns: double backward (sharpguard `auto`) / sharpguard finite differences / PyHessian, on a "
         "probe of two half batches, eval mode. Check: `hessian_eigenvalues(k=1)` defaults (tol 1e-4, basis of "
-        "10 vectors) with max_iter=20 (the basis is full after 10 products, so the peak is the defaults'), "
+        "6 vectors) with max_iter=20 (the basis is full after 6 products, so the peak is the defaults'), "
         "its extra peak over the training step's (forward, backward, AdamW step); *fd* the same with "
         "`hvp=\"finite_difference\"`; PyHessian `eigenvalues(top_n=1, maxIter=20)` (tol 1e-3). "
-        "The monitor's RSS-over-300-steps column is measured by benchmarks/monitor_overhead.py.",
+        "The monitor's RSS-over-300-steps column is measured by benchmarks/monitor_overhead.py."),
         "",
-        "| model | params | SAM step / 2 plain (ours / peer) | SAM extra mem / param bytes (ours / peer) "
-        "| HVP / fwd+bwd (autograd / fd / PyHessian) | train step extra peak, time | check | check fd "
-        "| PyHessian check | lambda_max (ours / fd / PyHessian) |",
+        ("| model | params | SAM step / 2 plain (ours / peer) | SAM extra mem / param bytes (ours / peer) "
+         "| HVP / fwd+bwd (autograd / fd / PyHessian) | train step extra peak, time | check | check fd "
+         "| PyHessian check | lambda_max (ours / fd / PyHessian) |"),
         "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint as checkpoint
 from test_sharpness_curvature import conv_bn_case, dense_hessian, mlp_case
 from torch import nn
+from torch.utils import checkpoint
 
 from sharpguard.errors import ConfigurationError
 from sharpguard.sharpness import HVPOperator, eos_ratio, hessian_eigenvalues
@@ -249,7 +249,12 @@ def test_adam_eos_ratio_leaves_out_parameters_without_state():
 
 def test_cost_model_terms_and_validation():
     from sharpguard.sharpness import estimate_check_cost, estimate_sam_cost
-    from sharpguard.sharpness.cost import EXTRA_VECTORS, GRAPH_FACTOR, HVP_PASSES, transformer_activation_bytes
+    from sharpguard.sharpness.cost import (
+        EXTRA_VECTORS,
+        GRAPH_FACTOR,
+        HVP_PASSES,
+        transformer_activation_bytes,
+    )
 
     p, step_peak, step_s = 5_000_000, 400e6, 0.5
     c = estimate_check_cost(p, step_peak_bytes=step_peak, step_seconds=step_s, n_hvp=20, max_basis=6)
@@ -265,7 +270,7 @@ def test_cost_model_terms_and_validation():
     # Korthikanti et al. 2022, eq. 1 (2-byte activations) for one layer, plus 3 logits-sized tensors
     one = transformer_activation_bytes(batch=2, seq_len=8, hidden=16, layers=1, heads=2, vocab=10, dtype_bytes=2)
     assert one == 8 * 2 * 16 * (34 + 5 * 2 * 8 / 16) + 3 * 8 * 2 * 10 * 2
-    for bad in (dict(hvp="jvp"), dict(step_seconds=0.0), dict(step_peak_bytes=float("nan")), dict(max_basis=2)):
+    for bad in ({"hvp": "jvp"}, {"step_seconds": 0.0}, {"step_peak_bytes": float("nan")}, {"max_basis": 2}):
         kw = {"step_peak_bytes": step_peak, "step_seconds": step_s, **bad}
         with pytest.raises(ConfigurationError):
             estimate_check_cost(p, **kw)

@@ -76,6 +76,6 @@ __all__ = [
 ]
 
 # cost model of SAM steps and curvature checks (docs/cost_model.md)
-from .cost import CheckCost, SamCost, estimate_check_cost, estimate_sam_cost  # noqa: E402
+from .cost import CheckCost, SamCost, estimate_check_cost, estimate_sam_cost
 
 __all__ += ["CheckCost", "SamCost", "estimate_check_cost", "estimate_sam_cost"]

@@ -101,7 +101,7 @@ class Krylov:
         return self._T.shape[0]
 
     @property
-    def V(self) -> torch.Tensor:  # noqa: N802 - the textbook name; a stacked copy, for inspection only
+    def V(self) -> torch.Tensor:  # the textbook name; a stacked copy, for inspection only
         return torch.stack(self.rows[: self.m])
 
     def _orthogonalize(self, w: torch.Tensor, upto: int) -> torch.Tensor:

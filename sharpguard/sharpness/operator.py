@@ -408,7 +408,9 @@ class HVPOperator(ProbeLoss):
                 self._graphs.clear()
         warnings.warn(
             f"double backward is not available for this model ({first_error}); using a finite-difference "
-            f"Hessian-vector product (relative error ~{(self.fd_eps / _FD_FACTOR) ** 2:.0e} instead of exact products).",
+            f"Hessian-vector product (relative error ~{(self.fd_eps / _FD_FACTOR) ** 2:.0e} instead of exact products "
+            f"on smooth models; on ReLU/max-pool networks it also counts the kinks it steps across and can differ "
+            f"a lot from the exact Hessian - use non-reentrant checkpointing or a double-backward-capable kernel).",
             RuntimeWarning,
             stacklevel=3,
         )
