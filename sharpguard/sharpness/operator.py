@@ -131,15 +131,27 @@ class ProbeLoss:
     def __enter__(self):
         if self._stack is not None:
             raise ConfigurationError(f"this {type(self).__name__} is already in use; enter it once.")
+        self._w0: torch.Tensor | None = None  # captured before the first write (one model-size vector)
+        self._at_w0 = True  # the weights are the entry weights
         stack = contextlib.ExitStack()
-        stack.enter_context(side_effect_free(self.model, train=self.train))
+        # The parameter guard's full copy is replaced by our own lazy one (:attr:`w0`): weights change only
+        # through :meth:`set_parameters`, which captures them first, and are copied back on exit - so a
+        # measure that never moves the weights (every exact-HVP measure) holds no copy of them at all.
+        stack.enter_context(side_effect_free(self.model, train=self.train, parameters=False))
+        stack.callback(self._restore_weights)
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         _without_autocast_wrapper(self.module, stack)
         self._stack = stack
-        self._w0: torch.Tensor | None = None  # captured before the first write (one model-size vector)
-        self._at_w0 = True  # the weights are the entry weights
         return self
+
+    def _restore_weights(self) -> None:
+        """Copy the entry weights back (exact: ``w0`` is at least as wide as every parameter's dtype)."""
+        if self._w0 is not None:
+            with torch.no_grad():
+                for p, chunk in zip(self.params, self.unflatten(self._w0)):
+                    p.copy_(chunk)
+            self._w0, self._at_w0 = None, True
 
     @property
     def w0(self) -> torch.Tensor:
@@ -275,6 +287,7 @@ class ProbeLoss:
     def restricted(self, batch: Any) -> ProbeLoss:
         """The same loss on one of the probe batches, on this rank only (for per-batch m-sharpness)."""
         self._require_entered()
+        _ = self.w0  # capture here, so the sub-loss shares our copy and our exit restores its writes
         sub = object.__new__(type(self))
         sub.__dict__.update(self.__dict__)
         sub.batches, sub.weights, sub.distributed = [batch], [1.0], False
