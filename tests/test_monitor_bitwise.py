@@ -39,7 +39,7 @@ def _run(monitors, steps: int, seed: int, adam: bool):
 def test_monitored_run_is_bitwise_the_unmonitored_run(sharp, robust, every, seed, adam):
     kw = {"lambda_max": {"max_iter": 6}, "lambda_min": {"max_iter": 6}, "eos_ratio": {"max_iter": 6},
           "trace": {"n_hvp": 6}, "worst_case": {"steps": 2}, "adaptive_worst_case": {"steps": 2},
-          "average": {"n_samples": 2}}
+          "average": {"n_samples": 2}, "robust_sharpness": {"eps": 0.1, "attack_steps": 2, "steps": 1}}
     monitors = [
         SharpnessMonitor(sharp, every_n_steps=every, probe_size=6, alerts=None, seed=seed,
                          measure_kwargs={k: v for k, v in kw.items() if k in sharp}),

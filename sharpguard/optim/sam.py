@@ -423,6 +423,7 @@ class SAM(Optimizer):
         if not self.needs_second_pass():
             return False
         grads = [p.grad for p in params]
+        self._pass_groups = self._groups_of(params)  # gradients share their parameters' device and dtype
         # the clean gradient, kept for the non-finite fallback (and read by GSAM / LookSAM)
         clean = self._buffers("clean_grad", params)
         torch._foreach_copy_(clean, grads)
@@ -452,9 +453,9 @@ class SAM(Optimizer):
             self._after_perturbed_pass(params, grads)
             self._apply_nonfinite_policy(params, grads)
         else:
+            # a step without a perturbed pass is the base optimizer's own step on its own gradient:
+            # nothing to guard (a variant that changes that gradient, LookSAM, counts in its hook)
             self._after_plain_pass(params, grads)
-            if self._perturb_called and params:
-                self._count_faults(torch.isfinite(F.global_norm(grads)), None)
         self._reset_step()
         self._step += 1
 
@@ -468,12 +469,12 @@ class SAM(Optimizer):
         step sets every gradient to ``None`` instead (one host sync on an accelerator).
         """
         clean_ok = self._clean_ok
-        final_ok = torch.isfinite(F.global_norm(grads)) & clean_ok
+        final_ok = F.all_finite(grads, groups=self.__dict__.get("_pass_groups")) & clean_ok
         if final_ok.device.type == "cpu":
             if not bool(final_ok):
                 torch._foreach_copy_(grads, self._buffers("clean_grad", params))
         else:
-            F.select_(grads, self._buffers("clean_grad", params), ~final_ok)
+            F.select_(grads, self._buffers("clean_grad", params), ~final_ok, groups=self.__dict__.get("_pass_groups"))
         self._count_faults(clean_ok, final_ok)
         if self.nonfinite == "skip" and not bool(final_ok):
             for p in params:
@@ -613,7 +614,9 @@ class SAM(Optimizer):
         ``e = rho T^2 g / ||T g||`` with ``T = |w| + eta``. A zero or non-finite norm gives a zero
         scale (:func:`.functional.perturbation_scale`), never a division by zero.
         """
-        directions, norm = F.ascent_direction(params, grads, adaptive=self.adaptive, eta=self.eta)
+        groups = self.__dict__.get("_pass_groups")
+        norm_fn = functools.partial(F.global_norm, groups=groups) if groups is not None else F.global_norm
+        directions, norm = F.ascent_direction(params, grads, adaptive=self.adaptive, eta=self.eta, norm=norm_fn)
         self._ascent_norm = norm  # finite iff the clean gradient is: perturb() reuses it
         return directions, F.perturbation_scale(norm, self.rho)
 
@@ -629,6 +632,7 @@ class SAM(Optimizer):
         self._perturb_called = False
         self._perturbed = False
         self._clean_ok: torch.Tensor | None = None
+        self._pass_groups: F.Groups | None = None
         self._pass_params: list[torch.Tensor] = []
         self._moved: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._stats: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
@@ -654,6 +658,16 @@ class SAM(Optimizer):
         grads = [p.grad for p in self._pass_params if p.grad is not None]
         if grads:
             torch._foreach_zero_(grads)
+
+    def _groups_of(self, params: list[torch.Tensor]) -> F.Groups:
+        """:func:`.functional.group_by_device_and_dtype` of ``params``, computed once per parameter list."""
+        ids = list(map(id, params))
+        cached = self.__dict__.get("_group_cache")
+        if cached is not None and cached[1] == ids:
+            return cached[2]
+        groups = F.group_by_device_and_dtype(params)
+        self._group_cache = (list(params), ids, groups)  # params referenced: their ids cannot be reused
+        return groups
 
     def _buffers(self, name: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
         """Scratch tensors shaped like ``like``, allocated once and reused while ``like`` is the same list."""
@@ -681,7 +695,7 @@ class SAM(Optimizer):
         backup = self._buffers("w", params)
         torch._foreach_copy_(backup, params)
         self._moved = (params, backup)
-        F.add_scaled_(params, directions, scale)
+        F.add_scaled_(params, directions, scale, groups=self.__dict__.get("_pass_groups"))
 
     def _snapshot_stats(self) -> None:
         if not self._stat_slots:

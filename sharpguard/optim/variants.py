@@ -132,8 +132,10 @@ class LookSAM(SAM):
         # zero while gv has never been set (e.g. resumed from a plain optimizer checkpoint), and zero
         # when the clean gradient is not finite: alpha ||g|| / ||g_v|| would spread an inf over every weight
         norm = F.global_norm(grads)
-        factor = self.alpha * _ratio(torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm)), F.global_norm(gv))
+        finite = torch.isfinite(norm)
+        factor = self.alpha * _ratio(torch.where(finite, norm, torch.zeros_like(norm)), F.global_norm(gv))
         F.add_scaled_(grads, gv, factor)
+        self._count_faults(finite, None)  # counted and said, as on a step with a perturbed pass
 
 
 class MomentumSAM(SAM):
