@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -30,8 +31,8 @@ __all__ = [
 
 
 def real(name: str, value: Any) -> float:
-    """A finite real number (bools refused: ``True`` is not a radius)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A finite real number (bools refused: ``True`` is not a radius; numpy scalars are numbers)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ConfigurationError(f"{name} must be a finite number, got {value!r}.")
     return float(value)
 
@@ -51,16 +52,17 @@ def positive(name: str, value: Any, hint: str = "") -> float:
 
 
 def positive_int(name: str, value: Any) -> int:
-    """An integer >= 1 (``2.5`` and ``True`` refused: a step count is a whole number)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """An integer >= 1 (``2.5``, ``2.0`` and ``True`` refused: a step count is a whole number; numpy
+    integers are integers)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}.")
-    return value
+    return int(value)
 
 
 def non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ConfigurationError(f"{name} must be an integer >= 0, got {value!r}.")
-    return value
+    return int(value)
 
 
 def in_unit_interval(name: str, value: Any) -> float:

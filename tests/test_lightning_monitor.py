@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 from sklearn.datasets import load_digits  # noqa: E402
 
 from sharpguard.integrations.lightning import (  # noqa: E402
+    NAMESPACE,
     AdversarialTraining,
     RobustnessMonitor,
     SharpnessAwareMinimization,
@@ -279,9 +280,13 @@ def test_robustness_keys_of_dict_batches_fail_at_the_first_step_or_measure():
     assert 0.0 <= t.callback_metrics["robustness/pgd_acc"].item() <= t.callback_metrics["robustness/clean_acc"].item()
 
 
-def test_console_lines_say_what_is_active_and_what_it_spent(caplog):
+def test_console_lines_say_what_is_active_and_what_it_spent(caplog, monkeypatch):
     import logging
 
+    # Lightning stops its logger propagating when it is first imported without a root handler (which
+    # depends on which test imported it first): let the lines reach caplog either way
+    monkeypatch.setattr(logging.getLogger(NAMESPACE.split(".")[0]), "propagate", True)
+    monkeypatch.setattr(logging.getLogger(NAMESPACE), "propagate", True)
     cb = SharpnessMonitor()
     with caplog.at_level(logging.INFO):
         trainer(max_steps=4, callbacks=[cb]).fit(LitDigits(), loader())

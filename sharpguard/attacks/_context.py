@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .._state import preserve_buffers, preserve_modes, preserve_rng
+from .._validation import positive_int
 from ..errors import ConfigurationError
 
 __all__ = ["attack_context", "MODEL_MODES", "check_steps", "check_labels", "check_label_range", "as_normal_tensor"]
@@ -49,9 +50,7 @@ def as_normal_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_steps(steps: int, name: str = "steps") -> int:
-    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-        raise ConfigurationError(f"{name} must be an integer >= 1, got {steps!r}.")
-    return int(steps)
+    return positive_int(name, steps)  # the rule every front end uses (sharpguard/_validation.py)
 
 
 def check_labels(y: torch.Tensor | None, n: int, *, required: bool) -> torch.Tensor | None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .._batches import logits_of
+from .._validation import non_negative
 from ..errors import ConfigurationError
 from . import geometry
 from ._context import as_normal_tensor, attack_context, check_label_range, check_labels, check_steps
@@ -117,8 +118,7 @@ class _Problem:
 
 
 def _check_common(alpha: float, restarts: int) -> None:
-    if not alpha >= 0:
-        raise ConfigurationError(f"alpha (the step size) must be >= 0, got {alpha}.")
+    non_negative("alpha (the step size)", alpha)
     check_steps(restarts, "restarts")
 
 

@@ -21,7 +21,6 @@ on the measured sizes, and extrapolations to 100M, 1B and 7B parameters (marked 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 __all__ = ["CheckCost", "SamCost", "estimate_check_cost", "estimate_sam_cost", "transformer_activation_bytes"]
@@ -59,11 +58,9 @@ class SamCost:
 
 
 def _positive(name: str, value: float) -> float:
-    from ..errors import ConfigurationError
+    from .._validation import positive
 
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-        raise ConfigurationError(f"{name} must be a positive finite number, got {value!r}.")
-    return float(value)
+    return positive(name, value)
 
 
 def estimate_check_cost(

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .._batches import LossFn
+from .._validation import positive, positive_int
 from ..errors import ConfigurationError
 from .operator import HVPMethod, HVPOperator
 
@@ -359,12 +360,9 @@ class EigenResult:
 
 
 def _check_common(k: int, tol: float, max_iter: int) -> None:
-    if not (isinstance(k, int) and k >= 1):
-        raise ConfigurationError(f"k must be a positive integer, got {k!r}.")
-    if not (tol > 0 and math.isfinite(tol)):
-        raise ConfigurationError(f"tol must be a positive number, got {tol!r}.")
-    if not (isinstance(max_iter, int) and max_iter >= 1):
-        raise ConfigurationError(f"max_iter must be a positive integer, got {max_iter!r}.")
+    positive_int("k", k)
+    positive("tol", tol)
+    positive_int("max_iter", max_iter)
 
 
 def start_vector(op: HVPOperator, init: Any, generator: torch.Generator) -> torch.Tensor:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .._batches import LossFn
+from .._validation import one_of, positive
 from ..errors import ConfigurationError
 from .operator import ProbeLoss
 
@@ -69,13 +70,11 @@ class SharpnessResult:
 
 
 def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-        raise ConfigurationError(f"{name} must be a positive finite number, got {value!r}.")
+    positive(name, value)
 
 
 def _check_norm(norm: str) -> None:
-    if norm not in ("l2", "linf"):
-        raise ConfigurationError(f"norm must be 'l2' or 'linf', got {norm!r}.")
+    one_of("norm", norm, ("l2", "linf"))
 
 
 def _scale(probe: ProbeLoss, adaptive: bool, eta: float) -> torch.Tensor | None:
