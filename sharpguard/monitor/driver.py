@@ -189,7 +189,6 @@ class MonitorDriver:
 
 def torch_comm(device: Any = None, group: Any = None) -> Comm:
     """A :class:`Comm` over ``torch.distributed`` (the default group when initialised), else :class:`LocalComm`."""
-    import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
