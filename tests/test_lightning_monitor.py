@@ -283,10 +283,18 @@ def test_robustness_keys_of_dict_batches_fail_at_the_first_step_or_measure():
 def test_console_lines_say_what_is_active_and_what_it_spent(caplog, monkeypatch):
     import logging
 
-    # Lightning stops its logger propagating when it is first imported without a root handler (which
-    # depends on which test imported it first): let the lines reach caplog either way
-    monkeypatch.setattr(logging.getLogger(NAMESPACE.split(".")[0]), "propagate", True)
-    monkeypatch.setattr(logging.getLogger(NAMESPACE), "propagate", True)
+    # Lightning stops its logger propagating when it is first imported without a root handler, and other
+    # libraries' tests adjust levels (which depends on test order): open the chain from Lightning's
+    # rank-zero logger up to caplog's root handler for this test
+    name = f"{NAMESPACE}.utilities.rank_zero"
+    for logger_name in (NAMESPACE.split(".")[0], NAMESPACE, f"{NAMESPACE}.utilities", name):
+        logger = logging.getLogger(logger_name)
+        monkeypatch.setattr(logger, "propagate", True)
+        monkeypatch.setattr(logger, "disabled", False)
+        monkeypatch.setattr(logger, "level", logging.NOTSET)
+    from importlib import import_module
+
+    monkeypatch.setattr(import_module(f"{NAMESPACE}.utilities.rank_zero").rank_zero_only, "rank", 0)
     cb = SharpnessMonitor()
     with caplog.at_level(logging.INFO):
         trainer(max_steps=4, callbacks=[cb]).fit(LitDigits(), loader())

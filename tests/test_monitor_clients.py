@@ -1,7 +1,8 @@
 """Monitors at their defaults on client code we did not write (issue 11): the demo LightningModules
 that ship with Lightning (synthetic data in place of their downloads) and Hugging Face model families
 built from configs. Each trains; a finite ``sharpness/lambda_max`` is logged within ~25 steps; the
-monitored run equals the unmonitored one bitwise (docs/design.md promise 1)."""
+monitored run equals the unmonitored one bitwise (docs/design.md promise 1), with and without SAM at its
+defaults on both runs."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import pytorch_lightning as pl
 from pytorch_lightning.demos import boring_classes, lstm, transformer
 
-from sharpguard.integrations.lightning import SharpnessMonitor
+from sharpguard.integrations.lightning import SharpnessAwareMinimization, SharpnessMonitor
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -72,11 +73,16 @@ def _fit(build, callbacks, steps=12):
     return module, trainer
 
 
+@pytest.mark.parametrize("sam", [False, True], ids=["plain", "sam"])
 @pytest.mark.parametrize("name", list(DEMOS))
-def test_lightning_demo_module_with_a_default_monitor(name):
-    plain, _ = _fit(DEMOS[name], [])
+def test_lightning_demo_module_with_a_default_monitor(name, sam):
+    """With ``sam``, both runs also carry SAM at its defaults: SAM + monitor equals SAM alone bitwise."""
+    def with_sam(callbacks):
+        return callbacks + ([SharpnessAwareMinimization()] if sam else [])
+
+    plain, _ = _fit(DEMOS[name], with_sam([]))
     cb = SharpnessMonitor()
-    monitored, trainer = _fit(DEMOS[name], [cb])
+    monitored, trainer = _fit(DEMOS[name], with_sam([cb]))
     # bitwise the same training: parameters, buffers and the module's own state (the LSTM's hidden)
     for (k, a), (_, b) in zip(plain.state_dict().items(), monitored.state_dict().items(), strict=True):
         assert torch.equal(a, b), k

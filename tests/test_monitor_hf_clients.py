@@ -74,21 +74,21 @@ def t5():
 FAMILIES = {"gpt2": gpt2, "bert": bert, "vit": vit, "t5": t5}
 
 
-def _train(build, tmp_path, callbacks, **args):
+def _train(build, tmp_path, callbacks, sam=None, **args):
     torch.manual_seed(0)
     model, data = build()
     trainer = SharpGuardTrainer(model=model, args=trainer_args(tmp_path, max_steps=6, **args), train_dataset=data,
-                                callbacks=callbacks)
+                                callbacks=callbacks, sam=sam)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train()
     return trainer
 
 
-def _check(build, tmp_path, **args):
-    plain = _train(build, tmp_path / "plain", [], **args)
+def _check(build, tmp_path, sam=None, **args):
+    plain = _train(build, tmp_path / "plain", [], sam=sam, **args)
     cb = SharpnessMonitorCallback()
-    monitored = _train(build, tmp_path / "monitored", [cb], **args)
+    monitored = _train(build, tmp_path / "monitored", [cb], sam=sam, **args)
     a, b = params_of(plain.model), params_of(monitored.model)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -101,9 +101,11 @@ def _check(build, tmp_path, **args):
     return cb, monitored
 
 
+@pytest.mark.parametrize("sam", [None, "sam"], ids=["plain", "sam"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_hf_family_with_a_default_monitor(family, tmp_path):
-    cb, trainer = _check(FAMILIES[family], tmp_path)
+def test_hf_family_with_a_default_monitor(family, sam, tmp_path):
+    """With ``sam``, both runs use SharpGuardTrainer(sam="sam") at its defaults: SAM + monitor equals SAM alone."""
+    cb, trainer = _check(FAMILIES[family], tmp_path, sam=sam)
     # the probe is one training batch drawn from the dataset, measured with the Trainer's compute_loss
     assert len(cb.monitor.probe) == 8
 
