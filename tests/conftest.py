@@ -6,6 +6,12 @@ import socket
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same cases on every run (CI included): a failure is a failure of the code,
+# reproducible here, not of the draw. The case counts are those each test sets (docs/reliability.md).
+settings.register_profile("sharpguard", derandomize=True, print_blob=True)
+settings.load_profile("sharpguard")
 
 
 @pytest.fixture(autouse=True)

@@ -237,7 +237,12 @@ class SharpnessAwareMinimization(Callback):
                 f"{self.config.variant!r}; build SharpnessAwareMinimization(variant={saved_variant!r}) to resume "
                 "it, or pass resume='current' to start the variant's state afresh."
             )
-        extra = state_dict.get("sam") or {}
+        extra = state_dict.get("sam", {})
+        if not isinstance(extra, dict):  # (no truth test: a corrupted entry may be a tensor)
+            raise ConfigurationError(
+                f"{self._who} checkpoint state: 'sam' must be the dict SAM saved, got {type(extra).__name__}; "
+                "nothing was loaded."
+            )
         if saved_variant != self.config.variant:
             extra = {}
         if self.engine is not None:
