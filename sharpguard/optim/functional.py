@@ -86,18 +86,32 @@ def all_finite(tensors: Tensors, *, groups: Groups | None = None) -> torch.Tenso
     """
     if not len(tensors):
         return torch.ones((), dtype=torch.bool)
+    groups = groups if groups is not None else _group(tensors)
     device = tensors[0].device
     found = torch.zeros(1, dtype=torch.float32, device=device)
     with torch.no_grad():
-        for (dev, _), idx in (groups if groups is not None else _group(tensors)).items():
+        for (dev, _), idx in groups.items():
             group = [tensors[i] for i in idx]
+            flag = found if dev == device else torch.zeros(1, dtype=torch.float32, device=dev)
             try:
-                flag = torch.zeros(1, dtype=torch.float32, device=dev)
-                torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones(1, dtype=torch.float32, device=dev))
+                # the kernel sets flag to 1 on a non-finite entry (it never clears it): it accumulates
+                torch._amp_foreach_non_finite_check_and_unscale_(group, flag, _one(dev))
             except (RuntimeError, NotImplementedError):
-                flag = (~torch.isfinite(global_norm(group))).float().reshape(1)
-            found += flag.to(device)
+                flag.add_((~torch.isfinite(global_norm(group))).float().reshape(1))
+            if flag is not found:
+                found.add_(flag.to(device))
     return found[0] == 0
+
+
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def _one(device: torch.device) -> torch.Tensor:
+    """A cached ``tensor([1.0])`` on ``device`` (the unscale factor of :func:`all_finite`; never written)."""
+    one = _ONES.get(device)
+    if one is None:
+        one = _ONES[device] = torch.ones(1, dtype=torch.float32, device=device)
+    return one
 
 
 def perturbation_scale(norm: torch.Tensor, rho: float | torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

@@ -412,7 +412,7 @@ class SAM(Optimizer):
                 "perturbed backward (or cancel()) before perturbing again."
             )
         params = self._params_with_grad()
-        self._refuse_sparse(params)
+        groups = self._groups_of(params)  # also refuses sparse gradients, once per parameter list
         if self._faults is not None:
             self._warn_about_faults()
         self._perturb_called, self._pass_params = True, params
@@ -423,7 +423,7 @@ class SAM(Optimizer):
         if not self.needs_second_pass():
             return False
         grads = [p.grad for p in params]
-        self._pass_groups = self._groups_of(params)  # gradients share their parameters' device and dtype
+        self._pass_groups = groups  # gradients share their parameters' device and dtype
         # the clean gradient, kept for the non-finite fallback (and read by GSAM / LookSAM)
         clean = self._buffers("clean_grad", params)
         torch._foreach_copy_(clean, grads)
@@ -665,6 +665,7 @@ class SAM(Optimizer):
         cached = self.__dict__.get("_group_cache")
         if cached is not None and cached[1] == ids:
             return cached[2]
+        self._refuse_sparse(params)  # a module makes sparse gradients or not: checked with the list
         groups = F.group_by_device_and_dtype(params)
         self._group_cache = (list(params), ids, groups)  # params referenced: their ids cannot be reused
         return groups
