@@ -20,7 +20,16 @@ from sharpguard.optim import SAMConfig, SAMEngine
 from sharpguard.optim.factory import VARIANTS
 from sharpguard.optim.sam import RESUME_POLICIES
 
-from ._hooks import Callback, _is_parallel, _loss_of, _refuse_unsupported, _sam_replay, _step_args, _stepping
+from ._hooks import (
+    Callback,
+    _GradientReplay,
+    _is_parallel,
+    _loss_of,
+    _refuse_unsupported,
+    _sam_replay,
+    _step_args,
+    _stepping,
+)
 
 __all__ = ["SharpnessAwareMinimization"]
 
@@ -205,14 +214,7 @@ class SharpnessAwareMinimization(Callback):
         """Lightning unscaled the clean gradient before this hook: unscale the replayed one the same way."""
         if scaler is None:
             return None
-
-        def unscale(grads: list[torch.Tensor]) -> None:
-            if grads:
-                # the scale as a device tensor through the public scale(): get_scale() would sync with the host
-                scale = scaler.scale(torch.ones((), dtype=torch.float32, device=grads[0].device))
-                torch._foreach_div_(grads, scale)
-
-        return unscale
+        return lambda grads: _GradientReplay._unscale(grads, scaler)
 
     # -- checkpoint state. Lightning saves the user's optimizer (the base) itself, so a checkpoint loads
     # without sharpguard; the wrapper's own entry (step counter, knobs, variant buffers) lives here.
