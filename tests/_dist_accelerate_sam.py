@@ -33,8 +33,17 @@ def main(out: str) -> None:
     params = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).named_parameters()}
     torch.save({"seen": seen, "params": params}, f"{out}/rank{accelerator.process_index}.pt")
     # leave the process group cleanly: an exit with a live gloo group can abort under load
+    import gc
+    import os
+
+    gc.collect()  # DDP reducers sit in reference cycles: free them before the group goes
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    # the results are on disk; skip interpreter teardown, where a gloo/DDP thread destructor can
+    # abort the process ('terminate called without an active exception') under load
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
