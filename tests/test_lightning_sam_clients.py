@@ -142,3 +142,21 @@ def test_resume_with_other_sam_settings_is_refused_naming_them(tmp_path):
     cb = SharpnessAwareMinimization(variant="looksam", k=3, resume="current")
     resume(cb)
     assert cb.sam.k == 3 and cb.sam._step == 5
+
+
+def test_sam_says_what_runs_at_fit_start_and_what_it_spent_at_fit_end(caplog, monkeypatch):
+    import logging
+    from importlib import import_module
+
+    from sharpguard.integrations.lightning import NAMESPACE
+
+    for name in (NAMESPACE.split(".")[0], NAMESPACE, f"{NAMESPACE}.utilities", f"{NAMESPACE}.utilities.rank_zero"):
+        monkeypatch.setattr(logging.getLogger(name), "propagate", True)
+        monkeypatch.setattr(logging.getLogger(name), "disabled", False)
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+    monkeypatch.setattr(import_module(f"{NAMESPACE}.utilities.rank_zero").rank_zero_only, "rank", 0)
+    cb = SharpnessAwareMinimization(variant="asam")
+    with caplog.at_level(logging.INFO):
+        fit(boring_classes.BoringModel(), [cb], max_steps=3)
+    assert "SAM active -- ASAM(rho=0.5, eta=0.01, interval=1): 2 forward/backward passes per step" in caplog.text
+    assert f"SAM spent -- {cb.n_steps} optimizer steps with a perturbed pass" in caplog.text and cb.n_steps == 3

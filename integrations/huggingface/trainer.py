@@ -137,6 +137,8 @@ class SharpGuardTrainerMixin:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._sg_resume_from = None
+            if self._sg_engine is not None:
+                logger.info(f"sharpguard: SAM spent -- {self._sg_engine.summary()}.")
 
     def training_step(self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The Trainer's own step at ``w``; on the sync micro-batch, also the SAM pass (module docs)."""

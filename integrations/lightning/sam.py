@@ -154,6 +154,12 @@ class SharpnessAwareMinimization(Callback):
 
         rank_zero_info(f"sharpguard: SAM active -- {self.config.describe()}.")
 
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        from ._hooks import rank_zero_info
+
+        if self.engine is not None:
+            rank_zero_info(f"sharpguard: SAM spent -- {self.engine.summary()}.")
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         engine = self.engine
         if engine is None:

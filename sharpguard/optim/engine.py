@@ -115,6 +115,15 @@ class SAMEngine:
         self._prepared = False
         self.sam.cancel()
 
+    def summary(self) -> str:
+        """What the engine spent, for the console at the end of a run."""
+        counts = getattr(self.sam, "nonfinite_counts", None)
+        faults = "" if counts is None else (
+            f"; non-finite clean gradients {counts['nonfinite_clean']}, perturbed gradients that fell back "
+            f"{counts['nonfinite_perturbed']}"
+        )
+        return f"{self.n_steps} optimizer steps with a perturbed pass (one extra forward/backward per micro-batch each){faults}"
+
     # ------------------------------------------------------------------------------- the step
     def finish(
         self,
