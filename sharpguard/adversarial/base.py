@@ -28,6 +28,7 @@ from torch import nn
 from .._batches import logits_of
 from ..attacks._context import check_label_range
 from ..attacks.threat import ThreatModel, make_generator
+from .._validation import non_negative, positive
 from ..errors import ConfigurationError
 
 __all__ = ["AdversarialMethod", "PassCount", "count_passes", "gradient_carrier", "DropoutReplay"]
@@ -148,10 +149,8 @@ def threat_from(threat: ThreatModel | None, norm: str, eps: float, bounds, mean,
 
 
 def check_positive(name: str, value: float, *, strict: bool = False) -> float:
-    value = float(value)
-    if not (value > 0 if strict else value >= 0) or value != value:
-        raise ConfigurationError(f"{name} must be {'> 0' if strict else '>= 0'}, got {value}.")
-    return value
+    """``value`` > 0 (``strict``) or >= 0 and finite, by the rule every front end uses (sharpguard/_validation.py)."""
+    return positive(name, value) if strict else non_negative(name, value)
 
 
 def gradient_carrier(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], value: torch.Tensor) -> torch.Tensor:
