@@ -366,6 +366,36 @@ def _l0(t: torch.Tensor) -> torch.Tensor:
     return (t != 0).flatten(1).sum(1).to(t.dtype)
 
 
+class _Best:
+    """APGD's per-example bookkeeping, shared by the l2/linf and the l1 loop: the first misclassified
+    point (``first``), and the point of highest loss so far with its loss and gradient."""
+
+    def __init__(self, problem: _Problem, u: torch.Tensor, shape: tuple[int, ...]) -> None:
+        self.problem, self.shape = problem, shape
+        logits, loss, grad = problem.loss_and_grad(u)
+        self.success = problem.success(logits)
+        self.first = u.clone()
+        self.u, self.grad, self.loss = u.clone(), grad.clone(), loss.clone()
+        self.last_loss, self.last_grad = loss, grad
+
+    def evaluate(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and gradient at ``u`` (returned), folded into the records."""
+        logits, loss, grad = self.problem.loss_and_grad(u)
+        now = self.problem.success(logits)
+        self.first = torch.where((now & ~self.success).reshape(self.shape), u, self.first)
+        self.success = self.success | now
+        improved = loss > self.loss
+        mask = improved.reshape(self.shape)
+        self.u = torch.where(mask, u, self.u)
+        self.grad = torch.where(mask, grad, self.grad)
+        self.loss = torch.where(improved, loss, self.loss)
+        return loss, grad
+
+    def result(self) -> torch.Tensor:
+        """Per example the first misclassified point, else the best one."""
+        return torch.where(self.success.reshape(self.shape), self.first, self.u)
+
+
 def _apgd_l1_run(problem: _Problem, gen: torch.Generator, steps: int, u_init: torch.Tensor | None = None):
     """l1-APGD (Croce & Hein 2021, Algorithm 2) from a Gaussian start projected on the ball (or ``u_init``).
 
@@ -383,10 +413,8 @@ def _apgd_l1_run(problem: _Problem, gen: torch.Generator, steps: int, u_init: to
         u = tm.clamp(u_init)
         sparsity_old = _l0(u - x0)
         topk = sparsity_old / n_features / 1.5
-    logits, loss, grad = problem.loss_and_grad(u)
-    success = problem.success(logits)
-    u_first_adv = u.clone()
-    u_best, grad_best, loss_best = u.clone(), grad.clone(), loss.clone()
+    best = _Best(problem, u, shape)
+    grad = best.last_grad
     step_size = torch.full(shape, eps, device=x0.device, dtype=x0.dtype)  # alpha = 1 for l1
     window, since = max(int(0.04 * steps), 1), 0
     for _ in range(steps):
@@ -396,32 +424,22 @@ def _apgd_l1_run(problem: _Problem, gen: torch.Generator, steps: int, u_init: to
         threshold = magnitude.sort(dim=1).values.gather(1, rank[:, None]).reshape(shape)
         direction = (grad * (grad.abs() >= threshold)).sign()
         u = tm.project(u + step_size * direction / (geometry.per_example_norm(direction, "l1").to(u.dtype) + 1e-10), x0)
-
-        logits, loss, grad = problem.loss_and_grad(u)
-        now = problem.success(logits)
-        u_first_adv = torch.where((now & ~success).reshape(shape), u, u_first_adv)
-        success = success | now
-        improved = loss > loss_best
-        mask = improved.reshape(shape)
-        u_best = torch.where(mask, u, u_best)
-        grad_best = torch.where(mask, grad, grad_best)
-        loss_best = torch.where(improved, loss, loss_best)
+        _, grad = best.evaluate(u)
 
         since += 1
         if since == window:
-            sparsity = _l0(u_best - x0)
+            sparsity = _l0(best.u - x0)
             reset = sparsity / sparsity_old < 0.95
             topk = sparsity / n_features / 1.5
             step_size = torch.where(reset.reshape(shape), torch.full_like(step_size, eps), step_size / 1.5)
             step_size = step_size.clamp(eps / 10.0, eps)
             sparsity_old = sparsity
             rmask = reset.reshape(shape)
-            u = torch.where(rmask, u_best, u)
-            grad = torch.where(rmask, grad_best, grad)
+            u = torch.where(rmask, best.u, u)
+            grad = torch.where(rmask, best.grad, grad)
             since = 0
 
-    u_out = torch.where(success.reshape(shape), u_first_adv, u_best)
-    return u_out, success, loss_best, u_best
+    return best.result(), best.success, best.loss, best.u
 
 
 def _apgd_run(problem: _Problem, gen: torch.Generator, steps: int, momentum: float, rho: float):
@@ -437,16 +455,14 @@ def _apgd_run(problem: _Problem, gen: torch.Generator, steps: int, momentum: flo
         t = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
     u = tm.clamp(x0 + tm.eps * t / geometry.per_example_norm(t, tm.norm).to(t.dtype).clamp_min(1e-12))
 
-    logits, loss, grad = problem.loss_and_grad(u)
-    success = problem.success(logits)
-    u_first_adv = u.clone()
-    u_best, grad_best, loss_best = u.clone(), grad.clone(), loss.clone()
-    history = torch.empty(steps + 1, n, device=x0.device, dtype=loss.dtype)
-    history[0] = loss
+    best = _Best(problem, u, shape)
+    grad = best.last_grad
+    history = torch.empty(steps + 1, n, device=x0.device, dtype=best.loss.dtype)
+    history[0] = best.last_loss
     step_size = torch.full(shape, 2.0 * tm.eps, device=x0.device, dtype=x0.dtype)
     u_prev = u.clone()
     halved_last = torch.ones(n, dtype=torch.bool, device=x0.device)
-    loss_best_last = loss_best.clone()
+    loss_best_last = best.loss.clone()
     window, since = checkpoint, 0
 
     for i in range(steps):
@@ -455,34 +471,24 @@ def _apgd_run(problem: _Problem, gen: torch.Generator, steps: int, momentum: flo
         a = momentum if i > 0 else 1.0
         z = tm.project(_step(tm, u, grad, step_size), x0)
         u = tm.project(u + (z - u) * a + previous_move * (1 - a), x0)
-
-        logits, loss, grad = problem.loss_and_grad(u)
-        now = problem.success(logits)
-        u_first_adv = torch.where((now & ~success).reshape(shape), u, u_first_adv)
-        success = success | now
-        improved = loss > loss_best
-        mask = improved.reshape(shape)
-        u_best = torch.where(mask, u, u_best)
-        grad_best = torch.where(mask, grad, grad_best)
-        loss_best = torch.where(improved, loss, loss_best)
+        loss, grad = best.evaluate(u)
         history[i + 1] = loss
 
         since += 1
         if since == window:
             increases = (history[i + 2 - window : i + 2] > history[i + 1 - window : i + 1]).sum(0)
             oscillating = increases <= window * rho
-            stalled = ~halved_last & (loss_best_last >= loss_best)
+            stalled = ~halved_last & (loss_best_last >= best.loss)
             halve = oscillating | stalled
             halved_last = halve
-            loss_best_last = loss_best.clone()
+            loss_best_last = best.loss.clone()
             hmask = halve.reshape(shape)
             step_size = torch.where(hmask, step_size / 2, step_size)
-            u = torch.where(hmask, u_best, u)
-            grad = torch.where(hmask, grad_best, grad)
+            u = torch.where(hmask, best.u, u)
+            grad = torch.where(hmask, best.grad, grad)
             window, since = max(window - decrement, min_len), 0
 
-    u_out = torch.where(success.reshape(shape), u_first_adv, u_best)
-    return u_out, success, loss_best
+    return best.result(), best.success, best.loss
 
 
 def _step(tm: ThreatModel, u: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor) -> torch.Tensor:
