@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .._state import module_attribute_state, restore_module_attributes
+from . import _phase
 from .sam import SAM, perturbed_pass
 
 __all__ = ["SAMEngine", "Replay", "unwrap_optimizer"]
@@ -54,6 +55,7 @@ class SAMEngine:
         self.sharded = bool(sharded)
         self._window: list[tuple[Replay, Any]] = []
         self._prepared = False
+        self._window_id = 0  # this window's number in sharpguard.optim._phase (0: none begun)
         self.n_steps = 0  # optimizer steps that ran a perturbed pass
 
     # ------------------------------------------------------------------------------- policy
@@ -86,6 +88,7 @@ class SAMEngine:
         if not self._prepared:
             self.sam.prepare()
             self._prepared = True
+            self._window_id = _phase.new_window()
 
     def record(self, replay: Replay, module: nn.Module | None = None) -> None:
         """Keep one micro-batch for the perturbed pass; call before its clean forward.
@@ -96,6 +99,7 @@ class SAMEngine:
         self.begin_window()
         state = module_attribute_state(module) if module is not None else None
         self._window.append((replay, (module, state)))
+        _phase.set_pass(_phase.Pass("clean", self._window_id, len(self._window) - 1))
 
     @property
     def pending(self) -> int:
@@ -113,6 +117,7 @@ class SAMEngine:
         """Drop the window (an exception, or a step the framework skips): ``w`` back by copy."""
         self._window = []
         self._prepared = False
+        _phase.set_pass(None)
         self.sam.cancel()
 
     def summary(self) -> str:
@@ -141,10 +146,11 @@ class SAMEngine:
         """
         window, self._window = self._window, []
         self._prepared = False
+        window_id = self._window_id
         end_states = [(m, module_attribute_state(m)) for m in {id(m): m for _, (m, _) in window if m is not None}.values()]
         replays = [self._from_state(replay, module, state) for replay, (module, state) in window]
         try:
-            ran = perturbed_pass(self.sam, replays, no_sync=no_sync)
+            ran = perturbed_pass(self.sam, replays, no_sync=no_sync, window=window_id)
             if ran and unscale is not None:
                 unscale([p.grad for p in self.sam._pass_params if p.grad is not None])
             self.sam.unperturb()
@@ -152,6 +158,7 @@ class SAMEngine:
             self.sam.cancel()
             raise
         finally:
+            _phase.set_pass(None)
             for module, state in end_states:
                 restore_module_attributes(module, state)  # what the clean pass left
         self.n_steps += int(ran)

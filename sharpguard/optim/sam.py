@@ -38,6 +38,7 @@ from torch.optim import Optimizer
 
 from .._validation import check_keywords, keywords_of
 from ..errors import ConfigurationError
+from . import _phase
 from . import functional as F
 
 __all__ = ["SAM", "ASAM", "Closure", "perturbed_pass", "NONFINITE_POLICIES", "SAMFallbackWarning"]
@@ -152,6 +153,8 @@ def perturbed_pass(
     sam: Any,
     replays: Sequence[Callable[[], Any]],
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    *,
+    window: int = 0,
 ) -> bool:
     """The perturbed half of a step whose passes a framework adapter runs (adapter protocol).
 
@@ -161,7 +164,8 @@ def perturbed_pass(
     but the last under ``no_sync()``, so that only the last backward all-reduces the accumulated
     SAM gradient. If a replay raises, ``sam.cancel()`` restores the weights by copy before the
     exception propagates. Returns whether a perturbed pass ran; the caller finishes the step with
-    ``sam.unperturb()`` (or ``sam.cancel()`` to drop it).
+    ``sam.unperturb()`` (or ``sam.cancel()`` to drop it). Each replay runs as
+    ``_phase.Pass("perturbed", window, k)`` (:mod:`sharpguard.optim._phase`).
     """
     try:
         if not sam.perturb():
@@ -172,7 +176,11 @@ def perturbed_pass(
         last = len(replays) - 1
         for k, replay in enumerate(replays):
             with no_sync() if no_sync is not None and k < last else contextlib.nullcontext():
-                replay()
+                previous = _phase.set_pass(_phase.Pass("perturbed", window, k))
+                try:
+                    replay()
+                finally:
+                    _phase.set_pass(previous)
     except BaseException:
         sam.cancel()
         raise
