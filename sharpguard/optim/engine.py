@@ -14,7 +14,9 @@ helper all run the same sequence, and this module is the only place it is writte
    the last under ``no_sync`` so only the last backward all-reduces -- unscale the replayed
    gradients if the framework already unscaled the clean ones, restore ``w`` by copy, apply the
    variant's update and the non-finite policy (:meth:`SAM.unperturb`), and put back the module
-   state the clean pass left.
+   state the clean pass left. A variant with more than one perturbed point (GAM) asks for
+   another round after the replays (:meth:`SAM.advance`): the gradients are zeroed in place and
+   every micro-batch is replayed again, from the same module state, at its next point.
 
 An adapter supplies only what its framework knows: how to run one micro-batch forward/backward
 (the ``replay`` callables), how to suspend gradient sync (``no_sync``), and where the scaler is
@@ -127,7 +129,9 @@ class SAMEngine:
             f"; non-finite clean gradients {counts['nonfinite_clean']}, perturbed gradients that fell back "
             f"{counts['nonfinite_perturbed']}"
         )
-        return f"{self.n_steps} optimizer steps with a perturbed pass (one extra forward/backward per micro-batch each){faults}"
+        points = int(getattr(self.sam, "perturbed_points", 1))
+        extra = "one extra forward/backward" if points == 1 else f"{points} extra forward/backward passes"
+        return f"{self.n_steps} optimizer steps with a perturbed pass ({extra} per micro-batch each){faults}"
 
     # ------------------------------------------------------------------------------- the step
     def finish(

@@ -19,6 +19,20 @@ the passes themselves::
 ``perturb()`` returns False on steps that need no second pass (LookSAM's reuse steps, the skipped
 steps of ``interval > 1``); ``needs_second_pass()`` says so before the first forward, which is what
 a DDP adapter needs to decide whether the first pass may skip the gradient all-reduce.
+
+A variant that needs gradients at several perturbed points per step (GAM: three) is driven by
+one more call after the backward at each point::
+
+    if opt.perturb():
+        while True:
+            zero the grads; loss_at_current_point.backward()
+            if not opt.advance():    # the variant copied the gradient, moved to its next point
+                break
+    opt.unperturb()
+
+``advance()`` returns False at once for every single-point variant (no work, nothing changes).
+When it returns True the variant has kept what it needs of the gradient at the point just
+visited and moved the weights to its next point, always from ``w`` restored by copy.
 """
 
 from __future__ import annotations
@@ -162,25 +176,33 @@ def perturbed_pass(
     place (keeping DDP's bucket views; the variant copied what it needs from the clean gradient)
     and call every replay -- each runs one micro-batch's forward and backward at ``w + e`` -- all
     but the last under ``no_sync()``, so that only the last backward all-reduces the accumulated
-    SAM gradient. If a replay raises, ``sam.cancel()`` restores the weights by copy before the
-    exception propagates. Returns whether a perturbed pass ran; the caller finishes the step with
+    SAM gradient. Then ``sam.advance()``: while the variant has another point (GAM), the gradients
+    are zeroed again and every replay runs again at that point, under the same ``no_sync`` rule.
+    If a replay raises, ``sam.cancel()`` restores the weights by copy before the exception
+    propagates. Returns whether a perturbed pass ran; the caller finishes the step with
     ``sam.unperturb()`` (or ``sam.cancel()`` to drop it). Each replay runs as
-    ``_phase.Pass("perturbed", window, k)`` (:mod:`sharpguard.optim._phase`).
+    ``_phase.Pass("perturbed", window, k, point)`` (:mod:`sharpguard.optim._phase`).
     """
     try:
         if not sam.perturb():
             return False
-        grads = [p.grad for group in sam.base_optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            torch._foreach_zero_(grads)
+        advance = getattr(sam, "advance", None)  # a protocol object without it has one point
         last = len(replays) - 1
-        for k, replay in enumerate(replays):
-            with no_sync() if no_sync is not None and k < last else contextlib.nullcontext():
-                previous = _phase.set_pass(_phase.Pass("perturbed", window, k))
-                try:
-                    replay()
-                finally:
-                    _phase.set_pass(previous)
+        point = 0
+        while True:
+            grads = [p.grad for group in sam.base_optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if grads:
+                torch._foreach_zero_(grads)
+            for k, replay in enumerate(replays):
+                with no_sync() if no_sync is not None and k < last else contextlib.nullcontext():
+                    previous = _phase.set_pass(_phase.Pass("perturbed", window, k, point))
+                    try:
+                        replay()
+                    finally:
+                        _phase.set_pass(previous)
+            if advance is None or not advance():
+                break
+            point += 1
     except BaseException:
         sam.cancel()
         raise
@@ -241,6 +263,9 @@ class SAM(Optimizer):
     #: variants whose update or persistent state uses the clean gradient (GSAM, LookSAM,
     #: Friendly-SAM): an unsynchronised one would make the replicas (or their saved state) diverge.
     per_worker_safe: ClassVar[bool] = True
+    #: perturbed points per step (gradients taken away from ``w``); more than one needs :meth:`advance`,
+    #: which ``step(closure)`` and the framework adapters call and the two-step form cannot
+    perturbed_points: ClassVar[int] = 1
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -453,6 +478,14 @@ class SAM(Optimizer):
         the base optimizer must use; advances the variant's step counter. Call
         ``base_optimizer.step()`` (or ``scaler.step(opt.base_optimizer)``) next.
         """
+        if self._perturbed and self._point < self.perturbed_points - 1:
+            seen = self._point + 1
+            self.cancel()  # w back by copy: a step with some of its points missing is no step of this variant
+            raise ConfigurationError(
+                f"{type(self).__name__}.unperturb() came after {seen} of its {self.perturbed_points} perturbed points; "
+                "after the backward at each point call advance() and, while it returns True, backward again "
+                "(step(closure) and the framework adapters do it for you)."
+            )
         params = self._pass_params if self._perturb_called else self._params_with_grad()
         perturbed = self._perturbed
         self._restore()
@@ -478,6 +511,8 @@ class SAM(Optimizer):
         """
         clean_ok = self._clean_ok
         final_ok = F.all_finite(grads, groups=self.__dict__.get("_pass_groups")) & clean_ok
+        if self._points_ok is not None:  # a multi-point variant: the gradients at its earlier points
+            final_ok = final_ok & self._points_ok
         if final_ok.device.type == "cpu":
             if not bool(final_ok):
                 torch._foreach_copy_(grads, self._buffers("clean_grad", params))
@@ -546,6 +581,29 @@ class SAM(Optimizer):
             )
 
     @torch.no_grad()
+    def advance(self) -> bool:
+        """After the backward at the current perturbed point: move to the next one, if the variant has one.
+
+        Returns False (nothing done, no cost) for every variant with one perturbed point, and after
+        the last point of a multi-point variant. Otherwise it records whether the gradient just
+        taken is finite (a non-finite one at any point makes the step fall back to the clean
+        gradient, :meth:`unperturb`), restores ``w`` by copy and lets the variant keep what it needs
+        of that gradient and move to its next point (:meth:`_next_point`); then returns True: zero
+        the gradients in place and run the backward again at the new point.
+        """
+        if not self._perturbed or self._point + 1 >= self.perturbed_points:
+            return False
+        params = self._pass_params
+        grads = self._grads_of(params)
+        ok = F.all_finite(grads, groups=self.__dict__.get("_pass_groups"))
+        self._points_ok = ok if self._points_ok is None else self._points_ok & ok
+        if self._moved is not None:
+            F.restore_(*self._moved)  # back to w by copy; the backup stays for the next restore
+        self._point += 1
+        self._next_point(params, grads, self._point)
+        return True
+
+    @torch.no_grad()
     def cancel(self) -> None:
         """Abandon the current step: restore ``w`` and running statistics by copy, keep the counters.
 
@@ -602,6 +660,12 @@ class SAM(Optimizer):
         then skip the second forward/backward and call :meth:`second_step` directly (the
         gradients are not zeroed in that case).
         """
+        if self.perturbed_points > 1:
+            raise ConfigurationError(
+                f"{type(self).__name__} takes gradients at {self.perturbed_points} perturbed points per step, which "
+                "first_step()/second_step() cannot express; use step(closure) or a framework adapter (Lightning, "
+                "the Hugging Face Trainer, Accelerate)."
+            )
         moved = self.perturb()
         if moved and zero_grad:
             self._zero_pass_grads()
@@ -634,11 +698,19 @@ class SAM(Optimizer):
     def _after_plain_pass(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """Hook: a step without a perturbed pass (``grads`` holds the clean gradient)."""
 
+    def _next_point(self, params: list[torch.Tensor], grads: list[torch.Tensor], point: int) -> None:
+        """Hook of a multi-point variant (``perturbed_points > 1``), called by :meth:`advance` with ``w``
+        restored: keep what is needed of ``grads`` (the gradient at point ``point - 1``; they are
+        zeroed next) and move ``params`` to point ``point`` (e.g. with :func:`.functional.add_scaled_`)."""
+        raise NotImplementedError(f"{type(self).__name__} declares {self.perturbed_points} perturbed points but no _next_point")
+
     # ------------------------------------------------------------------------------- plumbing
     def _reset_step(self) -> None:
         self._prepared = False
         self._perturb_called = False
         self._perturbed = False
+        self._point = 0  # the perturbed point whose gradient is being taken (advance() counts)
+        self._points_ok: torch.Tensor | None = None  # finite gradients at the points before the last
         self._clean_ok: torch.Tensor | None = None
         self._pass_groups: F.Groups | None = None
         self._pass_params: list[torch.Tensor] = []

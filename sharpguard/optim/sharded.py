@@ -45,10 +45,13 @@ class ShardedSAM:
     their defaults are SAM's / ASAM's own (``SAM.knob_defaults()``); the other variants keep
     unsharded state and are refused by :func:`~sharpguard.optim.factory.build_sam`. The non-finite
     policy is SAM's ``"fallback"``: a non-finite clean or perturbed gradient leaves the clean one.
+    One perturbed point per step: the multi-point variants (GAM) and bSAM are refused for sharded
+    training by :meth:`~sharpguard.optim.SAMConfig.build`, with the other unsharded variants.
     """
 
     per_worker_safe = False  # the norm needs the reduced shards: the clean pass is synchronised
     sync_perturbation = True
+    perturbed_points = 1
 
     def __init__(self, optimizer: torch.optim.Optimizer, rho: float, adaptive: bool = False, eta: float = 0.0):
         self.base_optimizer = optimizer
@@ -77,6 +80,10 @@ class ShardedSAM:
         self._clean_ok = torch.isfinite(norm)
         F.add_scaled_(local_p, direction, F.perturbation_scale(norm, self.rho))
         return True
+
+    def advance(self) -> bool:
+        """One perturbed point per step: there is never a next one (the engine's multi-point protocol)."""
+        return False
 
     def unperturb(self) -> None:
         if self._backup is not None and self._params:
