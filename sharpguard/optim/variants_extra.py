@@ -13,9 +13,10 @@ Not here, and why (docs/optim.md says the same):
 * bSAM (Möllenhoff & Khan, ICLR 2023) is an Adam-like optimizer with its own precision estimate
   ``s`` that scales both the noise and the ascent and takes the update; it cannot wrap the user's
   optimizer.
-* ESAM's sharpness-sensitive data selection (SDS) needs the per-example losses of the replayed batch
-  and must run the perturbed pass on a chosen subset of it; the replay is the framework's own
-  ``training_step`` (a scalar loss over the whole batch), which the optimizer cannot subset.
+
+ESAM's other half, sharpness-sensitive data selection (SDS), acts on the per-example losses, which
+only the user's loss code sees: it is the loss reducer
+:class:`~sharpguard.optim.data_selection.SharpnessDataSelection` (works with any variant here).
 """
 
 from __future__ import annotations
@@ -303,11 +304,14 @@ class ESAM(SAM):
     of the chosen tensors, the :math:`1/\beta` keeping the expected perturbation SAM's.
     ``adaptive`` uses ASAM's ``T = |w|`` on the chosen tensors. The step uses :math:`\nabla L(w + e)`.
 
+    SDS, the paper's other half (the perturbed pass on the examples whose loss rose most), is the loss
+    reducer :class:`~sharpguard.optim.data_selection.SharpnessDataSelection` (``gamma`` lives there,
+    default 0.5 as in the official code): call it on the per-example losses in the code both passes
+    run. ESAM's paper setting is this optimizer plus that reducer.
+
     Cost: 2 passes per step. The paper's saving comes from not computing the clean gradient of the
-    tensors left out and from SDS; here the clean pass is the framework's own backward, so nothing is
-    saved, and SDS (the perturbed pass on the examples whose loss rose most, which needs per-example
-    losses of the replayed batch and a replay on a subset of it) cannot be done by a
-    framework-agnostic replay of ``training_step``; it is not implemented.
+    tensors left out and from running the perturbed pass on the selected subset only; here the clean
+    pass is the framework's own backward and SDS masks a whole-batch replay, so neither saves compute.
     """
 
     variant: ClassVar[str] = "esam"
