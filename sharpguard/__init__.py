@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "FlatLoRA": "sharpguard.optim",
     "lora_parameters": "sharpguard.optim",
     "MESA": "sharpguard.optim",
+    "GAM": "sharpguard.optim",
+    "BSAM": "sharpguard.optim",
     # measurement
     "hessian_eigenvalues": "sharpguard.sharpness",
     "hessian_trace": "sharpguard.sharpness",

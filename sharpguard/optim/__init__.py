@@ -13,9 +13,11 @@ from .variants import FriendlySAM, GSAM, LookSAM, MomentumSAM
 from .lora import FlatLoRA, lora_parameters
 from .mesa import MESA
 from .variants_extra import ARWP, ESAM, RWP, WSAM
+from .variants_multi import BSAM, GAM
 
 __all__ = [
     "SAM", "ASAM", "GSAM", "LookSAM", "MomentumSAM", "FriendlySAM", "make_sam", "VARIANTS",
     "SAMConfig", "SAMEngine", "unwrap_optimizer",
 ]
 __all__ += ["WSAM", "RWP", "ARWP", "ESAM", "FlatLoRA", "lora_parameters", "MESA"]
+__all__ += ["GAM", "BSAM"]

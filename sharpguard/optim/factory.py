@@ -11,6 +11,7 @@ from .sam import ASAM, SAM
 from .variants import FriendlySAM, GSAM, LookSAM, MomentumSAM
 from .lora import FlatLoRA
 from .variants_extra import ARWP, ESAM, RWP, WSAM
+from .variants_multi import BSAM, GAM
 
 __all__ = ["VARIANTS", "canonical_variant", "make_sam"]
 
@@ -27,6 +28,8 @@ VARIANTS: dict[str, type[SAM]] = {
     "arwp": ARWP,
     "esam": ESAM,
     "flat_lora": FlatLoRA,
+    "gam": GAM,
+    "bsam": BSAM,
 }
 
 _ALIASES = {
@@ -42,6 +45,8 @@ _ALIASES = {
     "marwp": "arwp",
     "swp": "esam",
     "flatlora": "flat_lora",
+    "b_sam": "bsam",
+    "bayesian_sam": "bsam",
 }
 
 
@@ -57,8 +62,10 @@ def make_sam(
     """Wrap ``optimizer`` in the SAM variant named ``variant`` with its knobs.
 
     ``variant`` is one of ``"sam"``, ``"asam"``, ``"gsam"``, ``"looksam"``, ``"momentum_sam"``,
-    ``"friendly_sam"``, ``"wsam"``, ``"rwp"``, ``"arwp"``, ``"esam"``, ``"flat_lora"`` (case and ``-``/``_`` do
-    not matter; ``"msam"``, ``"fsam"``, ``"F-SAM"``, ``"m-RWP"``, ``"m-ARWP"`` and ``"Flat-LoRA"`` are accepted).
+    ``"friendly_sam"``, ``"wsam"``, ``"rwp"``, ``"arwp"``, ``"esam"``, ``"flat_lora"``, ``"gam"``, ``"bsam"``
+    (case and ``-``/``_`` do not matter; ``"msam"``, ``"fsam"``, ``"F-SAM"``, ``"m-RWP"``, ``"m-ARWP"``,
+    ``"Flat-LoRA"``, ``"b-SAM"`` and ``"bayesian-sam"`` are accepted). ``"bsam"`` needs ``num_data`` and a
+    ``torch.optim.SGD`` with ``momentum=0``, ``weight_decay=0`` as ``optimizer`` (it computes its own update).
     ``knobs`` are the variant's keywords (``rho``, ``k``, ``alpha``, ...; missing ones take the
     variant's own defaults); an unknown one raises :class:`~sharpguard.errors.ConfigurationError`.
     The same :class:`~sharpguard.optim.config.SAMConfig` path as every framework adapter.
