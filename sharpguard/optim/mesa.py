@@ -10,8 +10,9 @@ optimizer step (a step post-hook on the optimizer, so a step a GradScaler skips 
     out = model(x)
     loss = F.cross_entropy(out, y) + mesa(out, x)       # mesa(student_logits, *inputs of the forward)
 
-SAF, the other method of the paper, needs the outputs stored per training example from earlier
-epochs, i.e. example indices from the data pipeline; it is not implemented.
+SAF, the other method of the paper, keeps the outputs of every training example from earlier
+epochs instead of a teacher (no extra forward; memory ``(epochs_ago + 1) x N x C``) and needs example
+indices from the data pipeline: :class:`~sharpguard.optim.saf.SAF`, used the same way.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..errors import ConfigurationError
 __all__ = ["MESA"]
 
 
-def _logits(output: Any) -> torch.Tensor:
+def _logits(output: Any, owner: str = "MESA") -> torch.Tensor:
     """The logits of a model output: a tensor, ``output.logits`` (transformers) or ``output["logits"]``."""
     if isinstance(output, torch.Tensor):
         return output
@@ -39,7 +40,7 @@ def _logits(output: Any) -> torch.Tensor:
         logits = output.get("logits")
     if not isinstance(logits, torch.Tensor):
         raise ConfigurationError(
-            f"MESA cannot find the logits in a {type(output).__name__}; pass output_fn= (model output -> logits)."
+            f"{owner} cannot find the logits in a {type(output).__name__}; pass output_fn= (model output -> logits)."
         )
     return logits
 
