@@ -285,3 +285,174 @@ def test_load_state_dict_refuses_a_mismatch_before_changing_anything():
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
     other.load_state_dict(state)
     assert torch.equal(other.memory, saf.memory) and other.memory is not saf.memory
+
+
+# ------------------------------------------------------------------------------- four front ends
+# The recipes of docs/cheap_sam.md, each with SAM on top (the perturbed pass reads the past outputs
+# and stores nothing): the same weights in plain PyTorch, Lightning, the HF Trainer and Accelerate.
+FE_N, FE_MB, FE_GA, FE_EPOCHS = 16, 4, 2, 4
+FE_OPTIMIZER = {"lr": 0.1, "momentum": 0.9}
+
+
+class FENet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class Indexed(torch.utils.data.Dataset):
+    """Returns each example's position in the training set: what SAF needs from the data pipeline."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(FE_N, 6, generator=g)
+        self.y = torch.randint(0, 3, (FE_N,), generator=g)
+
+    def __len__(self) -> int:
+        return FE_N
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i], "index": torch.tensor(i)}
+
+
+def fe_saf() -> SAF:
+    return SAF(FE_N, weight=1.0, epochs_ago=1, start_epoch=1)
+
+
+def fe_loader() -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(Indexed(), batch_size=FE_MB, shuffle=False)
+
+
+def fe_loss(net, batch, saf, epoch) -> torch.Tensor:
+    logits = net(batch["x"])
+    return F.cross_entropy(logits, batch["labels"]) + saf(logits, batch["index"], epoch)
+
+
+def fe_plain(net, saf) -> None:
+    from sharpguard.optim import make_sam
+
+    opt = make_sam(torch.optim.SGD(net.parameters(), **FE_OPTIMIZER), "sam", model=net)
+    batches = list(fe_loader())
+    for epoch in range(FE_EPOCHS):
+        for s in range(0, len(batches), FE_GA):
+            window = batches[s : s + FE_GA]
+
+            def closure():
+                for mb in window:
+                    (fe_loss(net, mb, saf, epoch) / FE_GA).backward()
+
+            opt.zero_grad()
+            opt.step(closure)
+
+
+def fe_lightning(net, saf) -> None:
+    from sharpguard.integrations._lightning_namespace import pl
+    from sharpguard.integrations.lightning import SharpnessAwareMinimization
+
+    class Lit(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            return fe_loss(self.net, batch, saf, self.current_epoch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), **FE_OPTIMIZER)
+
+    trainer = pl.Trainer(
+        max_epochs=FE_EPOCHS, accumulate_grad_batches=FE_GA, accelerator="cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[SharpnessAwareMinimization(variant="sam")],
+    )
+    trainer.fit(Lit(), fe_loader())
+
+
+def fe_hf(net, saf, tmp_path) -> None:
+    import math
+
+    from transformers import TrainingArguments
+
+    from sharpguard.integrations.huggingface import SharpGuardTrainer
+
+    class SAFTrainer(SharpGuardTrainer):
+        loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
+
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            labels, index = inputs.pop("labels"), inputs.pop("index")
+            logits = model(**inputs)
+            # state.epoch is epoch + (steps done) / steps per epoch: its floor is the epoch running
+            loss = F.cross_entropy(logits, labels) + saf(logits, index, math.floor(self.state.epoch))
+            return (loss, {"logits": logits}) if return_outputs else loss
+
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=FE_MB, gradient_accumulation_steps=FE_GA,
+        num_train_epochs=FE_EPOCHS, learning_rate=FE_OPTIMIZER["lr"], lr_scheduler_type="constant", max_grad_norm=0.0,
+        weight_decay=0.0, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+        dataloader_num_workers=0, seed=0, remove_unused_columns=False,
+    )
+    SAFTrainer(model=net, args=args, train_dataset=Indexed(),
+               optimizers=(torch.optim.SGD(net.parameters(), **FE_OPTIMIZER), None), sam={"variant": "sam"}).train()
+
+
+def fe_accelerate(net, saf) -> None:
+    from accelerate import Accelerator
+
+    from sharpguard.integrations.accelerate import SharpnessAwareMinimization
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=FE_GA)
+    opt = torch.optim.SGD(net.parameters(), **FE_OPTIMIZER)
+    model, opt, data = accelerator.prepare(net, opt, fe_loader())
+    epoch = 0
+    sam = SharpnessAwareMinimization(accelerator, model, opt, variant="sam",
+                                     loss_fn=lambda m, batch: fe_loss(m, batch, saf, epoch))
+    for epoch in range(FE_EPOCHS):  # the loss_fn reads the loop's epoch
+        for batch in data:
+            with accelerator.accumulate(model):
+                sam.backward(batch)
+                opt.step()
+                opt.zero_grad()
+
+
+@pytest.fixture
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_saf_with_sam_trains_to_the_same_weights_in_every_front_end(tmp_path, _fresh_accelerate_state):
+    runs = {}
+    for name in ("plain", "lightning", "hf", "accelerate"):
+        model, saf = FENet(), fe_saf()
+        if name == "plain":
+            fe_plain(model, saf)
+        elif name == "lightning":
+            fe_lightning(model, saf)
+        elif name == "hf":
+            fe_hf(model, saf, tmp_path)
+        else:
+            fe_accelerate(model, saf)
+        runs[name] = (flat(model), saf.stamps.clone(), saf.missing)
+    reference, stamps, missing = runs["plain"]
+    assert missing == 0
+    assert sorted(stamps[:, 0].tolist()) == [FE_EPOCHS - 2, FE_EPOCHS - 1]  # the ring holds the last two epochs
+    without = FENet()
+    fe_plain(without, SAF(FE_N, weight=0.0, epochs_ago=1, start_epoch=1))
+    assert float((flat(without) - reference).abs().max() / reference.abs().max()) > 1e-5  # the term acted
+    for name in ("lightning", "hf", "accelerate"):
+        got, got_stamps, got_missing = runs[name]
+        assert got_missing == 0, name
+        assert torch.equal(got_stamps, stamps), name
+        assert float((got - reference).abs().max() / reference.abs().max()) <= 1e-5, name
