@@ -61,7 +61,9 @@ class SharpnessDataSelection:
     ties) and every example when :math:`\gamma \ge 0.99`; this keeps exactly
     :math:`\lfloor\gamma B\rfloor`, the paper's :math:`|B^+| = \gamma |B|`. Selection is per call: with
     gradient accumulation each micro-batch keeps its own top fraction. Several calls in one pass
-    (a closure that loops over micro-batches) are paired with the clean pass's calls in order.
+    (a closure that loops over micro-batches) are paired with the clean pass's calls in order. A
+    variant with several perturbed points (GAM) selects at each point by that point's rise from ``w``.
+    Nothing outlives a step, so there is nothing to checkpoint.
 
     Cost, plainly: the selection masks the loss of an ordinary replay, so the perturbed pass still
     runs its forward and backward on the whole batch: **nothing is saved** in compute or memory.
