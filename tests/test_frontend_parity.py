@@ -3,7 +3,9 @@
 Every SAM variant, given by name with that variant's own defaults, trains the same small network on
 the same data order with gradient accumulation 2 in plain PyTorch (``make_sam`` + closure), the
 Lightning callback, the Hugging Face Trainer and the Accelerate helper. The four trajectories must
-agree to a relative 1e-5 after six optimizer steps (LookSAM's k=5 includes a reuse step). The same
+agree to a relative 1e-5 after six optimizer steps (LookSAM's k=5 includes a reuse step; GAM replays
+both micro-batches at each of its three points; bSAM, given its training-set size and the plain SGD it
+needs, draws the same noise everywhere). The same
 holds for the fault policy: a non-finite gradient at ``w + e`` falls back to the clean gradient, and
 a non-finite clean gradient under a GradScaler skips the step, in every front end (CPU GradScaler).
 """
@@ -18,6 +20,17 @@ from sharpguard.optim import VARIANTS, make_sam
 
 STEPS, GA, MB, LR = 6, 2, 8, 0.1
 OPTIMIZER = {"lr": LR, "momentum": 0.9}  # momentum: Momentum-SAM needs it, and it tests state handling
+#: what a variant needs beyond the defaults, the same in every front end: (base optimizer keywords, knobs).
+#: bSAM computes its own Adam-like update (a plain SGD takes the step) and needs the training-set size.
+OVERRIDES: dict[str, tuple[dict, dict]] = {"bsam": ({"lr": LR, "momentum": 0.0}, {"num_data": STEPS * GA * MB})}
+
+
+def optimizer_kwargs(variant: str) -> dict:
+    return OVERRIDES.get(variant, (OPTIMIZER, {}))[0]
+
+
+def knobs(variant: str) -> dict:
+    return dict(OVERRIDES.get(variant, (OPTIMIZER, {}))[1])
 
 
 class Net(nn.Module):
@@ -71,7 +84,7 @@ def weights(net: nn.Module) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ front ends
 def run_plain(variant: str, net: Net, ga: int = GA, steps: int = STEPS) -> None:
-    opt = make_sam(torch.optim.SGD(net.parameters(), **OPTIMIZER), variant, model=net)
+    opt = make_sam(torch.optim.SGD(net.parameters(), **optimizer_kwargs(variant)), variant, model=net, **knobs(variant))
     mbs = micro_batches(steps, ga)
     for s in range(steps):
         window = mbs[s * ga : (s + 1) * ga]
@@ -101,12 +114,12 @@ def run_lightning(variant: str, net: Net, ga: int = GA, steps: int = STEPS, plug
             return self.net(**batch)["loss"]
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), **OPTIMIZER)
+            return torch.optim.SGD(self.parameters(), **optimizer_kwargs(variant))
 
     trainer = pl.Trainer(
         max_steps=steps, accumulate_grad_batches=ga, accelerator="cpu", devices=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[SharpnessAwareMinimization(variant=variant)], plugins=plugins,
+        callbacks=[SharpnessAwareMinimization(variant=variant, **knobs(variant))], plugins=plugins,
     )
     trainer.fit(Lit(), loader(ga, steps))
 
@@ -126,9 +139,9 @@ def run_hf(variant: str, net: Net, tmp_path, ga: int = GA, steps: int = STEPS, s
         save_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
         remove_unused_columns=False,
     )
-    opt = torch.optim.SGD(net.parameters(), **OPTIMIZER)
+    opt = torch.optim.SGD(net.parameters(), **optimizer_kwargs(variant))
     trainer = InOrder(model=net, args=args, train_dataset=torch.utils.data.Subset(Data(), range(steps * ga * MB)),
-                      optimizers=(opt, None), sam={"variant": variant})
+                      optimizers=(opt, None), sam={"variant": variant, **knobs(variant)})
     if scaler is not None:
         trainer.accelerator.scaler = scaler
     trainer.train()
@@ -142,9 +155,10 @@ def run_accelerate(variant: str, net: Net, ga: int = GA, steps: int = STEPS, sca
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ga)
     if scaler is not None:
         accelerator.scaler = scaler
-    opt = torch.optim.SGD(net.parameters(), **OPTIMIZER)
+    opt = torch.optim.SGD(net.parameters(), **optimizer_kwargs(variant))
     model, opt, data = accelerator.prepare(net, opt, loader(ga, steps))
-    sam = SharpnessAwareMinimization(accelerator, model, opt, variant=variant, loss_fn=lambda m, b: m(**b)["loss"])
+    sam = SharpnessAwareMinimization(accelerator, model, opt, variant=variant, loss_fn=lambda m, b: m(**b)["loss"],
+                                     **knobs(variant))
     for batch in data:
         with accelerator.accumulate(model):
             sam.backward(batch)
@@ -179,7 +193,7 @@ def test_every_variant_trains_to_the_same_weights_in_every_front_end(variant, tm
     assert not torch.equal(reference, start)  # it trained
     # the SAM step is not a plain step (rho > 0 by every variant's default): compare with plain SGD
     plain_sgd = Net()
-    opt = torch.optim.SGD(plain_sgd.parameters(), **OPTIMIZER)
+    opt = torch.optim.SGD(plain_sgd.parameters(), **optimizer_kwargs(variant))
     mbs = micro_batches()
     for s in range(STEPS):
         opt.zero_grad()
