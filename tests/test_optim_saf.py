@@ -91,7 +91,7 @@ def test_training_with_saf_is_training_with_the_hand_kl_on_the_outputs_from_epoc
 
 
 def test_the_term_and_its_gradient_equal_the_hand_kl_with_the_stored_outputs():
-    x, y = data()
+    x, _ = data()
     model = net()
     saf = SAF(N, weight=0.5, temperature=2.0, epochs_ago=1, start_epoch=1, dtype=torch.float64)
     with torch.no_grad():
@@ -118,7 +118,7 @@ def test_no_extra_forward_and_the_default_schedule():
     forwards = []
     model.register_forward_hook(lambda *_: forwards.append(1))
     saf = SAF(N)
-    x, y = data()
+    x, _ = data()
     terms = []
     for epoch in range(8):
         logits = model(x)
@@ -174,9 +174,8 @@ def test_examples_without_a_stored_past_get_no_term_and_are_said_once():
         want = hand_term(logits[:8], saf.memory[0, :8].double(), 0.3, 5.0) * 8 / N  # mean over the batch of 12
     torch.testing.assert_close(term, want, rtol=0, atol=1e-12)
     assert saf.missing == 4
-    with pytest.warns(UserWarning, match="4 examples had no output stored 1 epochs earlier"):
-        with torch.no_grad():
-            saf(model(x), torch.arange(N), 2)
+    with torch.no_grad(), pytest.warns(UserWarning, match="4 examples had no output stored 1 epochs earlier"):
+        saf(model(x), torch.arange(N), 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with torch.no_grad():
@@ -341,7 +340,7 @@ def fe_plain(net, saf) -> None:
         for s in range(0, len(batches), FE_GA):
             window = batches[s : s + FE_GA]
 
-            def closure():
+            def closure(window=window, epoch=epoch):
                 for mb in window:
                     (fe_loss(net, mb, saf, epoch) / FE_GA).backward()
 
@@ -375,9 +374,8 @@ def fe_lightning(net, saf) -> None:
 def fe_hf(net, saf, tmp_path) -> None:
     import math
 
-    from transformers import TrainingArguments
-
     from sharpguard.integrations.huggingface import SharpGuardTrainer
+    from transformers import TrainingArguments
 
     class SAFTrainer(SharpGuardTrainer):
         loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
@@ -404,7 +402,6 @@ def fe_hf(net, saf, tmp_path) -> None:
 
 def fe_accelerate(net, saf) -> None:
     from accelerate import Accelerator
-
     from sharpguard.integrations.accelerate import SharpnessAwareMinimization
 
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=FE_GA)

@@ -30,7 +30,7 @@ from .._validation import positive
 from ..errors import ConfigurationError
 from . import _phase
 
-__all__ = ["SharpnessDataSelection", "DEFAULT_GAMMA"]
+__all__ = ["DEFAULT_GAMMA", "SharpnessDataSelection"]
 
 #: ESAM's gamma (the fraction of the batch kept in the perturbed pass): the official ``run.sh``
 #: (dydjw9/Efficient_SAM) uses 0.5 in every experiment; the one place this default lives.
