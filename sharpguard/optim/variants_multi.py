@@ -41,9 +41,11 @@ _GAM_EPS = 1e-12
 class GAM(SAM):
     r"""Gradient norm Aware Minimization (Zhang et al., CVPR 2023, arXiv:2303.03108): first-order flatness.
 
-    GAM penalises :math:`\rho' \max_{\lVert\delta\rVert\le\rho'} \lVert\nabla L(w+\delta)\rVert` (the
-    first-order flatness of Sec. 3, Def. 3.1) beside SAM's zeroth-order term; its Algorithm 1, as
-    the official code runs it, takes four gradients per step:
+    GAM penalises the first-order flatness
+    :math:`\rho' \max_{\lVert\delta\rVert\le\rho'} \lVert\nabla L(w+\delta)\rVert` (Sec. 3) beside
+    SAM's zeroth-order term. Its Algorithm 1 needs Hessian-vector products; the official code (the
+    GAM + SAM form reported in the paper) replaces them by gradient differences and takes four
+    gradients per step, which is what this class does:
 
     * :math:`g_0 = \nabla L(w)` (the clean pass);
     * :math:`g_1 = \nabla L(w + \rho\, g_0/\lVert g_0\rVert)` (SAM's point);
@@ -61,7 +63,7 @@ class GAM(SAM):
     (``grad_rho``, ``grad_norm_rho``, ``grad_gamma``); ``beta1`` 0.6, ``beta2`` 0.5 and ``beta3`` 0.4 are
     its CIFAR-100 ResNet setting (``grad_beta_1``, ``1 - grad_beta_0``, ``1 - grad_beta_1``).
     ``rho_norm=0, gamma=0, beta1=1, beta3=0`` is SAM. Cost: 4 forward/backward passes per step;
-    memory: four gradient-sized buffers besides the weight backup. Needs ``step(closure)`` or a
+    memory: the weight backup, ``g_0``, ``g_1``, ``g_2`` and ``w_2 - w``. Needs ``step(closure)`` or a
     framework adapter (three perturbed points; the two-step form cannot express them).
     """
 
@@ -179,7 +181,7 @@ class BSAM(SAM):
     The paper's m-sharpness (independent noise and ascent per sub-batch) is not done: one noise draw
     and one ascent per accumulation window. The update is in gradient units: use fp32/bf16, not a
     GradScaler that leaves the gradients scaled until the step. Cost: 2 forward/backward passes per
-    step; memory: ``s`` and ``g_m`` (kept), plus four gradient-sized scratch buffers.
+    step; memory: ``s`` and ``g_m`` (kept), the weight backup, the noisy gradient and two scratch buffers.
     """
 
     variant: ClassVar[str] = "bsam"
@@ -321,7 +323,7 @@ class BSAM(SAM):
         b1, b2, delta = self.beta1, self.beta2, self.delta
         noisy = self._buffers("clean_grad", params)  # g, taken at theta + eps
         s, g_m = self._state_filled("s", params, self.s_init), self._state_filled("g_m", params, 0.0)
-        g_m_next = self._buffers("g_m_next", params)
+        g_m_next = self._buffers("direction", params)  # the ascent direction is spent: reuse its memory
         torch._foreach_copy_(g_m_next, g_m)
         torch._foreach_mul_(g_m_next, b1)
         torch._foreach_add_(g_m_next, grads, alpha=1.0 - b1)
