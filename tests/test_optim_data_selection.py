@@ -164,6 +164,30 @@ def test_evaluation_without_gradients_is_the_plain_mean_and_silent():
     assert torch.equal(loss, F.cross_entropy(model(x), y, reduction="none").mean())
 
 
+def test_an_evaluation_inside_an_open_step_is_the_plain_mean_and_leaves_the_step_alone():
+    """Lightning may validate between the micro-batches of a window: no_grad calls are plain and
+    neither record nor disturb the pairing of the step's own calls."""
+    x, y, w, b = problem()
+    want_w, _, chosen = hand_sds_step(x, y, w, b, 0.5)
+    model = linear(w, b)
+    sds = SharpnessDataSelection(0.5)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    calls = []
+
+    def closure():
+        loss = sds(F.cross_entropy(model(x), y, reduction="none"))
+        loss.backward()
+        if not calls:
+            with torch.no_grad():
+                calls.append(sds(F.cross_entropy(model(x[:3]), y[:3], reduction="none")))
+        return loss
+
+    opt.step(closure)
+    assert sds.counts == {"clean": 1, "selected": 1, "plain": 1}
+    assert sorted(sds.last_selected.tolist()) == chosen
+    torch.testing.assert_close(model.weight.detach(), want_w, rtol=0, atol=1e-12)
+
+
 def test_the_two_step_form_says_it_selects_nothing():
     x, y, w, b = problem()
     model = linear(w, b)

@@ -163,6 +163,20 @@ def test_float16_storage_halves_the_memory_and_rounds_the_term_slightly():
     assert float(a) > 0 and abs(float(a) - float(b)) <= 1e-3 * float(a)
 
 
+def test_low_precision_logits_get_the_kl_in_float32():
+    g = torch.Generator().manual_seed(0)
+    first, second = torch.randn(N, C, generator=g), torch.randn(N, C, generator=g)
+    ref, low = SAF(N, epochs_ago=1, start_epoch=1), SAF(N, epochs_ago=1, start_epoch=1)
+    ref(first, torch.arange(N), 0)
+    low(first.bfloat16(), torch.arange(N), 0)
+    a = ref(second.bfloat16().float(), torch.arange(N), 1)
+    b = low(second.bfloat16(), torch.arange(N), 1)
+    assert b.dtype == torch.float32
+    # the stored past differs only by bf16 rounding of the first logits
+    assert abs(float(a) - float(b)) <= 2e-2 * float(a)
+    assert low(second.bfloat16(), torch.arange(N), 0).dtype == torch.float32  # also when off
+
+
 def test_examples_without_a_stored_past_get_no_term_and_are_said_once():
     x, _ = data()
     model = net()

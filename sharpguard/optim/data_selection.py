@@ -107,8 +107,10 @@ class SharpnessDataSelection:
         """The reduced loss of per-example ``losses`` (shape ``[batch]``) for the pass now running."""
         self._check(losses)
         now = _phase.current_pass()
-        if now is None:
-            return self._outside_step(losses)
+        if now is None or not torch.is_grad_enabled():
+            # outside a SAM step, or an evaluation that runs while one is open (Lightning may validate
+            # between the micro-batches of a window): the plain mean, and this step's records stay
+            return self._plain(losses, outside=now is None)
         if now.window != self._window:
             self._end_window()
             self._window, self._records, self._window_replayed = now.window, {}, False
@@ -150,11 +152,9 @@ class SharpnessDataSelection:
         return losses.index_select(0, order).mean()
 
     # ------------------------------------------------------------------------------- bookkeeping
-    def _outside_step(self, losses: torch.Tensor) -> torch.Tensor:
-        self._end_window()
-        self._window, self._records, self._last_pass = 0, {}, None
+    def _plain(self, losses: torch.Tensor, *, outside: bool) -> torch.Tensor:
         self.counts["plain"] += 1
-        if torch.is_grad_enabled() and losses.requires_grad and self.counts["selected"] == 0:
+        if outside and torch.is_grad_enabled() and losses.requires_grad and self.counts["selected"] == 0:
             self._warn_once(
                 "outside",
                 "it was called while training outside any SAM step, so it returned the plain mean and selected "

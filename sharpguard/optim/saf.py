@@ -151,14 +151,16 @@ class SAF:
         assert self.memory is not None and self.stamps is not None and self._missing is not None
         self._new_epoch(epoch)
         at = idx.to(self.memory.device)
-        term = logits.new_zeros(())
+        term = logits.new_zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
         if self.active(epoch):
+            # the KL in float32 at least: fp16/bf16 logits (autocast off) would lose the small differences
+            work = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
             read = (epoch - self.epochs_ago) % self.slots
-            past = self.memory[read].index_select(0, at).to(device=logits.device, dtype=logits.dtype)
+            past = self.memory[read].index_select(0, at).to(device=logits.device, dtype=work.dtype)
             found = (self.stamps[read].index_select(0, at) == epoch - self.epochs_ago)
             self._missing += (~found).sum()
             tau = self.temperature
-            log_q = torch.log_softmax(logits / tau, dim=-1)
+            log_q = torch.log_softmax(work / tau, dim=-1)
             log_p = torch.log_softmax(past / tau, dim=-1)
             kl = (log_p.exp() * (log_p - log_q)).sum(-1)
             kl = torch.where(found.to(logits.device), kl, kl.new_zeros(()))  # no past output: no term
