@@ -52,9 +52,9 @@ class SharpnessDataSelection:
       :math:`\lfloor\gamma B\rfloor` examples (at least one) with the largest
       :math:`\ell_i(w + e) - \ell_i(w)`, so the backward flows from them only; ties go to the
       earlier example. ``gamma=1`` returns the plain mean (plain SAM, bitwise);
-    * outside a SAM step (evaluation; the two-step ``first_step/second_step`` form, which does not
-      say which pass runs) and on steps without a perturbed pass (LookSAM's reuse steps, ``interval``):
-      the plain mean. When it is called while training and never sees a perturbed pass it says so once.
+    * outside a SAM step (a plain optimizer; the two-step ``first_step/second_step`` form, which does
+      not say which pass runs), without gradients (evaluation, even inside an open step) and on
+      steps without a perturbed pass (LookSAM's reuse steps, ``interval``): the plain mean. When it is called while training and never sees a perturbed pass it says so once.
 
     The official code (``utils/Esam.py``) keeps the examples *strictly above* the
     :math:`\lfloor\gamma B\rfloor`-th largest :math:`h_i` (one fewer than asked without ties, fewer with
