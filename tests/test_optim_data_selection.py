@@ -421,7 +421,7 @@ def flat(net: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
 
 
-@pytest.mark.parametrize("variant", ["sam", "esam", "looksam"])
+@pytest.mark.parametrize("variant", ["sam", "esam", "looksam", "gam"])
 def test_sds_trains_to_the_same_weights_in_every_front_end(variant, tmp_path, _fresh_accelerate_state):
     runs = {}
     for name in ("plain", "lightning", "hf", "accelerate"):
@@ -436,8 +436,9 @@ def test_sds_trains_to_the_same_weights_in_every_front_end(variant, tmp_path, _f
             run_accelerate(variant, net, sds)
         runs[name] = (flat(net), dict(sds.counts))
     reference, counts = runs["plain"]
-    perturbed_steps = 1 if variant == "looksam" else STEPS  # LookSAM (k = 5) perturbs on step 0 only
-    assert counts == {"clean": STEPS * GA, "selected": perturbed_steps * GA, "plain": 0}
+    # LookSAM (k = 5) perturbs on step 0 only; GAM replays at three points per step, each selecting
+    replays = {"looksam": 1, "gam": 3 * STEPS}.get(variant, STEPS)
+    assert counts == {"clean": STEPS * GA, "selected": replays * GA, "plain": 0}
     # SDS changed the trajectory: plain SAM differs
     plain_sam = Net()
     run_plain(variant, plain_sam, lambda losses: losses.mean())
