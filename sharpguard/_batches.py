@@ -147,3 +147,48 @@ def move_to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, list):
         return [move_to(v, device) for v in batch]
     return batch
+
+
+def split_batch(batch: Any, parts: int) -> list[Any]:
+    """``batch`` as up to ``parts`` consecutive micro-batches along its example dimension.
+
+    Every tensor whose first dimension is the batch size (:func:`batch_size`) is sliced; 0-dim tensors and
+    non-tensors are shared by every micro-batch. A tensor with another first dimension (a flattened
+    ``(batch * time,)`` target, say) makes the split ambiguous: that is refused, since slicing it by rows
+    would pair inputs with the wrong targets. ``parts`` larger than the batch gives one example per part.
+    """
+    n = batch_size(batch)
+    parts = max(1, min(int(parts), n))
+    if parts == 1:
+        return [batch]
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+
+    def check(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.dim() > 0 and value.shape[0] != n:
+                raise ConfigurationError(
+                    f"cannot split a probe batch of {n} examples into micro-batches: it holds a tensor of shape "
+                    f"{tuple(value.shape)} whose first dimension is not the batch size; keep every per-example tensor "
+                    "batch-first (targets shaped (batch, ...), not flattened), or pass micro_batches=1."
+                )
+        elif isinstance(value, Mapping):
+            for v in value.values():
+                check(v)
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                check(v)
+
+    def take(value: Any, lo: int, hi: int) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value[lo:hi] if value.dim() > 0 else value
+        if isinstance(value, Mapping):  # a plain dict: what model(**batch) and a loss_fn need of a mapping
+            return {k: take(v, lo, hi) for k, v in value.items()}
+        if isinstance(value, tuple):
+            items = [take(v, lo, hi) for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+        if isinstance(value, list):
+            return [take(v, lo, hi) for v in value]
+        return value
+
+    check(batch)
+    return [take(batch, bounds[i], bounds[i + 1]) for i in range(parts)]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_sharpness_curvature import conv_bn_case, dense_hessian, mlp_case
+from test_sharpness_curvature import bert_case, conv_bn_case, dense_hessian, mlp_case
 from torch import nn
 from torch.utils import checkpoint
 
@@ -129,6 +129,122 @@ def test_finite_difference_check_holds_no_gradient_graph():
     with HVPOperator(model, batch) as op:  # the exact default caches the single batch's gradient graph
         op.matvec(v)
         assert sum(t.grad_fn is not None for t in _tensors()) - before > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# micro-batches: the same operator, one micro-batch's graph at a time
+
+
+@pytest.mark.parametrize("make", [mlp_case, conv_bn_case, bert_case], ids=["mlp", "conv_bn", "bert"])
+@pytest.mark.parametrize("micro_batches", [2, 3])
+def test_micro_batched_products_are_the_dense_hessians(make, micro_batches):
+    """Split by examples and weighted by their sizes, the micro-batches give the Hessian of the same
+    (example-mean) probe loss: products and eigenvalues against the exact dense Hessian, float64."""
+    model, batches = make()
+    H = dense_hessian(model, batches)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with HVPOperator(model, batches, micro_batches=micro_batches) as op:
+        assert len(op.batches) == micro_batches * (len(batches) if isinstance(batches, list) else 1)
+        assert not op.cache_graph  # several batches: no cached graph unless asked
+        torch.testing.assert_close(op.matvec(v), H @ v, rtol=1e-9, atol=1e-11)
+    res = hessian_eigenvalues(model, batches, k=2, tol=1e-10, micro_batches=micro_batches)
+    dense = torch.linalg.eigvalsh(H).flip(0)[:2]
+    np.testing.assert_allclose(res.eigenvalues, dense.numpy(), rtol=1e-7, atol=1e-9)
+    assert res.settings["micro_batches"] == micro_batches
+
+
+def _peak_saved_bytes(fn) -> int:
+    """The most bytes autograd held in saved tensors at once while ``fn`` ran (every graph: the forward's,
+    the gradient graph built with ``create_graph`` and the double backward's), tracked by pack hooks with
+    a finalizer per saved tensor."""
+    import weakref
+
+    live, peak = [0], [0]
+
+    class Saved:
+        def __init__(self, t: torch.Tensor) -> None:
+            self.t = t
+
+    def pack(t: torch.Tensor):
+        box = Saved(t)
+        n = t.untyped_storage().nbytes() if t.numel() else 0
+        live[0] += n
+        peak[0] = max(peak[0], live[0])
+        weakref.finalize(box, lambda: live.__setitem__(0, live[0] - n))
+        return box
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
+        fn()
+    return peak[0]
+
+
+def test_micro_batches_bound_the_graph_a_product_holds():
+    """The double-backward graph of a product holds one micro-batch's activations at a time: the peak
+    of bytes saved for backward falls with the number of micro-batches (an MLP whose activations, not
+    its weights, dominate what autograd saves)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
+    batch = (torch.randn(512, 32), torch.randint(0, 10, (512,)))
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(0))
+    peaks = {}
+    for m in (1, 2, 4):
+        with HVPOperator(model, batch, micro_batches=m, cache_graph=False, check_determinism=False) as op:
+            peaks[m] = _peak_saved_bytes(lambda: op.matvec(v))
+    assert peaks[2] < 0.6 * peaks[1], peaks
+    assert peaks[4] < 0.6 * peaks[2], peaks
+
+
+def test_a_batch_that_cannot_be_split_is_refused_with_the_fix():
+    model, batches = mlp_case()
+    x, y = batches[0]
+    flat_targets = (x, torch.cat([y, y]))  # a per-example tensor that is not batch-first
+    with pytest.raises(ConfigurationError, match="batch-first"):
+        HVPOperator(model, flat_targets, micro_batches=2)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ConfigurationError, match="micro_batches"):
+            HVPOperator(model, batches, micro_batches=bad)
+
+
+def test_the_monitor_measures_on_micro_batches_and_says_when_it_cannot():
+    from sharpguard.monitor import SharpnessMonitor
+
+    model, batches = mlp_case()
+    model = model.float()
+    probe = [(x.float(), y) for x, y in batches]
+    values = {}
+    for m in (1, 2):
+        mon = SharpnessMonitor(("lambda_max",), every_n_steps=1, probe=probe, micro_batches=m,
+                               measure_kwargs={"lambda_max": {"tol": 1e-6, "max_iter": 60}})
+        metrics, settings = mon.measure(model, with_settings=True)
+        values[m] = metrics["sharpness/lambda_max"]
+        assert settings["sharpness/lambda_max"]["micro_batches"] == m
+    assert values[2] == pytest.approx(values[1], rel=1e-4)
+    # a probe the monitor cannot split (it carries per-class weights, a tensor that is not per example)
+    # is measured whole, and the monitor says so once
+    x, y = probe[0]
+    weights = torch.tensor([1.0, 2.0, 0.5, 1.0])
+    mon = SharpnessMonitor(("lambda_max",), every_n_steps=1, probe=[(x, y, weights)],
+                           loss_fn=lambda model, b: F.cross_entropy(model(b[0]), b[1], weight=b[2]))
+    with pytest.warns(UserWarning, match="whole probe batches"):
+        metrics, settings = mon.measure(model, with_settings=True)
+    assert np.isfinite(metrics["sharpness/lambda_max"]) and settings["sharpness/lambda_max"]["micro_batches"] == 1
+    # a loss that only runs on the whole batch (a recurrent state sized for it, as Lightning's LSTM demo
+    # keeps) fails on a micro-batch: the check is taken on whole batches, said once, and stays so
+    def whole_batch_only(model, b):
+        if len(b[0]) != len(x):
+            raise RuntimeError(f"Expected hidden[0] size ({len(x)}, 16), got ({len(b[0])}, 16)")
+        return F.cross_entropy(model(b[0]), b[1])
+
+    mon = SharpnessMonitor(("lambda_max",), every_n_steps=1, probe=[(x, y)], loss_fn=whole_batch_only,
+                           measure_kwargs={"lambda_max": {"tol": 1e-6, "max_iter": 60}})
+    with pytest.warns(UserWarning, match="failed on a micro-batch"):
+        metrics, settings = mon.measure(model, with_settings=True)
+    assert settings["sharpness/lambda_max"]["micro_batches"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mon.measure(model)["sharpness/lambda_max"] == pytest.approx(metrics["sharpness/lambda_max"], rel=1e-5)
+    with pytest.raises(ConfigurationError, match="micro_batches"):
+        SharpnessMonitor(micro_batches=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,6 +371,8 @@ def test_cost_model_terms_and_validation():
         EXTRA_VECTORS,
         GRAPH_FACTOR,
         HVP_PASSES,
+        HVP_PASSES_CACHED,
+        check_passes_per_hvp,
         transformer_activation_bytes,
     )
 
@@ -263,8 +381,17 @@ def test_cost_model_terms_and_validation():
     assert c.basis_bytes == 7 * p * 4  # the basis cap + the next vector, float32
     activations = step_peak - 3 * p * 4  # gradients + Adam's two moments
     assert c.peak_bytes == pytest.approx(GRAPH_FACTOR["autograd"] * activations + (7 + EXTRA_VECTORS["autograd"]) * p * 4)
-    assert c.seconds == pytest.approx(20 * HVP_PASSES["autograd"] * step_s)
+    # one probe batch, one micro-batch: the gradient graph stays cached, one double backward per product
+    assert c.seconds == pytest.approx(20 * HVP_PASSES_CACHED * step_s)
     assert c.peak_over_step == pytest.approx(c.peak_bytes / step_peak)
+    # two micro-batches: half the graph memory, no cached graph
+    two = estimate_check_cost(p, step_peak_bytes=step_peak, step_seconds=step_s, n_hvp=20, micro_batches=2)
+    assert c.peak_bytes - two.peak_bytes == pytest.approx(GRAPH_FACTOR["autograd"] * activations / 2)
+    assert two.seconds == pytest.approx(20 * HVP_PASSES["autograd"] * step_s)
+    three = estimate_check_cost(p, step_peak_bytes=step_peak, step_seconds=step_s, n_hvp=20, probe_batches=3)
+    assert three.seconds == pytest.approx(3 * 20 * HVP_PASSES["autograd"] * step_s)
+    assert check_passes_per_hvp() == HVP_PASSES_CACHED
+    assert check_passes_per_hvp(micro_batches=2) == check_passes_per_hvp(probe_batches=2) == HVP_PASSES["autograd"]
     lean = estimate_check_cost(p, step_peak_bytes=step_peak, step_seconds=step_s, hvp="finite_difference")
     assert lean.peak_bytes < c.peak_bytes
     sam = estimate_sam_cost(p, step_seconds=step_s)
@@ -272,7 +399,8 @@ def test_cost_model_terms_and_validation():
     # Korthikanti et al. 2022, eq. 1 (2-byte activations) for one layer, plus 3 logits-sized tensors
     one = transformer_activation_bytes(batch=2, seq_len=8, hidden=16, layers=1, heads=2, vocab=10, dtype_bytes=2)
     assert one == 8 * 2 * 16 * (34 + 5 * 2 * 8 / 16) + 3 * 8 * 2 * 10 * 2
-    for bad in ({"hvp": "jvp"}, {"step_seconds": 0.0}, {"step_peak_bytes": float("nan")}, {"max_basis": 2}):
+    for bad in ({"hvp": "jvp"}, {"step_seconds": 0.0}, {"step_peak_bytes": float("nan")}, {"max_basis": 2},
+                {"micro_batches": 0}, {"probe_batches": 1.5}):
         kw = {"step_peak_bytes": step_peak, "step_seconds": step_s, **bad}
         with pytest.raises(ConfigurationError):
             estimate_check_cost(p, **kw)

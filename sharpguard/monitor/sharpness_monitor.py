@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._batches import default_loss_fn
-from .._validation import check_keywords, keywords_of, positive
+from .._batches import default_loss_fn, split_batch
+from .._validation import check_keywords, keywords_of, positive, positive_int
 from ..errors import ConfigurationError
-from ..sharpness.cost import HVP_PASSES
+from ..sharpness.cost import DEFAULT_MAX_BASIS, EXTRA_VECTORS, GRAPH_FACTOR, check_passes_per_hvp
 from .alerts import AlertRule, default_sharpness_alerts
 from .base import Monitor
 
@@ -77,6 +77,13 @@ class SharpnessMonitor(Monitor):
 
     Extra keyword arguments for a measure go in ``measure_kwargs``, e.g.
     ``measure_kwargs={"lambda_max": {"tol": 1e-3, "max_iter": 20}, "trace": {"n_hvp": 30}}``.
+
+    ``micro_batches`` (default 2): the Hessian-vector products run each probe batch as that many
+    micro-batches, so a check's extra peak memory stays within about twice a training step's on the
+    same batch (the double-backward graph of a whole batch is ~2.4x its activations; measured in
+    benchmarks/RESULTS.md, "Scale"). ``micro_batches=1`` keeps a single batch's graph cached between
+    products instead: about 30% faster, at ~3-4x a training step's memory. A probe batch that cannot be
+    split (a per-example tensor that is not batch-first) is measured whole, and the monitor says so once.
     Every check also logs ``monitor/n_hvp`` (Hessian-vector products spent) and
     ``monitor/overhead_pct``. Default alerts: :func:`~sharpguard.monitor.default_sharpness_alerts`.
     """
@@ -93,10 +100,12 @@ class SharpnessMonitor(Monitor):
         rho: float = 0.05,
         measure_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
         warm_start: bool = True,
+        micro_batches: int = 2,
         **kwargs: Any,
     ) -> None:
         check_keywords("SharpnessMonitor", kwargs, keywords_of(Monitor.__init__) + keywords_of(SharpnessMonitor.__init__))
         rho = positive("rho", rho, "; the SAM default is 0.05")
+        micro_batches = positive_int("micro_batches", micro_batches)
         if measure_kwargs is not None and (
             not isinstance(measure_kwargs, Mapping) or not all(isinstance(v, Mapping) for v in measure_kwargs.values())
         ):
@@ -116,6 +125,7 @@ class SharpnessMonitor(Monitor):
         self.rho = float(rho)
         self.measure_kwargs = {k: dict(v) for k, v in (measure_kwargs or {}).items()}
         self.warm_start = warm_start
+        self.micro_batches = micro_batches
         self._eigenvector: Any | None = None
         self._eos_vector: Any | None = None
         self.n_hvp_total = 0
@@ -123,9 +133,12 @@ class SharpnessMonitor(Monitor):
     def default_alerts(self) -> list[AlertRule]:
         return default_sharpness_alerts()
 
-    #: one Hessian-vector product in training steps on the same examples: the fitted cost model of
-    #: :mod:`sharpguard.sharpness.cost` (docs/cost_model.md), exact products by double backward
-    HVP_STEPS = HVP_PASSES["autograd"]
+    @property
+    def HVP_STEPS(self) -> float:  # noqa: N802 (was a class constant)
+        """One Hessian-vector product in training steps on the same examples: the fitted cost model of
+        :mod:`sharpguard.sharpness.cost` (docs/cost_model.md) for exact products, cached graph or not."""
+        batches = len(self.probe.batches) if self.probe.ready else 1
+        return check_passes_per_hvp("autograd", micro_batches=self.micro_batches, probe_batches=batches)
 
     def passes(self) -> float:
         want, hvps, steps = set(self.measures), 0.0, 0.0
@@ -151,16 +164,57 @@ class SharpnessMonitor(Monitor):
             steps += (int(kw.get("steps", 5)) + 1) * (int(kw.get("attack_steps", 10)) + 1)
         return hvps * self.HVP_STEPS + steps
 
+    def describe(self) -> str:
+        line = super().describe()
+        if not set(self.measures) & {"lambda_max", "lambda_min", "eos_ratio", "trace"}:
+            return line
+        graph = GRAPH_FACTOR["autograd"] / self.micro_batches
+        vectors = DEFAULT_MAX_BASIS + 1 + EXTRA_VECTORS["autograd"]
+        return (f"{line[:-1]}; memory per check (cost model, docs/cost_model.md): the products' graph ~{graph:.1f}x a "
+                f"training step's activations ({self.micro_batches} micro-batch{'es' if self.micro_batches > 1 else ''} "
+                f"per probe batch) plus ~{vectors:.0f} model-size vectors.")
+
     def _kw(self, name: str) -> dict[str, Any]:
         return dict(self.measure_kwargs.get(name, {}))
 
+    def _micro_batches_for(self, batches: list[Any]) -> int:
+        """``micro_batches``, or 1 (said once) when a probe batch cannot be split by examples."""
+        if self.micro_batches == 1 or self.__dict__.get("_micro_batches_failed"):
+            return 1
+        try:
+            for b in batches:
+                split_batch(b, self.micro_batches)
+        except ConfigurationError as exc:
+            self.warn_once("micro-batches", f"the Hessian-vector products run on whole probe batches, so a check may "
+                           f"need ~3-4x a training step's memory: {exc}")
+            return 1
+        return self.micro_batches
+
     def _measure(self, model: nn.Module, batches: list[Any], optimizer: Any | None, batch: Any | None):
+        micro = self._micro_batches_for(batches)
+        try:
+            return self._measure_on(model, batches, optimizer, batch, micro)
+        except ConfigurationError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - retried whole; a second failure propagates
+            if micro == 1:
+                raise
+            # A loss that depends on the batch as a whole (a recurrent state sized for the training batch,
+            # a per-batch normalisation) cannot run on a part of it: measure whole batches from now on.
+            self._micro_batches_failed = True
+            self.warn_once("micro-batches", f"the Hessian-vector products run on whole probe batches from now on, so a "
+                           f"check may need ~3-4x a training step's memory: the loss failed on a micro-batch "
+                           f"({type(exc).__name__}: {exc})")
+            return self._measure_on(model, batches, optimizer, batch, 1)
+
+    def _measure_on(self, model: nn.Module, batches: list[Any], optimizer: Any | None, batch: Any | None, micro: int):
         from .. import sharpness as S
 
         metrics: dict[str, float] = {}
         settings: dict[str, dict[str, Any]] = {}
         n_hvp = 0
         want = set(self.measures)
+        hvp_kw = {"micro_batches": micro}
         eos = "eos_ratio" in want and optimizer is not None
         if "eos_ratio" in want and optimizer is None:
             self.warn_once("eos", "sharpness/eos_ratio needs the optimizer; pass optimizer= to on_step_end.")
@@ -169,7 +223,7 @@ class SharpnessMonitor(Monitor):
 
         r = None
         if eos:
-            kw = {"tol": 1e-3, "max_iter": 20, **self._kw("eos_ratio")}
+            kw = {"tol": 1e-3, "max_iter": 20, **hvp_kw, **self._kw("eos_ratio")}
             init = self._eos_vector if self.warm_start else None
             try:
                 r = S.eos_ratio(model, batches, optimizer, self.loss_fn, init=init, seed=self.seed, **kw)
@@ -195,7 +249,7 @@ class SharpnessMonitor(Monitor):
         need_max = "lambda_max" in want and not lambda_from_eos
         if need_max or "lambda_min" in want:
             which = "both" if need_max and "lambda_min" in want else ("largest" if need_max else "smallest")
-            kw = {"tol": 1e-3, "max_iter": 20, **self._kw("lambda_max"), **self._kw("lambda_min")}
+            kw = {"tol": 1e-3, "max_iter": 20, **hvp_kw, **self._kw("lambda_max"), **self._kw("lambda_min")}
             init = self._eigenvector if (self.warm_start and which != "smallest") else None
             res = S.hessian_eigenvalues(
                 model, batches, self.loss_fn, k=1, which=which, init=init, return_eigenvectors=which != "smallest",
@@ -214,7 +268,7 @@ class SharpnessMonitor(Monitor):
                 settings["sharpness/lambda_min"] = {**common, "residual": float(res.residuals[-1])}
 
         if "trace" in want:
-            kw = {"method": "hutch++", **self._kw("trace")}
+            kw = {"method": "hutch++", **hvp_kw, **self._kw("trace")}
             res = S.hessian_trace(model, batches, self.loss_fn, seed=self.seed, **kw)
             n_hvp += int(res.n_hvp)
             metrics["sharpness/trace"] = float(res.trace)

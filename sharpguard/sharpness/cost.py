@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CheckCost", "SamCost", "estimate_check_cost", "estimate_sam_cost", "transformer_activation_bytes"]
+__all__ = ["CheckCost", "SamCost", "check_passes_per_hvp", "estimate_check_cost", "estimate_sam_cost", "transformer_activation_bytes"]
 
 # Fitted on benchmarks/scale.py (docs/cost_model.md, "Fit"): graph memory over the training step's
 # activations, model-size vectors besides the basis, and one product's time in forward+backward passes.
@@ -32,6 +32,9 @@ __all__ = ["CheckCost", "SamCost", "estimate_check_cost", "estimate_sam_cost", "
 GRAPH_FACTOR = {"autograd": 2.39, "finite_difference": 1.10}
 EXTRA_VECTORS = {"autograd": 18.6, "finite_difference": 10.1}
 HVP_PASSES = {"autograd": 3.2, "finite_difference": 2.0}
+# A product on a single-batch probe whose gradient graph stays cached (HVPOperator's default for one batch,
+# one micro-batch) costs one double backward: 2.2-2.4 forward+backward passes in the same table.
+HVP_PASSES_CACHED = 2.3
 DEFAULT_MAX_BASIS = 6  # sharpguard.sharpness.lanczos.default_max_basis(1, "largest")
 
 
@@ -73,6 +76,8 @@ def estimate_check_cost(
     max_basis: int = DEFAULT_MAX_BASIS,
     dtype_bytes: int = 4,
     optimizer_state_vectors: int = 2,
+    micro_batches: int = 1,
+    probe_batches: int = 1,
 ) -> CheckCost:
     """Extra peak memory and time of ``hessian_eigenvalues(k=1)`` with ``n_hvp`` products.
 
@@ -88,6 +93,10 @@ def estimate_check_cost(
         max_basis: the Lanczos basis cap (``hessian_eigenvalues(max_basis=...)``).
         dtype_bytes: bytes per parameter (4 for float32; Krylov vectors are never below float32).
         optimizer_state_vectors: model-size state vectors of the optimizer (Adam 2, SGD momentum 1).
+        micro_batches: ``hessian_eigenvalues(micro_batches=...)``: the product's graph holds one
+            micro-batch's activations, ``c_A A / micro_batches``.
+        probe_batches: probe batches of the training batch's size; with one batch and one micro-batch
+            the gradient graph is cached and a product costs ``HVP_PASSES_CACHED`` passes.
     """
     from ..errors import ConfigurationError
 
@@ -99,11 +108,16 @@ def estimate_check_cost(
     b = max(4.0, _positive("dtype_bytes", dtype_bytes))
     if not (isinstance(n_hvp, int) and n_hvp >= 1 and isinstance(max_basis, int) and max_basis >= 3):
         raise ConfigurationError(f"n_hvp must be >= 1 and max_basis >= 3 (integers), got {n_hvp!r}, {max_basis!r}.")
+    from .._validation import positive_int
+
+    micro = positive_int("micro_batches", micro_batches)
+    batches = positive_int("probe_batches", probe_batches)
     state = (1 + optimizer_state_vectors) * p * _positive("dtype_bytes", dtype_bytes)
     activations = max(step_peak - state, 0.0)
     basis = (max_basis + 1) * p * b
-    peak = GRAPH_FACTOR[hvp] * activations + basis + EXTRA_VECTORS[hvp] * p * b
-    seconds = n_hvp * HVP_PASSES[hvp] * step_s
+    peak = GRAPH_FACTOR[hvp] * activations / micro + basis + EXTRA_VECTORS[hvp] * p * b
+    cached = hvp == "autograd" and micro == 1 and batches == 1
+    seconds = n_hvp * batches * (HVP_PASSES_CACHED if cached else HVP_PASSES[hvp]) * step_s
     return CheckCost(
         peak_bytes=peak,
         seconds=seconds,
@@ -113,6 +127,15 @@ def estimate_check_cost(
         n_hvp=n_hvp,
         hvp=hvp,
     )
+
+
+def check_passes_per_hvp(hvp: str = "autograd", *, micro_batches: int = 1, probe_batches: int = 1) -> float:
+    """One product's time in forward+backward passes of one probe batch (``HVP_PASSES``, or
+    ``HVP_PASSES_CACHED`` when a single batch's gradient graph stays cached): what a monitor multiplies
+    by its products per check to budget it."""
+    if hvp == "autograd" and micro_batches == 1 and probe_batches == 1:
+        return HVP_PASSES_CACHED
+    return HVP_PASSES.get(hvp, HVP_PASSES["autograd"])
 
 
 def estimate_sam_cost(n_params: int, *, step_seconds: float, dtype_bytes: int = 4) -> SamCost:

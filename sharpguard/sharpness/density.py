@@ -71,6 +71,7 @@ def spectral_density(
     train: bool = False,
     check_determinism: bool = True,
     cache_graph: bool | None = None,
+    micro_batches: int = 1,
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature with ``n_v`` runs of ``n_iter`` steps (``n_v * n_iter`` products).
 
@@ -86,7 +87,8 @@ def spectral_density(
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(int(seed))
     op = HVPOperator(
-        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph
+        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph,
+        micro_batches=micro_batches,
     )
     nodes, weights = [], []
     with op:

@@ -388,6 +388,7 @@ def hessian_eigenvalues(
     train: bool = False,
     check_determinism: bool = True,
     cache_graph: bool | None = None,
+    micro_batches: int = 1,
     max_basis: int | None = None,
 ) -> EigenResult:
     """The ``k`` algebraically largest (and/or smallest) eigenvalues of the probe-loss Hessian.
@@ -398,7 +399,10 @@ def hessian_eigenvalues(
     products. ``max_basis`` caps the Lanczos vectors held (default :func:`default_max_basis`, 6 for
     ``k=1``): a full basis is thick-restarted (Wu & Simon 2000), so the memory is ``max_basis + 1``
     vectors of the model's size whatever ``max_iter``; pass ``max_basis=max_iter`` for plain Lanczos.
-    The model is left exactly
+    ``micro_batches`` runs each probe batch as that many micro-batches
+    (:class:`~sharpguard.sharpness.HVPOperator`): the double-backward graph then holds one micro-batch's
+    activations, which is what keeps a check within about twice a training step's extra peak memory
+    (docs/cost_model.md), at the price of the cached graph. The model is left exactly
     as found (parameters, ``.grad``, buffers, modes, global RNG). ``n_hvp`` counts every product,
     including the determinism check's extra one.
     """
@@ -409,7 +413,8 @@ def hessian_eigenvalues(
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(int(seed))
     op = HVPOperator(
-        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph
+        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph,
+        micro_batches=micro_batches,
     )
     with op:
         v0 = start_vector(op, init, generator)
@@ -432,6 +437,7 @@ def hessian_eigenvalues(
         "seed": seed,
         "warm_start": init is not None,
         "train": train,
+        "micro_batches": op.micro_batches,
         "probe_examples": op.n_examples,
         "probe_batches": len(op.batches),
         "n_params": op.size,

@@ -39,8 +39,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .._batches import LossFn, as_batches, batch_size, checked_loss, default_loss_fn
+from .._batches import BatchList, LossFn, as_batches, batch_size, checked_loss, default_loss_fn, split_batch
 from .._state import side_effect_free, trainable_parameters
+from .._validation import positive_int
 from ..errors import ConfigurationError, SharpGuardError
 
 HVPMethod = Literal["auto", "autograd", "finite_difference"]
@@ -281,9 +282,6 @@ class ProbeLoss:
             p.grad = None
         return grads
 
-    def _flat_or_zero(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        return self.flatten([torch.zeros_like(p) if t is None else t for t, p in zip(tensors, self.params)])
-
     def restricted(self, batch: Any) -> ProbeLoss:
         """The same loss on one of the probe batches, on this rank only (for per-batch m-sharpness)."""
         self._require_entered()
@@ -323,6 +321,14 @@ class HVPOperator(ProbeLoss):
             every product after the first costs one extra backward instead of a forward, a backward and
             a double backward (as PyHessian does for one batch). It holds that graph's memory for the
             operator's lifetime, so the default (``None``) caches only a single-batch probe.
+        micro_batches: run each probe batch as this many consecutive micro-batches
+            (:func:`sharpguard._batches.split_batch`), like gradient accumulation: the double-backward
+            graph, about 2.4 times a training step's activations (docs/cost_model.md), then holds the
+            activations of one micro-batch at a time. The operator is unchanged for a loss that is a
+            mean over examples (the micro-batches are weighted by their sizes, as probe batches are);
+            a loss averaged over tokens is then weighted by examples, not tokens. More than one
+            micro-batch means no cached graph (``cache_graph=None``): each product costs a forward, a
+            backward and a double backward per micro-batch instead of one backward.
     """
 
     def __init__(
@@ -337,11 +343,15 @@ class HVPOperator(ProbeLoss):
         fd_eps: float | None = None,
         distributed: bool | None = None,
         cache_graph: bool | None = None,
+        micro_batches: int = 1,
     ) -> None:
         if hvp not in _HVP_CHOICES:
             raise ConfigurationError(f"hvp must be one of {_HVP_CHOICES}, got {hvp!r}.")
         if fd_eps is not None and not (fd_eps > 0 and math.isfinite(fd_eps)):
             raise ConfigurationError(f"fd_eps must be a positive number, got {fd_eps!r}.")
+        self.micro_batches = positive_int("micro_batches", micro_batches)
+        if self.micro_batches > 1:
+            batches = BatchList(part for b in as_batches(batches) for part in split_batch(b, self.micro_batches))
         super().__init__(model, batches, loss_fn, train=train, distributed=distributed)
         self.requested = hvp
         self.method: str | None = "finite_difference" if hvp == "finite_difference" else None
@@ -451,8 +461,18 @@ class HVPOperator(ProbeLoss):
             except (RuntimeError, NotImplementedError) as exc:
                 raise _DoubleBackwardError(str(exc)) from exc
             self.n_backward += 1
-            out.add_(self._flat_or_zero(hv), alpha=w)
+            self._accumulate(out, list(hv), w)
         return self._all_reduce(out)
+
+    def _accumulate(self, out: torch.Tensor, pieces: list[torch.Tensor | None], weight: float) -> None:
+        """``out += weight * flat(pieces)``, dropping each piece once added: no flat copy of the product
+        next to the per-parameter one (one model-size vector less at the peak)."""
+        offset = 0
+        for i, n in enumerate(self.numels):
+            if pieces[i] is not None:
+                out[offset : offset + n].add_(pieces[i].reshape(-1), alpha=weight)
+            pieces[i] = None
+            offset += n
 
     def _gradient_graph(self, batch: Any) -> list[tuple[torch.Tensor, int]]:
         """(gradient with its graph, parameter index) for one batch: the first half of Pearlmutter's product."""

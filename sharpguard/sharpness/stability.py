@@ -181,6 +181,7 @@ def eos_ratio(
     train: bool = False,
     check_determinism: bool = True,
     cache_graph: bool | None = None,
+    micro_batches: int = 1,
     max_basis: int | None = None,
 ) -> EoSResult:
     """Top (preconditioned) curvature against the stability threshold of ``optimizer``.
@@ -198,7 +199,8 @@ def eos_ratio(
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(int(seed))
     op = HVPOperator(
-        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph
+        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph,
+        micro_batches=micro_batches,
     )
     with op:
         d, wd, lr, groups, stateless = _preconditioner(op, opt, kind)  # validates before any product
@@ -315,6 +317,7 @@ def directional_curvature(
     train: bool = False,
     check_determinism: bool = True,
     cache_graph: bool | None = None,
+    micro_batches: int = 1,
 ) -> DirectionalCurvature:
     """``u^T H u / ||u||^2`` for ``u`` the probe gradient, the optimizer's update direction
     (``direction="update"``, needs ``optimizer``) or a given vector. One product (two with the
@@ -325,7 +328,8 @@ def directional_curvature(
         raise ConfigurationError("direction='update' needs the optimizer; pass optimizer=.")
     start = time.perf_counter()
     op = HVPOperator(
-        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph
+        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph,
+        micro_batches=micro_batches,
     )
     with op:
         if isinstance(direction, str) and direction == "gradient":

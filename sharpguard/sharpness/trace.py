@@ -68,6 +68,7 @@ def hessian_trace(
     train: bool = False,
     check_determinism: bool = True,
     cache_graph: bool | None = None,
+    micro_batches: int = 1,
 ) -> TraceResult:
     """Estimate the trace of the probe-loss Hessian with ``n_hvp`` products (plus one for the check).
 
@@ -83,7 +84,8 @@ def hessian_trace(
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(int(seed))
     op = HVPOperator(
-        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph
+        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph,
+        micro_batches=micro_batches,
     )
     with op:
         n = op.size
