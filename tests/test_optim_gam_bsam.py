@@ -593,3 +593,32 @@ def test_ddp_runs_every_point_synchronised_and_equals_one_process_on_the_whole_b
         want = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         got = torch.load(tmp_path / f"{variant}_rank0.pt", weights_only=True)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_engine_unscales_every_point_before_the_variant_reads_it():
+    """Lightning's 16-mixed: the clean gradient arrives unscaled, each replay scaled by the loss scale.
+    GAM mixes the gradients of all points, so each point must be unscaled before advance() reads it."""
+    plain, scaled = net(), net()
+    run(GAM(plain.parameters(), torch.optim.SGD, gamma=0.5, lr=LR), plain, 2)
+    opt = GAM(scaled.parameters(), torch.optim.SGD, gamma=0.5, lr=LR)
+    engine = SAMEngine(opt)
+    for _ in range(2):
+        opt.zero_grad()
+        replay = lambda: (1024.0 * loss_fn(scaled)).backward()  # noqa: E731
+        engine.record(replay, scaled)
+        replay()
+        for p in scaled.parameters():
+            p.grad.div_(1024.0)  # what the framework does to the clean gradient before the step hook
+        engine.finish(unscale=lambda grads: torch._foreach_div_(grads, 1024.0))
+        opt.base_optimizer.step()
+    close(params_of(scaled), params_of(plain), rtol=1e-12, atol=1e-14)
+
+
+def test_sharded_training_refuses_them_in_one_sentence():
+    from sharpguard.optim import SAMConfig
+
+    for variant, knobs in (("gam", {}), ("bsam", {"num_data": N_DATA})):
+        base = torch.optim.SGD(net().parameters(), lr=LR)
+        with pytest.raises(ConfigurationError, match="sharded \\(FSDP\\) training supports variant 'sam' or 'asam'"):
+            SAMConfig(variant=variant, knobs=knobs).build(base, sharded=True)
+        assert not base.state

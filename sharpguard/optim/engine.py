@@ -154,9 +154,8 @@ class SAMEngine:
         end_states = [(m, module_attribute_state(m)) for m in {id(m): m for _, (m, _) in window if m is not None}.values()]
         replays = [self._from_state(replay, module, state) for replay, (module, state) in window]
         try:
-            ran = perturbed_pass(self.sam, replays, no_sync=no_sync, window=window_id)
-            if ran and unscale is not None:
-                unscale([p.grad for p in self.sam._pass_params if p.grad is not None])
+            # unscaled point by point: a multi-point variant reads each point's gradient before the next
+            ran = perturbed_pass(self.sam, replays, no_sync=no_sync, window=window_id, unscale=unscale)
             self.sam.unperturb()
         except BaseException:
             self.sam.cancel()

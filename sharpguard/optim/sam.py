@@ -169,6 +169,7 @@ def perturbed_pass(
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     *,
     window: int = 0,
+    unscale: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> bool:
     """The perturbed half of a step whose passes a framework adapter runs (adapter protocol).
 
@@ -178,7 +179,8 @@ def perturbed_pass(
     but the last under ``no_sync()``, so that only the last backward all-reduces the accumulated
     SAM gradient. Then ``sam.advance()``: while the variant has another point (GAM), the gradients
     are zeroed again and every replay runs again at that point, under the same ``no_sync`` rule.
-    If a replay raises, ``sam.cancel()`` restores the weights by copy before the exception
+    ``unscale`` (frameworks that unscaled the clean gradient already) divides each point's replayed
+    gradients by the loss scale before the variant reads them. If a replay raises, ``sam.cancel()`` restores the weights by copy before the exception
     propagates. Returns whether a perturbed pass ran; the caller finishes the step with
     ``sam.unperturb()`` (or ``sam.cancel()`` to drop it). Each replay runs as
     ``_phase.Pass("perturbed", window, k, point)`` (:mod:`sharpguard.optim._phase`).
@@ -200,6 +202,8 @@ def perturbed_pass(
                         replay()
                     finally:
                         _phase.set_pass(previous)
+            if unscale is not None:
+                unscale([p.grad for p in sam._pass_params if p.grad is not None])
             if advance is None or not advance():
                 break
             point += 1
