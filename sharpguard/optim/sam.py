@@ -623,8 +623,9 @@ class SAM(Optimizer):
 
         ``closure`` computes the loss and calls ``backward()``; it may zero the gradients itself
         (Lightning's does) or not: SAM zeroes them before the second call either way, so the clean
-        gradient never leaks into the step. Returns the closure's loss at ``w``. If a closure
-        raises, the weights and running statistics are restored before the exception propagates.
+        gradient never leaks into the step. A multi-point variant calls it once more per extra
+        point (GAM: four calls in all). Returns the closure's loss at ``w``. If a closure raises,
+        the weights and running statistics are restored before the exception propagates.
         """
         if closure is None:
             raise ConfigurationError(
