@@ -249,15 +249,17 @@ class BSAM(SAM):
         return 25.0 / self.num_data if self.weight_decay is None else self.weight_decay
 
     def _validate_base(self, base: Optimizer) -> None:
-        plain = type(base) is torch.optim.SGD and all(
-            not g.get("momentum") and not g.get("weight_decay") and not g.get("nesterov") and not g.get("maximize")
-            for g in base.param_groups
-        )
-        if not plain:
+        if type(base) is torch.optim.SGD:
+            bad = sorted({f"{k}={g[k]!r}" for g in base.param_groups for k in ("momentum", "weight_decay", "nesterov",
+                                                                                "maximize") if g.get(k)})
+            got = f"SGD with {', '.join(bad)}" if bad else ""
+        else:
+            got = type(base).__name__
+        if got:
             raise ConfigurationError(
-                f"BSAM computes its own Adam-like update and needs a plain base optimizer, got {type(base).__name__}"
-                f"({', '.join(f'{k}={base.defaults.get(k)!r}' for k in ('momentum', 'weight_decay') if k in base.defaults)}); "
-                "pass torch.optim.SGD with lr = bSAM's step size, momentum=0 and weight_decay=0 (bSAM has beta1 and weight_decay)."
+                f"BSAM computes its own Adam-like update and needs a plain torch.optim.SGD as base optimizer, got {got}; "
+                "pass torch.optim.SGD(params, lr=<bSAM's step size>) with momentum=0 and weight_decay=0 "
+                "(bSAM's own beta1 and weight_decay replace them)."
             )
 
     # ----------------------------------------------------------------------------------- state
