@@ -180,10 +180,10 @@ def perturbed_pass(
     SAM gradient. Then ``sam.advance()``: while the variant has another point (GAM), the gradients
     are zeroed again and every replay runs again at that point, under the same ``no_sync`` rule.
     ``unscale`` (frameworks that unscaled the clean gradient already) divides each point's replayed
-    gradients by the loss scale before the variant reads them. If a replay raises, ``sam.cancel()`` restores the weights by copy before the exception
-    propagates. Returns whether a perturbed pass ran; the caller finishes the step with
-    ``sam.unperturb()`` (or ``sam.cancel()`` to drop it). Each replay runs as
-    ``_phase.Pass("perturbed", window, k, point)`` (:mod:`sharpguard.optim._phase`).
+    gradients by the loss scale before the variant reads them. If a replay raises, ``sam.cancel()``
+    restores the weights by copy before the exception propagates. Returns whether a perturbed pass
+    ran; the caller finishes the step with ``sam.unperturb()`` (or ``sam.cancel()`` to drop it).
+    Each replay runs as ``_phase.Pass("perturbed", window, k, point)`` (:mod:`sharpguard.optim._phase`).
     """
     try:
         if not sam.perturb():
