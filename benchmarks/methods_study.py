@@ -99,7 +99,7 @@ class Context:
 class Built:
     """A built method: the optimizer to step, an optional extra loss term, and what it was built with.
 
-    ``loss_term(logits, x, idx)`` is added to the mean cross entropy (MESA, SAF); ``closure_step`` says whether
+    ``loss_term(logits, x, idx, epoch)`` is added to the mean cross entropy (MESA, SAF); ``closure_step`` says whether
     the optimizer takes ``step(closure)`` (the SAM family) or the plain ``backward(); step()`` pattern.
     ``forward_counters``: extra modules whose forwards count as passes (MESA's teacher).
     """
@@ -107,7 +107,7 @@ class Built:
     optimizer: torch.optim.Optimizer
     closure_step: bool
     settings: str
-    loss_term: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    loss_term: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
     forward_counters: list[nn.Module] = field(default_factory=list)
 
 
@@ -123,10 +123,12 @@ class Override:
 
 #: Variants that need more than ``make_sam(SGD(...), name, model=model)``. Everything else runs at its defaults.
 OVERRIDES: dict[str, Override] = {
-    # bSAM (Möllenhoff & Khan, ICLR 2023) is a variational method: its posterior precision is scaled by the
-    # number of training examples, and it keeps its own momentum, so the base SGD must have none.
+    # bSAM (Möllenhoff & Khan, ICLR 2023) is a whole Adam-like optimizer over a Gaussian posterior whose variance
+    # is 1 / (N s): it needs the training-set size N (no default), and it writes its own update into .grad, so
+    # the base must be SGD with momentum 0 (whose lr is bSAM's step size alpha).
     "bsam": Override(knobs=lambda ctx: {"num_data": ctx.n_train}, momentum=0.0,
-                     why="num_data = training-set size; momentum-free SGD base (bSAM keeps its own momentum)"),
+                     why="num_data = training-set size; base SGD with momentum 0 (bSAM computes its own update "
+                         "with its own beta1 = 0.9 average; the lr is its step size)"),
 }
 
 
@@ -174,18 +176,18 @@ def build_mesa(ctx: Context) -> Built:
     term = MESA(ctx.model, opt)  # before the counting hooks: the teacher is a deep copy of the model
     settings = f"weight={term.weight}, temperature={term.temperature}, decay={term.decay}, start_step={term.start_step}"
     return Built(opt, closure_step=False, settings=settings,
-                 loss_term=lambda logits, x, idx: term(logits, x), forward_counters=[term.teacher])
+                 loss_term=lambda logits, x, idx, epoch: term(logits, x), forward_counters=[term.teacher])
 
 
 def build_saf(ctx: Context) -> Built:
-    """The SAF loss term of ``sharpguard.optim.saf`` (stored per-example outputs: needs the example indices)."""
+    """The SAF loss term of ``sharpguard.optim.saf`` at its defaults: the outputs of each training example are
+    stored per epoch, so it needs the training-set size and, per batch, the example indices and the epoch."""
     saf = importlib.import_module("sharpguard.optim.saf")
-    cls = saf.SAF
-    opt = _sgd(ctx)
-    term = cls(ctx.model, opt, num_data=ctx.n_train)
-    knobs = {k: getattr(term, k) for k in ("weight", "temperature", "start_step", "window") if hasattr(term, k)}
-    return Built(opt, closure_step=False, settings=", ".join(f"{k}={v}" for k, v in knobs.items()),
-                 loss_term=lambda logits, x, idx: term(logits, idx))
+    term = saf.SAF(ctx.n_train)
+    knobs = {k: getattr(term, k) for k in ("weight", "temperature", "epochs_ago", "start_epoch", "end_epoch")
+             if hasattr(term, k)}
+    return Built(_sgd(ctx), closure_step=False, settings=", ".join(f"{k}={v}" for k, v in knobs.items()),
+                 loss_term=lambda logits, x, idx, epoch: term(logits, idx, epoch))
 
 
 def registry_methods(overrides: Mapping[str, Override] = OVERRIDES) -> list[Method]:
@@ -257,7 +259,8 @@ class Trained:
     steps: int
     forwards_per_step: float
     backwards_per_step: float
-    final_train_loss: float | None
+    last_epoch_objective: float | None  # mean of the loss the step returned over the last epoch (with any term)
+    train_loss: float | None  # cross entropy of the final model on the whole training set (no term, no noise)
     settings: str
 
 
@@ -275,16 +278,17 @@ def train(method: Method, data: StudyData, config: StudyConfig, seed: int) -> Tr
     steps, last_epoch = 0, []
     start = time.perf_counter()
     try:
-        for _ in range(config.epochs):
+        for epoch in range(config.epochs):
             last_epoch = []
             for x, y, idx in loader:
 
-                def closure(x: torch.Tensor = x, y: torch.Tensor = y, idx: torch.Tensor = idx) -> torch.Tensor:
+                def closure(x: torch.Tensor = x, y: torch.Tensor = y, idx: torch.Tensor = idx,
+                            epoch: int = epoch) -> torch.Tensor:
                     opt.zero_grad()
                     logits = model(x)
                     loss = Fn.cross_entropy(logits, y)
                     if term is not None:
-                        loss = loss + term(logits, x, idx)
+                        loss = loss + term(logits, x, idx, epoch)
                     loss.backward()
                     return loss
 
@@ -298,9 +302,13 @@ def train(method: Method, data: StudyData, config: StudyConfig, seed: int) -> Tr
     finally:
         counter.remove()
     seconds = time.perf_counter() - start
+    model.eval()
     final = sum(last_epoch) / len(last_epoch) if last_epoch else None
-    return Trained(model.eval(), seconds, steps, counter.forwards / max(steps, 1), counter.backwards / max(steps, 1),
-                   final if final is not None and math.isfinite(final) else None, built.settings)
+    with torch.no_grad():  # how far training got, the same quantity for every method (what the step returns is not)
+        train_loss = float(Fn.cross_entropy(model(data.x_train), data.y_train))
+    return Trained(model, seconds, steps, counter.forwards / max(steps, 1), counter.backwards / max(steps, 1),
+                   final if final is not None and math.isfinite(final) else None,
+                   train_loss if math.isfinite(train_loss) else None, built.settings)
 
 
 # --------------------------------------------------------------------------------------------------- statistics
@@ -382,7 +390,8 @@ def run(methods: Sequence[Method], data: StudyData, config: StudyConfig, seeds: 
             row["seeds"].append({"seed": seed, **metrics, "train_time_s": trained.seconds, "steps": trained.steps,
                                  "forwards_per_step": trained.forwards_per_step,
                                  "backwards_per_step": trained.backwards_per_step,
-                                 "final_train_loss": trained.final_train_loss})
+                                 "last_epoch_objective": trained.last_epoch_objective,
+                                 "train_loss": trained.train_loss})
             if progress:
                 progress(f"{method.name} seed {seed}: {trained.seconds:.1f}s train, λ_max {_f(metrics['lambda_max'])}, "
                          f"robust {_f(metrics['robust_acc'])}")
@@ -417,11 +426,11 @@ def tables(result: Mapping[str, Any]) -> str:
     """The markdown: per-method means, then the comparisons with SGD and with SAM."""
     rows = result["rows"]
     lines = ["| method | passes / step (fwd, bwd) | n | " + " | ".join(f"{t} (mean ± 95% CI)" for _, t, _ in METRICS)
-             + " | train s / seed |", "|---|---|---|" + "---|" * len(METRICS) + "---|"]
+             + " | train CE | train s / seed |", "|---|---|---|" + "---|" * len(METRICS) + "---|---|"]
     for r in rows:
         if r["status"] != "ran":
-            lines.append(f"| {r['name']} | — | 0 | " + " | ".join("—" for _ in METRICS)
-                         + f" | {r['status']}: {_cell(r['reason'])} |")
+            lines.append(f"| {r['name']} | {r['status']}: {_cell(r['reason'])} | 0 | "
+                         + " | ".join("—" for _ in METRICS) + " | — | — |")
             continue
         cells = []
         for key, _, spec in METRICS:
@@ -429,8 +438,9 @@ def tables(result: Mapping[str, Any]) -> str:
             cells.append(_f(s["mean"], spec) + ("" if s["half_width"] is None else f" ± {_f(s['half_width'], spec)}"))
         n = min(r["summary"][k]["n"] for k, _, _ in METRICS)
         secs = sum(s["train_time_s"] for s in r["seeds"]) / len(r["seeds"])
+        ce = mean_ci([s["train_loss"] for s in r["seeds"] if s["train_loss"] is not None]).mean
         lines.append(f"| {r['name']} | {r['forwards_per_step']:.2f}, {r['backwards_per_step']:.2f} | {n} | "
-                     + " | ".join(cells) + f" | {secs:.1f} |")
+                     + " | ".join(cells) + f" | {_f(ce, '.3f')} | {secs:.1f} |")
     out = ["\n".join(lines)]
     for base in BASELINES:
         title = f"**Against {base.upper()}**: difference (method − {base}) of the means over paired seeds, [95% CI], " \
@@ -471,7 +481,7 @@ def findings(result: Mapping[str, Any], config: StudyConfig) -> list[str]:
     sig = [c for c in family if _significant(c)]
     n_defined = sum(c["p_value"] is not None for c in family)
     out.append(f"{len(family)} comparisons ({n_defined} with a defined test) form one Holm family; "
-               f"{len(sig)} differ at family-wise α = {ALPHA}.")
+               f"{len(sig)} differ at family-wise α = {ALPHA}" + ("." if sig else ": nothing here is significant."))
 
     def names(cs: list[dict[str, Any]]) -> str:
         return ", ".join(f"{c['method']} ({_signed(c['difference'], '.3g')}, p {_p(c['p_holm'])})" for c in cs)
@@ -504,8 +514,15 @@ def findings(result: Mapping[str, Any], config: StudyConfig) -> list[str]:
         threshold = 2.0 * (1.0 + config.momentum) / config.lr
         out.append(f"For scale: SGD's final λ_max ({_f(sgd['summary']['lambda_max']['mean'])}) is "
                    f"{sgd['summary']['lambda_max']['mean'] / threshold:.1%} of the stability threshold 2(1+β)/lr = "
-                   f"{threshold:.3g}: these runs end far from the edge of stability, where SAM's flattening has "
-                   "the least to act on.")
+                   f"{threshold:.3g} of heavy-ball SGD (Cohen et al., 2021): these runs end far below the edge of stability.")
+    ce = {r["name"]: m for r in ran
+          if (m := mean_ci([s["train_loss"] for s in r["seeds"] if s["train_loss"] is not None]).mean) is not None}
+    if sgd is not None and sgd["name"] in ce and len(ce) > 1:
+        # equal epochs at one lr is not equal convergence: a method far from fitting the training set is compared
+        # at a different point of training, where curvature and robustness differ for that reason alone
+        worst = sorted((n for n in ce if n != "sgd"), key=lambda n: -ce[n])[:3]
+        out.append(f"How far training got (cross entropy of the final model on the training set): SGD {ce['sgd']:.3g}; "
+                   "highest: " + ", ".join(f"{n} {ce[n]:.3g} ({ce[n] / ce['sgd']:.1f}x SGD's)" for n in worst) + ".")
     mesa = next((r for r in ran if r["name"] == "mesa"), None)
     if mesa is not None and mesa["seeds"]:
         decay = _settings_value(mesa.get("settings", ""), "decay")
@@ -563,9 +580,9 @@ def markdown(result: Mapping[str, Any], config: StudyConfig, data: StudyData, se
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: subset of the data, 2 seeds, 3 epochs, cheap measurements (writes nothing)")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 16; 2 with --quick)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the study's 30; 3 with --quick)")
+                        help="smoke run: subset of the data, 2 seeds, 10 epochs, cheap measurements (writes nothing)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 12; 2 with --quick)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the study's 30; 10 with --quick)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated subset of the methods (default: all; a subset writes nothing)")
     parser.add_argument("--no-write", action="store_true", help="print only (RESULTS.md and the raw dump untouched)")
@@ -575,8 +592,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = StudyConfig()
     if args.quick:
         config = config.with_quick()
-    config = dataclasses.replace(config, epochs=args.epochs or (3 if args.quick else config.epochs))
-    n_seeds = args.seeds or (2 if args.quick else 16)
+    config = dataclasses.replace(config, epochs=args.epochs or (10 if args.quick else config.epochs))
+    n_seeds = args.seeds or (2 if args.quick else 12)
     data = load_digits()
     if config.subset is not None:
         data = data.subset(*config.subset)
