@@ -10,6 +10,7 @@ batch 64, 30 epochs), by
   was written is included), each at its own defaults through ``make_sam`` around the same SGD. A variant that
   needs more than a name gets it from :data:`OVERRIDES` (stated in the output); one that cannot be built or
   trained is a row that says why, never a silent omission;
+- ESAM with its sharpness-sensitive data selection (``SharpnessDataSelection``, a loss reducer, defaults);
 - the MESA loss term (``sharpguard.optim.MESA``, defaults) added to cross entropy under plain SGD;
 - the SAF loss term, if the module ``sharpguard.optim.saf`` exists when the script runs (it needs example
   indices: the batches come from :class:`IndexedTensors`, a dataset wrapper that returns them).
@@ -101,13 +102,15 @@ class Built:
 
     ``loss_term(logits, x, idx, epoch)`` is added to the mean cross entropy (MESA, SAF); ``closure_step`` says whether
     the optimizer takes ``step(closure)`` (the SAM family) or the plain ``backward(); step()`` pattern.
-    ``forward_counters``: extra modules whose forwards count as passes (MESA's teacher).
+    ``reduction`` replaces the mean over the batch (ESAM's data selection); ``forward_counters``: extra modules
+    whose forwards count as passes (MESA's teacher).
     """
 
     optimizer: torch.optim.Optimizer
     closure_step: bool
     settings: str
     loss_term: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
+    reduction: Callable[[torch.Tensor], torch.Tensor] | None = None  # per-example losses -> loss (default: mean)
     forward_counters: list[nn.Module] = field(default_factory=list)
 
 
@@ -179,6 +182,16 @@ def build_mesa(ctx: Context) -> Built:
                  loss_term=lambda logits, x, idx, epoch: term(logits, x), forward_counters=[term.teacher])
 
 
+def build_esam_sds(ctx: Context) -> Built:
+    """ESAM as the paper runs it: its stochastic weight perturbation (the registry's ``esam``) plus its
+    sharpness-sensitive data selection, a loss reducer (``sharpguard.optim.data_selection``) at its defaults."""
+    sds_module = importlib.import_module("sharpguard.optim.data_selection")
+    sds = sds_module.SharpnessDataSelection()
+    inner = variant_builder("esam", OVERRIDES)(ctx)
+    return Built(inner.optimizer, closure_step=True, settings=f"{inner.settings}; SDS gamma={sds.gamma}",
+                 reduction=sds)
+
+
 def build_saf(ctx: Context) -> Built:
     """The SAF loss term of ``sharpguard.optim.saf`` at its defaults: the outputs of each training example are
     stored per epoch, so it needs the training-set size and, per batch, the example indices and the epoch."""
@@ -191,10 +204,13 @@ def build_saf(ctx: Context) -> Built:
 
 
 def registry_methods(overrides: Mapping[str, Override] = OVERRIDES) -> list[Method]:
-    """SGD, every registered SAM variant (SAM first), MESA, and SAF if its module exists."""
+    """SGD, every registered SAM variant (SAM first), ESAM with its data selection, MESA, and SAF if its module
+    exists."""
     names = ["sam", *[n for n in VARIANTS if n != "sam"]] if "sam" in VARIANTS else list(VARIANTS)
     methods = [Method("sgd", build_sgd, "baseline")]
     methods += [Method(n, variant_builder(n, overrides), "SAM variant") for n in names]
+    if "esam" in VARIANTS and importlib.util.find_spec("sharpguard.optim.data_selection") is not None:
+        methods.append(Method("esam+sds", build_esam_sds, "SAM variant + loss reducer"))
     methods.append(Method("mesa", build_mesa, "loss term"))
     if importlib.util.find_spec("sharpguard.optim.saf") is not None:
         methods.append(Method("saf", build_saf, "loss term"))
@@ -286,7 +302,10 @@ def train(method: Method, data: StudyData, config: StudyConfig, seed: int) -> Tr
                             epoch: int = epoch) -> torch.Tensor:
                     opt.zero_grad()
                     logits = model(x)
-                    loss = Fn.cross_entropy(logits, y)
+                    if built.reduction is None:
+                        loss = Fn.cross_entropy(logits, y)
+                    else:
+                        loss = built.reduction(Fn.cross_entropy(logits, y, reduction="none"))
                     if term is not None:
                         loss = loss + term(logits, x, idx, epoch)
                     loss.backward()
