@@ -297,7 +297,9 @@ class BSAM(SAM):
         if not params:
             return
         noise = self._standard_normal(params)
-        std = torch._foreach_mul(self._state_filled("s", params, self.s_init), float(self.num_data))
+        std = self._buffers("direction", params)  # free until the ascent: no extra parameter copy
+        torch._foreach_copy_(std, self._state_filled("s", params, self.s_init))
+        torch._foreach_mul_(std, float(self.num_data))
         torch._foreach_rsqrt_(std)  # sigma = 1 / sqrt(N s)
         torch._foreach_mul_(noise, std)
         self._move(params, noise, torch.ones((), dtype=torch.float64))
@@ -334,7 +336,8 @@ class BSAM(SAM):
         s_next = self._buffers("s_next", params)
         torch._foreach_copy_(s_next, s)
         torch._foreach_sqrt_(s_next)
-        torch._foreach_mul_(s_next, torch._foreach_abs(noisy))  # sqrt(s) |g|
+        torch._foreach_mul_(s_next, noisy)
+        torch._foreach_abs_(s_next)  # sqrt(s) |g| (sqrt(s) > 0), without a temporary |g|
         torch._foreach_add_(s_next, delta + self.damping)
         torch._foreach_mul_(s_next, 1.0 - b2)
         torch._foreach_add_(s_next, s, alpha=b2)
