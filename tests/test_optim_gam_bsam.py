@@ -364,6 +364,21 @@ def test_gam_non_finite_gradient_at_any_point_falls_back_to_the_clean_one(call):
     assert opt.nonfinite_counts == {"nonfinite_clean": 0, "nonfinite_perturbed": 1}
 
 
+@pytest.mark.parametrize("variant, call", [("gam", 3), ("bsam", 2)])
+def test_skip_policy_leaves_weights_and_state_alone_after_a_fault_at_a_later_point(variant, call):
+    model = net()
+    knobs = {"num_data": N_DATA} if variant == "bsam" else {}
+    opt = make_sam(torch.optim.SGD(model.parameters(), lr=LR), variant, model=model, nonfinite="skip", **knobs)
+    run(opt, model, 1)
+    before, state = params_of(model), copy.deepcopy(opt.state_dict())
+    with pytest.warns(SAMFallbackWarning, match="skipped the update"):
+        run(opt, model, 1, bomb=poison(call))
+    assert all(torch.equal(a, b) for a, b in zip(params_of(model), before))
+    after = opt.state_dict()
+    for name, entries in state["sharpguard"]["buffers"].items():
+        assert all(torch.equal(entries[i], after["sharpguard"]["buffers"][name][i]) for i in entries)
+
+
 @pytest.mark.parametrize("variant", ["gam", "bsam"])
 def test_a_non_finite_clean_gradient_writes_no_more_than_the_base_optimizer(variant):
     model = net()
