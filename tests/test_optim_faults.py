@@ -25,8 +25,9 @@ from sharpguard.errors import ConfigurationError
 from sharpguard.optim import VARIANTS, make_sam
 from sharpguard.optim.sam import SAMFallbackWarning
 
-# every variant that wraps a plain model (Flat-LoRA needs a peft LoRA model: tests/test_lora.py)
-VARIANT_NAMES = sorted(v for v in VARIANTS if v != "flat_lora")
+# every variant that wraps a plain model (Flat-LoRA needs a peft LoRA model: tests/test_lora.py) around
+# SGD with momentum (bSAM is its own Adam-like update on a plain SGD: its faults are in test_optim_gam_bsam.py)
+VARIANT_NAMES = sorted(v for v in VARIANTS if v not in ("flat_lora", "bsam"))
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -111,8 +112,8 @@ def test_a_step_never_writes_more_non_finite_values_than_the_base_optimizer(vari
     # said whenever SAM acted on the faulty gradient: a step with a perturbed pass, or LookSAM's reuse step
     # (which adds its g_v to that gradient). Momentum-SAM's single pass gives the base optimizer its own
     # gradient at the point it was taken, untouched: nothing to say beyond what the base optimizer does.
-    acted = len(calls) == 2 or variant == "looksam"
-    injected = which in ("clean", "both") or len(calls) == 2
+    acted = len(calls) >= 2 or variant == "looksam"  # GAM calls the closure four times
+    injected = which in ("clean", "both") or len(calls) >= 2
     assert (injected and acted) == any(issubclass(w.category, SAMFallbackWarning) for w in caught)
     assert n_nonfinite(params) <= allowed
     state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]

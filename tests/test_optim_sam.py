@@ -411,7 +411,7 @@ def test_bad_input_raises_clear_errors_before_anything_changes():
     with pytest.raises(ConfigurationError, match="no setting 'lr'"):
         SAM.wrap(torch.optim.SGD(params, lr=0.1), lr=0.1)
     with pytest.raises(ConfigurationError, match="unknown SAM variant"):
-        make_sam(torch.optim.SGD(params, lr=0.1), "bsam")
+        make_sam(torch.optim.SGD(params, lr=0.1), "not_a_variant")
     opt = SAM(params, torch.optim.SGD, lr=0.1)
     with pytest.raises(ConfigurationError, match="already a SAM"):
         SAM.wrap(opt)
