@@ -499,3 +499,26 @@ def test_bf16_autocast_closure_and_two_step_forms_agree():
             o2.second_step()
     assert all(torch.isfinite(p).all() for p in m1.parameters())
     assert_bitwise(state_of(m1), state_of(m2))
+
+
+def test_the_step_scratch_is_allocated_before_the_clean_forward_and_reused():
+    """The weight backup and the clean-gradient copy exist before the first forward of a step (so they
+    do not land above the freed activations on the heap) and are the same storage every step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    seen = []
+
+    def closure():
+        seen.append({k: [b.data_ptr() for b in v[2]] for k, v in opt._scratch.items() if k in ("w", "clean_grad")})
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.zero_grad()
+        opt.step(closure)
+    first_clean_pass = seen[0]
+    assert set(first_clean_pass) == {"w", "clean_grad"}
+    assert all(s == first_clean_pass for s in seen)

@@ -88,6 +88,9 @@ class SAMEngine:
     def begin_window(self) -> None:
         """Before the first forward of an accumulation window (idempotent within a window)."""
         if not self._prepared:
+            reserve = getattr(self.sam, "reserve_buffers", None)
+            if reserve is not None:
+                reserve()
             self.sam.prepare()
             self._prepared = True
             self._window_id = _phase.new_window()

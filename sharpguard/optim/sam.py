@@ -434,6 +434,23 @@ class SAM(Optimizer):
         """Before the forward of a step. A no-op except for :class:`MomentumSAM`."""
         self._prepared = True
 
+    def reserve_buffers(self) -> None:
+        """Allocate the step's scratch (the weight backup and the clean-gradient copy) before the clean
+        forward, once; later steps reuse it.
+
+        Allocated in :meth:`perturb` instead - after the clean backward, when the freed activations sit
+        at the top of glibc's heap - these long-lived blocks land above that free space and keep the heap
+        from shrinking, so the perturbed pass's activations grow it again: on a 1.4M-parameter GPT-2 the
+        first SAM step's peak RSS was 126 MiB over a plain step's (pytorch_optimizer's: 24 MiB), against
+        the 11 MiB the two buffers need. The engine calls this before :meth:`prepare`.
+        """
+        if not self.needs_second_pass():
+            return
+        params = [p for p in self._all_params() if p.requires_grad]
+        if params and all(p.layout == torch.strided for p in params):
+            self._buffers("w", params)
+            self._buffers("clean_grad", params)
+
     @torch.no_grad()
     def perturb(self) -> bool:
         """After the clean backward: save ``w``, move to ``w + e``, snapshot running statistics.
