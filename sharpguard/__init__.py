@@ -32,6 +32,8 @@ _EXPORTS: dict[str, str] = {
     "MESA": "sharpguard.optim",
     "GAM": "sharpguard.optim",
     "BSAM": "sharpguard.optim",
+    "SharpnessDataSelection": "sharpguard.optim",
+    "SAF": "sharpguard.optim",
     # measurement
     "hessian_eigenvalues": "sharpguard.sharpness",
     "hessian_trace": "sharpguard.sharpness",

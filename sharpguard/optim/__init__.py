@@ -12,6 +12,8 @@ from .sam import ASAM, SAM
 from .variants import FriendlySAM, GSAM, LookSAM, MomentumSAM
 from .lora import FlatLoRA, lora_parameters
 from .mesa import MESA
+from .data_selection import SharpnessDataSelection
+from .saf import SAF
 from .variants_extra import ARWP, ESAM, RWP, WSAM
 from .variants_multi import BSAM, GAM
 
@@ -20,4 +22,4 @@ __all__ = [
     "SAMConfig", "SAMEngine", "unwrap_optimizer",
 ]
 __all__ += ["WSAM", "RWP", "ARWP", "ESAM", "FlatLoRA", "lora_parameters", "MESA"]
-__all__ += ["GAM", "BSAM"]
+__all__ += ["GAM", "BSAM", "SharpnessDataSelection", "SAF"]

@@ -6,13 +6,8 @@ Lightning callback, the Hugging Face Trainer and the Accelerate helper. What is 
 ESAM's subset) is drawn from a private generator reseeded from ``(seed, step)``: the same step draws
 the same perturbation in every front end and after a resume, and the global RNG is never touched.
 
-Not here, and why (docs/optim.md says the same):
-
-* GAM (Zhang et al., CVPR 2023) needs gradients at two or three points per step, each chosen from
-  the gradient at the previous one; the protocol has exactly one perturbed point per step.
-* bSAM (Möllenhoff & Khan, ICLR 2023) is an Adam-like optimizer with its own precision estimate
-  ``s`` that scales both the noise and the ascent and takes the update; it cannot wrap the user's
-  optimizer.
+GAM and bSAM, which need more than one perturbed point per step or their own update, are in
+:mod:`.variants_multi` (the engine's ``advance()`` step).
 
 ESAM's other half, sharpness-sensitive data selection (SDS), acts on the per-example losses, which
 only the user's loss code sees: it is the loss reducer
