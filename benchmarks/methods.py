@@ -4,7 +4,8 @@ Two models, each trained by every method from the same weights on the same batch
 
 (a) an MLP classifier (4 x 512 hidden, ~0.9 M parameters, batch 256) with SGD(momentum): plain,
     SAM, and every variant by name (WSAM, m-RWP, m-ARWP, ESAM, Flat-LoRA in its full-weight form,
-    Momentum-SAM, LookSAM) plus the MESA loss term;
+    Momentum-SAM, LookSAM, GAM, bSAM on a plain SGD) plus ESAM's data selection on SAM and the MESA
+    and SAF loss terms;
 (b) a GPT-2 built from a config (2 layers, width 256, sequences of 64) with peft LoRA (r = 8) and
     AdamW over the adapters: plain LoRA, SAM on the adapters, Flat-LoRA.
 
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import machine, write_section  # noqa: E402
 
-from sharpguard.optim import MESA, SAM, lora_parameters, make_sam  # noqa: E402
+from sharpguard.optim import MESA, SAF, SAM, SharpnessDataSelection, lora_parameters, make_sam  # noqa: E402
 
 MIB = 2**20
 
@@ -99,6 +100,10 @@ def _state_bytes(method: object) -> int:
     if isinstance(method, MESA):
         for t in [*method.teacher.parameters(), *method.teacher.buffers()]:
             add(t)
+    if isinstance(method, SAF):
+        for t in (method.memory, method.stamps):
+            if t is not None:
+                add(t)
     return total
 
 
@@ -224,10 +229,50 @@ def mlp_contestants(quick: bool) -> tuple[list[Contestant], float]:
 
         return term, run
 
+    def bsam(model):
+        # bSAM is its own Adam-like update: a plain SGD carries its learning rate (docs/optim.md)
+        opt = make_sam(torch.optim.SGD(model.parameters(), lr=0.05), "bsam", model=model, num_data=50_000)
+        return opt, sam_step(opt, model, loss_fn)
+
+    def sds(model):
+        opt = make_sam(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), "sam", model=model)
+        select = SharpnessDataSelection(gamma=0.5)
+
+        def run(batch):
+            def closure():
+                opt.zero_grad()
+                loss = select(nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none"))
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+
+        return opt, run
+
+    def saf(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        # an "epoch" of the 4 batches; the term is on from epoch 1 (outputs of 1 epoch ago)
+        term = SAF(4 * 256, epochs_ago=1, start_epoch=1)
+        count = [0]
+
+        def run(batch):
+            k = count[0]
+            count[0] += 1
+            indices = torch.arange(256) + 256 * (k % 4)
+            opt.zero_grad()
+            out = model(batch[0])
+            (nn.functional.cross_entropy(out, batch[1]) + term(out, indices, k // 4)).backward()
+            opt.step()
+
+        return term, run
+
     makers: dict[str, Callable] = {"plain SGD": plain, "SAM": variant("sam")}
-    for name in ("wsam", "rwp", "arwp", "esam", "flat_lora", "momentum_sam", "looksam"):
+    for name in ("wsam", "rwp", "arwp", "esam", "flat_lora", "momentum_sam", "looksam", "gam"):
         makers[name] = variant(name)
+    makers["bsam"] = bsam
+    makers["SAM + SDS (ESAM data selection, gamma 0.5)"] = sds
     makers["MESA (loss term; + 1 teacher forward)"] = mesa
+    makers["SAF (loss term; outputs of 1 epoch ago)"] = saf
     contestants = [Contestant(name, copy.deepcopy(base), make, batches, loss_fn) for name, make in makers.items()]
     params_mib = sum(p.numel() * p.element_size() for p in base.parameters()) / MIB
     return contestants, params_mib
