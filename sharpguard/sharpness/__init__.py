@@ -79,3 +79,7 @@ __all__ = [
 from .cost import CheckCost, SamCost, estimate_check_cost, estimate_sam_cost
 
 __all__ += ["CheckCost", "SamCost", "estimate_check_cost", "estimate_sam_cost"]
+
+from .sharded import ShardedHVPOperator, is_sharded  # noqa: E402
+
+__all__ += ["ShardedHVPOperator", "is_sharded"]

@@ -30,7 +30,7 @@ from torch import nn
 from .._batches import LossFn
 from .._validation import positive, positive_int
 from ..errors import ConfigurationError
-from .operator import HVPMethod, HVPOperator
+from .operator import HVPMethod, HVPOperator, is_sharded
 
 Which = Literal["largest", "smallest", "both"]
 
@@ -75,13 +75,18 @@ class Krylov:
         *,
         restart: bool = True,
         max_basis: int | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        n = v0.numel()
         self.matvec, self.generator, self.restart = matvec, generator, restart
+        # ``reduce`` sums partial results over the shards of a sharded vector (each rank holds a slice
+        # of every vector: FSDP); every inner product and norm goes through it, nothing else changes.
+        self.reduce = reduce
+        self.n_local = v0.numel()
+        n = self.n_local if reduce is None else round(float(reduce(torch.tensor(float(self.n_local), dtype=torch.float64))))
         self.n = n
         self.max_steps = max_steps
         self.max_basis = None if max_basis is None else max(2, min(int(max_basis), n))
-        norm = float(torch.linalg.vector_norm(v0))
+        norm = self._norm(v0)
         if not (norm > 0 and math.isfinite(norm)):
             raise ConfigurationError("the start vector is zero or not finite; pass a nonzero finite init.")
         self.rows: list[torch.Tensor] = [v0 / norm]
@@ -95,6 +100,15 @@ class Krylov:
         self.exhausted = False
         self._anorm = 0.0
         self._eps = torch.finfo(v0.dtype).eps
+
+    def _norm(self, w: torch.Tensor) -> float:
+        if self.reduce is None:
+            return float(torch.linalg.vector_norm(w))
+        return math.sqrt(max(float(self.reduce(torch.dot(w, w).to(torch.float64).reshape(1))[0]), 0.0))
+
+    def _dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        out = a @ b
+        return float(out) if self.reduce is None else float(self.reduce(out.to(torch.float64).reshape(1))[0])
 
     @property
     def m(self) -> int:
@@ -112,6 +126,8 @@ class Krylov:
         basis = self.rows[:upto]
         for _ in range(2):
             coeffs = torch.stack([torch.dot(r, w) for r in basis])
+            if self.reduce is not None:
+                coeffs = self.reduce(coeffs)  # one collective per pass for all the rows
             for r, c in zip(basis, coeffs):
                 w.addcmul_(r, c, value=-1.0)
         return w
@@ -140,14 +156,17 @@ class Krylov:
         q = self.rows[j]
         w = self.matvec(q)
         self.n_steps += 1
-        if not bool(torch.isfinite(w).all()):
+        finite = torch.isfinite(w).all()
+        if self.reduce is not None:  # every shard must agree, or one rank raises while the others wait
+            finite = self.reduce((~finite).to(torch.float64).reshape(1))[0] == 0
+        if not bool(finite):
             raise ConfigurationError("a Hessian-vector product is not finite; check the model and probe for overflow.")
-        alpha = float(q @ w)
+        alpha = self._dot(q, w)
         w = w.sub(q, alpha=alpha)  # a vector we own (the matvec's result may be shared); in place below
         if j > 0 and self._coupling is None:
             w.sub_(self.rows[j - 1], alpha=self.betas[-1])
         w = self._orthogonalize(w, j + 1)
-        beta = float(torch.linalg.vector_norm(w))
+        beta = self._norm(w)
         self._grow_T(alpha)
         self.alphas.append(alpha)
         self._anorm = max(self._anorm, float(np.abs(self._T[j]).sum()) + beta)
@@ -161,9 +180,9 @@ class Krylov:
             if not self.restart:
                 self.exhausted = True
                 return True
-            r = torch.randn(self.n, generator=self.generator, dtype=w.dtype, device="cpu").to(w.device)
+            r = torch.randn(self.n_local, generator=self.generator, dtype=w.dtype, device="cpu").to(w.device)
             r = self._orthogonalize(r, j + 1)
-            self.rows.append(r / torch.linalg.vector_norm(r))
+            self.rows.append(r / self._norm(r))
         else:
             self.betas.append(beta)
             self.rows.append(w / beta)
@@ -193,8 +212,8 @@ class Krylov:
         m, keep = s.shape
         coeffs = torch.as_tensor(s, dtype=self.rows[0].dtype, device=self.rows[0].device)
         chunk = 1 << 16
-        for lo in range(0, self.n, chunk):
-            hi = min(lo + chunk, self.n)
+        for lo in range(0, self.n_local, chunk):
+            hi = min(lo + chunk, self.n_local)
             block = torch.stack([r[lo:hi] for r in self.rows[:m]])  # m x chunk
             new = coeffs.T @ block  # keep x chunk
             for i in range(keep):
@@ -219,7 +238,7 @@ class Krylov:
     def ritz_vectors(self, s: np.ndarray) -> torch.Tensor:
         """Rows ``V_m^T s_i`` for the columns of ``s``."""
         coeffs = torch.as_tensor(s, dtype=self.rows[0].dtype, device=self.rows[0].device)
-        out = torch.zeros((s.shape[1], self.n), dtype=self.rows[0].dtype, device=self.rows[0].device)
+        out = torch.zeros((s.shape[1], self.n_local), dtype=self.rows[0].dtype, device=self.rows[0].device)
         for i, r in enumerate(self.rows[: self.m]):
             out.add_(coeffs[i][:, None] * r[None, :])
         return out
@@ -283,18 +302,20 @@ def lanczos(
     generator: torch.Generator,
     return_eigenvectors: bool = False,
     max_basis: int | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Run Lanczos from ``v0`` until the wanted Ritz pairs meet ``tol`` or ``max_iter`` products.
 
     ``max_basis`` bounds the vectors kept (default :func:`default_max_basis`); when the basis is full
     it is thick-restarted (see :class:`Krylov`). The result's ``peak_rows`` is the most model-size
-    vectors the solver held at once.
+    vectors the solver held at once. ``reduce`` (sharded vectors): sums a tensor of per-shard partial
+    inner products over the shards, e.g. an all-reduce over the FSDP group.
     """
-    need = min(v0.numel(), 2 * k if which == "both" else k)
     check_max_basis(max_basis, k, which)
     if max_basis is None:
         max_basis = default_max_basis(k, which)
-    kry = Krylov(matvec, v0, max_iter, generator, max_basis=max_basis)
+    kry = Krylov(matvec, v0, max_iter, generator, max_basis=max_basis, reduce=reduce)
+    need = min(kry.n, 2 * k if which == "both" else k)
     idx: list[int] = []
     theta = residuals = s = None
     converged = False
@@ -402,7 +423,10 @@ def hessian_eigenvalues(
     ``micro_batches`` runs each probe batch as that many micro-batches
     (:class:`~sharpguard.sharpness.HVPOperator`): the double-backward graph then holds one micro-batch's
     activations, which is what keeps a check within about twice a training step's extra peak memory
-    (docs/cost_model.md), at the price of the cached graph. The model is left exactly
+    (docs/cost_model.md), at the price of the cached graph. On a sharded (FSDP2) model every rank calls
+    this with its own probe batches (the same number on every rank): the products are finite differences
+    of FSDP's gradients and the vectors (``eigenvectors``, ``init``) are this rank's slices
+    (:mod:`sharpguard.sharpness.sharded`). The model is left exactly
     as found (parameters, ``.grad``, buffers, modes, global RNG). ``n_hvp`` counts every product,
     including the determinism check's extra one.
     """
@@ -412,10 +436,21 @@ def hessian_eigenvalues(
     check_max_basis(max_basis, k, which)
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(int(seed))
-    op = HVPOperator(
-        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph,
-        micro_batches=micro_batches,
-    )
+    reduce = None
+    if is_sharded(model):
+        from .sharded import ShardedHVPOperator
+
+        op: HVPOperator = ShardedHVPOperator(
+            model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, micro_batches=micro_batches
+        )
+        reduce = op.reduce_sum  # type: ignore[attr-defined]
+        # each rank draws its own slice of the start vector (the same seed would repeat one slice)
+        generator.manual_seed(int(seed) * 1_000_003 + torch.distributed.get_rank())
+    else:
+        op = HVPOperator(
+            model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph,
+            micro_batches=micro_batches,
+        )
     with op:
         v0 = start_vector(op, init, generator)
         out = lanczos(
@@ -428,6 +463,7 @@ def hessian_eigenvalues(
             generator=generator,
             return_eigenvectors=return_eigenvectors,
             max_basis=max_basis,
+            reduce=reduce,
         )
     settings = {
         "which": which,
@@ -440,7 +476,8 @@ def hessian_eigenvalues(
         "micro_batches": op.micro_batches,
         "probe_examples": op.n_examples,
         "probe_batches": len(op.batches),
-        "n_params": op.size,
+        "n_params": op.size if reduce is None else round(float(reduce(torch.tensor([float(op.size)], dtype=torch.float64))[0])),
+        "sharded": reduce is not None,
         "max_basis": max_basis if max_basis is not None else default_max_basis(k, which),
     }
     return EigenResult(

@@ -81,6 +81,15 @@ def _detach_inference(batch: Any) -> Any:
     return batch
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any trainable parameter of ``model`` is a ``DTensor`` (FSDP2's ``fully_shard``, tensor parallel)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed tensors
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -93,6 +102,9 @@ class ProbeLoss:
     buffers, per-module modes and the global RNG are restored on exit, even after an exception.
     """
 
+    #: whether this class computes gradients of sharded (FSDP2) parameters (:mod:`.sharded`)
+    supports_sharded = False
+
     def __init__(
         self,
         model: nn.Module,
@@ -102,6 +114,13 @@ class ProbeLoss:
         train: bool = False,
         distributed: bool | None = None,
     ) -> None:
+        if not self.supports_sharded and is_sharded(model):
+            # autograd.grad returns None for FSDP's sharded parameters: measured here, the curvature would be 0
+            raise ConfigurationError(
+                "the model is sharded (FSDP2 DTensor parameters): this measure's gradients cannot reach them; "
+                "hessian_eigenvalues and the SharpnessMonitor's lambda_max support sharded models (finite "
+                "differences of FSDP's own gradients), the other measures do not yet."
+            )
         self.batches = [_detach_inference(b) for b in as_batches(batches)]
         self.params = trainable_parameters(model)
         self.model = model
@@ -386,8 +405,8 @@ class HVPOperator(ProbeLoss):
             # dropped first and the new one cached in its place: never two gradient graphs alive at once.
             self._graphs.clear()
             again = self._product(v)
-            diff = float(torch.linalg.vector_norm(hv - again))
-            scale = float(torch.linalg.vector_norm(hv))
+            diff = self.vector_norm(hv - again)
+            scale = self.vector_norm(hv)
             if not diff <= self._rtol * max(scale, torch.finfo(self.dtype).tiny):
                 raise NonDeterministicHVPError(
                     f"two Hessian-vector products with the same vector differ (relative difference "
@@ -492,13 +511,20 @@ class HVPOperator(ProbeLoss):
             ) from RuntimeError("once_differentiable")
         return pairs
 
+    def vector_norm(self, vector: torch.Tensor) -> float:
+        """The 2-norm of a flat vector of this operator (over every shard for a sharded model)."""
+        return float(torch.linalg.vector_norm(vector))
+
     def _hvp_finite_difference(self, v: torch.Tensor) -> torch.Tensor:
-        v_norm = float(torch.linalg.vector_norm(v))
+        v_norm = self.vector_norm(v)
         if v_norm == 0.0:
             return torch.zeros_like(v)
         # at the entry weights (the usual case) reuse their copy instead of taking another
         w0 = self.w0 if self._at_w0 else self.flatten([p.detach() for p in self.params]).clone()
-        h = self.fd_eps * _weight_scale_along(w0, v, v_norm) / v_norm
+        # s_v: the size of the weights v moves, their v-weighted RMS sqrt(sum w_i^2 v_i^2) / ||v|| (an idle
+        # large block elsewhere, such as an embedding table, does not enter), floored at 1e-2 so a direction
+        # on zero-initialised weights (biases) still takes a step above rounding
+        h = self.fd_eps * max(self.vector_norm(w0 * v) / v_norm, 1e-2) / v_norm
         try:
             self.set_parameters(torch.add(w0, v, alpha=h))
             _, g_plus = self.loss_and_grad()
@@ -516,14 +542,6 @@ def _math_attention_kernel() -> Callable[[], contextlib.AbstractContextManager] 
     except ImportError:  # pragma: no cover - torch < 2.3
         return None
     return lambda: sdpa_kernel(SDPBackend.MATH)
-
-
-def _weight_scale_along(w: torch.Tensor, v: torch.Tensor, v_norm: float) -> float:
-    """``sqrt(sum_i w_i^2 v_i^2) / ||v||``: the size of the weights that ``v`` perturbs (their ``v``-weighted
-    RMS; an idle large block elsewhere, such as an embedding table, does not enter), floored at 1e-2 so a
-    direction on zero-initialized weights (biases) still takes a step above rounding."""
-    along = float(torch.linalg.vector_norm(w * v)) / v_norm
-    return max(along, 1e-2)
 
 
 def _without_autocast_wrapper(module: nn.Module, stack: contextlib.ExitStack) -> None:
