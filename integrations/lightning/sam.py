@@ -34,6 +34,19 @@ from ._hooks import (
 __all__ = ["SharpnessAwareMinimization"]
 
 
+def _sharded(trainer: Any, pl_module: Any) -> bool:
+    """Whether the gradients are FSDP shards: ``FSDPStrategy`` (FSDP1), or FSDP2 -- ``fully_shard``
+    applied in ``configure_model`` under ``ModelParallelStrategy``, whose name does not say FSDP
+    (its parameters are DTensors, which the unsharded variants cannot perturb)."""
+    if "FSDP" in type(trainer.strategy).__name__:
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in pl_module.modules())
+
+
 class SharpnessAwareMinimization(Callback):
     """Sharpness-aware minimization (Foret et al., ICLR 2021) for any LightningModule, as one callback.
 
@@ -143,7 +156,7 @@ class SharpnessAwareMinimization(Callback):
                 f"{self._who} needs exactly one optimizer, found {len(trainer.optimizers)}; put all parameter "
                 "groups in one optimizer in configure_optimizers."
             )
-        sharded = "FSDP" in type(trainer.strategy).__name__
+        sharded = _sharded(trainer, pl_module)
         sam = self.config.build(trainer.optimizers[0], model=pl_module if self.keep_bn_stats else None, sharded=sharded)
         self.engine = SAMEngine(sam, sharded=sharded)
         if self._pending_state is not None:
