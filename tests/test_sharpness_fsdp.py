@@ -2,12 +2,14 @@
 
 Each rank holds its slice of every parameter and its own probe batches; ``hessian_eigenvalues`` must
 give the top eigenvalues of the exact dense Hessian of the probe loss over the union of both ranks'
-batches (computed on an unsharded copy in float64), with the Krylov vectors held as slices. Measures
+batches (computed on an unsharded copy in float64), with the Krylov vectors held as slices; eos_ratio the
+same for SGD and, from the sharded Adam state, the unsharded preconditioned value. Measures
 that cannot reach sharded parameters refuse them instead of reporting a zero curvature.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,12 +43,27 @@ def dense_union_hessian() -> torch.Tensor:
     return torch.autograd.functional.hessian(loss, w)
 
 
+N_TOTAL = 20  # both ranks' probe examples
+
+
+def union_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([rank_batch(r)[0] for r in (0, 1)]), torch.cat([rank_batch(r)[1] for r in (0, 1)])
+
+
+def adam_step(net: nn.Module, batch, scale: float = 1.0) -> torch.optim.Adam:
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    (F.cross_entropy(net(batch[0]), batch[1]) * scale).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt
+
+
 def _worker(rank, port, world, out):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from sharpguard.errors import ConfigurationError
-    from sharpguard.sharpness import hessian_eigenvalues, hessian_trace
+    from sharpguard.sharpness import eos_ratio, hessian_eigenvalues, hessian_trace
 
     with process_group(rank, world, port):
         mesh = init_device_mesh("cpu", (world,))
@@ -77,14 +94,20 @@ def _worker(rank, port, world, out):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             metrics = monitor.measure(net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+        sgd_eos = eos_ratio(net, batch, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), tol=1e-9, max_iter=80)
         unchanged = all(torch.equal(a, p.to_local()) and p.grad is None for a, p in zip(before, net.parameters()))
         out[rank] = {
             "eigenvalues": res.eigenvalues, "residuals": res.residuals, "converged": res.converged,
             "n_params": res.settings["n_params"], "sharded": res.settings["sharded"], "method": res.hvp_method,
             "slice": int(res.eigenvectors[0].numel()), "two": two.eigenvalues, "refused": refused,
             "unchanged": unchanged, "monitor": metrics.get("sharpness/lambda_max"),
-            "monitor_said": [str(w.message) for w in caught],
+            "monitor_said": [str(w.message) for w in caught], "sgd_eos": (sgd_eos.lambda_max, sgd_eos.ratio),
         }
+        # Adam's preconditioned operator from its sharded state, after one step on the union's gradient
+        # (each rank's loss weighted by its share of the examples times the world size: FSDP averages)
+        adam = adam_step(net, batch, scale=len(batch[1]) / N_TOTAL * world)
+        r = eos_ratio(net, batch, adam, tol=1e-9, max_iter=80)
+        out[f"adam{rank}"] = (r.lambda_max, r.ratio, r.preconditioned)
 
 
 def test_lambda_max_of_an_fsdp2_model_is_the_dense_hessians_of_the_union():
@@ -107,4 +130,16 @@ def test_lambda_max_of_an_fsdp2_model_is_the_dense_hessians_of_the_union():
     assert "finite_difference" in r0["refused"][1]
     assert r0["unchanged"] and r1["unchanged"]
     assert r0["monitor"] == r1["monitor"] and abs(r0["monitor"] - expected[0]) <= 1e-6 * abs(expected[0])
-    assert any("eos_ratio skipped" in m and "sharded" in m for m in r0["monitor_said"])
+    # SGD's edge of stability: the Hessian itself against (2 + 2 beta) / lr; the monitor measured it too
+    assert r0["sgd_eos"][0] == pytest.approx(expected[0], rel=1e-6)
+    assert r0["sgd_eos"][1] == pytest.approx(expected[0] / ((2 + 2 * 0.9) / 0.1), rel=1e-6)
+    assert not any("skipped" in m for m in r0["monitor_said"])
+    # Adam: the same preconditioned curvature as the unsharded model after the same step on the union
+    from sharpguard.sharpness import eos_ratio
+
+    net = make_net()
+    adam = adam_step(net, union_batch())
+    ref = eos_ratio(net, union_batch(), adam, tol=1e-9, max_iter=80)
+    assert out["adam0"] == out["adam1"] and out["adam0"][2]
+    assert out["adam0"][0] == pytest.approx(ref.lambda_max, rel=1e-5)
+    assert out["adam0"][1] == pytest.approx(ref.ratio, rel=1e-5)

@@ -393,6 +393,26 @@ def start_vector(op: HVPOperator, init: Any, generator: torch.Generator) -> torc
     return torch.randn(op.size, generator=generator, dtype=op.dtype, device="cpu").to(op.device)
 
 
+def make_operator(
+    model: nn.Module, batches: Any, loss_fn: LossFn | None, *, seed: int, **kwargs: Any
+) -> tuple[HVPOperator, Callable[[torch.Tensor], torch.Tensor] | None, torch.Generator]:
+    """The operator a Lanczos measure runs on, the ``reduce`` its vectors need and the seeded generator.
+
+    An FSDP2 model gets :class:`~sharpguard.sharpness.sharded.ShardedHVPOperator` (finite differences of
+    FSDP's gradients; the vectors are this rank's slices, summed over the ranks by ``reduce``), with the
+    generator offset by the rank so each rank draws its own slice of a random start vector.
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    if not is_sharded(model):
+        return HVPOperator(model, batches, loss_fn, **kwargs), None, generator
+    from .sharded import ShardedHVPOperator
+
+    kwargs.pop("cache_graph", None)  # no graph to cache: every product is two gradient passes
+    op = ShardedHVPOperator(model, batches, loss_fn, **kwargs)
+    generator.manual_seed(int(seed) * 1_000_003 + torch.distributed.get_rank())
+    return op, op.reduce_sum, generator
+
+
 def hessian_eigenvalues(
     model: nn.Module,
     batches: Any,
@@ -435,22 +455,10 @@ def hessian_eigenvalues(
     _check_common(k, tol, max_iter)
     check_max_basis(max_basis, k, which)
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(int(seed))
-    reduce = None
-    if is_sharded(model):
-        from .sharded import ShardedHVPOperator
-
-        op: HVPOperator = ShardedHVPOperator(
-            model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, micro_batches=micro_batches
-        )
-        reduce = op.reduce_sum  # type: ignore[attr-defined]
-        # each rank draws its own slice of the start vector (the same seed would repeat one slice)
-        generator.manual_seed(int(seed) * 1_000_003 + torch.distributed.get_rank())
-    else:
-        op = HVPOperator(
-            model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph,
-            micro_batches=micro_batches,
-        )
+    op, reduce, generator = make_operator(
+        model, batches, loss_fn, seed=seed, hvp=hvp, train=train, check_determinism=check_determinism,
+        cache_graph=cache_graph, micro_batches=micro_batches,
+    )
     with op:
         v0 = start_vector(op, init, generator)
         out = lanczos(

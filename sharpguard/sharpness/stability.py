@@ -33,7 +33,7 @@ from torch import nn
 
 from .._batches import LossFn
 from ..errors import ConfigurationError
-from .lanczos import _check_common, check_max_basis, lanczos, start_vector
+from .lanczos import _check_common, check_max_basis, lanczos, make_operator, start_vector
 from .operator import HVPMethod, HVPOperator
 
 __all__ = ["DirectionalCurvature", "EoSResult", "directional_curvature", "eos_ratio"]
@@ -123,18 +123,20 @@ def _adam_denominator(opt: torch.optim.Optimizer, p: torch.Tensor, group: dict) 
 
 def _preconditioner(op: HVPOperator, opt: torch.optim.Optimizer, kind: str):
     """Per-coordinate scale ``D`` and coupled decay ``wd`` so that the update's curvature is ``D(H + wd)D``."""
-    groups = _group_of(opt, op.params)
+    # the optimizer's keys: the parameters themselves (a sharded model's DTensors; op.params are its slices)
+    keys = getattr(op, "sharded_params", op.params)
+    groups = _group_of(opt, keys)
     lrs = [float(g["lr"]) for g in groups]
     if min(lrs) < 0 or not all(math.isfinite(lr) for lr in lrs):
         raise ConfigurationError(f"the optimizer's learning rates must be finite and >= 0, got {sorted(set(lrs))}.")
     lr_max = max(lrs)
-    stateless = _params_without_state(opt, op.params, groups) if kind == "adam" else []
+    stateless = _params_without_state(opt, keys, groups) if kind == "adam" else []
     if len(stateless) == len(op.params):
         raise ConfigurationError(
             "the optimizer has no exp_avg_sq yet; measure the Adam edge-of-stability ratio after the first step."
         )
     parts, decay = [], []
-    for i, (p, g) in enumerate(zip(op.params, groups)):
+    for i, (p, key, g) in enumerate(zip(op.params, keys, groups)):
         # relative step sizes of the groups; at lr = 0 everywhere (the end of a cosine schedule) the
         # preconditioned curvature is still defined, with equal weights, and the threshold is infinite
         relative = math.sqrt(float(g["lr"]) / lr_max) if lr_max > 0 else 1.0
@@ -144,7 +146,10 @@ def _preconditioner(op: HVPOperator, opt: torch.optim.Optimizer, kind: str):
             # move, so it is no direction of the update's dynamics - a zero scale removes it from D H D
             scale.zero_()
         elif kind == "adam":
-            scale = scale / _adam_denominator(opt, p, g).to(op.dtype).sqrt()
+            denominator = _adam_denominator(opt, key, g)
+            if hasattr(denominator, "to_local"):  # a sharded Adam state: this rank's slice
+                denominator = denominator.to_local()
+            scale = scale / denominator.to(op.dtype).sqrt()
         parts.append(scale.reshape(-1))
         # torch >= 2.6 marks AdamW's groups decoupled_weight_decay=True; older AdamW has no key
         decoupled = g.get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW))
@@ -197,10 +202,9 @@ def eos_ratio(
     opt = _base_optimizer(optimizer)
     kind = _kind(opt)
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(int(seed))
-    op = HVPOperator(
-        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph,
-        micro_batches=micro_batches,
+    op, reduce, generator = make_operator(
+        model, batches, loss_fn, seed=seed, hvp=hvp, train=train, check_determinism=check_determinism,
+        cache_graph=cache_graph, micro_batches=micro_batches,
     )
     with op:
         d, wd, lr, groups, stateless = _preconditioner(op, opt, kind)  # validates before any product
@@ -241,6 +245,7 @@ def eos_ratio(
             generator=generator,
             return_eigenvectors=True,
             max_basis=max_basis,
+            reduce=reduce,
         )
     lam = out["eigenvalues"][0]
     return EoSResult(
