@@ -18,7 +18,7 @@ Columns, per model:
   that of the default ``max_iter=100``; the time grows with the products), seconds and extra peak memory
   over the training step's extra peak; the same with ``hvp="finite_difference"`` (two gradient passes
   per product, no double-backward graph), and PyHessian's ``eigenvalues(top_n=1, maxIter=20)`` (tol 1e-3)
-  on the same batch. *check, 2 micro-batches*: the same check with ``micro_batches=2`` (the
+  on the same batch. *check, 3 micro-batches*: the same check with ``micro_batches=3`` (the
   ``SharpnessMonitor`` default since issue 13), the GPT-2 targets kept batch-first so the batch splits
   by sequences.
 
@@ -215,16 +215,16 @@ def worker(name: str, what: str, quick: bool) -> dict:
             opt.first_step(zero_grad=True)
             closure()
             opt.second_step(zero_grad=True)
-    elif what == "check_mb2":
+    elif what == "check_mb3":
         from sharpguard.sharpness import hessian_eigenvalues
 
-        # the monitors' default: each probe batch as two micro-batches (targets kept batch-first so the
+        # the monitors' default: each probe batch as three micro-batches (targets kept batch-first so the
         # batch splits by examples; the same loss)
         x, y = batch
         y2 = x[:, 1:] if name.startswith("gpt2") else y
         r = hessian_eigenvalues(
             model, (x, y2), lambda m, b: F.cross_entropy(m(b[0]), b[1].reshape(-1)), k=1, max_iter=MAX_ITER,
-            micro_batches=2,
+            micro_batches=3,
         )
         out.update(lam=r.lambda_max, n_hvp=r.n_hvp, residual=r.residuals[0], converged=r.converged, method=r.hvp_method)
     elif what in ("check", "check_fd"):
@@ -368,7 +368,7 @@ def main() -> None:
     raw = {}
     for name in names:
         t0 = time.perf_counter()
-        mem = {w: measure(name, w, args.quick) for w in ("train", "sam", "peer_sam", "check", "check_mb2", "check_fd", "pyhessian")}
+        mem = {w: measure(name, w, args.quick) for w in ("train", "sam", "peer_sam", "check", "check_mb3", "check_fd", "pyhessian")}
         t = time_ratios(name, args.quick, rounds=2 if not args.quick else 3)
         raw[name] = {"mem": mem, "time": t}
         pbytes = 4 * t["params"] / 2**20
@@ -381,10 +381,10 @@ def main() -> None:
             f"| {t['hvp'] / t['fwd_bwd']:.2f} / {t['hvp_fd'] / t['fwd_bwd']:.2f} / {t['hvp_pyhessian'] / t['fwd_bwd']:.2f} "
             f"| {tr['extra_mib']:.0f} MiB, {tr['seconds']:.2f} s "
             f"| {mem['check']['seconds']:.1f} s, {mem['check']['n_hvp']} HVP, {mem['check']['extra_mib'] / tr['extra_mib']:.2f}x "
-            f"| {mem['check_mb2']['seconds']:.1f} s, {mem['check_mb2']['extra_mib'] / tr['extra_mib']:.2f}x "
+            f"| {mem['check_mb3']['seconds']:.1f} s, {mem['check_mb3']['extra_mib'] / tr['extra_mib']:.2f}x "
             f"| {mem['check_fd']['seconds']:.1f} s, {mem['check_fd']['n_hvp']} HVP, {mem['check_fd']['extra_mib'] / tr['extra_mib']:.2f}x "
             f"| {mem['pyhessian']['seconds']:.1f} s, {mem['pyhessian']['extra_mib'] / tr['extra_mib']:.2f}x "
-            f"| {mem['check']['lam']:.5g} / {mem['check_mb2']['lam']:.5g} / {mem['check_fd']['lam']:.5g} / {mem['pyhessian']['lam']:.5g} |"
+            f"| {mem['check']['lam']:.5g} / {mem['check_mb3']['lam']:.5g} / {mem['check_fd']['lam']:.5g} / {mem['pyhessian']['lam']:.5g} |"
         )
         print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
         Path(__file__).with_name("scale_raw.json").write_text(json.dumps(raw, indent=1, default=str))
@@ -396,14 +396,14 @@ def main() -> None:
         "HVP columns: double backward (sharpguard `auto`) / sharpguard finite differences / PyHessian, on a "
         "probe of two half batches, eval mode. Check: `hessian_eigenvalues(k=1)` defaults (tol 1e-4, basis of "
         "6 vectors) with max_iter=20 (the basis is full after 6 products, so the peak is the defaults'), "
-        "its extra peak over the training step's (forward, backward, AdamW step); *2 micro-batches* the same with "
-        "`micro_batches=2` (the monitors' default since issue 13: no cached graph, half the graph memory); *fd* the same with "
+        "its extra peak over the training step's (forward, backward, AdamW step); *3 micro-batches* the same with "
+        "`micro_batches=3` (the monitors' default since issue 13: no cached graph, a third of the graph memory); *fd* the same with "
         "`hvp=\"finite_difference\"`; PyHessian `eigenvalues(top_n=1, maxIter=20)` (tol 1e-3). "
         "The monitor's RSS-over-300-steps column is measured by benchmarks/monitor_overhead.py."),
         "",
         ("| model | params | SAM step / 2 plain (ours / peer) | SAM extra mem / param bytes (ours / peer) "
-         "| HVP / fwd+bwd (autograd / fd / PyHessian) | train step extra peak, time | check | check, 2 micro-batches "
-         "| check fd | PyHessian check | lambda_max (ours / 2 micro-batches / fd / PyHessian) |"),
+         "| HVP / fwd+bwd (autograd / fd / PyHessian) | train step extra peak, time | check | check, 3 micro-batches "
+         "| check fd | PyHessian check | lambda_max (ours / 3 micro-batches / fd / PyHessian) |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]

@@ -78,11 +78,12 @@ class SharpnessMonitor(Monitor):
     Extra keyword arguments for a measure go in ``measure_kwargs``, e.g.
     ``measure_kwargs={"lambda_max": {"tol": 1e-3, "max_iter": 20}, "trace": {"n_hvp": 30}}``.
 
-    ``micro_batches`` (default 2): the Hessian-vector products run each probe batch as that many
-    micro-batches, so a check's extra peak memory stays within about twice a training step's on the
-    same batch (the double-backward graph of a whole batch is ~2.4x its activations; measured in
-    benchmarks/RESULTS.md, "Scale"). ``micro_batches=1`` keeps a single batch's graph cached between
-    products instead: about 30% faster, at ~3-4x a training step's memory. A probe batch that cannot be
+    ``micro_batches`` (default 3): the Hessian-vector products run each probe batch as that many
+    micro-batches, so the double-backward graph (~2.4x a whole batch's activations) holds a third of
+    them: a check's extra peak was 1.4-1.7x a training step's on the GPT-2 decoders up to 5.2M parameters
+    and the CNN of benchmarks/RESULTS.md ("Scale"), 2.2x at 10.2M, where the model-size vectors of the
+    Lanczos basis and the product, not activations, dominate. ``micro_batches=1`` keeps a single batch's
+    graph cached between products instead: faster, at ~3-4x a training step's memory. A probe batch that cannot be
     split (a per-example tensor that is not batch-first) is measured whole, and the monitor says so once.
     Every check also logs ``monitor/n_hvp`` (Hessian-vector products spent) and
     ``monitor/overhead_pct``. Default alerts: :func:`~sharpguard.monitor.default_sharpness_alerts`.
@@ -100,7 +101,7 @@ class SharpnessMonitor(Monitor):
         rho: float = 0.05,
         measure_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
         warm_start: bool = True,
-        micro_batches: int = 2,
+        micro_batches: int = 3,
         **kwargs: Any,
     ) -> None:
         check_keywords("SharpnessMonitor", kwargs, keywords_of(Monitor.__init__) + keywords_of(SharpnessMonitor.__init__))
