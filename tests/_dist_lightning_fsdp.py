@@ -13,20 +13,9 @@ from torch import nn
 
 from sharpguard.integrations.lightning import SharpnessAwareMinimization
 
-STEPS, ACCUM, LR, BATCH = 2, 2, 0.1, 8
-VARIANTS = ("sam", "asam")
+from _fsdp_case import ACCUM, BATCH, LR, STEPS, VARIANTS, make_net, rank_batch
+
 REFUSED = {"gam": {}, "bsam": {"num_data": STEPS * ACCUM * BATCH * 2}, "looksam": {}}  # variant: its own knobs
-
-
-def make_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
-
-
-def rank_batch(micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Micro-batch ``micro`` (0 .. STEPS * ACCUM - 1) of rank ``rank``."""
-    g = torch.Generator().manual_seed(100 * micro + rank)
-    return torch.randn(BATCH, 6, generator=g), torch.randint(0, 3, (BATCH,), generator=g)
 
 
 class LitFSDP2(pl.LightningModule):

@@ -10,7 +10,9 @@ Lightning 2.6; docs/gpu.md, "FSDP"):
 * Accelerate (``FullyShardedDataParallelPlugin(fsdp_version=2)``) and the HF Trainer
   (``fsdp_config={"fsdp_version": 2}``) silently fall back to DDP on CPU: Accelerate only selects
   ``DistributedType.FSDP`` for GPU-like devices. The tests pin that fallback and that SAM then follows
-  it (per-worker SAM, the DDP semantics); the sharded path of those adapters needs the GPU check.
+  it (per-worker SAM, the DDP semantics). What of their FSDP2 path CPU can run without them is run
+  at the engine level: accumulation and replays under FSDP2's ``no_sync`` as Accelerate implements it
+  (``set_requires_gradient_sync``). The adapters' own FSDP path needs the GPU check.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def lightning_fsdp2(tmp_path_factory):
 def unsharded_reference(variant: str) -> list[torch.Tensor]:
     """Unsharded SAM on the union of both ranks' micro-batches, as FSDP2 averages them (the mean over
     ranks of each rank's per-micro-batch mean loss, divided by the accumulation)."""
-    from _dist_lightning_fsdp import ACCUM, LR, STEPS, make_net, rank_batch
+    from _fsdp_case import ACCUM, LR, STEPS, make_net, rank_batch
 
     from sharpguard.optim import make_sam
 
@@ -43,7 +45,7 @@ def unsharded_reference(variant: str) -> list[torch.Tensor]:
     for step in range(STEPS):
         micro = [rank_batch(step * ACCUM + a, r) for r in range(2) for a in range(ACCUM)]
 
-        def closure():
+        def closure(micro=micro):
             for x, y in micro:
                 (nn.functional.cross_entropy(net(x), y) / (2 * ACCUM)).backward()
 
@@ -54,7 +56,7 @@ def unsharded_reference(variant: str) -> list[torch.Tensor]:
 
 def per_worker_reference() -> list[torch.Tensor]:
     """The wrong answer for sharded SAM: each rank perturbs along its own gradient (DDP's m-sharpness)."""
-    from _dist_lightning_fsdp import ACCUM, LR, STEPS, make_net, rank_batch
+    from _fsdp_case import ACCUM, LR, STEPS, make_net, rank_batch
 
     net = make_net()
     params = list(net.parameters())
@@ -65,7 +67,7 @@ def per_worker_reference() -> list[torch.Tensor]:
         for r in range(2):
             micro = [rank_batch(step * ACCUM + a, r) for a in range(ACCUM)]
 
-            def loss():
+            def loss(micro=micro):
                 return sum(nn.functional.cross_entropy(net(x), y) for x, y in micro) / ACCUM
 
             g = torch.autograd.grad(loss(), params)
@@ -88,7 +90,7 @@ def per_worker_reference() -> list[torch.Tensor]:
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_lightning_model_parallel_fsdp2_sam_and_asam_equal_unsharded_sam(lightning_fsdp2):
-    from _dist_lightning_fsdp import STEPS, VARIANTS, make_net
+    from _fsdp_case import STEPS, VARIANTS, make_net
 
     start = [p.detach() for p in make_net().parameters()]
     for rank in lightning_fsdp2:
@@ -129,6 +131,71 @@ def test_lightning_fsdp1_strategy_refuses_a_cpu_accelerator():
 
 
 # ------------------------------------------------------------------------------- Accelerate, HF Trainer
+def _accelerate_style_worker(rank, port, out):
+    """What the Accelerate adapter does under FSDP2, without Accelerate (which will not pick FSDP on
+    CPU): accumulation and the replays of all but the last micro-batch under Accelerate's FSDP2
+    ``no_sync`` (``set_requires_gradient_sync(False)``, accelerate/accelerator.py ``no_sync``), so the
+    gradient is reduce-scattered once per pass, from the unsharded accumulation."""
+    import contextlib
+
+    from _fsdp_case import ACCUM, LR, STEPS, VARIANTS, make_net, rank_batch
+    from _distributed import process_group
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from sharpguard.optim import SAMConfig, SAMEngine
+
+    with process_group(rank, 2, port):
+        mesh = init_device_mesh("cpu", (2,))
+        for variant in VARIANTS:
+            net = make_net()
+            for layer in net:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(net, mesh=mesh)
+
+            @contextlib.contextmanager
+            def no_sync(net=net):
+                net.set_requires_gradient_sync(False)
+                try:
+                    yield
+                finally:
+                    net.set_requires_gradient_sync(True)
+
+            opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
+            engine = SAMEngine(SAMConfig(variant=variant).build(opt, sharded=True), sharded=True)
+            for step in range(STEPS):
+                for a in range(ACCUM):
+                    x, y = rank_batch(step * ACCUM + a, rank)
+
+                    def replay(x=x, y=y, net=net):
+                        (nn.functional.cross_entropy(net(x), y) / ACCUM).backward()
+
+                    engine.record(replay)
+                    with no_sync() if a < ACCUM - 1 else contextlib.nullcontext():
+                        replay()
+                engine.finish(no_sync=no_sync)
+                opt.step()
+                opt.zero_grad()
+            full = [p.full_tensor().detach().clone() for p in net.parameters()]
+            if rank == 0:
+                torch.save(full, f"{out}/{variant}.pt")
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+def test_fsdp2_no_sync_accumulation_as_accelerate_runs_it_equals_unsharded_sam(tmp_path):
+    from _fsdp_case import VARIANTS
+    from _distributed import spawn
+
+    spawn(_accelerate_style_worker, str(tmp_path), nprocs=2)
+    for variant in VARIANTS:
+        got, want = torch.load(tmp_path / f"{variant}.pt", weights_only=True), unsharded_reference(variant)
+        assert len(got) == len(want) > 0
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=variant)
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(240)
 def test_accelerate_fsdp2_plugin_on_cpu_falls_back_to_ddp_and_sam_follows(tmp_path, monkeypatch):

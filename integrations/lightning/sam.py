@@ -76,7 +76,9 @@ class SharpnessAwareMinimization(Callback):
         * ``16-mixed``: the replayed losses are scaled by the GradScaler's scale and unscaled after; a
           non-finite clean gradient is left for ``scaler.step`` to skip, a non-finite perturbed one falls
           back to the clean gradient -- the same policy as every other front end;
-        * FSDP: SAM and ASAM with the norm all-reduced across shards; DeepSpeed is refused;
+        * FSDP (``FSDPStrategy``, or FSDP2: ``fully_shard`` in ``configure_model`` under
+          ``ModelParallelStrategy``): SAM and ASAM with the norm all-reduced across shards, the other
+          variants refused when the fit starts; DeepSpeed is refused;
         * ``training_step`` runs twice per micro-batch; ``self.log`` is silenced in the replay, but other
           side effects of ``training_step`` (e.g. a torchmetrics ``update``) happen twice;
           ``on_before_backward``/``on_after_backward`` hooks are not called for the replay.
