@@ -3,7 +3,8 @@
 Each rank holds its slice of every parameter and its own probe batches; ``hessian_eigenvalues`` must
 give the top eigenvalues of the exact dense Hessian of the probe loss over the union of both ranks'
 batches (computed on an unsharded copy in float64), with the Krylov vectors held as slices; eos_ratio the
-same for SGD and, from the sharded Adam state, the unsharded preconditioned value. Measures
+same for SGD and, from the sharded Adam state, the unsharded preconditioned value; Hutch++ the exact trace
+when its sketch spans every direction. Measures
 that cannot reach sharded parameters refuse them instead of reporting a zero curvature.
 """
 
@@ -63,7 +64,7 @@ def _worker(rank, port, world, out):
     from torch.distributed.fsdp import fully_shard
 
     from sharpguard.errors import ConfigurationError
-    from sharpguard.sharpness import eos_ratio, hessian_eigenvalues, hessian_trace
+    from sharpguard.sharpness import eos_ratio, hessian_eigenvalues, hessian_trace, worst_case_sharpness
 
     with process_group(rank, world, port):
         mesh = init_device_mesh("cpu", (world,))
@@ -78,9 +79,11 @@ def _worker(rank, port, world, out):
         two = hessian_eigenvalues(net, batch, k=1, tol=1e-9, max_iter=80, micro_batches=2)
         refused = []
         try:
-            hessian_trace(net, batch)
+            worst_case_sharpness(net, batch)
         except ConfigurationError as exc:
             refused.append(str(exc))
+        # Hutch++ with more sketch vectors than parameters: Q spans everything, the trace is exact
+        trace = hessian_trace(net, batch, n_hvp=3 * 70)  # 70 sketch vectors, 66 parameters
         try:
             hessian_eigenvalues(net, batch, hvp="autograd")
         except ConfigurationError as exc:
@@ -100,6 +103,7 @@ def _worker(rank, port, world, out):
             "eigenvalues": res.eigenvalues, "residuals": res.residuals, "converged": res.converged,
             "n_params": res.settings["n_params"], "sharded": res.settings["sharded"], "method": res.hvp_method,
             "slice": int(res.eigenvectors[0].numel()), "two": two.eigenvalues, "refused": refused,
+            "trace": (trace.trace, trace.settings["sharded"], trace.settings["n_params"]),
             "unchanged": unchanged, "monitor": metrics.get("sharpness/lambda_max"),
             "monitor_said": [str(w.message) for w in caught], "sgd_eos": (sgd_eos.lambda_max, sgd_eos.ratio),
         }
@@ -125,8 +129,10 @@ def test_lambda_max_of_an_fsdp2_model_is_the_dense_hessians_of_the_union():
     # finite differences of float64 gradients: ~1e-7 relative
     torch.testing.assert_close(torch.tensor(r0["eigenvalues"]), torch.tensor(expected), rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(torch.tensor(r0["two"][0]), torch.tensor(expected[0]), rtol=1e-6, atol=1e-8)
+    assert r0["trace"] == r1["trace"] and r0["trace"][1] and r0["trace"][2] == H.shape[0]
+    assert r0["trace"][0] == pytest.approx(float(torch.trace(H)), rel=1e-6)
     assert len(r0["refused"]) == 2
-    assert "sharded" in r0["refused"][0] and "hessian_eigenvalues" in r0["refused"][0]
+    assert "sharded" in r0["refused"][0] and "hessian_trace" in r0["refused"][0]
     assert "finite_difference" in r0["refused"][1]
     assert r0["unchanged"] and r1["unchanged"]
     assert r0["monitor"] == r1["monitor"] and abs(r0["monitor"] - expected[0]) <= 1e-6 * abs(expected[0])

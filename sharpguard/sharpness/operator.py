@@ -118,8 +118,8 @@ class ProbeLoss:
             # autograd.grad returns None for FSDP's sharded parameters: measured here, the curvature would be 0
             raise ConfigurationError(
                 "the model is sharded (FSDP2 DTensor parameters): this measure's gradients cannot reach them; "
-                "hessian_eigenvalues and eos_ratio (and the SharpnessMonitor's lambda_max and eos_ratio) support "
-                "sharded models (finite differences of FSDP's own gradients), the other measures do not yet."
+                "hessian_eigenvalues, eos_ratio and hessian_trace (and the SharpnessMonitor's lambda_max, eos_ratio "
+                "and trace) support sharded models (finite differences of FSDP's own gradients); the others do not yet."
             )
         self.batches = [_detach_inference(b) for b in as_batches(batches)]
         self.params = trainable_parameters(model)
