@@ -3,8 +3,8 @@ tests/test_fsdp_frameworks.py through torchrun; ``SHARPGUARD_TEST_FRAMEWORK`` = 
 
 On CPU, Accelerate never selects ``DistributedType.FSDP`` (accelerate/state.py sets it only inside the
 branch for GPU-like distributed types, not ``MULTI_CPU``): the model is wrapped in DDP and the FSDP
-settings are dropped without a word. Each rank records what Accelerate chose, what the SAM engine made
-of it, the micro-batches it trained on and its final weights.
+settings are dropped without a word; sharpguard says it. Each rank records what Accelerate chose, what the
+SAM engine made of it, the warnings, the micro-batches it trained on and its final weights.
 """
 
 import gc
@@ -85,8 +85,13 @@ def hf_run(out: str) -> dict:
 
 
 def main(out: str) -> None:
+    import warnings
+
     framework = os.environ["SHARPGUARD_TEST_FRAMEWORK"]
-    result = accelerate_run() if framework == "accelerate" else hf_run(out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = accelerate_run() if framework == "accelerate" else hf_run(out)
+    result["said"] = [str(w.message) for w in caught]
     torch.save(result, f"{out}/rank{torch.distributed.get_rank()}.pt")
     # leave the process group together, then skip interpreter teardown (see _dist_accelerate_sam.py)
     gc.collect()

@@ -204,6 +204,7 @@ def test_accelerate_fsdp2_plugin_on_cpu_falls_back_to_ddp_and_sam_follows(tmp_pa
     for rank in ranks:
         assert rank["distributed_type"] == "MULTI_CPU" and rank["wrapped"] == "DistributedDataParallel"
         assert rank["engine_sharded"] is False and rank["per_worker"] is True
+        assert any("FSDP was requested but Accelerate runs" in m for m in rank["said"])  # not silent
     assert len(ranks[0]["seen"]) == 4
     check_per_worker_sam(ranks, micro_per_step=2, lr=0.5, rho=0.2)
 
@@ -217,5 +218,6 @@ def test_hf_trainer_fsdp2_config_on_cpu_falls_back_to_ddp_and_sam_follows(tmp_pa
         assert rank["distributed_type"] == "MULTI_CPU" and rank["wrapped"] == "DistributedDataParallel"
         assert rank["is_fsdp_enabled"] is False
         assert rank["engine_sharded"] is False and rank["per_worker"] is True
+        assert any("FSDP was requested but Accelerate runs" in m for m in rank["said"])
     assert len(ranks[0]["seen"]) == 4
     check_per_worker_sam(ranks, micro_per_step=2, lr=0.5, rho=0.2)

@@ -377,3 +377,28 @@ def test_ddp_spawn_ranks_identical_and_attack_their_own_shard(tmp_path):
     # negative control: had both ranks drawn rank 0's random starts, rank 1's examples would differ
     _, same_generator = reference_ddp_pgd_at(lambda r: 0)
     assert not torch.allclose(result["seen"][1][0], same_generator[1][0])
+
+
+def test_gradient_replacing_callbacks_refuse_fsdp2_under_a_strategy_whose_name_does_not_say_fsdp():
+    """FSDP2 under Lightning is ``fully_shard`` in ``configure_model`` with ``ModelParallelStrategy``: the
+    refusal looks at the modules (``FSDPModule``), not only at the strategy's name."""
+    import types
+
+    from torch.distributed.fsdp import FSDPModule
+
+    from sharpguard.errors import ConfigurationError
+    from sharpguard.integrations.lightning._hooks import _refuse_unsupported
+
+    class ShardedLinear(FSDPModule, torch.nn.Linear):  # what fully_shard makes of a module's class
+        pass
+
+    class ModelParallelStrategy:
+        pass
+
+    trainer = types.SimpleNamespace(strategy=ModelParallelStrategy())
+    sharded = types.SimpleNamespace(modules=lambda: [object.__new__(ShardedLinear)], automatic_optimization=True)
+    plain = types.SimpleNamespace(modules=lambda: [torch.nn.Linear(2, 2)], automatic_optimization=True)
+    with pytest.raises(ConfigurationError, match="does not support FSDP"):
+        _refuse_unsupported(trainer, sharded, "AdversarialTraining")
+    _refuse_unsupported(trainer, plain, "AdversarialTraining")  # a replicated model is fine
+    _refuse_unsupported(trainer, sharded, "SharpnessAwareMinimization", allow_fsdp=True)

@@ -8,6 +8,8 @@ The algorithm, its defaults and its fault policy live in :mod:`sharpguard.optim`
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -43,6 +45,15 @@ def build_engine(accelerator: Any, optimizer: Any, model: nn.Module, config: SAM
     """The SAM engine for an Accelerate-prepared model and optimizer (also what the HF Trainer uses)."""
     check_distributed_type(accelerator)
     sharded = accelerator.distributed_type == DistributedType.FSDP
+    if not sharded and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # Accelerate drops the FSDP settings without a word where it cannot shard (a CPU: MULTI_CPU wraps the
+        # model in DDP); SAM follows what runs, and says so rather than pretend the shards exist
+        warnings.warn(
+            f"FSDP was requested but Accelerate runs {accelerator.distributed_type.value} (it shards only on GPU-like "
+            "devices), so SAM runs as under that: per-worker perturbations on full replicas.",
+            UserWarning,
+            stacklevel=2,
+        )
     sam = config.build(unwrap_optimizer(optimizer), model=accelerator.unwrap_model(model), sharded=sharded)
     return SAMEngine(sam, sharded=sharded)
 

@@ -22,6 +22,19 @@ def _is_parallel(strategy: Any) -> bool:
     return isinstance(strategy, pl.strategies.ParallelStrategy)
 
 
+def _sharded(trainer: Any, pl_module: Any) -> bool:
+    """Whether the gradients are FSDP shards: ``FSDPStrategy`` (FSDP1), or FSDP2 -- ``fully_shard``
+    applied in ``configure_model`` under ``ModelParallelStrategy``, whose name does not say FSDP
+    (its parameters are DTensors, which the unsharded variants cannot perturb)."""
+    if "FSDP" in type(trainer.strategy).__name__:
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in pl_module.modules())
+
+
 def _refuse_unsupported(trainer: Any, pl_module: Any, who: str, *, allow_fsdp: bool = False) -> None:
     """Raise before training starts for setups a gradient-replacing callback cannot support."""
     name = type(trainer.strategy).__name__
@@ -31,7 +44,7 @@ def _refuse_unsupported(trainer: Any, pl_module: Any, who: str, *, allow_fsdp: b
             "gradient as it reduces it), so nothing can run between the gradient and the update; use "
             "strategy='ddp' or 'fsdp'."
         )
-    if "FSDP" in name and not allow_fsdp:
+    if not allow_fsdp and _sharded(trainer, pl_module):
         raise ConfigurationError(
             f"{who} does not support FSDP (it replaces the gradient of sharded parameters); use DDP."
         )

@@ -26,25 +26,13 @@ from ._hooks import (
     _is_parallel,
     _loss_of,
     _refuse_unsupported,
+    _sharded,
     _sam_replay,
     _step_args,
     _stepping,
 )
 
 __all__ = ["SharpnessAwareMinimization"]
-
-
-def _sharded(trainer: Any, pl_module: Any) -> bool:
-    """Whether the gradients are FSDP shards: ``FSDPStrategy`` (FSDP1), or FSDP2 -- ``fully_shard``
-    applied in ``configure_model`` under ``ModelParallelStrategy``, whose name does not say FSDP
-    (its parameters are DTensors, which the unsharded variants cannot perturb)."""
-    if "FSDP" in type(trainer.strategy).__name__:
-        return True
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        return False
-    return any(isinstance(m, FSDPModule) for m in pl_module.modules())
 
 
 class SharpnessAwareMinimization(Callback):
