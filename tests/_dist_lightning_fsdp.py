@@ -47,13 +47,14 @@ class LitFSDP2(pl.LightningModule):
         return torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=False)
 
 
-def trainer(callback: pl.Callback) -> pl.Trainer:
+def trainer(callback: pl.Callback | list) -> pl.Trainer:
     from pytorch_lightning.strategies import ModelParallelStrategy
 
     return pl.Trainer(
         accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
         max_steps=STEPS, accumulate_grad_batches=ACCUM, use_distributed_sampler=False, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=callback if isinstance(callback, list) else [callback],
     )
 
 
@@ -72,6 +73,27 @@ def main(out: str) -> None:
         result["engine_sharded"] = sam.engine.sharded
         result["n_steps_" + variant] = sam.n_steps
         result[variant] = [p.full_tensor().detach().clone() for p in params]
+    # SAM with the default SharpnessMonitor (lambda_max + eos_ratio, the module's training_step as the probe
+    # loss) on the sharded model: each check's values, the probe each rank captured, and the weights (which
+    # must be the unmonitored SAM run's: a check changes nothing)
+    from sharpguard.integrations.lightning import SharpnessMonitor
+
+    lit, sam = LitFSDP2(), SharpnessAwareMinimization(variant="sam")
+    monitor = SharpnessMonitor(every_n_steps=1, measure_kwargs={"lambda_max": {"tol": 1e-9, "max_iter": 80},
+                                                               "eos_ratio": {"tol": 1e-9, "max_iter": 80}})
+    seen: list = []
+    original = monitor.monitor._measure
+
+    def recording(model, batches, optimizer, batch):
+        metrics, settings = original(model, batches, optimizer, batch)
+        seen.append({k: float(v) for k, v in metrics.items()})
+        return metrics, settings
+
+    monitor.monitor._measure = recording
+    trainer([sam, monitor]).fit(lit)
+    result["monitored"] = [p.full_tensor().detach().clone() for p in lit.parameters()]
+    result["checks"] = seen
+    result["probe"] = [tuple(t.clone() for t in b) for b in monitor.monitor.probe.batches]
     for variant, knobs in REFUSED.items():
         t = trainer(SharpnessAwareMinimization(variant=variant, **knobs))
         try:

@@ -110,6 +110,70 @@ def test_lightning_model_parallel_fsdp2_sam_and_asam_equal_unsharded_sam(lightni
     assert any(not torch.allclose(g, w, rtol=1e-5, atol=1e-6) for g, w in zip(lightning_fsdp2[0]["sam"], wrong))
 
 
+def _sam_weights_after_each_step() -> list[list[torch.Tensor]]:
+    """The unsharded SAM reference's weights after each optimizer step."""
+    from _fsdp_case import ACCUM, LR, STEPS, make_net, rank_batch
+
+    from sharpguard.optim import make_sam
+
+    net = make_net()
+    opt = make_sam(torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9), "sam")
+    out = []
+    for step in range(STEPS):
+        micro = [rank_batch(step * ACCUM + a, r) for r in range(2) for a in range(ACCUM)]
+
+        def closure(micro=micro):
+            for x, y in micro:
+                (nn.functional.cross_entropy(net(x), y) / (2 * ACCUM)).backward()
+
+        opt.zero_grad()
+        opt.step(closure)
+        out.append([p.detach().clone() for p in net.parameters()])
+    return out
+
+
+def _dense_lambda_max(weights: list[torch.Tensor], batches: list) -> float:
+    """The top eigenvalue of the exact Hessian of the example-mean loss over ``batches`` (float64)."""
+    from _fsdp_case import make_net
+
+    net = make_net().double()
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [w.shape for w in weights]
+    x = torch.cat([b[0] for b in batches]).double()
+    y = torch.cat([b[1] for b in batches])
+
+    def loss(flat):
+        chunks = torch.split(flat, [s.numel() for s in shapes])
+        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
+        return nn.functional.cross_entropy(torch.func.functional_call(net, params, (x,)), y)
+
+    w = torch.cat([t.double().reshape(-1) for t in weights])
+    return float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, w))[-1])
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_lightning_fsdp2_sharpness_monitor_measures_the_union_and_changes_nothing(lightning_fsdp2):
+    """The default SharpnessMonitor beside SAM under ModelParallelStrategy: every check's lambda_max is
+    the dense Hessian's of the union of the probes the two ranks captured, at that step's weights (the
+    unsharded reference trajectory), the same on both ranks, eos_ratio is SGD's, and the monitored run
+    trains to the unmonitored run's weights bitwise."""
+    from _fsdp_case import LR, STEPS
+
+    r0, r1 = lightning_fsdp2
+    assert len(r0["checks"]) == len(r1["checks"]) == STEPS
+    assert r0["checks"] == r1["checks"]
+    for got, want in zip(r0["monitored"], r0["sam"]):
+        assert torch.equal(got, want)
+    probe = r0["probe"] + r1["probe"]
+    for check, weights in zip(r0["checks"], _sam_weights_after_each_step()):
+        lam = _dense_lambda_max(weights, probe)
+        assert check["sharpness/lambda_max"] == pytest.approx(lam, rel=1e-4)
+        assert check["sharpness/eos_ratio"] == pytest.approx(lam / ((2 + 2 * 0.9) / LR), rel=1e-4)
+        # the check tells the union from one rank's probe
+        assert abs(_dense_lambda_max(weights, r0["probe"]) - lam) > 1e-3 * lam
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_lightning_model_parallel_fsdp2_refuses_the_unsharded_variants(lightning_fsdp2):
