@@ -473,14 +473,17 @@ class HVPOperator(ProbeLoss):
             if not pairs:
                 continue
             try:
-                hv = torch.autograd.grad(
+                hv = list(torch.autograd.grad(
                     [g for g, _ in pairs], self.params, grad_outputs=[vs[j] for _, j in pairs],
                     allow_unused=True, retain_graph=cache,
-                )
+                ))
             except (RuntimeError, NotImplementedError) as exc:
                 raise _DoubleBackwardError(str(exc)) from exc
             self.n_backward += 1
-            self._accumulate(out, list(hv), w)
+            self._accumulate(out, hv, w)  # empties hv as it adds
+            # this micro-batch's gradient (a parameter-sized copy) must not live on through the next one's
+            # forward and backward: that held two extra parameter copies at the peak of every later slice
+            del pairs
         return self._all_reduce(out)
 
     def _accumulate(self, out: torch.Tensor, pieces: list[torch.Tensor | None], weight: float) -> None:
