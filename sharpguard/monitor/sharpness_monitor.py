@@ -80,9 +80,9 @@ class SharpnessMonitor(Monitor):
 
     ``micro_batches`` (default 3): the Hessian-vector products run each probe batch as that many
     micro-batches, so the double-backward graph (~2.4x a whole batch's activations) holds a third of
-    them: a check's extra peak was 1.4-1.7x a training step's on the GPT-2 decoders up to 5.2M parameters
-    and the CNN of benchmarks/RESULTS.md ("Scale"), 2.2x at 10.2M, where the model-size vectors of the
-    Lanczos basis and the product, not activations, dominate. ``micro_batches=1`` keeps a single batch's
+    them: a check's extra peak was 1.35-1.65x a training step's on the GPT-2 decoders up to 5.2M
+    parameters and the CNN of benchmarks/RESULTS.md ("Scale"), 2.17x at 10.2M, where the model-size
+    vectors of the Lanczos basis and the product, not activations, dominate. ``micro_batches=1`` keeps a single batch's
     graph cached between products instead: faster, at ~3-4x a training step's memory. A probe batch that cannot be
     split (a per-example tensor that is not batch-first) is measured whole, and the monitor says so once.
     Every check also logs ``monitor/n_hvp`` (Hessian-vector products spent) and

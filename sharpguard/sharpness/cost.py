@@ -27,11 +27,11 @@ __all__ = ["CheckCost", "SamCost", "check_passes_per_hvp", "estimate_check_cost"
 
 # Fitted on benchmarks/scale.py (docs/cost_model.md, "Fit"): graph memory over the training step's
 # activations, model-size vectors besides the basis, and one product's time in forward+backward passes.
-# Least squares over the four models of the "Scale" table (2026-12-01, second fit): for exact products
-# jointly over whole batches and 3 micro-batches, relative error of the peak -11%..+14%; finite
-# differences -21%..+17%; product time 2.0-3.7 (exact) and 1.2-2.1 (finite differences) passes.
-GRAPH_FACTOR = {"autograd": 2.69, "finite_difference": 1.09}
-EXTRA_VECTORS = {"autograd": 11.8, "finite_difference": 8.6}
+# Least squares over the four models of the "Scale" table (2026-12-02, third fit): for exact products
+# jointly over whole batches and 3 micro-batches, relative error of the peak -10%..+15%; finite
+# differences -11%..+5%; product time 3.0-3.7 (exact) and 1.9-2.2 (finite differences) passes.
+GRAPH_FACTOR = {"autograd": 2.89, "finite_difference": 1.21}
+EXTRA_VECTORS = {"autograd": 10.3, "finite_difference": 7.5}
 HVP_PASSES = {"autograd": 3.2, "finite_difference": 2.0}
 # A product on a single-batch probe whose gradient graph stays cached (HVPOperator's default for one batch,
 # one micro-batch) costs one double backward: 2.2-2.4 forward+backward passes in the same table.
