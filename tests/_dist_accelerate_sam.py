@@ -4,6 +4,7 @@ tests/test_accelerate_distributed.py through torchrun)."""
 import sys
 
 import torch
+from _distributed import exit_torchrun_worker
 from _tiny_text import FirstTokenTask, tiny_bert
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
@@ -32,18 +33,7 @@ def main(out: str) -> None:
             optimizer.zero_grad()
     params = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).named_parameters()}
     torch.save({"seen": seen, "params": params}, f"{out}/rank{accelerator.process_index}.pt")
-    # leave the process group cleanly: an exit with a live gloo group can abort under load
-    import gc
-    import os
-
-    gc.collect()  # DDP reducers sit in reference cycles: free them before the group goes
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    # the results are on disk; skip interpreter teardown, where a gloo/DDP thread destructor can
-    # abort the process ('terminate called without an active exception') under load
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_torchrun_worker()
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ settings are dropped without a word; sharpguard says it. Each rank records what 
 SAM engine made of it, the warnings, the micro-batches it trained on and its final weights.
 """
 
-import gc
 import os
 import sys
 
 import torch
+from _distributed import exit_torchrun_worker
 from _tiny_text import FirstTokenTask, tiny_bert
 
 
@@ -93,13 +93,7 @@ def main(out: str) -> None:
         result = accelerate_run() if framework == "accelerate" else hf_run(out)
     result["said"] = [str(w.message) for w in caught]
     torch.save(result, f"{out}/rank{torch.distributed.get_rank()}.pt")
-    # leave the process group together, then skip interpreter teardown (see _dist_accelerate_sam.py)
-    gc.collect()
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_torchrun_worker()
 
 
 if __name__ == "__main__":

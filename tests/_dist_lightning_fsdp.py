@@ -13,6 +13,7 @@ from torch import nn
 
 from sharpguard.integrations.lightning import SharpnessAwareMinimization
 
+from _distributed import exit_torchrun_worker
 from _fsdp_case import ACCUM, BATCH, LR, STEPS, VARIANTS, make_net, rank_batch
 
 REFUSED = {"gam": {}, "bsam": {"num_data": STEPS * ACCUM * BATCH * 2}, "looksam": {}}  # variant: its own knobs
@@ -104,15 +105,7 @@ def main(out: str) -> None:
             result["refused"][variant] = "no error"
     rank = torch.distributed.get_rank()
     torch.save(result, f"{out}/rank{rank}.pt")
-    import gc
-    import os
-
-    gc.collect()
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_torchrun_worker()
 
 
 if __name__ == "__main__":

@@ -45,6 +45,25 @@ def process_group(rank: int, world_size: int, port: int) -> Iterator[None]:
     dist.destroy_process_group()
 
 
+def exit_torchrun_worker() -> None:
+    """End a torchrun worker whose results are on disk: leave the process group together with the other
+    ranks, then skip interpreter teardown.
+
+    DDP reducers sit in reference cycles (collected first); an exit with a live gloo group, or a gloo/DDP
+    thread destructor run at interpreter teardown, can abort the process under load ('terminate called
+    without an active exception') after the work has passed.
+    """
+    import os
+    import sys
+
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def spawn(worker: Callable[..., Any], *args: Any, nprocs: int = 2) -> None:
     """Run ``worker(rank, port, *args)`` in ``nprocs`` processes and wait for all of them."""
     mp.spawn(worker, args=(free_port(), *args), nprocs=nprocs, join=True)

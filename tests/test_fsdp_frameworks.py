@@ -33,15 +33,17 @@ def lightning_fsdp2(tmp_path_factory):
     return torchrun("_dist_lightning_fsdp.py", tmp_path_factory.mktemp("lightning_fsdp2"), timeout=240)
 
 
-def unsharded_reference(variant: str) -> list[torch.Tensor]:
+def unsharded_trajectory(variant: str) -> list[list[torch.Tensor]]:
     """Unsharded SAM on the union of both ranks' micro-batches, as FSDP2 averages them (the mean over
-    ranks of each rank's per-micro-batch mean loss, divided by the accumulation)."""
+    ranks of each rank's per-micro-batch mean loss, divided by the accumulation): the weights after each
+    optimizer step."""
     from _fsdp_case import ACCUM, LR, STEPS, make_net, rank_batch
 
     from sharpguard.optim import make_sam
 
     net = make_net()
     opt = make_sam(torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9), variant)
+    out = []
     for step in range(STEPS):
         micro = [rank_batch(step * ACCUM + a, r) for r in range(2) for a in range(ACCUM)]
 
@@ -51,7 +53,13 @@ def unsharded_reference(variant: str) -> list[torch.Tensor]:
 
         opt.zero_grad()
         opt.step(closure)
-    return [p.detach() for p in net.parameters()]
+        out.append([p.detach().clone() for p in net.parameters()])
+    return out
+
+
+def unsharded_reference(variant: str) -> list[torch.Tensor]:
+    """The unsharded SAM reference's final weights."""
+    return unsharded_trajectory(variant)[-1]
 
 
 def per_worker_reference() -> list[torch.Tensor]:
@@ -110,28 +118,6 @@ def test_lightning_model_parallel_fsdp2_sam_and_asam_equal_unsharded_sam(lightni
     assert any(not torch.allclose(g, w, rtol=1e-5, atol=1e-6) for g, w in zip(lightning_fsdp2[0]["sam"], wrong))
 
 
-def _sam_weights_after_each_step() -> list[list[torch.Tensor]]:
-    """The unsharded SAM reference's weights after each optimizer step."""
-    from _fsdp_case import ACCUM, LR, STEPS, make_net, rank_batch
-
-    from sharpguard.optim import make_sam
-
-    net = make_net()
-    opt = make_sam(torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9), "sam")
-    out = []
-    for step in range(STEPS):
-        micro = [rank_batch(step * ACCUM + a, r) for r in range(2) for a in range(ACCUM)]
-
-        def closure(micro=micro):
-            for x, y in micro:
-                (nn.functional.cross_entropy(net(x), y) / (2 * ACCUM)).backward()
-
-        opt.zero_grad()
-        opt.step(closure)
-        out.append([p.detach().clone() for p in net.parameters()])
-    return out
-
-
 def _dense_lambda_max(weights: list[torch.Tensor], batches: list) -> float:
     """The top eigenvalue of the exact Hessian of the example-mean loss over ``batches`` (float64)."""
     from _fsdp_case import make_net
@@ -166,7 +152,7 @@ def test_lightning_fsdp2_sharpness_monitor_measures_the_union_and_changes_nothin
     for got, want in zip(r0["monitored"], r0["sam"]):
         assert torch.equal(got, want)
     probe = r0["probe"] + r1["probe"]
-    for check, weights in zip(r0["checks"], _sam_weights_after_each_step()):
+    for check, weights in zip(r0["checks"], unsharded_trajectory("sam")):
         lam = _dense_lambda_max(weights, probe)
         assert check["sharpness/lambda_max"] == pytest.approx(lam, rel=1e-4)
         assert check["sharpness/eos_ratio"] == pytest.approx(lam / ((2 + 2 * 0.9) / LR), rel=1e-4)
