@@ -20,6 +20,19 @@ def _deterministic():
     yield
 
 
+@pytest.fixture
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons (AcceleratorState, GradientState); give a test its own.
+    Modules that build Accelerators in every test use it through ``pytestmark``."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface, for a gloo rendezvous."""
     with socket.socket() as s:

@@ -12,7 +12,6 @@ import transformers  # noqa: F401
 
 from _tiny_text import FirstTokenTask, params_of, sam_reference, tiny_bert  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
 
 from sharpguard.errors import ConfigurationError  # noqa: E402
@@ -23,14 +22,8 @@ from sharpguard.integrations.accelerate import (  # noqa: E402
 )
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; give each test its own."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+# Accelerate keeps process-wide singletons: every test here gets its own (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("_fresh_accelerate_state")
 
 
 def _loop(accelerator, model, loader, optimizer, sam, n_micro, loss_log=None):

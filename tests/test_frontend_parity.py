@@ -166,15 +166,8 @@ def run_accelerate(variant: str, net: Net, ga: int = GA, steps: int = STEPS, sca
             opt.zero_grad()
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+# Accelerate keeps process-wide singletons: every test here gets its own (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("_fresh_accelerate_state")
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:

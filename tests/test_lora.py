@@ -175,15 +175,8 @@ def run_lightning(model) -> None:
     trainer.fit(Lit(), loader)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+# Accelerate keeps process-wide singletons: every test here gets its own (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("_fresh_accelerate_state")
 
 
 def test_flat_lora_trains_the_same_adapters_in_plain_pytorch_hf_and_lightning(tmp_path):

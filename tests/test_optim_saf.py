@@ -432,16 +432,6 @@ def fe_accelerate(net, saf) -> None:
                 opt.zero_grad()
 
 
-@pytest.fixture
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
 
 def test_saf_with_sam_trains_to_the_same_weights_in_every_front_end(tmp_path, _fresh_accelerate_state):
     runs = {}
