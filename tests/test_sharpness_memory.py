@@ -110,6 +110,29 @@ def test_a_lambda_max_check_holds_a_bounded_number_of_model_size_vectors():
     assert abs(out["eigenvalues"][0] - 1.0) < 1e-3
 
 
+def test_a_check_holds_the_basis_and_the_product_and_nothing_else_model_sized():
+    """Counted inside the products of a real check (the loss function samples the live flat vectors):
+    at most ``max_basis`` Lanczos rows and the product's accumulator - the start vector is not kept
+    beside its normalized copy in the basis (it was, one model-size vector for the whole check)."""
+    model, batches = mlp_case()
+    batch = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    n = sum(p.numel() for p in model.parameters())
+    itemsize = next(model.parameters()).element_size()
+    counts: list[int] = []
+
+    def loss_fn(m: nn.Module, b) -> torch.Tensor:
+        flat = {t.untyped_storage().data_ptr() for t in _tensors() if t.untyped_storage().nbytes() == n * itemsize}
+        counts.append(len(flat))
+        return F.cross_entropy(m(b[0]), b[1])
+
+    cap = default_max_basis(1, "largest")
+    res = hessian_eigenvalues(model, batch, loss_fn, tol=1e-12, max_iter=3 * cap, micro_batches=2,
+                              check_determinism=False)
+    assert res.n_restarts > 0 and len(counts) == 2 * res.n_hvp  # the basis filled, two micro-batches a product
+    assert max(counts) <= cap + 1, counts
+    assert max(counts) == cap + 1  # the count sees the basis (a count of nothing would pass the line above)
+
+
 def test_finite_difference_check_holds_no_gradient_graph():
     """The memory-lean path: every product is two first-order gradient passes, so nothing with a
     ``grad_fn`` is alive between products (a cached double-backward graph would be)."""
@@ -153,24 +176,40 @@ def test_micro_batched_products_are_the_dense_hessians(make, micro_batches):
     assert res.settings["micro_batches"] == micro_batches
 
 
-def _peak_saved_bytes(fn) -> int:
+def _peak_saved_bytes(fn, existing: list[torch.Tensor] = ()) -> int:
     """The most bytes autograd held in saved tensors at once while ``fn`` ran (every graph: the forward's,
     the gradient graph built with ``create_graph`` and the double backward's), tracked by pack hooks with
-    a finalizer per saved tensor."""
+    a finalizer per saved tensor. A storage is counted once however many saved views share it (the
+    product saves the parameter-shaped views of ``v``, all of one flat vector); the storages of
+    ``existing`` (weights, the vector: memory the product does not allocate) are not counted."""
     import weakref
 
     live, peak = [0], [0]
+    users: dict[int, int] = {}  # storage pointer -> saved tensors alive on it
+    skip = {t.untyped_storage().data_ptr() for t in existing}
 
     class Saved:
         def __init__(self, t: torch.Tensor) -> None:
             self.t = t
 
+    def release(key: int, n: int) -> None:
+        users[key] -= 1
+        if not users[key]:
+            del users[key]
+            live[0] -= n
+
     def pack(t: torch.Tensor):
         box = Saved(t)
-        n = t.untyped_storage().nbytes() if t.numel() else 0
-        live[0] += n
+        storage = t.untyped_storage()
+        key, n = storage.data_ptr(), (storage.nbytes() if t.numel() else 0)
+        if key in skip:
+            return box
+        if key not in users:
+            live[0] += n
+            users[key] = 0
+        users[key] += 1
         peak[0] = max(peak[0], live[0])
-        weakref.finalize(box, lambda: live.__setitem__(0, live[0] - n))
+        weakref.finalize(box, release, key, n)
         return box
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
@@ -189,9 +228,68 @@ def test_micro_batches_bound_the_graph_a_product_holds():
     peaks = {}
     for m in (1, 2, 4):
         with HVPOperator(model, batch, micro_batches=m, cache_graph=False, check_determinism=False) as op:
-            peaks[m] = _peak_saved_bytes(lambda: op.matvec(v))
+            peaks[m] = _peak_saved_bytes(lambda: op.matvec(v), [v, *model.parameters()])
     assert peaks[2] < 0.6 * peaks[1], peaks
     assert peaks[4] < 0.6 * peaks[2], peaks
+
+
+class _PeakNewStorage:
+    """Peak bytes of tensor storages created while active and still alive (a dispatch mode, so every
+    op counts: forward, both backwards, temporaries); storages that existed before are not counted."""
+
+    def __init__(self, existing: list[torch.Tensor]) -> None:
+        self.skip = {t.untyped_storage().data_ptr() for t in existing}
+        self.peak = 0
+
+    def run(self, fn) -> None:
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils import _pytree as pytree
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        refs: dict[int, tuple[StorageWeakRef, int]] = {}
+        owner = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for key, (ref, _) in list(refs.items()):
+                    if ref.expired():
+                        del refs[key]
+                for t in pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        st = t.untyped_storage()
+                        key = st.data_ptr()
+                        if key and key not in owner.skip and key not in refs:
+                            refs[key] = (StorageWeakRef(st), st.nbytes())
+                owner.peak = max(owner.peak, sum(n for _, n in refs.values()))
+                return out
+
+        with Mode():
+            fn()
+
+
+def test_a_product_frees_the_gradient_before_its_second_backward():
+    """Double backward through ``<g, v>`` instead of ``grad_outputs=v``: the first-order gradient ``g``
+    is not kept through the second backward. On an MLP whose weights dwarf its activations (batch 4)
+    a product then holds about 4 parameter copies at its peak (the product, its accumulator and the
+    double backward's transients) instead of 5; the product itself is unchanged (the dense Hessian's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.Tanh(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 10)).double()
+    batch = (torch.randn(4, 256, dtype=torch.float64), torch.randint(0, 10, (4,)))
+    n = sum(p.numel() for p in model.parameters())
+    v = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    params = list(model.parameters())
+    for micro in (1, 2):
+        peak = _PeakNewStorage([v, *params])
+        with HVPOperator(model, batch, micro_batches=micro, cache_graph=False, check_determinism=False) as op:
+            out: list[torch.Tensor] = []
+            peak.run(lambda: out.append(op.matvec(v)))
+        assert peak.peak <= 4.5 * 8 * n, peak.peak / (8 * n)
+        # the same product as autograd's own double backward
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        ref = torch.autograd.grad(grads, params, grad_outputs=list(op.unflatten(v)))
+        torch.testing.assert_close(out[0], torch.cat([r.reshape(-1) for r in ref]), rtol=1e-10, atol=1e-12)
 
 
 def test_a_batch_that_cannot_be_split_is_refused_with_the_fix():
@@ -385,7 +483,7 @@ def test_cost_model_terms_and_validation():
     assert c.seconds == pytest.approx(20 * HVP_PASSES_CACHED * step_s)
     assert c.peak_over_step == pytest.approx(c.peak_bytes / step_peak)
     # two micro-batches: half the graph memory, no cached graph
-    two = estimate_check_cost(p, step_peak_bytes=step_peak, step_seconds=step_s, n_hvp=20, micro_batches=2)
+    two = estimate_check_cost(p, step_peak_bytes=step_peak, step_seconds=step_s, n_hvp=20, micro_batches=2, max_basis=6)
     assert c.peak_bytes - two.peak_bytes == pytest.approx(GRAPH_FACTOR["autograd"] * activations / 2)
     assert two.seconds == pytest.approx(20 * HVP_PASSES["autograd"] * step_s)
     three = estimate_check_cost(p, step_peak_bytes=step_peak, step_seconds=step_s, n_hvp=20, probe_batches=3)

@@ -36,7 +36,7 @@ HVP_PASSES = {"autograd": 3.2, "finite_difference": 2.0}
 # A product on a single-batch probe whose gradient graph stays cached (HVPOperator's default for one batch,
 # one micro-batch) costs one double backward: 2.2-2.4 forward+backward passes in the same table.
 HVP_PASSES_CACHED = 2.3
-DEFAULT_MAX_BASIS = 6  # sharpguard.sharpness.lanczos.default_max_basis(1, "largest")
+DEFAULT_MAX_BASIS = 5  # sharpguard.sharpness.lanczos.default_max_basis(1, "largest")
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,10 @@ def _input_eigs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, t
             return torch.zeros_like(v) if hv is None else hv.reshape(-1).to(v.dtype)
 
         v0 = torch.randn(xi.numel(), generator=generator, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-        out = lanczos(matvec, v0.to(x.device), k=1, which="largest", tol=tol, max_iter=max_iter, generator=generator)
+        # vectors the size of one example's input: up to 20 of them cost little, and spare the restarts a
+        # model-size basis needs (default_max_basis)
+        out = lanczos(matvec, v0.to(x.device), k=1, which="largest", tol=tol, max_iter=max_iter, generator=generator,
+                      max_basis=max(3, min(max_iter, 20)))
         values.append(out["eigenvalues"][0])
         n_hvp += out["n_iter"]
         converged += int(out["converged"])

@@ -185,7 +185,7 @@ class Krylov:
             self.rows.append(r / self._norm(r))
         else:
             self.betas.append(beta)
-            self.rows.append(w / beta)
+            self.rows.append(w.div_(beta))  # w is ours (made by the sub above): no second copy
         self.peak_rows = max(self.peak_rows, len(self.rows))
         return True
 
@@ -257,11 +257,12 @@ def _wanted(theta: np.ndarray, k: int, which: Which) -> list[int]:
 
 
 def default_max_basis(k: int, which: Which) -> int:
-    """The default basis cap: ``2 * k + 4`` vectors for the largest eigenvalues (6 for ``k=1``, where
-    thick restarts cost at most a product or two on the models we measured), ``4 * wanted + 16`` for the
+    """The default basis cap: ``2 * k + 3`` vectors for the largest eigenvalues (5 for ``k=1``: one
+    model-size vector less than 6 for 7-12% more products from a cold start at ``tol=1e-3`` on the
+    models of benchmarks/scale.py, and a warm-started check rarely fills it), ``4 * wanted + 16`` for the
     smallest or both ends (the negative end converges slowly and restarts cost more there)."""
     if which == "largest":
-        return 2 * k + 4
+        return 2 * k + 3
     wanted = 2 * k if which == "both" else k
     return 4 * wanted + 16
 
@@ -315,6 +316,9 @@ def lanczos(
     if max_basis is None:
         max_basis = default_max_basis(k, which)
     kry = Krylov(matvec, v0, max_iter, generator, max_basis=max_basis, reduce=reduce)
+    # the basis holds v0 / ||v0||; dropping our reference frees v0 itself unless a caller still holds it
+    # (hessian_eigenvalues passes it without keeping one): one model-size vector less for the whole run
+    del v0
     need = min(kry.n, 2 * k if which == "both" else k)
     idx: list[int] = []
     theta = residuals = s = None
@@ -437,9 +441,10 @@ def hessian_eigenvalues(
     Lanczos with full reorthogonalization, stopped on Ritz residuals (see the module docstring).
     ``init`` warm-starts from a previous eigenvector (a monitor passes last call's top vector, which
     cuts the products per call to a handful when the Hessian moved little). ``max_iter`` caps the
-    products. ``max_basis`` caps the Lanczos vectors held (default :func:`default_max_basis`, 6 for
+    products. ``max_basis`` caps the Lanczos vectors held (default :func:`default_max_basis`, 5 for
     ``k=1``): a full basis is thick-restarted (Wu & Simon 2000), so the memory is ``max_basis + 1``
-    vectors of the model's size whatever ``max_iter``; pass ``max_basis=max_iter`` for plain Lanczos.
+    vectors of the model's size whatever ``max_iter`` (``max_basis`` and the product during a
+    product); pass ``max_basis=max_iter`` for plain Lanczos.
     ``micro_batches`` runs each probe batch as that many micro-batches
     (:class:`~sharpguard.sharpness.HVPOperator`): the double-backward graph then holds one micro-batch's
     activations, which is what keeps a check within about twice a training step's extra peak memory
@@ -460,10 +465,9 @@ def hessian_eigenvalues(
         cache_graph=cache_graph, micro_batches=micro_batches,
     )
     with op:
-        v0 = start_vector(op, init, generator)
         out = lanczos(
             op.matvec,
-            v0,
+            start_vector(op, init, generator),  # not kept here: the basis holds its normalized copy
             k=k,
             which=which,
             tol=tol,

@@ -208,6 +208,8 @@ def eos_ratio(
     )
     with op:
         d, wd, lr, groups, stateless = _preconditioner(op, opt, kind)  # validates before any product
+        decay = wd if bool(wd.any()) else None  # no coupled decay (AdamW, the default): no vector kept for it
+        del wd
         if stateless:
             names = _names(model, [op.params[i] for i in stateless])
             warnings.warn(
@@ -229,15 +231,22 @@ def eos_ratio(
         threshold = (2 + 2 * beta) / scale if scale > 0 else math.inf
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
+            # D (H + wd I) D v with one model-size temporary besides the product (which is ours to modify)
             dv = d * v
-            return d * (op.matvec(dv) + wd * dv)
+            hv = op.matvec(dv)
+            if decay is not None:
+                hv.addcmul_(dv, decay)
+            del dv
+            return hv.mul_(d)
 
-        v0 = start_vector(op, init, generator)
-        if stateless:
-            v0 = v0 * (d != 0)  # start in the subspace the operator acts on
+        def first_vector() -> torch.Tensor:
+            # start in the subspace the operator acts on (out of place: init may be the caller's tensor)
+            v0 = start_vector(op, init, generator)
+            return v0 * (d != 0) if stateless else v0
+
         out = lanczos(
             matvec,
-            v0,
+            first_vector(),  # not kept here: the basis holds its normalized copy
             k=1,
             which="largest",
             tol=tol,
