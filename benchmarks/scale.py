@@ -1,7 +1,7 @@
 """What SAM and a lambda_max check cost as models grow, side by side with their peers (issue 13).
 
 Models: GPT-2 decoders built from ``transformers.GPT2Config`` (vocab 8000, 8 x 128 tokens, eager
-attention; ~1.4M, 5.2M and 10.2M parameters, 29.4M with ``--with-29m``) and a ResNet-style CNN (3 stages
+attention; ~1.4M, 5.2M, 10.2M and 29.4M parameters, the last left out with ``--without-29m``) and a ResNet-style CNN (3 stages
 of two basic blocks, 32 x 3 x 32 x 32 images). ``--quick``: the 1.4M decoder and a narrower CNN on smaller
 batches (about a minute).
 
@@ -12,7 +12,9 @@ Columns, per model:
 * *SAM extra mem / param bytes*: peak RSS of a SAM step minus that of a plain step, over 4 bytes x P.
 * *HVP / fwd+bwd*: one Hessian-vector product on a probe of two batches (half the batch each, so no
   cached graph) against one forward+backward of the same examples; the peer is PyHessian's
-  ``dataloader_hv_product`` on the same two batches.
+  ``dataloader_hv_product`` on the same two batches. The same product by forward-over-reverse
+  (``torch.func.jvp`` of ``torch.func.grad``, :func:`hvp_forward_over_reverse`) is timed beside it, and
+  both products' extra peak memory is measured in fresh processes (*one HVP's extra peak*).
 * *check*: ``hessian_eigenvalues(model, batch, k=1)`` with its defaults (tol 1e-4, the bounded Lanczos
   basis of 6 vectors) but ``max_iter=20`` (the basis is full after 6 products, so the memory peak is
   that of the default ``max_iter=100``; the time grows with the products), seconds and extra peak memory
@@ -146,6 +148,24 @@ def halves(batch: tuple[torch.Tensor, torch.Tensor], name: str) -> list[tuple[to
     return [(x[:h], batch[1][:h]), (x[h:], batch[1][h:])]
 
 
+def hvp_forward_over_reverse(model: nn.Module, probe: list, tangents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same product as forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad`` (the route
+    issue 13 proposed because it keeps no double-backward graph), summed over the probe batches like the
+    operator's: measured here against double backward rather than adopted (see docs/cost_model.md)."""
+    from torch.func import functional_call, grad, jvp
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    total: dict[str, torch.Tensor] | None = None
+    for x, y in probe:
+        def batch_loss(p: dict[str, torch.Tensor], x=x, y=y) -> torch.Tensor:
+            return F.cross_entropy(functional_call(model, p, (x,)), y) * (x.shape[0] / sum(b[0].shape[0] for b in probe))
+
+        _, hv = jvp(grad(batch_loss), (params,), (tangents,))
+        total = hv if total is None else {k: total[k].add_(hv[k]) for k in hv}
+    assert total is not None
+    return total
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -216,6 +236,20 @@ def worker(name: str, what: str, quick: bool) -> dict:
             opt.first_step(zero_grad=True)
             closure()
             opt.second_step(zero_grad=True)
+    elif what in ("hvp", "hvp_fwd_over_rev"):
+        # one product on the probe of two half batches (as the time column), eval mode like the measures
+        model.eval()
+        probe = halves(batch, name)
+        g = torch.Generator().manual_seed(0)
+        if what == "hvp":
+            from sharpguard.sharpness import HVPOperator
+
+            v = torch.randn(n_params(model), generator=g)
+            with HVPOperator(model, probe, loss_of, check_determinism=False) as op:
+                op.matvec(v)
+        else:
+            tangents = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+            hvp_forward_over_reverse(model, probe, tangents)
     elif what == "check_mb3":
         from sharpguard.sharpness import hessian_eigenvalues
 
@@ -330,11 +364,13 @@ def time_ratios(name: str, quick: bool, rounds: int) -> dict:
         op = stack.enter_context(HVPOperator(model, probe, loss_of, check_determinism=False))
         fd = stack.enter_context(HVPOperator(model, probe, loss_of, hvp="finite_difference", check_determinism=False))
         op.matvec(v)
+        tangents = dict(zip((n for n, _ in model.named_parameters()), op.unflatten(v)))
         out.update(
             _interleaved(
                 {
                     "fwd_bwd": fwd_bwd,
                     "hvp": lambda: op.matvec(v),
+                    "hvp_fwd_over_rev": lambda: hvp_forward_over_reverse(model, probe, tangents),
                     "hvp_fd": lambda: fd.matvec(v),
                     "hvp_pyhessian": lambda: h.dataloader_hv_product(vs),
                 },
@@ -353,7 +389,7 @@ def time_ratios(name: str, quick: bool, rounds: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes and batches (about a minute)")
-    ap.add_argument("--with-29m", action="store_true", help="add the 29M-parameter decoder (several minutes)")
+    ap.add_argument("--without-29m", action="store_true", help="leave out the 29M-parameter decoder (about 8 minutes)")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "WHAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -364,12 +400,12 @@ def main() -> None:
     if args.quick:
         names = ["gpt2-1.4M", "cnn-small"]
     else:
-        names = ["gpt2-1.4M", "gpt2-5.2M", "cnn", "gpt2-10.2M"] + (["gpt2-29M"] if args.with_29m else [])
+        names = ["gpt2-1.4M", "gpt2-5.2M", "cnn", "gpt2-10.2M"] + ([] if args.without_29m else ["gpt2-29M"])
     rows = []
     raw = {}
     for name in names:
         t0 = time.perf_counter()
-        mem = {w: measure(name, w, args.quick) for w in ("check", "check_mb3", "check_fd", "pyhessian")}
+        mem = {w: measure(name, w, args.quick) for w in ("check", "check_mb3", "check_fd", "pyhessian", "hvp", "hvp_fwd_over_rev")}
         # a step's peak RSS moves by tens of MiB between fresh processes (where glibc's heap ends up): the
         # median of three processes for the three step measurements, whose differences make the SAM column
         for w in ("train", "sam", "peer_sam"):
@@ -384,7 +420,9 @@ def main() -> None:
             f"| {name} | {t['params'] / 1e6:.2f}M | {t['sam'] / t['plain2']:.2f} / {t['peer_sam'] / t['plain2']:.2f} "
             f"| {(mem['sam']['extra_mib'] - tr['extra_mib']) / pbytes:.2f} / "
             f"{(mem['peer_sam']['extra_mib'] - tr['extra_mib']) / pbytes:.2f} "
-            f"| {t['hvp'] / t['fwd_bwd']:.2f} / {t['hvp_fd'] / t['fwd_bwd']:.2f} / {t['hvp_pyhessian'] / t['fwd_bwd']:.2f} "
+            f"| {t['hvp'] / t['fwd_bwd']:.2f} / {t['hvp_fwd_over_rev'] / t['fwd_bwd']:.2f} / {t['hvp_fd'] / t['fwd_bwd']:.2f} "
+            f"/ {t['hvp_pyhessian'] / t['fwd_bwd']:.2f} "
+            f"| {mem['hvp']['extra_mib'] / tr['extra_mib']:.2f}x / {mem['hvp_fwd_over_rev']['extra_mib'] / tr['extra_mib']:.2f}x "
             f"| {tr['extra_mib']:.0f} MiB, {tr['seconds']:.2f} s "
             f"| {mem['check']['seconds']:.1f} s, {mem['check']['n_hvp']} HVP, {mem['check']['extra_mib'] / tr['extra_mib']:.2f}x "
             f"| {mem['check_mb3']['seconds']:.1f} s, {mem['check_mb3']['extra_mib'] / tr['extra_mib']:.2f}x "
@@ -393,14 +431,16 @@ def main() -> None:
             f"| {mem['check']['lam']:.5g} / {mem['check_mb3']['lam']:.5g} / {mem['check_fd']['lam']:.5g} / {mem['pyhessian']['lam']:.5g} |"
         )
         print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        Path(__file__).with_name("scale_raw.json").write_text(json.dumps(raw, indent=1, default=str))
+        if not args.no_write:
+            Path(__file__).with_name("scale_raw.json").write_text(json.dumps(raw, indent=1, default=str))
     lines = [
         f"Machine: {machine()}. `benchmarks/scale.py{' --quick' if args.quick else ''}`; one intra-op thread.",
         ("Memory: extra peak RSS (`VmHWM` after resetting it through `/proc/self/clear_refs`) of the one measured "
         "thing in a fresh subprocess, over the RSS after building the model and batch; glibc malloc. Time: min over rounds, "
         "interleaved in one process. `a / b` = sharpguard / peer (pytorch_optimizer SAM; PyHessian). "
-        "HVP columns: double backward (sharpguard `auto`) / sharpguard finite differences / PyHessian, on a "
-        "probe of two half batches, eval mode. Check: `hessian_eigenvalues(k=1)` defaults (tol 1e-4, basis of "
+        "HVP columns: double backward (sharpguard `auto`) / forward-over-reverse (`torch.func.jvp` of `torch.func.grad`) / "
+        "sharpguard finite differences / PyHessian, on a probe of two half batches, eval mode; *one HVP's extra peak*: "
+        "the same product in a fresh process over the training step's extra peak. Check: `hessian_eigenvalues(k=1)` defaults (tol 1e-4, basis of "
         "6 vectors) with max_iter=20 (the basis is full after 6 products, so the peak is the defaults'), "
         "its extra peak over the training step's (forward, backward, AdamW step); *3 micro-batches* the same with "
         "`micro_batches=3` (the monitors' default since issue 13: no cached graph, a third of the graph memory); *fd* the same with "
@@ -408,16 +448,15 @@ def main() -> None:
         "The monitor's RSS-over-300-steps column is measured by benchmarks/monitor_overhead.py."),
         "",
         ("| model | params | SAM step / 2 plain (ours / peer) | SAM extra mem / param bytes (ours / peer) "
-         "| HVP / fwd+bwd (autograd / fd / PyHessian) | train step extra peak, time | check | check, 3 micro-batches "
+         "| HVP / fwd+bwd (autograd / fwd-over-rev / fd / PyHessian) | one HVP's extra peak / train step's (autograd / fwd-over-rev) | train step extra peak, time | check | check, 3 micro-batches "
          "| check fd | PyHessian check | lambda_max (ours / 3 micro-batches / fd / PyHessian) |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
     table = "\n".join(lines)
     print(table)
-    out = Path(__file__).with_name("scale_raw.json")
-    out.write_text(json.dumps(raw, indent=1, default=str))
     if not args.no_write:
+        Path(__file__).with_name("scale_raw.json").write_text(json.dumps(raw, indent=1, default=str))
         write_section("Scale" + (" (quick)" if args.quick else ""), table)
 
 
