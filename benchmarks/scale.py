@@ -16,13 +16,13 @@ Columns, per model:
   (``torch.func.jvp`` of ``torch.func.grad``, :func:`hvp_forward_over_reverse`) is timed beside it, and
   both products' extra peak memory is measured in fresh processes (*one HVP's extra peak*).
 * *check*: ``hessian_eigenvalues(model, batch, k=1)`` with its defaults (tol 1e-4, the bounded Lanczos
-  basis of 6 vectors) but ``max_iter=20`` (the basis is full after 6 products, so the memory peak is
+  basis of 5 vectors) but ``max_iter=20`` (the basis is full after 5 products, so the memory peak is
   that of the default ``max_iter=100``; the time grows with the products), seconds and extra peak memory
   over the training step's extra peak; the same with ``hvp="finite_difference"`` (two gradient passes
   per product, no double-backward graph), and PyHessian's ``eigenvalues(top_n=1, maxIter=20)`` (tol 1e-3)
-  on the same batch. *check, 3 micro-batches*: the same check with ``micro_batches=3`` (the
-  ``SharpnessMonitor`` default since issue 13), the GPT-2 targets kept batch-first so the batch splits
-  by sequences.
+  on the same batch. *check, monitor's micro-batches*: the same check with the ``SharpnessMonitor``'s
+  default ``micro_batches`` (8 since issue 13; a batch of 8 sequences runs one sequence at a time), the
+  GPT-2 targets kept batch-first so the batch splits by sequences.
 
 Peak memory: every memory number comes from a fresh subprocess (the training, SAM and peer SAM steps: the
 median of three) that builds the model and batch, resets the
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -56,11 +57,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _results import machine, write_section
 
+from sharpguard.monitor import SharpnessMonitor
+
 GPT2_SIZES = {"gpt2-1.4M": (128, 2), "gpt2-5.2M": (256, 4), "gpt2-10.2M": (384, 4), "gpt2-29M": (512, 8)}
 CNN_WIDTHS = {"cnn": (64, 128, 256), "cnn-small": (32, 64, 128)}
-# Products per check: the bounded basis is full after 6, so the memory peak is that of the defaults
+# Products per check: the bounded basis is full after 5, so the memory peak is that of the defaults
 # (max_iter=100); 20 keeps a full run near 10 minutes on 2 shared cores. Time scales with the products.
 MAX_ITER = 20
+# the SharpnessMonitor's default, read from its signature so the table follows it
+MONITOR_MICRO_BATCHES = inspect.signature(SharpnessMonitor).parameters["micro_batches"].default
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,7 +255,7 @@ def worker(name: str, what: str, quick: bool) -> dict:
         else:
             tangents = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
             hvp_forward_over_reverse(model, probe, tangents)
-    elif what == "check_mb3":
+    elif what == "check_mb":
         from sharpguard.sharpness import hessian_eigenvalues
 
         # the monitors' default: each probe batch as three micro-batches (targets kept batch-first so the
@@ -259,7 +264,7 @@ def worker(name: str, what: str, quick: bool) -> dict:
         y2 = x[:, 1:] if name.startswith("gpt2") else y
         r = hessian_eigenvalues(
             model, (x, y2), lambda m, b: F.cross_entropy(m(b[0]), b[1].reshape(-1)), k=1, max_iter=MAX_ITER,
-            micro_batches=3,
+            micro_batches=MONITOR_MICRO_BATCHES,
         )
         out.update(lam=r.lambda_max, n_hvp=r.n_hvp, residual=r.residuals[0], converged=r.converged, method=r.hvp_method)
     elif what in ("check", "check_fd"):
@@ -405,7 +410,7 @@ def main() -> None:
     raw = {}
     for name in names:
         t0 = time.perf_counter()
-        mem = {w: measure(name, w, args.quick) for w in ("check", "check_mb3", "check_fd", "pyhessian", "hvp", "hvp_fwd_over_rev")}
+        mem = {w: measure(name, w, args.quick) for w in ("check", "check_mb", "check_fd", "pyhessian", "hvp", "hvp_fwd_over_rev")}
         # a step's peak RSS moves by tens of MiB between fresh processes (where glibc's heap ends up): the
         # median of three processes for the three step measurements, whose differences make the SAM column
         for w in ("train", "sam", "peer_sam"):
@@ -425,10 +430,10 @@ def main() -> None:
             f"| {mem['hvp']['extra_mib'] / tr['extra_mib']:.2f}x / {mem['hvp_fwd_over_rev']['extra_mib'] / tr['extra_mib']:.2f}x "
             f"| {tr['extra_mib']:.0f} MiB, {tr['seconds']:.2f} s "
             f"| {mem['check']['seconds']:.1f} s, {mem['check']['n_hvp']} HVP, {mem['check']['extra_mib'] / tr['extra_mib']:.2f}x "
-            f"| {mem['check_mb3']['seconds']:.1f} s, {mem['check_mb3']['extra_mib'] / tr['extra_mib']:.2f}x "
+            f"| {mem['check_mb']['seconds']:.1f} s, {mem['check_mb']['extra_mib'] / tr['extra_mib']:.2f}x "
             f"| {mem['check_fd']['seconds']:.1f} s, {mem['check_fd']['n_hvp']} HVP, {mem['check_fd']['extra_mib'] / tr['extra_mib']:.2f}x "
             f"| {mem['pyhessian']['seconds']:.1f} s, {mem['pyhessian']['extra_mib'] / tr['extra_mib']:.2f}x "
-            f"| {mem['check']['lam']:.5g} / {mem['check_mb3']['lam']:.5g} / {mem['check_fd']['lam']:.5g} / {mem['pyhessian']['lam']:.5g} |"
+            f"| {mem['check']['lam']:.5g} / {mem['check_mb']['lam']:.5g} / {mem['check_fd']['lam']:.5g} / {mem['pyhessian']['lam']:.5g} |"
         )
         print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
         if not args.no_write:
@@ -441,15 +446,15 @@ def main() -> None:
         "HVP columns: double backward (sharpguard `auto`) / forward-over-reverse (`torch.func.jvp` of `torch.func.grad`) / "
         "sharpguard finite differences / PyHessian, on a probe of two half batches, eval mode; *one HVP's extra peak*: "
         "the same product in a fresh process over the training step's extra peak. Check: `hessian_eigenvalues(k=1)` defaults (tol 1e-4, basis of "
-        "6 vectors) with max_iter=20 (the basis is full after 6 products, so the peak is the defaults'), "
-        "its extra peak over the training step's (forward, backward, AdamW step); *3 micro-batches* the same with "
-        "`micro_batches=3` (the monitors' default since issue 13: no cached graph, a third of the graph memory); *fd* the same with "
+        "5 vectors) with max_iter=20 (the basis is full after 5 products, so the peak is the defaults'), "
+        "its extra peak over the training step's (forward, backward, AdamW step); *monitor's micro-batches* the same with "
+        f"`micro_batches={MONITOR_MICRO_BATCHES}` (the SharpnessMonitor's default: no cached graph, one slice's graph at a time); *fd* the same with "
         "`hvp=\"finite_difference\"`; PyHessian `eigenvalues(top_n=1, maxIter=20)` (tol 1e-3). "
         "The monitor's RSS-over-300-steps column is measured by benchmarks/monitor_overhead.py."),
         "",
         ("| model | params | SAM step / 2 plain (ours / peer) | SAM extra mem / param bytes (ours / peer) "
-         "| HVP / fwd+bwd (autograd / fwd-over-rev / fd / PyHessian) | one HVP's extra peak / train step's (autograd / fwd-over-rev) | train step extra peak, time | check | check, 3 micro-batches "
-         "| check fd | PyHessian check | lambda_max (ours / 3 micro-batches / fd / PyHessian) |"),
+         "| HVP / fwd+bwd (autograd / fwd-over-rev / fd / PyHessian) | one HVP's extra peak / train step's (autograd / fwd-over-rev) | train step extra peak, time | check | check, monitor's micro-batches "
+         "| check fd | PyHessian check | lambda_max (ours / micro-batches / fd / PyHessian) |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]

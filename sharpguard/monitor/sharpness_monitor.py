@@ -101,7 +101,7 @@ class SharpnessMonitor(Monitor):
         rho: float = 0.05,
         measure_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
         warm_start: bool = True,
-        micro_batches: int = 3,
+        micro_batches: int = 8,
         **kwargs: Any,
     ) -> None:
         check_keywords("SharpnessMonitor", kwargs, keywords_of(Monitor.__init__) + keywords_of(SharpnessMonitor.__init__))
