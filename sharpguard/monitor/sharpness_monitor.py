@@ -78,13 +78,15 @@ class SharpnessMonitor(Monitor):
     Extra keyword arguments for a measure go in ``measure_kwargs``, e.g.
     ``measure_kwargs={"lambda_max": {"tol": 1e-3, "max_iter": 20}, "trace": {"n_hvp": 30}}``.
 
-    ``micro_batches`` (default 3): the Hessian-vector products run each probe batch as that many
-    micro-batches, so the double-backward graph (~2.4x a whole batch's activations) holds a third of
-    them: a check's extra peak was 1.35-1.65x a training step's on the GPT-2 decoders up to 5.2M
-    parameters and the CNN of benchmarks/RESULTS.md ("Scale"), 2.17x at 10.2M, where the model-size
-    vectors of the Lanczos basis and the product, not activations, dominate. ``micro_batches=1`` keeps a single batch's
-    graph cached between products instead: faster, at ~3-4x a training step's memory. A probe batch that cannot be
-    split (a per-example tensor that is not batch-first) is measured whole, and the monitor says so once.
+    ``micro_batches`` (default 8; fewer when the batch has fewer examples, one example each): the
+    Hessian-vector products run each probe batch as that many micro-batches, so the double-backward
+    graph (~2.4x a whole batch's activations) holds one slice at a time: a check's extra peak was
+    0.67-1.29x a training step's on the GPT-2 decoders of 1.4M-10.2M parameters and the CNN of
+    benchmarks/RESULTS.md ("Scale"), 1.70x at 29.4M, where the model-size vectors of the Lanczos basis and
+    the product dominate; 3 micro-batches gave 2.3x there. The price is ~10% more time per product than
+    3 micro-batches. ``micro_batches=1`` keeps a single batch's graph cached between products instead:
+    faster, at ~3-4x a training step's memory. A probe batch that cannot be split (a per-example tensor
+    that is not batch-first) is measured whole, and the monitor says so once.
     Every check also logs ``monitor/n_hvp`` (Hessian-vector products spent) and
     ``monitor/overhead_pct``. Default alerts: :func:`~sharpguard.monitor.default_sharpness_alerts`.
     """

@@ -2,7 +2,7 @@
 
 Framework-free (floats in, floats out) so a monitor can print the expected cost of a check and size its
 budget before it runs one. The model, fitted on the sizes of ``benchmarks/scale.py`` (GPT-2 decoders of
-1.4M-10.2M parameters and a ResNet-style CNN, CPU float32, peak RSS in fresh processes):
+1.4M-29.4M parameters and a ResNet-style CNN, CPU float32, peak RSS in fresh processes):
 
 * a **training step** holds its activations ``A`` plus ``(1 + s) P b`` bytes of gradients and optimizer
   state (``P`` parameters of ``b`` bytes, ``s`` state vectors: 2 for Adam, 1 for SGD with momentum);
@@ -27,14 +27,15 @@ __all__ = ["CheckCost", "SamCost", "check_passes_per_hvp", "estimate_check_cost"
 
 # Fitted on benchmarks/scale.py (docs/cost_model.md, "Fit"): graph memory over the training step's
 # activations, model-size vectors besides the basis, and one product's time in forward+backward passes.
-# Least squares over the four models of the "Scale" table (2026-12-02, third fit): for exact products
-# jointly over whole batches and 3 micro-batches, relative error of the peak -10%..+15%; finite
-# differences -11%..+5%; product time 3.0-3.7 (exact) and 1.9-2.2 (finite differences) passes.
-GRAPH_FACTOR = {"autograd": 2.89, "finite_difference": 1.21}
-EXTRA_VECTORS = {"autograd": 10.3, "finite_difference": 7.5}
-HVP_PASSES = {"autograd": 3.2, "finite_difference": 2.0}
+# Least squares on relative errors over the five models of the "Scale" table (2026-12-02, fourth fit, by
+# benchmarks/fit_cost_model.py): for exact products jointly over whole batches and the monitor's 8
+# micro-batches, peak error -25%..+20% (-5%..+9% on the micro-batched checks); finite differences
+# -20%..+16%; product time 2.9-3.9 (exact, mean 3.23) and 2.0-2.3 (finite differences, mean 2.12) passes.
+GRAPH_FACTOR = {"autograd": 3.07, "finite_difference": 1.23}
+EXTRA_VECTORS = {"autograd": 4.8, "finite_difference": 5.9}
+HVP_PASSES = {"autograd": 3.2, "finite_difference": 2.1}
 # A product on a single-batch probe whose gradient graph stays cached (HVPOperator's default for one batch,
-# one micro-batch) costs one double backward: 2.2-2.4 forward+backward passes in the same table.
+# one micro-batch) costs one double backward: 2.2-2.4 forward+backward passes in the third fit's table.
 HVP_PASSES_CACHED = 2.3
 DEFAULT_MAX_BASIS = 5  # sharpguard.sharpness.lanczos.default_max_basis(1, "largest")
 
