@@ -5,6 +5,7 @@ parameter that never had a gradient."""
 from __future__ import annotations
 
 import gc
+import math
 import warnings
 
 import numpy as np
@@ -64,14 +65,27 @@ def test_max_basis_is_validated_before_anything_runs():
 # memory: model-size vectors alive while the solver runs, counted by storage
 
 
-def _live_vectors(n: int, itemsize: int) -> float:
-    """Bytes of distinct live tensor storages of at least one model-size vector, in model-size vectors."""
+def _live_vectors(n: int, itemsize: int, before: frozenset[int] = frozenset()) -> float:
+    """Bytes of distinct live tensor storages of at least one model-size vector, in model-size vectors;
+    storages in ``before`` (alive before the measured run: other tests' leftovers) are not counted."""
     seen: dict[int, int] = {}
     for obj in _tensors():
         storage = obj.untyped_storage()
-        if storage.nbytes() >= n * itemsize:
+        if storage.nbytes() >= n * itemsize and storage.data_ptr() not in before:
             seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values()) / (n * itemsize)
+
+
+def _with_graph() -> int:
+    """Live tensors with a ``grad_fn``. A stale view left by another test (a chunk of an attention
+    weight that an optimizer has since updated in place) raises on ``grad_fn``: not ours, not counted."""
+    count = 0
+    for t in _tensors():
+        try:
+            count += t.grad_fn is not None
+        except RuntimeError:
+            pass
+    return count
 
 
 def _tensors() -> list[torch.Tensor]:
@@ -84,11 +98,12 @@ def _peak_vectors(max_basis: int | None, n: int = 4000, max_iter: int = 90) -> t
     # a diagonal "Hessian" without a gap at the top (slow convergence): every allowed product is taken
     diag = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
     calls, peak = [0], [0.0]
+    before = frozenset(t.untyped_storage().data_ptr() for t in _tensors()) - {diag.untyped_storage().data_ptr()}
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         calls[0] += 1
         if calls[0] % 15 == 0:  # the old basis only grows, so sampling every few products finds its peak
-            peak[0] = max(peak[0], _live_vectors(n, 8))
+            peak[0] = max(peak[0], _live_vectors(n, 8, before))
         return diag * v
 
     g = torch.Generator().manual_seed(0)
@@ -140,18 +155,18 @@ def test_finite_difference_check_holds_no_gradient_graph():
     batch = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
     graphs = []
     # tensors with a graph that other tests left alive in this process are not this operator's
-    before = sum(t.grad_fn is not None for t in _tensors())
+    before = _with_graph()
 
     with HVPOperator(model, batch, hvp="finite_difference") as op:
         v = torch.randn(op.size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         for _ in range(3):
             op.matvec(v)
-            graphs.append(sum(t.grad_fn is not None for t in _tensors()) - before)
+            graphs.append(_with_graph() - before)
         assert not op._graphs
     assert graphs == [0, 0, 0]
     with HVPOperator(model, batch) as op:  # the exact default caches the single batch's gradient graph
         op.matvec(v)
-        assert sum(t.grad_fn is not None for t in _tensors()) - before > 0
+        assert _with_graph() - before > 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +336,7 @@ def test_the_monitor_measures_on_micro_batches_and_says_when_it_cannot():
     # is measured whole, and the monitor says so once
     x, y = probe[0]
     weights = torch.tensor([1.0, 2.0, 0.5, 1.0])
-    mon = SharpnessMonitor(("lambda_max",), every_n_steps=1, probe=[(x, y, weights)],
+    mon = SharpnessMonitor(("lambda_max",), every_n_steps=1, probe=[(x, y, weights)], micro_batches=3,
                            loss_fn=lambda model, b: F.cross_entropy(model(b[0]), b[1], weight=b[2]))
     with pytest.warns(UserWarning, match="whole probe batches"):
         metrics, settings = mon.measure(model, with_settings=True)
@@ -333,7 +348,7 @@ def test_the_monitor_measures_on_micro_batches_and_says_when_it_cannot():
             raise RuntimeError(f"Expected hidden[0] size ({len(x)}, 16), got ({len(b[0])}, 16)")
         return F.cross_entropy(model(b[0]), b[1])
 
-    mon = SharpnessMonitor(("lambda_max",), every_n_steps=1, probe=[(x, y)], loss_fn=whole_batch_only,
+    mon = SharpnessMonitor(("lambda_max",), every_n_steps=1, probe=[(x, y)], loss_fn=whole_batch_only, micro_batches=3,
                            measure_kwargs={"lambda_max": {"tol": 1e-6, "max_iter": 60}})
     with pytest.warns(UserWarning, match="failed on a micro-batch"):
         metrics, settings = mon.measure(model, with_settings=True)
@@ -343,6 +358,22 @@ def test_the_monitor_measures_on_micro_batches_and_says_when_it_cannot():
         assert mon.measure(model)["sharpness/lambda_max"] == pytest.approx(metrics["sharpness/lambda_max"], rel=1e-5)
     with pytest.raises(ConfigurationError, match="micro_batches"):
         SharpnessMonitor(micro_batches=0)
+
+
+def test_the_monitor_states_the_micro_batches_a_probe_really_splits_into():
+    """The console line's memory terms use the slices a probe batch actually gives: 8 when asked for 8,
+    fewer (one example each) for a smaller batch, 1 - a cached graph - for a single example."""
+    from sharpguard.monitor import SharpnessMonitor
+    from sharpguard.sharpness.cost import GRAPH_FACTOR, HVP_PASSES, HVP_PASSES_CACHED
+
+    assert "up to 8 micro-batches" in SharpnessMonitor(("lambda_max",), every_n_steps=1, micro_batches=8).describe()
+    for n, slices in ((32, 8), (3, 3), (1, 1)):
+        probe = [(torch.randn(n, 6), torch.randint(0, 4, (n,)))]
+        mon = SharpnessMonitor(("lambda_max",), every_n_steps=1, probe=probe, micro_batches=8)
+        line = mon.describe()
+        assert f"~{GRAPH_FACTOR['autograd'] / slices:.1f}x" in line, line
+        assert f"({slices} micro-batch{'es' if slices > 1 else ''} per probe batch)" in line, line
+        assert mon.HVP_STEPS == (HVP_PASSES_CACHED if slices == 1 else HVP_PASSES["autograd"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,3 +557,70 @@ def test_products_skip_an_accelerate_style_autocast_wrapper():
         unwrapped = op.matvec(v)
     assert torch.equal(unwrapped, plain)
     assert model.forward is wrapper
+
+
+# ----------------------------------------------------------------------------------------------
+# the monitor's micro_batches="auto"
+
+
+def _activation_heavy() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A model whose forward saves ~65 MiB for 4096 examples against 16.6 MiB of weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 2048), nn.Tanh(), nn.Linear(2048, 2048), nn.Tanh(), nn.Linear(2048, 10))
+    return model, (torch.randn(4096, 64), torch.randint(0, 10, (4096,)))
+
+
+def test_auto_micro_batches_split_only_where_the_graph_is_large():
+    """A small model keeps its whole batch (and the cached graph); one whose graph would pass
+    max(P b, 64 MiB) is split until a slice fits, at most 8 slices and one example per slice. The choice
+    changes nothing in the model (it runs one forward inside the guards)."""
+    from sharpguard.monitor import SharpnessMonitor
+    from sharpguard.monitor.sharpness_monitor import AUTO_GRAPH_FLOOR_BYTES, auto_micro_batches
+    from sharpguard.sharpness.cost import GRAPH_FACTOR
+
+    small, batches = mlp_case()
+    assert auto_micro_batches(small, batches) == 1
+    model, batch = _activation_heavy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    slices = auto_micro_batches(model, [batch])
+    # what the forward saves besides the weights: x and the two tanh outputs (the next layers' inputs),
+    # the log-softmax, the targets
+    saved = 4 * 4096 * (64 + 2048 + 2048 + 10) + 8 * 4096
+    assert slices == math.ceil(GRAPH_FACTOR["autograd"] * saved / AUTO_GRAPH_FLOOR_BYTES) == 4
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and model.training
+    assert all(p.grad is None for p in model.parameters())
+    # capped at 8 slices, and at one example per slice
+    wide = (torch.randn(16384, 64), torch.randint(0, 10, (16384,)))
+    assert auto_micro_batches(model, [wide]) == 8
+    assert auto_micro_batches(model, [(batch[0][:3], batch[1][:3])]) == 1  # 3 examples: a small graph anyway
+    # the monitor uses the choice, reports it, and says it in its console line
+    mon = SharpnessMonitor(("lambda_max",), every_n_steps=1, probe=[batch], measure_kwargs={"lambda_max": {"max_iter": 3}})
+    assert "chosen at the first check" in mon.describe()
+    _, settings = mon.measure(model, with_settings=True)
+    assert settings["sharpness/lambda_max"]["micro_batches"] == 4
+    assert "(4 micro-batches per probe batch)" in mon.describe()
+    with pytest.raises(ConfigurationError, match="'auto' or a positive integer"):
+        SharpnessMonitor(micro_batches="eight")
+
+
+def _auto_worker(rank: int, port: int, out_dir: str) -> None:
+    from _distributed import process_group
+
+    from sharpguard.monitor.sharpness_monitor import auto_micro_batches
+
+    with process_group(rank, 2, port):
+        model, batch = _activation_heavy()
+        # rank 0 probes 4096 examples (4 slices), rank 1 a quarter (1 slice): the ranks must agree
+        n = 4096 if rank == 0 else 1024
+        choice = auto_micro_batches(model, [(batch[0][:n], batch[1][:n])])
+        with open(f"{out_dir}/{rank}.txt", "w") as fh:
+            fh.write(str(choice))
+
+
+@pytest.mark.distributed
+def test_auto_micro_batches_agree_across_ranks(tmp_path):
+    """Sharded products run collectives per micro-batch, so every rank takes the largest choice."""
+    from _distributed import spawn
+
+    spawn(_auto_worker, str(tmp_path))
+    assert [int((tmp_path / f"{r}.txt").read_text()) for r in (0, 1)] == [4, 4]

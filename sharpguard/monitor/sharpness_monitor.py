@@ -9,13 +9,14 @@ optimizer's own step size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._batches import default_loss_fn, split_batch
+from .._batches import batch_size, default_loss_fn, split_batch
 from .._validation import check_keywords, keywords_of, positive, positive_int
 from ..errors import ConfigurationError
 from ..sharpness.cost import DEFAULT_MAX_BASIS, EXTRA_VECTORS, GRAPH_FACTOR, check_passes_per_hvp
@@ -42,6 +43,59 @@ def _plain_sgd(optimizer: Any) -> bool:
         return False
     groups = opt.param_groups
     return all(float(g.get("weight_decay", 0.0) or 0.0) == 0.0 for g in groups) and len({float(g["lr"]) for g in groups}) == 1
+
+
+#: ``micro_batches="auto"`` splits a probe batch until its products' graph fits in the larger of the
+#: model's own size and this floor (below it, memory is not worth the time; see auto_micro_batches)
+AUTO_GRAPH_FLOOR_BYTES = 64 * 2**20
+AUTO_MAX_MICRO_BATCHES = 8
+
+
+def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None) -> int:
+    """How many micro-batches a check's products should run each probe batch in (``micro_batches="auto"``).
+
+    Measures what one forward of the largest probe batch saves for backward (a saved-tensor hook, eval mode,
+    inside :func:`sharpguard._state.side_effect_free`; the weights, which autograd saves by reference, are
+    not counted), takes the double-backward graph as ``GRAPH_FACTOR["autograd"]`` times that
+    (docs/cost_model.md), and splits until one slice's graph is at most ``max(P b, 64 MiB)`` - the model's
+    own size, or a floor below which memory is not worth the time - with at most
+    :data:`AUTO_MAX_MICRO_BATCHES` slices and one example per slice. A small model keeps its whole batch and
+    with it the cached graph (a product is then one double backward); a model whose activations dwarf
+    its weights splits into up to 8. Measured on the client models of benchmarks/monitor_overhead.py: 8
+    slices for every probe cost up to 60 training steps per warm check against 14 whole (the per-slice
+    overhead of models whose steps take milliseconds); on the GPT-2s of benchmarks/scale.py 8 slices keep
+    a check within 0.7-1.7x a training step's memory. Under ``torch.distributed`` the ranks take the
+    largest choice, so sharded products run the same collectives on every rank.
+    """
+    from .._state import side_effect_free, trainable_parameters
+    from ..sharpness.operator import _unwrap
+
+    params = trainable_parameters(model)
+    param_bytes = sum(p.numel() * max(p.element_size(), 4) for p in params)  # Krylov vectors: >= float32
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    batch = max(batches, key=batch_size)
+    fn = loss_fn if loss_fn is not None else default_loss_fn
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    module = _unwrap(model)  # a DDP wrapper's forward would arm reduction hooks no backward fires
+    with side_effect_free(model), torch.inference_mode(False), torch.enable_grad():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = fn(module, batch)
+        del loss
+    graph = GRAPH_FACTOR["autograd"] * sum(seen.values())
+    slices = max(1, min(math.ceil(graph / max(param_bytes, AUTO_GRAPH_FLOOR_BYTES)), AUTO_MAX_MICRO_BATCHES,
+                        batch_size(batch)))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        agreed = torch.tensor([float(slices)], device=params[0].device)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        slices = int(agreed.item())
+    return slices
 
 
 class SharpnessMonitor(Monitor):
@@ -78,15 +132,18 @@ class SharpnessMonitor(Monitor):
     Extra keyword arguments for a measure go in ``measure_kwargs``, e.g.
     ``measure_kwargs={"lambda_max": {"tol": 1e-3, "max_iter": 20}, "trace": {"n_hvp": 30}}``.
 
-    ``micro_batches`` (default 8; fewer when the batch has fewer examples, one example each): the
-    Hessian-vector products run each probe batch as that many micro-batches, so the double-backward
-    graph (~2.4x a whole batch's activations) holds one slice at a time: a check's extra peak was
-    0.67-1.29x a training step's on the GPT-2 decoders of 1.4M-10.2M parameters and the CNN of
-    benchmarks/RESULTS.md ("Scale"), 1.70x at 29.4M, where the model-size vectors of the Lanczos basis and
-    the product dominate; 3 micro-batches gave 2.3x there. The price is ~10% more time per product than
-    3 micro-batches. ``micro_batches=1`` keeps a single batch's graph cached between products instead:
-    faster, at ~3-4x a training step's memory. A probe batch that cannot be split (a per-example tensor
-    that is not batch-first) is measured whole, and the monitor says so once.
+    ``micro_batches`` (default ``"auto"``): the Hessian-vector products run each probe batch as that many
+    micro-batches, so the double-backward graph (~3x a whole batch's activations) holds one slice at a
+    time. ``"auto"`` (:func:`auto_micro_batches`) measures what a forward of the probe saves for backward
+    at the first check and splits only as far as memory needs: into up to 8 slices when the graph would
+    exceed the model's own size (or 64 MiB), not at all for a small model, which keeps its cached graph
+    and the fast products (slicing every probe in 8 cost up to 60 training steps per warm check on the
+    client models of benchmarks/monitor_overhead.py, against 14 whole). With 8 slices a check's extra peak
+    was 0.67-1.29x a training step's on the GPT-2 decoders of 1.4M-10.2M parameters and the CNN of
+    benchmarks/RESULTS.md ("Scale"), 1.70x at 29.4M (3 slices: 2.3x there), where the model-size vectors
+    of the Lanczos basis and the product dominate. An integer forces that many (``1``: whole batches,
+    graph cached). A probe batch that cannot be split (a per-example tensor that is not batch-first) is
+    measured whole, and the monitor says so once.
     Every check also logs ``monitor/n_hvp`` (Hessian-vector products spent) and
     ``monitor/overhead_pct``. Default alerts: :func:`~sharpguard.monitor.default_sharpness_alerts`.
     """
@@ -103,12 +160,15 @@ class SharpnessMonitor(Monitor):
         rho: float = 0.05,
         measure_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
         warm_start: bool = True,
-        micro_batches: int = 8,
+        micro_batches: int | str = "auto",
         **kwargs: Any,
     ) -> None:
         check_keywords("SharpnessMonitor", kwargs, keywords_of(Monitor.__init__) + keywords_of(SharpnessMonitor.__init__))
         rho = positive("rho", rho, "; the SAM default is 0.05")
-        micro_batches = positive_int("micro_batches", micro_batches)
+        if micro_batches != "auto":
+            if isinstance(micro_batches, str):
+                raise ConfigurationError(f"micro_batches must be 'auto' or a positive integer, got {micro_batches!r}.")
+            micro_batches = positive_int("micro_batches", micro_batches)
         if measure_kwargs is not None and (
             not isinstance(measure_kwargs, Mapping) or not all(isinstance(v, Mapping) for v in measure_kwargs.values())
         ):
@@ -129,6 +189,7 @@ class SharpnessMonitor(Monitor):
         self.measure_kwargs = {k: dict(v) for k, v in (measure_kwargs or {}).items()}
         self.warm_start = warm_start
         self.micro_batches = micro_batches
+        self._auto: tuple[tuple[int, ...], int] | None = None  # (probe batch ids, slices) chosen by "auto"
         self._eigenvector: Any | None = None
         self._eos_vector: Any | None = None
         self.n_hvp_total = 0
@@ -141,7 +202,22 @@ class SharpnessMonitor(Monitor):
         """One Hessian-vector product in training steps on the same examples: the fitted cost model of
         :mod:`sharpguard.sharpness.cost` (docs/cost_model.md) for exact products, cached graph or not."""
         batches = len(self.probe.batches) if self.probe.ready else 1
-        return check_passes_per_hvp("autograd", micro_batches=self.micro_batches, probe_batches=batches)
+        slices = self._slices()
+        # "auto" before its first choice: budget uncached products (the dearer case)
+        return check_passes_per_hvp("autograd", micro_batches=2 if slices is None else slices, probe_batches=batches)
+
+    def _slices(self) -> int | None:
+        """The micro-batches a probe batch actually splits into: ``micro_batches``, or fewer when the
+        probe's smallest batch has fewer examples (one each); ``micro_batches`` before the probe exists.
+        Under ``"auto"``: the last choice, or None before the first check."""
+        if self.micro_batches == "auto":
+            return None if self._auto is None else self._auto[1]
+        if not self.probe.ready:
+            return self.micro_batches
+        try:
+            return max(1, min([self.micro_batches, *(batch_size(b) for b in self.probe.batches)]))
+        except ConfigurationError:  # a batch without a batch dimension: measured whole (said when it happens)
+            return 1
 
     def passes(self) -> float:
         want, hvps, steps = set(self.measures), 0.0, 0.0
@@ -171,30 +247,46 @@ class SharpnessMonitor(Monitor):
         line = super().describe()
         if not set(self.measures) & {"lambda_max", "lambda_min", "eos_ratio", "trace"}:
             return line
-        graph = GRAPH_FACTOR["autograd"] / self.micro_batches
+        slices = self._slices()
         vectors = DEFAULT_MAX_BASIS + 1 + EXTRA_VECTORS["autograd"]
-        return (f"{line[:-1]}; memory per check (cost model, docs/cost_model.md): the products' graph ~{graph:.1f}x a "
-                f"training step's activations ({self.micro_batches} micro-batch{'es' if self.micro_batches > 1 else ''} "
-                f"per probe batch) plus ~{vectors:.0f} model-size vectors.")
+        if slices is None:
+            graph = (f"the products' graph at most ~{GRAPH_FACTOR['autograd'] / AUTO_MAX_MICRO_BATCHES:.1f}x a training "
+                     f"step's activations or max(the model's size, {AUTO_GRAPH_FLOOR_BYTES >> 20} MiB) (micro-batches "
+                     f"chosen at the first check, up to {AUTO_MAX_MICRO_BATCHES})")
+        else:
+            where = "" if self.probe.ready or slices == 1 else "up to "
+            graph = (f"the products' graph ~{GRAPH_FACTOR['autograd'] / slices:.1f}x a training step's activations "
+                     f"({where}{slices} micro-batch{'es' if slices > 1 else ''} per probe batch)")
+        return (f"{line[:-1]}; memory per check (cost model, docs/cost_model.md): {graph} plus ~{vectors:.0f} "
+                f"model-size vectors.")
 
     def _kw(self, name: str) -> dict[str, Any]:
         return dict(self.measure_kwargs.get(name, {}))
 
-    def _micro_batches_for(self, batches: list[Any]) -> int:
-        """``micro_batches``, or 1 (said once) when a probe batch cannot be split by examples."""
+    def _micro_batches_for(self, model: nn.Module, batches: list[Any]) -> int:
+        """``micro_batches`` (under ``"auto"``: :func:`auto_micro_batches`, once per probe), or 1 (said
+        once) when a probe batch cannot be split by examples."""
         if self.micro_batches == 1 or self.__dict__.get("_micro_batches_failed"):
             return 1
+        micro = self.micro_batches
+        if micro == "auto":
+            key = tuple(id(b) for b in batches)
+            if self._auto is None or self._auto[0] != key:
+                self._auto = (key, auto_micro_batches(model, batches, self.loss_fn))
+            micro = self._auto[1]
+            if micro == 1:
+                return 1
         try:
             for b in batches:
-                split_batch(b, self.micro_batches)
+                split_batch(b, micro)
         except ConfigurationError as exc:
             self.warn_once("micro-batches", f"the Hessian-vector products run on whole probe batches, so a check may "
                            f"need ~3-4x a training step's memory: {exc}")
             return 1
-        return self.micro_batches
+        return micro
 
     def _measure(self, model: nn.Module, batches: list[Any], optimizer: Any | None, batch: Any | None):
-        micro = self._micro_batches_for(batches)
+        micro = self._micro_batches_for(model, batches)
         try:
             return self._measure_on(model, batches, optimizer, batch, micro)
         except ConfigurationError:
