@@ -61,7 +61,8 @@ def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = 
     own size, or a floor below which memory is not worth the time - with at most
     :data:`AUTO_MAX_MICRO_BATCHES` slices and one example per slice. A small model keeps its whole batch and
     with it the cached graph (a product is then one double backward); a model whose activations dwarf
-    its weights splits into up to 8. Measured on the client models of benchmarks/monitor_overhead.py: 8
+    its weights splits into up to 8 (on an FSDP2 model the weights its forward gathers count as saved
+    tensors: more slices, never fewer). Measured on the client models of benchmarks/monitor_overhead.py: 8
     slices for every probe cost up to 60 training steps per warm check against 14 whole (the per-slice
     overhead of models whose steps take milliseconds); on the GPT-2s of benchmarks/scale.py 8 slices keep
     a check within 0.7-1.7x a training step's memory. Under ``torch.distributed`` the ranks take the
@@ -70,9 +71,9 @@ def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = 
     from .._state import side_effect_free, trainable_parameters
     from ..sharpness.operator import _unwrap
 
-    params = trainable_parameters(model)
+    params = [_local(p) for p in trainable_parameters(model)]  # an FSDP2 rank holds (and measures) its shard
     param_bytes = sum(p.numel() * max(p.element_size(), 4) for p in params)  # Krylov vectors: >= float32
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    weights = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
     batch = max(batches, key=batch_size)
     fn = loss_fn if loss_fn is not None else default_loss_fn
     seen: dict[int, int] = {}
@@ -96,6 +97,12 @@ def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = 
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
         slices = int(agreed.item())
     return slices
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor parameter (FSDP2's shard), the tensor itself otherwise."""
+    to_local = getattr(p, "to_local", None)
+    return to_local() if callable(to_local) else p
 
 
 class SharpnessMonitor(Monitor):
