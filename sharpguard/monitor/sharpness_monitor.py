@@ -54,9 +54,11 @@ AUTO_MAX_MICRO_BATCHES = 8
 def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None) -> int:
     """How many micro-batches a check's products should run each probe batch in (``micro_batches="auto"``).
 
-    Measures what one forward of the largest probe batch saves for backward (a saved-tensor hook, eval mode,
-    inside :func:`sharpguard._state.side_effect_free`; the weights, which autograd saves by reference, are
-    not counted), takes the double-backward graph as ``GRAPH_FACTOR["autograd"]`` times that
+    Measures what one forward of an eighth of the largest probe batch saves for backward, scaled to the
+    whole batch (a saved-tensor hook, eval mode, inside :func:`sharpguard._state.side_effect_free`; the
+    weights, which autograd saves by reference, are not counted; a whole-batch forward cost the check's
+    first peak up to 1.1x a training step's more RSS on GPT-2 29.4M, glibc keeping its freed heap), takes
+    the double-backward graph as ``GRAPH_FACTOR["autograd"]`` times that
     (docs/cost_model.md), and splits until one slice's graph is at most ``max(P b, 64 MiB)`` - the model's
     own size, or a floor below which memory is not worth the time - with at most
     :data:`AUTO_MAX_MICRO_BATCHES` slices and one example per slice. A small model keeps its whole batch and
@@ -75,6 +77,11 @@ def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = 
     param_bytes = sum(p.numel() * max(p.element_size(), 4) for p in params)  # Krylov vectors: >= float32
     weights = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
     batch = max(batches, key=batch_size)
+    n = batch_size(batch)
+    try:  # measure on the smallest slice the products could use, scaled to the batch (see the docstring)
+        part = split_batch(batch, AUTO_MAX_MICRO_BATCHES)[0]
+    except ConfigurationError:
+        return 1  # a batch that cannot be split is measured whole anyway (the monitor says so)
     fn = loss_fn if loss_fn is not None else default_loss_fn
     seen: dict[int, int] = {}
 
@@ -87,11 +94,10 @@ def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = 
     module = _unwrap(model)  # a DDP wrapper's forward would arm reduction hooks no backward fires
     with side_effect_free(model), torch.inference_mode(False), torch.enable_grad():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = fn(module, batch)
+            loss = fn(module, part)
         del loss
-    graph = GRAPH_FACTOR["autograd"] * sum(seen.values())
-    slices = max(1, min(math.ceil(graph / max(param_bytes, AUTO_GRAPH_FLOOR_BYTES)), AUTO_MAX_MICRO_BATCHES,
-                        batch_size(batch)))
+    graph = GRAPH_FACTOR["autograd"] * sum(seen.values()) * n / batch_size(part)
+    slices = max(1, min(math.ceil(graph / max(param_bytes, AUTO_GRAPH_FLOOR_BYTES)), AUTO_MAX_MICRO_BATCHES, n))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         agreed = torch.tensor([float(slices)], device=params[0].device)
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
@@ -145,9 +151,9 @@ class SharpnessMonitor(Monitor):
     at the first check and splits only as far as memory needs: into up to 8 slices when the graph would
     exceed the model's own size (or 64 MiB), not at all for a small model, which keeps its cached graph
     and the fast products (slicing every probe in 8 cost up to 60 training steps per warm check on the
-    client models of benchmarks/monitor_overhead.py, against 14 whole). With 8 slices a check's extra peak
-    was 0.67-1.29x a training step's on the GPT-2 decoders of 1.4M-10.2M parameters and the CNN of
-    benchmarks/RESULTS.md ("Scale"), 1.70x at 29.4M (3 slices: 2.3x there), where the model-size vectors
+    client models of benchmarks/monitor_overhead.py, against 14 whole). The first check's extra peak
+    (the choice included) was 0.84-1.36x a training step's on the GPT-2 decoders of 1.4M-10.2M parameters
+    and the CNN of benchmarks/RESULTS.md ("Scale"), 1.82x at 29.4M (3 slices: 2.3x there), where the model-size vectors
     of the Lanczos basis and the product dominate. An integer forces that many (``1``: whole batches,
     graph cached). A probe batch that cannot be split (a per-example tensor that is not batch-first) is
     measured whole, and the monitor says so once.
@@ -279,7 +285,16 @@ class SharpnessMonitor(Monitor):
         if micro == "auto":
             key = tuple(id(b) for b in batches)
             if self._auto is None or self._auto[0] != key:
-                self._auto = (key, auto_micro_batches(model, batches, self.loss_fn))
+                try:
+                    chosen = auto_micro_batches(model, batches, self.loss_fn)
+                except ConfigurationError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the loss cannot run on a slice: whole batches
+                    self.warn_once("micro-batches", "the Hessian-vector products run on whole probe batches, so a check "
+                                   "may need ~3-4x a training step's memory: the loss failed on a micro-batch "
+                                   f"({type(exc).__name__}: {exc})")
+                    chosen = 1
+                self._auto = (key, chosen)
             micro = self._auto[1]
             if micro == 1:
                 return 1
