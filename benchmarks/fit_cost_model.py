@@ -4,7 +4,7 @@ The model (sharpguard/sharpness/cost.py): a check's extra peak is ``c_A A / m + 
 with ``A = train extra peak - (1 + s) P b`` (AdamW: ``s = 2``), ``m`` micro-batches, ``P b`` the parameter
 bytes. ``c_A`` and ``c_v`` are fitted by least squares on the relative error (so the small models weigh as
 much as the large ones): for exact products jointly over the whole-batch check and the monitor's
-micro-batched one, for finite differences over its whole-batch check. ``c_t``: the mean of one product's
+micro-batched one (in the micro-batches its ``"auto"`` chose), for finite differences over its whole-batch check. ``c_t``: the mean of one product's
 time over a forward+backward, per method. Prints the constants, each model's measured / predicted peak and
 the error range; the constants are then copied into cost.py by hand (the fit is a decision to review).
 
@@ -27,8 +27,9 @@ RAW = Path(__file__).with_name("scale_raw.json")
 STATE_VECTORS = 3  # gradient + AdamW's two moments
 
 
-def _rows(raw: dict, check: str, micro: int) -> list[tuple[str, float, float, float]]:
-    """(model, A, P b, measured check extra peak) in MiB for every model with that check."""
+def _rows(raw: dict, check: str) -> list[tuple[str, float, float, float]]:
+    """(model, A / m, P b, measured check extra peak) in MiB for every model with that check, ``m`` the
+    micro-batches the check ran in (recorded by scale.py; 1 for whole batches)."""
     out = []
     for name, r in raw.items():
         mem = r["mem"]
@@ -36,7 +37,8 @@ def _rows(raw: dict, check: str, micro: int) -> list[tuple[str, float, float, fl
             continue
         pb = 4 * r["time"]["params"] / 2**20
         a = max(mem["train"]["extra_mib"] - STATE_VECTORS * pb, 0.0)
-        out.append((f"{name} ({check})", a / micro, pb, mem[check]["extra_mib"]))
+        micro = int(mem[check].get("micro_batches", 1))
+        out.append((f"{name} ({check}, {micro} micro-batch{'es' if micro > 1 else ''})", a / micro, pb, mem[check]["extra_mib"]))
     return out
 
 
@@ -52,10 +54,9 @@ def fit(rows: list[tuple[str, float, float, float]]) -> tuple[float, float, list
 
 def main() -> None:
     raw = json.loads(RAW.read_text())
-    micro = next(iter(raw.values()))["mem"]["check_mb"].get("micro_batches", 8)
     for method, rows in (
-        ("autograd", _rows(raw, "check", 1) + _rows(raw, "check_mb", micro)),
-        ("finite_difference", _rows(raw, "check_fd", 1)),
+        ("autograd", _rows(raw, "check") + _rows(raw, "check_mb")),
+        ("finite_difference", _rows(raw, "check_fd")),
     ):
         c_a, c_v, pred = fit(rows)
         errors = [p / m - 1 for _, m, p in pred]

@@ -20,9 +20,10 @@ Columns, per model:
   that of the default ``max_iter=100``; the time grows with the products), seconds and extra peak memory
   over the training step's extra peak; the same with ``hvp="finite_difference"`` (two gradient passes
   per product, no double-backward graph), and PyHessian's ``eigenvalues(top_n=1, maxIter=20)`` (tol 1e-3)
-  on the same batch. *check, monitor's micro-batches*: the same check with the ``SharpnessMonitor``'s
-  default ``micro_batches`` (8 since issue 13; a batch of 8 sequences runs one sequence at a time), the
-  GPT-2 targets kept batch-first so the batch splits by sequences.
+  on the same batch. *check, monitor's micro-batches*: the same check with the micro-batches the
+  ``SharpnessMonitor``'s default ``micro_batches="auto"`` chooses (``auto_micro_batches``: up to 8; a
+  batch of 8 sequences in 8 runs one sequence at a time), the GPT-2 targets kept batch-first so the
+  batch splits by sequences.
 
 Peak memory: every memory number comes from a fresh subprocess (the training, SAM and peer SAM steps: the
 median of three) that builds the model and batch, resets the
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import io
 import json
 import os
@@ -57,15 +57,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _results import machine, write_section
 
-from sharpguard.monitor import SharpnessMonitor
+from sharpguard.monitor.sharpness_monitor import auto_micro_batches
 
 GPT2_SIZES = {"gpt2-1.4M": (128, 2), "gpt2-5.2M": (256, 4), "gpt2-10.2M": (384, 4), "gpt2-29M": (512, 8)}
 CNN_WIDTHS = {"cnn": (64, 128, 256), "cnn-small": (32, 64, 128)}
 # Products per check: the bounded basis is full after 5, so the memory peak is that of the defaults
 # (max_iter=100); 20 keeps a full run near 10 minutes on 2 shared cores. Time scales with the products.
 MAX_ITER = 20
-# the SharpnessMonitor's default, read from its signature so the table follows it
-MONITOR_MICRO_BATCHES = inspect.signature(SharpnessMonitor).parameters["micro_batches"].default
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -258,15 +256,16 @@ def worker(name: str, what: str, quick: bool) -> dict:
     elif what == "check_mb":
         from sharpguard.sharpness import hessian_eigenvalues
 
-        # the monitors' default: each probe batch as three micro-batches (targets kept batch-first so the
-        # batch splits by examples; the same loss)
+        # the monitors' default: each probe batch in the micro-batches auto_micro_batches chooses (targets
+        # kept batch-first so the batch splits by examples; the same loss)
         x, y = batch
         y2 = x[:, 1:] if name.startswith("gpt2") else y
-        r = hessian_eigenvalues(
-            model, (x, y2), lambda m, b: F.cross_entropy(m(b[0]), b[1].reshape(-1)), k=1, max_iter=MAX_ITER,
-            micro_batches=MONITOR_MICRO_BATCHES,
-        )
-        out.update(lam=r.lambda_max, n_hvp=r.n_hvp, residual=r.residuals[0], converged=r.converged, method=r.hvp_method)
+        loss = lambda m, b: F.cross_entropy(m(b[0]), b[1].reshape(-1))  # noqa: E731
+        # the SharpnessMonitor's default choice; its forward is part of the first check, so measured with it
+        micro = auto_micro_batches(model, [(x, y2)], loss)
+        r = hessian_eigenvalues(model, (x, y2), loss, k=1, max_iter=MAX_ITER, micro_batches=micro)
+        out.update(lam=r.lambda_max, n_hvp=r.n_hvp, residual=r.residuals[0], converged=r.converged, method=r.hvp_method,
+                   micro_batches=micro)
     elif what in ("check", "check_fd"):
         from sharpguard.sharpness import hessian_eigenvalues
 
@@ -391,12 +390,37 @@ def time_ratios(name: str, quick: bool, rounds: int) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
+def render_row(name: str, mem: dict, t: dict) -> str:
+    """One row of the table from one model's measurements (``scale_raw.json`` holds them all)."""
+    pbytes = 4 * t["params"] / 2**20
+    tr = dict(mem["train"])
+    tr["extra_mib"] = max(tr["extra_mib"], 1.0)
+    return (
+        f"| {name} | {t['params'] / 1e6:.2f}M | {t['sam'] / t['plain2']:.2f} / {t['peer_sam'] / t['plain2']:.2f} "
+        f"| {(mem['sam']['extra_mib'] - tr['extra_mib']) / pbytes:.2f} / "
+        f"{(mem['peer_sam']['extra_mib'] - tr['extra_mib']) / pbytes:.2f} "
+        f"| {t['hvp'] / t['fwd_bwd']:.2f} / {t['hvp_fwd_over_rev'] / t['fwd_bwd']:.2f} / {t['hvp_fd'] / t['fwd_bwd']:.2f} "
+        f"/ {t['hvp_pyhessian'] / t['fwd_bwd']:.2f} "
+        f"| {mem['hvp']['extra_mib'] / tr['extra_mib']:.2f}x / {mem['hvp_fwd_over_rev']['extra_mib'] / tr['extra_mib']:.2f}x "
+        f"| {tr['extra_mib']:.0f} MiB, {tr['seconds']:.2f} s "
+        f"| {mem['check']['seconds']:.1f} s, {mem['check']['n_hvp']} HVP, {mem['check']['extra_mib'] / tr['extra_mib']:.2f}x "
+        f"| {mem['check_mb'].get('micro_batches', '?')}: {mem['check_mb']['seconds']:.1f} s, "
+        f"{mem['check_mb']['extra_mib'] / tr['extra_mib']:.2f}x "
+        f"| {mem['check_fd']['seconds']:.1f} s, {mem['check_fd']['n_hvp']} HVP, {mem['check_fd']['extra_mib'] / tr['extra_mib']:.2f}x "
+        f"| {mem['pyhessian']['seconds']:.1f} s, {mem['pyhessian']['extra_mib'] / tr['extra_mib']:.2f}x "
+        f"| {mem['check']['lam']:.5g} / {mem['check_mb']['lam']:.5g} / {mem['check_fd']['lam']:.5g} / {mem['pyhessian']['lam']:.5g} |"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes and batches (about a minute)")
     ap.add_argument("--without-29m", action="store_true", help="leave out the 29M-parameter decoder (about 8 minutes)")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "WHAT"), help=argparse.SUPPRESS)
+    ap.add_argument("--rerun", nargs=2, action="append", metavar=("MODEL", "WHAT"),
+                    help="re-measure one memory measurement (e.g. gpt2-1.4M check_mb) into scale_raw.json and rewrite "
+                         "the table from it, saying so under the table; repeatable")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, args.quick)))
@@ -408,6 +432,14 @@ def main() -> None:
         names = ["gpt2-1.4M", "gpt2-5.2M", "cnn", "gpt2-10.2M"] + ([] if args.without_29m else ["gpt2-29M"])
     rows = []
     raw = {}
+    raw_file = Path(__file__).with_name("scale_raw.json")
+    reruns = args.rerun or []
+    if reruns:  # the rest of the table stays as last measured
+        raw = json.loads(raw_file.read_text())
+        for name, what in reruns:
+            raw[name]["mem"][what] = measure(name, what, args.quick)
+        rows = [render_row(name, r["mem"], r["time"]) for name, r in raw.items()]
+        names = []
     for name in names:
         t0 = time.perf_counter()
         mem = {w: measure(name, w, args.quick) for w in ("check", "check_mb", "check_fd", "pyhessian", "hvp", "hvp_fwd_over_rev")}
@@ -418,26 +450,10 @@ def main() -> None:
             mem[w] = runs[1]
         t = time_ratios(name, args.quick, rounds=2 if not args.quick else 3)
         raw[name] = {"mem": mem, "time": t}
-        pbytes = 4 * t["params"] / 2**20
-        tr = dict(mem["train"])
-        tr["extra_mib"] = max(tr["extra_mib"], 1.0)
-        rows.append(
-            f"| {name} | {t['params'] / 1e6:.2f}M | {t['sam'] / t['plain2']:.2f} / {t['peer_sam'] / t['plain2']:.2f} "
-            f"| {(mem['sam']['extra_mib'] - tr['extra_mib']) / pbytes:.2f} / "
-            f"{(mem['peer_sam']['extra_mib'] - tr['extra_mib']) / pbytes:.2f} "
-            f"| {t['hvp'] / t['fwd_bwd']:.2f} / {t['hvp_fwd_over_rev'] / t['fwd_bwd']:.2f} / {t['hvp_fd'] / t['fwd_bwd']:.2f} "
-            f"/ {t['hvp_pyhessian'] / t['fwd_bwd']:.2f} "
-            f"| {mem['hvp']['extra_mib'] / tr['extra_mib']:.2f}x / {mem['hvp_fwd_over_rev']['extra_mib'] / tr['extra_mib']:.2f}x "
-            f"| {tr['extra_mib']:.0f} MiB, {tr['seconds']:.2f} s "
-            f"| {mem['check']['seconds']:.1f} s, {mem['check']['n_hvp']} HVP, {mem['check']['extra_mib'] / tr['extra_mib']:.2f}x "
-            f"| {mem['check_mb']['seconds']:.1f} s, {mem['check_mb']['extra_mib'] / tr['extra_mib']:.2f}x "
-            f"| {mem['check_fd']['seconds']:.1f} s, {mem['check_fd']['n_hvp']} HVP, {mem['check_fd']['extra_mib'] / tr['extra_mib']:.2f}x "
-            f"| {mem['pyhessian']['seconds']:.1f} s, {mem['pyhessian']['extra_mib'] / tr['extra_mib']:.2f}x "
-            f"| {mem['check']['lam']:.5g} / {mem['check_mb']['lam']:.5g} / {mem['check_fd']['lam']:.5g} / {mem['pyhessian']['lam']:.5g} |"
-        )
+        rows.append(render_row(name, mem, t))
         print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
         if not args.no_write:
-            Path(__file__).with_name("scale_raw.json").write_text(json.dumps(raw, indent=1, default=str))
+            raw_file.write_text(json.dumps(raw, indent=1, default=str))
     lines = [
         f"Machine: {machine()}. `benchmarks/scale.py{' --quick' if args.quick else ''}`; one intra-op thread.",
         ("Memory: extra peak RSS (`VmHWM` after resetting it through `/proc/self/clear_refs`) of the one measured "
@@ -448,7 +464,7 @@ def main() -> None:
         "the same product in a fresh process over the training step's extra peak. Check: `hessian_eigenvalues(k=1)` defaults (tol 1e-4, basis of "
         "5 vectors) with max_iter=20 (the basis is full after 5 products, so the peak is the defaults'), "
         "its extra peak over the training step's (forward, backward, AdamW step); *monitor's micro-batches* the same with "
-        f"`micro_batches={MONITOR_MICRO_BATCHES}` (the SharpnessMonitor's default: no cached graph, one slice's graph at a time); *fd* the same with "
+        "the SharpnessMonitor's default `micro_batches=\"auto\"` (`slices: time, peak`; no cached graph, one slice's graph at a time); *fd* the same with "
         "`hvp=\"finite_difference\"`; PyHessian `eigenvalues(top_n=1, maxIter=20)` (tol 1e-3). "
         "The monitor's RSS-over-300-steps column is measured by benchmarks/monitor_overhead.py."),
         "",
@@ -460,8 +476,11 @@ def main() -> None:
     ]
     table = "\n".join(lines)
     print(table)
+    if reruns:
+        table += ("\n\nRe-measured after the rest of the table (fresh processes, same script): "
+                  + ", ".join(f"{n} `{w}`" for n, w in reruns) + ".")
     if not args.no_write:
-        Path(__file__).with_name("scale_raw.json").write_text(json.dumps(raw, indent=1, default=str))
+        raw_file.write_text(json.dumps(raw, indent=1, default=str))
         write_section("Scale" + (" (quick)" if args.quick else ""), table)
 
 
