@@ -28,11 +28,11 @@ __all__ = ["CheckCost", "SamCost", "check_passes_per_hvp", "estimate_check_cost"
 # Fitted on benchmarks/scale.py (docs/cost_model.md, "Fit"): graph memory over the training step's
 # activations, model-size vectors besides the basis, and one product's time in forward+backward passes.
 # Least squares on relative errors over the five models of the "Scale" table (2026-12-02, fourth fit, by
-# benchmarks/fit_cost_model.py): for exact products jointly over whole batches and the monitor's 8
-# micro-batches, peak error -25%..+20% (-5%..+9% on the micro-batched checks); finite differences
+# benchmarks/fit_cost_model.py): for exact products jointly over whole batches and the micro-batches the
+# monitor's "auto" chose (4-8), peak error -21%..+20% (-10%..+11% on the micro-batched checks); finite differences
 # -20%..+16%; product time 2.9-3.9 (exact, mean 3.23) and 2.0-2.3 (finite differences, mean 2.12) passes.
-GRAPH_FACTOR = {"autograd": 3.07, "finite_difference": 1.23}
-EXTRA_VECTORS = {"autograd": 4.8, "finite_difference": 5.9}
+GRAPH_FACTOR = {"autograd": 3.04, "finite_difference": 1.23}
+EXTRA_VECTORS = {"autograd": 6.0, "finite_difference": 5.9}
 HVP_PASSES = {"autograd": 3.2, "finite_difference": 2.1}
 # A product on a single-batch probe whose gradient graph stays cached (HVPOperator's default for one batch,
 # one micro-batch) costs one double backward: 2.2-2.4 forward+backward passes in the third fit's table.
