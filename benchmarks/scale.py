@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _results import machine, write_section
 
-from sharpguard.monitor.sharpness_monitor import auto_micro_batches
+from sharpguard.sharpness import auto_micro_batches
 
 GPT2_SIZES = {"gpt2-1.4M": (128, 2), "gpt2-5.2M": (256, 4), "gpt2-10.2M": (384, 4), "gpt2-29M": (512, 8)}
 CNN_WIDTHS = {"cnn": (64, 128, 256), "cnn-small": (32, 64, 128)}

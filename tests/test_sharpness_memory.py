@@ -564,10 +564,11 @@ def test_products_skip_an_accelerate_style_autocast_wrapper():
 
 
 def _activation_heavy() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """A model whose forward saves ~65 MiB for 4096 examples against 16.6 MiB of weights."""
+    """A model whose forward saves ~65 MiB for 2048 examples against 2.3 MiB of weights (wide, shallow:
+    cheap products)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 2048), nn.Tanh(), nn.Linear(2048, 2048), nn.Tanh(), nn.Linear(2048, 10))
-    return model, (torch.randn(4096, 64), torch.randint(0, 10, (4096,)))
+    model = nn.Sequential(nn.Linear(64, 8192), nn.Tanh(), nn.Linear(8192, 10))
+    return model, (torch.randn(2048, 64), torch.randint(0, 10, (2048,)))
 
 
 def test_auto_micro_batches_split_only_where_the_graph_is_large():
@@ -575,7 +576,7 @@ def test_auto_micro_batches_split_only_where_the_graph_is_large():
     max(P b, 64 MiB) is split until a slice fits, at most 8 slices and one example per slice. The choice
     changes nothing in the model (it runs one forward inside the guards)."""
     from sharpguard.monitor import SharpnessMonitor
-    from sharpguard.monitor.sharpness_monitor import AUTO_GRAPH_FLOOR_BYTES, auto_micro_batches
+    from sharpguard.sharpness.micro import AUTO_GRAPH_FLOOR_BYTES, auto_micro_batches
     from sharpguard.sharpness.cost import GRAPH_FACTOR
 
     small, batches = mlp_case()
@@ -583,35 +584,41 @@ def test_auto_micro_batches_split_only_where_the_graph_is_large():
     model, batch = _activation_heavy()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     slices = auto_micro_batches(model, [batch])
-    # what the forward saves besides the weights: x and the two tanh outputs (the next layers' inputs),
-    # the log-softmax, the targets
-    saved = 4 * 4096 * (64 + 2048 + 2048 + 10) + 8 * 4096
-    assert slices == math.ceil(GRAPH_FACTOR["autograd"] * saved / AUTO_GRAPH_FLOOR_BYTES) == 4
+    # what the forward saves besides the weights: x and the tanh output (the next layer's input), the
+    # log-softmax, the targets (measured on an eighth of the batch and scaled: the same for equal rows)
+    saved = 4 * 2048 * (64 + 8192 + 10) + 8 * 2048
+    assert slices == math.ceil(GRAPH_FACTOR["autograd"] * saved / AUTO_GRAPH_FLOOR_BYTES) > 1
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and model.training
     assert all(p.grad is None for p in model.parameters())
     # capped at 8 slices, and at one example per slice
-    wide = (torch.randn(16384, 64), torch.randint(0, 10, (16384,)))
+    wide = (torch.randn(8192, 64), torch.randint(0, 10, (8192,)))
     assert auto_micro_batches(model, [wide]) == 8
     assert auto_micro_batches(model, [(batch[0][:3], batch[1][:3])]) == 1  # 3 examples: a small graph anyway
     # the monitor uses the choice, reports it, and says it in its console line
     mon = SharpnessMonitor(("lambda_max",), every_n_steps=1, probe=[batch], measure_kwargs={"lambda_max": {"max_iter": 3}})
     assert "chosen at the first check" in mon.describe()
     _, settings = mon.measure(model, with_settings=True)
-    assert settings["sharpness/lambda_max"]["micro_batches"] == 4
-    assert "(4 micro-batches per probe batch)" in mon.describe()
+    assert settings["sharpness/lambda_max"]["micro_batches"] == slices
+    assert f"({slices} micro-batches per probe batch)" in mon.describe()
     with pytest.raises(ConfigurationError, match="'auto' or a positive integer"):
         SharpnessMonitor(micro_batches="eight")
+    # the measures take the same choice, and the eigenvalue is the whole batch's
+    res = hessian_eigenvalues(model, [batch], micro_batches="auto", max_iter=8)
+    whole = hessian_eigenvalues(model, [batch], max_iter=8)
+    assert res.settings["micro_batches"] == slices and whole.settings["micro_batches"] == 1
+    assert res.lambda_max == pytest.approx(whole.lambda_max, rel=1e-4)
+    assert hessian_eigenvalues(small, batches, micro_batches="auto", max_iter=5).settings["micro_batches"] == 1
 
 
 def _auto_worker(rank: int, port: int, out_dir: str) -> None:
     from _distributed import process_group
 
-    from sharpguard.monitor.sharpness_monitor import auto_micro_batches
+    from sharpguard.sharpness import auto_micro_batches
 
     with process_group(rank, 2, port):
         model, batch = _activation_heavy()
-        # rank 0 probes 4096 examples (4 slices), rank 1 a quarter (1 slice): the ranks must agree
-        n = 4096 if rank == 0 else 1024
+        # rank 0 probes 2048 examples (several slices), rank 1 an eighth (1 slice): the ranks must agree
+        n = 2048 if rank == 0 else 256
         choice = auto_micro_batches(model, [(batch[0][:n], batch[1][:n])])
         with open(f"{out_dir}/{rank}.txt", "w") as fh:
             fh.write(str(choice))
@@ -623,4 +630,9 @@ def test_auto_micro_batches_agree_across_ranks(tmp_path):
     from _distributed import spawn
 
     spawn(_auto_worker, str(tmp_path))
-    assert [int((tmp_path / f"{r}.txt").read_text()) for r in (0, 1)] == [4, 4]
+    from sharpguard.sharpness import auto_micro_batches
+
+    model, batch = _activation_heavy()
+    alone = auto_micro_batches(model, [batch])
+    assert alone > 1 and auto_micro_batches(model, [(batch[0][:256], batch[1][:256])]) == 1
+    assert [int((tmp_path / f"{r}.txt").read_text()) for r in (0, 1)] == [alone, alone]

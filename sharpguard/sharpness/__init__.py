@@ -83,3 +83,7 @@ __all__ += ["CheckCost", "SamCost", "estimate_check_cost", "estimate_sam_cost"]
 from .sharded import ShardedHVPOperator, is_sharded  # noqa: E402
 
 __all__ += ["ShardedHVPOperator", "is_sharded"]
+
+from .micro import auto_micro_batches
+
+__all__ += ["auto_micro_batches"]

@@ -347,7 +347,10 @@ class HVPOperator(ProbeLoss):
             mean over examples (the micro-batches are weighted by their sizes, as probe batches are);
             a loss averaged over tokens is then weighted by examples, not tokens. More than one
             micro-batch means no cached graph (``cache_graph=None``): each product costs a forward, a
-            backward and a double backward per micro-batch instead of one backward.
+            backward and a double backward per micro-batch instead of one backward. ``"auto"`` chooses
+            the number from the probe's activations (:func:`~sharpguard.sharpness.micro.auto_micro_batches`,
+            the ``SharpnessMonitor``'s default): 1 for a small model, up to 8 where the graph would
+            exceed the model's own size.
     """
 
     def __init__(
@@ -362,12 +365,16 @@ class HVPOperator(ProbeLoss):
         fd_eps: float | None = None,
         distributed: bool | None = None,
         cache_graph: bool | None = None,
-        micro_batches: int = 1,
+        micro_batches: int | Literal["auto"] = 1,
     ) -> None:
         if hvp not in _HVP_CHOICES:
             raise ConfigurationError(f"hvp must be one of {_HVP_CHOICES}, got {hvp!r}.")
         if fd_eps is not None and not (fd_eps > 0 and math.isfinite(fd_eps)):
             raise ConfigurationError(f"fd_eps must be a positive number, got {fd_eps!r}.")
+        if micro_batches == "auto":  # as many as the probe's activations need (sharpness/micro.py)
+            from .micro import auto_micro_batches
+
+            micro_batches = auto_micro_batches(model, as_batches(batches), loss_fn, distributed=distributed)
         self.micro_batches = positive_int("micro_batches", micro_batches)
         if self.micro_batches > 1:
             batches = BatchList(part for b in as_batches(batches) for part in split_batch(b, self.micro_batches))
