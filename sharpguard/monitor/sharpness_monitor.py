@@ -81,9 +81,10 @@ class SharpnessMonitor(Monitor):
 
     ``micro_batches`` (default ``"auto"``): the Hessian-vector products run each probe batch as that many
     micro-batches, so the double-backward graph (~3x a whole batch's activations) holds one slice at a
-    time. ``"auto"`` (:func:`auto_micro_batches`) measures what a forward of the probe saves for backward
-    at the first check and splits only as far as memory needs: into up to 8 slices when the graph would
-    exceed the model's own size (or 64 MiB), not at all for a small model, which keeps its cached graph
+    time. ``"auto"`` (:func:`~sharpguard.sharpness.auto_micro_batches`) measures what a forward of an
+    eighth of the probe saves for backward at the first check and splits only as far as memory needs:
+    into up to 8 slices when the graph would exceed the model's own size (or 64 MiB), not at all for a
+    small model, which keeps its cached graph
     and the fast products (slicing every probe in 8 cost up to 60 training steps per warm check on the
     client models of benchmarks/monitor_overhead.py, against 14 whole). The first check's extra peak
     (the choice included) was 0.84-1.36x a training step's on the GPT-2 decoders of 1.4M-10.2M parameters
