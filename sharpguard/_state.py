@@ -103,6 +103,13 @@ def side_effect_free(model: nn.Module, *, train: bool | None = False, parameters
         yield
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2's shard of a parameter, its gradient or state), the tensor
+    itself otherwise (unsharded, or FSDP1's flat shards)."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 def trainable_parameters(model: nn.Module) -> list[torch.Tensor]:
     """Parameters with ``requires_grad``; raises if there are none."""
     from .errors import ConfigurationError

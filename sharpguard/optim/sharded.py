@@ -12,15 +12,10 @@ from typing import Any
 
 import torch
 
+from .._state import local_shard as _local
 from . import functional as F
 
 __all__ = ["ShardedSAM", "sharded_global_norm"]
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), the tensor itself otherwise (FSDP1 flat shards)."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
 
 
 def sharded_global_norm(tensors: Sequence[torch.Tensor], group: Any = None) -> torch.Tensor:

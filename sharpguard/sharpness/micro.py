@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._batches import batch_size, default_loss_fn, split_batch
-from .._state import side_effect_free, trainable_parameters
+from .._state import local_shard, side_effect_free, trainable_parameters
 from ..errors import ConfigurationError
 from .cost import GRAPH_FACTOR
 
@@ -51,9 +51,9 @@ def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = 
     """
     from .operator import _detach_inference, _unwrap  # here: operator.py imports this module
 
-    params = [_local(p) for p in trainable_parameters(model)]  # an FSDP2 rank holds (and measures) its shard
+    params = [local_shard(p) for p in trainable_parameters(model)]  # an FSDP2 rank holds (and measures) its shard
     param_bytes = sum(p.numel() * max(p.element_size(), 4) for p in params)  # Krylov vectors: >= float32
-    weights = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
+    weights = {local_shard(p).untyped_storage().data_ptr() for p in model.parameters()}
     batch = _detach_inference(max(batches, key=batch_size))
     n = batch_size(batch)
     try:  # measure on the smallest slice the products could use, scaled to the batch (see the docstring)
@@ -85,9 +85,3 @@ def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = 
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
         slices = int(agreed.item())
     return slices
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a DTensor parameter (FSDP2's shard), the tensor itself otherwise."""
-    to_local = getattr(p, "to_local", None)
-    return to_local() if callable(to_local) else p
