@@ -151,8 +151,8 @@ class SharpnessMonitor(Monitor):
         :mod:`sharpguard.sharpness.cost` (docs/cost_model.md) for exact products, cached graph or not."""
         batches = len(self.probe.batches) if self.probe.ready else 1
         slices = self._slices()
-        # "auto" before its first choice: budget uncached products (the dearer case)
-        return check_passes_per_hvp("autograd", micro_batches=2 if slices is None else slices, probe_batches=batches)
+        # "auto" before its first choice: budget the most slices it may take (uncached: the dearer case)
+        return check_passes_per_hvp("autograd", micro_batches=slices or AUTO_MAX_MICRO_BATCHES, probe_batches=batches)
 
     def _slices(self) -> int | None:
         """The micro-batches a probe batch actually splits into: ``micro_batches``, or fewer when the
@@ -221,15 +221,12 @@ class SharpnessMonitor(Monitor):
             key = tuple(id(b) for b in batches)
             if self._auto is None or self._auto[0] != key:
                 try:
-                    chosen = auto_micro_batches(model, batches, self.loss_fn)
+                    self._auto = (key, auto_micro_batches(model, batches, self.loss_fn))
                 except ConfigurationError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the loss cannot run on a slice: whole batches
-                    self.warn_once("micro-batches", "the Hessian-vector products run on whole probe batches, so a check "
-                                   "may need ~3-4x a training step's memory: the loss failed on a micro-batch "
-                                   f"({type(exc).__name__}: {exc})")
-                    chosen = 1
-                self._auto = (key, chosen)
+                    self._whole_batches_from_now_on(exc)
+                    return 1
             micro = self._auto[1]
             if micro == 1:
                 return 1
@@ -251,13 +248,16 @@ class SharpnessMonitor(Monitor):
         except Exception as exc:  # noqa: BLE001 - retried whole; a second failure propagates
             if micro == 1:
                 raise
-            # A loss that depends on the batch as a whole (a recurrent state sized for the training batch,
-            # a per-batch normalisation) cannot run on a part of it: measure whole batches from now on.
-            self._micro_batches_failed = True
-            self.warn_once("micro-batches", f"the Hessian-vector products run on whole probe batches from now on, so a "
-                           f"check may need ~3-4x a training step's memory: the loss failed on a micro-batch "
-                           f"({type(exc).__name__}: {exc})")
+            self._whole_batches_from_now_on(exc)
             return self._measure_on(model, batches, optimizer, batch, 1)
+
+    def _whole_batches_from_now_on(self, exc: Exception) -> None:
+        """A loss that depends on the batch as a whole (a recurrent state sized for the training batch, a
+        per-batch normalisation) cannot run on a part of it: measure whole batches from now on, said once."""
+        self._micro_batches_failed = True
+        self.warn_once("micro-batches", f"the Hessian-vector products run on whole probe batches from now on, so a "
+                       f"check may need ~3-4x a training step's memory: the loss failed on a micro-batch "
+                       f"({type(exc).__name__}: {exc})")
 
     def _measure_on(self, model: nn.Module, batches: list[Any], optimizer: Any | None, batch: Any | None, micro: int):
         from .. import sharpness as S
