@@ -12,7 +12,7 @@ the passes themselves::
     opt.prepare()            # before the forward (Momentum-SAM perturbs here; a no-op otherwise)
     loss.backward()          # clean gradient at w
     if opt.perturb():        # save w, move to w + e, snapshot running statistics
-        zero the grads; loss_at_w_plus_e.backward()
+        release the grads (None); loss_at_w_plus_e.backward()
     opt.unperturb()          # restore w by copy, leave in .grad the gradient to step with
     opt.base_optimizer.step()
 
@@ -25,7 +25,7 @@ one more call after the backward at each point::
 
     if opt.perturb():
         while True:
-            zero the grads; loss_at_current_point.backward()
+            release the grads (None); loss_at_current_point.backward()
             if not opt.advance():    # the variant copied the gradient, moved to its next point
                 break
     opt.unperturb()
@@ -174,12 +174,13 @@ def perturbed_pass(
 ) -> bool:
     """The perturbed half of a step whose passes a framework adapter runs (adapter protocol).
 
-    After the clean backward: ``sam.perturb()``; if it moved the weights, zero the gradients in
-    place (keeping DDP's bucket views; the variant copied what it needs from the clean gradient)
-    and call every replay -- each runs one micro-batch's forward and backward at ``w + e`` -- all
+    After the clean backward: ``sam.perturb()``; if it moved the weights, release the gradients
+    (set to ``None``, as ``zero_grad()`` does: the variant copied what it needs from the clean
+    gradient, and the perturbed backward allocates them as the activations are freed, so the pass
+    peaks where a plain step does) and call every replay -- each runs one micro-batch's forward and backward at ``w + e`` -- all
     but the last under ``no_sync()``, so that only the last backward all-reduces the accumulated
     SAM gradient. Then ``sam.advance()``: while the variant has another point (GAM), the gradients
-    are zeroed again and every replay runs again at that point, under the same ``no_sync`` rule.
+    are released again and every replay runs again at that point, under the same ``no_sync`` rule.
     ``unscale`` (frameworks that unscaled the clean gradient already) divides each point's replayed
     gradients by the loss scale before the variant reads them. If a replay raises, ``sam.cancel()``
     restores the weights by copy before the exception propagates. Returns whether a perturbed pass
@@ -193,9 +194,9 @@ def perturbed_pass(
         last = len(replays) - 1
         point = 0
         while True:
-            grads = [p.grad for group in sam.base_optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if grads:
-                torch._foreach_zero_(grads)
+            for group in sam.base_optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
             for k, replay in enumerate(replays):
                 with no_sync() if no_sync is not None and k < last else contextlib.nullcontext():
                     previous = _phase.set_pass(_phase.Pass("perturbed", window, k, point))
@@ -807,10 +808,10 @@ class SAM(Optimizer):
         return grads  # type: ignore[return-value]
 
     def _zero_pass_grads(self) -> None:
-        # In place: keeps the gradient tensors (and DDP's bucket views); the variant copied what it needs.
-        grads = [p.grad for p in self._pass_params if p.grad is not None]
-        if grads:
-            torch._foreach_zero_(grads)
+        # Released, as zero_grad() does (DDP puts its bucket views back at the next backward): the
+        # variant copied what it needs, and the perturbed pass then peaks where a plain step does.
+        for p in self._pass_params:
+            p.grad = None
 
     def _groups_of(self, params: list[torch.Tensor]) -> F.Groups:
         """:func:`.functional.group_by_device_and_dtype` of ``params``, computed once per parameter list."""
