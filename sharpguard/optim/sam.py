@@ -394,7 +394,11 @@ class SAM(Optimizer):
         self._faults_warned = [0, 0]
         # nonfinite="skip": (params, ok) of the last step, read by the base optimizer's step pre-hook
         self._skip_check: tuple[list[torch.Tensor], torch.Tensor] | None = None
-        self._skip_hook = base.register_step_pre_hook(self._skip_faulty_step)
+        self._base_stepping = False  # inside base_optimizer.step() (a closure that runs the SAM step)
+        self._skip_hooks = (
+            base.register_step_pre_hook(self._skip_faulty_step),
+            base.register_step_post_hook(self._base_step_done),
+        )
         self._reset_step()
 
     # ---------------------------------------------------------------------------- shared structure
@@ -569,8 +573,11 @@ class SAM(Optimizer):
                 F.select_(grads, self._buffers("clean_grad", params), ~final_ok, groups=groups)
         else:
             # decided when the base optimizer steps (_skip_faulty_step): a GradScaler that finds the
-            # non-finite gradient first skips the step and lowers its scale, as without SAM
+            # non-finite gradient first skips the step and lowers its scale, as without SAM. When the
+            # base step is already running (its closure ran this SAM step: Lightning), decided now.
             self._skip_check = (params, final_ok)
+            if self._base_stepping:
+                self._skip_faulty_step(self.base_optimizer, (), {})
         self._count_faults(clean_ok, final_ok)
 
     def _skip_faulty_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -580,6 +587,7 @@ class SAM(Optimizer):
         base optimizer leaves weights and state alone; otherwise they are zeroed on the device
         (:func:`.functional.zero_where_`, no host sync, no temporary).
         """
+        self._base_stepping = True
         check, self._skip_check = self._skip_check, None
         if check is None:
             return
@@ -591,6 +599,9 @@ class SAM(Optimizer):
             return
         grads = [p.grad for p in params if p.grad is not None]
         F.zero_where_(grads, ~ok)
+
+    def _base_step_done(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        self._base_stepping = False
 
     def _count_faults(self, clean_ok: torch.Tensor, final_ok: torch.Tensor | None) -> None:
         """Add this step's faults to the device counters (``final_ok=None``: a step with one pass)."""

@@ -64,7 +64,11 @@ class ShardedSAM:
         self._params: list[torch.Tensor] = []
         self._pass_params: list[torch.Tensor] = []
         self._skip_check: tuple[list[torch.Tensor], torch.Tensor] | None = None
-        self._skip_hook = optimizer.register_step_pre_hook(self._skip_faulty_step)
+        self._base_stepping = False
+        self._skip_hooks = (
+            optimizer.register_step_pre_hook(self._skip_faulty_step),
+            optimizer.register_step_post_hook(self._base_step_done),
+        )
 
     def prepare(self) -> None:
         pass
@@ -101,10 +105,13 @@ class ShardedSAM:
                 F.select_(grads, self._clean, ~ok)
             else:
                 self._skip_check = (self._pass_params, ok)
+                if self._base_stepping:  # the base step's closure ran this SAM step: decided now
+                    self._skip_faulty_step(self.base_optimizer, (), {})
         self._params, self._pass_params = [], []
 
     def _skip_faulty_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Base optimizer step pre-hook of ``nonfinite="skip"`` (as :meth:`SAM._skip_faulty_step`)."""
+        self._base_stepping = True
         check, self._skip_check = self._skip_check, None
         if check is None:
             return
@@ -115,6 +122,9 @@ class ShardedSAM:
                     p.grad = None
             return
         F.zero_where_([_local(p.grad) for p in params if p.grad is not None], ~ok)
+
+    def _base_step_done(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._base_stepping = False
 
     def cancel(self) -> None:
         if self._backup is not None and self._params:
