@@ -702,9 +702,10 @@ class SAM(Optimizer):
         ``closure`` computes the loss and calls ``backward()``; it may zero the gradients itself
         (Lightning's does) or not: SAM zeroes them before the second call either way, so the clean
         gradient never leaks into the step. A multi-point variant calls it once more per extra
-        point (GAM: four calls in all). Returns the closure's loss at ``w``, detached from its graph
-        (as ``torch.optim`` optimizers return it, whose ``step`` runs under ``no_grad``), so keeping
-        it does not keep the graph alive; a non-tensor result is returned as it is. If a closure raises,
+        point (GAM: four calls in all). Returns the closure's loss at ``w``, detached: its backward
+        has run, so keeping it (logging, a running mean) keeps no graph alive, and a second
+        ``backward()`` on it fails loudly (Lightning's own closure returns its loss detached too);
+        a non-tensor result is returned as it is. If a closure raises,
         the weights and running statistics are restored before the exception propagates.
         """
         if closure is None:
