@@ -27,7 +27,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from sharpguard.optim import SAM, SAMConfig, SAMEngine
+from sharpguard.optim import SAM, VARIANTS, SAMConfig, SAMEngine
 
 WORLD = 8
 BATCH, SEQ = 2, 128
@@ -212,3 +212,65 @@ def test_the_simulated_ratios_match_the_real_ones_on_the_same_small_model():
         assert fake[kind].param_bytes == real[kind].param_bytes
         assert fake[kind].flops == real[kind].flops
     assert extra(fake["sam"], fake["plain"]) == pytest.approx(extra(real["sam"], real["plain"]), abs=1e-3)
+
+
+# ---------------------------------------------------------------------- every variant, fake tensors
+@pytest.mark.parametrize("variant", sorted(v for v in VARIANTS if v != "flat_lora"))
+def test_every_variant_steps_under_fake_tensors_without_reading_a_value(variant):
+    """No host read of a tensor's value on the step path: under FakeTensorMode any read raises
+    DataDependentOutputException. Two steps (LookSAM's reuse step, Momentum-SAM's momentum, bSAM's
+    state) of a small GPT-2 built in fake mode; the weights stay fake tensors of their shapes."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    with FakeTensorMode():
+        model = gpt2(GPT2_SMALL)
+        ids = torch.randint(0, GPT2_SMALL["vocab_size"], (BATCH, 16))
+        if variant == "bsam":
+            opt = VARIANTS[variant](model.parameters(), torch.optim.SGD, lr=1e-3, num_data=1000, model=model)
+        else:
+            opt = VARIANTS[variant](model.parameters(), torch.optim.AdamW, lr=1e-3, model=model)
+        shapes = [p.shape for p in model.parameters()]
+
+        def closure():
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            opt.zero_grad()
+            loss = opt.step(closure)
+    assert isinstance(loss, FakeTensor) and not loss.requires_grad
+    assert all(isinstance(p, FakeTensor) for p in model.parameters())
+    assert [p.shape for p in model.parameters()] == shapes
+
+
+def test_flat_lora_steps_under_fake_tensors():
+    """Flat-LoRA perturbs a peft LoRA model's merged weights: the same check on GPT-2 with LoRA."""
+    from peft import LoraConfig, get_peft_model
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    # peft's layer injection moves tensors with Module.to(), which cannot swap fake parameters: the
+    # small LoRA model is built for real, then every parameter and buffer becomes a fake of itself
+    model = get_peft_model(gpt2(GPT2_SMALL), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    mode = FakeTensorMode()
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = nn.Parameter(mode.from_tensor(p.detach()), requires_grad=p.requires_grad)
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = mode.from_tensor(b)
+    with mode:
+        ids = torch.randint(0, GPT2_SMALL["vocab_size"], (BATCH, 16))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = VARIANTS["flat_lora"](trainable, torch.optim.AdamW, lr=1e-3, model=model)
+
+        def closure():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            opt.zero_grad()
+            opt.step(closure)
+    assert all(isinstance(p, FakeTensor) for p in model.parameters())
