@@ -114,7 +114,7 @@ def test_wsam_decoupled_term_follows_the_unscaling_of_the_gradient():
 def test_wsam_with_a_non_finite_perturbed_gradient_takes_the_plain_step():
     """g~ = NaN: the base optimizer steps with the clean g and the decoupled term is dropped (no NaN)."""
     model = lsq_model()
-    opt = WSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=LR)
+    opt = WSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=LR, nonfinite="fallback")
     opt.prepare()
     lsq_loss(model).backward()
     assert opt.first_step(zero_grad=True)

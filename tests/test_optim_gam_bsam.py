@@ -357,7 +357,7 @@ def poison(call_no: int, value: float = float("nan")):
 def test_gam_non_finite_gradient_at_any_point_falls_back_to_the_clean_one(call):
     model = net()
     expected = add(params_of(model), grad(params_of(model)), -LR)  # SGD(momentum) first step: w - lr g_0
-    opt = build("gam", model)
+    opt = build("gam", model, nonfinite="fallback")
     with pytest.warns(SAMFallbackWarning, match="at w \\+ e"):
         run(opt, model, 1, bomb=poison(call, float("inf")))
     close(params_of(model), expected)
@@ -382,7 +382,7 @@ def test_skip_policy_leaves_weights_and_state_alone_after_a_fault_at_a_later_poi
 @pytest.mark.parametrize("variant", ["gam", "bsam"])
 def test_a_non_finite_clean_gradient_writes_no_more_than_the_base_optimizer(variant):
     model = net()
-    opt = build(variant, model)
+    opt = build(variant, model, nonfinite="fallback")  # the fallback gives the base optimizer that gradient
     base_model = copy.deepcopy(model)
     base = torch.optim.SGD(base_model.parameters(), lr=LR, momentum=0.0 if variant == "bsam" else 0.9)
     loss_fn(base_model).backward()
@@ -396,7 +396,7 @@ def test_a_non_finite_clean_gradient_writes_no_more_than_the_base_optimizer(vari
 
 def test_bsam_non_finite_perturbed_gradient_falls_back_and_keeps_its_state():
     model = net()
-    opt = build("bsam", model)
+    opt = build("bsam", model, nonfinite="fallback")
     run(opt, model, 2)
     state = copy.deepcopy(opt.state_dict()["sharpguard"]["buffers"])
     seen = []

@@ -501,12 +501,14 @@ def test_bf16_autocast_closure_and_two_step_forms_agree():
     assert_bitwise(state_of(m1), state_of(m2))
 
 
-def test_the_step_scratch_is_allocated_before_the_clean_forward_and_reused():
-    """The weight backup and the clean-gradient copy exist before the first forward of a step (so they
-    do not land above the freed activations on the heap) and are the same storage every step."""
+@pytest.mark.parametrize("nonfinite, kept", [("skip", {"w"}), ("fallback", {"w", "clean_grad"})])
+def test_the_step_scratch_is_allocated_before_the_clean_forward_and_reused(nonfinite, kept):
+    """The weight backup (and, for the fallback, the clean-gradient copy) exist before the first forward
+    of a step (so they do not land above the freed activations on the heap) and are the same storage
+    every step; the default policy keeps no clean-gradient copy."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, nonfinite=nonfinite)
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     seen = []
 
@@ -520,5 +522,6 @@ def test_the_step_scratch_is_allocated_before_the_clean_forward_and_reused():
         opt.zero_grad()
         opt.step(closure)
     first_clean_pass = seen[0]
-    assert set(first_clean_pass) == {"w", "clean_grad"}
+    assert set(first_clean_pass) == kept
+    assert set(opt._scratch) == kept
     assert all(s == first_clean_pass for s in seen)

@@ -42,7 +42,7 @@ class SAMConfig:
     variant: str = "sam"
     rho: float | None = None
     sync_perturbation: bool = False
-    nonfinite: str = "fallback"
+    nonfinite: str = "skip"
     knobs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

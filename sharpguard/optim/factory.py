@@ -56,7 +56,7 @@ def make_sam(
     *,
     model: Any = None,
     sync_perturbation: bool = False,
-    nonfinite: str = "fallback",
+    nonfinite: str = "skip",
     **knobs: Any,
 ) -> SAM:
     """Wrap ``optimizer`` in the SAM variant named ``variant`` with its knobs.

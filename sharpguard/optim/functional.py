@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 Tensors = Sequence[torch.Tensor]
 
@@ -30,14 +31,26 @@ __all__ = [
     "scale_",
     "dot",
     "select_",
+    "zero_where_",
     "all_finite",
     "group_by_device_and_dtype",
+    "host_readable",
     "ascent_direction",
     "sam_perturb_",
 ]
 
 
 Groups = dict[tuple[torch.device, torch.dtype], list[int]]
+
+
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s value on the host is free: a real CPU tensor.
+
+    An accelerator's tensor would make the host wait for the device, and a fake tensor
+    (``FakeTensorMode``, used to simulate a step without memory) has no value at all: for both,
+    every decision stays on the device (``torch.where``, :func:`select_`).
+    """
+    return t.device.type == "cpu" and not isinstance(t, FakeTensor)
 
 
 def group_by_device_and_dtype(tensors: Tensors) -> Groups:
@@ -95,7 +108,8 @@ def all_finite(tensors: Tensors, *, groups: Groups | None = None) -> torch.Tenso
             flag = found if dev == device else torch.zeros(1, dtype=torch.float32, device=dev)
             try:
                 # the kernel sets flag to 1 on a non-finite entry (it never clears it): it accumulates
-                torch._amp_foreach_non_finite_check_and_unscale_(group, flag, _one(dev))
+                one = _one(dev) if not isinstance(group[0], FakeTensor) else torch.ones(1, device=dev)
+                torch._amp_foreach_non_finite_check_and_unscale_(group, flag, one)
             except (RuntimeError, NotImplementedError):
                 flag.add_((~torch.isfinite(global_norm(group))).float().reshape(1))
             if flag is not found:
@@ -116,7 +130,7 @@ def _one(device: torch.device) -> torch.Tensor:
 
 def perturbation_scale(norm: torch.Tensor, rho: float | torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``rho / (norm + eps)``, or exactly ``0`` where ``norm`` is zero or not finite (no host sync)."""
-    if norm.device.type == "cpu" and not isinstance(rho, torch.Tensor):
+    if host_readable(norm) and not isinstance(rho, torch.Tensor):
         # on the CPU a scalar read waits for nothing: seven 0-dim tensor ops cost more than the arithmetic
         n = float(norm)
         value = float(rho) / (n + eps) if math.isfinite(n) and n > 0 else 0.0
@@ -149,7 +163,7 @@ def add_scaled_(tensors: Tensors, directions: Tensors, scale: torch.Tensor, *, g
     if not len(tensors):
         return
     with torch.no_grad():
-        if scale.device.type == "cpu":
+        if host_readable(scale):
             # a CPU scale is read, not waited for; one add with a scalar alpha per group (any device)
             s = float(scale)
             for _, idx in (groups if groups is not None else _group(tensors)).items():
@@ -204,6 +218,25 @@ def select_(dst: Tensors, src: Tensors, take: torch.Tensor, *, groups: Groups | 
             torch._foreach_pow_(targets, keep)
             finite = torch._foreach_pow([src[i] for i in idx], weights)
             torch._foreach_lerp_(targets, finite, weights)
+
+
+def zero_where_(tensors: Tensors, take: torch.Tensor, *, groups: Groups | None = None) -> None:
+    """``t <- 0`` for every tensor if the 0-dim boolean ``take`` is true, else unchanged; no host sync.
+
+    In place, without a temporary: ``t ** (1 - w)`` is ``t`` bitwise at ``w = 0`` and exactly 1 at
+    ``w = 1`` even for inf/NaN entries (IEEE 754 ``pow``), and ``lerp(., 0, w)`` returns its start
+    exactly at weight 0 and its end (0) exactly at weight 1 (see :func:`select_`). The zeros are
+    one 0-dim tensor per group, expanded.
+    """
+    if not len(tensors):
+        return
+    with torch.no_grad():
+        for (device, dtype), idx in (groups if groups is not None else _group(tensors)).items():
+            w = take.to(device=device, dtype=dtype)
+            targets = [tensors[i] for i in idx]
+            zero = torch.zeros((), device=device, dtype=dtype)
+            torch._foreach_pow_(targets, [1 - w] * len(idx))
+            torch._foreach_lerp_(targets, [zero.expand_as(t) for t in targets], [w] * len(idx))
 
 
 def ascent_direction(

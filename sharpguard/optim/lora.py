@@ -106,7 +106,7 @@ class FlatLoRA(SAM):
         seed: int = 0,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
-        nonfinite: str = "fallback",
+        nonfinite: str = "skip",
         **base_kwargs: Any,
     ) -> None:
         self._configure(sigma=sigma, seed=seed)
@@ -117,7 +117,7 @@ class FlatLoRA(SAM):
         self.sigma, self.seed = sigma, non_negative_int("seed", seed)
         self.adaptive, self.interval = False, 1
 
-    def _attach(self, base: Optimizer, model: nn.Module | None, sync_perturbation: bool, nonfinite: str = "fallback") -> None:
+    def _attach(self, base: Optimizer, model: nn.Module | None, sync_perturbation: bool, nonfinite: str = "skip") -> None:
         if not isinstance(model, nn.Module):
             raise ConfigurationError(
                 "FlatLoRA perturbs the merged weights of the model's LoRA layers: pass model= (the peft model, "

@@ -48,6 +48,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.optim import Optimizer
 
 from .._validation import check_keywords, keywords_of
@@ -64,7 +65,7 @@ STATE_KEY = "sharpguard"
 
 #: what a step does when the clean or the perturbed gradient (or loss) is not finite; see
 #: :meth:`SAM.unperturb` and docs/reliability.md
-NONFINITE_POLICIES = ("fallback", "skip")
+NONFINITE_POLICIES = ("skip", "fallback")
 
 #: how :meth:`SAM.load_sharpguard_state_dict` treats knobs that differ from the checkpoint's
 RESUME_POLICIES = ("error", "checkpoint", "current")
@@ -244,13 +245,18 @@ class SAM(Optimizer):
         sync_perturbation: all-reduce the clean gradient too (one perturbation for all workers).
             Variants whose update uses the clean gradient (GSAM, LookSAM, Friendly-SAM;
             ``per_worker_safe = False``) always do.
-        nonfinite: what a step does with a non-finite gradient (docs/reliability.md). ``"fallback"``
-            (default): a non-finite clean gradient gives no perturbation and the base optimizer gets
-            that clean gradient, exactly as without SAM; a non-finite perturbed gradient is replaced
-            by the clean one. ``"skip"``: either case skips the update entirely (every gradient is
-            set to ``None``, so the base optimizer leaves weights and state alone), as a GradScaler
-            does; this costs one host synchronisation per step. Both are counted
-            (:attr:`nonfinite_counts`) and warned once. Neither adds a host sync under ``"fallback"``.
+        nonfinite: what a step does with a non-finite gradient (docs/reliability.md). ``"skip"``
+            (default): a non-finite clean or perturbed gradient writes nothing non-finite. Where the
+            flag is free to read (CPU tensors) the update is skipped as a GradScaler skips it: every
+            gradient is set to ``None``, so the base optimizer leaves weights and state alone. On an
+            accelerator (and for fake tensors) the decision stays on the device, without a host
+            sync: the gradients become zero, so the base optimizer takes a zero-gradient step (no
+            change under plain SGD; momentum and Adam moments decay by one step). Extra memory: the
+            weight backup only (1.0x the parameters). ``"fallback"``: a non-finite clean gradient
+            gives no perturbation and the base optimizer gets that clean gradient, exactly as
+            without SAM; a non-finite perturbed gradient is replaced by the clean one. It keeps a
+            copy of the clean gradient, one more parameter-sized buffer (2.0x in all). Both are
+            counted (:attr:`nonfinite_counts`) and warned once; neither adds a host sync.
         **base_kwargs: the base optimizer's own arguments (``lr``, ``momentum``, ...).
 
     ``param_groups`` and ``state`` *are* the base optimizer's (LR schedulers attached to either work);
@@ -270,6 +276,10 @@ class SAM(Optimizer):
     #: perturbed points per step (gradients taken away from ``w``); more than one needs :meth:`advance`,
     #: which ``step(closure)`` and the framework adapters call and the two-step form cannot
     perturbed_points: ClassVar[int] = 1
+    #: whether the variant's own update reads the clean gradient (GSAM, LookSAM, WSAM, RWP, GAM,
+    #: bSAM): it then keeps a copy of it whatever the fault policy; SAM keeps one only under
+    #: ``nonfinite="fallback"``
+    uses_clean_gradient: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -285,7 +295,7 @@ class SAM(Optimizer):
         interval: int = 1,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
-        nonfinite: str = "fallback",
+        nonfinite: str = "skip",
         **base_kwargs: Any,
     ) -> None:
         self._configure(rho=rho, adaptive=adaptive, interval=interval)
@@ -303,7 +313,7 @@ class SAM(Optimizer):
         *,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
-        nonfinite: str = "fallback",
+        nonfinite: str = "skip",
         **knobs: Any,
     ) -> SAM:
         """Wrap an optimizer you already built; ``knobs`` are the constructor's (``rho``, ``adaptive``, ...)."""
@@ -358,7 +368,7 @@ class SAM(Optimizer):
     def _validate_base(self, base: Optimizer) -> None:
         """Hook: refuse a base optimizer the variant cannot work with (before anything is attached)."""
 
-    def _attach(self, base: Optimizer, model: nn.Module | None, sync_perturbation: bool, nonfinite: str = "fallback") -> None:
+    def _attach(self, base: Optimizer, model: nn.Module | None, sync_perturbation: bool, nonfinite: str = "skip") -> None:
         if model is not None and not isinstance(model, nn.Module):
             raise ConfigurationError(f"model must be a torch.nn.Module (or None), got {type(model).__name__}.")
         _one_of("nonfinite", nonfinite, NONFINITE_POLICIES)
@@ -381,6 +391,9 @@ class SAM(Optimizer):
         self._faults: torch.Tensor | None = None
         self._faults_host = torch.zeros(2, dtype=torch.int64)
         self._faults_warned = [0, 0]
+        # nonfinite="skip": (params, ok) of the last step, read by the base optimizer's step pre-hook
+        self._skip_check: tuple[list[torch.Tensor], torch.Tensor] | None = None
+        self._skip_hook = base.register_step_pre_hook(self._skip_faulty_step)
         self._reset_step()
 
     # ---------------------------------------------------------------------------- shared structure
@@ -434,9 +447,14 @@ class SAM(Optimizer):
         """Before the forward of a step. A no-op except for :class:`MomentumSAM`."""
         self._prepared = True
 
+    @property
+    def keeps_clean_gradient(self) -> bool:
+        """Whether a step copies the clean gradient (the variant reads it, or ``nonfinite="fallback"``)."""
+        return self.uses_clean_gradient or self.nonfinite == "fallback"
+
     def reserve_buffers(self) -> None:
-        """Allocate the step's scratch (the weight backup and the clean-gradient copy) before the clean
-        forward, once; later steps reuse it.
+        """Allocate the step's scratch (the weight backup and, where kept, the clean-gradient copy)
+        before the clean forward, once; later steps reuse it.
 
         Allocated in :meth:`perturb` instead - after the clean backward, when the freed activations sit
         at the top of glibc's heap - these long-lived blocks land above that free space and keep the heap
@@ -449,7 +467,8 @@ class SAM(Optimizer):
         params = [p for p in self._all_params() if p.requires_grad]
         if params and all(p.layout == torch.strided for p in params):
             self._buffers("w", params)
-            self._buffers("clean_grad", params)
+            if self.keeps_clean_gradient:
+                self._buffers("clean_grad", params)
 
     @torch.no_grad()
     def perturb(self) -> bool:
@@ -465,6 +484,7 @@ class SAM(Optimizer):
                 f"{type(self).__name__}.perturb() was called twice in one step; call unperturb() after the "
                 "perturbed backward (or cancel()) before perturbing again."
             )
+        self._skip_check = None  # the previous step's base step never ran (a GradScaler skip): dropped
         params = self._params_with_grad()
         groups = self._groups_of(params)  # also refuses sparse gradients, once per parameter list
         if self._faults is not None:
@@ -478,14 +498,18 @@ class SAM(Optimizer):
             return False
         grads = [p.grad for p in params]
         self._pass_groups = groups  # gradients share their parameters' device and dtype
-        # the clean gradient, kept for the non-finite fallback (and read by GSAM / LookSAM)
-        clean = self._buffers("clean_grad", params)
-        torch._foreach_copy_(clean, grads)
+        clean = None
+        if self.keeps_clean_gradient:  # read by the variant's update, or by the non-finite fallback
+            clean = self._buffers("clean_grad", params)
+            torch._foreach_copy_(clean, grads)
         directions, scale = self._ascent(params, grads)
         # A non-finite clean gradient gives no perturbation: the scale is 0 (perturbation_scale), and
         # the few weights that 0 * inf still poisons are restored by copy before anything steps.
         norm = self.__dict__.pop("_ascent_norm", None)  # SAM's own ascent leaves ||g|| (or ||T g||) here
-        self._clean_ok = torch.isfinite(F.global_norm(clean) if norm is None else norm)
+        if norm is not None:
+            self._clean_ok = torch.isfinite(norm)
+        else:  # a variant's own ascent (ESAM, RWP, bSAM): read before w moves; grads are not moved
+            self._clean_ok = F.all_finite(grads if clean is None else clean, groups=groups)
         self._move(params, directions, scale)
         self._snapshot_stats()
         self._perturbed = True
@@ -509,6 +533,7 @@ class SAM(Optimizer):
             )
         params = self._pass_params if self._perturb_called else self._params_with_grad()
         perturbed = self._perturbed
+        self._skip_check = None
         self._restore()
         grads = self._grads_of(params)
         if perturbed:
@@ -524,29 +549,53 @@ class SAM(Optimizer):
     def _apply_nonfinite_policy(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """Never more non-finite values than the base optimizer would get (docs/reliability.md).
 
-        ``ok`` = clean and final gradients both finite; otherwise the final gradient becomes the clean
-        one. On an accelerator this is decided on the device (``select_`` never multiplies a
-        non-finite value by 0; no host sync). On the CPU there is no device to wait for, so the flag is
-        read directly and the copy only happens on a faulty step. Under ``nonfinite="skip"`` a failed
-        step sets every gradient to ``None`` instead (one host sync on an accelerator).
+        ``ok`` = clean and final gradients both finite. When it is not: under ``"skip"`` every
+        gradient is set to ``None`` (the base optimizer skips the update) where the flag is free to
+        read (CPU), and zeroed on the device otherwise (:func:`.functional.zero_where_`, no host sync,
+        no temporary); under ``"fallback"`` the final gradient becomes the kept clean one. The check
+        is one fused pass over the gradients (:func:`.functional.all_finite`).
         """
+        groups = self.__dict__.get("_pass_groups")
         clean_ok = self._clean_ok
-        final_ok = F.all_finite(grads, groups=self.__dict__.get("_pass_groups")) & clean_ok
+        final_ok = F.all_finite(grads, groups=groups) & clean_ok
         if self._points_ok is not None:  # a multi-point variant: the gradients at its earlier points
             final_ok = final_ok & self._points_ok
-        if final_ok.device.type == "cpu":
-            if not bool(final_ok):
-                torch._foreach_copy_(grads, self._buffers("clean_grad", params))
+        if self.nonfinite == "fallback":
+            if F.host_readable(final_ok):
+                if not bool(final_ok):
+                    torch._foreach_copy_(grads, self._buffers("clean_grad", params))
+            else:
+                F.select_(grads, self._buffers("clean_grad", params), ~final_ok, groups=groups)
         else:
-            F.select_(grads, self._buffers("clean_grad", params), ~final_ok, groups=self.__dict__.get("_pass_groups"))
+            # decided when the base optimizer steps (_skip_faulty_step): a GradScaler that finds the
+            # non-finite gradient first skips the step and lowers its scale, as without SAM
+            self._skip_check = (params, final_ok)
         self._count_faults(clean_ok, final_ok)
-        if self.nonfinite == "skip" and not bool(final_ok):
-            for p in params:
-                p.grad = None
+
+    def _skip_faulty_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        """Base optimizer step pre-hook of ``nonfinite="skip"``: a faulty step updates nothing.
+
+        Where the flag is free to read (CPU) every gradient of the step is set to ``None``, so the
+        base optimizer leaves weights and state alone; otherwise they are zeroed on the device
+        (:func:`.functional.zero_where_`, no host sync, no temporary).
+        """
+        check, self._skip_check = self._skip_check, None
+        if check is None:
+            return
+        params, ok = check
+        if F.host_readable(ok):
+            if not bool(ok):
+                for p in params:
+                    p.grad = None
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        F.zero_where_(grads, ~ok)
 
     def _count_faults(self, clean_ok: torch.Tensor, final_ok: torch.Tensor | None) -> None:
         """Add this step's faults to the device counters (``final_ok=None``: a step with one pass)."""
-        if clean_ok.device.type == "cpu":  # host flags: nothing to wait for, no tensor arithmetic needed
+        if isinstance(clean_ok, FakeTensor):  # a simulated step: there are no values to count
+            return
+        if F.host_readable(clean_ok):  # host flags: nothing to wait for, no tensor arithmetic needed
             clean_bad = not bool(clean_ok)
             perturbed_bad = final_ok is not None and not clean_bad and not bool(final_ok)
             if clean_bad or perturbed_bad:
@@ -570,7 +619,7 @@ class SAM(Optimizer):
 
     def _warn_about_faults(self) -> None:
         """Warn once per kind, from the counters copied to the host by an earlier step (no sync)."""
-        if self._faults is None:
+        if self._faults is None or isinstance(self._faults_host, FakeTensor):
             return
         seen = self._faults_host.tolist()
         what = ("a non-finite clean gradient (or loss)", "a non-finite gradient at w + e")
@@ -641,7 +690,9 @@ class SAM(Optimizer):
         ``closure`` computes the loss and calls ``backward()``; it may zero the gradients itself
         (Lightning's does) or not: SAM zeroes them before the second call either way, so the clean
         gradient never leaks into the step. A multi-point variant calls it once more per extra
-        point (GAM: four calls in all). Returns the closure's loss at ``w``. If a closure raises,
+        point (GAM: four calls in all). Returns the closure's loss at ``w``, detached from its graph
+        (as ``torch.optim`` optimizers return it, whose ``step`` runs under ``no_grad``), so keeping
+        it does not keep the graph alive; a non-tensor result is returned as it is. If a closure raises,
         the weights and running statistics are restored before the exception propagates.
         """
         if closure is None:
@@ -673,7 +724,7 @@ class SAM(Optimizer):
             raise
         engine.finish()
         self.base_optimizer.step()
-        return loss
+        return loss.detach() if isinstance(loss, torch.Tensor) else loss
 
     def first_step(self, zero_grad: bool = False) -> bool:
         """Two-step form, after the clean backward: move to ``w + e``.
@@ -966,7 +1017,7 @@ class ASAM(SAM):
         interval: int = 1,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
-        nonfinite: str = "fallback",
+        nonfinite: str = "skip",
         **base_kwargs: Any,
     ) -> None:
         self._configure(rho=rho, eta=eta, interval=interval)

@@ -42,6 +42,7 @@ class GSAM(SAM):
     """
 
     variant: ClassVar[str] = "gsam"
+    uses_clean_gradient: ClassVar[bool] = True
     per_worker_safe: ClassVar[bool] = False
 
     def __init__(
@@ -54,7 +55,7 @@ class GSAM(SAM):
         adaptive: bool = False,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
-        nonfinite: str = "fallback",
+        nonfinite: str = "skip",
         **base_kwargs: Any,
     ) -> None:
         self._configure(rho=rho, alpha=alpha, adaptive=adaptive)
@@ -84,6 +85,7 @@ class LookSAM(SAM):
     """
 
     variant: ClassVar[str] = "looksam"
+    uses_clean_gradient: ClassVar[bool] = True
     per_worker_safe: ClassVar[bool] = False
     state_buffers: ClassVar[tuple[str, ...]] = ("gv",)
 
@@ -98,7 +100,7 @@ class LookSAM(SAM):
         adaptive: bool = False,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
-        nonfinite: str = "fallback",
+        nonfinite: str = "skip",
         **base_kwargs: Any,
     ) -> None:
         self._configure(rho=rho, k=k, alpha=alpha, adaptive=adaptive)
@@ -160,7 +162,7 @@ class MomentumSAM(SAM):
         momentum_key: str | None = None,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
-        nonfinite: str = "fallback",
+        nonfinite: str = "skip",
         **base_kwargs: Any,
     ) -> None:
         self._configure(rho=rho, momentum_key=momentum_key)
@@ -249,7 +251,7 @@ class FriendlySAM(SAM):
         adaptive: bool = False,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
-        nonfinite: str = "fallback",
+        nonfinite: str = "skip",
         **base_kwargs: Any,
     ) -> None:
         self._configure(rho=rho, sigma=sigma, lmbda=lmbda, adaptive=adaptive)

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.optim import Optimizer
 
 from .._validation import non_negative_int, positive
@@ -60,6 +61,7 @@ class WSAM(SAM):
     """
 
     variant: ClassVar[str] = "wsam"
+    uses_clean_gradient: ClassVar[bool] = True
     per_worker_safe: ClassVar[bool] = False  # the step uses the clean gradient
 
     def __init__(
@@ -73,7 +75,7 @@ class WSAM(SAM):
         adaptive: bool = False,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
-        nonfinite: str = "fallback",
+        nonfinite: str = "skip",
         **base_kwargs: Any,
     ) -> None:
         self._configure(rho=rho, gamma=gamma, decouple=decouple, adaptive=adaptive)
@@ -182,6 +184,7 @@ class RWP(SAM):
     """
 
     variant: ClassVar[str] = "rwp"
+    uses_clean_gradient: ClassVar[bool] = True
     per_worker_safe: ClassVar[bool] = False  # the step mixes in the clean gradient
     state_buffers: ClassVar[tuple[str, ...]] = ("fisher",)
 
@@ -197,7 +200,7 @@ class RWP(SAM):
         seed: int = 0,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
-        nonfinite: str = "fallback",
+        nonfinite: str = "skip",
         **base_kwargs: Any,
     ) -> None:
         self._configure(sigma=sigma, lmbda=lmbda, eta=eta, beta=beta, seed=seed)
@@ -275,7 +278,7 @@ class ARWP(RWP):
         seed: int = 0,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
-        nonfinite: str = "fallback",
+        nonfinite: str = "skip",
         **base_kwargs: Any,
     ) -> None:
         self._configure(sigma=sigma, lmbda=lmbda, eta=eta, beta=beta, seed=seed)
@@ -322,7 +325,7 @@ class ESAM(SAM):
         seed: int = 0,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
-        nonfinite: str = "fallback",
+        nonfinite: str = "skip",
         **base_kwargs: Any,
     ) -> None:
         self._configure(rho=rho, beta=beta, adaptive=adaptive, seed=seed)
@@ -340,8 +343,10 @@ class ESAM(SAM):
         """Which of ``n`` parameter tensors this step perturbs (CPU generator: no device sync)."""
         if not hasattr(self, "_generators"):
             self._generators = {}
-        gen = step_generator(self._generators, torch.device("cpu"), self.seed, self._step)
-        return (torch.rand(n, generator=gen, dtype=torch.float64) < self.beta).tolist()
+        # a real host draw even while a FakeTensorMode simulates the step: the choice is control flow
+        with unset_fake_temporarily():
+            gen = step_generator(self._generators, torch.device("cpu"), self.seed, self._step)
+            return (torch.rand(n, generator=gen, dtype=torch.float64) < self.beta).tolist()
 
     def _ascent(self, params, grads):
         mask = self.chosen(len(params))

@@ -68,6 +68,7 @@ class GAM(SAM):
     """
 
     variant: ClassVar[str] = "gam"
+    uses_clean_gradient: ClassVar[bool] = True
     per_worker_safe: ClassVar[bool] = False  # m mixes in the clean gradient
     perturbed_points: ClassVar[int] = 3
 
@@ -85,7 +86,7 @@ class GAM(SAM):
         adaptive: bool = False,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
-        nonfinite: str = "fallback",
+        nonfinite: str = "skip",
         **base_kwargs: Any,
     ) -> None:
         self._configure(rho=rho, rho_norm=rho_norm, beta1=beta1, beta2=beta2, beta3=beta3, gamma=gamma, adaptive=adaptive)
@@ -185,6 +186,7 @@ class BSAM(SAM):
     """
 
     variant: ClassVar[str] = "bsam"
+    uses_clean_gradient: ClassVar[bool] = True
     per_worker_safe: ClassVar[bool] = False  # s is updated from the (noisy) clean gradient
     state_buffers: ClassVar[tuple[str, ...]] = ("s", "g_m")
 
@@ -203,7 +205,7 @@ class BSAM(SAM):
         seed: int = 0,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
-        nonfinite: str = "fallback",
+        nonfinite: str = "skip",
         **base_kwargs: Any,
     ) -> None:
         self._configure(rho=rho, num_data=num_data, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
