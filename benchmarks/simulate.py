@@ -219,9 +219,16 @@ def simulate(name: str, mode: str, rows: set[str] | None = None) -> dict[str, An
                     loss.backward()
                     return loss
 
-                def step() -> None:
+                def one_step() -> None:
                     sam.step(closure)
                     sam.zero_grad(set_to_none=True)
+
+                # LookSAM perturbs on one step in k: its row is k consecutive steps, reported per step
+                steps = getattr(sam, "k", 1) if variant == "LookSAM" else 1
+
+                def step() -> None:
+                    for _ in range(steps):
+                        one_step()
 
                 try:
                     step()  # warm-up: the base optimizer's state and SAM's own buffers exist
@@ -229,7 +236,7 @@ def simulate(name: str, mode: str, rows: set[str] | None = None) -> dict[str, An
                     out["rows"][f"sam:{variant}"] = {"error": _error(exc), "trace": traceback.format_exc(limit=-3)}
                     print(f"  {name}/{mode}/sam:{variant}: {_error(exc)}", flush=True)
                     return
-                row(f"sam:{variant}", step, [sam])
+                row(f"sam:{variant}", step, [sam], lambda _: {"steps": steps})
 
             if rows is None or "sam" in rows or f"sam:{variant}" in rows:
                 sam_row()
@@ -359,7 +366,7 @@ def targets(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
             tests = []
             if "memory" in r:
                 tests.append(("extra peak / param bytes", (r["memory"]["peak_bytes"] - t_peak) / pbytes, 1.0))
-                tests.append(("FLOPs / plain step", r["flops"] / t_flops, 2.01))
+                tests.append(("FLOPs / plain step", r["flops"] / r.get("steps", 1) / t_flops, 2.01))
         elif key == "hvp_exact" and "memory" in r and "flops" in fb:
             tests = [("FLOPs / fwd+bwd", r["flops"] / fb["flops"], 3.0)]
         elif key == "hvp_cached2" and "memory" in r and "flops" in rows.get("hvp_cached1", {}):
@@ -389,7 +396,10 @@ def table(raw: dict[str, Any]) -> str:
         "`MemTracker` (single device) / `FSDPMemTracker` (FSDP2, fake process group of 8 ranks, per rank), "
         "FLOPs by `FlopCounterMode` (matmul/conv/attention only). float32 throughout, AdamW, no activation "
         "checkpointing. Ratios are to the plain training step (forward + backward + AdamW step) of the same "
-        "model and mode. Raw: `benchmarks/simulate_raw.json`. Run: `python benchmarks/simulate.py`.",
+        "model and mode. Inside `SAM.step(closure)` the tracker files every tensor the step allocates (the passes' "
+        "activations included) as optimizer state: its hook marks the whole `step` call as the optimizer's. "
+        "LookSAM's row is k = 5 consecutive steps (one perturbed), its FLOPs per step. GAM is 4F+4B by design. "
+        "Raw: `benchmarks/simulate_raw.json`. Run: `python benchmarks/simulate.py`.",
         "",
     ]
     for name, (_, desc) in MODELS.items():
@@ -415,31 +425,212 @@ def table(raw: dict[str, Any]) -> str:
                    f"unsharded parameters {_cat(t, 'unsharded_parameters')}" if mode != "single" else "")
                 + f"), {train['flops']:.3g} FLOPs.",
                 "",
-                "| row | peak | peak / step | activations+temps / step's | extra peak / param bytes | FLOPs / step | products | target (bound): value | pass (margin) |",
+                "| row | peak | peak / step | at the peak: parameters / gradients / optimizer state / activations+temporaries (GiB) | extra peak / param bytes | FLOPs / step | products | target (bound): value | pass (margin) |",
                 "|---|---|---|---|---|---|---|---|---|",
             ]
             tg = targets(entry)
-            t_at = t["peak_by_category"]["activations"] + t["peak_by_category"]["temporaries"]
-            for key, r in rows.items():
+            for key, r in sorted(rows.items(), key=lambda kv: _order(kv[0])):
                 if "error" in r:
                     lines.append(f"| {key} | not run: `{r['error'][:160].replace('|', '/')}` | | | | | | | |")
                     continue
                 m = r["memory"]
-                at = m["peak_by_category"]["activations"] + m["peak_by_category"]["temporaries"]
                 checks = tg.get(key, {})
-                tcol = "; ".join(f"{k} (<= {v['bound']}): {v['value']:.3f}" for k, v in checks.items())
-                pcol = "; ".join(("pass" if v["pass"] else "FAIL") + f" ({v['margin']:+.3f})" for v in checks.values())
+                tcol = "; ".join(f"{k} (<= {v['bound']}): {v['value']:.4f}" for k, v in checks.items())
+                pcol = "; ".join(("pass" if v["pass"] else "FAIL") + f" ({v['margin']:+.4f})" for v in checks.values())
+                extra = m["peak_bytes"] - t["peak_bytes"]
+                over = extra - entry["param_bytes"]
+                if key.startswith(("sam:", "peer:")) and 0 < over < 1024:
+                    pcol += f" ({over} bytes over the parameter bytes)"
                 lines.append(
                     f"| {key} | {m['peak_bytes'] / GIB:.2f} GiB | {_ratio(m['peak_bytes'], t['peak_bytes'])} | "
-                    f"{at / max(t_at, 1):.2f}x | {(m['peak_bytes'] - t['peak_bytes']) / entry['param_bytes']:+.2f} | "
-                    f"{_ratio(r['flops'], train['flops'])} | {r.get('n_hvp', '') or ''} | {tcol} | {pcol} |"
+                    f"{_split(m)} | {(m['peak_bytes'] - t['peak_bytes']) / entry['param_bytes']:+.2f} | "
+                    f"{_ratio(r['flops'] / r.get('steps', 1), train['flops'])} | {r.get('n_hvp', '') or ''} | {tcol} | {pcol} |"
                 )
             lines.append("")
+    if VALIDATION_RAW.exists():
+        lines += ["### The simulation against the CPU (benchmarks/scale.py's models)", "",
+                  validation_table(json.loads(VALIDATION_RAW.read_text())), ""]
     return "\n".join(lines)
+
+
+def _split(mem: dict[str, Any]) -> str:
+    c = mem["peak_by_category"]
+    parts = (c["parameters"] + c["unsharded_parameters"], c["gradients"] + c["unsharded_gradients"], c["optimizer_state"],
+             c["activations"] + c["temporaries"])
+    return " / ".join(f"{v / GIB:.2f}" for v in parts)
+
+
+def _order(key: str) -> tuple[int, str]:
+    prefixes = ("train", "fwd_bwd", "sam:", "peer:", "hvp_", "ref:", "check:")
+    return next((i for i, p in enumerate(prefixes) if key.startswith(p)), len(prefixes)), key
 
 
 def _cat(mem: dict[str, Any], name: str) -> str:
     return f"{mem['peak_by_category'].get(name, 0) / GIB:.2f} GiB"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the simulation against the CPU: benchmarks/scale.py's models, simulated, against scale_raw.json
+
+SCALE_RAW = Path(__file__).with_name("scale_raw.json")
+VALIDATION_RAW = Path(__file__).with_name("simulate_vs_cpu.json")
+MIB = 2**20
+
+
+def validate() -> dict[str, Any]:
+    """Simulate what ``scale.py`` measures (fresh-process extra peaks: the first training step with a new
+    AdamW, a SAM step, the peer SAM step, one product on two half batches, a check with ``max_iter=20``
+    whole and in the micro-batches the monitor chose) and return both, per model."""
+    import scale
+    from sharpguard.optim import SAM
+    from sharpguard.sharpness import HVPOperator, hessian_eigenvalues
+
+    measured = json.loads(SCALE_RAW.read_text())
+    out: dict[str, Any] = {}
+    for name, rec in measured.items():
+        print(f"validate {name}", flush=True)
+        res: dict[str, Any] = {"params": rec["time"]["params"]}
+
+        def one(key: str, make: Callable[[nn.Module, Any], tuple[Callable[[], Any], list[Any]]], train_mode: bool = True) -> None:
+            start = time.perf_counter()
+            try:
+                with fake_tensors(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch.manual_seed(0)
+                    model, batch = scale.build(name, False)
+                    model.train(train_mode)
+                    fn, opts = make(model, batch)
+                    prof = profile_step(fn, model=model, optimizers=opts, inputs=[batch])
+                res[key] = {"extra_bytes": prof.memory.peak_bytes - prof.memory.start_bytes, "flops": prof.flops,
+                            "peak_by_category": prof.memory.peak_by_category}
+            except Exception as exc:  # noqa: BLE001 - recorded
+                res[key] = {"error": _error(exc)}
+            res[key]["seconds"] = time.perf_counter() - start
+            print(f"  {key}: {res[key].get('error') or round(res[key]['extra_bytes'] / MIB, 1)}", flush=True)
+
+        def train(model, batch):
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def fn() -> None:
+                scale.loss_of(model, batch).backward()
+                opt.step()
+            return fn, []
+
+        def fwd_bwd(model, batch):
+            return (lambda: scale.loss_of(model, batch).backward()), []
+
+        def sam(nonfinite: str):
+            def make(model, batch):
+                opt = SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-4, nonfinite=nonfinite)
+
+                def closure() -> torch.Tensor:
+                    opt.zero_grad()
+                    loss = scale.loss_of(model, batch)
+                    loss.backward()
+                    return loss
+                return (lambda: opt.step(closure)), []
+            return make
+
+        def peer(model, batch):
+            from pytorch_optimizer import SAM as PeerSAM
+
+            opt = PeerSAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-4)
+
+            def fn() -> None:
+                scale.loss_of(model, batch).backward()
+                opt.first_step(zero_grad=True)
+                scale.loss_of(model, batch).backward()
+                opt.second_step(zero_grad=True)
+            return fn, []
+
+        def hvp(model, batch):
+            probe = scale.halves(batch, name)
+
+            def fn() -> None:
+                with HVPOperator(model, probe, scale.loss_of, check_determinism=False) as op:
+                    op.matvec(torch.randn(op.size))
+            return fn, []
+
+        def ref_hvp(model, batch):
+            probe = scale.halves(batch, name)
+            params = [p for p in model.parameters() if p.requires_grad]
+
+            def fn() -> None:  # uncached exact product on each half: forward, backward with graph, double backward
+                for part in probe:
+                    grads = torch.autograd.grad(scale.loss_of(model, part) / 2, params, create_graph=True)
+                    torch.autograd.grad(grads, params, grad_outputs=[torch.ones_like(p) for p in params])
+            return fn, []
+
+        def check(micro: int):
+            def make(model, batch):
+                if micro == 1:
+                    return (lambda: hessian_eigenvalues(model, batch, scale.loss_of, k=1, max_iter=scale.MAX_ITER)), []
+                # as scale.py: targets kept batch-first so the batch splits by examples, the same loss
+                x, y = batch
+                probe = (x, x[:, 1:] if name.startswith("gpt2") else y)
+
+                def loss(m: nn.Module, b: Any) -> torch.Tensor:
+                    return nn.functional.cross_entropy(m(b[0]), b[1].reshape(-1))
+                return (lambda: hessian_eigenvalues(model, probe, loss, k=1, max_iter=scale.MAX_ITER,
+                                                    micro_batches=micro)), []
+            return make
+
+        one("train", train)
+        one("fwd_bwd", fwd_bwd)
+        one("sam_fallback", sam("fallback"))
+        one("sam", sam("skip"))
+        one("peer_sam", peer)
+        one("ref_hvp", ref_hvp, train_mode=False)
+        one("hvp", hvp, train_mode=False)
+        one("check", check(1))
+        one("check_mb", check(int(rec["mem"]["check_mb"].get("micro_batches", 8))))
+        out[name] = res
+    return out
+
+
+def validation_table(sim: dict[str, Any]) -> str:
+    """Simulated against measured (scale_raw.json), the ratios scale.py reports."""
+    measured = json.loads(SCALE_RAW.read_text())
+    lines = [
+        "| model | train step extra peak: simulated (live tensors) / measured (RSS) | SAM extra / param bytes: simulated (fallback, skip) / measured | peer SAM extra / param bytes: simulated / measured | one product's extra / train's: simulated / measured | check / train: simulated / measured | check, monitor's micro-batches / train: simulated / measured | exact product / fwd+bwd: FLOPs (simulated) / time (measured) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ratio(res: dict[str, Any], key: str, over: float) -> float | None:
+        r = res.get(key, {})
+        return None if "extra_bytes" not in r else r["extra_bytes"] / over
+
+    def pair(a: float | None, b: float, fmt: str = "{:.2f}") -> str:
+        if a is None:
+            return f"not run / {fmt.format(b)}"
+        return f"{fmt.format(a)} / {fmt.format(b)} ({(a - b) / b:+.0%})"
+
+    for name, res in sim.items():
+        rec = measured[name]
+        m = rec["mem"]
+        pb = 4 * res["params"]
+        tm = m["train"]["extra_mib"] * MIB
+        ts = res.get("train", {}).get("extra_bytes")
+        sam_f = None if ts is None or "extra_bytes" not in res.get("sam_fallback", {}) else (res["sam_fallback"]["extra_bytes"] - ts) / pb
+        sam_s = None if ts is None or "extra_bytes" not in res.get("sam", {}) else (res["sam"]["extra_bytes"] - ts) / pb
+        peer = None if ts is None or "extra_bytes" not in res.get("peer_sam", {}) else (res["peer_sam"]["extra_bytes"] - ts) / pb
+        fb = res.get("fwd_bwd", {}).get("flops")
+        ref = res.get("ref_hvp", {}).get("flops")
+        lines.append(
+            f"| {name} | {pair(None if ts is None else ts / MIB, tm / MIB, '{:.0f} MiB')} | "
+            f"{'n/a' if sam_f is None else f'{sam_f:.2f}'}, {'n/a' if sam_s is None else f'{sam_s:.2f}'} / "
+            f"{(m['sam']['extra_mib'] * MIB - tm) / pb:.2f} | "
+            f"{pair(peer, (m['peer_sam']['extra_mib'] * MIB - tm) / pb)} | "
+            f"{pair(None if ts is None else ratio(res, 'hvp', ts), m['hvp']['extra_mib'] * MIB / tm)} | "
+            f"{pair(None if ts is None else ratio(res, 'check', ts), m['check']['extra_mib'] * MIB / tm)} | "
+            f"{pair(None if ts is None else ratio(res, 'check_mb', ts), m['check_mb']['extra_mib'] * MIB / tm)} | "
+            f"{pair(None if not (fb and ref) else ref / fb, rec['time']['hvp'] / rec['time']['fwd_bwd'])} |"
+        )
+    errors = sorted({f"{k}: {v['error']}" for res in sim.values() for k, v in res.items()
+                     if isinstance(v, dict) and "error" in v})
+    if errors:
+        lines += ["", "Rows not simulated: " + "; ".join(f"`{e[:200]}`" for e in errors[:6]) + "."]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -447,9 +638,13 @@ def main() -> None:
     parser.add_argument("--only", action="append", default=[], help="model:mode (e.g. gpt2-124m:single); repeatable")
     parser.add_argument("--rows", default=None, help="comma-separated row keys or prefixes (train,sam,check,...)")
     parser.add_argument("--table", action="store_true", help="only rewrite the RESULTS.md section from the raw JSON")
+    parser.add_argument("--validate", action="store_true",
+                        help="simulate benchmarks/scale.py's models and compare with scale_raw.json")
     args = parser.parse_args()
     raw = json.loads(RAW.read_text()) if RAW.exists() else {}
-    if not args.table:
+    if args.validate:
+        VALIDATION_RAW.write_text(json.dumps(validate(), indent=1, sort_keys=True) + "\n")
+    elif not args.table:
         todo = args.only or [f"{n}:{m}" for n in MODELS for m in MODES]
         wanted = None if args.rows is None else set(args.rows.split(","))
         for item in todo:

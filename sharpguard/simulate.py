@@ -82,13 +82,15 @@ CATEGORIES: tuple[str, ...] = tuple(dict.fromkeys(_CATEGORY_OF.values()))
 
 @dataclass(frozen=True)
 class MemoryProfile:
-    """Live tensor bytes of one device (one rank): at the peak, and when the callable returned.
+    """Live tensor bytes of one device (one rank): before the call, at its peak, and when it returned.
 
     ``peak_by_category`` is the breakdown at the moment of the peak (its values sum to
     ``peak_bytes``); ``end_by_category`` what is still alive after the call (a weight backup kept
-    between steps shows here).
+    between steps shows here). ``peak_bytes - start_bytes`` is the call's extra peak, what a peak-RSS
+    or ``max_memory_allocated`` difference around the call measures.
     """
 
+    start_bytes: int
     peak_bytes: int
     peak_by_category: dict[str, int]
     end_bytes: int
@@ -220,6 +222,7 @@ def profile_step(
         tracker.track_external(model, *optimizers, *tensors)
     counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
     with tracker:
+        start_total, _ = _by_category(tracker.get_tracker_snapshot("current"))
         with counter:
             fn()
         end_total, end = _by_category(tracker.get_tracker_snapshot("current"))
@@ -231,7 +234,7 @@ def profile_step(
         for op, n in counter.get_flop_counts().get("Global", {}).items():  # type: ignore[union-attr]
             by_op[str(op)] = int(n)
     return StepProfile(
-        memory=MemoryProfile(peak_bytes=peak_total, peak_by_category=peak, end_bytes=end_total, end_by_category=end),
+        memory=MemoryProfile(start_bytes=start_total, peak_bytes=peak_total, peak_by_category=peak, end_bytes=end_total, end_by_category=end),
         flops=flops,
         flops_by_operator=by_op,
     )

@@ -74,6 +74,8 @@ def test_flops_and_categories_match_a_hand_count(widths, batch):
     n_tensors = len(list(model.parameters()))
     assert end["optimizer_state"] == 8 * n + 4 * n_tensors
     assert end["gradients"] == 0  # zero_grad(set_to_none=True)
+    inputs = 4 * batch * widths[0] + 8 * batch  # float32 x, int64 y
+    assert prof.memory.start_bytes == prof.memory.end_bytes == 4 * n + 8 * n + 4 * n_tensors + inputs
     assert sum(peak.values()) == prof.memory.peak_bytes
     assert prof.memory.peak_bytes >= 4 * n + 4 * n + 8 * n  # weights, gradients and state at once
 
