@@ -29,8 +29,12 @@ def optimizer_kwargs(variant: str) -> dict:
     return OVERRIDES.get(variant, (OPTIMIZER, {}))[0]
 
 
+#: run settings every front end passes on with the knobs (``nonfinite``), set by a test for its runs
+SETTINGS: dict = {}
+
+
 def knobs(variant: str) -> dict:
-    return dict(OVERRIDES.get(variant, (OPTIMIZER, {}))[1])
+    return {**OVERRIDES.get(variant, (OPTIMIZER, {}))[1], **SETTINGS}
 
 
 class Net(nn.Module):
@@ -245,9 +249,10 @@ def _run_one_step(front_end: str, net: Net, tmp_path, scaler=None) -> None:
 
 
 @pytest.mark.parametrize("front_end", FRONT_ENDS)
-def test_a_non_finite_perturbed_gradient_falls_back_to_the_clean_one(front_end, tmp_path):
-    """Forward 1 is the clean pass, forward 2 the replay at w + e: poison the replay only. Every front
-    end then takes the plain step from the clean gradient -- no NaN reaches the weights."""
+def test_a_non_finite_perturbed_gradient_falls_back_to_the_clean_one(front_end, tmp_path, monkeypatch):
+    """Forward 1 is the clean pass, forward 2 the replay at w + e: poison the replay only. Under
+    ``nonfinite="fallback"`` every front end then takes the plain step from the clean gradient."""
+    monkeypatch.setitem(SETTINGS, "nonfinite", "fallback")
     net = Net()
     expected = plain_sgd_step_from(net, micro_batches(1, 1)[0])
     net.bomb = {2}
@@ -256,6 +261,18 @@ def test_a_non_finite_perturbed_gradient_falls_back_to_the_clean_one(front_end, 
     got = weights(net)
     assert torch.isfinite(got).all()
     assert relative_difference(got, expected) <= 1e-6
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_a_non_finite_perturbed_gradient_skips_the_step_by_default(front_end, tmp_path):
+    """The default policy: the replay at w + e poisoned, every front end leaves the weights bitwise
+    as they were (no step, no NaN) and says so once."""
+    net = Net()
+    before = weights(net)
+    net.bomb = {2}
+    with pytest.warns(UserWarning, match="non-finite gradient at w \\+ e; it skipped the update"):
+        _run_one_step(front_end, net, tmp_path)
+    assert torch.equal(weights(net), before)
 
 
 @pytest.mark.parametrize("front_end", FRONT_ENDS[1:])

@@ -14,6 +14,7 @@ import copy
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -280,3 +281,161 @@ def test_resume_with_other_knobs_is_refused_naming_them_unless_asked(k_saved, k_
     else:
         other.load_state_dict(state)
         assert other._step == 2
+
+
+# ------------------------------------------------------------------------- the default: skip, 1.0x
+def _poisoned_closure(model, x, y, bad_calls: set[int], value: float = float("nan")):
+    """A closure whose ``k``-th call (1-based; 1 is the clean pass) multiplies the loss by ``value``."""
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        loss = nn.functional.cross_entropy(model(x), y)
+        if calls[0] in bad_calls:
+            loss = loss * value
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_the_default_policy_is_skip_and_keeps_no_clean_gradient_copy():
+    model = net()
+    opt = sg.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    assert opt.nonfinite == "skip" and not opt.keeps_clean_gradient
+    warm(opt, model, steps=2)
+    backup = sum(t.numel() for t in opt._scratch["w"][2])
+    assert set(opt._scratch) == {"w"} and backup == sum(p.numel() for p in model.parameters())
+    assert sg.SAM(model.parameters(), torch.optim.SGD, lr=0.1, nonfinite="fallback").keeps_clean_gradient
+
+
+def test_float64_hand_check_a_sound_step_is_sam_and_a_faulty_one_changes_nothing():
+    """Step 1 by hand (float64 least squares, SGD-momentum): w1 = w0 - lr g(w0 + rho g0/||g0||).
+    Step 2 with a NaN at w + e: weights and momentum stay bitwise those of step 1."""
+    from _optim_lsq import B0, W0, lsq_grad, lsq_loss, lsq_model
+    from _optim_lsq import norm as lsq_norm
+    from _optim_lsq import weights as lsq_weights
+
+    rho, lr = 0.1, 0.05
+    model = lsq_model()
+    opt = sg.SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=lr, momentum=0.9)
+    opt.zero_grad()
+    opt.step(lambda: lsq_loss(model).backward())
+    g0 = lsq_grad([W0, B0])
+    n0 = lsq_norm(g0)
+    gs = lsq_grad([W0 + rho * g0[0] / n0, B0 + rho * g0[1] / n0])
+    expected = [W0 - lr * gs[0], B0 - lr * gs[1]]
+    for got, want in zip(lsq_weights(model), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+    before = snapshot(opt)
+    calls = [0]
+
+    def faulty():
+        calls[0] += 1
+        loss = lsq_loss(model) * (float("nan") if calls[0] == 2 else 1.0)
+        loss.backward()
+        return loss
+
+    opt.zero_grad()
+    with pytest.warns(SAMFallbackWarning, match="it skipped the update"):
+        opt.step(faulty)
+    after = snapshot(opt)
+    assert same(before[0], after[0]) and same(before[1]["state"], after[1]["state"])
+    assert opt.nonfinite_counts == {"nonfinite_clean": 0, "nonfinite_perturbed": 1}
+
+
+@FAST
+@given(seed=st.integers(0, 2**16), lr=st.floats(1e-3, 0.5), momentum=st.sampled_from([0.0, 0.5, 0.9]),
+       adam=st.booleans())
+def test_rho_zero_is_the_base_optimizer_bitwise_under_the_default_policy(seed, lr, momentum, adam):
+    torch.manual_seed(seed)
+    a = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    b = copy.deepcopy(a)
+    base_cls, kwargs = (torch.optim.Adam, {"lr": lr}) if adam else (torch.optim.SGD, {"lr": lr, "momentum": momentum})
+    opt = sg.SAM(a.parameters(), base_cls, rho=0.0, **kwargs)
+    ref = base_cls(b.parameters(), **kwargs)
+    x, y = batch()
+    for _ in range(3):
+        opt.zero_grad()
+        opt.step(lambda: nn.functional.cross_entropy(a(x), y).backward())
+        ref.zero_grad()
+        nn.functional.cross_entropy(b(x), y).backward()
+        ref.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+STEPPING_VARIANTS = [v for v in VARIANT_NAMES if v != "momentum_sam"]  # momentum_sam has no perturbed pass
+
+
+@FAST
+@given(variant=st.sampled_from(STEPPING_VARIANTS), point=st.integers(0, 2),
+       value=st.sampled_from([float("inf"), float("-inf"), float("nan")]), adam=st.booleans())
+def test_under_the_default_a_faulty_perturbed_pass_never_writes_a_non_finite_weight(variant, point, value, adam):
+    """A non-finite loss at any perturbed point of a step whose clean pass is sound: the weights stay
+    finite and bitwise as they were, and so does the base optimizer's state (the step is skipped)."""
+    model = net()
+    base_cls, kwargs = (torch.optim.Adam, {"lr": 0.01}) if adam else (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})
+    opt = make_sam(base_cls(model.parameters(), **kwargs), variant, model=model)
+    warm(opt, model, steps=2)
+    while not opt.needs_second_pass():  # LookSAM's reuse steps have no perturbed pass
+        warm(opt, model, steps=1)
+    before = snapshot(opt)
+    x, y = batch()
+    opt.zero_grad()
+    bad = 2 + point % opt.perturbed_points
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SAMFallbackWarning)
+        opt.step(_poisoned_closure(model, x, y, {bad}, value))
+    after = snapshot(opt)
+    assert all(torch.isfinite(p).all() for p in after[0])
+    assert same(before[0], after[0]) and same(before[1]["state"], after[1]["state"])
+    assert opt.nonfinite_counts["nonfinite_perturbed"] == 1
+
+
+def test_a_gradscaler_sees_an_overflow_at_w_plus_e_skips_and_backs_off_under_the_default():
+    """Only the perturbed gradient overflows: the decision waits for the base step, so the scaler's
+    own inf check finds it first, skips the step and lowers its scale, as without SAM."""
+    model = net()
+    opt = sg.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    x, y = batch()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    assert opt.first_step(zero_grad=True)
+    scaler.scale(nn.functional.cross_entropy(model(x), y) * float("inf")).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SAMFallbackWarning)
+        opt.unperturb()
+    scaler.step(opt.base_optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**11
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert not opt.base_optimizer.state
+
+
+def test_step_returns_the_clean_loss_detached():
+    """The loss at w, without its graph (its backward has run): keeping it keeps no graph alive, and
+    ``loss.backward()`` on it fails loudly instead of silently. A closure's non-tensor result is
+    returned as it is."""
+    model = net()
+    opt = sg.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    ref = copy.deepcopy(model)
+    x, y = batch()
+
+    def closure():
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.zero_grad()
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and not loss.requires_grad and loss.grad_fn is None
+    assert torch.equal(loss, nn.functional.cross_entropy(ref(x), y).detach())  # the loss at w, before the step
+
+    def counting():
+        nn.functional.cross_entropy(model(x), y).backward()
+        return 7
+
+    opt.zero_grad()
+    assert opt.step(counting) == 7

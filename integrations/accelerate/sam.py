@@ -95,7 +95,7 @@ class SharpnessAwareMinimization:
         variant: str = "sam",
         rho: float | None = None,
         sync_perturbation: bool = False,
-        nonfinite: str = "fallback",
+        nonfinite: str = "skip",
         loss_fn: LossFn | None = None,
         config: SAMConfig | Mapping[str, Any] | None = None,
         **knobs: Any,

@@ -49,7 +49,7 @@ class SharpnessAwareMinimization(Callback):
             variants that reuse the clean gradient in the update (``per_worker_safe = False``: GSAM,
             LookSAM, Friendly-SAM), for which ``per_worker=True`` is refused (the replicas would diverge).
         keep_bn_stats: keep BatchNorm running statistics from the clean pass only (``model=`` of the wrapper).
-        nonfinite: ``"fallback"`` or ``"skip"``, the core's policy for non-finite gradients (docs/reliability.md).
+        nonfinite: ``"skip"`` (default) or ``"fallback"``, the core's policy for non-finite gradients (docs/reliability.md).
         resume: when a checkpoint's SAM settings differ from this callback's: ``"error"`` (default),
             ``"checkpoint"`` (take the checkpoint's) or ``"current"`` (keep these).
 
@@ -82,7 +82,7 @@ class SharpnessAwareMinimization(Callback):
         adaptive: bool = False,
         per_worker: bool | None = None,
         keep_bn_stats: bool = True,
-        nonfinite: str = "fallback",
+        nonfinite: str = "skip",
         resume: str = "error",
         **variant_kwargs: Any,
     ) -> None:

@@ -109,7 +109,9 @@ class SAMConfig:
                     "variants keep unsharded state; use DDP for them."
                 )
             adaptive = self.variant == "asam" or bool(knobs.get("adaptive", False))
-            return ShardedSAM(optimizer, knobs["rho"], adaptive=adaptive, eta=float(knobs.get("eta", 0.0)))
+            return ShardedSAM(
+                optimizer, knobs["rho"], adaptive=adaptive, eta=float(knobs.get("eta", 0.0)), nonfinite=self.nonfinite
+            )
         return VARIANTS[self.variant].wrap(
             optimizer, model=model, sync_perturbation=self.sync_perturbation, nonfinite=self.nonfinite, **knobs
         )

@@ -9,13 +9,13 @@ helper all run the same sequence, and this module is the only place it is writte
    steps, which suspends gradient sync when the perturbation is per worker (Foret et al., ICLR 2021,
    Sec. 4: m-sharpness; each worker ascends along its own gradient);
 3. ``finish(no_sync=..., unscale=...)`` after the last clean backward: perturb (save ``w``, move to
-   ``w + e``, snapshot running statistics), zero the gradients in place, replay every recorded
+   ``w + e``, snapshot running statistics), release the gradients (``None``), replay every recorded
    micro-batch at ``w + e`` -- each from the module state its clean pass started from, all but
    the last under ``no_sync`` so only the last backward all-reduces -- unscale the replayed
    gradients if the framework already unscaled the clean ones, restore ``w`` by copy, apply the
    variant's update and the non-finite policy (:meth:`SAM.unperturb`), and put back the module
    state the clean pass left. A variant with more than one perturbed point (GAM) asks for
-   another round after the replays (:meth:`SAM.advance`): the gradients are zeroed in place and
+   another round after the replays (:meth:`SAM.advance`): the gradients are released again and
    every micro-batch is replayed again, from the same module state, at its next point.
 
 An adapter supplies only what its framework knows: how to run one micro-batch forward/backward

@@ -12,7 +12,7 @@ the passes themselves::
     opt.prepare()            # before the forward (Momentum-SAM perturbs here; a no-op otherwise)
     loss.backward()          # clean gradient at w
     if opt.perturb():        # save w, move to w + e, snapshot running statistics
-        zero the grads; loss_at_w_plus_e.backward()
+        release the grads (None); loss_at_w_plus_e.backward()
     opt.unperturb()          # restore w by copy, leave in .grad the gradient to step with
     opt.base_optimizer.step()
 
@@ -25,7 +25,7 @@ one more call after the backward at each point::
 
     if opt.perturb():
         while True:
-            zero the grads; loss_at_current_point.backward()
+            release the grads (None); loss_at_current_point.backward()
             if not opt.advance():    # the variant copied the gradient, moved to its next point
                 break
     opt.unperturb()
@@ -174,12 +174,13 @@ def perturbed_pass(
 ) -> bool:
     """The perturbed half of a step whose passes a framework adapter runs (adapter protocol).
 
-    After the clean backward: ``sam.perturb()``; if it moved the weights, zero the gradients in
-    place (keeping DDP's bucket views; the variant copied what it needs from the clean gradient)
-    and call every replay -- each runs one micro-batch's forward and backward at ``w + e`` -- all
+    After the clean backward: ``sam.perturb()``; if it moved the weights, release the gradients
+    (set to ``None``, as ``zero_grad()`` does: the variant copied what it needs from the clean
+    gradient, and the perturbed backward allocates them as the activations are freed, so the pass
+    peaks where a plain step does) and call every replay -- each runs one micro-batch's forward and backward at ``w + e`` -- all
     but the last under ``no_sync()``, so that only the last backward all-reduces the accumulated
     SAM gradient. Then ``sam.advance()``: while the variant has another point (GAM), the gradients
-    are zeroed again and every replay runs again at that point, under the same ``no_sync`` rule.
+    are released again and every replay runs again at that point, under the same ``no_sync`` rule.
     ``unscale`` (frameworks that unscaled the clean gradient already) divides each point's replayed
     gradients by the loss scale before the variant reads them. If a replay raises, ``sam.cancel()``
     restores the weights by copy before the exception propagates. Returns whether a perturbed pass
@@ -193,9 +194,9 @@ def perturbed_pass(
         last = len(replays) - 1
         point = 0
         while True:
-            grads = [p.grad for group in sam.base_optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if grads:
-                torch._foreach_zero_(grads)
+            for group in sam.base_optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
             for k, replay in enumerate(replays):
                 with no_sync() if no_sync is not None and k < last else contextlib.nullcontext():
                     previous = _phase.set_pass(_phase.Pass("perturbed", window, k, point))
@@ -393,7 +394,11 @@ class SAM(Optimizer):
         self._faults_warned = [0, 0]
         # nonfinite="skip": (params, ok) of the last step, read by the base optimizer's step pre-hook
         self._skip_check: tuple[list[torch.Tensor], torch.Tensor] | None = None
-        self._skip_hook = base.register_step_pre_hook(self._skip_faulty_step)
+        self._base_stepping = False  # inside base_optimizer.step() (a closure that runs the SAM step)
+        self._skip_hooks = (
+            base.register_step_pre_hook(self._skip_faulty_step),
+            base.register_step_post_hook(self._base_step_done),
+        )
         self._reset_step()
 
     # ---------------------------------------------------------------------------- shared structure
@@ -568,8 +573,11 @@ class SAM(Optimizer):
                 F.select_(grads, self._buffers("clean_grad", params), ~final_ok, groups=groups)
         else:
             # decided when the base optimizer steps (_skip_faulty_step): a GradScaler that finds the
-            # non-finite gradient first skips the step and lowers its scale, as without SAM
+            # non-finite gradient first skips the step and lowers its scale, as without SAM. When the
+            # base step is already running (its closure ran this SAM step: Lightning), decided now.
             self._skip_check = (params, final_ok)
+            if self._base_stepping:
+                self._skip_faulty_step(self.base_optimizer, (), {})
         self._count_faults(clean_ok, final_ok)
 
     def _skip_faulty_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -579,6 +587,7 @@ class SAM(Optimizer):
         base optimizer leaves weights and state alone; otherwise they are zeroed on the device
         (:func:`.functional.zero_where_`, no host sync, no temporary).
         """
+        self._base_stepping = True
         check, self._skip_check = self._skip_check, None
         if check is None:
             return
@@ -590,6 +599,9 @@ class SAM(Optimizer):
             return
         grads = [p.grad for p in params if p.grad is not None]
         F.zero_where_(grads, ~ok)
+
+    def _base_step_done(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        self._base_stepping = False
 
     def _count_faults(self, clean_ok: torch.Tensor, final_ok: torch.Tensor | None) -> None:
         """Add this step's faults to the device counters (``final_ok=None``: a step with one pass)."""
@@ -690,9 +702,10 @@ class SAM(Optimizer):
         ``closure`` computes the loss and calls ``backward()``; it may zero the gradients itself
         (Lightning's does) or not: SAM zeroes them before the second call either way, so the clean
         gradient never leaks into the step. A multi-point variant calls it once more per extra
-        point (GAM: four calls in all). Returns the closure's loss at ``w``, detached from its graph
-        (as ``torch.optim`` optimizers return it, whose ``step`` runs under ``no_grad``), so keeping
-        it does not keep the graph alive; a non-tensor result is returned as it is. If a closure raises,
+        point (GAM: four calls in all). Returns the closure's loss at ``w``, detached: its backward
+        has run, so keeping it (logging, a running mean) keeps no graph alive, and a second
+        ``backward()`` on it fails loudly (Lightning's own closure returns its loss detached too);
+        a non-tensor result is returned as it is. If a closure raises,
         the weights and running statistics are restored before the exception propagates.
         """
         if closure is None:
@@ -807,10 +820,10 @@ class SAM(Optimizer):
         return grads  # type: ignore[return-value]
 
     def _zero_pass_grads(self) -> None:
-        # In place: keeps the gradient tensors (and DDP's bucket views); the variant copied what it needs.
-        grads = [p.grad for p in self._pass_params if p.grad is not None]
-        if grads:
-            torch._foreach_zero_(grads)
+        # Released, as zero_grad() does (DDP puts its bucket views back at the next backward): the
+        # variant copied what it needs, and the perturbed pass then peaks where a plain step does.
+        for p in self._pass_params:
+            p.grad = None
 
     def _groups_of(self, params: list[torch.Tensor]) -> F.Groups:
         """:func:`.functional.group_by_device_and_dtype` of ``params``, computed once per parameter list."""
