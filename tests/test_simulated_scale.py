@@ -321,3 +321,82 @@ def test_sharpguard_hvp_flops_124m():  # needs wt-d2 (HVPOperator under fake ten
 @pytest.mark.parametrize("check", ["lambda_max", "monitor", "trace"])
 def test_check_peak_within_the_training_step_124m(check):  # needs wt-d2 (checks under fake tensors)
     assert _row(check).memory.peak_bytes <= _row("train").memory.peak_bytes
+
+
+# ---------------------------------------------------------------------------------------------------
+# sharpguard.sharpness.cost against simulated counts
+
+
+def _lm(layout: str, layers: int, hidden: int, heads: int, kv: int, mlp: int, vocab: int, seq: int) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if layout == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=mlp, vocab_size=vocab,
+                                          n_positions=seq, attn_implementation="sdpa", loss_type="ForCausalLM"))
+    return LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                                        num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                                        attn_implementation="sdpa", loss_type="ForCausalLM"))
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    layout=st.sampled_from(["gpt2", "llama"]),
+    layers=st.integers(1, 2),
+    hidden_per_head=st.sampled_from([16, 32]),
+    heads=st.sampled_from([2, 4]),
+    kv_div=st.sampled_from([1, 2]),
+    mlp=st.integers(32, 200),
+    vocab=st.integers(500, 3000),
+    batch=st.integers(1, 3),
+    seq=st.sampled_from([32, 64, 96]),
+)
+def test_activation_layouts_predict_the_simulated_step(layout, layers, hidden_per_head, heads, kv_div, mlp, vocab,
+                                                        batch, seq):
+    """``transformer_activation_bytes(layout=...)`` against the activations and temporaries that
+    MemTracker finds at a simulated training step's peak, on configs the fit did not see."""
+    from sharpguard.sharpness.cost import transformer_activation_bytes
+
+    hidden = hidden_per_head * heads
+    kv = heads // kv_div if layout == "llama" else heads
+    with fake_tensors():
+        model = _lm(layout, layers, hidden, heads, kv, mlp, vocab, seq)
+        ids = torch.randint(0, vocab, (batch, seq))
+        data = {"input_ids": ids, "labels": ids}
+        opt = torch.optim.AdamW(model.parameters())
+
+        def step() -> None:
+            model(**data).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()
+        peak = profile_step(step, model=model, optimizers=[opt], inputs=[data], count_flops=False).memory.peak_by_category
+    simulated = peak["activations"] + peak["temporaries"]
+    predicted = transformer_activation_bytes(batch=batch, seq_len=seq, hidden=hidden, layers=layers, heads=heads,
+                                             vocab=vocab, layout=layout, mlp=mlp, kv_heads=kv)
+    assert predicted == pytest.approx(simulated, rel=0.05)
+
+
+def test_check_flops_follow_the_cost_model():
+    """A check of n products on a cached graph is one forward+backward plus n double backwards; on
+    micro-batches every product is a forward, a backward and a double backward (3 passes); the cost
+    model's ``flops_over_step`` says the same (needs wt-d2: checks on fake tensors)."""
+    from sharpguard.sharpness import estimate_check_cost, hessian_eigenvalues
+
+    with fake_tensors():
+        model = _lm("gpt2", 2, 64, 2, 2, 256, 1000, 64)
+        ids = torch.randint(0, 1000, (4, 64))
+        data = {"input_ids": ids, "labels": ids}
+
+        def fwd_bwd() -> None:
+            model(**data).loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        base = profile_step(fwd_bwd, model=model).flops
+        n = 7
+        for micro in (1, 2):
+            prof = profile_step(lambda micro=micro: hessian_eigenvalues(model, data, k=1, fixed_products=n,
+                                                                        micro_batches=micro), model=model)
+            predicted = estimate_check_cost(sum(p.numel() for p in model.parameters()), step_peak_bytes=1e9,
+                                            step_seconds=1.0, n_hvp=n, micro_batches=micro).flops_over_step
+            assert prof.flops / base == pytest.approx(predicted, rel=0.10)

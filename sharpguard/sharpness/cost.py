@@ -149,7 +149,9 @@ def estimate_check_cost(
         basis_bytes=basis,
         n_hvp=n_hvp,
         hvp=hvp,
-        flops_over_step=n_hvp * batches * check_flops_per_hvp(hvp, micro_batches=micro, probe_batches=batches),
+        # a cached graph is built once (a forward and a backward), then every product is one double backward
+        flops_over_step=n_hvp * batches * check_flops_per_hvp(hvp, micro_batches=micro, probe_batches=batches)
+        + (1.0 if cached else 0.0),
     )
 
 
