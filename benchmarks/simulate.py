@@ -157,7 +157,6 @@ def _error(exc: BaseException) -> str:
 def simulate(name: str, mode: str, rows: set[str] | None = None) -> dict[str, Any]:
     """Every row of one model in one mode; errors are recorded per row."""
     import sharpguard as sg
-    from sharpguard.monitor import RobustnessMonitor, SharpnessMonitor
     from sharpguard.sharpness import HVPOperator, hessian_eigenvalues, hessian_trace
 
     _quiet_transformers()
@@ -289,14 +288,22 @@ def simulate(name: str, mode: str, rows: set[str] | None = None) -> dict[str, An
         row("hvp_cached2", hvp(True), [opt])  # two products, the second on the cached graph
         row("hvp_cached1", _first_cached(model, batch), [opt])
         row("check:lambda_max", lambda: hessian_eigenvalues(model, batch, k=1), [opt],
-            lambda r: {"n_hvp": int(r.n_hvp)})
-        monitor = SharpnessMonitor(measures=("lambda_max",), probe=[batch], alerts=None)
-        row("check:monitor", lambda: monitor.measure(model, opt), [opt],
-            lambda m: {"n_hvp": _n_hvp(m)})
+            lambda r: {"n_hvp": int(r.n_hvp), "micro_batches": _plain(r.settings.get("micro_batches"))})
+        def monitor_check() -> Any:
+            from sharpguard.monitor import SharpnessMonitor
+
+            monitor = SharpnessMonitor(measures=("lambda_max",), probe=[batch], alerts=None)
+            return monitor.measure(model, opt)
+
+        row("check:monitor", monitor_check, [opt], lambda m: {"n_hvp": _n_hvp(m)})
         row("check:trace", lambda: hessian_trace(model, batch), [opt], lambda r: {"n_hvp": int(r.n_hvp)})
         if not isinstance(batch, dict):
-            robust = RobustnessMonitor(probe=[batch], alerts=None)
-            row("check:robustness", lambda: robust.measure(model, opt), [opt])
+            def robustness_check() -> Any:
+                from sharpguard.monitor import RobustnessMonitor
+
+                return RobustnessMonitor(probe=[batch], alerts=None).measure(model, opt)
+
+            row("check:robustness", robustness_check, [opt])
     return out
 
 
@@ -307,6 +314,10 @@ def _first_cached(model: nn.Module, batch: Any) -> Callable[[], Any]:
         with HVPOperator(model, batch, hvp="autograd", check_determinism=False, cache_graph=True) as op:
             op.matvec(torch.randn(op.size, dtype=op.dtype))
     return run
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, (int, float, str, type(None))) else str(value)
 
 
 def _n_hvp(metrics: Any) -> int | None:
@@ -447,9 +458,118 @@ def table(raw: dict[str, Any]) -> str:
                     f"{_ratio(r['flops'] / r.get('steps', 1), train['flops'])} | {r.get('n_hvp', '') or ''} | {tcol} | {pcol} |"
                 )
             lines.append("")
+    lines += ["### The cost model against the simulation", "", cost_model_table(raw), ""]
     if VALIDATION_RAW.exists():
         lines += ["### The simulation against the CPU (benchmarks/scale.py's models)", "",
                   validation_table(json.loads(VALIDATION_RAW.read_text())), ""]
+    return "\n".join(lines)
+
+
+# Shapes for sharpguard.sharpness.cost.transformer_activation_bytes (the models above).
+SHAPES = {
+    "gpt2-124m": dict(batch=8, seq_len=1024, hidden=768, layers=12, heads=12, vocab=50257, layout="gpt2"),
+    "llama-1b": dict(batch=4, seq_len=2048, hidden=2048, layers=22, heads=32, vocab=32000, layout="llama", mlp=5632,
+                     kv_heads=4),
+    "llama-7b": dict(batch=1, seq_len=4096, hidden=4096, layers=32, heads=32, vocab=32000, layout="llama", mlp=11008),
+}
+
+
+def cost_model_table(raw: dict[str, Any]) -> str:
+    """``sharpguard.sharpness.cost`` predictions against the simulated figures (relative error)."""
+    from sharpguard.sharpness.cost import (
+        HVP_FLOPS,
+        HVP_FLOPS_CACHED,
+        estimate_check_cost,
+        estimate_sam_cost,
+        transformer_activation_bytes,
+    )
+
+    lines = ["| model, mode | quantity | predicted | simulated | error |", "|---|---|---|---|---|"]
+
+    def add(label: str, what: str, pred: float, sim: float, unit: str = "") -> None:
+        scale_ = GIB if unit == "GiB" else 1.0
+        lines.append(f"| {label} | {what} | {pred / scale_:.3f}{' ' + unit if unit else ''} | {sim / scale_:.3f}"
+                     f"{' ' + unit if unit else ''} | {(pred - sim) / sim:+.1%} |")
+
+    for name in MODELS:
+        for mode in MODES:
+            entry = raw.get(f"{name}:{mode}")
+            if not entry or "memory" not in entry["rows"].get("train", {}):
+                continue
+            rows, label = entry["rows"], f"{name}, {mode}"
+            t = rows["train"]["memory"]
+            cat = t["peak_by_category"]
+            if name in SHAPES:
+                add(label, "training step: activations + temporaries at the peak",
+                    transformer_activation_bytes(**SHAPES[name]), cat["activations"] + cat["temporaries"], "GiB")
+            p_local = entry["param_bytes"] / 4
+            for key, r in rows.items():
+                if key in ("sam:SAM", "sam:ASAM", "sam:GSAM") and "memory" in r:
+                    sam = estimate_sam_cost(int(p_local), step_seconds=1.0)
+                    add(label, f"{key}: extra peak over the step", sam.extra_bytes, r["memory"]["peak_bytes"] - t["peak_bytes"], "GiB")
+                    add(label, f"{key}: FLOPs / step", sam.flops_over_step, r["flops"] / rows["train"]["flops"])
+            fb = rows.get("fwd_bwd", {}).get("flops")
+            if fb:
+                for key, pred in (("hvp_exact", HVP_FLOPS["autograd"]), ("ref:hvp_1", HVP_FLOPS["autograd"])):
+                    if "flops" in rows.get(key, {}):
+                        add(label, f"{key}: FLOPs / fwd+bwd", pred, rows[key]["flops"] / fb)
+                for two, one in (("hvp_cached2", "hvp_cached1"), ("ref:hvp_2", "ref:hvp_1")):
+                    if "flops" in rows.get(two, {}) and "flops" in rows.get(one, {}):
+                        add(label, f"{two}: 2nd product FLOPs / fwd+bwd", HVP_FLOPS_CACHED,
+                            (rows[two]["flops"] - rows[one]["flops"]) / fb)
+            for key in ("check:lambda_max", "check:monitor"):
+                r = rows.get(key, {})
+                if "memory" not in r or not r.get("n_hvp"):
+                    continue
+                micro = r.get("micro_batches") if isinstance(r.get("micro_batches"), int) else 1
+                model_bytes = cat["parameters"] + cat["buffers"] + cat["inputs"] + cat["other"]
+                step_extra = t["peak_bytes"] - model_bytes
+                c = estimate_check_cost(int(p_local), step_peak_bytes=step_extra, step_seconds=1.0,
+                                        n_hvp=int(r["n_hvp"]), micro_batches=micro)
+                add(label, f"{key} ({micro} micro-batches): peak", model_bytes + cat["optimizer_state"] + c.peak_bytes,
+                    r["memory"]["peak_bytes"], "GiB")
+                add(label, f"{key}: FLOPs / step", c.flops_over_step, r["flops"] / rows["train"]["flops"])
+    return "\n".join(lines)
+
+
+def summary_table(raw: dict[str, Any]) -> str:
+    """One line per model and mode: what docs/cost_model.md and the README quote."""
+    lines = [
+        "| model | mode | params | train step peak | SAM extra peak / param bytes | SAM FLOPs / step | exact product FLOPs / fwd+bwd (cached 2nd) | lambda_max check peak / step peak (function defaults; monitor) | trace check peak / step peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in MODELS:
+        for mode in MODES:
+            entry = raw.get(f"{name}:{mode}")
+            if not entry or "memory" not in entry["rows"].get("train", {}):
+                continue
+            rows = entry["rows"]
+            t = rows["train"]
+            sam = rows.get("sam:SAM", {})
+            fb = rows.get("fwd_bwd", {}).get("flops")
+
+            def peak(key: str) -> str:
+                r = rows.get(key)
+                if r is None:
+                    return "not run"
+                if "memory" not in r:
+                    return "error"
+                return f"{r['memory']['peak_bytes'] / t['memory']['peak_bytes']:.2f}x"
+
+            hvp = "not run"
+            one = rows.get("hvp_exact", rows.get("ref:hvp_1", {}))
+            if fb and "flops" in one:
+                hvp = f"{one['flops'] / fb:.2f}"
+                c1, c2 = rows.get("hvp_cached1", rows.get("ref:hvp_1", {})), rows.get("hvp_cached2", rows.get("ref:hvp_2", {}))
+                if "flops" in c1 and "flops" in c2:
+                    hvp += f" ({(c2['flops'] - c1['flops']) / fb:.2f})"
+            lines.append(
+                f"| {name} | {'single device' if mode == 'single' else 'FSDP2 x8, per rank'} | {entry['params'] / 1e6:.0f}M | "
+                f"{t['memory']['peak_bytes'] / GIB:.1f} GiB | "
+                + (f"{(sam['memory']['peak_bytes'] - t['memory']['peak_bytes']) / entry['param_bytes']:.4f} | "
+                   f"{sam['flops'] / t['flops']:.3f} | " if "memory" in sam else "error | error | ")
+                + f"{hvp} | {peak('check:lambda_max')}; {peak('check:monitor')} | {peak('check:trace')} |"
+            )
     return "\n".join(lines)
 
 
@@ -477,7 +597,7 @@ VALIDATION_RAW = Path(__file__).with_name("simulate_vs_cpu.json")
 MIB = 2**20
 
 
-def validate() -> dict[str, Any]:
+def validate(only: set[str] | None = None, previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """Simulate what ``scale.py`` measures (fresh-process extra peaks: the first training step with a new
     AdamW, a SAM step, the peer SAM step, one product on two half batches, a check with ``max_iter=20``
     whole and in the micro-batches the monitor chose) and return both, per model."""
@@ -489,9 +609,12 @@ def validate() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, rec in measured.items():
         print(f"validate {name}", flush=True)
-        res: dict[str, Any] = {"params": rec["time"]["params"]}
+        res: dict[str, Any] = dict((previous or {}).get(name, {}))
+        res["params"] = rec["time"]["params"]
 
         def one(key: str, make: Callable[[nn.Module, Any], tuple[Callable[[], Any], list[Any]]], train_mode: bool = True) -> None:
+            if only is not None and key not in only:
+                return
             start = time.perf_counter()
             try:
                 with fake_tensors(), warnings.catch_warnings():
@@ -638,12 +761,18 @@ def main() -> None:
     parser.add_argument("--only", action="append", default=[], help="model:mode (e.g. gpt2-124m:single); repeatable")
     parser.add_argument("--rows", default=None, help="comma-separated row keys or prefixes (train,sam,check,...)")
     parser.add_argument("--table", action="store_true", help="only rewrite the RESULTS.md section from the raw JSON")
+    parser.add_argument("--summary", action="store_true", help="print the one-line-per-model summary and exit")
     parser.add_argument("--validate", action="store_true",
                         help="simulate benchmarks/scale.py's models and compare with scale_raw.json")
     args = parser.parse_args()
     raw = json.loads(RAW.read_text()) if RAW.exists() else {}
+    if args.summary:
+        print(summary_table(raw))
+        return
     if args.validate:
-        VALIDATION_RAW.write_text(json.dumps(validate(), indent=1, sort_keys=True) + "\n")
+        previous = json.loads(VALIDATION_RAW.read_text()) if VALIDATION_RAW.exists() else None
+        only = None if args.rows is None else set(args.rows.split(","))
+        VALIDATION_RAW.write_text(json.dumps(validate(only, previous), indent=1, sort_keys=True) + "\n")
     elif not args.table:
         todo = args.only or [f"{n}:{m}" for n in MODELS for m in MODES]
         wanted = None if args.rows is None else set(args.rows.split(","))

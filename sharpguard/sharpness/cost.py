@@ -15,8 +15,11 @@ budget before it runs one. The model, fitted on the sizes of ``benchmarks/scale.
   gradient accumulations, the product and its flat copy), and takes ``n t_h`` seconds, one product
   costing ``t_h = c_t`` forward+backward passes.
 
-``c_A``, ``c_v`` and ``c_t`` are fitted per product method; docs/cost_model.md gives the fit, its error
-on the measured sizes, and extrapolations to 100M, 1B and 7B parameters (marked as such).
+``c_A``, ``c_v`` and ``c_t`` are fitted per product method; docs/cost_model.md gives the fit and its error
+on the measured sizes. At production sizes (GPT-2 124M, Llama-shaped 1.1B and 6.7B, ViT-Base; single
+device and FSDP2) the FLOP ratios (``HVP_FLOPS``, ``SAM_FLOPS``) and the float32 activation layouts
+(``ACTIVATION_LAYOUTS``) are derived from counts simulated under ``FakeTensorMode``
+(:mod:`sharpguard.simulate`, benchmarks/simulate.py), which the predictions are checked against.
 """
 
 from __future__ import annotations
