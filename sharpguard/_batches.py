@@ -124,6 +124,7 @@ def checked_loss(loss: Any, where: str = "loss_fn") -> torch.Tensor:
     """Raise a clear error for a non-tensor, non-scalar or non-finite loss; return it otherwise.
 
     The finiteness check synchronises with the device; measurements call it, the SAM hot path does not.
+    A fake tensor (``FakeTensorMode``: a cost-only run) has no value to check and passes on.
     """
     if not isinstance(loss, torch.Tensor):
         raise ConfigurationError(f"{where} must return a tensor, got {type(loss).__name__}.")
@@ -131,7 +132,9 @@ def checked_loss(loss: Any, where: str = "loss_fn") -> torch.Tensor:
         raise ConfigurationError(
             f"{where} must return a scalar loss, got shape {tuple(loss.shape)}; reduce it (e.g. .mean())."
         )
-    if not bool(torch.isfinite(loss.detach())):
+    from torch._subclasses.fake_tensor import is_fake
+
+    if not is_fake(loss) and not bool(torch.isfinite(loss.detach())):
         raise NonFiniteLossError(f"{where} returned a non-finite loss ({loss.item()}); check the model and the batch.")
     return loss.reshape(())
 

@@ -15,15 +15,26 @@ budget before it runs one. The model, fitted on the sizes of ``benchmarks/scale.
   gradient accumulations, the product and its flat copy), and takes ``n t_h`` seconds, one product
   costing ``t_h = c_t`` forward+backward passes.
 
-``c_A``, ``c_v`` and ``c_t`` are fitted per product method; docs/cost_model.md gives the fit, its error
-on the measured sizes, and extrapolations to 100M, 1B and 7B parameters (marked as such).
+``c_A``, ``c_v`` and ``c_t`` are fitted per product method; docs/cost_model.md gives the fit and its error
+on the measured sizes. At production sizes (GPT-2 124M, Llama-shaped 1.1B and 6.7B, ViT-Base; single
+device and FSDP2) the FLOP ratios (``HVP_FLOPS``, ``SAM_FLOPS``) and the float32 activation layouts
+(``ACTIVATION_LAYOUTS``) are derived from counts simulated under ``FakeTensorMode``
+(:mod:`sharpguard.simulate`, benchmarks/simulate.py), which the predictions are checked against.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CheckCost", "SamCost", "check_passes_per_hvp", "estimate_check_cost", "estimate_sam_cost", "transformer_activation_bytes"]
+__all__ = [
+    "CheckCost",
+    "SamCost",
+    "check_flops_per_hvp",
+    "check_passes_per_hvp",
+    "estimate_check_cost",
+    "estimate_sam_cost",
+    "transformer_activation_bytes",
+]
 
 # Fitted on benchmarks/scale.py (docs/cost_model.md, "Fit"): graph memory over the training step's
 # activations, model-size vectors besides the basis, and one product's time in forward+backward passes.
@@ -39,6 +50,17 @@ HVP_PASSES = {"autograd": 3.2, "finite_difference": 2.1}
 HVP_PASSES_CACHED = 2.3
 DEFAULT_MAX_BASIS = 5  # sharpguard.sharpness.lanczos.default_max_basis(1, "largest")
 
+# FLOPs (matrix products, counted by torch.utils.flop_counter.FlopCounterMode under FakeTensorMode:
+# benchmarks/simulate.py) over one forward+backward of the same batch. A forward+backward is 3 units of a
+# dense layer's forward product; an exact product on an uncached graph adds the 6 units of the second
+# backward (docs/cost_model.md, "Time"), 9 in all; on a cached graph only those 6; finite differences
+# are two gradients. A SAM step is two forward+backward passes (the optimizer's elementwise work is not
+# counted). The simulated counts on GPT-2 124M, the Llama-shaped 1B and 7B decoders and ViT-Base are
+# these ratios to four digits (benchmarks/RESULTS.md, "Simulated production scale").
+HVP_FLOPS = {"autograd": 3.0, "finite_difference": 2.0}
+HVP_FLOPS_CACHED = 2.0
+SAM_FLOPS = 2.0
+
 
 @dataclass(frozen=True)
 class CheckCost:
@@ -51,6 +73,7 @@ class CheckCost:
     basis_bytes: float
     n_hvp: int
     hvp: str
+    flops_over_step: float = 0.0  # matrix-product FLOPs over one forward+backward of a probe batch
 
 
 @dataclass(frozen=True)
@@ -60,6 +83,7 @@ class SamCost:
     extra_bytes: float
     seconds: float
     seconds_over_step: float
+    flops_over_step: float = SAM_FLOPS  # matrix-product FLOPs over a plain step's
 
 
 def _positive(name: str, value: float) -> float:
@@ -128,6 +152,9 @@ def estimate_check_cost(
         basis_bytes=basis,
         n_hvp=n_hvp,
         hvp=hvp,
+        # a cached graph is built once (a forward and a backward), then every product is one double backward
+        flops_over_step=n_hvp * batches * check_flops_per_hvp(hvp, micro_batches=micro, probe_batches=batches)
+        + (1.0 if cached else 0.0),
     )
 
 
@@ -140,11 +167,34 @@ def check_passes_per_hvp(hvp: str = "autograd", *, micro_batches: int = 1, probe
     return HVP_PASSES.get(hvp, HVP_PASSES["autograd"])
 
 
+def check_flops_per_hvp(hvp: str = "autograd", *, micro_batches: int = 1, probe_batches: int = 1) -> float:
+    """One product's matrix-product FLOPs over one forward+backward of a probe batch: ``HVP_FLOPS`` (3 exact,
+    2 by finite differences), ``HVP_FLOPS_CACHED`` (2) on a single batch's cached gradient graph. The
+    ratio a product's time tends to where matrix products dominate the step (large models, accelerators);
+    :func:`check_passes_per_hvp` is the time measured on a CPU, where elementwise work adds to it."""
+    if hvp == "autograd" and micro_batches == 1 and probe_batches == 1:
+        return HVP_FLOPS_CACHED
+    return HVP_FLOPS.get(hvp, HVP_FLOPS["autograd"])
+
+
 def estimate_sam_cost(n_params: int, *, step_seconds: float, dtype_bytes: int = 4) -> SamCost:
     """A SAM step: one weight copy (``P b`` bytes, kept between steps) and two forward/backward passes."""
     p = _positive("n_params", n_params)
     s = _positive("step_seconds", step_seconds)
     return SamCost(extra_bytes=p * _positive("dtype_bytes", dtype_bytes), seconds=2.0 * s, seconds_over_step=2.0)
+
+
+# Bytes saved for backward per token and layer in float32, counted under FakeTensorMode by
+# sharpguard.simulate on Hugging Face decoders with their default "sdpa" attention (benchmarks/simulate.py's
+# fit: configs of 1-2 layers, varying s, b, h, m, V and the KV heads; exact to 0.1%):
+# ``(per_h h + per_kv h kv / a + per_m m) s b`` per layer, ``per_s2 a s^2 b`` for an attention matrix the kernel keeps (GPT-2's dropout sends SDPA to the
+# math kernel, which saves the weights and the dropout mask; Llama's flash kernel saves none), plus
+# ``outside_h s b h`` outside the blocks and ``per_vocab s b V`` for the logits, their log-softmax and
+# their gradient.
+ACTIVATION_LAYOUTS: dict[str, dict[str, float]] = {
+    "gpt2": {"per_h": 40.0, "per_kv": 0.0, "per_m": 20.0, "per_s2": 12.0, "outside_h": 12.0, "per_vocab": 12.0},
+    "llama": {"per_h": 32.0, "per_kv": 8.0, "per_m": 16.0, "per_s2": 0.0, "outside_h": 13.0, "per_vocab": 12.0},
+}
 
 
 def transformer_activation_bytes(
@@ -156,13 +206,40 @@ def transformer_activation_bytes(
     heads: int,
     vocab: int,
     dtype_bytes: int = 4,
+    layout: str = "korthikanti",
+    mlp: int | None = None,
+    kv_heads: int | None = None,
 ) -> float:
-    """Activation bytes of a decoder's training step: ``s b h (34 + 5 a s / h)`` per layer in 2-byte
-    activations (Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models",
-    2022, eq. 1), rescaled to ``dtype_bytes``, plus the logits, their log-softmax and their gradient
-    (``3 s b V`` values), which dominate small models with a real vocabulary."""
+    """Activation bytes of a decoder's training step.
+
+    ``layout="korthikanti"`` (default): ``s b h (34 + 5 a s / h)`` per layer in 2-byte activations
+    (Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models", 2022, eq. 1),
+    rescaled to ``dtype_bytes``, plus the logits, their log-softmax and their gradient (``3 s b V``
+    values), which dominate small models with a real vocabulary.
+
+    ``layout="gpt2"`` or ``"llama"``: the float32 counts of Hugging Face's GPT-2 (GELU MLP of width
+    ``mlp``, default ``4 h``, dropout on) and Llama (SwiGLU MLP of width ``mlp``, ``kv_heads`` key/value
+    heads, default ``heads``) blocks as simulated
+    (``ACTIVATION_LAYOUTS``), rescaled by ``dtype_bytes / 4``: what the training step of
+    benchmarks/simulate.py holds at its peak besides weights, gradients and optimizer state.
+    """
     for name, value in (("batch", batch), ("seq_len", seq_len), ("hidden", hidden), ("layers", layers),
                         ("heads", heads), ("vocab", vocab), ("dtype_bytes", dtype_bytes)):
         _positive(name, value)
-    per_layer = seq_len * batch * hidden * (34 + 5 * heads * seq_len / hidden) * dtype_bytes / 2
-    return layers * per_layer + 3 * seq_len * batch * vocab * dtype_bytes
+    if layout == "korthikanti":
+        per_layer = seq_len * batch * hidden * (34 + 5 * heads * seq_len / hidden) * dtype_bytes / 2
+        return layers * per_layer + 3 * seq_len * batch * vocab * dtype_bytes
+    if layout not in ACTIVATION_LAYOUTS:
+        from ..errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"layout must be 'korthikanti' or one of {sorted(ACTIVATION_LAYOUTS)}, got {layout!r}."
+        )
+    c = ACTIVATION_LAYOUTS[layout]
+    width = 4 * hidden if mlp is None else _positive("mlp", mlp)
+    tokens = seq_len * batch
+    kv = heads if kv_heads is None else _positive("kv_heads", kv_heads)
+    per_layer = (tokens * (c["per_h"] * hidden + c["per_kv"] * hidden * kv / heads + c["per_m"] * width)
+                 + c["per_s2"] * heads * seq_len * tokens)
+    total = layers * per_layer + tokens * (c["outside_h"] * hidden + c["per_vocab"] * vocab)
+    return total * dtype_bytes / 4

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 
 from .._batches import LossFn
 from ..errors import ConfigurationError, require
-from .lanczos import Krylov
+from .lanczos import BasisDevice, Krylov, resolve_basis_device
 from .operator import HVPMethod, HVPOperator
 
 __all__ = ["SpectralDensity", "plot_spectral_density", "spectral_density"]
@@ -71,12 +71,17 @@ def spectral_density(
     train: bool = False,
     check_determinism: bool = True,
     cache_graph: bool | None = None,
-    micro_batches: int = 1,
+    micro_batches: int | Literal["auto"] = "auto",
+    basis_device: BasisDevice = "auto",
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature with ``n_v`` runs of ``n_iter`` steps (``n_v * n_iter`` products).
 
     ``sigma`` (default: 1% of the spread of the nodes) is the Gaussian smoothing width; the grid spans the
     nodes plus five ``sigma`` on each side. Resolution is about ``(lambda_max - lambda_min) / n_iter``.
+    Each run keeps its whole Lanczos basis (``n_iter`` model-size vectors) on ``basis_device`` (``"auto"``:
+    host memory when the model is on an accelerator); ``micro_batches`` (default ``"auto"``) bounds the
+    products' graph as in :func:`~sharpguard.sharpness.hessian_eigenvalues`. On fake tensors
+    (``FakeTensorMode``) the call is a cost-only run: all ``n_v * n_iter`` products, NaN nodes and density.
     """
     if not (isinstance(n_iter, int) and n_iter >= 1 and isinstance(n_v, int) and n_v >= 1):
         raise ConfigurationError(f"n_iter and n_v must be positive integers, got {n_iter!r} and {n_v!r}.")
@@ -84,6 +89,7 @@ def spectral_density(
         raise ConfigurationError(f"n_grid must be an integer >= 2, got {n_grid!r}.")
     if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
         raise ConfigurationError(f"sigma must be a positive number, got {sigma!r}.")
+    where = resolve_basis_device(basis_device, next(p for p in model.parameters()).device)
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(int(seed))
     op = HVPOperator(
@@ -95,7 +101,7 @@ def spectral_density(
         for _ in range(n_v):
             v = torch.randint(0, 2, (op.size,), generator=generator).to(op.dtype).mul_(2).sub_(1).to(op.device)
             # no restart on breakdown: the quadrature of v is exact on its own Krylov space
-            kry = Krylov(op.matvec, v, n_iter, generator, restart=False)
+            kry = Krylov(op.matvec, v, n_iter, generator, restart=False, basis_device=where, cost_only=op.cost_only)
             while kry.step():
                 pass
             theta, s, _ = kry.ritz()
@@ -119,7 +125,8 @@ def spectral_density(
         n_hvp=op.n_hvp,
         hvp_method=str(op.method),
         seconds=time.perf_counter() - start,
-        settings={"n_iter": n_iter, "n_v": n_v, "seed": seed, "train": train, "probe_examples": op.n_examples},
+        settings={"n_iter": n_iter, "n_v": n_v, "seed": seed, "train": train, "probe_examples": op.n_examples,
+                  "micro_batches": op.micro_batches, "basis_device": str(where), "cost_only": op.cost_only},
     )
 
 

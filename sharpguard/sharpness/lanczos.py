@@ -76,23 +76,43 @@ class Krylov:
         restart: bool = True,
         max_basis: int | None = None,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        basis_device: torch.device | str | None = None,
+        cost_only: bool = False,
     ) -> None:
         self.matvec, self.generator, self.restart = matvec, generator, restart
         # ``reduce`` sums partial results over the shards of a sharded vector (each rank holds a slice
         # of every vector: FSDP); every inner product and norm goes through it, nothing else changes.
         self.reduce = reduce
+        # ``cost_only``: tensors without values (FakeTensorMode). Every product and every vector operation
+        # runs as it would, with the recurrence's scalars kept as tensors and never read: no convergence
+        # test, no breakdown test, T and the Ritz values are NaN.
+        self.cost_only = bool(cost_only)
+        # the products run where v0 lives; the basis rows may live elsewhere (host memory: basis_device)
+        self.device = v0.device
+        self.basis_device = torch.device(basis_device) if basis_device is not None else v0.device
+        if reduce is not None and self.basis_device != self.device:
+            reduce = _reduced_on(reduce, self.device)  # the collectives run where the products do (NCCL)
+            self.reduce = reduce
         self.n_local = v0.numel()
-        n = self.n_local if reduce is None else round(float(reduce(torch.tensor(float(self.n_local), dtype=torch.float64))))
+        if reduce is None or self.cost_only:  # a cost-only run reads no count: the local size stands in
+            n = self.n_local
+        else:
+            n = round(float(reduce(torch.tensor(float(self.n_local), dtype=torch.float64))))
         self.n = n
         self.max_steps = max_steps
         self.max_basis = None if max_basis is None else max(2, min(int(max_basis), n))
-        norm = self._norm(v0)
-        if not (norm > 0 and math.isfinite(norm)):
-            raise ConfigurationError("the start vector is zero or not finite; pass a nonzero finite init.")
-        self.rows: list[torch.Tensor] = [v0 / norm]
+        if self.cost_only:
+            first = (v0 / self._norm_tensor(v0)).to(self.basis_device)
+        else:
+            norm = self._norm(v0)
+            if not (norm > 0 and math.isfinite(norm)):
+                raise ConfigurationError("the start vector is zero or not finite; pass a nonzero finite init.")
+            first = (v0 / norm).to(self.basis_device)
+        self.rows: list[torch.Tensor] = [first]
         self.peak_rows = 1
         self.alphas: list[float] = []  # diagonal of T in step order (the tridiagonal T without restarts)
         self.betas: list[float] = []  # couplings; betas[-1] is the current residual norm beta_m
+        self._beta_t: torch.Tensor | None = None  # cost-only: the last coupling, as a tensor (never read)
         self._T = np.zeros((0, 0))  # the projected matrix on the current basis (dense, small)
         self._coupling: np.ndarray | None = None  # row coupling the next vector to the kept Ritz vectors
         self.n_steps = 0  # products taken (restarts do not reset it)
@@ -100,6 +120,11 @@ class Krylov:
         self.exhausted = False
         self._anorm = 0.0
         self._eps = torch.finfo(v0.dtype).eps
+
+    def _norm_tensor(self, w: torch.Tensor) -> torch.Tensor:
+        if self.reduce is None:
+            return torch.linalg.vector_norm(w)
+        return self.reduce(torch.dot(w, w).to(torch.float64).reshape(1))[0].clamp_min(0).sqrt().to(w.dtype)
 
     def _norm(self, w: torch.Tensor) -> float:
         if self.reduce is None:
@@ -109,6 +134,10 @@ class Krylov:
     def _dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
         out = a @ b
         return float(out) if self.reduce is None else float(self.reduce(out.to(torch.float64).reshape(1))[0])
+
+    def _dot_tensor(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = a @ b
+        return out if self.reduce is None else self.reduce(out.to(torch.float64).reshape(1))[0].to(out.dtype)
 
     @property
     def m(self) -> int:
@@ -153,16 +182,21 @@ class Krylov:
             return False
         if self.max_basis is not None and j >= self.max_basis:
             return False  # full: the caller restarts (thick_restart) or stops
+        if self.cost_only:
+            return self._step_unread(j)
         q = self.rows[j]
-        w = self.matvec(q)
+        q_dev = q.to(self.device)  # the row itself when the basis is where the products run
+        w = self.matvec(q_dev)
         self.n_steps += 1
         finite = torch.isfinite(w).all()
         if self.reduce is not None:  # every shard must agree, or one rank raises while the others wait
             finite = self.reduce((~finite).to(torch.float64).reshape(1))[0] == 0
         if not bool(finite):
             raise ConfigurationError("a Hessian-vector product is not finite; check the model and probe for overflow.")
-        alpha = self._dot(q, w)
-        w = w.sub(q, alpha=alpha)  # a vector we own (the matvec's result may be shared); in place below
+        alpha = self._dot(q_dev, w)
+        del q_dev
+        # a vector we own (the matvec's result may be shared), moved to the basis; in place below
+        w = w.to(self.basis_device).sub_(q, alpha=alpha) if w.device != self.basis_device else w.sub(q, alpha=alpha)
         if j > 0 and self._coupling is None:
             w.sub_(self.rows[j - 1], alpha=self.betas[-1])
         w = self._orthogonalize(w, j + 1)
@@ -180,12 +214,37 @@ class Krylov:
             if not self.restart:
                 self.exhausted = True
                 return True
-            r = torch.randn(self.n_local, generator=self.generator, dtype=w.dtype, device="cpu").to(w.device)
+            r = torch.randn(self.n_local, generator=self.generator, dtype=w.dtype, device="cpu").to(self.basis_device)
             r = self._orthogonalize(r, j + 1)
             self.rows.append(r / self._norm(r))
         else:
             self.betas.append(beta)
             self.rows.append(w.div_(beta))  # w is ours (made by the sub above): no second copy
+        self.peak_rows = max(self.peak_rows, len(self.rows))
+        return True
+
+    def _step_unread(self, j: int) -> bool:
+        """:meth:`step` on tensors without values: the same product and vector operations (alpha and beta
+        stay tensors on the device), no finiteness or breakdown test, NaN in ``T``."""
+        q = self.rows[j]
+        q_dev = q.to(self.device)
+        w = self.matvec(q_dev)
+        self.n_steps += 1
+        alpha = self._dot_tensor(q_dev, w)
+        del q_dev
+        w = torch.addcmul(w.to(self.basis_device), q, alpha.to(self.basis_device), value=-1.0)
+        if j > 0 and self._coupling is None and self._beta_t is not None:
+            w.addcmul_(self.rows[j - 1], self._beta_t, value=-1.0)
+        w = self._orthogonalize(w, j + 1)
+        beta = self._norm_tensor(w)
+        self._grow_T(math.nan)
+        self.alphas.append(math.nan)
+        self.betas.append(math.nan)
+        self._beta_t = beta
+        if j + 1 >= self.n:
+            self.exhausted = True
+            return True
+        self.rows.append(w.div_(beta))
         self.peak_rows = max(self.peak_rows, len(self.rows))
         return True
 
@@ -196,6 +255,9 @@ class Krylov:
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ritz values (ascending), eigenvectors of ``T`` and residual norms ``beta_m |s_{m,i}|``."""
+        if self.cost_only:  # no values: NaN Ritz values; the identity stands in for T's eigenvectors
+            m = self.m
+            return np.full(m, math.nan), np.eye(m), np.full(m, math.nan)
         if self.n_restarts == 0:
             # tridiagonal: the symmetric tridiagonal solver, as before restarts existed
             a = np.asarray(self.alphas, dtype=np.float64)
@@ -210,7 +272,7 @@ class Krylov:
         """New rows ``V_m s_i`` for the columns of ``s``, written over the first rows in column chunks so
         that no second basis is ever allocated (the temporary is ``m x chunk``)."""
         m, keep = s.shape
-        coeffs = torch.as_tensor(s, dtype=self.rows[0].dtype, device=self.rows[0].device)
+        coeffs = torch.as_tensor(np.ascontiguousarray(s), dtype=self.rows[0].dtype, device=self.rows[0].device)
         chunk = 1 << 16
         for lo in range(0, self.n_local, chunk):
             hi = min(lo + chunk, self.n_local)
@@ -237,11 +299,16 @@ class Krylov:
 
     def ritz_vectors(self, s: np.ndarray) -> torch.Tensor:
         """Rows ``V_m^T s_i`` for the columns of ``s``."""
-        coeffs = torch.as_tensor(s, dtype=self.rows[0].dtype, device=self.rows[0].device)
+        coeffs = torch.as_tensor(np.ascontiguousarray(s), dtype=self.rows[0].dtype, device=self.rows[0].device)
         out = torch.zeros((s.shape[1], self.n_local), dtype=self.rows[0].dtype, device=self.rows[0].device)
         for i, r in enumerate(self.rows[: self.m]):
             out.add_(coeffs[i][:, None] * r[None, :])
         return out
+
+
+def _reduced_on(reduce: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``reduce`` for partial sums held on another device: moved to ``device`` for the collective, back after."""
+    return lambda t: reduce(t.to(device)).to(t.device)
 
 
 def _wanted(theta: np.ndarray, k: int, which: Which) -> list[int]:
@@ -304,6 +371,9 @@ def lanczos(
     return_eigenvectors: bool = False,
     max_basis: int | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    basis_device: torch.device | str | None = None,
+    cost_only: bool = False,
+    stop_early: bool = True,
 ) -> dict[str, Any]:
     """Run Lanczos from ``v0`` until the wanted Ritz pairs meet ``tol`` or ``max_iter`` products.
 
@@ -311,11 +381,16 @@ def lanczos(
     it is thick-restarted (see :class:`Krylov`). The result's ``peak_rows`` is the most model-size
     vectors the solver held at once. ``reduce`` (sharded vectors): sums a tensor of per-shard partial
     inner products over the shards, e.g. an all-reduce over the FSDP group.
+    ``basis_device`` keeps the basis rows there (host memory: ``"cpu"``) while the products
+    run where ``v0`` is; ``cost_only`` runs on tensors without values (every operation, nothing read:
+    NaN eigenvalues, never converged, so exactly ``max_iter`` products); ``stop_early=False`` takes
+    all ``max_iter`` products even after convergence.
     """
     check_max_basis(max_basis, k, which)
     if max_basis is None:
         max_basis = default_max_basis(k, which)
-    kry = Krylov(matvec, v0, max_iter, generator, max_basis=max_basis, reduce=reduce)
+    kry = Krylov(matvec, v0, max_iter, generator, max_basis=max_basis, reduce=reduce, basis_device=basis_device,
+                 cost_only=cost_only)
     # the basis holds v0 / ||v0||; dropping our reference frees v0 itself unless a caller still holds it
     # (hessian_eigenvalues passes it without keeping one): one model-size vector less for the whole run
     del v0
@@ -333,7 +408,7 @@ def lanczos(
         idx = _wanted(theta, k, which)
         floor = 1e-3 * float(np.max(np.abs(theta)))
         converged = all(residuals[i] <= tol * max(abs(theta[i]), floor) for i in idx)
-        if converged:
+        if converged and stop_early:
             break
     if theta is None:  # max_iter smaller than the number of wanted values
         theta, s, residuals = kry.ritz()
@@ -356,7 +431,9 @@ class EigenResult:
     ``eigenvalues`` are in descending (algebraic) order: for ``which="smallest"`` the most negative is
     last; for ``"both"`` the top ``k`` come first and the bottom ``k`` last. ``residuals[i]`` is the Ritz
     residual ``||H y_i - lambda_i y_i||`` (an upper bound on the eigenvalue error); ``converged`` says
-    whether all of them met the tolerance. ``n_restarts`` counts thick restarts and ``basis_vectors``
+    whether all of them met the tolerance. A cost-only run (``cost_only``: fake tensors, see
+    :func:`hessian_eigenvalues`) claims no eigenvalue: ``eigenvalues`` and ``residuals`` are NaN,
+    ``converged`` is False and ``n_hvp`` is the exact number of products run. ``n_restarts`` counts thick restarts and ``basis_vectors``
     the most model-size Lanczos vectors held at once (the solver's memory). ``eigenvectors`` (on request) are unit flat vectors over the
     trainable parameters in ``model.parameters()`` order - pass one back as ``init=`` to warm-start.
     """
@@ -372,6 +449,7 @@ class EigenResult:
     settings: dict[str, Any] = field(default_factory=dict)
     n_restarts: int = 0
     basis_vectors: int = 0
+    cost_only: bool = False
 
     @property
     def lambda_max(self) -> float:
@@ -395,6 +473,35 @@ def start_vector(op: HVPOperator, init: Any, generator: torch.Generator) -> torc
     if init is not None:
         return op.as_vector(init, "init vector")
     return torch.randn(op.size, generator=generator, dtype=op.dtype, device="cpu").to(op.device)
+
+
+BasisDevice = Literal["auto"] | str | torch.device | None
+
+
+def resolve_basis_device(basis_device: BasisDevice, device: torch.device) -> torch.device:
+    """Where the Krylov basis lives for products that run on ``device``: ``"auto"`` is host memory when the
+    products run on an accelerator (the basis is ``max_basis + 1`` float32 vectors of the model's size,
+    24 bytes a parameter at the default, three times AdamW's state: with micro-batched products it is
+    what remains of a check's device memory) and ``device`` itself otherwise; ``None`` is ``device``."""
+    if basis_device is None:
+        return device
+    if isinstance(basis_device, str) and basis_device == "auto":
+        return torch.device("cpu") if device.type != "cpu" else device
+    try:
+        return torch.device(basis_device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigurationError(
+            f"basis_device must be 'auto', None or a device such as 'cpu', got {basis_device!r}."
+        ) from exc
+
+
+def fixed_product_count(fixed_products: int | None, cost_only: bool, max_iter: int, max_basis: int) -> int | None:
+    """The products a Lanczos measure runs regardless of convergence: ``fixed_products``, or on fake tensors
+    (nothing can be read, so nothing can converge) ``min(max_iter, max_basis + 1)``, the fewest that fill
+    the bounded basis and restart it once (the check's memory peak); None for a normal run."""
+    if fixed_products is not None:
+        return positive_int("fixed_products", fixed_products)
+    return min(max_iter, max_basis + 1) if cost_only else None
 
 
 def make_operator(
@@ -433,8 +540,10 @@ def hessian_eigenvalues(
     train: bool = False,
     check_determinism: bool = True,
     cache_graph: bool | None = None,
-    micro_batches: int = 1,
+    micro_batches: int | Literal["auto"] = "auto",
     max_basis: int | None = None,
+    basis_device: BasisDevice = "auto",
+    fixed_products: int | None = None,
 ) -> EigenResult:
     """The ``k`` algebraically largest (and/or smallest) eigenvalues of the probe-loss Hessian.
 
@@ -447,8 +556,17 @@ def hessian_eigenvalues(
     product); pass ``max_basis=max_iter`` for plain Lanczos.
     ``micro_batches`` runs each probe batch as that many micro-batches
     (:class:`~sharpguard.sharpness.HVPOperator`): the double-backward graph then holds one micro-batch's
-    activations, which is what keeps a check within about twice a training step's extra peak memory
-    (docs/cost_model.md), at the price of the cached graph. On a sharded (FSDP2) model every rank calls
+    activations. The default ``"auto"`` (:func:`~sharpguard.sharpness.auto_micro_batches`) splits as far
+    as a check's extra memory must stay within a training step's on the same batch, and not at all
+    where the whole batch's graph fits (then the graph is cached: a product is one double backward).
+    ``basis_device`` holds the Lanczos basis (``"auto"``: host memory when the model is on an
+    accelerator, see :func:`resolve_basis_device`; ``None``: the model's device).
+    ``fixed_products=n`` runs exactly ``n`` products whatever the convergence (plus the determinism
+    check's one). On fake tensors (a model built under ``FakeTensorMode``, FSDP2 on a fake process group)
+    nothing can be read back, so the call is a cost-only run: every operation of a check runs, no
+    eigenvalue is claimed (NaN; ``cost_only=True``), the determinism check is off and ``n_hvp`` is
+    exactly ``fixed_products``, by default ``min(max_iter, max_basis + 1)`` - enough to fill the basis
+    and restart it once, the check's memory peak. On a sharded (FSDP2) model every rank calls
     this with its own probe batches (the same number on every rank): the products are finite differences
     of FSDP's gradients and the vectors (``eigenvectors``, ``init``) are this rank's slices
     (:mod:`sharpguard.sharpness.sharded`). The model is left exactly
@@ -459,11 +577,16 @@ def hessian_eigenvalues(
         raise ConfigurationError(f"which must be 'largest', 'smallest' or 'both', got {which!r}.")
     _check_common(k, tol, max_iter)
     check_max_basis(max_basis, k, which)
+    if fixed_products is not None:
+        positive_int("fixed_products", fixed_products)
+    cap = max_basis if max_basis is not None else default_max_basis(k, which)
+    where = resolve_basis_device(basis_device, next(p for p in model.parameters()).device)
     start = time.perf_counter()
     op, reduce, generator = make_operator(
         model, batches, loss_fn, seed=seed, hvp=hvp, train=train, check_determinism=check_determinism,
         cache_graph=cache_graph, micro_batches=micro_batches,
     )
+    fixed = fixed_product_count(fixed_products, op.cost_only, max_iter, cap)
     with op:
         out = lanczos(
             op.matvec,
@@ -471,11 +594,14 @@ def hessian_eigenvalues(
             k=k,
             which=which,
             tol=tol,
-            max_iter=max_iter,
+            max_iter=max_iter if fixed is None else fixed,
             generator=generator,
             return_eigenvectors=return_eigenvectors,
             max_basis=max_basis,
             reduce=reduce,
+            basis_device=where,
+            cost_only=op.cost_only,
+            stop_early=fixed is None,
         )
     settings = {
         "which": which,
@@ -488,9 +614,12 @@ def hessian_eigenvalues(
         "micro_batches": op.micro_batches,
         "probe_examples": op.n_examples,
         "probe_batches": len(op.batches),
-        "n_params": op.size if reduce is None else round(float(reduce(torch.tensor([float(op.size)], dtype=torch.float64))[0])),
+        "n_params": total_size(op, reduce),
         "sharded": reduce is not None,
-        "max_basis": max_basis if max_basis is not None else default_max_basis(k, which),
+        "max_basis": cap,
+        "basis_device": str(where),
+        "fixed_products": fixed,
+        "cost_only": op.cost_only,
     }
     return EigenResult(
         eigenvalues=out["eigenvalues"],
@@ -504,4 +633,14 @@ def hessian_eigenvalues(
         settings=settings,
         n_restarts=out["n_restarts"],
         basis_vectors=out["peak_rows"],
+        cost_only=op.cost_only,
     )
+
+
+def total_size(op: HVPOperator, reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> int:
+    """The trainable parameters over every shard (a cost-only run cannot read the sum: the ranks are alike)."""
+    if reduce is None:
+        return op.size
+    if op.cost_only:
+        return op.size * torch.distributed.get_world_size()
+    return round(float(reduce(torch.tensor([float(op.size)], dtype=torch.float64))[0]))

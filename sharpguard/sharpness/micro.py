@@ -2,7 +2,8 @@
 
 Splitting each probe batch into micro-batches bounds the double-backward graph a product holds
 (docs/cost_model.md) at the price of the cached graph and of per-slice overhead; this module chooses the
-number from what the probe's forward saves for backward, so small models keep the fast path.
+number from what the probe's forward saves for backward against what a training step on the same batch
+holds, so a check's peak stays within the training step's and small models keep the fast path.
 """
 
 from __future__ import annotations
@@ -19,41 +20,55 @@ from .._state import local_shard, side_effect_free, trainable_parameters
 from ..errors import ConfigurationError
 from .cost import GRAPH_FACTOR
 
-__all__ = ["AUTO_GRAPH_FLOOR_BYTES", "AUTO_MAX_MICRO_BATCHES", "auto_micro_batches"]
+__all__ = ["AUTO_MAX_MICRO_BATCHES", "AUTO_SLACK_BYTES", "PRODUCT_VECTORS", "auto_micro_batches"]
 
 
-#: ``micro_batches="auto"`` splits a probe batch until its products' graph fits in the larger of the
-#: model's own size and this floor (below it, memory is not worth the time; see auto_micro_batches)
-AUTO_GRAPH_FLOOR_BYTES = 64 * 2**20
+#: the most a check's estimated extra memory may pass a training step's before ``micro_batches="auto"``
+#: gives up the whole batch and its cached graph (below it, memory is not worth the time)
+AUTO_SLACK_BYTES = 2**20
 AUTO_MAX_MICRO_BATCHES = 8
+#: Krylov-sized vectors a product holds on the device besides the basis: the vector in, the accumulated
+#: product and the gradient whose graph it differentiates (operator.py, ``_hvp_autograd``)
+PRODUCT_VECTORS = 3
 
 
 def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None, *,
-                       distributed: bool | None = None) -> int:
+                       distributed: bool | None = None, basis_on_device: bool | None = None) -> int:
     """How many micro-batches a check's products should run each probe batch in (``micro_batches="auto"``).
 
     Measures what one forward of an eighth of the largest probe batch saves for backward, scaled to the
-    whole batch (a saved-tensor hook, eval mode, inside :func:`sharpguard._state.side_effect_free`; the
-    weights, which autograd saves by reference, are not counted; a whole-batch forward cost the check's
-    first peak up to 1.1x a training step's more RSS on GPT-2 29.4M, glibc keeping its freed heap), takes
-    the double-backward graph as ``GRAPH_FACTOR["autograd"]`` times that
-    (docs/cost_model.md), and splits until one slice's graph is at most ``max(P b, 64 MiB)`` - the model's
-    own size, or a floor below which memory is not worth the time - with at most
-    :data:`AUTO_MAX_MICRO_BATCHES` slices and one example per slice. A small model keeps its whole batch and
-    with it the cached graph (a product is then one double backward); a model whose activations dwarf
-    its weights splits into up to 8 (on an FSDP2 model the weights its forward gathers count as saved
-    tensors: more slices, never fewer). Measured on the client models of benchmarks/monitor_overhead.py: 8
-    slices for every probe cost up to 60 training steps per warm check against 14 whole (the per-slice
-    overhead of models whose steps take milliseconds); on the GPT-2s of benchmarks/scale.py 8 slices keep
-    a check within 0.7-1.7x a training step's memory. Under ``torch.distributed`` the ranks take the
+    whole batch, ``A`` (a saved-tensor hook, eval mode, inside :func:`sharpguard._state.side_effect_free`;
+    the weights, which autograd saves by reference, are not counted; a whole-batch forward cost the check's
+    first peak up to 1.1x a training step's more RSS on GPT-2 29.4M, glibc keeping its freed heap). A
+    training step on that batch holds at least ``A`` plus the gradient ``G`` (the parameters' bytes); a check
+    on ``s`` slices holds ``GRAPH_FACTOR["autograd"] * A / s`` (the double-backward graph,
+    docs/cost_model.md) plus ``V``, the Krylov vectors on the device: :data:`PRODUCT_VECTORS` and the
+    Lanczos basis (``DEFAULT_MAX_BASIS + 1`` rows) where it shares the device, one row where it lives in
+    host memory (``basis_on_device``, default: whether the model is on the CPU, as
+    :func:`~sharpguard.sharpness.lanczos.resolve_basis_device` decides). The choice is the fewest slices
+    with ``GRAPH_FACTOR * A / s + V <= A + G + AUTO_SLACK_BYTES``: the check's peak within the training
+    step's, a whole batch (and the cached graph: one double backward a product) where the whole graph
+    fits, at most :data:`AUTO_MAX_MICRO_BATCHES` slices and one example per slice. The rule once split
+    until a slice's graph fit in ``max(P b, 64 MiB)``; that kept 4 slices on a 1.4M GPT-2 of vocabulary 8000
+    (8 x 128 tokens), 2.9x a training step's extra live memory, where 8 slices hold 0.35x. Where even
+    the most slices cannot fit (a model whose Krylov vectors alone pass its activations and gradient),
+    it takes the most. On an FSDP2 model a rank measures its shard and the weights its forward gathers
+    count as saved tensors (more slices, never fewer). Under ``torch.distributed`` the ranks take the
     largest choice (``distributed=False``: this rank alone), so sharded products run the same
-    collectives on every rank.
+    collectives on every rank; on fake tensors (``FakeTensorMode``) nothing is read and the ranks are
+    taken to be alike.
     """
-    from .operator import _detach_inference, _unwrap  # here: operator.py imports this module
+    from .cost import DEFAULT_MAX_BASIS
+    from .operator import _detach_inference, _unwrap, has_fake_tensors  # here: operator.py imports this module
 
     params = [local_shard(p) for p in trainable_parameters(model)]  # an FSDP2 rank holds (and measures) its shard
-    param_bytes = sum(p.numel() * max(p.element_size(), 4) for p in params)  # Krylov vectors: >= float32
-    weights = {local_shard(p).untyped_storage().data_ptr() for p in model.parameters()}
+    vector_bytes = sum(p.numel() * max(p.element_size(), 4) for p in params)  # Krylov vectors: >= float32
+    grad_bytes = sum(p.numel() * p.element_size() for p in params)
+    if basis_on_device is None:
+        basis_on_device = params[0].device.type == "cpu"
+    vectors = (PRODUCT_VECTORS + (DEFAULT_MAX_BASIS + 1 if basis_on_device else 1)) * vector_bytes
+    fake = has_fake_tensors(model)
+    weights = {_storage_key(local_shard(p), fake) for p in model.parameters()}
     batch = _detach_inference(max(batches, key=batch_size))
     n = batch_size(batch)
     try:  # measure on the smallest slice the products could use, scaled to the batch (see the docstring)
@@ -67,8 +82,9 @@ def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = 
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             storage = t.untyped_storage()
-            if storage.data_ptr() not in weights:
-                seen[storage.data_ptr()] = storage.nbytes()
+            key = _storage_key(t, fake)
+            if key not in weights:
+                seen[key] = storage.nbytes()
             return t
 
         module = _unwrap(model)  # a DDP wrapper's forward would arm reduction hooks no backward fires
@@ -76,12 +92,40 @@ def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = 
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 loss = fn(module, part)
             del loss
-        graph = GRAPH_FACTOR["autograd"] * sum(seen.values()) * n / batch_size(part)
-        slices = max(1, min(math.ceil(graph / max(param_bytes, AUTO_GRAPH_FLOOR_BYTES)), AUTO_MAX_MICRO_BATCHES, n))
+            _reshard(model)
+        saved = sum(seen.values()) * n / batch_size(part)
+        slices = _fewest_slices(GRAPH_FACTOR["autograd"] * saved, saved + grad_bytes + AUTO_SLACK_BYTES - vectors,
+                                min(AUTO_MAX_MICRO_BATCHES, n))
     if distributed is None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed:
+    if distributed and not fake:
         agreed = torch.tensor([float(slices)], device=params[0].device)
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
         slices = int(agreed.item())
     return slices
+
+
+def _reshard(model: nn.Module) -> None:
+    """Give FSDP2 modules their sharded parameters back: a forward without a backward leaves the root's
+    gathered (the root does not reshard after forward), and the products expect DTensor parameters."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _fewest_slices(graph: float, budget: float, most: int) -> int:
+    """The fewest slices ``s <= most`` with ``graph / s <= budget`` (``most`` when none fits)."""
+    if budget <= 0:
+        return most
+    return max(1, min(math.ceil(graph / budget), most))
+
+
+def _storage_key(t: torch.Tensor, fake: bool) -> int:
+    """An identity for a tensor's storage: its address, or for a fake tensor (whose storages all report
+    address 0) the storage object's own handle."""
+    storage = t.untyped_storage()
+    return storage._cdata if fake else storage.data_ptr()

@@ -94,6 +94,15 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def has_fake_tensors(model: nn.Module) -> bool:
+    """Whether the model's parameters are fake (built under ``torch._subclasses.fake_tensor.FakeTensorMode``,
+    FSDP2 shards of fake tensors included): shapes and devices without values, so nothing may be read back
+    to the host. A measure on such a model is a cost-only run (:attr:`ProbeLoss.cost_only`)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(is_fake(p) for p in model.parameters())
+
+
 class ProbeLoss:
     """The probe loss ``L(w)`` and its gradient, on flat vectors over the trainable parameters.
 
@@ -138,8 +147,16 @@ class ProbeLoss:
         sizes = [batch_size(b) for b in self.batches]
         if any(s <= 0 for s in sizes):
             raise ConfigurationError("a probe batch has no examples; drop empty batches from the probe set.")
-        total = self._all_reduce(torch.tensor(float(sum(sizes)), dtype=torch.float64, device=self.device))
-        self.n_examples = round(float(total))
+        #: fake tensors (FakeTensorMode): the same operations, no value read back (losses, norms and
+        #: eigenvalues come out NaN); what such a run costs is what it is for
+        self.cost_only = has_fake_tensors(model)
+        if self.cost_only:
+            # a fake collective returns no readable count: every rank is taken to hold this rank's examples
+            world = torch.distributed.get_world_size() if self.distributed else 1
+            total = float(sum(sizes) * world)
+        else:
+            total = float(self._all_reduce(torch.tensor(float(sum(sizes)), dtype=torch.float64, device=self.device)))
+        self.n_examples = round(total)
         self.weights = [s / float(total) for s in sizes]
         self._stack: contextlib.ExitStack | None = None
         self._grad_by_backward = False  # set when autograd.grad is refused (reentrant checkpointing)
@@ -262,7 +279,11 @@ class ProbeLoss:
         with torch.no_grad():
             for w, batch in zip(self.weights, self.batches):
                 total += w * self._batch_loss(batch).detach().double()
-        return float(self._all_reduce(total))
+        return self._read(self._all_reduce(total))
+
+    def _read(self, scalar: torch.Tensor) -> float:
+        """A scalar's value on the host, or NaN in a cost-only run (a fake tensor has no value)."""
+        return math.nan if self.cost_only else float(scalar)
 
     def loss_and_grad(self) -> tuple[float, torch.Tensor]:
         """Probe loss and its flat gradient at the current weights (never touches ``.grad``)."""
@@ -278,7 +299,7 @@ class ProbeLoss:
             del flat
             total += w * loss.detach().double()
         assert grad is not None  # the probe has at least one batch (checked in __init__)
-        return float(self._all_reduce(total)), self._all_reduce(grad)
+        return self._read(self._all_reduce(total)), self._all_reduce(grad)
 
     def _first_order(self, loss: torch.Tensor) -> list[torch.Tensor | None]:
         """``dL/dw`` without touching ``.grad`` where autograd allows it. Reentrant activation checkpointing
@@ -382,7 +403,8 @@ class HVPOperator(ProbeLoss):
         self.requested = hvp
         self.method: str | None = "finite_difference" if hvp == "finite_difference" else None
         self._kernel: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-        self._unchecked = bool(check_determinism)
+        # the determinism check compares two products' values: not in a cost-only run (nothing is read)
+        self._unchecked = bool(check_determinism) and not self.cost_only
         # The least precise parameter dtype sets both the finite-difference step and the tolerance of
         # the determinism check (sqrt(eps): GPU atomics reorder sums, dropout changes the product O(1)).
         eps_mach = max(torch.finfo(p.dtype).eps for p in self.params)
@@ -528,18 +550,27 @@ class HVPOperator(ProbeLoss):
 
     def vector_norm(self, vector: torch.Tensor) -> float:
         """The 2-norm of a flat vector of this operator (over every shard for a sharded model)."""
-        return float(torch.linalg.vector_norm(vector))
+        return float(self._norm_tensor(vector))
+
+    def _norm_tensor(self, vector: torch.Tensor) -> torch.Tensor:
+        """:meth:`vector_norm` as a tensor, not read back (a cost-only run computes it all the same)."""
+        return torch.linalg.vector_norm(vector)
 
     def _hvp_finite_difference(self, v: torch.Tensor) -> torch.Tensor:
-        v_norm = self.vector_norm(v)
-        if v_norm == 0.0:
-            return torch.zeros_like(v)
         # at the entry weights (the usual case) reuse their copy instead of taking another
         w0 = self.w0 if self._at_w0 else self.flatten([p.detach() for p in self.params]).clone()
-        # s_v: the size of the weights v moves, their v-weighted RMS sqrt(sum w_i^2 v_i^2) / ||v|| (an idle
-        # large block elsewhere, such as an embedding table, does not enter), floored at 1e-2 so a direction
-        # on zero-initialised weights (biases) still takes a step above rounding
-        h = self.fd_eps * max(self.vector_norm(w0 * v) / v_norm, 1e-2) / v_norm
+        if self.cost_only:
+            # the same norms are computed (their cost counts) but cannot be read: a stated step of fd_eps
+            self._norm_tensor(v), self._norm_tensor(w0 * v)
+            h = self.fd_eps
+        else:
+            v_norm = self.vector_norm(v)
+            if v_norm == 0.0:
+                return torch.zeros_like(v)
+            # s_v: the size of the weights v moves, their v-weighted RMS sqrt(sum w_i^2 v_i^2) / ||v|| (an idle
+            # large block elsewhere, such as an embedding table, does not enter), floored at 1e-2 so a direction
+            # on zero-initialised weights (biases) still takes a step above rounding
+            h = self.fd_eps * max(self.vector_norm(w0 * v) / v_norm, 1e-2) / v_norm
         try:
             self.set_parameters(torch.add(w0, v, alpha=h))
             _, g_plus = self.loss_and_grad()

@@ -33,7 +33,18 @@ from torch import nn
 
 from .._batches import LossFn
 from ..errors import ConfigurationError
-from .lanczos import _check_common, check_max_basis, lanczos, make_operator, start_vector
+from .._validation import positive_int
+from .lanczos import (
+    BasisDevice,
+    _check_common,
+    check_max_basis,
+    default_max_basis,
+    fixed_product_count,
+    lanczos,
+    make_operator,
+    resolve_basis_device,
+    start_vector,
+)
 from .operator import HVPMethod, HVPOperator
 
 __all__ = ["DirectionalCurvature", "EoSResult", "directional_curvature", "eos_ratio"]
@@ -116,8 +127,12 @@ def _adam_denominator(opt: torch.optim.Optimizer, p: torch.Tensor, group: dict) 
         raise ConfigurationError(
             "the optimizer has no exp_avg_sq yet; measure the Adam edge-of-stability ratio after the first step."
         )
-    step = float(state["step"])
-    correction = 1.0 - group["betas"][1] ** step
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(state["step"]):  # a cost-only run (FakeTensorMode): no step count to read, no correction
+        correction = 1.0
+    else:
+        correction = 1.0 - group["betas"][1] ** float(state["step"])
     return (state[key].detach() / correction).sqrt() + group["eps"]
 
 
@@ -135,7 +150,7 @@ def _preconditioner(op: HVPOperator, opt: torch.optim.Optimizer, kind: str):
         raise ConfigurationError(
             "the optimizer has no exp_avg_sq yet; measure the Adam edge-of-stability ratio after the first step."
         )
-    parts, decay = [], []
+    parts, decay, any_decay = [], [], False
     for i, (p, key, g) in enumerate(zip(op.params, keys, groups)):
         # relative step sizes of the groups; at lr = 0 everywhere (the end of a cosine schedule) the
         # preconditioned curvature is still defined, with equal weights, and the threshold is infinite
@@ -154,12 +169,11 @@ def _preconditioner(op: HVPOperator, opt: torch.optim.Optimizer, kind: str):
         # torch >= 2.6 marks AdamW's groups decoupled_weight_decay=True; older AdamW has no key
         decoupled = g.get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW))
         coupled = kind == "sgd" or not decoupled
-        decay.append(
-            torch.full(
-                (p.numel(),), float(g.get("weight_decay", 0.0)) if coupled else 0.0, dtype=op.dtype, device=op.device
-            )
-        )
-    return torch.cat(parts), torch.cat(decay), lr_max, groups, stateless
+        rate = float(g.get("weight_decay", 0.0)) if coupled else 0.0
+        any_decay = any_decay or rate != 0.0
+        decay.append(torch.full((p.numel(),), rate, dtype=op.dtype, device=op.device))
+    # no coupled decay (AdamW, the default): no decay vector at all (decided on the host, nothing read back)
+    return torch.cat(parts), torch.cat(decay) if any_decay else None, lr_max, groups, stateless
 
 
 def _params_without_state(opt: torch.optim.Optimizer, params: list[torch.Tensor], groups: list[dict]) -> list[int]:
@@ -186,8 +200,10 @@ def eos_ratio(
     train: bool = False,
     check_determinism: bool = True,
     cache_graph: bool | None = None,
-    micro_batches: int = 1,
+    micro_batches: int | Literal["auto"] = "auto",
     max_basis: int | None = None,
+    basis_device: BasisDevice = "auto",
+    fixed_products: int | None = None,
 ) -> EoSResult:
     """Top (preconditioned) curvature against the stability threshold of ``optimizer``.
 
@@ -195,21 +211,25 @@ def eos_ratio(
     SAM-family wrapper around one. ``init`` warm-starts Lanczos from a previous ``result.eigenvector``.
     ``max_basis`` bounds the Lanczos vectors kept (see :func:`hessian_eigenvalues`). With Adam,
     parameters that never received a gradient (no ``exp_avg_sq``) are left out of the operator, with a
-    ``RuntimeWarning`` and their count in ``settings["params_without_state"]``.
+    ``RuntimeWarning`` and their count in ``settings["params_without_state"]``. ``micro_batches``,
+    ``basis_device`` and ``fixed_products`` are those of :func:`hessian_eigenvalues`; on fake tensors
+    (``FakeTensorMode``) the call is a cost-only run (NaN ratio, ``settings["cost_only"]``, exactly
+    ``fixed_products`` products, by default ``min(max_iter, max_basis + 1)``).
     """
     _check_common(1, tol, max_iter)
     check_max_basis(max_basis, 1, "largest")
+    if fixed_products is not None:
+        positive_int("fixed_products", fixed_products)
     opt = _base_optimizer(optimizer)
     kind = _kind(opt)
+    where = resolve_basis_device(basis_device, next(p for p in model.parameters()).device)
     start = time.perf_counter()
     op, reduce, generator = make_operator(
         model, batches, loss_fn, seed=seed, hvp=hvp, train=train, check_determinism=check_determinism,
         cache_graph=cache_graph, micro_batches=micro_batches,
     )
     with op:
-        d, wd, lr, groups, stateless = _preconditioner(op, opt, kind)  # validates before any product
-        decay = wd if bool(wd.any()) else None  # no coupled decay (AdamW, the default): no vector kept for it
-        del wd
+        d, decay, lr, groups, stateless = _preconditioner(op, opt, kind)  # validates before any product
         if stateless:
             names = _names(model, [op.params[i] for i in stateless])
             warnings.warn(
@@ -244,17 +264,22 @@ def eos_ratio(
             v0 = start_vector(op, init, generator)
             return v0 * (d != 0) if stateless else v0
 
+        cap = max_basis if max_basis is not None else default_max_basis(1, "largest")
+        fixed = fixed_product_count(fixed_products, op.cost_only, max_iter, cap)
         out = lanczos(
             matvec,
             first_vector(),  # not kept here: the basis holds its normalized copy
             k=1,
             which="largest",
             tol=tol,
-            max_iter=max_iter,
+            max_iter=max_iter if fixed is None else fixed,
             generator=generator,
             return_eigenvectors=True,
             max_basis=max_basis,
             reduce=reduce,
+            basis_device=where,
+            cost_only=op.cost_only,
+            stop_early=fixed is None,
         )
     lam = out["eigenvalues"][0]
     return EoSResult(
@@ -280,6 +305,10 @@ def eos_ratio(
             "probe_examples": op.n_examples,
             "max_basis": max_basis,
             "params_without_state": len(stateless),
+            "micro_batches": op.micro_batches,
+            "basis_device": str(where),
+            "fixed_products": fixed,
+            "cost_only": op.cost_only,
         },
     )
 
@@ -331,11 +360,12 @@ def directional_curvature(
     train: bool = False,
     check_determinism: bool = True,
     cache_graph: bool | None = None,
-    micro_batches: int = 1,
+    micro_batches: int | Literal["auto"] = "auto",
 ) -> DirectionalCurvature:
     """``u^T H u / ||u||^2`` for ``u`` the probe gradient, the optimizer's update direction
     (``direction="update"``, needs ``optimizer``) or a given vector. One product (two with the
-    determinism check); ``"gradient"`` adds one gradient pass."""
+    determinism check); ``"gradient"`` adds one gradient pass. On fake tensors (``FakeTensorMode``) a
+    cost-only run: the same passes, NaN value and norm."""
     if isinstance(direction, str) and direction not in ("gradient", "update"):
         raise ConfigurationError(f"direction must be 'gradient', 'update' or a vector, got {direction!r}.")
     if isinstance(direction, str) and direction == "update" and optimizer is None:
@@ -352,14 +382,18 @@ def directional_curvature(
             u = _update_direction(op, optimizer)
         else:
             u = op.as_vector(direction, "direction")
-        norm = float(torch.linalg.vector_norm(u))
-        if not (norm > 0 and math.isfinite(norm)):
-            raise ConfigurationError(
-                f"the {direction if isinstance(direction, str) else 'given'} direction is zero "
-                "or not finite; curvature along it is undefined."
-            )
-        u = u / norm
-        value = float(u @ op.matvec(u))
+        if op.cost_only:  # nothing to read: the same operations, NaN results
+            u = u / torch.linalg.vector_norm(u)
+            norm = value = op._read(u @ op.matvec(u))
+        else:
+            norm = float(torch.linalg.vector_norm(u))
+            if not (norm > 0 and math.isfinite(norm)):
+                raise ConfigurationError(
+                    f"the {direction if isinstance(direction, str) else 'given'} direction is zero "
+                    "or not finite; curvature along it is undefined."
+                )
+            u = u / norm
+            value = float(u @ op.matvec(u))
     return DirectionalCurvature(
         value=value,
         direction=direction if isinstance(direction, str) else "given",
@@ -367,5 +401,6 @@ def directional_curvature(
         hvp_method=str(op.method),
         norm=norm,
         seconds=time.perf_counter() - start,
-        settings={"train": train, "probe_examples": op.n_examples},
+        settings={"train": train, "probe_examples": op.n_examples, "micro_batches": op.micro_batches,
+                  "cost_only": op.cost_only},
     )

@@ -22,7 +22,7 @@ from torch import nn
 
 from .._batches import LossFn
 from ..errors import ConfigurationError
-from .lanczos import make_operator
+from .lanczos import BasisDevice, make_operator, resolve_basis_device, total_size
 from .operator import HVPMethod, HVPOperator
 
 __all__ = ["TraceResult", "hessian_trace"]
@@ -48,15 +48,16 @@ def _rademacher(n: int, cols: int, generator: torch.Generator, op: HVPOperator) 
     return z.to(op.device)
 
 
-def _cholesky_qr(y: torch.Tensor, total: Any) -> torch.Tensor:
+def _cholesky_qr(y: torch.Tensor, total: Any, cost_only: bool = False) -> torch.Tensor:
     """Orthonormal columns spanning ``y`` when its rows are sliced over ranks: CholeskyQR2 (Fukaya et al.,
     2014), whose only reductions are the small Gram matrices ``y^T y`` (the sketch has full column rank with
     probability 1; a tiny diagonal shift keeps a near-singular one factorable)."""
     q = y
     for _ in range(2):  # the second pass restores orthogonality lost to the Gram matrix's condition number
         gram = total(q.T @ q)
+        shift = gram.diagonal().max() if cost_only else float(gram.diagonal().max())  # cost-only: not read
         gram = gram + torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device) * (
-            torch.finfo(gram.dtype).eps * float(gram.diagonal().max())
+            torch.finfo(gram.dtype).eps * shift
         )
         r = torch.linalg.cholesky(gram, upper=True)
         q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
@@ -84,7 +85,8 @@ def hessian_trace(
     train: bool = False,
     check_determinism: bool = True,
     cache_graph: bool | None = None,
-    micro_batches: int = 1,
+    micro_batches: int | Literal["auto"] = "auto",
+    basis_device: BasisDevice = "auto",
 ) -> TraceResult:
     """Estimate the trace of the probe-loss Hessian with ``n_hvp`` products (plus one for the check).
 
@@ -93,12 +95,20 @@ def hessian_trace(
     Side-effect free; the probe vectors come from a private generator seeded with ``seed``. On a sharded
     (FSDP2) model every rank calls it with its own probe batches; the vectors are its slices (Hutch++'s QR
     by CholeskyQR2 over the ranks), the products finite differences of FSDP's gradients.
+    ``micro_batches`` (default ``"auto"``, as :func:`~sharpguard.sharpness.hessian_eigenvalues`) bounds the
+    products' graph so a check stays within a training step's memory; the probe vectors are drawn one at a
+    time and Hutch++'s sketch and basis (``n_hvp // 3`` model-size vectors each) live on ``basis_device``
+    (``"auto"``: host memory when the model is on an accelerator; see
+    :func:`~sharpguard.sharpness.lanczos.resolve_basis_device`). On fake tensors (``FakeTensorMode``)
+    the call is a cost-only run: the same ``n_hvp`` products and vector work, no value read (``trace``,
+    ``stderr`` and ``samples`` are NaN, ``settings["cost_only"]`` is True, no determinism check).
     """
     if method not in ("hutch++", "hutchinson"):
         raise ConfigurationError(f"method must be 'hutch++' or 'hutchinson', got {method!r}.")
     least = 3 if method == "hutch++" else 2
     if not (isinstance(n_hvp, int) and n_hvp >= least):
         raise ConfigurationError(f"{method} needs n_hvp >= {least} products for a standard error, got {n_hvp!r}.")
+    where = resolve_basis_device(basis_device, next(p for p in model.parameters()).device)
     start = time.perf_counter()
     op, reduce, generator = make_operator(
         model, batches, loss_fn, seed=seed, hvp=hvp, train=train, check_determinism=check_determinism,
@@ -107,24 +117,40 @@ def hessian_trace(
 
     def total(partial: torch.Tensor) -> torch.Tensor:
         """A sum over the slices of a sharded model's vectors (the identity otherwise)."""
-        return partial if reduce is None else reduce(partial.to(torch.float64)).to(partial.dtype)
+        if reduce is None:
+            return partial
+        # the collective runs where the products do (NCCL), whatever device holds the partial sum
+        return reduce(partial.to(device=op.device, dtype=torch.float64)).to(device=partial.device, dtype=partial.dtype)
+
+    def quadratic_form(u: torch.Tensor) -> float:
+        """``u^T H u`` (one product), read back unless the run is cost-only."""
+        return op._read(total((u @ op.matvec(u)).reshape(1))[0])
 
     with op:
         n_local = op.size
-        n = n_local if reduce is None else round(float(total(torch.tensor([float(n_local)], dtype=torch.float64))[0]))
+        n = total_size(op, reduce)
+        # one random vector at a time (the generator's stream is the same as drawing them as one block):
+        # the device holds one probe vector and its product, never n_hvp model-size vectors
         if method == "hutchinson":
-            z = _rademacher(n_local, n_hvp, generator, op)
-            samples = [float(total((zi @ op.matvec(zi)).reshape(1))[0]) for zi in z]
+            samples = [quadratic_form(_rademacher(n_local, 1, generator, op)[0]) for _ in range(n_hvp)]
             trace, stderr = _mean_stderr(samples)
         else:
             s = n_hvp // 3
-            sketch = _rademacher(n_local, s, generator, op)
-            y = torch.stack([op.matvec(si) for si in sketch], dim=1)  # n x s
-            q = torch.linalg.qr(y)[0] if reduce is None else _cholesky_qr(y, total)  # orthonormal columns
-            exact = math.fsum(float(total((qi @ op.matvec(qi)).reshape(1))[0]) for qi in q.T)
-            g = _rademacher(n_local, n_hvp - 2 * s, generator, op)
-            g = g - total(g @ q) @ q.T  # (I - QQ^T) g, row-wise
-            samples = [float(total((gi @ op.matvec(gi)).reshape(1))[0]) for gi in g]
+            # the sketch Y = H S and its basis Q (s model-size vectors each) live on basis_device
+            y = torch.empty((n_local, s), dtype=op.dtype, device=where)
+            for i in range(s):
+                y[:, i] = op.matvec(_rademacher(n_local, 1, generator, op)[0]).to(where)
+            if reduce is not None or op.cost_only:  # cost-only: QR's LAPACK kernel has no fake implementation
+                q = _cholesky_qr(y, total, cost_only=op.cost_only)
+            else:
+                q = torch.linalg.qr(y)[0]  # orthonormal columns
+            del y
+            exact = math.fsum(quadratic_form(q[:, i].to(op.device)) for i in range(q.shape[1]))
+            samples = []
+            for _ in range(n_hvp - 2 * s):
+                gi = _rademacher(n_local, 1, generator, op)[0].to(where)
+                gi = gi - q @ total(q.T @ gi)  # (I - QQ^T) g
+                samples.append(quadratic_form(gi.to(op.device)))
             rest, stderr = _mean_stderr(samples)
             if q.shape[1] >= n:  # Q spans everything: the deflated remainder is exactly zero
                 rest, stderr = 0.0, 0.0
@@ -138,5 +164,6 @@ def hessian_trace(
         samples=samples,
         seconds=time.perf_counter() - start,
         settings={"n_hvp": n_hvp, "seed": seed, "train": train, "probe_examples": op.n_examples, "n_params": n,
-                  "sharded": reduce is not None},
+                  "sharded": reduce is not None, "micro_batches": op.micro_batches, "cost_only": op.cost_only,
+                  "basis_device": str(where)},
     )

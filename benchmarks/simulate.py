@@ -1,0 +1,793 @@
+"""Production scale, simulated: SAM, curvature checks and monitors at 86M-7B parameters (issue 21).
+
+Every model is built from its ``transformers`` config under ``FakeTensorMode`` (no storage is
+allocated) and every row is one call measured by :func:`sharpguard.simulate.profile_step`: peak live
+tensor bytes by category (``MemTracker``; ``FSDPMemTracker`` per rank under FSDP2) and FLOPs
+(``FlopCounterMode``), single device and FSDP2 over a fake process group of 8 ranks (each transformer
+block and the root ``fully_shard``-ed, every rank with its own batch of the size below).
+
+Models (float32 weights, activations and AdamW state, no activation checkpointing, HF's default
+``sdpa`` attention, which on CPU tensors is the math/flash-for-CPU kernel the simulation traces):
+
+* ``gpt2-124m``: ``GPT2Config()`` (d 768, 12 layers, vocab 50257), 8 x 1024 tokens;
+* ``llama-1b``: a TinyLlama-1.1B shape (d 2048, 22 layers, 32 heads, 4 KV heads, MLP 5632, vocab 32000),
+  4 x 2048 tokens;
+* ``llama-7b``: a Llama-2-7B shape (d 4096, 32 layers, 32 heads, MLP 11008, vocab 32000), 1 x 4096
+  tokens per device (per rank);
+* ``vit-86m``: ``ViTConfig()`` (ViT-Base/16, 224 x 224, 1000 classes), 64 images.
+
+Rows, each against the plain step of the same model and mode:
+
+* ``train``: forward + backward + ``AdamW.step()`` + ``zero_grad(set_to_none=True)``, after one warm-up
+  step (the optimizer's state exists, as in a running job); ``fwd_bwd``: forward + backward only;
+* ``sam:<Variant>``: one ``sg.<Variant>(params, AdamW).step(closure)`` after a warm-up step;
+* ``hvp_exact``: one exact product (``HVPOperator(hvp="autograd", cache_graph=False)``);
+  ``hvp_cached``: the second product on a cached gradient graph;
+* ``check:lambda_max``: ``hessian_eigenvalues(model, batch, k=1)`` at the function's defaults;
+  ``check:monitor``: ``SharpnessMonitor(measures=("lambda_max",)).measure(model, opt)`` at the
+  monitor's defaults; ``check:trace``: ``hessian_trace(model, batch)`` at its defaults;
+  ``check:robustness`` (ViT): ``RobustnessMonitor().measure(model)`` at its defaults.
+
+A row that cannot run records the error instead of a number. Targets: a check's peak <= the training
+step's peak; a SAM step's peak over the plain step's <= 1.0x the parameter bytes (per rank); SAM FLOPs
+<= 2.01x the plain step; an exact product <= 3.0x a forward+backward, a cached one <= 2.1x.
+
+Run: ``.venv/bin/python benchmarks/simulate.py`` (all models and modes; ``--only gpt2-124m:single``
+and repeated ``--only`` to run a part, merged into ``simulate_raw.json``); ``--table`` rewrites the
+"Simulated production scale" section of RESULTS.md from the raw JSON without simulating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _results import machine, write_section
+
+from sharpguard.simulate import fake_process_group, fake_tensors, parameter_bytes, profile_step
+
+RAW = Path(__file__).with_name("simulate_raw.json")
+MODES = ("single", "fsdp8")
+WORLD = 8
+SAM_VARIANTS = ("SAM", "ASAM", "GSAM", "LookSAM", "GAM")
+
+
+# ---------------------------------------------------------------------------------------------------
+# models
+
+
+class Logits(nn.Module):
+    """An image classifier returning its logits, so ``cross_entropy(model(x), y)`` is its loss and a
+    robustness monitor can attack it on ``(images, labels)``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.inner(pixel_values=pixel_values).logits
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def gpt2_124m() -> tuple[nn.Module, list[nn.Module], Callable[[], Any]]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(attn_implementation="sdpa", loss_type="ForCausalLM")
+    model = GPT2LMHeadModel(config)
+
+    def batch() -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, config.vocab_size, (8, 1024))
+        return {"input_ids": ids, "labels": ids}
+
+    return model, list(model.transformer.h), batch
+
+
+def llama(width: int, layers: int, heads: int, kv_heads: int, mlp: int, rows: int, cols: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=32000, max_position_embeddings=cols,
+        attn_implementation="sdpa", loss_type="ForCausalLM",
+    )
+    model = LlamaForCausalLM(config)
+
+    def batch() -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, config.vocab_size, (rows, cols))
+        return {"input_ids": ids, "labels": ids}
+
+    return model, list(model.model.layers), batch
+
+
+def vit_86m() -> tuple[nn.Module, list[nn.Module], Callable[[], Any]]:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(num_labels=1000, attn_implementation="sdpa")
+    model = Logits(ViTForImageClassification(config))
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.rand(64, 3, 224, 224), torch.randint(0, 1000, (64,))
+
+    return model, list(model.inner.vit.encoder.layer), batch
+
+
+MODELS: dict[str, tuple[Callable[[], Any], str]] = {
+    "gpt2-124m": (gpt2_124m, "GPT-2 124M (d 768, 12 layers, vocab 50257), 8 x 1024 tokens"),
+    "llama-1b": (lambda: llama(2048, 22, 32, 4, 5632, 4, 2048),
+                 "Llama-shaped 1.1B (TinyLlama: d 2048, 22 layers, 4 KV heads, vocab 32000), 4 x 2048 tokens"),
+    "llama-7b": (lambda: llama(4096, 32, 32, 32, 11008, 1, 4096),
+                 "Llama-shaped 6.7B (Llama-2-7B: d 4096, 32 layers, vocab 32000), 1 x 4096 tokens"),
+    "vit-86m": (vit_86m, "ViT-Base/16 86M (224 x 224, 1000 classes), 64 images"),
+}
+
+
+def loss_of(model: nn.Module, batch: Any) -> torch.Tensor:
+    if isinstance(batch, dict):
+        return model(**batch).loss
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# rows
+
+
+def _error(exc: BaseException) -> str:
+    line = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return line[:300]
+
+
+def simulate(name: str, mode: str, rows: set[str] | None = None) -> dict[str, Any]:
+    """Every row of one model in one mode; errors are recorded per row."""
+    import sharpguard as sg
+    from sharpguard.sharpness import HVPOperator, hessian_eigenvalues, hessian_trace
+
+    _quiet_transformers()
+    build, _ = MODELS[name]
+    out: dict[str, Any] = {"model": name, "mode": mode, "world": WORLD if mode == "fsdp8" else 1, "rows": {}}
+    torch.manual_seed(0)
+    with _mesh(mode) as mesh, fake_tensors():
+        model, blocks, make_batch = build()
+        if mesh is not None:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        batch = make_batch()
+        out["params"] = sum(p.numel() for p in model.parameters())
+        out["param_bytes"] = parameter_bytes(model)  # this rank's
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def train() -> None:
+            loss_of(model, batch).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def fwd_bwd() -> None:
+            loss_of(model, batch).backward()
+            opt.zero_grad(set_to_none=True)
+
+        train()  # AdamW's state exists from here on
+
+        def row(key: str, fn: Callable[[], Any], optimizers: list[Any], extra: Callable[[Any], dict] | None = None):
+            if rows is not None and key not in rows and key.split(":")[0] not in rows:
+                return
+            start = time.perf_counter()
+            result: dict[str, Any] = {}
+            holder: dict[str, Any] = {}
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    prof = profile_step(lambda: holder.setdefault("value", fn()), model=model,
+                                        optimizers=optimizers, inputs=[batch])
+                result = prof.to_dict()
+                if extra is not None and "value" in holder:
+                    result.update(extra(holder["value"]))
+            except Exception as exc:  # noqa: BLE001 - recorded in the table
+                result = {"error": _error(exc), "trace": traceback.format_exc(limit=-3)}
+            result["seconds"] = time.perf_counter() - start
+            out["rows"][key] = result
+            print(f"  {name}/{mode}/{key}: {_short(result)}", flush=True)
+
+        row("train", train, [opt])
+        row("fwd_bwd", fwd_bwd, [opt])
+        for variant in SAM_VARIANTS:
+            def sam_row(variant: str = variant) -> None:
+                sam = getattr(sg, variant)(model.parameters(), torch.optim.AdamW, model=model, lr=1e-4)
+
+                def closure() -> torch.Tensor:
+                    loss = loss_of(model, batch)
+                    loss.backward()
+                    return loss
+
+                def one_step() -> None:
+                    sam.step(closure)
+                    sam.zero_grad(set_to_none=True)
+
+                # LookSAM perturbs on one step in k: its row is k consecutive steps, reported per step
+                steps = getattr(sam, "k", 1) if variant == "LookSAM" else 1
+
+                def step() -> None:
+                    for _ in range(steps):
+                        one_step()
+
+                try:
+                    step()  # warm-up: the base optimizer's state and SAM's own buffers exist
+                except Exception as exc:  # noqa: BLE001
+                    out["rows"][f"sam:{variant}"] = {"error": _error(exc), "trace": traceback.format_exc(limit=-3)}
+                    print(f"  {name}/{mode}/sam:{variant}: {_error(exc)}", flush=True)
+                    return
+                row(f"sam:{variant}", step, [sam], lambda _: {"steps": steps})
+
+            if rows is None or "sam" in rows or f"sam:{variant}" in rows:
+                sam_row()
+
+        def peer_sam_row() -> None:
+            from pytorch_optimizer import SAM as PeerSAM
+
+            peer = PeerSAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-4)
+
+            def step() -> None:
+                loss_of(model, batch).backward()
+                peer.first_step(zero_grad=True)
+                loss_of(model, batch).backward()
+                peer.second_step(zero_grad=True)
+
+            step()
+            row("peer:pytorch_optimizer.SAM", step, [peer])
+
+        if rows is None or "peer" in rows:
+            try:
+                peer_sam_row()
+            except Exception as exc:  # noqa: BLE001
+                out["rows"]["peer:pytorch_optimizer.SAM"] = {"error": _error(exc)}
+
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def reference_hvp(products: int) -> Callable[[], Any]:
+            """Pearlmutter's product by plain double backward (PyHessian's route): a forward, a backward
+            that keeps its graph, then ``products`` backwards through it."""
+            def run() -> None:
+                grads = torch.autograd.grad(loss_of(model, batch), params, create_graph=True)
+                for i in range(products):
+                    vs = [torch.randn_like(p) for p in params]
+                    torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=i + 1 < products)
+            return run
+
+        row("ref:hvp_1", reference_hvp(1), [opt])
+        row("ref:hvp_2", reference_hvp(2), [opt])
+
+        def hvp(cached: bool) -> Callable[[], Any]:
+            def run() -> None:
+                with HVPOperator(model, batch, hvp="autograd", check_determinism=False, cache_graph=cached) as op:
+                    v = torch.randn(op.size, dtype=op.dtype)
+                    op.matvec(v)
+                    if cached:
+                        op.matvec(v)
+            return run
+
+        row("hvp_exact", hvp(False), [opt])
+        row("hvp_cached2", hvp(True), [opt])  # two products, the second on the cached graph
+        row("hvp_cached1", _first_cached(model, batch), [opt])
+        row("check:lambda_max", lambda: hessian_eigenvalues(model, batch, k=1), [opt],
+            lambda r: {"n_hvp": int(r.n_hvp), "micro_batches": _plain(r.settings.get("micro_batches"))})
+        def monitor_check() -> Any:
+            from sharpguard.monitor import SharpnessMonitor
+
+            monitor = SharpnessMonitor(measures=("lambda_max",), probe=[batch], alerts=None)
+            return monitor.measure(model, opt)
+
+        row("check:monitor", monitor_check, [opt], lambda m: {"n_hvp": _n_hvp(m)})
+        row("check:trace", lambda: hessian_trace(model, batch), [opt], lambda r: {"n_hvp": int(r.n_hvp)})
+        if not isinstance(batch, dict):
+            def robustness_check() -> Any:
+                from sharpguard.monitor import RobustnessMonitor
+
+                return RobustnessMonitor(probe=[batch], alerts=None).measure(model, opt)
+
+            row("check:robustness", robustness_check, [opt])
+    return out
+
+
+def _first_cached(model: nn.Module, batch: Any) -> Callable[[], Any]:
+    from sharpguard.sharpness import HVPOperator
+
+    def run() -> None:
+        with HVPOperator(model, batch, hvp="autograd", check_determinism=False, cache_graph=True) as op:
+            op.matvec(torch.randn(op.size, dtype=op.dtype))
+    return run
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, (int, float, str, type(None))) else str(value)
+
+
+def _n_hvp(metrics: Any) -> int | None:
+    if isinstance(metrics, dict) and "monitor/n_hvp" in metrics:
+        try:
+            return int(metrics["monitor/n_hvp"])
+        except Exception:  # noqa: BLE001 - a fake value cannot be read
+            return None
+    return None
+
+
+class _NoMesh:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _mesh(mode: str) -> Any:
+    return fake_process_group(WORLD) if mode == "fsdp8" else _NoMesh()
+
+
+def _short(result: dict[str, Any]) -> str:
+    if "error" in result:
+        return f"ERROR {result['error'][:120]} ({result['seconds']:.1f} s)"
+    m = result["memory"]
+    return f"peak {m['peak_bytes'] / 2**30:.2f} GiB, {result['flops']:.3e} FLOPs ({result['seconds']:.1f} s)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the table
+
+
+GIB = 2**30
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x"
+
+
+def targets(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per row: the target it is held to, the measured ratio, the bound, pass/fail and the margin."""
+    rows = entry["rows"]
+    train = rows.get("train", {})
+    fb = rows.get("fwd_bwd", {})
+    out: dict[str, dict[str, Any]] = {}
+    if "memory" not in train:
+        return out
+    t_peak = train["memory"]["peak_bytes"]
+    t_flops = train["flops"]
+    pbytes = entry["param_bytes"]
+    for key, r in rows.items():
+        if key in ("train", "fwd_bwd"):
+            continue
+        if key.startswith("sam:"):
+            tests = []
+            if "memory" in r:
+                tests.append(("extra peak / param bytes", (r["memory"]["peak_bytes"] - t_peak) / pbytes, 1.0))
+                tests.append(("FLOPs / plain step", r["flops"] / r.get("steps", 1) / t_flops, 2.01))
+        elif key == "hvp_exact" and "memory" in r and "flops" in fb:
+            tests = [("FLOPs / fwd+bwd", r["flops"] / fb["flops"], 3.0)]
+        elif key == "hvp_cached2" and "memory" in r and "flops" in rows.get("hvp_cached1", {}):
+            second = r["flops"] - rows["hvp_cached1"]["flops"]
+            tests = [("2nd product FLOPs / fwd+bwd", second / fb["flops"], 2.1)]
+        elif key == "ref:hvp_1" and "memory" in r and "flops" in fb:
+            tests = [("FLOPs / fwd+bwd", r["flops"] / fb["flops"], 3.0)]
+        elif key == "ref:hvp_2" and "memory" in r and "flops" in rows.get("ref:hvp_1", {}):
+            second = r["flops"] - rows["ref:hvp_1"]["flops"]
+            tests = [("2nd product FLOPs / fwd+bwd", second / fb["flops"], 2.1)]
+        elif key.startswith("peer:") and "memory" in r:
+            tests = [("extra peak / param bytes", (r["memory"]["peak_bytes"] - t_peak) / pbytes, 1.0),
+                     ("FLOPs / plain step", r["flops"] / t_flops, 2.01)]
+        elif key.startswith("check:") and "memory" in r:
+            tests = [("peak / step peak", r["memory"]["peak_bytes"] / t_peak, 1.0)]
+        else:
+            tests = []
+        for label, value, bound in tests:
+            out.setdefault(key, {})[label] = {"value": value, "bound": bound, "pass": value <= bound,
+                                              "margin": bound - value}
+    return out
+
+
+def table(raw: dict[str, Any]) -> str:
+    lines = [
+        f"Machine: {machine()}. Simulated with `FakeTensorMode` (nothing allocated): live tensor bytes by "
+        "`MemTracker` (single device) / `FSDPMemTracker` (FSDP2, fake process group of 8 ranks, per rank), "
+        "FLOPs by `FlopCounterMode` (matmul/conv/attention only). float32 throughout, AdamW, no activation "
+        "checkpointing. Ratios are to the plain training step (forward + backward + AdamW step) of the same "
+        "model and mode. Inside `SAM.step(closure)` the tracker files every tensor the step allocates (the passes' "
+        "activations included) as optimizer state: its hook marks the whole `step` call as the optimizer's. "
+        "LookSAM's row is k = 5 consecutive steps (one perturbed), its FLOPs per step. GAM is 4F+4B by design. "
+        "Raw: `benchmarks/simulate_raw.json`. Run: `python benchmarks/simulate.py`.",
+        "",
+    ]
+    for name, (_, desc) in MODELS.items():
+        for mode in MODES:
+            entry = raw.get(f"{name}:{mode}")
+            if entry is None:
+                continue
+            rows = entry["rows"]
+            train = rows.get("train", {})
+            if "memory" not in train:
+                lines += [f"### {name}, {mode}", "", f"training step failed: {train.get('error', 'not run')}", ""]
+                continue
+            t = train["memory"]
+            world = "single device" if mode == "single" else f"FSDP2, world {entry['world']}, per rank"
+            lines += [
+                f"### {desc}; {world}",
+                "",
+                f"{entry['params'] / 1e6:.1f}M parameters; parameter bytes on this device {entry['param_bytes'] / GIB:.2f} GiB; "
+                f"training step peak {t['peak_bytes'] / GIB:.2f} GiB (parameters {_cat(t, 'parameters')}, "
+                f"gradients {_cat(t, 'gradients')}, optimizer state {_cat(t, 'optimizer_state')}, activations "
+                f"{_cat(t, 'activations')}, temporaries {_cat(t, 'temporaries')}"
+                + (f", all-gather {_cat(t, 'all_gather')}, reduce-scatter {_cat(t, 'reduce_scatter')}, "
+                   f"unsharded parameters {_cat(t, 'unsharded_parameters')}" if mode != "single" else "")
+                + f"), {train['flops']:.3g} FLOPs.",
+                "",
+                "| row | peak | peak / step | at the peak: parameters / gradients / optimizer state / activations+temporaries (GiB) | extra peak / param bytes | FLOPs / step | products | target (bound): value | pass (margin) |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            tg = targets(entry)
+            for key, r in sorted(rows.items(), key=lambda kv: _order(kv[0])):
+                if "error" in r:
+                    lines.append(f"| {key} | not run: `{r['error'][:160].replace('|', '/')}` | | | | | | | |")
+                    continue
+                m = r["memory"]
+                checks = tg.get(key, {})
+                tcol = "; ".join(f"{k} (<= {v['bound']}): {v['value']:.4f}" for k, v in checks.items())
+                pcol = "; ".join(("pass" if v["pass"] else "FAIL") + f" ({v['margin']:+.4f})" for v in checks.values())
+                extra = m["peak_bytes"] - t["peak_bytes"]
+                over = extra - entry["param_bytes"]
+                if key.startswith(("sam:", "peer:")) and 0 < over < 1024:
+                    pcol += f" ({over} bytes over the parameter bytes)"
+                lines.append(
+                    f"| {key} | {m['peak_bytes'] / GIB:.2f} GiB | {_ratio(m['peak_bytes'], t['peak_bytes'])} | "
+                    f"{_split(m)} | {(m['peak_bytes'] - t['peak_bytes']) / entry['param_bytes']:+.2f} | "
+                    f"{_ratio(r['flops'] / r.get('steps', 1), train['flops'])} | {r.get('n_hvp', '') or ''} | {tcol} | {pcol} |"
+                )
+            lines.append("")
+    lines += ["### The cost model against the simulation", "", cost_model_table(raw), ""]
+    if VALIDATION_RAW.exists():
+        lines += ["### The simulation against the CPU (benchmarks/scale.py's models)", "",
+                  validation_table(json.loads(VALIDATION_RAW.read_text())), ""]
+    return "\n".join(lines)
+
+
+# Shapes for sharpguard.sharpness.cost.transformer_activation_bytes (the models above).
+SHAPES = {
+    "gpt2-124m": dict(batch=8, seq_len=1024, hidden=768, layers=12, heads=12, vocab=50257, layout="gpt2"),
+    "llama-1b": dict(batch=4, seq_len=2048, hidden=2048, layers=22, heads=32, vocab=32000, layout="llama", mlp=5632,
+                     kv_heads=4),
+    "llama-7b": dict(batch=1, seq_len=4096, hidden=4096, layers=32, heads=32, vocab=32000, layout="llama", mlp=11008),
+}
+
+
+def cost_model_table(raw: dict[str, Any]) -> str:
+    """``sharpguard.sharpness.cost`` predictions against the simulated figures (relative error)."""
+    from sharpguard.sharpness.cost import (
+        HVP_FLOPS,
+        HVP_FLOPS_CACHED,
+        estimate_check_cost,
+        estimate_sam_cost,
+        transformer_activation_bytes,
+    )
+
+    lines = ["| model, mode | quantity | predicted | simulated | error |", "|---|---|---|---|---|"]
+
+    def add(label: str, what: str, pred: float, sim: float, unit: str = "") -> None:
+        scale_ = GIB if unit == "GiB" else 1.0
+        lines.append(f"| {label} | {what} | {pred / scale_:.3f}{' ' + unit if unit else ''} | {sim / scale_:.3f}"
+                     f"{' ' + unit if unit else ''} | {(pred - sim) / sim:+.1%} |")
+
+    for name in MODELS:
+        for mode in MODES:
+            entry = raw.get(f"{name}:{mode}")
+            if not entry or "memory" not in entry["rows"].get("train", {}):
+                continue
+            rows, label = entry["rows"], f"{name}, {mode}"
+            t = rows["train"]["memory"]
+            cat = t["peak_by_category"]
+            if name in SHAPES:
+                add(label, "training step: activations + temporaries at the peak",
+                    transformer_activation_bytes(**SHAPES[name]), cat["activations"] + cat["temporaries"], "GiB")
+            p_local = entry["param_bytes"] / 4
+            for key, r in rows.items():
+                if key in ("sam:SAM", "sam:ASAM", "sam:GSAM") and "memory" in r:
+                    sam = estimate_sam_cost(int(p_local), step_seconds=1.0)
+                    add(label, f"{key}: extra peak over the step", sam.extra_bytes, r["memory"]["peak_bytes"] - t["peak_bytes"], "GiB")
+                    add(label, f"{key}: FLOPs / step", sam.flops_over_step, r["flops"] / rows["train"]["flops"])
+            fb = rows.get("fwd_bwd", {}).get("flops")
+            if fb:
+                for key, pred in (("hvp_exact", HVP_FLOPS["autograd"]), ("ref:hvp_1", HVP_FLOPS["autograd"])):
+                    if "flops" in rows.get(key, {}):
+                        add(label, f"{key}: FLOPs / fwd+bwd", pred, rows[key]["flops"] / fb)
+                for two, one in (("hvp_cached2", "hvp_cached1"), ("ref:hvp_2", "ref:hvp_1")):
+                    if "flops" in rows.get(two, {}) and "flops" in rows.get(one, {}):
+                        add(label, f"{two}: 2nd product FLOPs / fwd+bwd", HVP_FLOPS_CACHED,
+                            (rows[two]["flops"] - rows[one]["flops"]) / fb)
+            for key in ("check:lambda_max", "check:monitor"):
+                r = rows.get(key, {})
+                if "memory" not in r or not r.get("n_hvp"):
+                    continue
+                micro = r.get("micro_batches") if isinstance(r.get("micro_batches"), int) else 1
+                model_bytes = cat["parameters"] + cat["buffers"] + cat["inputs"] + cat["other"]
+                step_extra = t["peak_bytes"] - model_bytes
+                c = estimate_check_cost(int(p_local), step_peak_bytes=step_extra, step_seconds=1.0,
+                                        n_hvp=int(r["n_hvp"]), micro_batches=micro)
+                add(label, f"{key} ({micro} micro-batches): peak", model_bytes + cat["optimizer_state"] + c.peak_bytes,
+                    r["memory"]["peak_bytes"], "GiB")
+                add(label, f"{key}: FLOPs / step", c.flops_over_step, r["flops"] / rows["train"]["flops"])
+    return "\n".join(lines)
+
+
+def summary_table(raw: dict[str, Any]) -> str:
+    """One line per model and mode: what docs/cost_model.md and the README quote."""
+    lines = [
+        "| model | mode | params | train step peak | SAM extra peak / param bytes | SAM FLOPs / step | exact product FLOPs / fwd+bwd (cached 2nd) | lambda_max check peak / step peak (function defaults; monitor) | trace check peak / step peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in MODELS:
+        for mode in MODES:
+            entry = raw.get(f"{name}:{mode}")
+            if not entry or "memory" not in entry["rows"].get("train", {}):
+                continue
+            rows = entry["rows"]
+            t = rows["train"]
+            sam = rows.get("sam:SAM", {})
+            fb = rows.get("fwd_bwd", {}).get("flops")
+
+            def peak(key: str) -> str:
+                r = rows.get(key)
+                if r is None:
+                    return "not run"
+                if "memory" not in r:
+                    return "error"
+                return f"{r['memory']['peak_bytes'] / t['memory']['peak_bytes']:.2f}x"
+
+            hvp = "not run"
+            one = rows.get("hvp_exact", rows.get("ref:hvp_1", {}))
+            if fb and "flops" in one:
+                hvp = f"{one['flops'] / fb:.2f}"
+                c1, c2 = rows.get("hvp_cached1", rows.get("ref:hvp_1", {})), rows.get("hvp_cached2", rows.get("ref:hvp_2", {}))
+                if "flops" in c1 and "flops" in c2:
+                    hvp += f" ({(c2['flops'] - c1['flops']) / fb:.2f})"
+            lines.append(
+                f"| {name} | {'single device' if mode == 'single' else 'FSDP2 x8, per rank'} | {entry['params'] / 1e6:.0f}M | "
+                f"{t['memory']['peak_bytes'] / GIB:.1f} GiB | "
+                + (f"{(sam['memory']['peak_bytes'] - t['memory']['peak_bytes']) / entry['param_bytes']:.4f} | "
+                   f"{sam['flops'] / t['flops']:.3f} | " if "memory" in sam else "error | error | ")
+                + f"{hvp} | {peak('check:lambda_max')}; {peak('check:monitor')} | {peak('check:trace')} |"
+            )
+    return "\n".join(lines)
+
+
+def _split(mem: dict[str, Any]) -> str:
+    c = mem["peak_by_category"]
+    parts = (c["parameters"] + c["unsharded_parameters"], c["gradients"] + c["unsharded_gradients"], c["optimizer_state"],
+             c["activations"] + c["temporaries"])
+    return " / ".join(f"{v / GIB:.2f}" for v in parts)
+
+
+def _order(key: str) -> tuple[int, str]:
+    prefixes = ("train", "fwd_bwd", "sam:", "peer:", "hvp_", "ref:", "check:")
+    return next((i for i, p in enumerate(prefixes) if key.startswith(p)), len(prefixes)), key
+
+
+def _cat(mem: dict[str, Any], name: str) -> str:
+    return f"{mem['peak_by_category'].get(name, 0) / GIB:.2f} GiB"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the simulation against the CPU: benchmarks/scale.py's models, simulated, against scale_raw.json
+
+SCALE_RAW = Path(__file__).with_name("scale_raw.json")
+VALIDATION_RAW = Path(__file__).with_name("simulate_vs_cpu.json")
+MIB = 2**20
+
+
+def validate(only: set[str] | None = None, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Simulate what ``scale.py`` measures (fresh-process extra peaks: the first training step with a new
+    AdamW, a SAM step, the peer SAM step, one product on two half batches, a check with ``max_iter=20``
+    whole and in the micro-batches the monitor chose) and return both, per model."""
+    import scale
+    from sharpguard.optim import SAM
+    from sharpguard.sharpness import HVPOperator, hessian_eigenvalues
+
+    measured = json.loads(SCALE_RAW.read_text())
+    out: dict[str, Any] = {}
+    for name, rec in measured.items():
+        print(f"validate {name}", flush=True)
+        res: dict[str, Any] = dict((previous or {}).get(name, {}))
+        res["params"] = rec["time"]["params"]
+
+        def one(key: str, make: Callable[[nn.Module, Any], tuple[Callable[[], Any], list[Any]]], train_mode: bool = True) -> None:
+            if only is not None and key not in only:
+                return
+            start = time.perf_counter()
+            try:
+                with fake_tensors(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch.manual_seed(0)
+                    model, batch = scale.build(name, False)
+                    model.train(train_mode)
+                    fn, opts = make(model, batch)
+                    prof = profile_step(fn, model=model, optimizers=opts, inputs=[batch])
+                res[key] = {"extra_bytes": prof.memory.peak_bytes - prof.memory.start_bytes, "flops": prof.flops,
+                            "peak_by_category": prof.memory.peak_by_category}
+            except Exception as exc:  # noqa: BLE001 - recorded
+                res[key] = {"error": _error(exc)}
+            res[key]["seconds"] = time.perf_counter() - start
+            print(f"  {key}: {res[key].get('error') or round(res[key]['extra_bytes'] / MIB, 1)}", flush=True)
+
+        def train(model, batch):
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def fn() -> None:
+                scale.loss_of(model, batch).backward()
+                opt.step()
+            return fn, []
+
+        def fwd_bwd(model, batch):
+            return (lambda: scale.loss_of(model, batch).backward()), []
+
+        def sam(nonfinite: str):
+            def make(model, batch):
+                opt = SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-4, nonfinite=nonfinite)
+
+                def closure() -> torch.Tensor:
+                    opt.zero_grad()
+                    loss = scale.loss_of(model, batch)
+                    loss.backward()
+                    return loss
+                return (lambda: opt.step(closure)), []
+            return make
+
+        def peer(model, batch):
+            from pytorch_optimizer import SAM as PeerSAM
+
+            opt = PeerSAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-4)
+
+            def fn() -> None:
+                scale.loss_of(model, batch).backward()
+                opt.first_step(zero_grad=True)
+                scale.loss_of(model, batch).backward()
+                opt.second_step(zero_grad=True)
+            return fn, []
+
+        def hvp(model, batch):
+            probe = scale.halves(batch, name)
+
+            def fn() -> None:
+                with HVPOperator(model, probe, scale.loss_of, check_determinism=False) as op:
+                    op.matvec(torch.randn(op.size))
+            return fn, []
+
+        def ref_hvp(model, batch):
+            probe = scale.halves(batch, name)
+            params = [p for p in model.parameters() if p.requires_grad]
+
+            def fn() -> None:  # uncached exact product on each half: forward, backward with graph, double backward
+                for part in probe:
+                    grads = torch.autograd.grad(scale.loss_of(model, part) / 2, params, create_graph=True)
+                    torch.autograd.grad(grads, params, grad_outputs=[torch.ones_like(p) for p in params])
+            return fn, []
+
+        def check(micro: int):
+            def make(model, batch):
+                if micro == 1:
+                    return (lambda: hessian_eigenvalues(model, batch, scale.loss_of, k=1, max_iter=scale.MAX_ITER)), []
+                # as scale.py: targets kept batch-first so the batch splits by examples, the same loss
+                x, y = batch
+                probe = (x, x[:, 1:] if name.startswith("gpt2") else y)
+
+                def loss(m: nn.Module, b: Any) -> torch.Tensor:
+                    return nn.functional.cross_entropy(m(b[0]), b[1].reshape(-1))
+                return (lambda: hessian_eigenvalues(model, probe, loss, k=1, max_iter=scale.MAX_ITER,
+                                                    micro_batches=micro)), []
+            return make
+
+        one("train", train)
+        one("fwd_bwd", fwd_bwd)
+        one("sam_fallback", sam("fallback"))
+        one("sam", sam("skip"))
+        one("peer_sam", peer)
+        one("ref_hvp", ref_hvp, train_mode=False)
+        one("hvp", hvp, train_mode=False)
+        one("check", check(1))
+        one("check_mb", check(int(rec["mem"]["check_mb"].get("micro_batches", 8))))
+        out[name] = res
+    return out
+
+
+def validation_table(sim: dict[str, Any]) -> str:
+    """Simulated against measured (scale_raw.json), the ratios scale.py reports."""
+    measured = json.loads(SCALE_RAW.read_text())
+    lines = [
+        "| model | train step extra peak: simulated (live tensors) / measured (RSS) | SAM extra / param bytes: simulated (fallback, skip) / measured | peer SAM extra / param bytes: simulated / measured | one product's extra / train's: simulated / measured | check / train: simulated / measured | check, monitor's micro-batches / train: simulated / measured | exact product / fwd+bwd: FLOPs (simulated) / time (measured) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ratio(res: dict[str, Any], key: str, over: float) -> float | None:
+        r = res.get(key, {})
+        return None if "extra_bytes" not in r else r["extra_bytes"] / over
+
+    def pair(a: float | None, b: float, fmt: str = "{:.2f}") -> str:
+        if a is None:
+            return f"not run / {fmt.format(b)}"
+        return f"{fmt.format(a)} / {fmt.format(b)} ({(a - b) / b:+.0%})"
+
+    for name, res in sim.items():
+        rec = measured[name]
+        m = rec["mem"]
+        pb = 4 * res["params"]
+        tm = m["train"]["extra_mib"] * MIB
+        ts = res.get("train", {}).get("extra_bytes")
+        sam_f = None if ts is None or "extra_bytes" not in res.get("sam_fallback", {}) else (res["sam_fallback"]["extra_bytes"] - ts) / pb
+        sam_s = None if ts is None or "extra_bytes" not in res.get("sam", {}) else (res["sam"]["extra_bytes"] - ts) / pb
+        peer = None if ts is None or "extra_bytes" not in res.get("peer_sam", {}) else (res["peer_sam"]["extra_bytes"] - ts) / pb
+        fb = res.get("fwd_bwd", {}).get("flops")
+        ref = res.get("ref_hvp", {}).get("flops")
+        lines.append(
+            f"| {name} | {pair(None if ts is None else ts / MIB, tm / MIB, '{:.0f} MiB')} | "
+            f"{'n/a' if sam_f is None else f'{sam_f:.2f}'}, {'n/a' if sam_s is None else f'{sam_s:.2f}'} / "
+            f"{(m['sam']['extra_mib'] * MIB - tm) / pb:.2f} | "
+            f"{pair(peer, (m['peer_sam']['extra_mib'] * MIB - tm) / pb)} | "
+            f"{pair(None if ts is None else ratio(res, 'hvp', ts), m['hvp']['extra_mib'] * MIB / tm)} | "
+            f"{pair(None if ts is None else ratio(res, 'check', ts), m['check']['extra_mib'] * MIB / tm)} | "
+            f"{pair(None if ts is None else ratio(res, 'check_mb', ts), m['check_mb']['extra_mib'] * MIB / tm)} | "
+            f"{pair(None if not (fb and ref) else ref / fb, rec['time']['hvp'] / rec['time']['fwd_bwd'])} |"
+        )
+    errors = sorted({f"{k}: {v['error']}" for res in sim.values() for k, v in res.items()
+                     if isinstance(v, dict) and "error" in v})
+    if errors:
+        lines += ["", "Rows not simulated: " + "; ".join(f"`{e[:200]}`" for e in errors[:6]) + "."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", default=[], help="model:mode (e.g. gpt2-124m:single); repeatable")
+    parser.add_argument("--rows", default=None, help="comma-separated row keys or prefixes (train,sam,check,...)")
+    parser.add_argument("--table", action="store_true", help="only rewrite the RESULTS.md section from the raw JSON")
+    parser.add_argument("--summary", action="store_true", help="print the one-line-per-model summary and exit")
+    parser.add_argument("--validate", action="store_true",
+                        help="simulate benchmarks/scale.py's models and compare with scale_raw.json")
+    args = parser.parse_args()
+    raw = json.loads(RAW.read_text()) if RAW.exists() else {}
+    if args.summary:
+        print(summary_table(raw))
+        return
+    if args.validate:
+        previous = json.loads(VALIDATION_RAW.read_text()) if VALIDATION_RAW.exists() else None
+        only = None if args.rows is None else set(args.rows.split(","))
+        VALIDATION_RAW.write_text(json.dumps(validate(only, previous), indent=1, sort_keys=True) + "\n")
+    elif not args.table:
+        todo = args.only or [f"{n}:{m}" for n in MODELS for m in MODES]
+        wanted = None if args.rows is None else set(args.rows.split(","))
+        for item in todo:
+            name, mode = item.split(":")
+            print(f"{name} ({mode})", flush=True)
+            entry = simulate(name, mode, wanted)
+            if wanted is not None and item in raw:
+                raw[item]["rows"].update(entry["rows"])
+            else:
+                raw[item] = entry
+            raw[item]["machine"] = machine()
+            RAW.write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
+    write_section("Simulated production scale", table(raw))
+
+
+if __name__ == "__main__":
+    main()
