@@ -154,6 +154,7 @@ def test_bad_arguments_are_one_line_each(tmp_path, capsys):
     assert "is given twice (arguments 1 and 3" in _refused(
         capsys, history, _history(tmp_path / "other.jsonl"), tmp_path / "alias.jsonl", "--out", tmp_path / "o")
     assert "does not exist" in _refused(capsys, tmp_path / "missing.jsonl")
+    assert "is not a regular file" in _refused(capsys, tmp_path, "--out", tmp_path / "o")
     (tmp_path / "empty.jsonl").write_text("\n\n")
     assert "holds no records" in _refused(capsys, tmp_path / "empty.jsonl")
     (tmp_path / "torn.jsonl").write_text('{"step": 1, "metr')
@@ -250,3 +251,20 @@ def test_hostile_histories_end_in_files_inside_out_or_one_line(tmp_path_factory,
     assert len(rows) == len(summary["metrics"]) and all(len(r) == 8 for r in rows)
     for row in rows:
         _text(row[0])  # a metric name is plain text in its cell
+
+
+def test_hostile_file_names_stay_inside_their_headings(tmp_path, capsys):
+    a = _history(tmp_path / "x|y <b>.jsonl", steps=8)
+    b = _history(tmp_path / "new\nline $q$.jsonl", names=("sharpness/lambda_max",), steps=8)
+    rc, _, err = _report(capsys, a, b, "--out", tmp_path / "out")
+    assert rc == 0, err
+    md = (tmp_path / "out" / "summary.md").read_text()
+    tokens = MarkdownIt("commonmark").enable("table").parse(md)
+    headings = [_text(tokens[i + 1].children) for i, t in enumerate(tokens) if t.type == "heading_open"]
+    assert headings == ["2 monitor histories",
+                        f"sharpguard monitor history: x|y <b> ({a})",
+                        "sharpguard monitor history: new\\nline $q$ (" + str(b).replace("\n", "\\n") + ")"]
+    assert sum(t.type == "table_open" for t in tokens) == 2
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(summary["histories"]) == {"x|y <b>", "new\nline $q$"}
+    assert summary["histories"]["new\nline $q$"]["metrics"]["sharpness/lambda_max"]["n"] == 8

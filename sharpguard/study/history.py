@@ -30,8 +30,7 @@ def read_history(path: str | Path) -> HistoryRecords:
     out and listed in ``dropped``. Anything else malformed, a missing file or one without records is a
     :class:`ConfigurationError` of one line naming the file (and the line)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigurationError(f"history file {_quoted(path)} does not exist; pass the JSON-lines file a monitor wrote.")
+    _check_is_file(path)
     try:
         records = parse_history(path)
     except OSError as exc:
@@ -42,6 +41,13 @@ def read_history(path: str | Path) -> HistoryRecords:
         torn = f" ({dropped_message(path, records)})" if records.dropped else ""
         raise ConfigurationError(f"history file {_quoted(path)} holds no records{torn}; was the monitor attached to a run?")
     return records
+
+
+def _check_is_file(path: Path) -> None:
+    if not path.exists():
+        raise ConfigurationError(f"history file {_quoted(path)} does not exist; pass the JSON-lines file a monitor wrote.")
+    if not path.is_file():
+        raise ConfigurationError(f"history {_quoted(path)} is not a regular file; pass the JSON-lines file a monitor wrote.")
 
 
 def _quoted(path: str | os.PathLike[str]) -> str:
@@ -203,8 +209,7 @@ def _distinct(paths: Sequence[Path]) -> None:
     """Refuse a history given twice (its records would be one history drawn as two)."""
     seen: dict[tuple[int, int], int] = {}
     for i, p in enumerate(paths):
-        if not p.is_file():
-            raise ConfigurationError(f"history file {_quoted(p)} does not exist; pass the JSON-lines file a monitor wrote.")
+        _check_is_file(p)
         st = p.stat()
         key = (st.st_dev, st.st_ino)
         if key in seen:
