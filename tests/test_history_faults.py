@@ -184,6 +184,25 @@ def test_the_reader_keeps_every_complete_record_around_torn_lines(tmp_path):
     assert [n for n, _ in records.dropped] == [2, 4, 5]
 
 
+def test_zero_bytes_a_crash_left_are_dropped_and_a_resume_writes_after_them(tmp_path):
+    """After a power loss a file system may keep the file's new size with the data never written: zeros."""
+    path = tmp_path / "h.jsonl"
+    path.write_bytes(json.dumps({"step": 1, "metric": "m", "value": 1.0}).encode() + b"\n" + b"\x00" * 64)
+    MetricHistory(path).append(2, {"m": 2.0})
+    with pytest.warns(HistoryWarning, match="dropped 1 torn line "):
+        records = read_history(path)
+    assert [(r["step"], r["value"]) for r in records] == [(1, 1.0), (2, 2.0)]
+    assert "zero bytes" in records.dropped[0][1]
+
+
+@pytest.mark.parametrize("line", [b"{garbage", b'{"metric": "m", "value": 1', b"step: 1"])
+def test_a_line_the_writer_never_starts_is_an_error_not_a_torn_record(tmp_path, line):
+    path = tmp_path / "h.jsonl"
+    path.write_bytes(json.dumps({"step": 1, "metric": "m", "value": 1.0}).encode() + b"\n" + line + b"\n")
+    with pytest.raises(HistoryFormatError, match=":2 is not valid JSON"):
+        read_history(path)
+
+
 @pytest.mark.parametrize("line, problem", [
     (b"\xff\xfe{}", "is not UTF-8 text (byte 0xff at column 1)"),
     (b"[1, 2]", "is a JSON array, not a record"),

@@ -38,6 +38,9 @@ MAX_LINE_BYTES = 1 << 20
 MAX_METRIC_NAME = 256
 #: largest step a history may hold (an int64 step counter)
 MAX_STEP = 2**63 - 1
+#: how every record the writer writes begins: a line that begins so (or is the start of it) and is not
+#: valid JSON is a record cut short
+RECORD_START = '{"step": '
 
 
 class HistoryFormatError(ConfigurationError):
@@ -266,9 +269,9 @@ def _check_record(rec: Any) -> str | None:
 def parse_history(path: str | os.PathLike[str], metrics: Iterable[str] | None = None) -> HistoryRecords:
     """Parse a history file: the last record of each ``(step, metric)``, sorted by step, and the torn lines left out.
 
-    A torn line (the start of a record cut short by a crash or a full disk: a line that opens a JSON object
-    and ends before closing it) is dropped and listed; a record glued onto a torn line by an older writer is
-    recovered. Anything else malformed raises :class:`HistoryFormatError` naming the file, the line and the
+    A torn line (a record cut short by a crash or a full disk: a line that begins as every record begins,
+    ``{"step": ``, and is not valid JSON; or zero bytes a crash left unfilled) is dropped and listed; a
+    record glued onto a torn line by an older writer is recovered. Anything else malformed raises :class:`HistoryFormatError` naming the file, the line and the
     problem; the file is read in bounded time and memory (lines of at most ``MAX_LINE_BYTES``).
     """
     wanted = set(metrics) if metrics is not None else None
@@ -298,10 +301,13 @@ def parse_history(path: str | os.PathLike[str], metrics: Iterable[str] | None = 
             text = text.strip()
             if not text:
                 continue
+            if not text.strip("\x00"):  # a block the file system allocated but the crash never filled
+                dropped.append((lineno, "zero bytes where a write was lost (a crash before the data reached the disk)"))
+                continue
             try:
                 rec = json.loads(text)
             except json.JSONDecodeError as exc:
-                if not text.startswith("{"):
+                if not (text.startswith(RECORD_START) or RECORD_START.startswith(text)):
                     raise fail(lineno, f"is not valid JSON ({exc.msg} at column {exc.colno}); each line must be "
                                        "one object") from None
                 rec = _glued_record(text)
@@ -327,7 +333,7 @@ def parse_history(path: str | os.PathLike[str], metrics: Iterable[str] | None = 
 
 def _glued_record(text: str) -> dict[str, Any] | None:
     """The complete record an older writer appended onto a torn line (``{"step": 1, "met{"step": 2, ...}``)."""
-    start = text.find('{"step"', 1)
+    start = text.find(RECORD_START, 1)
     while start != -1:
         try:
             rec = json.loads(text[start:])
@@ -335,7 +341,7 @@ def _glued_record(text: str) -> dict[str, Any] | None:
             rec = None
         if isinstance(rec, dict) and _check_record(rec) is None:
             return rec
-        start = text.find('{"step"', start + 1)
+        start = text.find(RECORD_START, start + 1)
     return None
 
 
