@@ -64,6 +64,12 @@ def _series(records: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int, f
     return {m: sorted(v) for m, v in sorted(by_metric.items())}
 
 
+def _mean(values: Sequence[float]) -> float:
+    """The mean of finite floats, finite too (a sum near the float range would overflow)."""
+    mean = sum(values) / len(values)
+    return mean if math.isfinite(mean) else sum(v / len(values) for v in values)
+
+
 def summarize_history(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Per metric: count, first/last step and value, min, max, mean, and the trend over training as
     Kendall's tau between step and value. Plus the rank correlation of ``sharpness/lambda_max`` with
@@ -77,7 +83,7 @@ def summarize_history(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "n": len(pts),
             "first_step": steps[0], "last_step": steps[-1],
             "first": values[0], "last": values[-1],
-            "min": min(values), "max": max(values), "mean": sum(values) / len(values),
+            "min": min(values), "max": max(values), "mean": _mean(values),
             "trend": trend.as_dict(),
         }
     out: dict[str, Any] = {"n_records": len(records), "metrics": metrics}
@@ -149,6 +155,9 @@ def render_history_markdown(summary: Mapping[str, Any], source: str, plot: str |
                 f"- λ_max vs PGD accuracy over {c['n']} common steps: τ = {c['tau']:.2f} "
                 f"(p = {c['p_value']:.3g}, {sig} at 0.05; a trend shared over training, not a causal link)."
             )
+    if summary.get("values_not_drawn"):
+        lines += ["", f"{summary['values_not_drawn']} value(s) of magnitude over {PLOT_LIMIT:g} are in the table "
+                      "but not drawn in the figure."]
     if plot:
         lines += ["", f"![history]({Path(plot).name})"]
     lines.append("")
@@ -218,8 +227,18 @@ def _distinct(paths: Sequence[Path]) -> None:
         seen[key] = i
 
 
+#: largest magnitude drawn: beyond it an axis spanning both signs overflows matplotlib's tick locator
+PLOT_LIMIT = 1e300
+
+
 def _plottable(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    return [{**r, "metric": _plot_name(r["metric"])} for r in records]
+    """Records as the figure draws them: names literal, values beyond ``PLOT_LIMIT`` left out."""
+    return [{**r, "metric": _plot_name(r["metric"]),
+             "value": r["value"] if r["value"] is None or abs(r["value"]) <= PLOT_LIMIT else None} for r in records]
+
+
+def _not_drawn(records: Sequence[Mapping[str, Any]]) -> int:
+    return sum(1 for r in records if r["value"] is not None and math.isfinite(r["value"]) and abs(r["value"]) > PLOT_LIMIT)
 
 
 def report_history(path: str | Path | Sequence[str | Path], out_dir: str | Path) -> dict[str, Path]:
@@ -252,6 +271,8 @@ def report_history(path: str | Path | Sequence[str | Path], out_dir: str | Path)
         summary = summarize_history(records)
         if records.dropped:
             summary["dropped_lines"] = [{"line": n, "reason": why} for n, why in records.dropped]
+        if _not_drawn(records):
+            summary["values_not_drawn"] = _not_drawn(records)
         return summary
 
     if len(paths) == 1:
