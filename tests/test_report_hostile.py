@@ -166,6 +166,10 @@ def test_bad_arguments_are_one_line_each(tmp_path, capsys):
     many = tmp_path / "many.jsonl"
     many.write_text("".join(_record(1, f"m{i}", 1.0) + "\n" for i in range(MAX_METRICS + 1)))
     assert f"{MAX_METRICS + 1} distinct metrics" in _refused(capsys, many, "--out", tmp_path / "o")
+    (tmp_path / "o3").mkdir()
+    own = _history(tmp_path / "o3" / "summary.json")
+    assert "would overwrite the history" in _refused(capsys, own, "--out", tmp_path / "o3")
+    assert json.loads(own.read_text().splitlines()[0])["step"] == 1
     (tmp_path / "o2").mkdir()
     (tmp_path / "o2" / "summary.json").mkdir()
     assert "is a folder" in _refused(capsys, history, "--out", tmp_path / "o2")

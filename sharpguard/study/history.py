@@ -21,7 +21,7 @@ from ..monitor.history import HistoryRecords, HistoryWarning, dropped_message, p
 from .stats import kendall_tau
 
 #: most distinct metrics one report draws (a panel each; sharpguard's monitors write a few dozen at most)
-MAX_METRICS = 128
+MAX_METRICS = 64
 
 
 def read_history(path: str | Path) -> HistoryRecords:
@@ -227,6 +227,9 @@ def _distinct(paths: Sequence[Path]) -> None:
         seen[key] = i
 
 
+#: the files a report writes into its folder
+OUTPUT_FILES = ("history.png", "summary.md", "summary.json")
+
 #: largest magnitude drawn: beyond it an axis spanning both signs overflows matplotlib's tick locator
 PLOT_LIMIT = 1e300
 
@@ -265,6 +268,11 @@ def report_history(path: str | Path | Sequence[str | Path], out_dir: str | Path)
         raise ConfigurationError(f"the histories hold {len(names)} distinct metrics, more than the {MAX_METRICS} a report "
                                  "draws; a monitor writes a few dozen, so pass the histories of monitors, or split them.")
     out = check_out_dir(out_dir)
+    inputs = {(p.stat().st_dev, p.stat().st_ino): p for p in paths}
+    for name in OUTPUT_FILES:
+        target = out / name
+        if target.exists() and not target.is_symlink() and (target.stat().st_dev, target.stat().st_ino) in inputs:
+            raise ConfigurationError(f"the report would overwrite the history {_quoted(target)}; pass another --out.")
     out.mkdir(parents=True, exist_ok=True)
 
     def summary_of(records: HistoryRecords) -> dict[str, Any]:
