@@ -122,11 +122,13 @@ def append_lines(path: Path, text: str) -> None:
     A record therefore always starts on a line of its own, whatever the file ended with (a torn record
     from a full disk or a crash is left as one line of its own that readers drop).
     """
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
     try:
         size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            text = "\n" + text
+        if size:
+            os.lseek(fd, size - 1, os.SEEK_SET)  # O_APPEND still writes at the end
+            if os.read(fd, 1) != b"\n":
+                text = "\n" + text
         _write_all(fd, text.encode("utf-8"))
     finally:
         os.close(fd)
