@@ -273,8 +273,9 @@ def parse_history(path: str | os.PathLike[str], metrics: Iterable[str] | None = 
 
     A torn line (a record cut short by a crash or a full disk: a line that begins as every record begins,
     ``{"step": ``, and is not valid JSON; or zero bytes a crash left unfilled) is dropped and listed; a
-    record glued onto a torn line by an older writer is recovered. Anything else malformed raises :class:`HistoryFormatError` naming the file, the line and the
-    problem; the file is read in bounded time and memory (lines of at most ``MAX_LINE_BYTES``).
+    record glued onto a torn line by an older writer is recovered. Anything else malformed raises
+    :class:`HistoryFormatError` naming the file, the line and the problem, without echoing the line; the
+    file is read in bounded time and memory (lines of at most ``MAX_LINE_BYTES``).
     """
     wanted = set(metrics) if metrics is not None else None
     latest: dict[tuple[int, str], dict[str, Any]] = {}
