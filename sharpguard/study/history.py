@@ -179,7 +179,7 @@ def check_out_dir(out: str | os.PathLike[str], flag: str = "--out") -> Path:
     for part in (path, *path.parents):
         if part.exists() or part.is_symlink():
             if not part.is_dir():
-                where = "" if part == path else f" (its parent {_quoted(part)} is a file)"
+                where = "" if part == path else f" (its parent {_quoted(part)} is not a folder)"
                 raise ConfigurationError(f"{flag} {_quoted(path)} is not a folder{where}; pass a new or existing folder.")
             break
     return path
