@@ -74,14 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_out_dir(out) -> None:
-    """An ``--out`` that exists but is not a folder: say so before anything runs (not a FileExistsError later)."""
-    from pathlib import Path
+    """An ``--out`` that is, or lies under, an existing file: say so before anything runs (not a
+    FileExistsError or NotADirectoryError later)."""
+    from .study.history import check_out_dir
 
-    from .errors import ConfigurationError
-
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ConfigurationError(f"--out {str(path)!r} is not a folder; pass a new or existing folder.")
+    check_out_dir(out)
 
 
 def _scenario(args: argparse.Namespace) -> int:
@@ -136,15 +133,30 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    import os
+    import warnings
     from pathlib import Path
 
+    from .errors import ConfigurationError
+    from .monitor.history import HistoryWarning
     from .study.history import report_history
 
     first = Path(args.history[0]).resolve()
     default = first.parent / (first.stem + "-report" if len(args.history) == 1 else "merged-report")
     out = args.out if args.out is not None else default
-    _check_out_dir(out)
-    files = report_history(args.history, out)
+    try:
+        _check_out_dir(out)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", HistoryWarning)
+            files = report_history(args.history, out)
+    except OSError as exc:  # a folder that cannot be read or written: one line, not a traceback
+        where = f" {os.fspath(exc.filename)!r}" if exc.filename is not None else ""
+        raise ConfigurationError(f"cannot read or write{where} ({exc.strerror or type(exc).__name__}); "
+                                 "check the history files and the --out folder.") from None
+    for w in caught:
+        if not issubclass(w.category, HistoryWarning):
+            continue
+        print(f"sharpguard report: note: {w.message}", file=sys.stderr)
     print("sharpguard report: wrote " + ", ".join(str(p) for p in files.values()))
     return 0
 
