@@ -405,3 +405,30 @@ def test_accelerate_resume_policy_of_the_sam_object_reaches_load_state(tmp_path)
     sam.resume = "checkpoint"
     accelerator.load_state(str(tmp_path))
     assert sam.sam.k == 3 and sam.sam._step == 2
+
+
+@pytest.mark.parametrize("damage", ["dtype", "shape"])
+def test_hf_monitor_state_corrupt_in_trainer_state_json_is_one_sentence(tmp_path, damage):
+    """The monitor's state is JSON (trainer_state.json's stateful_callbacks): a corrupt tensor entry used
+    to end in a raw ValueError/RuntimeError from the decoder."""
+    import json
+
+    from sharpguard.integrations.huggingface import SharpGuardTrainer, SharpnessMonitorCallback
+
+    def trainer(out, steps):
+        cb = SharpnessMonitorCallback(every_n_steps=1, measures=("batch",), probe_size=8)
+        args = trainer_args(out, max_steps=steps, save_strategy="steps", save_steps=2)
+        return SharpGuardTrainer(model=tiny_bert(), args=args, train_dataset=FirstTokenTask(24), callbacks=[cb])
+
+    trainer(tmp_path / "run", 2).train()
+    state_file = tmp_path / "run" / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    entry = state["stateful_callbacks"]["SharpnessMonitorCallback"]
+    entry = entry[-1] if isinstance(entry, list) else entry
+    # a tensor entry as the codec writes them, with an unknown dtype or a shape its values cannot fill
+    entry["attributes"]["sharpguard_state"]["monitor"]["loss"] = (
+        {"__tensor__": [1.0], "dtype": "load", "shape": [1]} if damage == "dtype"
+        else {"__tensor__": [1.0, 2.0], "dtype": "float32", "shape": [7, 7]})
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"trainer_state.json holds a corrupt state for SharpnessMonitorCallback"):
+        trainer(tmp_path / "run", 4).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))

@@ -156,7 +156,15 @@ class _MonitorCallback(TrainerCallback, ExportableState):
 
     @sharpguard_state.setter
     def sharpguard_state(self, value: Any) -> None:
-        self.load_state_dict(decode_state(value))
+        try:  # JSON: numbers, strings, lists and dicts only; no code can come from it
+            state = decode_state(value)
+        except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{type(self).__name__}: the checkpoint's trainer_state.json holds a corrupt state for {self.state_key} "
+                f"({exc}); resume from another checkpoint, or pass resume='current' to the callback and remove "
+                "this entry of stateful_callbacks to continue with the monitor's state started afresh."
+            ) from exc
+        self.load_state_dict(state)
         self._restored_at = getattr(self.monitor, "_last_step", None)
         self._restored = True
 
