@@ -65,6 +65,9 @@ class SharpGuardTrainerMixin:
             ``None``: no SAM. Validated here, before the Trainer builds anything.
         sam_resume: when the checkpoint's SAM settings differ from ``sam=`` on resume: ``"error"``
             (default, names the settings), ``"checkpoint"`` (take the checkpoint's) or ``"current"``.
+            Resume is all or nothing: a checkpoint folder whose ``sharpguard_sam.pt`` is missing, torn
+            or holds anything but tensors and plain containers is refused naming the file before the
+            Trainer loads anything; ``"current"`` continues with SAM's state started afresh, said once.
         adversarial: an embedding-space method of :mod:`sharpguard.adversarial` (``"freelb"``,
             ``"smart"``, ``"fgm"``, ``"embedding-pgd"``, ``"r3f"``), a mapping
             ``{"method": name, **keywords}``, or a method object ``method(model, batch) -> loss``.
@@ -206,13 +209,6 @@ class _SAMCheckpoint(TrainerCallback):
             warnings.warn(f"{exc} sam_resume='current': continuing with SAM's state started afresh.",
                           RuntimeWarning, stacklevel=3)
             return None
-
-    @classmethod
-    def load(cls, sam: Any, checkpoint: str, resume: str = "error") -> None:
-        """Read (see :meth:`read`) and load the SAM state of ``checkpoint`` into ``sam``."""
-        state = cls.read(checkpoint, resume)
-        if state is not None and hasattr(sam, "load_sharpguard_state_dict"):
-            sam.load_sharpguard_state_dict(state, resume=resume)
 
 
 class SharpGuardTrainer(SharpGuardTrainerMixin, Trainer):
