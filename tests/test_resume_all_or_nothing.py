@@ -432,3 +432,37 @@ def test_hf_monitor_state_corrupt_in_trainer_state_json_is_one_sentence(tmp_path
     state_file.write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match=r"trainer_state.json holds a corrupt state for SharpnessMonitorCallback"):
         trainer(tmp_path / "run", 4).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+
+
+def test_accelerate_the_way_on_the_sentence_gives_works(tmp_path):
+    """SAM's part torn, the monitor's intact: follow the sentence and the run continues with the model,
+    optimizer and monitor restored, SAM's own state afresh."""
+    accelerator, model, sam, monitor, step = _accelerate_loop()
+    step(2)
+    accelerator.save_state(str(tmp_path / "state"))
+    saved = params_of(accelerator.unwrap_model(model))
+    _truncate(tmp_path / "state" / "custom_checkpoint_0.pkl")
+    with pytest.raises(CheckpointError, match="move the folder's custom_checkpoint_\\*.pkl files out of it"):
+        _accelerate_loop()[0].load_state(str(tmp_path / "state"))
+
+    from accelerate import Accelerator
+
+    from sharpguard.integrations.accelerate import MonitorStep, SharpnessAwareMinimization
+    from sharpguard.monitor import SharpnessMonitor
+
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for part in (tmp_path / "state").glob("custom_checkpoint_*.pkl"):
+        part.rename(aside / part.name)
+    accelerator = Accelerator(cpu=True)
+    model2 = tiny_bert(seed=1)
+    optimizer2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    model2, optimizer2 = accelerator.prepare(model2, optimizer2)
+    accelerator.load_state(str(tmp_path / "state"))
+    sam2 = SharpnessAwareMinimization(accelerator, model2, optimizer2, variant="looksam", k=2, rho=0.5)
+    monitor2 = MonitorStep(accelerator, SharpnessMonitor(measures=("batch",), every_n_steps=100,
+                                                         probe=monitor.monitor.probe.batches))
+    monitor2.load_state_dict(torch.load(aside / "custom_checkpoint_1.pkl", weights_only=True))
+    accelerator.register_for_checkpointing(sam2, monitor2)
+    assert _same(params_of(accelerator.unwrap_model(model2)), saved)
+    assert monitor2.global_step == 2 and sam2.sam._step == 0

@@ -71,9 +71,9 @@ def guard_registered_state(accelerator: Any, obj: Any, what: str, check: Callabl
             return
         path = os.path.join(os.fspath(input_dir), f"custom_checkpoint_{index}.pkl")
         to_continue = (
-            "Resume from a complete folder of accelerator.save_state, or, to continue without it, delete the file "
-            f"and call accelerator.load_state before accelerator.register_for_checkpointing({name}) (its state then "
-            "starts afresh)."
+            "Resume from a complete folder of accelerator.save_state, or, to continue without it, move the folder's "
+            "custom_checkpoint_*.pkl files out of it, call accelerator.load_state before register_for_checkpointing, "
+            "and load each intact part with obj.load_state_dict(torch.load(part, weights_only=True))."
         )
         state = load_tensors_only(path, what=f"the state of the {name} registered at index {index} ({what})",
                                   to_continue=to_continue)
