@@ -286,7 +286,9 @@ class SharpnessMonitorCallback(_MonitorCallback):
     Keywords go to :class:`sharpguard.monitor.SharpnessMonitor` (``measures=``, ``budget=``,
     ``alerts=``, ``loss_fn=``, ``history=``...), or pass a ready ``monitor=``. The default loss of a
     Hugging Face batch is ``model(**batch).loss``. Metrics (``sharpness/lambda_max``, ...) reach
-    ``state.log_history`` and every ``report_to`` integration.
+    ``state.log_history`` and every ``report_to`` integration. ``resume``: ``"error"`` (default)
+    refuses a resumed run whose checkpoint holds no state for this callback; ``"current"`` restarts
+    the monitor's history and schedule there, said once.
     """
 
     _monitor_cls_name = "SharpnessMonitor"

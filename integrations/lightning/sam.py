@@ -52,7 +52,10 @@ class SharpnessAwareMinimization(Callback):
         keep_bn_stats: keep BatchNorm running statistics from the clean pass only (``model=`` of the wrapper).
         nonfinite: ``"fallback"`` or ``"skip"``, the core's policy for non-finite gradients (docs/reliability.md).
         resume: when a checkpoint's SAM settings differ from this callback's: ``"error"`` (default),
-            ``"checkpoint"`` (take the checkpoint's) or ``"current"`` (keep these).
+            ``"checkpoint"`` (take the checkpoint's) or ``"current"`` (keep these). Resume is all or
+            nothing: a ``ckpt_path`` without this callback's state (absent, emptied, or without its
+            ``sam`` part) is refused naming the file, unless ``"current"`` (SAM's state starts afresh,
+            said once).
 
     Every argument is checked here, when the callback is built (a misspelled knob names the fix).
 
