@@ -15,6 +15,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import accelerate  # noqa: F401
 import transformers  # noqa: F401
@@ -108,6 +110,53 @@ def test_load_tensors_only_names_the_file_and_the_way_on(tmp_path, damage):
     assert str(path) in msg and "the test's state" in msg and msg.endswith("Do X to go on.")
     assert ("missing" in msg) == (damage == "missing")
     assert isinstance(info.value, ConfigurationError)  # one family of sharpguard errors
+
+
+_SAM_PART = None
+
+
+def _sam_part_bytes() -> bytes:
+    """A real SAM part (LookSAM with its g_v buffer), as sharpguard_state_dict writes it."""
+    global _SAM_PART
+    if _SAM_PART is None:
+        import io
+
+        import sharpguard as sg
+
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+        opt = sg.LookSAM(model.parameters(), torch.optim.SGD, k=2, rho=0.1, lr=0.1)
+        x, y = torch.randn(8, 6), torch.randint(0, 2, (8,))
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        buf = io.BytesIO()
+        torch.save(opt.sharpguard_state_dict(), buf)
+        _SAM_PART = buf.getvalue()
+    return _SAM_PART
+
+
+@settings(max_examples=60, deadline=None)
+@given(cut=st.floats(0.0, 1.0, exclude_max=True))
+def test_a_torn_part_is_refused_whole_at_every_cut(cut):
+    """Law: a prefix of a checkpoint part never loads as a state -- it is refused, as one CheckpointError,
+    wherever the write stopped."""
+    import tempfile
+
+    data = _sam_part_bytes()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "sharpguard_sam.pt")
+        with open(path, "wb") as fh:
+            fh.write(data[: int(len(data) * cut)])
+        with pytest.raises(CheckpointError, match="truncated or unreadable"):
+            load_tensors_only(path, what="x", to_continue="y")
+        with open(path, "wb") as fh:
+            fh.write(data)
+        assert load_tensors_only(path, what="x", to_continue="y")["step"] == 1
 
 
 # --------------------------------------------------------------------------------------------------
