@@ -396,7 +396,7 @@ def _accelerate_loop():
 
 
 @pytest.mark.parametrize("index, damage", [(0, "missing"), (0, "truncated"), (1, "missing"), (1, "truncated"),
-                                           (0, "malformed"), (1, "malformed")])
+                                           (0, "malformed"), (1, "malformed"), (1, "malformed step")])
 def test_accelerate_load_state_refuses_a_damaged_part_before_anything_loads(tmp_path, index, damage):
     accelerator, model, sam, monitor, step = _accelerate_loop()
     step(2)
@@ -411,6 +411,8 @@ def test_accelerate_load_state_refuses_a_damaged_part_before_anything_loads(tmp_
         state = torch.load(part, weights_only=True)
         if index == 0:
             state["sam"]["step"] = -1
+        elif damage == "malformed step":  # the driver's own field, checked before anything loads too
+            state["global_step"] = -5
         else:
             state["monitor"]["seed"] = "zero"
         torch.save(state, part)
@@ -420,7 +422,7 @@ def test_accelerate_load_state_refuses_a_damaged_part_before_anything_loads(tmp_
         accelerator.load_state(str(tmp_path))
     msg = str(info.value)
     assert str(part) in msg and ("SharpnessAwareMinimization" if index == 0 else "MonitorStep") in msg
-    if damage != "malformed":
+    if not damage.startswith("malformed"):
         assert "register_for_checkpointing" in msg  # the way to go on without it
     assert _same(params_of(accelerator.unwrap_model(model)), before)  # the model was not loaded either
     assert sam.sam._step == sam_step == 3 and monitor.global_step == monitor_step == 3

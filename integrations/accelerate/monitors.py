@@ -86,11 +86,4 @@ class MonitorStep:
 
     def _check_state(self, state: Any) -> None:
         """The checks of :meth:`load_state_dict`, changing nothing (ConfigurationError)."""
-        from sharpguard.monitor.base import Monitor, _check_state
-
-        if not isinstance(state, Mapping) or "monitor" not in state:
-            raise ConfigurationError(
-                "a monitor checkpoint is a mapping with a 'monitor' entry; pass what state_dict() returned."
-            )
-        if isinstance(self.monitor, Monitor):
-            _check_state(self.monitor, state["monitor"])
+        self.driver.check_state_dict(state)
