@@ -517,3 +517,19 @@ def test_accelerate_the_way_on_the_sentence_gives_works(tmp_path):
     accelerator.register_for_checkpointing(sam2, monitor2)
     assert _same(params_of(accelerator.unwrap_model(model2)), saved)
     assert monitor2.global_step == 2 and sam2.sam._step == 0
+
+
+def test_lightning_validate_from_a_checkpoint_without_callback_state_is_not_a_resume(lightning_ckpts):
+    """validate(ckpt_path=...) reads weights: a checkpoint saved without the callbacks is fine there."""
+    from pytorch_lightning.demos import boring_classes
+
+    from sharpguard.integrations._lightning_namespace import pl
+    from sharpguard.integrations.lightning import SharpnessAwareMinimization, SharpnessMonitor
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=2,
+                         callbacks=[SharpnessAwareMinimization(), SharpnessMonitor(every_n_steps=100, measures=("batch",))])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*holds no state.*")
+        trainer.validate(boring_classes.BoringModel(), ckpt_path=str(lightning_ckpts / "plain.ckpt"))
+    assert trainer.state.finished

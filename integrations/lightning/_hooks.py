@@ -62,6 +62,12 @@ def rank_zero_info(message: str) -> None:
     import_module(f"{NAMESPACE}.utilities.rank_zero").rank_zero_info(message)
 
 
+def is_resuming_fit(trainer: Any) -> bool:
+    """True while ``trainer.fit(ckpt_path=...)`` restores: ``validate``/``test``/``predict`` with a
+    ``ckpt_path`` read the weights only, and need no training state of a callback."""
+    return getattr(getattr(trainer, "state", None), "fn", "fit") == "fit"  # TrainerFn.FITTING, a str enum
+
+
 def refuse_missing_callback_state(who: str, key: str, resume: str, what: str, ckpt_path: Any = None) -> None:
     """Resume is all or nothing: a checkpoint without a callback's state is refused naming the file,
     or, with ``resume="current"``, said once (the callback's state then starts afresh)."""

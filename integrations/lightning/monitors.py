@@ -23,7 +23,7 @@ from sharpguard.monitor import SharpnessMonitor as _CoreSharpnessMonitor
 from sharpguard.monitor.driver import MonitorDriver
 
 from .._lightning_namespace import NAMESPACE
-from ._hooks import Callback, _loss_of, _step_args, refuse_missing_callback_state
+from ._hooks import Callback, _loss_of, _step_args, is_resuming_fit, refuse_missing_callback_state
 
 
 class _StrategyComm:
@@ -214,7 +214,7 @@ class _MonitorCallback(Callback):
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         """Resume is all or nothing: a checkpoint without this monitor's state is refused (Lightning
         itself skips a callback whose entry is absent or empty), unless ``resume="current"``."""
-        if not (checkpoint.get("callbacks") or {}).get(self.state_key):
+        if is_resuming_fit(trainer) and not (checkpoint.get("callbacks") or {}).get(self.state_key):
             refuse_missing_callback_state(type(self).__name__, self.state_key, self.resume,
                                           "the monitor's history tail, schedule, alerts and probe",
                                           getattr(trainer, "ckpt_path", None))

@@ -26,6 +26,7 @@ from ._hooks import (
     _is_parallel,
     _loss_of,
     _refuse_unsupported,
+    is_resuming_fit,
     refuse_missing_callback_state,
     _sharded,
     _sam_replay,
@@ -244,7 +245,7 @@ class SharpnessAwareMinimization(Callback):
         """Resume is all or nothing: a checkpoint without this callback's state is refused (Lightning
         itself skips a callback whose entry is absent or empty), unless ``resume="current"``."""
         self._ckpt_path = getattr(trainer, "ckpt_path", None)
-        if not (checkpoint.get("callbacks") or {}).get(self.state_key):
+        if is_resuming_fit(trainer) and not (checkpoint.get("callbacks") or {}).get(self.state_key):
             refuse_missing_callback_state(self._who, self.state_key, self.resume, self._what, self._ckpt_path)
 
     _what = "the SAM variant's own state (step counter, knobs, buffers)"
