@@ -113,8 +113,10 @@ def load_tensors_only(path: str | os.PathLike[str], *, what: str, to_continue: s
     from .errors import CheckpointError
 
     where = os.fspath(path)
-    if not os.path.isfile(where):
+    if not os.path.lexists(where):
         problem = "is missing"
+    elif not os.path.isfile(where):
+        problem = "is not a regular file"
     else:
         try:
             return torch.load(where, map_location="cpu", weights_only=True)

@@ -92,7 +92,7 @@ def test_atomic_files_get_the_permissions_open_would_give(tmp_path):
     assert (tmp_path / "atomic").stat().st_mode == plain.stat().st_mode
 
 
-@pytest.mark.parametrize("damage", ["missing", "empty", "truncated", "not a checkpoint"])
+@pytest.mark.parametrize("damage", ["missing", "empty", "truncated", "not a checkpoint", "a folder"])
 def test_load_tensors_only_names_the_file_and_the_way_on(tmp_path, damage):
     path = tmp_path / "part.pt"
     atomic_torch_save({"w": torch.arange(1000.0)}, path)
@@ -102,6 +102,9 @@ def test_load_tensors_only_names_the_file_and_the_way_on(tmp_path, damage):
         path.write_bytes(b"")
     elif damage == "truncated":
         _truncate(path)
+    elif damage == "a folder":
+        path.unlink()
+        path.mkdir()
     else:
         path.write_text("hello")
     with pytest.raises(CheckpointError) as info:
