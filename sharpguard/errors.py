@@ -15,6 +15,10 @@ class ConfigurationError(SharpGuardError, ValueError):
     """A setting is invalid (negative rho, an empty probe set, an unsupported strategy, ...)."""
 
 
+class CheckpointError(ConfigurationError):
+    """A checkpoint part sharpguard needs to resume is missing, torn, unreadable or holds code."""
+
+
 class NonFiniteLossError(SharpGuardError, FloatingPointError):
     """A loss used for a measurement or a perturbation was NaN or infinite."""
 

@@ -41,6 +41,10 @@ class MonitorStep:
         self.log = log
         comm = torch_comm(accelerator.device) if accelerator.num_processes > 1 else None
         self.driver = MonitorDriver(monitor, comm, is_rank_zero=accelerator.is_main_process)
+        from .sam import guard_registered_state
+
+        self._load_guard = guard_registered_state(accelerator, self, "the monitor's history tail, schedule, alerts, "
+                                                  "probe", self._check_state)
         describe = getattr(monitor, "describe", None)
         if callable(describe):
             from accelerate.logging import get_logger
@@ -75,5 +79,11 @@ class MonitorStep:
         return self.driver.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """All-or-nothing: checked completely before anything changes."""
+        """All-or-nothing: checked completely before anything changes. Registered with
+        ``accelerator.register_for_checkpointing``, its file is read with ``weights_only=True`` and
+        checked before Accelerate loads anything (a crafted, torn or missing part is refused, never run)."""
         self.driver.load_state_dict(state)
+
+    def _check_state(self, state: Any) -> None:
+        """The checks of :meth:`load_state_dict`, changing nothing (ConfigurationError)."""
+        self.driver.check_state_dict(state)

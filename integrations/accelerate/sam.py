@@ -41,6 +41,51 @@ def check_distributed_type(accelerator: Any) -> None:
         )
 
 
+def guard_registered_state(accelerator: Any, obj: Any, what: str, check: Callable[[Any], None]) -> Any:
+    """Make ``accelerator.load_state`` read ``obj``'s part as tensors only, and all or nothing.
+
+    Accelerate loads each object given to ``register_for_checkpointing`` with ``torch.load(...,
+    weights_only=False)`` (``accelerate.checkpointing.load_custom_state``), which runs whatever a
+    crafted ``custom_checkpoint_<i>.pkl`` pickles. A load-state pre-hook on ``accelerator`` (it runs
+    before Accelerate loads anything) reads ``obj``'s file first with ``weights_only=True`` and checks
+    it with ``check``: a missing, torn, unsafe or malformed part is refused naming the file, so
+    Accelerate's own unrestricted read never sees it and no model, optimizer or object has changed.
+    Returns the hook's handle (``handle.remove()`` detaches it); a no-op while ``obj`` is unregistered.
+    """
+    import weakref
+
+    from sharpguard._atomic import load_tensors_only
+    from sharpguard.errors import CheckpointError
+
+    ref = weakref.ref(obj)
+    name = type(obj).__name__
+
+    def verify_before_load(models: Any, input_dir: str) -> None:
+        target = ref()
+        # Accelerate keeps the registered objects in registration order and names their files by that index
+        registered = getattr(accelerator, "_custom_objects", None)
+        if target is None or registered is None:
+            return
+        index = next((i for i, o in enumerate(registered) if o is target), None)
+        if index is None:
+            return
+        path = os.path.join(os.fspath(input_dir), f"custom_checkpoint_{index}.pkl")
+        to_continue = (
+            "Resume from a complete folder of accelerator.save_state, or, to continue without it, move the folder's "
+            "custom_checkpoint_*.pkl files out of it, call accelerator.load_state before register_for_checkpointing, "
+            "and load each intact part with obj.load_state_dict(torch.load(part, weights_only=True))."
+        )
+        state = load_tensors_only(path, what=f"the state of the {name} registered at index {index} ({what})",
+                                  to_continue=to_continue)
+        try:
+            check(state)
+        except ConfigurationError as exc:
+            raise CheckpointError(f"{path} (the state of the {name} registered at index {index}) cannot be "
+                                  f"resumed: {exc}") from exc
+
+    return accelerator.register_load_state_pre_hook(verify_before_load)
+
+
 def build_engine(accelerator: Any, optimizer: Any, model: nn.Module, config: SAMConfig) -> SAMEngine:
     """The SAM engine for an Accelerate-prepared model and optimizer (also what the HF Trainer uses)."""
     check_distributed_type(accelerator)
@@ -81,6 +126,13 @@ class SharpnessAwareMinimization:
             (``rho=None``: the variant's own default); or pass ``config=``.
         loss_fn: ``loss_fn(model, batch) -> scalar``; default: ``model(**batch).loss`` for a mapping,
             cross entropy for ``(inputs, targets)``.
+        resume: when a checkpoint's SAM settings differ from these: ``"error"`` (default, names them),
+            ``"checkpoint"`` (take the checkpoint's) or ``"current"`` (keep these); what
+            ``accelerator.load_state`` uses (it calls :meth:`load_state_dict` without arguments).
+
+    ``accelerator.register_for_checkpointing(sam)`` puts its state into ``save_state``/``load_state``;
+    its file is read with ``weights_only=True`` and checked before Accelerate loads anything
+    (:func:`guard_registered_state`), so a crafted, torn or missing part is refused, never run.
 
     Raises :class:`~sharpguard.errors.ConfigurationError` under DeepSpeed (before anything runs).
     Cost per optimizer step: twice the forward/backward passes of the window (LookSAM less).
@@ -98,9 +150,14 @@ class SharpnessAwareMinimization:
         nonfinite: str = "skip",
         loss_fn: LossFn | None = None,
         config: SAMConfig | Mapping[str, Any] | None = None,
+        resume: str = "error",
         **knobs: Any,
     ):
+        from sharpguard._validation import one_of
+        from sharpguard.optim.sam import RESUME_POLICIES
+
         check_distributed_type(accelerator)
+        self.resume = one_of("resume", resume, RESUME_POLICIES)
         self.config = (
             SAMConfig.coerce(config)
             if config is not None
@@ -112,6 +169,8 @@ class SharpnessAwareMinimization:
         self.loss_fn = loss_fn or default_loss_fn
         self._unwrapped = accelerator.unwrap_model(model)
         self.engine = build_engine(accelerator, optimizer, model, self.config)
+        self._load_guard = guard_registered_state(accelerator, self, "the SAM variant's step counter, knobs, buffers",
+                                                  self._checked_state)
         from accelerate.logging import get_logger
 
         get_logger(__name__).info(f"sharpguard: SAM active -- {self.config.describe()}.", main_process_only=True)
@@ -142,11 +201,30 @@ class SharpnessAwareMinimization:
         own = getattr(self.sam, "sharpguard_state_dict", None)
         return {"sam": own() if own is not None else {}}
 
-    def load_state_dict(self, state: Mapping[str, Any], *, resume: str = "error") -> None:
-        """Restore :meth:`state_dict` (checked first; ``resume`` as in ``SAM.load_state_dict``); load the
-        optimizer's own state dict as usual beside it."""
-        if state.get("sam"):
-            self.sam.load_sharpguard_state_dict(state["sam"], resume=resume)
+    def load_state_dict(self, state: Mapping[str, Any], *, resume: str | None = None) -> None:
+        """Restore :meth:`state_dict`, all or nothing (checked first; ``resume`` as in
+        ``SAM.load_state_dict``, default: this object's ``resume=``); load the optimizer's own state
+        dict as usual beside it."""
+        resume = self.resume if resume is None else resume
+        own = self._checked_state(state, resume)
+        if own is not None:
+            self.sam.load_sharpguard_state_dict(own, resume=resume)
+
+    def _checked_state(self, state: Any, resume: str | None = None) -> dict[str, Any] | None:
+        """The ``"sam"`` entry of a :meth:`state_dict`, checked completely (ConfigurationError otherwise)."""
+        if not isinstance(state, Mapping) or not isinstance(state.get("sam"), Mapping):
+            raise ConfigurationError(
+                f"a SharpnessAwareMinimization state is a mapping with a 'sam' dict, got {type(state).__name__}"
+                f"{'' if not isinstance(state, Mapping) else ' with ' + repr(sorted(map(str, state)))}; "
+                "pass what state_dict() returned. Nothing was loaded."
+            )
+        own = dict(state["sam"])
+        if not own:  # saved before the wrapper had any state of its own
+            return None
+        checker = getattr(self.sam, "_checked_own_state", None)
+        if checker is not None:
+            checker(own, self.resume if resume is None else resume)
+        return own
 
     @property
     def sam(self) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sharpguard.errors import ConfigurationError, require
+from sharpguard.errors import CheckpointError, ConfigurationError, require
 
 require("transformers", "hf")
 require("accelerate", "hf")
@@ -92,6 +92,7 @@ class _MonitorCallback(TrainerCallback, ExportableState):
         probe_size: int | None = None,
         probe_batch_size: int | None = None,
         seed: int = 0,
+        resume: str = "error",
         restore_into: str | None = None,
         **monitor_kwargs: Any,
     ):
@@ -99,6 +100,9 @@ class _MonitorCallback(TrainerCallback, ExportableState):
             return  # Trainer._load_callback_state re-using the live instance (see __new__)
         if name is not None and not isinstance(name, str):
             raise ConfigurationError(f"name must be a string, got {name!r}.")
+        from sharpguard._validation import one_of
+
+        self.resume = one_of("resume", resume, ("error", "current"))
         self._own_loss = False
         if monitor is None:
             import sharpguard.monitor as sgm
@@ -152,7 +156,15 @@ class _MonitorCallback(TrainerCallback, ExportableState):
 
     @sharpguard_state.setter
     def sharpguard_state(self, value: Any) -> None:
-        self.load_state_dict(decode_state(value))
+        try:  # JSON: numbers, strings, lists and dicts only; no code can come from it
+            state = decode_state(value)
+        except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{type(self).__name__}: the checkpoint's trainer_state.json holds a corrupt state for {self.state_key} "
+                f"({exc}); resume from another checkpoint, or pass resume='current' to the callback and remove "
+                "this entry of stateful_callbacks to continue with the monitor's state started afresh."
+            ) from exc
+        self.load_state_dict(state)
         self._restored_at = getattr(self.monitor, "_last_step", None)
         self._restored = True
 
@@ -164,12 +176,17 @@ class _MonitorCallback(TrainerCallback, ExportableState):
         entries = stored if isinstance(stored, list) else [stored] if stored is not None else []
         mine = [e for e in entries if isinstance(e, Mapping) and (e.get("args") or {}).get("restore_into") == self.state_key]
         if not mine:
-            warnings.warn(
-                f"{type(self).__name__}: training resumes at step {state.global_step} but the trainer state holds no "
-                f"state for {self.state_key}; the monitor's history and schedule restart.",
-                RuntimeWarning,
-                stacklevel=2,
+            # all or nothing: never restart the history and schedule silently under a resumed run
+            message = (
+                f"{type(self).__name__}: training resumes at step {state.global_step} but the checkpoint's "
+                f"trainer_state.json holds no state for {self.state_key} (its history tail, schedule, alerts and "
+                "probe); resume from a checkpoint saved with this callback, or pass resume='current' to the callback "
+                "to continue with the monitor's state started afresh."
             )
+            if self.resume != "current":
+                raise CheckpointError(message)
+            warnings.warn(f"{message} resume='current': the monitor's history and schedule restart.",
+                          RuntimeWarning, stacklevel=2)
             return
         # transformers appends to a list entry at every save: the last one is the newest
         self.sharpguard_state = mine[-1]["attributes"]["sharpguard_state"]
@@ -269,7 +286,9 @@ class SharpnessMonitorCallback(_MonitorCallback):
     Keywords go to :class:`sharpguard.monitor.SharpnessMonitor` (``measures=``, ``budget=``,
     ``alerts=``, ``loss_fn=``, ``history=``...), or pass a ready ``monitor=``. The default loss of a
     Hugging Face batch is ``model(**batch).loss``. Metrics (``sharpness/lambda_max``, ...) reach
-    ``state.log_history`` and every ``report_to`` integration.
+    ``state.log_history`` and every ``report_to`` integration. ``resume``: ``"error"`` (default)
+    refuses a resumed run whose checkpoint holds no state for this callback; ``"current"`` restarts
+    the monitor's history and schedule there, said once.
     """
 
     _monitor_cls_name = "SharpnessMonitor"

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sharpguard.errors import ConfigurationError, require
+from sharpguard._atomic import atomic_torch_save, load_tensors_only
+from sharpguard.errors import CheckpointError, ConfigurationError, require
 
 require("transformers", "hf")
 require("accelerate", "hf")
@@ -64,6 +65,9 @@ class SharpGuardTrainerMixin:
             ``None``: no SAM. Validated here, before the Trainer builds anything.
         sam_resume: when the checkpoint's SAM settings differ from ``sam=`` on resume: ``"error"``
             (default, names the settings), ``"checkpoint"`` (take the checkpoint's) or ``"current"``.
+            Resume is all or nothing: a checkpoint folder whose ``sharpguard_sam.pt`` is missing, torn
+            or holds anything but tensors and plain containers is refused naming the file before the
+            Trainer loads anything; ``"current"`` continues with SAM's state started afresh, said once.
         adversarial: an embedding-space method of :mod:`sharpguard.adversarial` (``"freelb"``,
             ``"smart"``, ``"fgm"``, ``"embedding-pgd"``, ``"r3f"``), a mapping
             ``{"method": name, **keywords}``, or a method object ``method(model, batch) -> loss``.
@@ -98,7 +102,7 @@ class SharpGuardTrainerMixin:
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, _MonitorCallback):
                 callback.set_trainer(self)
-        self._sg_resume_from: str | None = None
+        self._sg_resume_state: dict[str, Any] | None = None
         if self.sam_config is not None:
             super().add_callback(_SAMCheckpoint(self))
 
@@ -118,8 +122,8 @@ class SharpGuardTrainerMixin:
             engine = build_engine(self.accelerator, self.optimizer, model, self.sam_config)
             # the Trainer's own convention for its run banner ("***** Running training *****")
             logger.info(f"sharpguard: SAM active -- {self.sam_config.describe()}.")
-            if self._sg_resume_from is not None:
-                _SAMCheckpoint.load(engine.sam, self._sg_resume_from, self.sam_resume)
+            if self._sg_resume_state is not None:
+                engine.sam.load_sharpguard_state_dict(self._sg_resume_state, resume=self.sam_resume)
             self._sg_engine = engine
             self._sg_engine_optimizer = self.optimizer
         return self._sg_engine
@@ -132,11 +136,13 @@ class SharpGuardTrainerMixin:
                 from transformers.trainer_utils import get_last_checkpoint
 
                 resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # Trainer raises on None
-            self._sg_resume_from = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+            if isinstance(resume_from_checkpoint, str) and self.sam_config is not None and not self.args.save_only_model:
+                # read and checked here, before the Trainer loads anything: all or nothing
+                self._sg_resume_state = _SAMCheckpoint.read(resume_from_checkpoint, self.sam_resume)
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
-            self._sg_resume_from = None
+            self._sg_resume_state = None
             if self._sg_engine is not None:
                 logger.info(f"sharpguard: SAM spent -- {self._sg_engine.summary()}.")
 
@@ -178,14 +184,31 @@ class _SAMCheckpoint(TrainerCallback):
         if args.should_save and not args.save_only_model and hasattr(sam, "sharpguard_state_dict"):
             folder = _checkpoint_folder(args, state)
             if os.path.isdir(folder):
-                torch.save(sam.sharpguard_state_dict(), os.path.join(folder, self.FILE))
+                # atomic: a crash mid-save leaves no torn file beside a complete Trainer checkpoint
+                atomic_torch_save(sam.sharpguard_state_dict(), os.path.join(folder, self.FILE))
         return control
 
     @classmethod
-    def load(cls, sam: Any, checkpoint: str, resume: str = "error") -> None:
+    def read(cls, checkpoint: str, resume: str = "error") -> dict[str, Any] | None:
+        """The SAM state saved in ``checkpoint`` (tensors only), or ``None`` to go on without it.
+
+        A missing, torn or unsafe file is refused naming it, unless ``resume="current"``: then it is
+        said once and SAM's own state (step counter, buffers) starts afresh.
+        """
         path = os.path.join(checkpoint, cls.FILE)
-        if hasattr(sam, "load_sharpguard_state_dict") and os.path.isfile(path):
-            sam.load_sharpguard_state_dict(torch.load(path, map_location="cpu", weights_only=True), resume=resume)
+        try:
+            return load_tensors_only(
+                path,
+                what="the SAM variant's own state (step counter, knobs, buffers) that resuming this run needs",
+                to_continue="Resume from a complete checkpoint folder, or pass sam_resume='current' to continue "
+                "with SAM's state started afresh (step counter 0).",
+            )
+        except CheckpointError as exc:
+            if resume != "current":
+                raise
+            warnings.warn(f"{exc} sam_resume='current': continuing with SAM's state started afresh.",
+                          RuntimeWarning, stacklevel=3)
+            return None
 
 
 class SharpGuardTrainer(SharpGuardTrainerMixin, Trainer):

@@ -62,6 +62,31 @@ def rank_zero_info(message: str) -> None:
     import_module(f"{NAMESPACE}.utilities.rank_zero").rank_zero_info(message)
 
 
+def is_resuming_fit(trainer: Any) -> bool:
+    """True while ``trainer.fit(ckpt_path=...)`` restores: ``validate``/``test``/``predict`` with a
+    ``ckpt_path`` read the weights only, and need no training state of a callback."""
+    return getattr(getattr(trainer, "state", None), "fn", "fit") == "fit"  # TrainerFn.FITTING, a str enum
+
+
+def refuse_missing_callback_state(who: str, key: str, resume: str, what: str, ckpt_path: Any = None) -> None:
+    """Resume is all or nothing: a checkpoint without a callback's state is refused naming the file,
+    or, with ``resume="current"``, said once (the callback's state then starts afresh)."""
+    import warnings
+
+    from sharpguard.errors import CheckpointError
+
+    where = f"the checkpoint {ckpt_path}" if ckpt_path else "the checkpoint"
+    message = (
+        f"{where} holds no state for {who} (callbacks[{key!r}] is absent, empty or incomplete), which keeps {what}; "
+        "resume from a checkpoint saved with this callback, or pass resume='current' to the callback to continue "
+        "with its state started afresh."
+    )
+    if resume != "current":
+        raise CheckpointError(message)
+    warnings.warn(f"{message} resume='current': continuing with {who}'s state started afresh.", RuntimeWarning,
+                  stacklevel=3)
+
+
 def _stepping(trainer: Any) -> bool:
     """True when the optimizer steps after the current micro-batch (read in on_train_batch_start)."""
     should_accumulate = getattr(trainer.fit_loop.epoch_loop, "_should_accumulate", None)

@@ -23,7 +23,7 @@ from sharpguard.monitor import SharpnessMonitor as _CoreSharpnessMonitor
 from sharpguard.monitor.driver import MonitorDriver
 
 from .._lightning_namespace import NAMESPACE
-from ._hooks import Callback, _loss_of, _step_args
+from ._hooks import Callback, _loss_of, _step_args, is_resuming_fit, refuse_missing_callback_state
 
 
 class _StrategyComm:
@@ -132,9 +132,11 @@ class _MonitorCallback(Callback):
     _core: type[Monitor] = Monitor
     _uses_loss = False
 
-    def __init__(self, *, name: str | None = None, when: str = "train", prog_bar: bool = False, **monitor_kwargs: Any) -> None:
+    def __init__(self, *, name: str | None = None, when: str = "train", prog_bar: bool = False, resume: str = "error",
+                 **monitor_kwargs: Any) -> None:
         super().__init__()
         one_of("when", when, ("train", "validation", "both"))
+        self.resume = one_of("resume", resume, ("error", "current"))
         self._own_loss = self._uses_loss and monitor_kwargs.get("loss_fn") is None
         self.monitor = self._core(**monitor_kwargs)
         self.driver = MonitorDriver(self.monitor)
@@ -209,7 +211,16 @@ class _MonitorCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         return self.driver.state_dict()
 
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Resume is all or nothing: a checkpoint without this monitor's state is refused (Lightning
+        itself skips a callback whose entry is absent or empty), unless ``resume="current"``."""
+        if is_resuming_fit(trainer) and not (checkpoint.get("callbacks") or {}).get(self.state_key):
+            refuse_missing_callback_state(type(self).__name__, self.state_key, self.resume,
+                                          "the monitor's history tail, schedule, alerts and probe",
+                                          getattr(trainer, "ckpt_path", None))
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """All or nothing: checked completely before anything changes."""
         self.driver.load_state_dict(state_dict)
 
 
@@ -218,7 +229,9 @@ class SharpnessMonitor(_MonitorCallback):
 
     Keywords are those of :class:`sharpguard.monitor.SharpnessMonitor` (``measures``, ``every_n_steps``,
     ``budget``, ``probe``, ``probe_size``, ``alerts``, ``on_alert``, ``history``, ``rho``,
-    ``measure_kwargs`` ...) plus ``name`` (distinguishes two instances in checkpoints), ``when``
+    ``measure_kwargs`` ...) plus ``name`` (distinguishes two instances in checkpoints), ``resume``
+    (``"error"``, default: a checkpoint without this monitor's state is refused; ``"current"``: the
+    monitor's state starts afresh, said once), ``when``
     (``"train"``: after optimizer steps on the schedule; ``"validation"``: at every validation end;
     ``"both"``) and ``prog_bar``. ``on_alert="stop"`` sets ``trainer.should_stop``. Without
     ``loss_fn=`` the probe loss is the module's own ``training_step`` (run with ``self.log`` silenced

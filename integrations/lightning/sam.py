@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from sharpguard._validation import check_keywords, one_of
-from sharpguard.errors import ConfigurationError
+from sharpguard.errors import CheckpointError, ConfigurationError
 from sharpguard.optim import SAMConfig, SAMEngine
 from sharpguard.optim.factory import VARIANTS
 from sharpguard.optim.sam import RESUME_POLICIES
@@ -26,6 +26,8 @@ from ._hooks import (
     _is_parallel,
     _loss_of,
     _refuse_unsupported,
+    is_resuming_fit,
+    refuse_missing_callback_state,
     _sharded,
     _sam_replay,
     _step_args,
@@ -51,7 +53,10 @@ class SharpnessAwareMinimization(Callback):
         keep_bn_stats: keep BatchNorm running statistics from the clean pass only (``model=`` of the wrapper).
         nonfinite: ``"skip"`` (default) or ``"fallback"``, the core's policy for non-finite gradients (docs/reliability.md).
         resume: when a checkpoint's SAM settings differ from this callback's: ``"error"`` (default),
-            ``"checkpoint"`` (take the checkpoint's) or ``"current"`` (keep these).
+            ``"checkpoint"`` (take the checkpoint's) or ``"current"`` (keep these). Resume is all or
+            nothing: a ``ckpt_path`` without this callback's state (absent, emptied, or without its
+            ``sam`` part) is refused naming the file, unless ``"current"`` (SAM's state starts afresh,
+            said once).
 
     Every argument is checked here, when the callback is built (a misspelled knob names the fix).
 
@@ -236,8 +241,24 @@ class SharpnessAwareMinimization(Callback):
         own = sam.sharpguard_state_dict() if hasattr(sam, "sharpguard_state_dict") else {}
         return {"variant": self.config.variant, "n_steps": self.n_steps, "sam": own}
 
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Resume is all or nothing: a checkpoint without this callback's state is refused (Lightning
+        itself skips a callback whose entry is absent or empty), unless ``resume="current"``."""
+        self._ckpt_path = getattr(trainer, "ckpt_path", None)
+        if is_resuming_fit(trainer) and not (checkpoint.get("callbacks") or {}).get(self.state_key):
+            refuse_missing_callback_state(self._who, self.state_key, self.resume, self._what, self._ckpt_path)
+
+    _what = "the SAM variant's own state (step counter, knobs, buffers)"
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict):
+            raise CheckpointError(f"{self._who} checkpoint state must be the dict state_dict() saved, got "
+                                  f"{type(state_dict).__name__}; the checkpoint is corrupt, nothing was loaded.")
         check_keywords(f"{self._who} checkpoint state", state_dict, ("variant", "n_steps", "sam", "rho", "n_fallback"))
+        if "sam" not in state_dict:
+            refuse_missing_callback_state(self._who, self.state_key, self.resume, self._what,
+                                          getattr(self, "_ckpt_path", None))
+            return
         n_steps = state_dict.get("n_steps", 0)
         if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
             raise ConfigurationError(f"{self._who} checkpoint state: n_steps must be an integer >= 0, got {n_steps!r}.")
@@ -248,7 +269,7 @@ class SharpnessAwareMinimization(Callback):
                 f"{self.config.variant!r}; build SharpnessAwareMinimization(variant={saved_variant!r}) to resume "
                 "it, or pass resume='current' to start the variant's state afresh."
             )
-        extra = state_dict.get("sam", {})
+        extra = state_dict["sam"]
         if not isinstance(extra, dict):  # (no truth test: a corrupted entry may be a tensor)
             raise ConfigurationError(
                 f"{self._who} checkpoint state: 'sam' must be the dict SAM saved, got {type(extra).__name__}; "

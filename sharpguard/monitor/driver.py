@@ -173,6 +173,13 @@ class MonitorDriver:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Validate everything, then load (the monitor's own load is all-or-nothing too)."""
+        steps = self.check_state_dict(state)
+        self.monitor.load_state_dict(state["monitor"])
+        self.last_step, self.global_step = steps["last_step"], steps["global_step"]
+
+    def check_state_dict(self, state: Any) -> dict[str, int]:
+        """Every check of :meth:`load_state_dict`, changing nothing: for a loader that must refuse a
+        checkpoint before anything else is loaded (ConfigurationError). Returns the step fields."""
         if not isinstance(state, Mapping) or "monitor" not in state:
             raise ConfigurationError(
                 "a monitor checkpoint is a mapping with a 'monitor' entry; pass what state_dict() returned."
@@ -183,8 +190,11 @@ class MonitorDriver:
             if isinstance(value, bool) or not isinstance(value, int) or value < -1:
                 raise ConfigurationError(f"monitor checkpoint field {key!r} must be an integer >= -1, got {value!r}.")
             steps[key] = value
-        self.monitor.load_state_dict(state["monitor"])
-        self.last_step, self.global_step = steps["last_step"], steps["global_step"]
+        from .base import Monitor, _check_state
+
+        if isinstance(self.monitor, Monitor):
+            _check_state(self.monitor, state["monitor"])
+        return steps
 
 
 def torch_comm(device: Any = None, group: Any = None) -> Comm:

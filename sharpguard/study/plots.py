@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._atomic import atomic_open
 from ..errors import require
 
 LABELS = {
@@ -249,5 +250,6 @@ def save(fig, path: str | Path, dpi: int = 110) -> Path:
     """Write ``fig`` as a PNG at ``path`` and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
+    with atomic_open(path, "wb") as fh:  # a whole PNG or none
+        fig.savefig(fh, dpi=dpi, format="png")
     return path

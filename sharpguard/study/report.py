@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._atomic import atomic_write_text
 from .stats import benjamini_hochberg, hedges_g, holm, kendall_tau, mean_ci, welch_compare
 
 # (key, column title, format) of every per-run metric, in table order.
@@ -409,6 +410,6 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path, plots: Sequence
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "report.json", out / "report.md"
-    json_path.write_text(json.dumps(report, indent=2, allow_nan=False, default=str) + "\n")
-    md_path.write_text(render_markdown(report, plots))
+    atomic_write_text(json_path, json.dumps(report, indent=2, allow_nan=False, default=str) + "\n")
+    atomic_write_text(md_path, render_markdown(report, plots))
     return json_path, md_path

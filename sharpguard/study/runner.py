@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .._atomic import atomic_write_text
 from ..errors import require
 from .config import ENSEMBLE, StudyConfig
 from .data import load_dataset
@@ -158,7 +159,7 @@ def _run(config: StudyConfig, out_dir: str | Path, progress: bool) -> StudyResul
     }
     for name, fig in figures.items():
         files.append(plots.save(fig, out / name))
-    (out / "loss_slices.json").write_text(json.dumps(
+    atomic_write_text(out / "loss_slices.json", json.dumps(
         {name: {"alphas": a, "losses": [x if math.isfinite(x) else None for x in v]} for name, (a, v) in slices.items()},
         allow_nan=False))
     settings = _settings(config, data.describe(), describe_model(data, config))

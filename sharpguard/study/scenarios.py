@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._atomic import atomic_write_text
 from ..errors import ConfigurationError
 from .config import StudyConfig
 from .data import StudyData, load_dataset
@@ -716,6 +717,6 @@ def run_scenario(name: str, out_dir: str | Path, settings: ScenarioSettings | No
     })
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "scenario.json", out / "scenario.md"
-    json_path.write_text(json.dumps(report, indent=2, allow_nan=False, default=str) + "\n")
-    md_path.write_text(render_markdown(report))
+    atomic_write_text(json_path, json.dumps(report, indent=2, allow_nan=False, default=str) + "\n")
+    atomic_write_text(md_path, render_markdown(report))
     return ScenarioResult(report=report, files=[json_path, md_path], summary=summary_lines(report))
