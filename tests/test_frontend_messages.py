@@ -1,0 +1,130 @@
+"""Every front end says what it does, through the framework's own channel.
+
+Hugging Face: sharpguard's lines go to transformers' library logger, so
+``transformers.logging.set_verbosity_info()`` and ``TrainingArguments(log_level=...)`` reach them;
+warnings (no check made, ``every_n_steps`` longer than the run, ``fp16=True`` on a CPU, a plain
+Trainer whose callback cannot reach ``report_to``) show at transformers' default verbosity. The
+docs/huggingface.md monitor block runs as written. Accelerate: ``MonitorStep`` logs through
+Accelerate's ``get_logger`` on the main process. Lightning: rank-zero info and warnings.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import transformers
+import accelerate  # noqa: F401
+
+from _tiny_text import FirstTokenTask, tiny_bert, trainer_args  # noqa: E402
+from transformers import Trainer  # noqa: E402
+
+from sharpguard.integrations.huggingface import SharpGuardTrainer, SharpnessMonitorCallback  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+class _Lines(logging.Handler):
+    """What transformers' own handler would print: records that reach the ``transformers`` logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def at(self, level: int) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno == level and "sharpguard" in r.getMessage()]
+
+
+@pytest.fixture
+def hf_lines():
+    """A handler on transformers' library logger (propagate=False there, so caplog sees nothing); the
+    verbosity is restored afterwards."""
+    handler = _Lines()
+    transformers.logging.add_handler(handler)
+    level = transformers.logging.get_verbosity()
+    try:
+        yield handler
+    finally:
+        transformers.logging.remove_handler(handler)
+        transformers.logging.set_verbosity(level)
+
+
+def _doc_block(path: Path, needle: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+    (block,) = [b for b in blocks if needle in b]
+    return block
+
+
+def test_the_huggingface_doc_monitor_block_runs_as_written_and_says_what_it_cannot_reach(tmp_path, hf_lines):
+    block = _doc_block(DOCS / "huggingface.md", "cb = SharpnessMonitorCallback(")
+    transformers.logging.set_verbosity_info()
+    scope = {"model": tiny_bert(), "args": trainer_args(tmp_path, max_steps=4), "train": FirstTokenTask(48)}
+    exec(compile(block, "docs/huggingface.md", "exec"), scope)  # a plain Trainer, no set_trainer call
+    trainer, cb = scope["trainer"], scope["cb"]
+    assert type(trainer) is Trainer and cb.trainer is None
+    rows = [h for h in trainer.state.log_history if "sharpness/lambda_max" in h]
+    assert [r["step"] for r in rows] == [2]  # the first check, at the first measured step
+    assert torch.isfinite(torch.tensor(rows[0]["sharpness/lambda_max"])) and "monitor/first_check_s" in rows[0]
+    warned = hf_lines.at(logging.WARNING)
+    assert len([w for w in warned if "report_to" in w]) == 1  # said once
+    assert "state.log_history" in warned[0] and "set_trainer" in warned[0]
+    info = hf_lines.at(logging.INFO)
+    assert any("SharpnessMonitor measures lambda_max, trace" in m for m in info)  # what is active, its cost
+    assert any("made 1 checks; first check at step 2" in m and "the run ended at step 4" in m for m in info)
+
+
+def test_the_docs_agree_on_the_plain_trainer():
+    hf, monitors = (DOCS / "huggingface.md").read_text(), (DOCS / "monitors.md").read_text()
+    for text in (hf, monitors):
+        assert "finds the trainer" not in text and "stops at once" not in text
+        assert "report_to" in text and "set_trainer" in text and "state.log_history" in text
+
+
+@pytest.mark.parametrize("how", ["set_verbosity_info", "log_level"])
+def test_hf_console_lines_reach_users_who_ask_transformers_for_info(tmp_path, hf_lines, how):
+    cb = SharpnessMonitorCallback(measures=("lambda_max",), alerts=None)
+    kw = {"log_level": "info"} if how == "log_level" else {}
+    if how == "set_verbosity_info":
+        transformers.logging.set_verbosity_info()
+    trainer = SharpGuardTrainer(model=tiny_bert(), args=trainer_args(tmp_path, max_steps=3, **kw),
+                                train_dataset=FirstTokenTask(32), callbacks=[cb], sam={"rho": 0.05})
+    trainer.train()
+    info = hf_lines.at(logging.INFO)
+    assert any("SAM active -- SAM(rho=0.05" in m for m in info) and any("SAM spent --" in m for m in info)
+    assert any(m.startswith("sharpguard: SharpnessMonitor measures") for m in info)
+    assert any(m.startswith("sharpguard: SharpnessMonitor made 1 checks") for m in info)
+    assert not hf_lines.at(logging.WARNING)  # SharpGuardTrainer gave the callback its trainer
+
+
+def test_hf_info_lines_stay_quiet_at_the_default_verbosity_but_warnings_show(tmp_path, hf_lines):
+    transformers.logging.set_verbosity_warning()
+    cb = SharpnessMonitorCallback(every_n_steps=50, measures=("lambda_max",), alerts=None)
+    trainer = SharpGuardTrainer(model=tiny_bert(), args=trainer_args(tmp_path, max_steps=3),
+                                train_dataset=FirstTokenTask(32), callbacks=[cb])
+    with pytest.warns(UserWarning, match=r"every_n_steps=50 exceeds this run's 3 optimizer steps"):
+        trainer.train()
+    assert not [r for r in hf_lines.records if r.levelno == logging.INFO]
+    (note,) = hf_lines.at(logging.WARNING)
+    assert "made no check" in note and "every_n_steps=50 is more than the 3 optimizer steps" in note
+
+
+def test_fp16_on_a_cpu_is_a_warning_with_a_plain_trainer_and_with_sharpguard_trainer(tmp_path, hf_lines):
+    args = trainer_args(tmp_path, max_steps=2, fp16=True)
+    cb = SharpnessMonitorCallback(measures=("lambda_max",), alerts=None)
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=FirstTokenTask(16), callbacks=[cb])
+    trainer.train()
+    assert len([m for m in hf_lines.at(logging.WARNING) if "fp16=True cannot act on this device (cpu" in m]) == 1
+    hf_lines.records.clear()
+    cb = SharpnessMonitorCallback(measures=("lambda_max",), alerts=None)
+    trainer = SharpGuardTrainer(model=tiny_bert(), args=args, train_dataset=FirstTokenTask(16), callbacks=[cb],
+                                sam={"rho": 0.05})
+    trainer.train()
+    # said once: by the trainer at construction, not again by its callback
+    assert len([m for m in hf_lines.at(logging.WARNING) if "fp16=True cannot act" in m]) == 1
