@@ -128,3 +128,61 @@ def test_fp16_on_a_cpu_is_a_warning_with_a_plain_trainer_and_with_sharpguard_tra
     trainer.train()
     # said once: by the trainer at construction, not again by its callback
     assert len([m for m in hf_lines.at(logging.WARNING) if "fp16=True cannot act" in m]) == 1
+
+
+# ------------------------------------------------------------------------------------------ Accelerate
+def _accelerate_loop(monitor_step, sam, accelerator, model, optimizer, loader, steps):
+    for _, (x, y) in zip(range(steps), loader):
+        with accelerator.accumulate(model):
+            loss = sam.backward((x, y))
+            optimizer.step()
+            optimizer.zero_grad()
+            monitor_step.step(model, optimizer=optimizer, loss=loss)
+
+
+def _accelerate_setup():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    return accelerator, model, optimizer, loader, [(x[:16], y[:16])]
+
+
+@pytest.mark.usefixtures("_fresh_accelerate_state")
+def test_accelerate_says_at_start_and_at_the_end_through_its_logger(caplog):
+    from sharpguard.integrations.accelerate import MonitorStep, SharpnessAwareMinimization
+    from sharpguard.monitor import SharpnessMonitor
+
+    accelerator, model, optimizer, loader, probe = _accelerate_setup()
+    with caplog.at_level(logging.INFO, logger="sharpguard.integrations.accelerate"):
+        sam = SharpnessAwareMinimization(accelerator, model, optimizer, rho=0.05)
+        step = MonitorStep(accelerator, SharpnessMonitor(measures=("lambda_max",), probe=probe, alerts=None))
+        _accelerate_loop(step, sam, accelerator, model, optimizer, loader, steps=4)
+        line, spent = step.finish(), sam.finish()
+    text = caplog.text
+    assert "sharpguard: SAM active -- SAM(rho=0.05" in text and f"sharpguard: {spent}" in text
+    assert "sharpguard: SharpnessMonitor measures lambda_max" in text and f"sharpguard: {line}" in text
+    assert "made 1 checks; first check at step 2" in line and "the run ended at step 4" in line
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.usefixtures("_fresh_accelerate_state")
+def test_accelerate_warns_when_every_n_steps_exceeds_the_loop_and_when_no_check_was_made(caplog):
+    from sharpguard.integrations.accelerate import MonitorStep, SharpnessAwareMinimization
+    from sharpguard.monitor import SharpnessMonitor
+
+    accelerator, model, optimizer, loader, probe = _accelerate_setup()
+    sam = SharpnessAwareMinimization(accelerator, model, optimizer, rho=0.05)
+    monitor = SharpnessMonitor(measures=("lambda_max",), probe=probe, alerts=None, every_n_steps=5)
+    with pytest.warns(UserWarning, match=r"every_n_steps=5 exceeds this run's 3 optimizer steps \(total_steps=3\)"):
+        step = MonitorStep(accelerator, monitor, total_steps=3)
+    _accelerate_loop(step, sam, accelerator, model, optimizer, loader, steps=3)
+    with caplog.at_level(logging.INFO, logger="sharpguard.integrations.accelerate"):
+        step.finish()
+    (warned,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "made no check" in warned and "every_n_steps=5 is more than the 3 optimizer steps trained" in warned

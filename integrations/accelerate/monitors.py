@@ -19,6 +19,13 @@ require("accelerate", "accelerate")
 
 from sharpguard.optim import unwrap_optimizer as _unwrap_optimizer
 
+
+def _logger() -> Any:
+    """Accelerate's multi-process logger (``main_process_only=`` per call)."""
+    from accelerate.logging import get_logger
+
+    return get_logger(__name__)
+
 # --------------------------------------------------------------------------------------------------
 # public: monitors in an Accelerate loop
 # --------------------------------------------------------------------------------------------------
@@ -33,19 +40,37 @@ class MonitorStep:
     agrees on the schedule and lets only the main process write the JSON-lines history.
     """
 
-    def __init__(self, accelerator: Any, monitor: Any, *, log: bool = True):
+    def __init__(self, accelerator: Any, monitor: Any, *, log: bool = True, total_steps: int | None = None):
         if not isinstance(log, bool):
             raise ConfigurationError(f"log must be True or False, got {log!r}.")
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
+            raise ConfigurationError(f"total_steps is the loop's number of optimizer steps (an integer >= 1) or None, "
+                                     f"got {total_steps!r}.")
         self.accelerator = accelerator
         self.monitor = monitor
         self.log = log
         comm = torch_comm(accelerator.device) if accelerator.num_processes > 1 else None
         self.driver = MonitorDriver(monitor, comm, is_rank_zero=accelerator.is_main_process)
+        if total_steps is not None and callable(getattr(monitor, "expect_steps", None)):
+            monitor.expect_steps(total_steps, f"total_steps={total_steps}")
+        self._finished = False
         describe = getattr(monitor, "describe", None)
         if callable(describe):
-            from accelerate.logging import get_logger
+            _logger().info(f"sharpguard: {describe()}", main_process_only=True)
 
-            get_logger(__name__).info(f"sharpguard: {describe()}", main_process_only=True)
+    def finish(self) -> str:
+        """Say what the monitor did (Accelerate's logger, main process): the first check apart, the steady
+        state against the budget or why a short run has none; a warning when no check was made. Call
+        once after the loop; returns the summary line."""
+        summary = getattr(self.monitor, "summary", None)
+        line = summary() if callable(summary) else ""
+        if not self._finished:
+            self._finished = True
+            if line:
+                _logger().info(f"sharpguard: {line}", main_process_only=True)
+            for note in getattr(self.monitor, "end_notes", lambda: [])():
+                _logger().warning(f"sharpguard: {note}", main_process_only=True)
+        return line
 
     @property
     def global_step(self) -> int:
