@@ -186,3 +186,28 @@ def test_accelerate_warns_when_every_n_steps_exceeds_the_loop_and_when_no_check_
         step.finish()
     (warned,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "made no check" in warned and "every_n_steps=5 is more than the 3 optimizer steps trained" in warned
+
+
+# ------------------------------------------------------------------------------------------ Lightning
+def test_lightning_warns_when_every_n_steps_exceeds_max_steps_and_when_no_check_was_made(caplog, monkeypatch):
+    """On Lightning's own BoringModel: rank-zero warnings at fit start and fit end, info lines between."""
+    from sharpguard.integrations.lightning import NAMESPACE, RobustnessMonitor, SharpnessMonitor
+
+    pl = __import__(NAMESPACE, fromlist=["Trainer"])
+    demos = __import__(f"{NAMESPACE}.demos.boring_classes", fromlist=["BoringModel"])
+    rank_zero = logging.getLogger(f"{NAMESPACE}.utilities.rank_zero")
+    monkeypatch.setattr(rank_zero, "propagate", True)
+    sharp = SharpnessMonitor(measures=("lambda_max",), every_n_steps=50, alerts=None, probe_size=2)
+    robust = RobustnessMonitor(measures=("clean_acc",), when="validation", alerts=None, probe_size=2,
+                               batch_map=lambda b: (b, torch.zeros(len(b), dtype=torch.long)))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, limit_val_batches=2, val_check_interval=2, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[sharp, robust])
+    with caplog.at_level(logging.INFO), pytest.warns(UserWarning) as warned:
+        trainer.fit(demos.BoringModel())
+    messages = [str(w.message) for w in warned]
+    assert any("every_n_steps=50 exceeds this run's 4 optimizer steps (max_steps=4)" in m for m in messages)
+    assert any("SharpnessMonitor made no check" in m and "every_n_steps=50 is more than the 4" in m for m in messages)
+    text = caplog.text
+    assert "RobustnessMonitor measures clean_acc" in text and "at validation ends (not on the step schedule" in text
+    assert "RobustnessMonitor made 2 checks; first check at step 2" in text and "checks ran at validation ends" in text
