@@ -111,6 +111,22 @@ def test_replanning_never_makes_a_check_due_at_the_step_that_replans(monkeypatch
     assert s.changed
 
 
+def test_a_replan_step_is_announced_on_every_rank_even_when_its_clock_changes_nothing(monkeypatch):
+    """The driver broadcasts rank 0's next_step when ``changed`` is set; a rank whose re-plan lands on the
+    same step must join that collective too, so ``changed`` cannot depend on the local clock."""
+    clock = FakeClock()
+    monkeypatch.setattr(schedule_module.time, "perf_counter", clock)
+    s = Schedule(budget=0.05)
+    _run(s, clock, 2, 1.0, cost=10.0)
+    s.changed = False
+    before = s.next_step
+    clock.now += 1.0
+    s.tick(3)
+    clock.now += 1.0
+    s.tick(4)  # a re-plan step: same step time, same target
+    assert s.next_step == before and s.changed
+
+
 def _probe():
     g = torch.Generator().manual_seed(0)
     return [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g))]

@@ -153,16 +153,18 @@ class Schedule:
         """Re-place the pending check from the step time measured since the latest check, at steps that
         are the same on every rank (doubling distances from the check); never due at this very step, so
         ranks agree through the broadcast that :attr:`changed` triggers before it matters."""
-        assert self._check_step is not None and self.step_seconds
-        low = self._check_step + self.min_every
-        high = self._check_step + self.max_every if self.max_every is not None else None
+        check_step = self._check_step if self._check_step is not None else step
+        self._replan_at = check_step + 2 * max(step - check_step, 1)
+        # set on every rank at this step, whatever its own clock says: each rank then joins the broadcast
+        self.changed = True
+        if not self.step_seconds:
+            return
+        low = check_step + self.min_every
+        high = check_step + self.max_every if self.max_every is not None else None
         target = max(step + 1, low, step + self._gap(self.step_seconds))
         if high is not None:
             target = min(target, max(high, step + 1))
-        if target != self.next_step:
-            self.next_step = target
-            self.changed = True
-        self._replan_at = self._check_step + 2 * (step - self._check_step)
+        self.next_step = target
 
     def leave(self) -> None:
         """The adapter hook that called :meth:`tick` ends: the time since then that no :meth:`record`
