@@ -211,3 +211,23 @@ def test_lightning_warns_when_every_n_steps_exceeds_max_steps_and_when_no_check_
     text = caplog.text
     assert "RobustnessMonitor measures clean_acc" in text and "at validation ends (not on the step schedule" in text
     assert "RobustnessMonitor made 2 checks; first check at step 2" in text and "checks ran at validation ends" in text
+
+
+@pytest.mark.usefixtures("_fresh_accelerate_state")
+def test_accelerate_fp16_on_a_cpu_is_a_warning_said_once(caplog):
+    from accelerate import Accelerator
+
+    from sharpguard.integrations.accelerate import MonitorStep, SharpnessAwareMinimization
+    from sharpguard.monitor import SharpnessMonitor
+
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+    assert not accelerator.native_amp and accelerator.scaler is None  # Accelerate itself trains fp32 here
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    probe = [(torch.randn(4, 4), torch.randint(0, 2, (4,)))]
+    with caplog.at_level(logging.WARNING, logger="sharpguard.integrations.accelerate"):
+        SharpnessAwareMinimization(accelerator, model, optimizer, rho=0.05)
+        MonitorStep(accelerator, SharpnessMonitor(measures=("lambda_max",), probe=probe, alerts=None))
+    said = [r.getMessage() for r in caplog.records if "mixed_precision='fp16' cannot act on cpu" in r.getMessage()]
+    assert len(said) == 1 and "sharpguard: " in said[0]  # Accelerate prefixes the rank

@@ -115,6 +115,9 @@ class SharpnessAwareMinimization:
         from accelerate.logging import get_logger
 
         get_logger(__name__).info(f"sharpguard: SAM active -- {self.config.describe()}.", main_process_only=True)
+        from .monitors import say_fp16_ignored
+
+        say_fp16_ignored(accelerator)
 
     def finish(self) -> str:
         """Say what SAM spent (Accelerate's logger, main process); call once after the loop. Returns the line."""
