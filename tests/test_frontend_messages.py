@@ -231,3 +231,18 @@ def test_accelerate_fp16_on_a_cpu_is_a_warning_said_once(caplog):
         MonitorStep(accelerator, SharpnessMonitor(measures=("lambda_max",), probe=probe, alerts=None))
     said = [r.getMessage() for r in caplog.records if "mixed_precision='fp16' cannot act on cpu" in r.getMessage()]
     assert len(said) == 1 and "sharpguard: " in said[0]  # Accelerate prefixes the rank
+
+
+def test_lightning_estimates_the_run_from_the_stepping_batches_without_max_steps():
+    from sharpguard.integrations.lightning import NAMESPACE, SharpnessMonitor
+
+    pl = __import__(NAMESPACE, fromlist=["Trainer"])
+    demos = __import__(f"{NAMESPACE}.demos.boring_classes", fromlist=["BoringModel"])
+    sharp = SharpnessMonitor(measures=("lambda_max",), every_n_steps=10, alerts=None, probe_size=2)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=3, limit_val_batches=0,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, callbacks=[sharp])
+    with pytest.warns(UserWarning, match=r"every_n_steps=10 exceeds this run's 3 optimizer steps "
+                                         r"\(trainer.estimated_stepping_batches\)"):
+        trainer.fit(demos.BoringModel())
+    assert trainer.global_step == 3 and sharp.monitor.schedule.n_checks == 0

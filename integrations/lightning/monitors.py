@@ -167,12 +167,17 @@ class _MonitorCallback(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.when != "train":
             self.monitor.checks_at = "validation ends" if self.when == "validation" else None
-        max_steps = getattr(trainer, "max_steps", -1)
-        if max_steps is not None and max_steps > 0:
-            total, source = max_steps, f"max_steps={max_steps}"
-        else:
-            total, source = getattr(trainer, "estimated_stepping_batches", None), "trainer.estimated_stepping_batches"
-        if self.when != "validation":
+        if self.when != "validation" and self.monitor.schedule.every_n_steps is not None:
+            # the run's length, for the warning when every_n_steps exceeds it (only then asked for:
+            # estimated_stepping_batches sets up the train dataloader early, as configure_optimizers may)
+            max_steps = getattr(trainer, "max_steps", -1)
+            if max_steps is not None and max_steps > 0:
+                total, source = max_steps, f"max_steps={max_steps}"
+            else:
+                try:
+                    total, source = trainer.estimated_stepping_batches, "trainer.estimated_stepping_batches"
+                except Exception:  # a length Lightning cannot estimate: nothing to warn about
+                    total, source = None, ""
             self.monitor.expect_steps(total, source)
         _rank_zero_info(f"sharpguard: {self.monitor.describe()}")
 
