@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if limit is not None and micro >= limit:
                 break
 
+    summary = monitor.finish()  # through Accelerate's logger; printed here so the example shows it
+    sam.finish()
+    if accelerator.is_main_process:
+        print(f"sharpguard: {summary}")
+
     model.eval()
     correct = total = 0
     with torch.no_grad():

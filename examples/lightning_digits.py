@@ -4,13 +4,18 @@
 
 Adds three callbacks to an ordinary Trainer and nothing to the model:
 SharpnessAwareMinimization (SAM, rho=0.05), SharpnessMonitor (lambda_max and the edge-of-stability
-ratio every 20 steps) and RobustnessMonitor (clean and PGD accuracy at each validation),
-with ModelCheckpoint keeping the most robust weights. Runs on CPU in well under two minutes.
+ratio on the default schedule: a first check at step 2, then within 5% of training time) and
+RobustnessMonitor (clean and PGD accuracy at each validation), with ModelCheckpoint keeping the most
+robust weights. Runs on CPU in well under two minutes. The fit-end lines say what each monitor cost:
+at 66 steps the run is shorter than the gap the 5% budget leaves after the first sharpness check, so
+that check is the only one (the line says so); the robustness checks run at each validation, which
+the step budget does not schedule. Without --out the files go to a temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import torch
@@ -79,18 +84,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--max-epochs", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--rho", type=float, default=0.05)
-    parser.add_argument("--out", type=Path, default=Path("runs/lightning_digits"))
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: a new temporary folder)")
     args = parser.parse_args(argv)
+    if args.out is None:  # nothing left in the checkout
+        args.out = Path(tempfile.mkdtemp(prefix="sharpguard_lightning_digits_"))
 
     pl.seed_everything(0, verbose=False)
     train, val = digits_loaders()
     callbacks = [
         SharpnessAwareMinimization(rho=args.rho),
-        # every 20 steps for this two-minute demo; on a long run leave the default adaptive schedule,
-        # which keeps the monitor within 5% of training time (budget=0.05)
-        SharpnessMonitor(measures=("lambda_max", "eos_ratio"), every_n_steps=20, probe_size=256,
-                         history=str(args.out / "sharpness.jsonl")),
-        RobustnessMonitor(measures=("clean_acc", "pgd_acc"), when="validation", eps=0.1, steps=5, probe_size=256,
+        # the default schedule: a first check at step 2 (monitor/first_check_s), then checks within 5% of
+        # training time (monitor/overhead_pct, the steady state); the probe is sized to the work
+        SharpnessMonitor(measures=("lambda_max", "eos_ratio"), history=str(args.out / "sharpness.jsonl")),
+        # at every validation end, for ModelCheckpoint: one check per epoch, not on the step budget
+        RobustnessMonitor(measures=("clean_acc", "pgd_acc"), when="validation", eps=0.1, steps=5, probe_size=128,
                           history=str(args.out / "robustness.jsonl")),
         pl.callbacks.ModelCheckpoint(dirpath=args.out / "checkpoints", monitor="robustness/pgd_acc", mode="max"),
     ]
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.fit(DigitsCNN(), train, val)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     for name in ("val_acc", "robustness/clean_acc", "robustness/pgd_acc", "sharpness/lambda_max",
-                 "sharpness/eos_ratio", "monitor/overhead_pct"):
+                 "sharpness/eos_ratio", "monitor/first_check_s", "monitor/overhead_pct"):
         if name in metrics:
             print(f"{name:24s} {metrics[name]:.4f}")
     return metrics

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,33 @@ require("accelerate", "accelerate")
 
 from sharpguard.optim import unwrap_optimizer as _unwrap_optimizer
 
+
+def _logger() -> Any:
+    """Accelerate's multi-process logger (``main_process_only=`` per call)."""
+    from accelerate.logging import get_logger
+
+    return get_logger(__name__)
+
+
+_FP16_SAID: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def say_fp16_ignored(accelerator: Any) -> None:
+    """Warn once per accelerator when ``mixed_precision="fp16"`` cannot act (a CPU: Accelerate then wraps
+    nothing in autocast and builds no GradScaler, so training runs in fp32 without a word)."""
+    if getattr(accelerator, "mixed_precision", "no") != "fp16" or getattr(accelerator, "native_amp", True):
+        return
+    try:
+        if accelerator in _FP16_SAID:
+            return
+        _FP16_SAID.add(accelerator)
+    except TypeError:  # not weak-referenceable: say it each time rather than never
+        pass
+    device = getattr(getattr(accelerator, "device", None), "type", "this device")
+    _logger().warning(f"sharpguard: mixed_precision='fp16' cannot act on {device} (no fp16 autocast and no GradScaler): "
+                      "training runs in fp32. Use mixed_precision='bf16' on a CPU, or train on a GPU for fp16.",
+                      main_process_only=True)
+
 # --------------------------------------------------------------------------------------------------
 # public: monitors in an Accelerate loop
 # --------------------------------------------------------------------------------------------------
@@ -33,23 +61,42 @@ class MonitorStep:
     agrees on the schedule and lets only the main process write the JSON-lines history.
     """
 
-    def __init__(self, accelerator: Any, monitor: Any, *, log: bool = True):
+    def __init__(self, accelerator: Any, monitor: Any, *, log: bool = True, total_steps: int | None = None):
         if not isinstance(log, bool):
             raise ConfigurationError(f"log must be True or False, got {log!r}.")
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
+            raise ConfigurationError(f"total_steps is the loop's number of optimizer steps (an integer >= 1) or None, "
+                                     f"got {total_steps!r}.")
         self.accelerator = accelerator
         self.monitor = monitor
         self.log = log
         comm = torch_comm(accelerator.device) if accelerator.num_processes > 1 else None
         self.driver = MonitorDriver(monitor, comm, is_rank_zero=accelerator.is_main_process)
+        if total_steps is not None and callable(getattr(monitor, "expect_steps", None)):
+            monitor.expect_steps(total_steps, f"total_steps={total_steps}")
+        self._finished = False
+        say_fp16_ignored(accelerator)
         from .sam import guard_registered_state
 
         self._load_guard = guard_registered_state(accelerator, self, "the monitor's history tail, schedule, alerts, "
                                                   "probe", self._check_state)
         describe = getattr(monitor, "describe", None)
         if callable(describe):
-            from accelerate.logging import get_logger
+            _logger().info(f"sharpguard: {describe()}", main_process_only=True)
 
-            get_logger(__name__).info(f"sharpguard: {describe()}", main_process_only=True)
+    def finish(self) -> str:
+        """Say what the monitor did (Accelerate's logger, main process): the first check apart, the steady
+        state against the budget or why a short run has none; a warning when no check was made. Call
+        once after the loop; returns the summary line."""
+        summary = getattr(self.monitor, "summary", None)
+        line = summary() if callable(summary) else ""
+        if not self._finished:
+            self._finished = True
+            if line:
+                _logger().info(f"sharpguard: {line}", main_process_only=True)
+            for note in getattr(self.monitor, "end_notes", lambda: [])():
+                _logger().warning(f"sharpguard: {note}", main_process_only=True)
+        return line
 
     @property
     def global_step(self) -> int:

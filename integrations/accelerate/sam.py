@@ -174,6 +174,17 @@ class SharpnessAwareMinimization:
         from accelerate.logging import get_logger
 
         get_logger(__name__).info(f"sharpguard: SAM active -- {self.config.describe()}.", main_process_only=True)
+        from .monitors import say_fp16_ignored
+
+        say_fp16_ignored(accelerator)
+
+    def finish(self) -> str:
+        """Say what SAM spent (Accelerate's logger, main process); call once after the loop. Returns the line."""
+        from accelerate.logging import get_logger
+
+        line = f"SAM spent -- {self.engine.summary()}."
+        get_logger(__name__).info(f"sharpguard: {line}", main_process_only=True)
+        return line
 
     def backward(self, batch: Any) -> torch.Tensor:
         """Forward and backward of one micro-batch at ``w``; on the sync micro-batch, the SAM pass.

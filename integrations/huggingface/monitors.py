@@ -28,7 +28,18 @@ from sharpguard.optim import unwrap_optimizer as _unwrap_optimizer  # noqa: E402
 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-logger = hf_logging.get_logger(__name__)
+#: a child of transformers' library logger, so ``transformers.logging.set_verbosity_info()`` and the
+#: Trainer's ``log_level`` / ``log_level_replica`` reach sharpguard's lines and transformers' own handler
+#: prints them (a ``sharpguard.*`` logger is reached by neither)
+logger = hf_logging.get_logger("transformers.sharpguard")
+
+
+def fp16_ignored(args: Any, device: Any) -> str | None:
+    """The warning for ``fp16=True`` on a device where transformers trains in fp32 (a CPU), else None."""
+    if not getattr(args, "fp16", False) or device is None or torch.device(device).type == "cuda":
+        return None
+    return (f"fp16=True cannot act on this device ({torch.device(device).type}: no fp16 autocast and no GradScaler): "
+            "training runs in fp32. Use bf16=True on a CPU, or train on a GPU for fp16.")
 
 
 def _checkpoint_folder(args: Any, state: Any) -> str:
@@ -139,9 +150,10 @@ class _MonitorCallback(TrainerCallback, ExportableState):
     def set_trainer(self, trainer: Trainer) -> None:
         """Hold the trainer whose ``log`` the metrics go through (:class:`SharpGuardTrainer` calls it).
 
-        With a plain ``transformers.Trainer`` call it before ``train()``: callbacks are not given the
-        Trainer, and only ``Trainer.log`` reaches ``state.log_history`` and every ``report_to``
-        integration.
+        With a plain ``transformers.Trainer`` the callback works without it (metrics reach
+        ``state.log_history`` and the history file, and it says so once); calling this before
+        ``train()`` also reaches every ``report_to`` integration and makes the probe loss the
+        Trainer's own ``compute_loss``.
         """
         self.trainer = trainer
 
@@ -193,22 +205,31 @@ class _MonitorCallback(TrainerCallback, ExportableState):
 
     # -- events ------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        if self.trainer is None:
-            raise ConfigurationError(
-                f"{type(self).__name__} logs through Trainer.log, and callbacks are not given the Trainer: call "
-                "callback.set_trainer(trainer) before trainer.train(), or use SharpGuardTrainer, which does it."
-            )
+        if self.trainer is None and state.is_world_process_zero:
+            # a plain Trainer with the callback in callbacks=[...]: what the callback reaches without it
+            own_loss = " the probe loss is model(**batch).loss, not the Trainer's compute_loss;" if self._own_loss else ""
+            logger.warning(
+                f"sharpguard: {type(self).__name__} was not given its Trainer (a plain transformers.Trainer does not "
+                "hand it to callbacks), so its metrics go to state.log_history, the console and the monitor's history "
+                f"file, but not to the report_to integrations (TensorBoard, W&B, ...);{own_loss} use SharpGuardTrainer, "
+                "or call callback.set_trainer(trainer) before train(), to reach them.")
         device = getattr(model, "device", None)
+        if args.fp16 and state.is_world_process_zero and not getattr(self.trainer, "_sg_fp16_said", False):
+            said = fp16_ignored(args, device)
+            if said is not None:
+                logger.warning(f"sharpguard: {said}")
         self.driver.set_comm(torch_comm(device), is_rank_zero=state.is_world_process_zero)
         if state.global_step > 0:
             self._restore_from(state)
         probe = getattr(self.monitor, "probe", None)
         if probe is None or not probe.ready:
             self._probe_from_dataset(args, train_dataloader)
-        if self._own_loss:
+        if self._own_loss and self.trainer is not None:
             # the probe loss is the Trainer's own loss (compute_loss, or a subclass's override); the
             # batch is copied because compute_loss pops "labels" from it
             self.monitor.loss_fn = _ComputeLoss(self.trainer, getattr(self.monitor, "seed", 0))
+        if hasattr(self.monitor, "expect_steps") and state.max_steps and state.max_steps > 0:
+            self.monitor.expect_steps(state.max_steps, f"state.max_steps={state.max_steps}")
         if state.is_world_process_zero and hasattr(self.monitor, "describe"):
             logger.info("sharpguard: %s", self.monitor.describe())
         return control
@@ -216,6 +237,8 @@ class _MonitorCallback(TrainerCallback, ExportableState):
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero and hasattr(self.monitor, "summary"):
             logger.info("sharpguard: %s", self.monitor.summary())
+            for note in getattr(self.monitor, "end_notes", lambda: [])():
+                logger.warning("sharpguard: %s", note)
         return control
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -227,9 +250,14 @@ class _MonitorCallback(TrainerCallback, ExportableState):
             # is_world_process_zero themselves, so every rank calls it).
             # CallbackHandler.on_log clears control.should_log, which would drop the Trainer's own
             # loss log due at this very step: keep the flag as DefaultFlowCallback set it.
-            should_log = control.should_log
-            self.trainer.log(metrics)
-            control.should_log = self.trainer.control.should_log = should_log
+            if self.trainer is not None:
+                should_log = control.should_log
+                self.trainer.log(metrics)
+                control.should_log = self.trainer.control.should_log = should_log
+            else:
+                # what Trainer.log records, without the trainer: the row in state.log_history
+                row = {**metrics, **({"epoch": state.epoch} if state.epoch is not None else {})}
+                state.log_history.append({**row, "step": state.global_step})
             self.driver.leave()
         if self.driver.should_stop:
             control.should_training_stop = True

@@ -18,14 +18,12 @@ from sharpguard.errors import CheckpointError, ConfigurationError, require
 require("transformers", "hf")
 require("accelerate", "hf")
 from transformers import Trainer, TrainerCallback  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 
 from sharpguard.optim import SAMConfig, SAMEngine  # noqa: E402
 
 from ..accelerate.sam import build_engine, check_distributed_type, clean_pass_context, finish_step  # noqa: E402
-from .monitors import _checkpoint_folder, _MonitorCallback  # noqa: E402
-
-logger = hf_logging.get_logger(__name__)
+from .monitors import _checkpoint_folder, _MonitorCallback, fp16_ignored  # noqa: E402
+from .monitors import logger  # noqa: E402  (transformers' library logger: set_verbosity and log_level reach it)
 
 
 def _coerce_adversarial(value: Any) -> Callable[[nn.Module, Any], torch.Tensor] | None:
@@ -86,14 +84,14 @@ class SharpGuardTrainerMixin:
         self._sg_engine: SAMEngine | None = None
         self._sg_engine_optimizer: Any = None
         super().__init__(*args, **kwargs)
+        self._sg_fp16_said = False
         if self.args.fp16 and not getattr(self.accelerator, "native_amp", True):
-            # transformers accepts fp16=True on a CPU and then trains in fp32 with no scaler: say so
-            warnings.warn(
-                "fp16=True cannot act on this device (no CUDA, so no fp16 autocast and no GradScaler): training runs "
-                "in fp32. Use bf16=True on a CPU, or train on a GPU for fp16.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            # transformers accepts fp16=True on a CPU and then trains in fp32 with no scaler: say so, in the
+            # Trainer's own channel (a warning shows at transformers' default verbosity)
+            said = fp16_ignored(self.args, self.accelerator.device) or (
+                "fp16=True cannot act on this device (no fp16 autocast and no GradScaler): training runs in fp32.")
+            logger.warning(f"sharpguard: {said}")
+            self._sg_fp16_said = True
         if self.sam_config is not None:
             check_distributed_type(self.accelerator)
         if self.adversarial_method is not None and getattr(self, "loss_is_scaled_for_ga", None) is None:

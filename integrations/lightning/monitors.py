@@ -51,6 +51,12 @@ def _rank_zero_info(message: str) -> None:
     import_module(f"{NAMESPACE}.utilities").rank_zero_info(message)
 
 
+def _rank_zero_warn(message: str) -> None:
+    from importlib import import_module
+
+    import_module(f"{NAMESPACE}.utilities").rank_zero_warn(message)
+
+
 @contextlib.contextmanager
 def _guarded_training_step(pl_module: Any) -> Iterator[None]:
     """Run the module's own ``training_step`` as a probe loss without side effects on the module.
@@ -161,10 +167,26 @@ class _MonitorCallback(Callback):
                 "loss_fn=lambda model, batch: ... to measure your loss.")
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.when != "train":
+            self.monitor.checks_at = "validation ends" if self.when == "validation" else None
+        if self.when != "validation" and self.monitor.schedule.every_n_steps is not None:
+            # the run's length, for the warning when every_n_steps exceeds it (only then asked for:
+            # estimated_stepping_batches sets up the train dataloader early, as configure_optimizers may)
+            max_steps = getattr(trainer, "max_steps", -1)
+            if max_steps is not None and max_steps > 0:
+                total, source = max_steps, f"max_steps={max_steps}"
+            else:
+                try:
+                    total, source = trainer.estimated_stepping_batches, "trainer.estimated_stepping_batches"
+                except Exception:  # a length Lightning cannot estimate: nothing to warn about
+                    total, source = None, ""
+            self.monitor.expect_steps(total, source)
         _rank_zero_info(f"sharpguard: {self.monitor.describe()}")
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         _rank_zero_info(f"sharpguard: {self.monitor.summary()}")
+        for note in self.monitor.end_notes():
+            _rank_zero_warn(f"sharpguard: {note}")
 
     # -- probe capture from batches Lightning already drew (training batches: in on_step_end) -------
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

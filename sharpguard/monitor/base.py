@@ -71,6 +71,11 @@ class Monitor:
     #: monitors in one run do not overwrite each other's key)
     overhead_metric = "monitor/overhead_pct"
 
+    @property
+    def first_check_metric(self) -> str:
+        """Where the first check's seconds are logged (beside :attr:`overhead_metric`, once)."""
+        return self.overhead_metric.replace("overhead_pct", "first_check_s")
+
     def __init__(
         self,
         measures: Sequence[str] | None = None,
@@ -152,6 +157,10 @@ class Monitor:
         self.reduce_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
         self.reduced_keys: frozenset[str] = frozenset()
         self._train_batch_size: int | None = None
+        #: optimizer steps the run will take, when the front end knows it (:meth:`expect_steps`)
+        self.run_steps: int | None = None
+        #: set by an adapter whose checks run at validation ends, not on the step schedule
+        self.checks_at: str | None = None
 
     # -- overridables ------------------------------------------------------------------------------
     def default_alerts(self) -> list[AlertRule]:
@@ -275,6 +284,8 @@ class Monitor:
             self._dispatch(alert)
         self.schedule.record(step, time.perf_counter() - start)
         metrics[self.overhead_metric] = self.schedule.overhead_pct
+        if self.schedule.n_checks == 1 and self.schedule.first_check_seconds is not None:
+            metrics[self.first_check_metric] = self.schedule.first_check_seconds
         self.history.append(step, metrics, settings)
         self.last_metrics = metrics
         return metrics
@@ -403,12 +414,32 @@ class Monitor:
             return None
         return self.passes() * max(self.probe.size / batch, 1.0)
 
+    def expect_steps(self, total_steps: int | float | None, source: str = "the run's length") -> None:
+        """Tell the monitor how many optimizer steps the run will take (a front end that knows it).
+
+        Warns at once when ``every_n_steps`` exceeds the run, so no check would ever be made.
+        """
+        if total_steps is None or not math.isfinite(float(total_steps)) or total_steps <= 0:
+            return
+        self.run_steps = int(total_steps)
+        every = self.schedule.every_n_steps
+        if every is not None and every > self.run_steps and self.checks_at is None:
+            self.warn_once("every-exceeds-run", f"every_n_steps={every} exceeds this run's {self.run_steps} optimizer "
+                           f"steps ({source}), so no check will run; pass every_n_steps <= {self.run_steps}, or leave it "
+                           "None for the adaptive schedule (first check at the first measured step).", step=0)
+
     def describe(self) -> str:
         """One console line: what this monitor measures, on what probe, when and at what estimated cost."""
         every = self.schedule.every_n_steps
-        when = (f"every {every} steps" if every else
-                f"first check at the first measured step, then within {100 * self.schedule.budget:g}% of training time")
         cost = self.estimated_check_steps()
+        if self.checks_at is not None:
+            when = f"at {self.checks_at} (not on the step schedule, so outside the {100 * self.schedule.budget:g}% budget)"
+        elif every:
+            when = f"every {every} steps (fixed: the {100 * self.schedule.budget:g}% budget does not apply)"
+        else:
+            when = (f"first check at the first measured step (a one-off that shows the measurement works, reported "
+                    f"apart as {self.first_check_metric}), then within {100 * self.schedule.budget:g}% of training "
+                    f"time ({self.overhead_metric})")
         cost_txt = (f"~{cost:.0f} training steps per check (estimated)" if cost is not None
                     else f"~{self.passes():.0f} training steps per check per training-batch-sized probe batch (estimated)")
         size = ("sized at the first batch to keep a check within ~"
@@ -418,11 +449,60 @@ class Monitor:
                 f"{when}; {cost_txt}.")
 
     def summary(self) -> str:
-        """One console line at the end: checks made and the share of training time they took."""
+        """One console line at the end: the first check apart, then the steady state against the budget,
+        and in plain words why a run got no steady-state check."""
         s = self.schedule
-        return (f"{type(self).__name__} made {s.n_checks} checks in {s.monitor_seconds:.1f} s = {s.overhead_pct:.1f}% of "
-                f"{s.train_seconds:.1f} s of training time ({self.overhead_metric}: the monitor's own wall time, checks and "
-                "per-step bookkeeping, as a percentage of the training time between its calls).")
+        name = type(self).__name__
+        budget = 100 * s.budget
+        if s.n_checks == 0:
+            return f"{name} made 0 checks in {s.train_seconds:.1f} s of training: {self._no_check_reason()}"
+        step_s = s.step_seconds or (s.train_seconds / max(self._steps_done(), 1) if s.train_seconds > 0 else None)
+        in_steps = f" (~{s.first_check_seconds / step_s:.0f} training steps)" if step_s and s.first_check_seconds else ""
+        first = (f"first check at step {s.first_check_step}: {s.first_check_seconds or 0.0:.2f} s{in_steps}, "
+                 f"reported apart as {self.first_check_metric}")
+        steady = (f"steady state: {s.n_checks - 1} more check{'s' if s.n_checks != 2 else ''} and per-step bookkeeping "
+                  f"took {s.steady_seconds:.2f} s = {s.overhead_pct:.1f}% of the {s.steady_train_seconds:.1f} s of training "
+                  f"after it ({self.overhead_metric}; all included, {s.total_overhead_pct:.1f}% of {s.train_seconds:.1f} s)")
+        if self.checks_at is not None:
+            why = (f"checks ran at {self.checks_at}, one per validation, not on the step schedule, so the "
+                   f"{budget:g}% budget does not bound them")
+        elif s.every_n_steps is not None:
+            why = f"every_n_steps={s.every_n_steps} fixes the interval, so the {budget:g}% budget does not bound it"
+            if s.overhead_pct > budget and s.n_checks > 1 and step_s:
+                per_check = (s.steady_seconds / (s.n_checks - 1)) / step_s
+                why += (f"; above it: a check costs ~{per_check:.0f} training steps, so every_n_steps of about "
+                        f"{math.ceil(per_check / s.budget)} (or None, the adaptive schedule) keeps within it")
+        elif s.n_checks == 1 and s.next_step > self._steps_done():
+            why = (f"the run ended at step {self._steps_done()}, before the next check was due at step {s.next_step}: "
+                   f"the {budget:g}% budget spaces checks that far apart, so a run this short gets the first check "
+                   "only and its steady state is the per-step bookkeeping")
+        else:
+            why = f"within the {budget:g}% budget" if s.overhead_pct <= budget + 1e-9 else (
+                f"above the {budget:g}% budget: the checks cost more than the schedule estimated")
+        return f"{name} made {s.n_checks} checks; {first}; {steady}; {why}."
+
+    def _no_check_reason(self) -> str:
+        s = self.schedule
+        if not self.probe.ready:
+            return (f"the probe set holds {len(self.probe)} of its {self.probe.size} examples, and no check runs until "
+                    "it is complete; pass probe=[batches] or a smaller probe_size.")
+        if self.checks_at is not None:
+            return f"checks run at {self.checks_at}, and none was reached."
+        if s.every_n_steps is not None:
+            return (f"every_n_steps={s.every_n_steps} is more than the {self._steps_done()} optimizer steps trained; pass a "
+                    "smaller every_n_steps, or leave it None for the adaptive schedule.")
+        return (f"the run took {self._steps_done()} optimizer step(s), and the first check waits for a measured step time "
+                "(step 2 at the earliest).")
+
+    def _steps_done(self) -> int:
+        """The latest optimizer step seen (by :meth:`on_step_end`, or by the schedule alone)."""
+        return max(self._last_step, self.schedule._last_step or 0)
+
+    def end_notes(self) -> list[str]:
+        """What the end of a run must say as a warning, not an info line: a monitor that made no check."""
+        if self.schedule.n_checks == 0:
+            return [f"{type(self).__name__} made no check: {self._no_check_reason()}"]
+        return []
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -532,6 +612,13 @@ def _check_state(monitor: Monitor, state: Any) -> None:
         raise _bad("schedule.step_seconds", sched.get("step_seconds"), "a finite number >= 0 or None")
     if "placed" in sched and not isinstance(sched["placed"], bool):
         raise _bad("schedule.placed", sched["placed"], "True or False")
+    if not _is_real(sched.get("first_check_seconds"), none=True, low=0.0):
+        raise _bad("schedule.first_check_seconds", sched.get("first_check_seconds"), "a finite number >= 0 or None")
+    if sched.get("first_check_step") is not None and not _is_int(sched.get("first_check_step")):
+        raise _bad("schedule.first_check_step", sched.get("first_check_step"), "an integer >= 0 or None")
+    setup = sched.get("setup_seconds", (0.0, 0.0))
+    if not isinstance(setup, (list, tuple)) or len(setup) != 2 or not all(_is_real(v, low=0.0) for v in setup):
+        raise _bad("schedule.setup_seconds", setup, "two finite numbers >= 0")
     # alerts
     alerts = state["alerts"]
     if not isinstance(alerts, (list, tuple)) or len(alerts) != len(monitor.alerts):

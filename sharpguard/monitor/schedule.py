@@ -6,10 +6,14 @@ where the cumulative monitor time would still be within ``budget`` of the cumula
 
     next = step + max(min_every, ceil(((T_monitor + c_last) / budget - T_train) / t_step))
 
-where ``c_last`` is the cost of the latest check and ``t_step`` an average step time. The first check
-comes early, at the first step whose time is known (not before ``first_step``), so a broken setup shows
-in seconds (docs/design.md promise 9); its cost is paid back by the gap after it. Decisions are taken when the first step time is known and when
-a check finishes (:attr:`Schedule.changed`), so distributed adapters agree on the schedule with one
+where ``T_monitor`` is the steady-state monitor time, ``c_last`` the cost of the latest check and
+``t_step`` an average step time. The first check comes early, at the first step whose time is known (not
+before ``first_step``), so a broken setup shows in seconds (docs/design.md promise 9). It is a one-off,
+stated cost (it also pays one-time set-up such as the micro-batch choice): it is kept apart as
+:attr:`Schedule.first_check_seconds` and is not part of ``T_monitor``, so :attr:`Schedule.overhead_pct`
+and the budget speak of the steady state, and a short run is not reported as hundreds of percent
+over budget because of one check. Decisions are taken when the first step time is known and when a
+check finishes (:attr:`Schedule.changed`), so distributed adapters agree on the schedule with one
 broadcast of :attr:`next_step` at those steps (none on the others).
 """
 
@@ -67,9 +71,20 @@ class Schedule:
         self.last_cost = 0.0
         self.step_seconds: float | None = None
         self.n_checks = 0
+        #: cost and step of the first check (the one-off that shows the measurement works), kept apart
+        #: from the steady state that :attr:`overhead_pct` and the budget cover
+        self.first_check_seconds: float | None = None
+        self.first_check_step: int | None = None
+        # monitor and training time up to the end of the first check (set-up: probe capture, the check)
+        self._setup_monitor_seconds = 0.0
+        self._setup_train_seconds = 0.0
         self._last_time: float | None = None
         self._last_step: int | None = None
         self._placed = every_n_steps is not None
+        # adaptive: the step of the latest check and the step at which its gap is re-planned from the
+        # step time measured since (one early step time can be far from the run's)
+        self._check_step: int | None = None
+        self._replan_at: int | None = None
         #: True when :attr:`next_step` was set from wall-clock measurements since the adapter last
         #: looked; distributed adapters broadcast ``next_step`` from rank 0 then (same step on all ranks)
         self.changed = False
@@ -79,8 +94,25 @@ class Schedule:
         return self.every_n_steps is None
 
     @property
+    def steady_seconds(self) -> float:
+        """Monitor time since the first check ended: later checks and every step's bookkeeping."""
+        return max(self.monitor_seconds - self._setup_monitor_seconds, 0.0)
+
+    @property
+    def steady_train_seconds(self) -> float:
+        """Training time since the first check ended."""
+        return max(self.train_seconds - self._setup_train_seconds, 0.0)
+
+    @property
     def overhead_pct(self) -> float:
-        """Monitor time as a percentage of training time so far (0 before any training time)."""
+        """Steady-state monitor time as a percentage of the training time since the first check ended
+        (0 before then); the quantity the budget bounds. The first check is :attr:`first_check_seconds`."""
+        train = self.steady_train_seconds
+        return 100.0 * self.steady_seconds / train if train > 0 else 0.0
+
+    @property
+    def total_overhead_pct(self) -> float:
+        """All monitor time, the first check included, as a percentage of training time so far."""
         return 100.0 * self.monitor_seconds / self.train_seconds if self.train_seconds > 0 else 0.0
 
     def tick(self, step: int, *, now: float | None = None) -> bool:
@@ -107,7 +139,32 @@ class Schedule:
             # budget sets after it
             self._placed = True
             self.changed = True
+        if self._replan_at is not None and step >= self._replan_at and step < self.next_step:
+            self._replan(step)
         return step >= self.next_step
+
+    def _gap(self, step_seconds: float) -> int:
+        """Steps from now until the next check keeps the steady state within the budget (the next check
+        assumed to cost as much as the latest)."""
+        owed = (self.steady_seconds + self.last_cost) / self.budget - self.steady_train_seconds
+        return math.ceil(owed / step_seconds)
+
+    def _replan(self, step: int) -> None:
+        """Re-place the pending check from the step time measured since the latest check, at steps that
+        are the same on every rank (doubling distances from the check); never due at this very step, so
+        ranks agree through the broadcast that :attr:`changed` triggers before it matters."""
+        check_step = self._check_step if self._check_step is not None else step
+        self._replan_at = check_step + 2 * max(step - check_step, 1)
+        # set on every rank at this step, whatever its own clock says: each rank then joins the broadcast
+        self.changed = True
+        if not self.step_seconds:
+            return
+        low = check_step + self.min_every
+        high = check_step + self.max_every if self.max_every is not None else None
+        target = max(step + 1, low, step + self._gap(self.step_seconds))
+        if high is not None:
+            target = min(target, max(high, step + 1))
+        self.next_step = target
 
     def leave(self) -> None:
         """The adapter hook that called :meth:`tick` ends: the time since then that no :meth:`record`
@@ -125,6 +182,9 @@ class Schedule:
         """Register a check that took ``cost_seconds`` at ``step``; return the next check's step."""
         self.monitor_seconds += cost_seconds
         self.last_cost = cost_seconds
+        if self.n_checks == 0:
+            self.first_check_seconds, self.first_check_step = float(cost_seconds), int(step)
+            self._setup_monitor_seconds, self._setup_train_seconds = self.monitor_seconds, self.train_seconds
         self.n_checks += 1
         # the monitor's own time is not training time
         self._last_time = time.perf_counter()
@@ -135,14 +195,11 @@ class Schedule:
         step_seconds = self.step_seconds
         if not step_seconds:  # no step measured yet: fall back to the mean step time, or a minimal gap
             step_seconds = self.train_seconds / max(step, 1) if self.train_seconds > 0 else None
-        if not step_seconds:
-            interval = self.min_every
-        else:
-            owed = (self.monitor_seconds + self.last_cost) / self.budget - self.train_seconds
-            interval = max(self.min_every, math.ceil(owed / step_seconds))
+        interval = self.min_every if not step_seconds else max(self.min_every, self._gap(step_seconds))
         if self.max_every is not None:
             interval = min(interval, self.max_every)
         self.next_step = step + interval
+        self._check_step, self._replan_at = int(step), int(step) + 2
         self.changed = True
         return self.next_step
 
@@ -157,11 +214,18 @@ class Schedule:
             "step_seconds": self.step_seconds,
             "n_checks": self.n_checks,
             "placed": self._placed,
+            "first_check_seconds": self.first_check_seconds,
+            "first_check_step": self.first_check_step,
+            "setup_seconds": [self._setup_monitor_seconds, self._setup_train_seconds],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("next_step", "monitor_seconds", "train_seconds", "last_cost", "step_seconds", "n_checks"):
             setattr(self, key, state[key])
         self._placed = bool(state.get("placed", True))
+        # checkpoints written before the first check was kept apart count it in the steady state
+        self.first_check_seconds = state.get("first_check_seconds")
+        self.first_check_step = state.get("first_check_step")
+        self._setup_monitor_seconds, self._setup_train_seconds = (float(v) for v in state.get("setup_seconds", (0.0, 0.0)))
         self._last_time = None  # the pause between save and load is not training time
         self._last_step = None
