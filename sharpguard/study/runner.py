@@ -42,9 +42,10 @@ def _mean(runs, method: str, metric: str) -> float | None:
 
 
 def headline(report: Mapping[str, Any]) -> list[str]:
-    """The numbers a reader looks at first, with the report's own verdicts."""
+    """The answer in one sentence, then the numbers a reader looks at first, with the report's own verdicts
+    (a ``--quick`` run gives none: it is a smoke test)."""
     runs = report["runs"]
-    lines = []
+    lines = [report["findings"]["answer"]] if report["findings"].get("answer") else []
     for method, base, metric in (("sam", "sgd", "lambda_max"), ("pgd-at", "sgd", "pgd_acc")):
         a, b = _mean(runs, method, metric), _mean(runs, base, metric)
         if a is None or b is None:
@@ -63,6 +64,8 @@ def headline(report: Mapping[str, Any]) -> list[str]:
 def supported_lines(report: Mapping[str, Any]) -> list[str]:
     """Every finding the report calls supported (after its multiple-comparison correction), for the console."""
     f = report["findings"]
+    if f.get("smoke_test"):
+        return ["smoke test (--quick): no finding is called supported; run without --quick for verdicts"]
     family = f.get("multiple_comparisons") or {}
     supported = list(f["supported"])
     head = (f"supported after {family.get('method', 'the')} correction over {family.get('n_tests', '?')} tests "
