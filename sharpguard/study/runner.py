@@ -22,7 +22,7 @@ from ..errors import require
 from .config import ENSEMBLE, StudyConfig
 from .data import load_dataset
 from .history import read_history
-from .measure import loss_slice, measure_model, probe_batches
+from .measure import SLICE_DIRECTION_SEED, loss_slice, measure_model, probe_batches
 from .models import LogitEnsemble
 from .report import ROBUST_METRIC, SHARPNESS_MEASURES, build_report, write_report
 
@@ -121,6 +121,7 @@ def _run(config: StudyConfig, out_dir: str | Path, progress: bool) -> StudyResul
     want_ensemble = config.ensemble and "sgd" in config.methods
     runs: list[dict[str, Any]] = []
     first_model: dict[str, torch.nn.Module] = {}
+    first_seed: dict[str, int] = {}
     sgd_models: list[tuple[int, torch.nn.Module, float]] = []
     histories: dict[str, list[dict]] = {}
     total = 2 * len(jobs) + (1 if want_ensemble else 0) + 1
@@ -138,6 +139,7 @@ def _run(config: StudyConfig, out_dir: str | Path, progress: bool) -> StudyResul
             if history_path.exists():
                 histories.setdefault(method, []).extend(read_history(history_path))
             first_model.setdefault(method, trained.model)
+            first_seed.setdefault(method, seed)
             if method == "sgd":
                 sgd_models.append((seed, trained.model, trained.seconds))
             bar.update()
@@ -157,7 +159,10 @@ def _run(config: StudyConfig, out_dir: str | Path, progress: bool) -> StudyResul
     figures = {
         "sharpness_vs_robustness.png": plots.sharpness_vs_robustness_figure(runs, SHARPNESS_MEASURES, robust=ROBUST_METRIC),
         "training_curves.png": plots.training_curves_figure(histories),
-        "loss_slices.png": plots.loss_slices_figure(slices),
+        "loss_slices.png": plots.loss_slices_figure(
+            slices, labels={name: (f"sgd seeds {', '.join(str(s) for s, _, _ in sgd_models)} averaged"
+                                   if name == ENSEMBLE else f"seed {first_seed[name]}") for name in slices},
+            direction_seed=SLICE_DIRECTION_SEED),
     }
     for name, fig in figures.items():
         files.append(plots.save(fig, out / name))
