@@ -60,6 +60,13 @@ SCENARIOS: dict[str, str] = {
 # Seeds by default: the large-batch effects are about two standard deviations, which three seeds cannot
 # separate after Holm's correction (measured: Holm p = 0.23 with 3 seeds, 0.02 with 5); the runs are short.
 DEFAULT_SEEDS = {"robust_overfitting": 3, "large_batch": 5, "rescaling": 3, "local_global": 3}
+# Epochs by default and with --quick (the --help text is built from this table).
+DEFAULT_EPOCHS = {"robust_overfitting": (60, 4), "large_batch": (30, 3), "rescaling": (20, 2), "local_global": (20, 2)}
+
+
+def _epochs(s: ScenarioSettings, name: str) -> int:
+    full, quick = DEFAULT_EPOCHS[name]
+    return s.epochs or (quick if s.quick else full)
 
 
 @dataclass
@@ -278,7 +285,7 @@ def robust_overfitting(s: ScenarioSettings, progress: Callable[[str], None]) -> 
     from ..adversarial import make_method
     from .train import EpochEnd, train_model
 
-    epochs = s.epochs or (4 if s.quick else 60)
+    epochs = _epochs(s, "robust_overfitting")
     config = _study_config(s, epochs)
     data = _data(s, config)
     n = 64 if s.quick else 256
@@ -381,7 +388,7 @@ def large_batch(s: ScenarioSettings, progress: Callable[[str], None]) -> dict[st
     from ..attacks import robust_accuracy
     from .train import train_model
 
-    epochs = s.epochs or (3 if s.quick else 30)
+    epochs = _epochs(s, "large_batch")
     base = _study_config(s, epochs)
     data = _data(s, base)
     n_train = len(data.y_train)
@@ -458,7 +465,7 @@ def rescale(model: nn.Sequential, first: int, second: int, alpha: float) -> nn.S
 def rescaling(s: ScenarioSettings, progress: Callable[[str], None]) -> dict[str, Any]:
     from .train import train_model
 
-    epochs = s.epochs or (2 if s.quick else 20)
+    epochs = _epochs(s, "rescaling")
     config = _study_config(s, epochs)
     data = _data(s, config)
     probe = probe_batches(data.x_train, data.y_train, config.probe_size)
@@ -541,7 +548,7 @@ def local_global(s: ScenarioSettings, progress: Callable[[str], None]) -> dict[s
     from ..adversarial import make_method
     from .train import train_model
 
-    epochs = s.epochs or (2 if s.quick else 20)
+    epochs = _epochs(s, "local_global")
     config = _study_config(s, epochs)
     data = _data(s, config)
     probe = probe_batches(data.x_train, data.y_train, config.probe_size)
