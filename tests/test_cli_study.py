@@ -138,3 +138,15 @@ def test_study_out_that_is_a_file_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is not a folder" in err and "Traceback" not in err
     assert target.read_text() == "not a folder"
+
+
+def test_help_gives_each_scenarios_default_epochs(capsys):
+    from sharpguard.study.scenarios import DEFAULT_EPOCHS, ScenarioSettings, _epochs
+
+    with pytest.raises(SystemExit):
+        main(["study", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, (full, quick) in DEFAULT_EPOCHS.items():
+        assert f"{name} {full} ({quick} with --quick)" in text
+        assert _epochs(ScenarioSettings(), name) == full and _epochs(ScenarioSettings(quick=True), name) == quick
+    assert DEFAULT_EPOCHS["robust_overfitting"][0] == 60  # the scenario the old help text called 30
