@@ -42,7 +42,9 @@ def build_model(vocab: int = 64) -> torch.nn.Module:
     torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0,
-        attn_implementation="eager",  # the monitor's Hessian-vector products need double backward
+        # SDPA, transformers' default attention, works as it is: the monitor's Hessian-vector products run
+        # it on PyTorch's math kernel, which has the double backward the fused CPU kernel lacks
+        attn_implementation="sdpa",
     )
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
     return get_peft_model(GPT2LMHeadModel(config), lora)

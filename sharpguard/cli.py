@@ -21,7 +21,7 @@ def _methods(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .study.config import ENSEMBLE, METHODS
-    from .study.scenarios import SCENARIOS
+    from .study.scenarios import DEFAULT_EPOCHS, SCENARIOS
 
     parser = argparse.ArgumentParser(
         prog="sharpguard",
@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated methods (default: all ten plus the sgd ensemble)")
     study.add_argument("--seeds", type=int, default=None,
                        help="seeds per method (default 3, 5 for --scenario large_batch; 2 with --quick)")
-    study.add_argument("--epochs", type=int, default=None, help="training epochs (default 30; 2 with --quick)")
+    study.add_argument("--epochs", type=int, default=None,
+                       help="training epochs (default 30, 2 with --quick; with --scenario: "
+                            + ", ".join(f"{k} {full} ({quick} with --quick)" for k, (full, quick) in DEFAULT_EPOCHS.items())
+                            + ")")
     study.add_argument("--dataset", default="digits",
                        help="'digits' (scikit-learn's bundled 8x8 digits) or 'package.module:function' returning "
                             "(x_train, y_train, x_test, y_test) with inputs in [0, 1]")

@@ -31,7 +31,11 @@ def _open_png(path: Path):
 def test_quick_study_writes_every_file_with_the_schema(tmp_path, capsys):
     out = tmp_path / "study"
     assert main(["study", "--quick", "--no-progress", "--out", str(out)]) == 0
-    assert "mean lambda_max: sgd" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mean lambda_max: sgd" in printed
+    # a --quick run is a smoke test: its models are too weak for verdicts, and the console says so first
+    assert printed.splitlines()[1].strip().startswith("Smoke test (--quick")
+    assert "(supported)" not in printed and "(direction only)" not in printed and "smoke test" in printed
 
     report = json.loads((out / "report.json").read_text())
     assert set(report) >= {"runs", "correlations", "settings", "summary", "findings"}
@@ -50,7 +54,9 @@ def test_quick_study_writes_every_file_with_the_schema(tmp_path, capsys):
     assert settings["eps"] == 0.1 and "gray levels" in settings["eps_rationale"] and settings["quick"] is True
 
     md = (out / "report.md").read_text()
-    assert "## What the data support" in md and "## What the data do not support" in md and "| sgd | 2 |" in md
+    assert md.startswith("# sharpguard study (smoke test: --quick, no verdicts)") and "| sgd | 2 |" in md
+    assert "## What the data support" not in md
+    assert {h["verdict"] for h in report["findings"]["hypotheses"]} == {"smoke test"}
     for png in PNGS:
         _open_png(out / png)
     # the monitors were attached to every Lightning run and wrote their history
@@ -132,3 +138,15 @@ def test_study_out_that_is_a_file_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is not a folder" in err and "Traceback" not in err
     assert target.read_text() == "not a folder"
+
+
+def test_help_gives_each_scenarios_default_epochs(capsys):
+    from sharpguard.study.scenarios import DEFAULT_EPOCHS, ScenarioSettings, _epochs
+
+    with pytest.raises(SystemExit):
+        main(["study", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, (full, quick) in DEFAULT_EPOCHS.items():
+        assert f"{name} {full} ({quick} with --quick)" in text
+        assert _epochs(ScenarioSettings(), name) == full and _epochs(ScenarioSettings(quick=True), name) == quick
+    assert DEFAULT_EPOCHS["robust_overfitting"][0] == 60  # the scenario the old help text called 30

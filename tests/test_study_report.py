@@ -42,8 +42,14 @@ def test_report_schema_summary_and_verdicts(tmp_path):
     assert all({"method", "seed", "lambda_max", "pgd_acc"} <= r.keys() for r in report["runs"])
     sgd = report["summary"]["sgd"]["lambda_max"]
     assert sgd["n"] == 3 and sgd["mean"] == pytest.approx(10.1)
-    # t-based half width with t(0.975, 2) = 4.3027 and s = 0.1
-    assert sgd["half_width"] == pytest.approx(4.302652729749464 * 0.1 / np.sqrt(3))
+    # a positive quantity: t-interval of the logs, t(0.975, 2) = 4.3027, around the geometric mean
+    logs = np.log([10.0, 10.1, 10.2])
+    half = 4.302652729749464 * logs.std(ddof=1) / np.sqrt(3)
+    assert sgd["scale"] == "log" and sgd["center"] == pytest.approx(np.exp(logs.mean()))
+    assert (sgd["low"], sgd["high"]) == pytest.approx((np.exp(logs.mean() - half), np.exp(logs.mean() + half)))
+    # a fraction: the plain t-interval (s = 0.01), within [0, 1]
+    acc = report["summary"]["sgd"]["clean_acc"]
+    assert acc["half_width"] == pytest.approx(4.302652729749464 * 0.01 / np.sqrt(3)) and acc["scale"] == "linear"
     verdicts = {h["claim"]: h["verdict"] for h in report["findings"]["hypotheses"]}
     assert verdicts["sam lambda_max below sgd"] == "supported"
     assert verdicts["pgd-at pgd_acc above sgd"] == "supported"

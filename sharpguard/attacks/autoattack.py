@@ -27,6 +27,7 @@ from torch import nn
 
 from .._batches import logits_of
 from ..errors import ConfigurationError
+from . import _progress
 from . import checks as _checks
 from ._context import as_normal_tensor, attack_context, check_label_range, check_labels, check_steps
 from .fab import fab_targeted
@@ -77,7 +78,9 @@ class AutoAttack:
     ``n_queries`` override the version's settings; ``norm="l1"`` follows AutoAttack's l1 settings. ``checks``: ``"warn"``,
     ``"raise"`` or ``"off"``. Random starts and Square's windows draw from ``generator`` (default:
     derived from the global RNG state, never advancing it). After each call ``last_report`` holds
-    an :class:`AutoAttackReport`.
+    an :class:`AutoAttackReport`. ``progress``: show the cascade's progress on stderr (a tqdm bar
+    naming the stage, its points and each target class done; one line per stage without tqdm):
+    ``None`` (default) when stderr is a terminal, ``True`` always, ``False`` never.
     """
 
     def __init__(
@@ -97,11 +100,13 @@ class AutoAttack:
         generator: torch.Generator | None = None,
         model_mode: str = "eval",
         checks: str = "warn",
+        progress: bool | None = None,
     ):
         self.threat = _threat(threat, norm, eps, bounds, mean, std)
         self.checks = _checks.check_mode(checks)
         self.model_mode = model_mode
         self.generator = generator
+        self.progress = progress
         self.version = version
         if version == "custom":
             if not attacks:
@@ -186,18 +191,29 @@ class AutoAttack:
         x_adv = x.clone()
         report.accuracies["clean"] = float(robust.float().mean())
 
-        for name, attack in self._stages(x, logits.shape[-1], gen, report.skipped):
-            index = robust.nonzero().squeeze(1)
-            if index.numel() == 0:
-                break
-            start = time.perf_counter()
-            adv = attack(model, x[index], y[index])
-            with torch.no_grad():
-                broken = logits_of(model(adv)).argmax(-1) != y[index]
-            x_adv[index[broken]] = adv[broken].to(x_adv.dtype)
-            robust[index[broken]] = False
-            report.seconds[name] = time.perf_counter() - start
-            report.accuracies[name] = float(robust.float().mean())
+        stages = self._stages(x, logits.shape[-1], gen, report.skipped)
+        bar = _progress.ProgressBar(len(stages), f"AutoAttack {self.version}") if _progress.wanted(self.progress) else None
+        try:
+            for name, attack in stages:
+                index = robust.nonzero().squeeze(1)
+                if index.numel() == 0:
+                    break
+                if bar is not None:
+                    bar.stage(name, index.numel())
+                start = time.perf_counter()
+                with _progress.reporting(bar):
+                    adv = attack(model, x[index], y[index])
+                with torch.no_grad():
+                    broken = logits_of(model(adv)).argmax(-1) != y[index]
+                x_adv[index[broken]] = adv[broken].to(x_adv.dtype)
+                robust[index[broken]] = False
+                report.seconds[name] = time.perf_counter() - start
+                report.accuracies[name] = float(robust.float().mean())
+                if bar is not None:
+                    bar.done(f"robust accuracy {report.accuracies[name]:.3f}")
+        finally:
+            if bar is not None:
+                bar.close()
 
         self.last_report = report
         if self.checks != "off":

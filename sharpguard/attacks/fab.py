@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigurationError
-from . import geometry
+from . import _progress, geometry
 from ._context import attack_context, check_steps
 from .gradient import _Problem, _threat
 from .threat import ThreatModel, default_generator
@@ -237,6 +237,8 @@ def fab_targeted(
                 )
                 u_out[index[broken]] = u[broken]
                 robust[index[broken]] = False
+                _progress.tick(f"target {k - 1} of {min(n_target_classes, n_classes - 1)}"
+                               + (f", restart {restart + 1} of {restarts}" if restarts > 1 else ""))
         return tm.from_pixel(u_out).detach()
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from .._batches import logits_of
 from .._validation import non_negative
 from ..errors import ConfigurationError
-from . import geometry
+from . import _progress, geometry
 from ._context import as_normal_tensor, attack_context, check_label_range, check_labels, check_steps
 from .losses import NEEDS_LABELS, AttackLoss, dlr_targeted, resolve_loss
 from .threat import ThreatModel, default_generator
@@ -336,6 +336,7 @@ def apgd_targeted(
                 broken = index[success]
                 u_out[broken] = u[success]
                 robust[broken] = False
+                _progress.tick(f"target {k - 1} of {min(n_target_classes, n_classes - 1)}")
         return tm.from_pixel(u_out).detach()
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigurationError
-from . import geometry
+from . import _progress, geometry
 from ._context import attack_context, check_steps
 from .gradient import _Problem, _threat
 from .threat import ThreatModel, default_generator
@@ -178,11 +178,16 @@ def square(
         return tm.from_pixel(u_out).detach()
 
 
+SQUARE_TICK = 500  # queries between two progress reports
+
+
 def _search(problem: _Problem, u_best: torch.Tensor, n_queries: int, loss: str, propose) -> tuple[torch.Tensor, torch.Tensor]:
     """The random search shared by both norms: ``propose(i, x0_active, u_active) -> candidate``."""
     x0 = problem.x0
     margin_min, loss_min = _margin_and_loss(problem, u_best, loss)
     for i in range(n_queries):
+        if i and i % SQUARE_TICK == 0:
+            _progress.tick(f"{i} of {n_queries} queries")
         active = (margin_min > 0).nonzero().squeeze(1)
         if active.numel() == 0:
             break

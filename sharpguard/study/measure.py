@@ -113,9 +113,12 @@ def measure_model(model: nn.Module, test: list, probe: list, config: StudyConfig
     }
 
 
+SLICE_DIRECTION_SEED = 0  # the random direction of every loss slice: the same for every model
+
+
 def loss_slice(model: nn.Module, probe: list, n_points: int = 21, span: float = 1.0) -> tuple[list[float], list[float]]:
     """The training loss along one filter-normalized random direction (Li et al., 2018), same seed for every model."""
     from ..sharpness import loss_slice_1d
 
-    s = loss_slice_1d(model, probe, span=span, n_points=n_points, seed=0)
+    s = loss_slice_1d(model, probe, span=span, n_points=n_points, seed=SLICE_DIRECTION_SEED)
     return [float(a) for a in s.alphas], [float(v) for v in s.losses]

@@ -41,16 +41,49 @@ def _figure(n_panels: int, width: float = 4.2, height: float = 3.4):
     return fig, axes
 
 
+# Thirteen qualitative colours far apart in CIELAB (every pair differs by more than 25 ΔE*ab) with a single
+# blue: tab10 with its cyan swapped for black, then teal, light orange and dark violet for larger sets.
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#000000", "#00a087", "#fdbf6f", "#3c1361"]
+
+
 def _colors(names: Sequence[str]) -> dict[str, Any]:
+    """One colour per name from :data:`PALETTE`; beyond its length, matplotlib's tab20 (dark shades first)."""
     from matplotlib import colormaps
 
-    if len(names) <= 10:
-        cmap = colormaps["tab10"]
-        return {n: cmap(i) for i, n in enumerate(names)}
-    # tab20 pairs a dark and a light shade of each hue: use all dark shades first, so neighbours differ
+    if len(names) <= len(PALETTE):
+        return {n: PALETTE[i] for i, n in enumerate(names)}
     cmap = colormaps["tab20"]
     order = list(range(0, 20, 2)) + list(range(1, 20, 2))
     return {n: cmap(order[i % 20]) for i, n in enumerate(names)}
+
+
+def _off_scale(ranges: Mapping[str, tuple[float, float]], log: bool = False) -> list[str]:
+    """The names whose own range sets the shared axis: leaving one out shrinks the span of all the others'
+    ranges by more than 3x (on log scale when ``log``). At most a third of the names are left out, the
+    largest first, so the axis shows the bulk and the few outliers are annotated instead."""
+    import numpy as np
+
+    def tf(v: float) -> float:
+        return float(np.log10(v)) if log else v
+
+    keep = {n: (tf(lo), tf(hi)) for n, (lo, hi) in ranges.items()}
+    out: list[str] = []
+    while len(keep) > 2 and len(out) < max(1, len(ranges) // 3):
+        span = max(h for _, h in keep.values()) - min(lo for lo, _ in keep.values())
+        if span <= 0:
+            break
+        best, best_span = None, span
+        for n in keep:
+            rest = [v for k, v in keep.items() if k != n]
+            s = max(h for _, h in rest) - min(lo for lo, _ in rest)
+            if s < best_span:
+                best, best_span = n, s
+        if best is None or best_span * 3 > span:
+            break
+        out.append(best)
+        keep.pop(best)
+    return out
 
 
 def _outliers(values: Sequence[float]) -> list[bool]:
@@ -157,11 +190,14 @@ def training_curves_figure(histories: Mapping[str, Sequence[Mapping[str, Any]]],
                            metrics: Sequence[str] = ("sharpness/lambda_max", "robustness/pgd_acc")):
     """``metric`` against training step, one line per method: the mean over that method's seeds at each
     step, with a band from the lowest to the highest seed (the spread across seeds). ``histories`` maps a
-    method to its monitor records ``{"step", "metric", "value", ...}`` (all seeds together)."""
+    method to its monitor records ``{"step", "metric", "value", ...}`` (all seeds together). A method whose
+    range alone would set a panel's scale (see :func:`_off_scale`) is still drawn, but the axis follows the
+    others and the title names it with its range."""
     methods = list(histories)
     colors = _colors(methods)
     fig, axes = _figure(len(metrics), width=5.5)
     for ax, metric in zip(axes, metrics):
+        ranges: dict[str, tuple[float, float]] = {}
         for m in methods:
             by_step: dict[int, list[float]] = defaultdict(list)
             for rec in histories[m]:
@@ -174,30 +210,55 @@ def training_curves_figure(histories: Mapping[str, Sequence[Mapping[str, Any]]],
                 if any(len(by_step[s]) > 1 for s in steps):
                     ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
                                     color=colors[m], alpha=0.15, lw=0)
+                values = [v for vs in by_step.values() for v in vs]
+                ranges[m] = (min(values), max(values))
+        title = f"{metric} during training\n(mean over seeds; band: min-max)"
+        off = _off_scale(ranges)
+        if off:
+            kept = [r for n, r in ranges.items() if n not in off]
+            lo, hi = min(r[0] for r in kept), max(r[1] for r in kept)
+            pad = 0.05 * (hi - lo) or 0.05 * abs(hi) or 0.05
+            ax.set_ylim(lo - pad, hi + pad)
+            title += "\noff scale: " + ", ".join(f"{n} ({ranges[n][0]:.2g}..{ranges[n][1]:.2g})" for n in off)
         ax.set_xlabel("training step")
         ax.set_ylabel(LABELS.get(metric, metric))
-        ax.set_title(f"{metric} during training\n(mean over seeds; band: min-max)", fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     _figure_legend(fig, methods, colors)
     return fig
 
 
-def loss_slices_figure(slices: Mapping[str, tuple[Sequence[float], Sequence[float]]]):
+def loss_slices_figure(slices: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                       labels: Mapping[str, str] | None = None, direction_seed: int | None = None):
     """1D loss-landscape slices side by side: for each method, training loss against the step ``alpha``
-    along one filter-normalized random direction (Li et al., 2018), on a shared y axis."""
+    along one filter-normalized random direction (Li et al., 2018). The panels share one y axis so their
+    curvature compares at a glance, except a method whose losses alone would set that scale (see
+    :func:`_off_scale`): it keeps its own axis and its title says so. ``labels`` says which model each
+    slice is of (e.g. ``"seed 0"``), ``direction_seed`` which random direction; both go into the titles."""
     names = list(slices)
+    colors = _colors(names)
     fig, axes = _figure(max(1, len(names)), width=3.0, height=2.8)
-    finite = [v for a, losses in slices.values() for v in losses if math.isfinite(v)]
-    top = min(max(finite), 10 * (min(finite) + 1.0)) if finite else None
+    ranges = {n: (min(f), max(f)) for n, (_, losses) in slices.items()
+              if (f := [v for v in losses if math.isfinite(v)])}
+    off = _off_scale(ranges)
+    kept = [r for n, r in ranges.items() if n not in off]
+    top = max(hi for _, hi in kept) if kept else None
     for ax, name in zip(axes, names):
         alphas, losses = slices[name]
-        ax.plot(list(alphas), list(losses), color="tab:blue")
-        if top is not None:
+        ax.plot(list(alphas), list(losses), color=colors[name])
+        title = name + (f" ({labels[name]})" if labels and name in labels else "")
+        if name in off:
+            title += "\nown scale"
+        elif top is not None and top > 0:
             ax.set_ylim(bottom=0.0, top=top * 1.05)
         ax.set_xlabel("α (filter-normalized direction)")
         ax.set_ylabel("training loss")
-        ax.set_title(name)
+        ax.set_title(title, fontsize=9, color="tab:red" if name in off else "black")
         ax.grid(alpha=0.3)
+    what = "training loss along one filter-normalized random direction (Li et al., 2018)"
+    if direction_seed is not None:
+        what += f", direction seed {direction_seed}, the same for every method"
+    fig.suptitle(what, fontsize=9)
     return fig
 
 
@@ -246,10 +307,56 @@ def history_figure(records: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[
     return fig
 
 
+def _overlaps(boxes) -> bool:
+    boxes = sorted(boxes, key=lambda b: (b.x0, b.y0))
+    return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def tick_label_boxes(fig, ax, which: str) -> list:
+    """Window extents of ``ax``'s visible, non-empty tick labels on axis ``which`` ("x" or "y"), major and
+    minor together (the figure must have been drawn)."""
+    renderer = fig.canvas.get_renderer()
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    ticks = axis.get_major_ticks() + axis.get_minor_ticks()
+    lo, hi = sorted(ax.get_xlim() if which == "x" else ax.get_ylim())
+    boxes = []
+    for t in ticks:
+        label = t.label1
+        if label.get_visible() and label.get_text() and lo <= t.get_loc() <= hi:
+            boxes.append(label.get_window_extent(renderer))
+    return boxes
+
+
+def declutter(fig) -> None:
+    """Make every axis's tick labels readable: where they overprint (a log axis labels its minor ticks when
+    it spans less than a few decades), drop the minor labels, then keep every k-th major label until none
+    overlap."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter
+
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    for ax in fig.axes:
+        for which in ("x", "y"):
+            if not _overlaps(tick_label_boxes(fig, ax, which)):
+                continue
+            axis = ax.xaxis if which == "x" else ax.yaxis
+            axis.set_minor_formatter(NullFormatter())
+            fig.canvas.draw()
+            for n in (5, 4, 3, 2):
+                if not _overlaps(tick_label_boxes(fig, ax, which)):
+                    break
+                log = axis.get_scale() == "log"
+                axis.set_major_locator(LogLocator(numticks=n) if log else MaxNLocator(nbins=n))
+                fig.canvas.draw()
+
+
 def save(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Write ``fig`` as a PNG at ``path`` and return the path."""
+    """Write ``fig`` as a PNG at ``path`` (tick labels decluttered first) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    declutter(fig)
     with atomic_open(path, "wb") as fh:  # a whole PNG or none
         fig.savefig(fh, dpi=dpi, format="png")
     return path

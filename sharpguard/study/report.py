@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import atomic_write_text
-from .stats import benjamini_hochberg, hedges_g, holm, kendall_tau, mean_ci, welch_compare
+from .stats import benjamini_hochberg, bounded_mean_ci, hedges_g, holm, kendall_tau, positive_mean_ci, welch_compare
 
 # (key, column title, format) of every per-run metric, in table order.
 METRICS: list[tuple[str, str, str]] = [
@@ -37,6 +37,11 @@ METRICS: list[tuple[str, str, str]] = [
     ("adv_input_curvature", "input λ_max at PGD examples", ".3g"),
     ("train_time_s", "train time (s)", ".1f"),
 ]
+# Metrics that are fractions by definition: their intervals stay within [0, 1]. Every other metric gets an
+# interval on log scale when all its values are positive (stats.positive_mean_ci), so it never crosses zero.
+FRACTIONS = frozenset({"clean_acc", "pgd_acc", "fgsm_acc", "pgd_margin_acc", "robust_acc", "adv_confidence"})
+# The few columns a reader needs first; the full table comes last in report.md.
+KEY_METRICS = ["clean_acc", "robust_acc", "lambda_max", "robust_sharpness", "input_curvature"]
 SHARPNESS_MEASURES = ["lambda_max", "trace", "worst_case_sharpness", "adaptive_sharpness", "relative_flatness",
                       "robust_sharpness", "input_curvature"]
 # Robust accuracy for the correlations: an example counts only if it survives FGSM, PGD-20 on cross
@@ -87,10 +92,17 @@ def apply_correction(tests: list[dict], method: str = "holm") -> None:
         t["p_adjusted"] = q
 
 
+def interval(values: Sequence[float], metric: str, level: float = 0.95):
+    """The confidence interval of ``metric``'s mean over seeds that respects what the quantity can be: within
+    [0, 1] for a fraction, on log scale (around the geometric mean) for a quantity measured positive on
+    every seed, the plain t-interval otherwise."""
+    return bounded_mean_ci(values, level) if metric in FRACTIONS else positive_mean_ci(values, level)
+
+
 def summarize(runs: Sequence[Mapping[str, Any]], level: float = 0.95) -> dict[str, dict[str, dict]]:
-    """``{method: {metric: MeanCI as dict}}`` over the seeds of each method."""
+    """``{method: {metric: MeanCI as dict}}`` over the seeds of each method (see :func:`interval`)."""
     return {
-        m: {key: mean_ci(_values(runs, m, key), level).as_dict() for key, _, _ in METRICS}
+        m: {key: interval(_values(runs, m, key), key, level).as_dict() for key, _, _ in METRICS}
         for m in _methods(runs)
     }
 
@@ -207,15 +219,115 @@ VIEW_TEXT = {
 }
 
 
+# Robust-loss sharpness is measured at PGD examples, as robust accuracy is: part of their association is
+# built into the two measurements rather than found.
+SHARED_ATTACK = frozenset({"robust_sharpness"})
+CIRCULARITY = (
+    "robust-loss sharpness and worst-case robust accuracy are both read off PGD examples in the same eps-ball "
+    "(the sharpness at the training probe's PGD examples, the accuracy at the test set's): a model PGD cannot "
+    "move has a low, flat robust loss and a high robust accuracy alike, so part of this association is built "
+    "into the two measurements"
+)
+QUICK_NOTE = (
+    "Smoke test (--quick): a few epochs on a subset of the data with cheap measurements; it shows that every "
+    "stage runs, and its numbers support no verdict."
+)
+
+
+def _seed_flags(runs, method: str, test) -> tuple[int, int]:
+    """(seeds of ``method`` where ``test(run)`` holds, seeds measured): caveats count seeds, not means."""
+    mine = [r for r in runs if r["method"] == method]
+    return sum(bool(test(r)) for r in mine), len(mine)
+
+
+def _masking_flags(runs) -> dict[str, dict[str, Any]]:
+    """Methods with a sign of gradient masking on at least one seed: ``{method: {"fgsm": k, "margin": k, "n": n,
+    "mean_pgd", "mean_fgsm", "mean_worst"}}``. A multi-step attack must do at least as well as FGSM, and PGD on
+    cross entropy should not be beaten by much by PGD on the margin loss (saturated softmax, Carlini & Wagner
+    2016)."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in _methods(runs):
+        pgd, fgsm, worst = (_values(runs, m, k) for k in ("pgd_acc", "fgsm_acc", "robust_acc"))
+        if not pgd:
+            continue
+
+        def has(r, k):
+            return r.get(k) is not None and r.get("pgd_acc") is not None
+
+        k_fgsm, n = _seed_flags(runs, m, lambda r: has(r, "fgsm_acc") and r["pgd_acc"] > r["fgsm_acc"] + 0.02)
+        k_margin, _ = _seed_flags(runs, m, lambda r: has(r, "robust_acc") and r["pgd_acc"] > r["robust_acc"] + 0.05)
+        if k_fgsm or k_margin:
+            out[m] = {"fgsm": k_fgsm, "margin": k_margin, "n": n, "mean_pgd": sum(pgd) / len(pgd),
+                      "mean_fgsm": sum(fgsm) / len(fgsm) if fgsm else None,
+                      "mean_worst": sum(worst) / len(worst) if worst else None}
+    return out
+
+
+def _answer(runs, corr, hyps, settings, masked) -> str:
+    """The study's question answered in one sentence, from the verdicts (never from a raw p-value)."""
+    if settings.get("quick"):
+        accs = _values_all(runs, "clean_acc")
+        acc = f"; its models reach clean accuracy {min(accs):.2f}-{max(accs):.2f}" if accs else ""
+        return (f"Smoke test (--quick, {settings.get('epochs', '?')} epoch(s) on a subset{acc}): every stage ran, "
+                "and these numbers answer no question, so the report states no verdict.")
+    pooled = corr.get("all_runs", {})
+    n = max((c.get("n") or 0 for c in pooled.values()), default=0)
+    sig = [(m, c) for m in SHARPNESS_MEASURES if (c := pooled.get(m)) and c.get("tau") is not None and _significant(c)]
+    neg = [(m, c) for m, c in sig if c["tau"] < 0]
+    pos = [(m, c) for m, c in sig if c["tau"] > 0]
+    parts = []
+    if not sig:
+        parts.append(f"across the {n} models no sharpness measure is associated with worst-case robust accuracy "
+                     "after Holm's correction")
+    else:
+        if neg:
+            parts.append("across the {n} models, lower {names} went with higher worst-case robust accuracy ({taus})"
+                         .format(n=n, names=" and ".join(m for m, _ in neg),
+                                 taus=", ".join(f"τ = {c['tau']:.2f}, Holm p = {c['p_adjusted']:.3g}" for _, c in neg)))
+        if pos:
+            parts.append("higher {names} went with higher robust accuracy ({taus})".format(
+                names=" and ".join(m for m, _ in pos),
+                taus=", ".join(f"τ = {c['tau']:.2f}, Holm p = {c['p_adjusted']:.3g}" for _, c in pos)))
+        rest = [m for m in SHARPNESS_MEASURES if m not in dict(sig) and pooled.get(m, {}).get("tau") is not None]
+        if rest:
+            parts.append("the other measures (" + ", ".join(rest) + ") show no association that survives correction")
+        if any(m in SHARED_ATTACK for m, _ in sig):
+            parts.append("the robust-loss association is partly built in, since both numbers come from PGD examples")
+    by = {(h["comparison"]["a"], h["comparison"]["metric"]): h for h in hyps}
+    sam = by.get(("sam", "lambda_max"))
+    if sam is not None:
+        parts.append({"supported": "SAM lowered λ_max significantly",
+                      "direction only": "SAM's λ_max is lower than SGD's but not significantly",
+                      "contradicted": "SAM did not lower λ_max"}.get(sam["verdict"], "SAM's λ_max was not measured"))
+    at = [h for h in hyps if h["comparison"]["metric"] == "pgd_acc"]
+    if at:
+        k = sum(h["verdict"] == "supported" for h in at)
+        text = f"adversarial training raised PGD accuracy significantly in {k} of {len(at)} methods"
+        flagged = sorted(m for m in masked if m in ADVERSARIAL_METHODS)
+        if flagged:
+            text += f" ({', '.join(flagged)} with signs of gradient masking, so read their worst-case accuracy)"
+        parts.append(text)
+    sentence = "; ".join(parts)
+    return sentence[0].upper() + sentence[1:] + "."
+
+
+def _values_all(runs, metric: str) -> list[float]:
+    return [float(r[metric]) for r in runs if r.get(metric) is not None]
+
+
 def findings(runs: Sequence[Mapping[str, Any]], corr: Mapping[str, Any], settings: Mapping[str, Any],
              level: float = 0.95) -> dict[str, Any]:
-    """What the data support and what they do not, as ``{"hypotheses": [...], "supported": [str],
-    "not_supported": [str], "multiple_comparisons": {...}}``, every sentence built from the numbers.
+    """What the data support and what they do not, as ``{"answer": str, "hypotheses": [...], "supported": [str],
+    "not_supported": [str], "caveats": [str], "multiple_comparisons": {...}}``, every sentence built from the
+    numbers.
 
     Every test (the hypotheses' Welch tests, the price-of-robustness comparisons and every Kendall tau in
     every view of ``corr``) is one family for Holm's correction; ``p_adjusted`` is written beside each
-    ``p_value`` (also into ``corr``) and only an adjusted p below ``ALPHA`` counts as supported.
+    ``p_value`` (also into ``corr``) and only an adjusted p below ``ALPHA`` counts as supported. A test that
+    fails the correction is *not established*, never *absent*: the report says so with its raw p. With
+    ``settings["quick"]`` every verdict is ``"smoke test"`` and nothing is called supported or not.
     """
+    quick = bool(settings.get("quick"))
     hyp_cmps = [(method, base, metric, sign, _compare(runs, method, base, metric, level))
                 for method, base, metric, sign in HYPOTHESES]
     hyp_cmps = [h for h in hyp_cmps if h[4] is not None]
@@ -236,12 +348,14 @@ def findings(runs: Sequence[Mapping[str, Any]], corr: Mapping[str, Any], setting
                   for lab, t in zip(labels, tests)],
     }
     m_tests = family["n_tests"]
+    masked = _masking_flags(runs)
 
     hyps: list[dict] = []
     supported: list[str] = []
     not_supported: list[str] = []
+    caveats: list[str] = []
     for method, base, metric, sign, cmp in hyp_cmps:
-        verdict = _verdict(cmp, sign)
+        verdict = "smoke test" if quick else _verdict(cmp, sign)
         word = "below" if sign < 0 else "above"
         text = (
             f"{method}'s mean {metric} ({_fmt(cmp['mean_a'])}, n={cmp['n_a']}) vs {base}'s ({_fmt(cmp['mean_b'])}, "
@@ -265,71 +379,95 @@ def findings(runs: Sequence[Mapping[str, Any]], corr: Mapping[str, Any], setting
             )
         hyps.append(entry)
 
-    # Rank correlations between sharpness and robustness, every view.
+    # Rank correlations between sharpness and robustness, every view. Failing the correction makes an
+    # association not established; it does not make it absent, nor "explained" by something else.
     all_runs = corr.get("all_runs", {})
     for measure in SHARPNESS_MEASURES:
         pooled_sig = bool(all_runs.get(measure)) and _significant(all_runs[measure])
         for view, measures in corr.items():
             c = measures.get(measure)
-            if not c or c.get("tau") is None:
+            if quick or not c or c.get("tau") is None:
                 continue
             where = VIEW_TEXT.get(view, view + " ({n} points)").format(n=c["n"])
             line = f"{where[0].upper()}{where[1:]}, Kendall τ({measure}, {c['against']}) = {c['tau']:.2f} ({_p(c['p_value'], c['p_adjusted'])})"
+            built_in = f" Caveat: {CIRCULARITY}." if measure in SHARED_ATTACK else ""
+            raw_small = c.get("p_value") is not None and c["p_value"] < ALPHA
             if _significant(c):
                 rel = "sharper models were less robust" if c["tau"] < 0 else "sharper models were more robust"
-                supported.append(f"{line}: {rel}.")
+                supported.append(f"{line}: {rel}.{built_in}")
             elif view == "all_runs":
-                not_supported.append(f"A rank association between {measure} and {c['against']}: {line}, not significant "
-                                     f"at {ALPHA} after Holm's correction.")
-            elif view == "no_adversarial_training" and pooled_sig:
                 not_supported.append(
-                    f"That {measure} predicts robustness beyond the training method: {line}; the pooled association "
-                    "comes from the difference between adversarially trained and other models."
-                )
+                    f"A rank association between {measure} and {c['against']}: {line}, not established at {ALPHA} "
+                    "after Holm's correction" + (" (the raw p is below it, so the data do not rule it out either)"
+                                                  if raw_small else "") + f".{built_in}")
+            elif view == "no_adversarial_training" and (pooled_sig or raw_small):
+                flagged = sorted(m for m in masked if m not in ADVERSARIAL_METHODS
+                                 and any(r["method"] == m for r in runs))
+                text = (f"That {measure} predicts robustness beyond adversarial training: {line}, not established "
+                        "after Holm's correction")
+                if raw_small:
+                    text += (f"; the raw p is below {ALPHA}, so an association within this group is not ruled out and "
+                             "the pooled one is not explained by the split between adversarially trained and other "
+                             "models")
+                if flagged:
+                    text += (f"; this group includes {', '.join(flagged)}, whose PGD accuracy the report flags for "
+                             "gradient masking, so its robust accuracies are the least certain")
+                not_supported.append(text + ".")
 
-    # Gradient masking: a multi-step attack must do at least as well as FGSM, and PGD on cross entropy should
-    # not be beaten by much by PGD on the margin loss (saturated softmax, Carlini & Wagner 2016).
-    for m in _methods(runs):
-        pgd, fgsm, worst = (_values(runs, m, k) for k in ("pgd_acc", "fgsm_acc", "robust_acc"))
-        if not pgd:
-            continue
-        mean_pgd = sum(pgd) / len(pgd)
+    # Gradient masking, counted per seed (a mean can hide one masked seed).
+    for m, f in masked.items():
         signs = []
-        if fgsm and mean_pgd > sum(fgsm) / len(fgsm) + 0.02:
-            signs.append(f"FGSM, a weaker attack, brings its accuracy lower ({sum(fgsm) / len(fgsm):.3f})")
-        if worst and mean_pgd > sum(worst) / len(worst) + 0.05:
-            signs.append(f"PGD on the margin loss and FGSM bring its accuracy down to {sum(worst) / len(worst):.3f}")
-        if signs:
-            not_supported.append(
-                f"{m}'s PGD-20 accuracy ({mean_pgd:.3f}) as a robustness figure: " + " and ".join(signs)
-                + ": PGD on cross entropy overstates its robustness (a sign of gradient masking); its worst-case "
-                "robust accuracy is the figure to trust."
-            )
-    # Curvature that vanishes because the softmax saturates is not flatness in a useful sense.
-    lam_means = {m: sum(v) / len(v) for m in _methods(runs) if (v := _values(runs, m, "lambda_max"))}
-    top = max((abs(v) for v in lam_means.values()), default=0.0)
-    for m, v in lam_means.items():
-        if top > 0 and abs(v) < 1e-6 * top:
-            not_supported.append(
-                f"{m}'s near-zero curvature (λ_max {_fmt(v)}) as flatness: its training loss is saturated (the "
-                "softmax outputs one-hot probabilities), so the Hessian vanishes at the minimum while the loss rises "
-                "steeply a short distance away (see its loss slice); the same saturation masks input gradients."
+        if f["fgsm"]:
+            signs.append(f"FGSM, a weaker attack, brings its accuracy lower ({f['mean_fgsm']:.3f}) on {f['fgsm']} of "
+                         f"{f['n']} seeds")
+        if f["margin"]:
+            signs.append(f"PGD on the margin loss and FGSM bring its accuracy down to {f['mean_worst']:.3f} on "
+                         f"{f['margin']} of {f['n']} seeds")
+        caveats.append(
+            f"{m}'s PGD-20 accuracy ({f['mean_pgd']:.3f}) as a robustness figure: " + " and ".join(signs)
+            + ": PGD on cross entropy overstates its robustness (a sign of gradient masking); its worst-case "
+            "robust accuracy is the figure to trust."
+        )
+    # Curvature that vanishes because the softmax saturates is not flatness in a useful sense: judged per seed
+    # against the largest curvature any run has, so one saturated seed is not averaged away.
+    lam_all = [abs(v) for v in _values_all(runs, "lambda_max")]
+    top = max(lam_all, default=0.0)
+    for m in _methods(runs):
+        lam = _values(runs, m, "lambda_max")
+        tiny = [v for v in lam if top > 0 and abs(v) < 1e-6 * top]
+        if tiny:
+            others = [v for v in lam if v not in tiny]
+            caveats.append(
+                f"{m}'s near-zero curvature as flatness: on {len(tiny)} of {len(lam)} seeds its λ_max is "
+                f"{', '.join(_fmt(v) for v in tiny)}" + (f" (the other seed(s): {', '.join(_fmt(v) for v in others)})"
+                                                         if others else "")
+                + ": the training loss is saturated there (the softmax outputs one-hot probabilities), so the Hessian "
+                "vanishes at the minimum while the loss rises steeply a short distance away (see its loss slice); the "
+                "same saturation masks input gradients, and its mean λ_max mixes the two regimes."
             )
     # The price of robustness.
     for m, c in price:
-        if c["difference"] is not None and c["difference"] < 0 and _significant(c):
+        if not quick and c["difference"] is not None and c["difference"] < 0 and _significant(c):
             supported.append(
                 f"{m} pays for robustness with clean accuracy: {_fmt(c['mean_a'], '.3f')} vs sgd's {_fmt(c['mean_b'], '.3f')} "
                 f"({_g(c)}, {_p(c['p_value'], c['p_adjusted'])})."
             )
     data = settings.get("dataset", {})
-    not_supported.append(
-        "Causation: rank correlations across training methods do not show that flatness causes robustness, since the "
-        "methods differ in more than sharpness; and these results cover one "
-        f"{settings.get('model', 'model')} on {data.get('name', 'one data set') if isinstance(data, Mapping) else data} "
-        f"at eps = {settings.get('eps', '?')} only."
-    )
-    return {"hypotheses": hyps, "supported": supported, "not_supported": not_supported, "multiple_comparisons": family}
+    if not quick:
+        not_supported.append(
+            "Causation: rank correlations across training methods do not show that flatness causes robustness, since "
+            "the methods differ in more than sharpness; and these results cover one "
+            f"{settings.get('model', 'model')} on {data.get('name', 'one data set') if isinstance(data, Mapping) else data} "
+            f"at eps = {settings.get('eps', '?')} only."
+        )
+    if any(c.get("tau") is not None for view in corr.values() for m, c in view.items() if m in SHARED_ATTACK):
+        caveats.append(f"Built-in association: {CIRCULARITY}.")
+    if quick:
+        caveats.insert(0, QUICK_NOTE)
+    answer = _answer(runs, corr, hyps, settings, masked)
+    # The caveats are also things the data do not support; not_supported keeps them for readers of older reports.
+    return {"answer": answer, "hypotheses": hyps, "supported": supported, "not_supported": not_supported + caveats,
+            "caveats": caveats, "multiple_comparisons": family, "smoke_test": quick}
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -353,32 +491,64 @@ def build_report(runs: Sequence[Mapping[str, Any]], settings: Mapping[str, Any],
 
 
 def _cell(ci: Mapping[str, Any], spec: str) -> str:
-    if ci["mean"] is None:
+    """``center [low, high]``: the mean (the geometric mean on log scale) and its sign-respecting interval."""
+    center = ci.get("center", ci["mean"]) if ci.get("scale") == "log" else ci["mean"]
+    if center is None:
         return "n/a"
-    if ci["half_width"] is None:
-        return _fmt(ci["mean"], spec)
-    return f"{_fmt(ci['mean'], spec)} ± {_fmt(ci['half_width'], spec)}"
+    if ci["low"] is None:
+        return _fmt(center, spec)
+    mark = "ᵍ" if ci.get("scale") == "log" else ""
+    return f"{_fmt(center, spec)}{mark} [{_fmt(ci['low'], spec)}, {_fmt(ci['high'], spec) if ci['high'] is not None else '∞'}]"
+
+
+def _table(report: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
+    spec = {k: (title, fmt) for k, title, fmt in METRICS}
+    lines = ["| method | n | " + " | ".join(spec[k][0] for k in keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for method, stats in report["summary"].items():
+        n = max(ci["n"] for ci in stats.values())
+        lines.append(f"| {method} | {n} | " + " | ".join(_cell(stats[k], spec[k][1]) for k in keys) + " |")
+    return lines
 
 
 def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
-    """``report.md``: settings, the table of means ± CI half-widths, correlations, findings, plots."""
+    """``report.md``: the answer in one sentence, what the data support and not, the caveats, a short table,
+    the correlations, then every measurement, the plots and the settings."""
     settings = report["settings"]
     level = int(round(100 * settings.get("confidence_level", 0.95)))
-    lines = ["# sharpguard study", ""]
+    f = report["findings"]
+    quick = bool(f.get("smoke_test", settings.get("quick")))
+    lines = ["# sharpguard study" + (" (smoke test: --quick, no verdicts)" if quick else ""), ""]
+    if f.get("answer"):
+        lines += [f"**{f['answer']}**", ""]
     data = settings.get("dataset", {})
     lines.append(
-        f"Data: {data.get('name')} ({data.get('n_train')} train / {data.get('n_test')} test). "
+        f"Question: do sharp minima go with adversarial vulnerability, and do SAM and adversarial training change "
+        f"that? Data: {data.get('name')} ({data.get('n_train')} train / {data.get('n_test')} test). "
         f"Model: {settings.get('model')}. Seeds: {settings.get('seeds')}. Epochs: {settings.get('epochs')}. "
         f"Threat model: {settings.get('norm', 'linf')} eps = {settings.get('eps')}."
     )
     if settings.get("eps_rationale"):
         lines += ["", f"Why this eps: {settings['eps_rationale']}"]
-    lines += ["", f"## Results (mean ± {level}% CI half-width over seeds, t distribution)", ""]
-    lines.append("| method | n | " + " | ".join(title for _, title, _ in METRICS) + " |")
-    lines.append("|---|---|" + "---|" * len(METRICS))
-    for method, stats in report["summary"].items():
-        n = max(ci["n"] for ci in stats.values())
-        lines.append(f"| {method} | {n} | " + " | ".join(_cell(stats[k], spec) for k, _, spec in METRICS) + " |")
+    caveats = f.get("caveats", [])
+    if quick:
+        lines += ["", "## Smoke test", "", QUICK_NOTE]
+    else:
+        family = f.get("multiple_comparisons")
+        if family:
+            lines += ["", f"Multiple comparisons: {family['n_tests']} tests (every Welch comparison and every Kendall τ "
+                          f"below), Holm's correction at family-wise α = {family['alpha']}; a finding is supported only "
+                          "when its adjusted p-value is below α, and one that is not is *not established*, not absent. "
+                          "Effect sizes: Hedges' g for comparisons, τ for correlations."]
+        lines += ["", "## What the data support", ""]
+        lines += [f"- {s}" for s in f["supported"]] or ["- Nothing at the chosen significance level."]
+        lines += ["", "## What the data do not support", ""]
+        lines += [f"- {s}" for s in f["not_supported"] if s not in caveats]
+    extra = [c for c in caveats if c != QUICK_NOTE]
+    if extra:
+        lines += ["", "## Caveats", ""] + [f"- {c}" for c in extra]
+    note = (f"mean [{level}% CI] over seeds; ᵍ: a quantity positive on every seed, shown as its geometric mean with a "
+            "t-interval on log scale (it cannot cross zero); accuracies: t-interval within [0, 1]")
+    lines += ["", f"## Key numbers ({note})", ""] + _table(report, KEY_METRICS)
     lines += ["", f"## Rank correlation of sharpness with {ROBUST_METRIC} (Kendall τ-b, two-sided p, Holm-adjusted p)", ""]
     views = list(report["correlations"])
     lines.append("| measure | " + " | ".join(views) + " |")
@@ -389,16 +559,7 @@ def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str
             c = report["correlations"][view].get(measure)
             cells.append("n/a" if not c or c["tau"] is None else f"τ = {c['tau']:.2f} ({_p(c['p_value'], c.get('p_adjusted'))}, n = {c['n']})")
         lines.append(f"| {measure} | " + " | ".join(cells) + " |")
-    f = report["findings"]
-    family = f.get("multiple_comparisons")
-    if family:
-        lines += ["", f"Multiple comparisons: {family['n_tests']} tests (every Welch comparison and every Kendall τ "
-                      f"above), Holm's correction at family-wise α = {family['alpha']}; a finding is supported only "
-                      "when its adjusted p-value is below α. Effect sizes: Hedges' g for comparisons, τ for correlations."]
-    lines += ["", "## What the data support", ""]
-    lines += [f"- {s}" for s in f["supported"]] or ["- Nothing at the chosen significance level."]
-    lines += ["", "## What the data do not support", ""]
-    lines += [f"- {s}" for s in f["not_supported"]]
+    lines += ["", f"## All measurements ({note})", ""] + _table(report, [k for k, _, _ in METRICS])
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     lines += ["", "## Settings", "", "```json", json.dumps(settings, indent=2, default=str), "```", ""]

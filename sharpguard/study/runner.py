@@ -23,7 +23,7 @@ from ..errors import require
 from .config import ENSEMBLE, StudyConfig
 from .data import load_dataset
 from .history import read_history
-from .measure import loss_slice, measure_model, probe_batches
+from .measure import SLICE_DIRECTION_SEED, loss_slice, measure_model, probe_batches
 from .models import LogitEnsemble
 from .report import ROBUST_METRIC, SHARPNESS_MEASURES, build_report, write_report
 
@@ -43,9 +43,10 @@ def _mean(runs, method: str, metric: str) -> float | None:
 
 
 def headline(report: Mapping[str, Any]) -> list[str]:
-    """The numbers a reader looks at first, with the report's own verdicts."""
+    """The answer in one sentence, then the numbers a reader looks at first, with the report's own verdicts
+    (a ``--quick`` run gives none: it is a smoke test)."""
     runs = report["runs"]
-    lines = []
+    lines = [report["findings"]["answer"]] if report["findings"].get("answer") else []
     for method, base, metric in (("sam", "sgd", "lambda_max"), ("pgd-at", "sgd", "pgd_acc")):
         a, b = _mean(runs, method, metric), _mean(runs, base, metric)
         if a is None or b is None:
@@ -64,6 +65,8 @@ def headline(report: Mapping[str, Any]) -> list[str]:
 def supported_lines(report: Mapping[str, Any]) -> list[str]:
     """Every finding the report calls supported (after its multiple-comparison correction), for the console."""
     f = report["findings"]
+    if f.get("smoke_test"):
+        return ["smoke test (--quick): no finding is called supported; run without --quick for verdicts"]
     family = f.get("multiple_comparisons") or {}
     supported = list(f["supported"])
     head = (f"supported after {family.get('method', 'the')} correction over {family.get('n_tests', '?')} tests "
@@ -119,6 +122,7 @@ def _run(config: StudyConfig, out_dir: str | Path, progress: bool) -> StudyResul
     want_ensemble = config.ensemble and "sgd" in config.methods
     runs: list[dict[str, Any]] = []
     first_model: dict[str, torch.nn.Module] = {}
+    first_seed: dict[str, int] = {}
     sgd_models: list[tuple[int, torch.nn.Module, float]] = []
     histories: dict[str, list[dict]] = {}
     total = 2 * len(jobs) + (1 if want_ensemble else 0) + 1
@@ -136,6 +140,7 @@ def _run(config: StudyConfig, out_dir: str | Path, progress: bool) -> StudyResul
             if history_path.exists():
                 histories.setdefault(method, []).extend(read_history(history_path))
             first_model.setdefault(method, trained.model)
+            first_seed.setdefault(method, seed)
             if method == "sgd":
                 sgd_models.append((seed, trained.model, trained.seconds))
             bar.update()
@@ -155,7 +160,10 @@ def _run(config: StudyConfig, out_dir: str | Path, progress: bool) -> StudyResul
     figures = {
         "sharpness_vs_robustness.png": plots.sharpness_vs_robustness_figure(runs, SHARPNESS_MEASURES, robust=ROBUST_METRIC),
         "training_curves.png": plots.training_curves_figure(histories),
-        "loss_slices.png": plots.loss_slices_figure(slices),
+        "loss_slices.png": plots.loss_slices_figure(
+            slices, labels={name: (f"sgd seeds {', '.join(str(s) for s, _, _ in sgd_models)} averaged"
+                                   if name == ENSEMBLE else f"seed {first_seed[name]}") for name in slices},
+            direction_seed=SLICE_DIRECTION_SEED),
     }
     for name, fig in figures.items():
         files.append(plots.save(fig, out / name))

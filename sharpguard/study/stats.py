@@ -40,6 +40,8 @@ class MeanCI:
     low: float | None
     high: float | None
     level: float
+    scale: str = "linear"  # "linear": t-interval of the mean; "log": t-interval on log scale (around ``center``)
+    center: float | None = None  # the estimate the interval is built around: the mean, or the geometric mean
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -57,10 +59,44 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> MeanCI:
         return MeanCI(0, None, None, None, None, None, level)
     mean = float(arr.mean())
     if n == 1:
-        return MeanCI(1, mean, None, None, None, None, level)
+        return MeanCI(1, mean, None, None, None, None, level, center=mean)
     std = float(arr.std(ddof=1))
     half = float(stats.t.ppf(0.5 + level / 2.0, df=n - 1)) * std / math.sqrt(n)
-    return MeanCI(n, mean, std, half, mean - half, mean + half, level)
+    return MeanCI(n, mean, std, half, mean - half, mean + half, level, center=mean)
+
+
+def bounded_mean_ci(values: Sequence[float], level: float = 0.95, bounds: tuple[float, float] = (0.0, 1.0)) -> MeanCI:
+    """:func:`mean_ci` for a quantity that lies in ``bounds`` by definition (an accuracy, a probability): the
+    t-interval intersected with ``bounds``. The true mean lies in ``bounds``, so the intersection keeps the
+    coverage and never reports an impossible value."""
+    ci = mean_ci(values, level)
+    if ci.low is None:
+        return ci
+    lo, hi = bounds
+    return MeanCI(ci.n, ci.mean, ci.std, ci.half_width, max(lo, ci.low), min(hi, ci.high), level, "linear", ci.mean)
+
+
+def positive_mean_ci(values: Sequence[float], level: float = 0.95) -> MeanCI:
+    """A confidence interval that respects the sign of a quantity every value of which is positive (a
+    curvature, a sharpness, a time): the t-interval of ``log(values)`` mapped back, i.e. an interval for the
+    geometric mean ``center = exp(mean(log x))`` that never crosses zero (the log-normal model; Limpert,
+    Stahel & Abbt, BioScience 2001). Values spread over decades give a correspondingly wide interval, where a
+    t-interval on the raw values would run below zero. ``half_width`` is ``None`` (the interval is not
+    symmetric). If some value is zero or negative the quantity is not positive: :func:`mean_ci` is returned."""
+    if not 0.0 < level < 1.0:
+        raise ConfigurationError(f"level must lie in (0, 1), got {level}; use e.g. 0.95.")
+    from scipy import stats
+
+    arr = _finite_values(values, "values")
+    if arr.size < 2 or (arr <= 0).any():
+        return mean_ci(arr, level)
+    logs = np.log(arr)
+    m, s = float(logs.mean()), float(logs.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2.0, df=arr.size - 1)) * s / math.sqrt(arr.size)
+    with np.errstate(over="ignore"):
+        low, high = float(np.exp(m - half)), float(np.exp(m + half))
+    return MeanCI(int(arr.size), float(arr.mean()), float(arr.std(ddof=1)), None, low,
+                  high if math.isfinite(high) else None, level, "log", float(np.exp(m)))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,180 @@
+"""Produce the numbers the docs quote from runs, so they cannot drift from what the code does.
+
+    python scripts/doc_numbers.py study               # run `sharpguard study` once (~1-5 min), keep its measurements
+    python scripts/doc_numbers.py study --from DIR    # or take an existing study folder (its report.json)
+    python scripts/doc_numbers.py examples            # time every example (~3 min on a 2-core CPU)
+    python scripts/doc_numbers.py render              # rewrite the docs' generated blocks from the kept files
+
+``study`` keeps the default run's per-model measurements and settings in benchmarks/study_default_run.json;
+``examples`` keeps each example's wall time in benchmarks/example_times.json. Both then rewrite the blocks
+between ``<!-- doc-numbers:NAME -->`` and ``<!-- /doc-numbers:NAME -->`` in docs/study.md, README.md and
+docs/huggingface.md from those files, through the same report code the study runs (``build_report``).
+tests/test_doc_numbers.py checks that every block equals what this script renders from the kept files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDY_RUN = ROOT / "benchmarks" / "study_default_run.json"
+EXAMPLE_TIMES = ROOT / "benchmarks" / "example_times.json"
+# (example, arguments, the docs that quote its time)
+EXAMPLES = [
+    ("plain_sam_digits.py", []),
+    ("lightning_digits.py", []),
+    ("hf_text_classification.py", []),
+    ("accelerate_loop.py", []),
+    ("lora_finetune.py", []),
+]
+BLOCK = re.compile(r"(<!-- doc-numbers:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /doc-numbers:(?P=name) -->)", re.S)
+
+
+def _p(p) -> str:
+    if p is None:
+        return "n/a"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def render_study(kept: dict) -> str:
+    """The default run's block for docs/study.md: the answer, the hypotheses and the correlations, all from
+    ``build_report`` on the kept measurements."""
+    from sharpguard.study.report import SHARPNESS_MEASURES, build_report
+
+    report = build_report(kept["runs"], kept["settings"])
+    f, corr, s = report["findings"], report["correlations"], kept["settings"]
+    methods = list(dict.fromkeys(r["method"] for r in kept["runs"]))
+    lines = [
+        f"One default run: {len(methods)} methods, {s['seeds']} seeds, {s['epochs']} epochs, "
+        f"{kept['wall_seconds']:.0f} s wall time ({kept['machine']}); {f['multiple_comparisons']['n_tests']} tests, "
+        "Holm-corrected. The report's answer:",
+        "",
+        f"> {f['answer']}",
+        "",
+        "| hypothesis | means | raw p | Holm p | Hedges' g | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for h in f["hypotheses"]:
+        c = h["comparison"]
+        g = "n/a" if c["hedges_g"] is None else f"{c['hedges_g']:.2f}"
+        lines.append(f"| {h['claim']} | {c['mean_a']:.3g} vs {c['mean_b']:.3g} | {_p(c['p_value'])} | "
+                     f"{_p(c['p_adjusted'])} | {g} | {h['verdict']} |")
+    lines += ["", "| measure vs robust_acc | τ, all models (raw p, Holm p) | τ, without adversarial training (raw p, Holm p) |",
+              "|---|---|---|"]
+    for m in SHARPNESS_MEASURES:
+        cells = []
+        for view in ("all_runs", "no_adversarial_training"):
+            c = corr[view][m]
+            cells.append("n/a" if c["tau"] is None else f"{c['tau']:.2f} ({_p(c['p_value'])}, {_p(c['p_adjusted'])})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    means = {m: {k: v["mean"] for k, v in d.items()} for m, d in report["summary"].items()}
+    sgd = means.get("sgd", {})
+    if sgd.get("adv_confidence") is not None:
+        lines += ["", f"At the PGD examples that fool them, SGD-trained models are {100 * sgd['adv_confidence']:.0f} % "
+                      f"confident; the input-Hessian top eigenvalue there is {sgd['adv_input_curvature']:.3g} against "
+                      f"{sgd['input_curvature']:.3g} at clean training inputs. Caveats the report raises: "
+                      f"{len(f['caveats'])} (gradient masking, saturation, the built-in robust-loss association)."]
+    return "\n".join(lines) + "\n"
+
+
+def render_example_times(times: dict) -> dict[str, str]:
+    """The blocks that quote the examples' wall times (README.md's list, docs/huggingface.md's line)."""
+    machine = times["machine"]
+    items = ", ".join(f"`examples/{name}` ({t['seconds']:.0f} s)" for name, t in times["examples"].items())
+    hf = times["examples"].get("hf_text_classification.py")
+    return {
+        "example-times": f"Measured wall times, one run each ({machine}): {items}.\n",
+        "hf-example-time": (f"`examples/hf_text_classification.py` (CPU, {hf['seconds']:.0f} s measured on {machine}; "
+                            "`--quick` for a smoke test; `--variant`,\n") if hf else "",
+    }
+
+
+def blocks() -> dict[str, str]:
+    """Every generated block's text, from the kept files."""
+    out: dict[str, str] = {}
+    if STUDY_RUN.exists():
+        out["study-default-run"] = render_study(json.loads(STUDY_RUN.read_text()))
+    if EXAMPLE_TIMES.exists():
+        out.update(render_example_times(json.loads(EXAMPLE_TIMES.read_text())))
+    return out
+
+
+DOCS = [ROOT / "docs" / "study.md", ROOT / "README.md", ROOT / "docs" / "huggingface.md"]
+
+
+def rewrite(paths=DOCS) -> list[Path]:
+    """Replace each generated block in ``paths`` with its text from :func:`blocks`; return the files changed."""
+    texts = blocks()
+    changed = []
+    for path in paths:
+        old = path.read_text()
+        new = BLOCK.sub(lambda m: m.group(1) + texts.get(m.group("name"), m.group("body")) + m.group(4), old)
+        if new != old:
+            path.write_text(new)
+            changed.append(path)
+    return changed
+
+
+def _machine() -> str:
+    return f"{os.cpu_count()}-core CPU, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+
+
+def study(source: str | None) -> None:
+    if source is None:
+        out = Path(tempfile.mkdtemp(prefix="sharpguard-study-"))
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "sharpguard", "study", "--no-progress", "--out", str(out)], check=True)
+        seconds = time.perf_counter() - start
+    else:
+        out, seconds = Path(source), None
+    report = json.loads((out / "report.json").read_text())
+    if report["settings"].get("quick"):
+        raise SystemExit("doc_numbers: that folder holds a --quick run (a smoke test); the docs quote a default run.")
+    if seconds is None:  # an existing folder: the report's own training and measuring times are all we have
+        seconds = float((out / "wall_seconds.txt").read_text()) if (out / "wall_seconds.txt").exists() else float("nan")
+    threads = report["settings"].get("machine", {}).get("threads", "?")
+    kept = {"runs": report["runs"], "settings": report["settings"], "wall_seconds": seconds,
+            "machine": f"{os.cpu_count()}-core CPU shared with other jobs, {threads} torch thread(s)"}
+    STUDY_RUN.write_text(json.dumps(kept, indent=1, allow_nan=True) + "\n")
+
+
+def examples() -> None:
+    times = {"machine": _machine(), "examples": {}}
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    for name, args in EXAMPLES:
+        with tempfile.TemporaryDirectory() as cwd:  # an example's files (runs/, logs) land outside the checkout
+            start = time.perf_counter()
+            subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], check=True, cwd=cwd, env=env,
+                           stdout=subprocess.DEVNULL)
+            times["examples"][name] = {"seconds": round(time.perf_counter() - start, 1), "args": args}
+        print(f"{name}: {times['examples'][name]['seconds']} s", flush=True)
+    EXAMPLE_TIMES.write_text(json.dumps(times, indent=1) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    st = sub.add_parser("study")
+    st.add_argument("--from", dest="source", default=None, help="an existing default-run folder (its report.json)")
+    sub.add_parser("examples")
+    sub.add_parser("render")
+    args = parser.parse_args(argv)
+    if args.what == "study":
+        study(args.source)
+    elif args.what == "examples":
+        examples()
+    for path in rewrite():
+        print(f"rewrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
