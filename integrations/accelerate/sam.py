@@ -23,6 +23,7 @@ from sharpguard.optim.sharded import sharded_global_norm
 
 require("accelerate", "accelerate")
 from accelerate.utils import DistributedType  # noqa: E402
+from sharpguard import _validation as rules
 
 __all__ = ["SAMConfig", "SharpnessAwareMinimization", "check_distributed_type", "sharded_global_norm", "build_engine"]
 
@@ -86,6 +87,7 @@ class SharpnessAwareMinimization:
     Cost per optimizer step: twice the forward/backward passes of the window (LookSAM less).
     """
 
+    @rules.checked()
     def __init__(
         self,
         accelerator: Any,

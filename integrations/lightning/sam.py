@@ -31,6 +31,7 @@ from ._hooks import (
     _step_args,
     _stepping,
 )
+from sharpguard import _validation as rules
 
 __all__ = ["SharpnessAwareMinimization"]
 
@@ -74,6 +75,7 @@ class SharpnessAwareMinimization(Callback):
 
     _who = "SharpnessAwareMinimization"
 
+    @rules.checked()
     def __init__(
         self,
         rho: float | None = None,

@@ -33,6 +33,7 @@ from .fab import fab_targeted
 from .gradient import _threat, apgd, apgd_targeted
 from .square import square
 from .threat import ThreatModel, default_generator
+from .. import _validation as rules
 
 __all__ = ["AutoAttack", "AutoAttackReport", "auto_attack", "VERSIONS"]
 
@@ -80,6 +81,7 @@ class AutoAttack:
     an :class:`AutoAttackReport`.
     """
 
+    @rules.checked()
     def __init__(
         self,
         eps: float = 8 / 255,
@@ -207,6 +209,7 @@ class AutoAttack:
         return x_adv.detach()
 
 
+@rules.checked()
 def auto_attack(
     model: nn.Module,
     x: torch.Tensor,

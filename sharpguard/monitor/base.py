@@ -27,6 +27,7 @@ from .alerts import Alert, AlertRule
 from .history import MetricHistory
 from .probe import ProbeSet
 from .schedule import Schedule
+from .. import _validation as rules
 
 __all__ = ["Monitor", "MonitorAlertWarning"]
 
@@ -71,6 +72,7 @@ class Monitor:
     #: monitors in one run do not overwrite each other's key)
     overhead_metric = "monitor/overhead_pct"
 
+    @rules.checked(budget=rules.between(0.0, 1.0, low_open=True))
     def __init__(
         self,
         measures: Sequence[str] | None = None,

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+from .. import _validation as rules
 
 __all__ = ["MetricHistory", "decode_state", "encode_state", "read_history"]
 
@@ -83,6 +84,7 @@ class MetricHistory:
     ``enabled=False`` keeps the in-memory tail but writes nothing (non-zero ranks).
     """
 
+    @rules.checked()
     def __init__(self, path: str | os.PathLike[str] | None = None, *, tail: int = 1000, enabled: bool = True) -> None:
         self.path = Path(path) if path is not None else None
         self.enabled = enabled

@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from ..errors import ConfigurationError
 from . import functional as F
 from .sam import SAM, _build_base, _in_unit_interval, _non_negative, _positive_int, _rho
+from .. import _validation as rules
 
 __all__ = ["GSAM", "LookSAM", "MomentumSAM", "FriendlySAM"]
 
@@ -44,6 +45,7 @@ class GSAM(SAM):
     variant: ClassVar[str] = "gsam"
     per_worker_safe: ClassVar[bool] = False
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -87,6 +89,7 @@ class LookSAM(SAM):
     per_worker_safe: ClassVar[bool] = False
     state_buffers: ClassVar[tuple[str, ...]] = ("gv",)
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -151,6 +154,7 @@ class MomentumSAM(SAM):
 
     variant: ClassVar[str] = "momentum_sam"
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -238,6 +242,7 @@ class FriendlySAM(SAM):
     per_worker_safe: ClassVar[bool] = False
     state_buffers: ClassVar[tuple[str, ...]] = ("ema",)
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],

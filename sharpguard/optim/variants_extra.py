@@ -29,6 +29,7 @@ from . import functional as F
 from ._noise import RowLayout, gaussian, step_generator
 from .sam import SAM, _build_base, _in_unit_interval, _non_negative, _rho
 from .variants import _ratio
+from .. import _validation as rules
 
 __all__ = ["WSAM", "RWP", "ARWP", "ESAM"]
 
@@ -62,6 +63,7 @@ class WSAM(SAM):
     variant: ClassVar[str] = "wsam"
     per_worker_safe: ClassVar[bool] = False  # the step uses the clean gradient
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -185,6 +187,7 @@ class RWP(SAM):
     per_worker_safe: ClassVar[bool] = False  # the step mixes in the clean gradient
     state_buffers: ClassVar[tuple[str, ...]] = ("fisher",)
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -263,6 +266,7 @@ class ARWP(RWP):
 
     variant: ClassVar[str] = "arwp"
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -311,6 +315,7 @@ class ESAM(SAM):
 
     variant: ClassVar[str] = "esam"
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],

@@ -22,6 +22,7 @@ on the measured sizes, and extrapolations to 100M, 1B and 7B parameters (marked 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from .. import _validation as rules
 
 __all__ = ["CheckCost", "SamCost", "check_passes_per_hvp", "estimate_check_cost", "estimate_sam_cost", "transformer_activation_bytes"]
 
@@ -68,6 +69,7 @@ def _positive(name: str, value: float) -> float:
     return positive(name, value)
 
 
+@rules.checked()
 def estimate_check_cost(
     n_params: int,
     *,
@@ -140,6 +142,7 @@ def check_passes_per_hvp(hvp: str = "autograd", *, micro_batches: int = 1, probe
     return HVP_PASSES.get(hvp, HVP_PASSES["autograd"])
 
 
+@rules.checked()
 def estimate_sam_cost(n_params: int, *, step_seconds: float, dtype_bytes: int = 4) -> SamCost:
     """A SAM step: one weight copy (``P b`` bytes, kept between steps) and two forward/backward passes."""
     p = _positive("n_params", n_params)

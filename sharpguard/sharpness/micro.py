@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._batches import batch_size, default_loss_fn, split_batch
+from .._batches import as_batches, batch_size, default_loss_fn, split_batch
 from .._state import local_shard, side_effect_free, trainable_parameters
 from ..errors import ConfigurationError
 from .cost import GRAPH_FACTOR
+from .. import _validation as rules
 
 __all__ = ["AUTO_GRAPH_FLOOR_BYTES", "AUTO_MAX_MICRO_BATCHES", "auto_micro_batches"]
 
@@ -28,6 +29,7 @@ AUTO_GRAPH_FLOOR_BYTES = 64 * 2**20
 AUTO_MAX_MICRO_BATCHES = 8
 
 
+@rules.checked()
 def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None, *,
                        distributed: bool | None = None) -> int:
     """How many micro-batches a check's products should run each probe batch in (``micro_batches="auto"``).
@@ -49,6 +51,7 @@ def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = 
     largest choice (``distributed=False``: this rank alone), so sharded products run the same
     collectives on every rank.
     """
+    batches = as_batches(batches)
     from .operator import _detach_inference, _unwrap  # here: operator.py imports this module
 
     params = [local_shard(p) for p in trainable_parameters(model)]  # an FSDP2 rank holds (and measures) its shard

@@ -35,6 +35,7 @@ from .._batches import LossFn
 from ..errors import ConfigurationError
 from .lanczos import _check_common, check_max_basis, lanczos, make_operator, start_vector
 from .operator import HVPMethod, HVPOperator
+from .. import _validation as rules
 
 __all__ = ["DirectionalCurvature", "EoSResult", "directional_curvature", "eos_ratio"]
 
@@ -172,6 +173,7 @@ def _params_without_state(opt: torch.optim.Optimizer, params: list[torch.Tensor]
     return out
 
 
+@rules.checked()
 def eos_ratio(
     model: nn.Module,
     batches: Any,
@@ -320,6 +322,7 @@ def _update_direction(op: HVPOperator, optimizer: Any) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@rules.checked()
 def directional_curvature(
     model: nn.Module,
     batches: Any,
@@ -336,6 +339,10 @@ def directional_curvature(
     """``u^T H u / ||u||^2`` for ``u`` the probe gradient, the optimizer's update direction
     (``direction="update"``, needs ``optimizer``) or a given vector. One product (two with the
     determinism check); ``"gradient"`` adds one gradient pass."""
+    if not isinstance(direction, (str, torch.Tensor, list, tuple)):
+        raise ConfigurationError(
+            f"direction must be 'gradient', 'update' or a vector (a tensor or a list of tensors), got {rules.shown(direction)}."
+        )
     if isinstance(direction, str) and direction not in ("gradient", "update"):
         raise ConfigurationError(f"direction must be 'gradient', 'update' or a vector, got {direction!r}.")
     if isinstance(direction, str) and direction == "update" and optimizer is None:
