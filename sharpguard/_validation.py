@@ -70,14 +70,14 @@ def real(name: str, value: Any) -> float:
 def non_negative(name: str, value: Any, hint: str = "") -> float:
     value = real(name, value)
     if value < 0:
-        raise ConfigurationError(f"{name} must be >= 0, got {value!r}{hint}.")
+        raise ConfigurationError(f"{name} must be >= 0, got {value!r}{hint or '; pass 0 or a positive number'}.")
     return value
 
 
 def positive(name: str, value: Any, hint: str = "") -> float:
     value = real(name, value)
     if value <= 0:
-        raise ConfigurationError(f"{name} must be > 0, got {value!r}{hint}.")
+        raise ConfigurationError(f"{name} must be > 0, got {value!r}{hint or '; pass a positive number'}.")
     return value
 
 
@@ -105,7 +105,7 @@ def seed(name: str, value: Any) -> int:
 def in_unit_interval(name: str, value: Any) -> float:
     value = real(name, value)
     if not 0.0 <= value <= 1.0:
-        raise ConfigurationError(f"{name} must lie in [0, 1], got {value!r}.")
+        raise ConfigurationError(f"{name} must lie in [0, 1], got {value!r}; pass a fraction between 0 and 1.")
     return value
 
 
@@ -131,7 +131,7 @@ def flag(name: str, value: Any) -> bool:
     """``True`` or ``False`` (numpy bools too); ``"no"``, ``0`` and ``2.5`` refused: a string or a number
     is not a switch, and ``"no"`` would read as true."""
     if not isinstance(value, bool) and type(value).__name__ != "bool_":
-        raise ConfigurationError(f"{name} must be True or False, got {shown(value)}.")
+        raise ConfigurationError(f"{name} must be True or False, got {shown(value)}; pass a bool.")
     return bool(value)
 
 
