@@ -31,6 +31,7 @@ __all__ = [
     "module",
     "function",
     "flag_or",
+    "anything",
     "optimizer",
     "batch",
     "on_alert",
@@ -268,6 +269,11 @@ def at_least(low: float) -> Callable[[str, Any], float]:
         return value
 
     return rule
+
+
+def anything(name: str, value: Any) -> Any:
+    """No rule: the function checks this argument itself, later in an order that matters."""
+    return value
 
 
 def flag_or(*names: str) -> Callable[[str, Any], Any]:

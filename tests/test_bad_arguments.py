@@ -41,7 +41,7 @@ INTEGRATIONS = ["integrations.lightning", "integrations.accelerate", "integratio
 SKIP = {
     "NonDeterministicHVPError", "GradientMaskingWarning", "GradientMaskingError", "CatastrophicOverfitting",
     "AdversarialTrainingMixin", "SharpGuardTrainerMixin", "SharpGuardTrainer", "check_distributed_type",
-    "MonitorStep", "SharpnessMonitorCallback", "RobustnessMonitorCallback", "Comm", "torch_comm",
+    "MonitorStep", "Comm", "torch_comm",
     "sharded_global_norm", "count_passes", "default_generator", "geometry", "plot_loss_slice",
     "plot_spectral_density", "embedding_ascent", "gradient_carrier", "ShardedHVPOperator",
 }

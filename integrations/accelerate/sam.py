@@ -87,7 +87,7 @@ class SharpnessAwareMinimization:
     Cost per optimizer step: twice the forward/backward passes of the window (LookSAM less).
     """
 
-    @rules.checked()
+    @rules.checked(optimizer=rules.anything)  # checked after the DeepSpeed check, which comes first
     def __init__(
         self,
         accelerator: Any,
@@ -103,6 +103,7 @@ class SharpnessAwareMinimization:
         **knobs: Any,
     ):
         check_distributed_type(accelerator)
+        rules.optimizer("optimizer", optimizer)
         self.config = (
             SAMConfig.coerce(config)
             if config is not None

@@ -454,7 +454,7 @@ _SPECTRAL_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
-@rules.checked()
+@rules.checked(eps=rules.positive)
 def spectral_normalize(
     model: nn.Module,
     *,
