@@ -53,6 +53,7 @@ def default_loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
         return loss
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
         inputs, targets = batch[0], batch[1]
+        targets = class_indices(targets)
         logits = logits_of(model(inputs))
         if (
             logits.dim() >= 3
@@ -62,10 +63,36 @@ def default_loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
         ):
             # (batch, time, vocab) logits of a language model against (batch, time) targets
             return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-100)
+        if isinstance(targets, torch.Tensor) and targets.dtype.is_floating_point and targets.shape != logits.shape:
+            raise ConfigurationError(
+                f"targets of dtype {targets.dtype} and shape {tuple(targets.shape)} are neither class indices nor "
+                f"probabilities of shape {tuple(logits.shape)}; pass integer class indices (e.g. y.long())."
+            )
         return F.cross_entropy(logits, targets)
     raise ConfigurationError(
         f"the default loss needs (inputs, targets) or a mapping with labels, got {type(batch).__name__}; pass a loss_fn."
     )
+
+
+def class_indices(targets: Any) -> Any:
+    """Integer targets as int64 (what torch's losses take): int32 and uint8 class indices are accepted."""
+    if isinstance(targets, torch.Tensor) and not targets.dtype.is_floating_point and not targets.dtype.is_complex:
+        if targets.dtype not in (torch.long, torch.bool):
+            return targets.long()
+    return targets
+
+
+def check_default_targets(batches: list[Any]) -> None:
+    """Refuse what the default cross entropy cannot take: 1-D floating targets (neither class indices
+    nor per-class probabilities). A custom loss may take any targets; it is not called here."""
+    for i, batch in enumerate(batches):
+        if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
+            targets = batch[1]
+            if isinstance(targets, torch.Tensor) and targets.dtype.is_floating_point and targets.dim() == 1:
+                raise ConfigurationError(
+                    f"batch {i} has 1-D targets of dtype {targets.dtype}, which the default cross entropy cannot "
+                    "take; pass integer class indices (y.long()) or a loss_fn for other targets."
+                )
 
 
 class BatchList(list):
@@ -91,9 +118,18 @@ def as_batches(batches: Any) -> list[Any]:
             "a bare tensor is not a batch; pass (inputs, targets), a mapping, or a list of such batches."
         )
     else:
-        out = list(batches)
+        try:
+            out = list(batches)
+        except TypeError:
+            raise ConfigurationError(
+                f"batches must be a batch or an iterable of batches, got {type(batches).__name__}; "
+                "pass (inputs, targets), a mapping, or a list of such batches."
+            ) from None
     if not out:
         raise ConfigurationError("the probe set is empty; pass at least one batch.")
+    for i, batch in enumerate(out):
+        if _first_dim(batch) == 0:
+            raise ConfigurationError(f"batch {i} holds no examples; pass batches with at least one example.")
     return out
 
 

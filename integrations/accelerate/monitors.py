@@ -19,6 +19,7 @@ require("accelerate", "accelerate")
 
 
 from sharpguard.optim import unwrap_optimizer as _unwrap_optimizer
+from sharpguard import _validation as rules
 
 
 def _logger() -> Any:
@@ -61,6 +62,7 @@ class MonitorStep:
     agrees on the schedule and lets only the main process write the JSON-lines history.
     """
 
+    @rules.checked()
     def __init__(self, accelerator: Any, monitor: Any, *, log: bool = True, total_steps: int | None = None):
         if not isinstance(log, bool):
             raise ConfigurationError(f"log must be True or False, got {log!r}.")

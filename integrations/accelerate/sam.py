@@ -23,6 +23,7 @@ from sharpguard.optim.sharded import sharded_global_norm
 
 require("accelerate", "accelerate")
 from accelerate.utils import DistributedType  # noqa: E402
+from sharpguard import _validation as rules
 
 __all__ = ["SAMConfig", "SharpnessAwareMinimization", "check_distributed_type", "sharded_global_norm", "build_engine"]
 
@@ -138,6 +139,7 @@ class SharpnessAwareMinimization:
     Cost per optimizer step: twice the forward/backward passes of the window (LookSAM less).
     """
 
+    @rules.checked(optimizer=rules.anything)  # checked after the DeepSpeed check, which comes first
     def __init__(
         self,
         accelerator: Any,
@@ -158,6 +160,7 @@ class SharpnessAwareMinimization:
 
         check_distributed_type(accelerator)
         self.resume = one_of("resume", resume, RESUME_POLICIES)
+        rules.optimizer("optimizer", optimizer)
         self.config = (
             SAMConfig.coerce(config)
             if config is not None

@@ -14,6 +14,7 @@ from sharpguard.errors import ConfigurationError
 
 from ._hooks import _REPLAY_FLAG, _GradientReplay, _all_finite, _grads, _is_parallel, _stepping
 from .sam import SharpnessAwareMinimization
+from sharpguard import _validation as rules
 
 # --------------------------------------------------------------------------------------------------
 # adversarial training
@@ -82,6 +83,7 @@ class AdversarialTraining(_GradientReplay):
 
     _who = "AdversarialTraining"
 
+    @rules.checked()
     def __init__(self, method: Any = "pgd-at", *, start_step: int = 0, **method_kwargs: Any) -> None:
         super().__init__()
         if start_step < 0:
@@ -230,6 +232,7 @@ class AdversarialTrainingMixin:
     ::
 
         class Lit(AdversarialTrainingMixin, pl.LightningModule):
+            @rules.checked()
             def __init__(self):
                 super().__init__()
                 self.net = ...

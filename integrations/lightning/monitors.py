@@ -24,11 +24,13 @@ from sharpguard.monitor.driver import MonitorDriver
 
 from .._lightning_namespace import NAMESPACE
 from ._hooks import Callback, _loss_of, _step_args, is_resuming_fit, refuse_missing_callback_state
+from sharpguard import _validation as rules
 
 
 class _StrategyComm:
     """The driver's collectives over a Lightning strategy (DDP, FSDP, ... as Lightning runs them)."""
 
+    @rules.checked()
     def __init__(self, trainer: Any, device: torch.device) -> None:
         self.strategy = trainer.strategy
         self.world_size = int(trainer.world_size)
@@ -103,6 +105,7 @@ def _guarded_training_step(pl_module: Any) -> Iterator[None]:
 class _TrainingStepLoss:
     """``loss_fn(model, batch)`` = the module's own ``training_step`` loss, run guarded."""
 
+    @rules.checked()
     def __init__(self, pl_module: Any, seed: int = 0) -> None:
         self.pl_module = pl_module
         self.seed = int(seed)
@@ -138,6 +141,7 @@ class _MonitorCallback(Callback):
     _core: type[Monitor] = Monitor
     _uses_loss = False
 
+    @rules.checked()
     def __init__(self, *, name: str | None = None, when: str = "train", prog_bar: bool = False, resume: str = "error",
                  **monitor_kwargs: Any) -> None:
         super().__init__()

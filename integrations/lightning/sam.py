@@ -33,6 +33,7 @@ from ._hooks import (
     _step_args,
     _stepping,
 )
+from sharpguard import _validation as rules
 
 __all__ = ["SharpnessAwareMinimization"]
 
@@ -79,6 +80,7 @@ class SharpnessAwareMinimization(Callback):
 
     _who = "SharpnessAwareMinimization"
 
+    @rules.checked()
     def __init__(
         self,
         rho: float | None = None,

@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from .._batches import logits_of
-from ..attacks._context import check_label_range
+from ..attacks._context import check_label_range, check_labels
 from ..attacks.threat import ThreatModel, make_generator
 from .._validation import non_negative, positive
 from ..errors import ConfigurationError
+from .. import _validation as rules
 
 __all__ = ["AdversarialMethod", "PassCount", "count_passes", "gradient_carrier", "DropoutReplay"]
 
@@ -45,6 +46,7 @@ class AdversarialMethod:
     #: extra pass. False for methods that change the loss (TRADES, MART, AWP, distillation, embedding methods).
     replaces_inputs: bool = False
 
+    @rules.checked()
     def __init__(self, *, seed: int | None = None):
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
@@ -133,7 +135,8 @@ def image_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
         x, y = batch[0], batch[1]
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-            return x, y
+            # class indices of shape (batch,), int32/uint8 as int64: refused or converted before any forward
+            return x, check_labels(y, x.shape[0], required=True)
     raise ConfigurationError(
         f"this method takes (inputs, labels) batches, got {type(batch).__name__}; "
         "for Hugging Face batches use an embedding method (fgm, embedding-pgd, freelb, smart, r3f)."

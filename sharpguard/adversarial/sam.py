@@ -17,10 +17,12 @@ from torch import nn
 
 from .._batches import checked_loss
 from .base import AdversarialMethod
+from .. import _validation as rules
 
 __all__ = ["sam_adversarial_closure", "sam_adversarial_step"]
 
 
+@rules.checked()
 def sam_adversarial_closure(
     model: nn.Module, method: AdversarialMethod, batch: Any, *, reuse: bool = True
 ) -> Callable[[], torch.Tensor]:
@@ -41,6 +43,7 @@ def sam_adversarial_closure(
     return closure
 
 
+@rules.checked()
 def sam_adversarial_step(optimizer: Any, model: nn.Module, method: AdversarialMethod, batch: Any, *, reuse: bool = True) -> torch.Tensor:
     """One SAM/ASAM step of ``method`` on ``batch``: ``optimizer.step(sam_adversarial_closure(...))``.
 

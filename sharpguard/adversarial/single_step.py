@@ -21,6 +21,7 @@ from ..attacks.gradient import pgd
 from ..attacks.threat import ThreatModel
 from ..errors import ConfigurationError
 from .base import AdversarialMethod, check_positive, image_batch, threat_from
+from .. import _validation as rules
 
 __all__ = ["FreeAT", "GradAlign", "grad_align_cosine"]
 
@@ -54,6 +55,7 @@ class FreeAT(AdversarialMethod):
 
     name = "free-at"
 
+    @rules.checked()
     def __init__(
         self,
         eps: float = 8 / 255,
@@ -162,6 +164,7 @@ class GradAlign(AdversarialMethod):
 
     name = "grad-align"
 
+    @rules.checked()
     def __init__(
         self,
         eps: float = 8 / 255,

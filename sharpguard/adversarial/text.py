@@ -36,6 +36,7 @@ from ..attacks import geometry
 from ..attacks.embedding import EmbeddingPerturbation, embedding_ascent, embedding_shape, padding_mask
 from ..errors import ConfigurationError
 from .base import AdversarialMethod, DropoutReplay, check_positive, gradient_carrier
+from .. import _validation as rules
 
 __all__ = ["FGM", "EmbeddingPGD", "FreeLB", "SMART", "R3F", "symmetric_kl"]
 
@@ -72,6 +73,7 @@ class _EmbeddingMethod(AdversarialMethod):
 
     default_dropout = "train"
 
+    @rules.checked()
     def __init__(self, *, dropout: str | None = None, seed: int | None = None):
         super().__init__(seed=seed)
         dropout = self.default_dropout if dropout is None else dropout
@@ -150,6 +152,7 @@ class FGM(_EmbeddingMethod):
 
     name = "fgm"
 
+    @rules.checked()
     def __init__(self, eps: float = 1.0, **kwargs: Any):
         super().__init__(**kwargs)
         self.eps = check_positive("eps", eps)
@@ -189,6 +192,7 @@ class EmbeddingPGD(_EmbeddingMethod):
 
     name = "embedding-pgd"
 
+    @rules.checked()
     def __init__(self, eps: float = 1.0, alpha: float = 0.3, steps: int = 3, **kwargs: Any):
         super().__init__(**kwargs)
         self.eps = check_positive("eps", eps)
@@ -240,6 +244,7 @@ class FreeLB(_EmbeddingMethod):
     name = "freelb"
     default_dropout = "fixed"
 
+    @rules.checked()
     def __init__(self, steps: int = 3, alpha: float = 0.1, init_mag: float = 0.02, max_norm: float = 0.0, **kwargs: Any):
         super().__init__(**kwargs)
         self.steps = check_steps(steps)
@@ -328,6 +333,7 @@ class SMART(_EmbeddingMethod):
 
     name = "smart"
 
+    @rules.checked()
     def __init__(self, weight: float = 1.0, eps: float = 1e-5, step_size: float = 1e-3, noise: float = 1e-5, steps: int = 1, **kwargs: Any):
         super().__init__(**kwargs)
         self.weight = check_positive("weight", weight)
@@ -398,6 +404,7 @@ class R3F(SMART):
 
     name = "r3f"
 
+    @rules.checked()
     def __init__(self, weight: float = 1.0, eps: float = 1e-5, noise: str = "uniform", **kwargs: Any):
         if noise not in ("uniform", "normal"):
             raise ConfigurationError(f"noise must be 'uniform' or 'normal', got {noise!r}.")

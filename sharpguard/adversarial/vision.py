@@ -29,6 +29,7 @@ from ..attacks.threat import ThreatModel, make_generator
 from ..errors import ConfigurationError, SharpGuardError
 from ..optim.functional import perturbation_scale
 from .base import AdversarialMethod, check_positive, image_batch, threat_from
+from .. import _validation as rules
 
 __all__ = [
     "PGDAT",
@@ -57,6 +58,7 @@ class _ImageMethod(AdversarialMethod):
     attack_loss = "ce"
     start = True
 
+    @rules.checked()
     def __init__(
         self,
         eps: float = 8 / 255,
@@ -124,6 +126,7 @@ class TRADES(_ImageMethod):
     attack_loss = "kl"
     start = "normal"
 
+    @rules.checked()
     def __init__(self, beta: float = 6.0, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, **kwargs: Any):
         super().__init__(eps, alpha, steps, **kwargs)
         self.beta = check_positive("beta", beta)
@@ -152,6 +155,7 @@ class MART(_ImageMethod):
 
     name = "mart"
 
+    @rules.checked()
     def __init__(self, beta: float = 6.0, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, **kwargs: Any):
         super().__init__(eps, alpha, steps, **kwargs)
         self.beta = check_positive("beta", beta)
@@ -191,6 +195,7 @@ class CatastrophicOverfittingDetector:
     ``history`` holds one dict per check; ``detected`` stays True once set.
     """
 
+    @rules.checked()
     def __init__(
         self,
         probe: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -289,6 +294,7 @@ class FastAT(_ImageMethod):
     name = "fast-at"
     replaces_inputs = True
 
+    @rules.checked()
     def __init__(
         self,
         eps: float = 8 / 255,
@@ -297,6 +303,11 @@ class FastAT(_ImageMethod):
         detector: CatastrophicOverfittingDetector | bool | None = None,
         **kwargs: Any,
     ):
+        if "steps" in kwargs and rules.positive_int("steps", kwargs.pop("steps")) != 1:
+            raise ConfigurationError(
+                "fast-at takes one step by definition (FGSM with a random start); leave steps out, "
+                "or use 'pgd-at' for several steps."
+            )
         kwargs.setdefault("random_start", True)
         super().__init__(eps, 0.0, 1, **kwargs)
         self.alpha = check_positive("alpha", 1.25 * self.threat.eps if alpha is None else alpha)
@@ -315,6 +326,7 @@ class FastAT(_ImageMethod):
 class _Reparametrized:
     """``model`` called with some parameters replaced by tensors (``torch.func.functional_call``)."""
 
+    @rules.checked()
     def __init__(self, model: nn.Module, replacements: dict[str, torch.Tensor]):
         self.model = model
         self.replacements = replacements
@@ -340,6 +352,7 @@ class AWP(AdversarialMethod):
 
     name = "awp"
 
+    @rules.checked()
     def __init__(self, base: AdversarialMethod | str = "pgd-at", gamma: float = 1e-2, *, warmup: int = 0, **base_kwargs: Any):
         super().__init__()
         if isinstance(base, str):
@@ -408,6 +421,7 @@ class DefensiveDistillation(AdversarialMethod):
 
     name = "defensive-distillation"
 
+    @rules.checked()
     def __init__(self, temperature: float = 20.0, teacher: nn.Module | None = None):
         super().__init__()
         self.temperature = check_positive("temperature", temperature, strict=True)
@@ -440,6 +454,7 @@ _SPECTRAL_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
+@rules.checked(eps=rules.positive)
 def spectral_normalize(
     model: nn.Module,
     *,

@@ -68,6 +68,8 @@ def check_labels(y: torch.Tensor | None, n: int, *, required: bool) -> torch.Ten
         )
     if y.dtype.is_floating_point or y.dtype == torch.bool:
         raise ConfigurationError(f"labels must be integer class indices, got dtype {y.dtype}.")
+    if y.dtype != torch.long:  # int32/uint8 labels are class indices too; torch's losses take int64 only
+        y = y.long()
     return as_normal_tensor(y)
 
 

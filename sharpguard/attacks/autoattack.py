@@ -34,6 +34,7 @@ from .fab import fab_targeted
 from .gradient import _threat, apgd, apgd_targeted
 from .square import square
 from .threat import ThreatModel, default_generator
+from .. import _validation as rules
 
 __all__ = ["AutoAttack", "AutoAttackReport", "auto_attack", "VERSIONS"]
 
@@ -83,6 +84,7 @@ class AutoAttack:
     ``None`` (default) when stderr is a terminal, ``True`` always, ``False`` never.
     """
 
+    @rules.checked()
     def __init__(
         self,
         eps: float = 8 / 255,
@@ -223,6 +225,7 @@ class AutoAttack:
         return x_adv.detach()
 
 
+@rules.checked()
 def auto_attack(
     model: nn.Module,
     x: torch.Tensor,

@@ -24,6 +24,7 @@ from ..errors import ConfigurationError
 from ._context import attack_context, check_steps
 from . import geometry
 from .threat import default_generator
+from .. import _validation as rules
 
 __all__ = [
     "EmbeddingPerturbation",
@@ -70,6 +71,7 @@ class EmbeddingPerturbation:
     at padding.
     """
 
+    @rules.checked()
     def __init__(self, model: nn.Module, delta: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         self.model = model
         self.module = input_embeddings(model)
@@ -129,6 +131,8 @@ def embedding_shape(model: nn.Module, batch: Mapping[str, Any]) -> tuple[tuple[i
 
 def padding_mask(batch: Mapping[str, Any]) -> torch.Tensor | None:
     """``attention_mask`` as ``(batch, seq_len)`` (1 = token, 0 = padding), or ``None`` when absent."""
+    if not isinstance(batch, Mapping):
+        raise ConfigurationError(f"batch must be a mapping of tensors (input_ids, attention_mask, ...), got {rules.shown(batch)}.")
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
     if mask is None:
         return None
@@ -153,6 +157,7 @@ def normalize_per_example(g: torch.Tensor, mask: torch.Tensor | None = None) -> 
     return geometry.normalize_l2(g, mask)
 
 
+@rules.checked()
 def project_per_example(delta: torch.Tensor, eps: float) -> torch.Tensor:
     """Scale each example's ``delta`` into the l2 ball of radius ``eps`` (``eps <= 0``: no projection,
     FreeLB's ``max_norm=0`` convention). :func:`.geometry.project_l2`."""
@@ -216,6 +221,7 @@ def embedding_ascent(
     return delta.detach()
 
 
+@rules.checked()
 def embedding_pgd(
     model: nn.Module,
     batch: Mapping[str, Any],

@@ -30,6 +30,7 @@ from . import _progress, geometry
 from ._context import attack_context, check_steps
 from .gradient import _Problem, _threat
 from .threat import ThreatModel, default_generator
+from .. import _validation as rules
 
 __all__ = ["fab_targeted"]
 
@@ -165,6 +166,7 @@ _DUAL = {"linf": "l1", "l2": "l2", "l1": "linf"}  # the dual norm measures the d
 
 
 # ----------------------------------------------------------------------------- the attack
+@rules.checked(alpha_max=rules.probability, eta=rules.at_least(1.0), beta=rules.probability)
 def fab_targeted(
     model: nn.Module,
     x: torch.Tensor,

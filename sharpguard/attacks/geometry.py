@@ -20,6 +20,7 @@ import math
 import torch
 
 from ..errors import ConfigurationError
+from .. import _validation as rules
 
 __all__ = [
     "NORMS",
@@ -80,6 +81,7 @@ def normalize_l2(g: torch.Tensor, mask: torch.Tensor | None = None, *, add: floa
     return (_wide(g) / n).to(g.dtype)
 
 
+@rules.checked()
 def normalize_per_token(g: torch.Tensor, mask: torch.Tensor | None = None, tiny: float = 1e-6) -> torch.Tensor:
     """``g / (||g||_inf + tiny)`` over the last dimension (SMART's per-token normalization, Jiang et al. 2020, Alg. 1)."""
     g = apply_mask(g, mask)

@@ -25,6 +25,7 @@ from . import _progress, geometry
 from ._context import as_normal_tensor, attack_context, check_label_range, check_labels, check_steps
 from .losses import NEEDS_LABELS, AttackLoss, dlr_targeted, resolve_loss
 from .threat import ThreatModel, default_generator
+from .. import _validation as rules
 
 __all__ = ["fgsm", "pgd", "apgd", "apgd_targeted"]
 
@@ -122,6 +123,7 @@ def _check_common(alpha: float, restarts: int) -> None:
     check_steps(restarts, "restarts")
 
 
+@rules.checked()
 def pgd(
     model: nn.Module,
     x: torch.Tensor,
@@ -183,6 +185,7 @@ def pgd(
         return tm.from_pixel(best[0]).detach()
 
 
+@rules.checked()
 def fgsm(
     model: nn.Module,
     x: torch.Tensor,
@@ -216,6 +219,7 @@ def fgsm(
     )
 
 
+@rules.checked(rho=rules.probability)
 def apgd(
     model: nn.Module,
     x: torch.Tensor,
@@ -271,6 +275,7 @@ def apgd(
         return tm.from_pixel(best[0]).detach()
 
 
+@rules.checked(rho=rules.probability)
 def apgd_targeted(
     model: nn.Module,
     x: torch.Tensor,

@@ -19,6 +19,7 @@ from ._context import as_normal_tensor, check_label_range, check_labels
 from .embedding import EmbeddingPerturbation, padding_mask
 from .losses import resolve_loss
 from .threat import ThreatModel
+from .. import _validation as rules
 
 __all__ = ["robust_accuracy", "clean_accuracy", "input_grad_norm"]
 
@@ -46,6 +47,7 @@ def _logits(model: nn.Module, inputs: Any, perturbation: torch.Tensor | None = N
         return logits_of(model(inputs))
 
 
+@rules.checked()
 def robust_accuracy(model: nn.Module, batches: Any, attack: Attack | None = None) -> float:
     """Fraction of examples still classified correctly after ``attack(model, inputs, labels)``.
 
@@ -65,6 +67,8 @@ def robust_accuracy(model: nn.Module, batches: Any, attack: Attack | None = None
                 raise ConfigurationError(
                     f"labels must be a 1-D tensor of class indices, got {shape}; for one-hot labels pass y.argmax(-1)."
                 )
+            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+                raise ConfigurationError(f"labels must be integer class indices, got dtype {labels.dtype}; pass y.long().")
             if isinstance(inputs, Mapping):
                 perturbation = None if attack is None else attack(model, inputs, labels)
                 if perturbation is not None and not isinstance(perturbation, torch.Tensor):
@@ -86,11 +90,13 @@ def robust_accuracy(model: nn.Module, batches: Any, attack: Attack | None = None
     return correct / total
 
 
+@rules.checked()
 def clean_accuracy(model: nn.Module, batches: Any) -> float:
     """Accuracy without attack (eval mode, side-effect free)."""
     return robust_accuracy(model, batches, None)
 
 
+@rules.checked()
 def input_grad_norm(
     model: nn.Module,
     batches: Any,

@@ -22,6 +22,7 @@ from . import _progress, geometry
 from ._context import attack_context, check_steps
 from .gradient import _Problem, _threat
 from .threat import ThreatModel, default_generator
+from .. import _validation as rules
 
 __all__ = ["square", "p_schedule"]
 
@@ -112,6 +113,7 @@ def _l2(t: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
     return geometry.per_example_norm(t.flatten(0, 1)).to(t.dtype).reshape(n, c, 1, 1)
 
 
+@rules.checked()
 def square(
     model: nn.Module,
     x: torch.Tensor,

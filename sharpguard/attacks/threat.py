@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ConfigurationError
 from . import geometry
+from .. import _validation as rules
 
 __all__ = ["ThreatModel", "default_generator", "make_generator"]
 
@@ -64,6 +65,7 @@ class ThreatModel:
         if norm not in _NORMS:
             raise ConfigurationError(f"norm must be 'linf', 'l2' or 'l1', got {self.norm!r}.")
         object.__setattr__(self, "norm", norm)
+        rules.real("eps", self.eps)
         eps = float(self.eps)
         if not math.isfinite(eps) or eps < 0:
             raise ConfigurationError(f"eps must be a finite number >= 0, got {self.eps}.")
@@ -196,6 +198,7 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+@rules.checked()
 def make_generator(device: torch.device | str, seed: int | None = None) -> torch.Generator:
     """A generator on ``device`` seeded with ``seed`` plus an offset per distributed rank.
 

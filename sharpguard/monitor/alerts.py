@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import ConfigurationError
+from .. import _validation as rules
 
 __all__ = [
     "Alert",
@@ -62,6 +63,7 @@ class AlertRule:
     name = "alert"
     metric = ""
 
+    @rules.checked()
     def __init__(self, *, patience: int = 1, clear_patience: int = 1) -> None:
         if patience < 1 or clear_patience < 1:
             raise ConfigurationError(
@@ -134,6 +136,7 @@ class EdgeOfStabilityAlert(AlertRule):
     name = "eos"
     metric = "sharpness/eos_ratio"
 
+    @rules.checked()
     def __init__(self, threshold: float = 1.0, *, patience: int = 3, clear_below: float = 0.9, clear_patience: int = 2):
         super().__init__(patience=patience, clear_patience=clear_patience)
         if clear_below > threshold:
@@ -164,6 +167,7 @@ class SurgeAlert(AlertRule):
 
     name = "lambda_surge"
 
+    @rules.checked()
     def __init__(
         self,
         metric: str = "sharpness/lambda_max",
@@ -223,6 +227,7 @@ class LossSpikeAlert(AlertRule):
     name = "loss_spike"
     metric = "loss"
 
+    @rules.checked()
     def __init__(
         self,
         factor: float = 2.0,
@@ -276,6 +281,7 @@ class CatastrophicOverfittingAlert(AlertRule):
 
     name = "catastrophic_overfitting"
 
+    @rules.checked()
     def __init__(
         self,
         drop: float = 0.2,

@@ -27,6 +27,7 @@ from .alerts import Alert, AlertRule
 from .history import MetricHistory
 from .probe import ProbeSet
 from .schedule import Schedule
+from .. import _validation as rules
 
 __all__ = ["Monitor", "MonitorAlertWarning"]
 
@@ -76,6 +77,7 @@ class Monitor:
         """Where the first check's seconds are logged (beside :attr:`overhead_metric`, once)."""
         return self.overhead_metric.replace("overhead_pct", "first_check_s")
 
+    @rules.checked(budget=rules.between(0.0, 1.0, low_open=True))
     def __init__(
         self,
         measures: Sequence[str] | None = None,

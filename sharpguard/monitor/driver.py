@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from ..errors import ConfigurationError
+from .. import _validation as rules
 
 __all__ = ["Comm", "LocalComm", "MonitorDriver"]
 
@@ -65,6 +66,7 @@ class MonitorDriver:
         is_rank_zero: only rank 0 writes the monitor's JSON-lines history.
     """
 
+    @rules.checked()
     def __init__(self, monitor: Any, comm: Comm | None = None, *, is_rank_zero: bool = True) -> None:
         if not callable(getattr(monitor, "on_step_end", None)):
             raise ConfigurationError(
@@ -207,6 +209,7 @@ def torch_comm(device: Any = None, group: Any = None) -> Comm:
 
 
 class _TorchComm:
+    @rules.checked()
     def __init__(self, device: Any, group: Any) -> None:
         import torch.distributed as dist
 

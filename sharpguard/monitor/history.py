@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+from .. import _validation as rules
 
 from ..errors import ConfigurationError
 
@@ -143,6 +144,7 @@ class MetricHistory:
     it could not write (up to ``tail`` of them) are written with the next batch that succeeds.
     """
 
+    @rules.checked()
     def __init__(self, path: str | os.PathLike[str] | None = None, *, tail: int = 1000, enabled: bool = True) -> None:
         self.path = Path(path) if path is not None else None
         self.enabled = enabled

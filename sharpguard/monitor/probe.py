@@ -25,6 +25,7 @@ from .._batches import as_batches, batch_size, move_to
 from .._state import preserve_rng
 from .._validation import positive_int
 from ..errors import ConfigurationError
+from .. import _validation as rules
 
 __all__ = ["ProbeSet"]
 
@@ -62,6 +63,7 @@ class ProbeSet:
         seed: recorded with the metrics (and used by :meth:`from_dataset`).
     """
 
+    @rules.checked()
     def __init__(
         self,
         batches: Any | None = None,

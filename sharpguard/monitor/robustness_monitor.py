@@ -17,6 +17,7 @@ from .._validation import check_keywords, keywords_of, one_of, positive, positiv
 from ..errors import ConfigurationError
 from .alerts import AlertRule, default_robustness_alerts
 from .base import Monitor
+from .. import _validation as rules
 
 __all__ = ["RobustnessMonitor"]
 
@@ -51,6 +52,7 @@ class RobustnessMonitor(Monitor):
     prefix = "robustness"
     overhead_metric = "monitor/robustness_overhead_pct"
 
+    @rules.checked()
     def __init__(
         self,
         measures: Sequence[str] | None = None,

@@ -25,6 +25,7 @@ from typing import Any
 
 from .._validation import non_negative_int, positive_int, real
 from ..errors import ConfigurationError
+from .. import _validation as rules
 
 __all__ = ["Schedule"]
 
@@ -39,6 +40,7 @@ class Schedule:
         min_every / max_every: bounds on the adaptive interval, in steps.
     """
 
+    @rules.checked(budget=rules.between(0.0, 1.0, low_open=True))
     def __init__(
         self,
         every_n_steps: int | None = None,

@@ -22,6 +22,7 @@ from ..sharpness.cost import DEFAULT_MAX_BASIS, EXTRA_VECTORS, GRAPH_FACTOR, che
 from ..sharpness.micro import AUTO_GRAPH_FLOOR_BYTES, AUTO_MAX_MICRO_BATCHES, auto_micro_batches
 from .alerts import AlertRule, default_sharpness_alerts
 from .base import Monitor
+from .. import _validation as rules
 
 __all__ = ["SharpnessMonitor"]
 
@@ -101,6 +102,7 @@ class SharpnessMonitor(Monitor):
     DEFAULT_MEASURES = ("lambda_max", "eos_ratio")
     prefix = "sharpness"
 
+    @rules.checked()
     def __init__(
         self,
         measures: Sequence[str] | None = None,

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
-from .._validation import check_keywords, one_of
+from .._validation import check_keywords, flag, one_of
 from ..errors import ConfigurationError
 from .factory import VARIANTS, canonical_variant
 from .sam import NONFINITE_POLICIES, SAM
@@ -48,6 +48,7 @@ class SAMConfig:
     def __post_init__(self) -> None:
         self.variant = canonical_variant(self.variant)
         one_of("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        flag("sync_perturbation", self.sync_perturbation)
         cls = VARIANTS[self.variant]
         declared = cls.knob_defaults()
         knobs = dict(self.knobs)

@@ -29,6 +29,7 @@ import torch
 from .._validation import positive
 from ..errors import ConfigurationError
 from . import _phase
+from .. import _validation as rules
 
 __all__ = ["DEFAULT_GAMMA", "SharpnessDataSelection"]
 
@@ -77,6 +78,7 @@ class SharpnessDataSelection:
             (default :data:`DEFAULT_GAMMA`, the official 0.5).
     """
 
+    @rules.checked(gamma=rules.probability)
     def __init__(self, gamma: float = DEFAULT_GAMMA) -> None:
         gamma = positive("gamma", gamma)
         if gamma > 1.0:

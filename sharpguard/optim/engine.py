@@ -35,6 +35,7 @@ from torch import nn
 from .._state import module_attribute_state, restore_module_attributes
 from . import _phase
 from .sam import SAM, perturbed_pass
+from .. import _validation as rules
 
 __all__ = ["SAMEngine", "Replay", "unwrap_optimizer"]
 
@@ -52,6 +53,7 @@ class SAMEngine:
             of ``g`` needs every shard's reduced gradient), so the perturbation is never per worker.
     """
 
+    @rules.checked()
     def __init__(self, sam: Any, *, sharded: bool = False) -> None:
         self.sam = sam
         self.sharded = bool(sharded)

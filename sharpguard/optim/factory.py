@@ -12,6 +12,7 @@ from .variants import FriendlySAM, GSAM, LookSAM, MomentumSAM
 from .lora import FlatLoRA
 from .variants_extra import ARWP, ESAM, RWP, WSAM
 from .variants_multi import BSAM, GAM
+from .. import _validation as rules
 
 __all__ = ["VARIANTS", "canonical_variant", "make_sam"]
 
@@ -50,6 +51,7 @@ _ALIASES = {
 }
 
 
+@rules.checked()
 def make_sam(
     optimizer: Optimizer,
     variant: str = "sam",

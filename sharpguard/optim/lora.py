@@ -26,6 +26,7 @@ from ..errors import ConfigurationError
 from . import functional as F
 from ._noise import RowLayout, gaussian, step_generator
 from .sam import SAM, _build_base, _non_negative
+from .. import _validation as rules
 
 __all__ = ["FlatLoRA", "lora_parameters", "lora_layers"]
 
@@ -46,6 +47,7 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
     ]
 
 
+@rules.checked()
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable LoRA adapter parameters of a peft model (``lora_A``, ``lora_B``, embedding LoRA,
     DoRA magnitudes), in module order: pass them to a SAM variant to perturb the adapters only.
@@ -97,6 +99,7 @@ class FlatLoRA(SAM):
 
     variant: ClassVar[str] = "flat_lora"
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],

@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 
 from .._validation import in_unit_interval, non_negative, non_negative_int, positive
 from ..errors import ConfigurationError
+from .. import _validation as rules
 
 __all__ = ["MESA"]
 
@@ -68,6 +69,7 @@ class MESA:
     Cost: one teacher forward per call (no backward) and one copy of the model's parameters and buffers.
     """
 
+    @rules.checked()
     def __init__(
         self,
         model: nn.Module,

@@ -30,6 +30,7 @@ from .._validation import non_negative, non_negative_int, positive, positive_int
 from ..errors import ConfigurationError
 from . import _phase
 from .mesa import _logits
+from .. import _validation as rules
 
 __all__ = ["SAF"]
 
@@ -79,6 +80,7 @@ class SAF:
     Logits of shape ``[batch, classes]`` only (one output per example).
     """
 
+    @rules.checked()
     def __init__(
         self,
         num_examples: int,

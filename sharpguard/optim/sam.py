@@ -55,6 +55,7 @@ from .._validation import check_keywords, keywords_of
 from ..errors import ConfigurationError
 from . import _phase
 from . import functional as F
+from .. import _validation as rules
 
 __all__ = ["SAM", "ASAM", "Closure", "perturbed_pass", "NONFINITE_POLICIES", "SAMFallbackWarning"]
 
@@ -287,6 +288,7 @@ class SAM(Optimizer):
         super().__init_subclass__(**kwargs)
         _CLASSES[cls.__name__] = cls
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -1021,6 +1023,7 @@ class ASAM(SAM):
 
     variant: ClassVar[str] = "asam"
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],

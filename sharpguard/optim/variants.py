@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from ..errors import ConfigurationError
 from . import functional as F
 from .sam import SAM, _build_base, _in_unit_interval, _non_negative, _positive_int, _rho
+from .. import _validation as rules
 
 __all__ = ["GSAM", "LookSAM", "MomentumSAM", "FriendlySAM"]
 
@@ -45,6 +46,7 @@ class GSAM(SAM):
     uses_clean_gradient: ClassVar[bool] = True
     per_worker_safe: ClassVar[bool] = False
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -89,6 +91,7 @@ class LookSAM(SAM):
     per_worker_safe: ClassVar[bool] = False
     state_buffers: ClassVar[tuple[str, ...]] = ("gv",)
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -153,6 +156,7 @@ class MomentumSAM(SAM):
 
     variant: ClassVar[str] = "momentum_sam"
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -240,6 +244,7 @@ class FriendlySAM(SAM):
     per_worker_safe: ClassVar[bool] = False
     state_buffers: ClassVar[tuple[str, ...]] = ("ema",)
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],

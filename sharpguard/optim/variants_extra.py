@@ -30,6 +30,7 @@ from . import functional as F
 from ._noise import RowLayout, gaussian, step_generator
 from .sam import SAM, _build_base, _in_unit_interval, _non_negative, _rho
 from .variants import _ratio
+from .. import _validation as rules
 
 __all__ = ["WSAM", "RWP", "ARWP", "ESAM"]
 
@@ -64,6 +65,7 @@ class WSAM(SAM):
     uses_clean_gradient: ClassVar[bool] = True
     per_worker_safe: ClassVar[bool] = False  # the step uses the clean gradient
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -188,6 +190,7 @@ class RWP(SAM):
     per_worker_safe: ClassVar[bool] = False  # the step mixes in the clean gradient
     state_buffers: ClassVar[tuple[str, ...]] = ("fisher",)
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -266,6 +269,7 @@ class ARWP(RWP):
 
     variant: ClassVar[str] = "arwp"
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -314,6 +318,7 @@ class ESAM(SAM):
 
     variant: ClassVar[str] = "esam"
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],

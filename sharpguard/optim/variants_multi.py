@@ -28,6 +28,7 @@ from ..errors import ConfigurationError
 from . import functional as F
 from ._noise import step_generator
 from .sam import SAM, _build_base, _non_negative, _rho
+from .. import _validation as rules
 
 __all__ = ["GAM", "BSAM"]
 
@@ -72,6 +73,7 @@ class GAM(SAM):
     per_worker_safe: ClassVar[bool] = False  # m mixes in the clean gradient
     perturbed_points: ClassVar[int] = 3
 
+    @rules.checked(beta1=rules.non_negative, beta2=rules.real, beta3=rules.non_negative)
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -190,6 +192,7 @@ class BSAM(SAM):
     per_worker_safe: ClassVar[bool] = False  # s is updated from the (noisy) clean gradient
     state_buffers: ClassVar[tuple[str, ...]] = ("s", "g_m")
 
+    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],

@@ -25,6 +25,7 @@ device and FSDP2) the FLOP ratios (``HVP_FLOPS``, ``SAM_FLOPS``) and the float32
 from __future__ import annotations
 
 from dataclasses import dataclass
+from .. import _validation as rules
 
 __all__ = [
     "CheckCost",
@@ -92,6 +93,7 @@ def _positive(name: str, value: float) -> float:
     return positive(name, value)
 
 
+@rules.checked()
 def estimate_check_cost(
     n_params: int,
     *,
@@ -177,6 +179,7 @@ def check_flops_per_hvp(hvp: str = "autograd", *, micro_batches: int = 1, probe_
     return HVP_FLOPS.get(hvp, HVP_FLOPS["autograd"])
 
 
+@rules.checked()
 def estimate_sam_cost(n_params: int, *, step_seconds: float, dtype_bytes: int = 4) -> SamCost:
     """A SAM step: one weight copy (``P b`` bytes, kept between steps) and two forward/backward passes."""
     p = _positive("n_params", n_params)

@@ -24,6 +24,7 @@ from .._batches import LossFn
 from ..errors import ConfigurationError, require
 from .lanczos import BasisDevice, Krylov, resolve_basis_device
 from .operator import HVPMethod, HVPOperator
+from .. import _validation as rules
 
 __all__ = ["SpectralDensity", "plot_spectral_density", "spectral_density"]
 
@@ -57,6 +58,7 @@ class SpectralDensity:
         return float(np.mean([np.sum(w[(t >= low) & (t <= high)]) for t, w in zip(self.nodes, self.weights)]))
 
 
+@rules.checked(sigma=rules.positive)
 def spectral_density(
     model: nn.Module,
     batches: Any,

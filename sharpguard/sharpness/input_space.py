@@ -32,10 +32,12 @@ from torch import nn
 from .._batches import as_batches, logits_of
 from .._state import side_effect_free
 from ..attacks import pgd
+from ..attacks._context import check_labels
 from ..attacks.losses import resolve_loss
 from ..errors import ConfigurationError
 from .lanczos import lanczos
 from .perturbation import SharpnessResult, worst_case_sharpness
+from .. import _validation as rules
 
 __all__ = [
     "AdversarialGeometry",
@@ -60,6 +62,7 @@ def _xy(batches: Any) -> tuple[torch.Tensor, torch.Tensor]:
             raise ConfigurationError(f"inputs must be floating point to differentiate through them, got {x.dtype}.")
         if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
             raise ConfigurationError("labels must be a 1-D tensor of class indices, one per input.")
+        y = check_labels(y, x.shape[0], required=True)
         xs.append(x.detach())
         ys.append(y.detach())
     return torch.cat(xs), torch.cat(ys)
@@ -119,6 +122,7 @@ def _summary(values: list[float]) -> tuple[float, float, float]:
     return float(t.mean()), float(t.median()), float(t.max())
 
 
+@rules.checked()
 def input_hessian_eigenvalue(
     model: nn.Module,
     batches: Any,
@@ -170,6 +174,7 @@ def _pgd_attack(eps: float, alpha: float | None, steps: int, norm: str, seed: in
     return attack
 
 
+@rules.checked()
 def robust_sharpness(
     model: nn.Module,
     batches: Any,
@@ -196,7 +201,7 @@ def robust_sharpness(
     _xy(batches)  # refuse token or unlabeled batches before anything runs
 
     def robust_loss(net: nn.Module, batch: Any) -> torch.Tensor:
-        x, y = batch[0], batch[1]
+        x, y = batch[0], check_labels(batch[1], batch[0].shape[0], required=True)
         x_adv = attack(net, x, y)
         return F.cross_entropy(logits_of(net(x_adv)), y)
 
@@ -237,6 +242,7 @@ def _confidence_and_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     return probs.max(-1).values, logits.detach().argmax(-1), torch.linalg.vector_norm(g.flatten(1).double(), dim=1)
 
 
+@rules.checked()
 def adversarial_geometry(
     model: nn.Module,
     batches: Any,

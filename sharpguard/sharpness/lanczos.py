@@ -31,6 +31,7 @@ from .._batches import LossFn
 from .._validation import positive, positive_int
 from ..errors import ConfigurationError
 from .operator import HVPMethod, HVPOperator, is_sharded
+from .. import _validation as rules
 
 Which = Literal["largest", "smallest", "both"]
 
@@ -524,6 +525,7 @@ def make_operator(
     return op, op.reduce_sum, generator
 
 
+@rules.checked()
 def hessian_eigenvalues(
     model: nn.Module,
     batches: Any,

@@ -23,6 +23,7 @@ from .._batches import LossFn
 from ..errors import ConfigurationError, require
 from .operator import ProbeLoss
 from .perturbation import _settings
+from .. import _validation as rules
 
 __all__ = ["LossSlice", "filter_normalized_direction", "loss_slice_1d", "loss_slice_2d", "plot_loss_slice"]
 
@@ -46,10 +47,13 @@ class LossSlice:
         return 1 if self.betas is None else 2
 
 
+@rules.checked()
 def filter_normalized_direction(
     probe: ProbeLoss, generator: torch.Generator, *, ignore_bias_bn: bool = True
 ) -> torch.Tensor:
     """A flat Gaussian direction rescaled filter-wise to the weights' filter norms (Li et al. 2018)."""
+    if not isinstance(probe, ProbeLoss):
+        raise ConfigurationError(f"probe must be a ProbeLoss, got {rules.shown(probe)}; build one with ProbeLoss(model, batches).")
     parts = []
     for p in probe.params:
         w = p.detach().to(probe.dtype)
@@ -94,6 +98,7 @@ def _definition(given: bool, ignore_bias_bn: bool) -> str:
     return f"loss along Gaussian filter-normalized directions around w (Li et al. 2018), {zeroed}"
 
 
+@rules.checked()
 def loss_slice_1d(
     model: nn.Module,
     batches: Any,
@@ -131,6 +136,7 @@ def loss_slice_1d(
     )
 
 
+@rules.checked()
 def loss_slice_2d(
     model: nn.Module,
     batches: Any,
@@ -168,6 +174,7 @@ def loss_slice_2d(
     )
 
 
+@rules.checked()
 def plot_loss_slice(result: LossSlice, ax: Any = None, *, levels: int = 20, **plot_kwargs: Any) -> Any:
     """Plot a 1-D slice as a curve or a 2-D slice as labelled contours; returns the matplotlib axes."""
     require("matplotlib", "study")

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._batches import batch_size, default_loss_fn, split_batch
+from .._batches import as_batches, batch_size, default_loss_fn, split_batch
 from .._state import local_shard, side_effect_free, trainable_parameters
 from ..errors import ConfigurationError
 from .cost import GRAPH_FACTOR
+from .. import _validation as rules
 
 __all__ = ["AUTO_MAX_MICRO_BATCHES", "AUTO_SLACK_BYTES", "PRODUCT_VECTORS", "auto_micro_batches"]
 
@@ -32,6 +33,7 @@ AUTO_MAX_MICRO_BATCHES = 8
 PRODUCT_VECTORS = 3
 
 
+@rules.checked()
 def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None, *,
                        distributed: bool | None = None, basis_on_device: bool | None = None) -> int:
     """How many micro-batches a check's products should run each probe batch in (``micro_batches="auto"``).
@@ -58,6 +60,7 @@ def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = 
     collectives on every rank; on fake tensors (``FakeTensorMode``) nothing is read and the ranks are
     taken to be alike.
     """
+    batches = as_batches(batches)
     from .cost import DEFAULT_MAX_BASIS
     from .operator import _detach_inference, _unwrap, has_fake_tensors  # here: operator.py imports this module
 

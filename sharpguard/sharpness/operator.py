@@ -39,10 +39,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .._batches import BatchList, LossFn, as_batches, batch_size, checked_loss, default_loss_fn, split_batch
+from .._batches import BatchList, LossFn, as_batches, batch_size, check_default_targets, checked_loss, default_loss_fn, split_batch
 from .._state import side_effect_free, trainable_parameters
 from .._validation import positive_int
 from ..errors import ConfigurationError, SharpGuardError
+from .. import _validation as rules
 
 HVPMethod = Literal["auto", "autograd", "finite_difference"]
 _FD_FACTOR = 4.0  # finite-difference step in units of eps_mach^(1/3) times the weights' size (docstring)
@@ -81,6 +82,7 @@ def _detach_inference(batch: Any) -> Any:
     return batch
 
 
+@rules.checked()
 def is_sharded(model: nn.Module) -> bool:
     """Whether any trainable parameter of ``model`` is a ``DTensor`` (FSDP2's ``fully_shard``, tensor parallel)."""
     try:
@@ -114,6 +116,7 @@ class ProbeLoss:
     #: whether this class computes gradients of sharded (FSDP2) parameters (:mod:`.sharded`)
     supports_sharded = False
 
+    @rules.checked()
     def __init__(
         self,
         model: nn.Module,
@@ -131,6 +134,8 @@ class ProbeLoss:
                 "and trace) support sharded models (finite differences of FSDP's own gradients); the others do not yet."
             )
         self.batches = [_detach_inference(b) for b in as_batches(batches)]
+        if loss_fn is None:
+            check_default_targets(self.batches)
         self.params = trainable_parameters(model)
         self.model = model
         self.module = _unwrap(model)
@@ -374,6 +379,7 @@ class HVPOperator(ProbeLoss):
             exceed the model's own size.
     """
 
+    @rules.checked()
     def __init__(
         self,
         model: nn.Module,

@@ -37,6 +37,7 @@ from .._batches import LossFn
 from .._validation import one_of, positive
 from ..errors import ConfigurationError
 from .operator import ProbeLoss
+from .. import _validation as rules
 
 Norm = Literal["l2", "linf"]
 
@@ -128,6 +129,7 @@ def _settings(probe: ProbeLoss, **kw: Any) -> dict[str, Any]:
     return {**kw, "probe_examples": probe.n_examples, "probe_batches": len(probe.batches)}
 
 
+@rules.checked()
 def worst_case_sharpness(
     model: nn.Module,
     batches: Any,
@@ -192,6 +194,7 @@ def worst_case_sharpness(
     )
 
 
+@rules.checked()
 def average_sharpness(
     model: nn.Module,
     batches: Any,
@@ -243,6 +246,7 @@ def average_sharpness(
     )
 
 
+@rules.checked()
 def first_order_sharpness(
     model: nn.Module,
     batches: Any,
@@ -279,6 +283,7 @@ def first_order_sharpness(
     )
 
 
+@rules.checked()
 def keskar_sharpness(
     model: nn.Module,
     batches: Any,

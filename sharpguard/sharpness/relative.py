@@ -37,6 +37,7 @@ from .._batches import LossFn, as_batches, batch_size, logits_of
 from .._state import side_effect_free
 from ..errors import ConfigurationError, NonFiniteLossError
 from .operator import HVPOperator
+from .. import _validation as rules
 
 __all__ = ["RelativeFlatnessResult", "relative_flatness", "penultimate_linear"]
 
@@ -60,6 +61,7 @@ class RelativeFlatnessResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+@rules.checked()
 def penultimate_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     """The last ``nn.Linear`` in ``model.named_modules()`` order: the layer fed by the penultimate
     representation in an MLP or a CNN/transformer with a linear head."""
@@ -159,6 +161,7 @@ def _hvp_blocks(model: nn.Module, module: nn.Module, batches: list[Any], loss_fn
         return blocks, op.n_hvp
 
 
+@rules.checked()
 def relative_flatness(
     model: nn.Module,
     batches: Any,

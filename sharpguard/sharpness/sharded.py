@@ -31,6 +31,7 @@ from torch import nn
 from .._batches import LossFn
 from ..errors import ConfigurationError
 from .operator import HVPOperator, is_sharded
+from .. import _validation as rules
 
 __all__ = ["ShardedHVPOperator", "is_sharded"]
 
@@ -45,6 +46,7 @@ class ShardedHVPOperator(HVPOperator):
 
     supports_sharded = True
 
+    @rules.checked()
     def __init__(self, model: nn.Module, batches: Any, loss_fn: LossFn | None = None, *, hvp: str = "auto",
                  **kwargs: Any) -> None:
         if hvp not in ("auto", "finite_difference"):

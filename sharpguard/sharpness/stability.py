@@ -46,6 +46,7 @@ from .lanczos import (
     start_vector,
 )
 from .operator import HVPMethod, HVPOperator
+from .. import _validation as rules
 
 __all__ = ["DirectionalCurvature", "EoSResult", "directional_curvature", "eos_ratio"]
 
@@ -186,6 +187,7 @@ def _params_without_state(opt: torch.optim.Optimizer, params: list[torch.Tensor]
     return out
 
 
+@rules.checked()
 def eos_ratio(
     model: nn.Module,
     batches: Any,
@@ -349,6 +351,7 @@ def _update_direction(op: HVPOperator, optimizer: Any) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@rules.checked()
 def directional_curvature(
     model: nn.Module,
     batches: Any,
@@ -366,6 +369,10 @@ def directional_curvature(
     (``direction="update"``, needs ``optimizer``) or a given vector. One product (two with the
     determinism check); ``"gradient"`` adds one gradient pass. On fake tensors (``FakeTensorMode``) a
     cost-only run: the same passes, NaN value and norm."""
+    if not isinstance(direction, (str, torch.Tensor, list, tuple)):
+        raise ConfigurationError(
+            f"direction must be 'gradient', 'update' or a vector (a tensor or a list of tensors), got {rules.shown(direction)}."
+        )
     if isinstance(direction, str) and direction not in ("gradient", "update"):
         raise ConfigurationError(f"direction must be 'gradient', 'update' or a vector, got {direction!r}.")
     if isinstance(direction, str) and direction == "update" and optimizer is None:

@@ -24,6 +24,7 @@ from .._batches import LossFn
 from ..errors import ConfigurationError
 from .lanczos import BasisDevice, make_operator, resolve_basis_device, total_size
 from .operator import HVPMethod, HVPOperator
+from .. import _validation as rules
 
 __all__ = ["TraceResult", "hessian_trace"]
 
@@ -73,6 +74,7 @@ def _mean_stderr(samples: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / m)
 
 
+@rules.checked()
 def hessian_trace(
     model: nn.Module,
     batches: Any,
