@@ -241,6 +241,14 @@ def _kind(value: Any) -> str:
         type(value), type(value).__name__)
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_record(rec: Any) -> str | None:
     """What is wrong with one decoded line as a monitor record (None: nothing)."""
     if not isinstance(rec, dict):
@@ -255,7 +263,7 @@ def _check_record(rec: Any) -> str | None:
         return f"'metric' must be a string, got {_kind(name)} ({_short(name)})"
     if not 0 < len(name) <= MAX_METRIC_NAME:
         return f"'metric' must be a name of 1 to {MAX_METRIC_NAME} characters, got {len(name)} characters"
-    if any("\ud800" <= c <= "\udfff" for c in name):
+    if not name.isascii() and not _encodable(name):
         return "'metric' holds an unpaired UTF-16 surrogate (\\ud800-\\udfff), which no text file can hold"
     if value is not None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -236,7 +236,8 @@ PLOT_LIMIT = 1e300
 
 def _plottable(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Records as the figure draws them: names literal, values beyond ``PLOT_LIMIT`` left out."""
-    return [{**r, "metric": _plot_name(r["metric"]),
+    names = {name: _plot_name(name) for name in {r["metric"] for r in records}}
+    return [{**r, "metric": names[r["metric"]],
              "value": r["value"] if r["value"] is None or abs(r["value"]) <= PLOT_LIMIT else None} for r in records]
 
 
