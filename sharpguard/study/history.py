@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import unicodedata
 import warnings
 from collections import defaultdict
@@ -16,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._atomic import atomic_write_bytes
 from ..errors import ConfigurationError
 from ..monitor.history import HistoryRecords, HistoryWarning, dropped_message, parse_history
 from .stats import kendall_tau
@@ -193,16 +193,7 @@ def write_inside(folder: Path, name: str, data: bytes) -> Path:
     target = folder / name
     if target.is_dir() and not target.is_symlink():
         raise ConfigurationError(f"{_quoted(target)} is a folder; the report writes a file there, remove it or pass another --out.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, data)
     return target
 
 
