@@ -88,12 +88,14 @@ def render_study(kept: dict) -> str:
 def render_example_times(times: dict) -> dict[str, str]:
     """The blocks that quote the examples' wall times (README.md's list, docs/huggingface.md's line)."""
     machine = times["machine"]
-    items = ", ".join(f"`examples/{name}` ({t['seconds']:.0f} s)" for name, t in times["examples"].items())
+    items = ", ".join(f"`examples/{name}` ({t['seconds']:.0f} s at load {t['load_average']:g})"
+                      for name, t in times["examples"].items())
     hf = times["examples"].get("hf_text_classification.py")
     return {
-        "example-times": f"Measured wall times, one run each ({machine}): {items}.\n",
-        "hf-example-time": (f"`examples/hf_text_classification.py` (CPU, {hf['seconds']:.0f} s measured on {machine}; "
-                            "`--quick` for a smoke test; `--variant`,\n") if hf else "",
+        "example-times": (f"Measured wall times, one run each ({machine}; the load average beside each time says how "
+                          f"busy the machine was, and times grow with it): {items}.\n"),
+        "hf-example-time": (f"`examples/hf_text_classification.py` (CPU, {hf['seconds']:.0f} s measured on a {machine}, at "
+                            f"load average {hf['load_average']:g}; `--quick` for a smoke test; `--variant`,\n") if hf else "",
     }
 
 
@@ -124,7 +126,7 @@ def rewrite(paths=DOCS) -> list[Path]:
 
 
 def _machine() -> str:
-    return f"{os.cpu_count()}-core CPU, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    return f"{os.cpu_count()}-core CPU shared with other jobs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
 
 
 def study(source: str | None) -> None:
@@ -151,10 +153,14 @@ def examples() -> None:
     env = {**os.environ, "MPLBACKEND": "Agg"}
     for name, args in EXAMPLES:
         with tempfile.TemporaryDirectory() as cwd:  # an example's files (runs/, logs) land outside the checkout
+            load = os.getloadavg()[0]
             start = time.perf_counter()
             subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], check=True, cwd=cwd, env=env,
                            stdout=subprocess.DEVNULL)
-            times["examples"][name] = {"seconds": round(time.perf_counter() - start, 1), "args": args}
+            seconds = time.perf_counter() - start
+            # the machine's load (1-minute average) around the run: on a shared machine it explains the time
+            load = max(load, os.getloadavg()[0])
+            times["examples"][name] = {"seconds": round(seconds, 1), "args": args, "load_average": round(load, 1)}
         print(f"{name}: {times['examples'][name]['seconds']} s", flush=True)
     EXAMPLE_TIMES.write_text(json.dumps(times, indent=1) + "\n")
 

@@ -30,7 +30,8 @@ def test_every_generated_block_equals_its_rendering_from_the_kept_runs(doc_numbe
     found = {}
     for path in doc_numbers.DOCS:
         found.update({(path.name, k): v for k, v in _blocks_in(path, doc_numbers).items()})
-    assert ("study.md", "study-default-run") in found
+    assert {("study.md", "study-default-run"), ("README.md", "example-times"),
+            ("huggingface.md", "hf-example-time")} <= set(found)
     for (name, block), body in found.items():
         assert block in rendered, f"{name} has a block {block!r} that no kept run renders"
         assert body == rendered[block], f"{name}'s {block} block drifted: run python scripts/doc_numbers.py render"
@@ -54,3 +55,12 @@ def test_a_changed_number_is_caught(doc_numbers, tmp_path):
     doc.write_text(f"x\n<!-- doc-numbers:study-default-run -->\n{body.replace('29 tests', '28 tests')}"
                    "<!-- /doc-numbers:study-default-run -->\n")
     assert doc_numbers.rewrite([doc]) == [doc] and "29 tests" in doc.read_text()
+
+
+def test_example_times_cover_every_example_and_say_how_busy_the_machine_was(doc_numbers):
+    times = json.loads(doc_numbers.EXAMPLE_TIMES.read_text())
+    examples = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
+    assert sorted(times["examples"]) == examples
+    text = doc_numbers.render_example_times(times)["example-times"]
+    for name, t in times["examples"].items():
+        assert f"`examples/{name}` ({t['seconds']:.0f} s at load {t['load_average']:g})" in text
