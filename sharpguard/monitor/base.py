@@ -411,6 +411,9 @@ class Monitor:
         if batch is None and self.probe.ready:
             batch = batch_size(self.probe.batches[0])
         if not batch:
+            if self._auto_probe:  # whole training batches, as many as keep a check within CHECK_STEPS
+                per_batch = max(self.passes(), 1e-9)
+                return per_batch * max(1, int(self.CHECK_STEPS // per_batch))
             return None
         return self.passes() * max(self.probe.size / batch, 1.0)
 
@@ -437,9 +440,9 @@ class Monitor:
         elif every:
             when = f"every {every} steps (fixed: the {100 * self.schedule.budget:g}% budget does not apply)"
         else:
-            when = (f"first check at the first measured step (a one-off that shows the measurement works, reported "
-                    f"apart as {self.first_check_metric}), then within {100 * self.schedule.budget:g}% of training "
-                    f"time ({self.overhead_metric})")
+            when = (f"first check at the first measured step (a one-off that shows the measurement works, at about "
+                    f"a check's cost plus one-time set-up, reported apart as {self.first_check_metric}), then within "
+                    f"{100 * self.schedule.budget:g}% of training time ({self.overhead_metric})")
         cost_txt = (f"~{cost:.0f} training steps per check (estimated)" if cost is not None
                     else f"~{self.passes():.0f} training steps per check per training-batch-sized probe batch (estimated)")
         size = ("sized at the first batch to keep a check within ~"
