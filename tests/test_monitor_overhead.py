@@ -182,7 +182,10 @@ def test_every_n_steps_longer_than_the_run_warns_at_once_and_at_the_end():
     assert mon.summary().startswith("SharpnessMonitor made 0 checks")
     (note,) = mon.end_notes()
     assert "every_n_steps=10 is more than the 4 optimizer steps trained" in note
-    assert any(r["metric"] == "monitor/note" for r in mon.history.records)
+    reasons = [r["settings"]["reason"] for r in mon.history.records if r["metric"] == "monitor/note"]
+    assert reasons[-1] == note and len(reasons) == 2  # the start warning and the end note, each once
+    mon.end_notes()
+    assert len([r for r in mon.history.records if r["metric"] == "monitor/note"]) == 2
 
 
 def test_a_run_of_one_step_says_the_first_check_waits_for_a_step_time():

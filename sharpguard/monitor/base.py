@@ -502,10 +502,20 @@ class Monitor:
         return max(self._last_step, self.schedule._last_step or 0)
 
     def end_notes(self) -> list[str]:
-        """What the end of a run must say as a warning, not an info line: a monitor that made no check."""
+        """What the end of a run must say as a warning, not an info line: a monitor that made no check.
+
+        Each note is also a ``monitor/note`` history record (once); the adapter warns through its
+        framework's own channel (Lightning's rank-zero warning, transformers' or Accelerate's logger).
+        """
+        notes = []
         if self.schedule.n_checks == 0:
-            return [f"{type(self).__name__} made no check: {self._no_check_reason()}"]
-        return []
+            notes.append(("no-check", f"{type(self).__name__} made no check: {self._no_check_reason()}"))
+        for key, message in notes:
+            if key not in self._warned:
+                self._warned.add(key)
+                self.history.append(max(int(self._steps_done()), 0), {"monitor/note": 1.0},
+                                    {"monitor/note": {"reason": message, "key": key}})
+        return [message for _, message in notes]
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
