@@ -128,3 +128,14 @@ def test_the_refusal_gives_the_advice_that_works():
     text = str(info.value)
     assert "self.optimizers().step(closure=closure)" in text and "manual_backward" in text
     assert "global_step" in text and "bypass" in text
+
+
+def test_adversarial_training_refusal_does_not_send_users_to_sam():
+    from sharpguard.integrations.lightning import AdversarialTraining
+    from sharpguard.integrations.lightning._hooks import _refuse_unsupported
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(ConfigurationError) as info:
+        _refuse_unsupported(trainer, ManualSAM(), AdversarialTraining._who)
+    assert "make_method" in str(info.value) and "SAM" not in str(info.value)

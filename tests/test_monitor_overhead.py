@@ -182,7 +182,10 @@ def test_every_n_steps_longer_than_the_run_warns_at_once_and_at_the_end():
     assert mon.summary().startswith("SharpnessMonitor made 0 checks")
     (note,) = mon.end_notes()
     assert "every_n_steps=10 is more than the 4 optimizer steps trained" in note
-    assert any(r["metric"] == "monitor/note" for r in mon.history.records)
+    reasons = [r["settings"]["reason"] for r in mon.history.records if r["metric"] == "monitor/note"]
+    assert reasons[-1] == note and len(reasons) == 2  # the start warning and the end note, each once
+    mon.end_notes()
+    assert len([r for r in mon.history.records if r["metric"] == "monitor/note"]) == 2
 
 
 def test_a_run_of_one_step_says_the_first_check_waits_for_a_step_time():
@@ -209,3 +212,16 @@ def test_the_schedule_state_round_trips_and_is_checked():
                                  if k not in ("first_check_seconds", "first_check_step", "setup_seconds")}}
     other.load_state_dict(old)
     assert other.schedule.first_check_seconds is None and other.schedule.steady_seconds == other.schedule.monitor_seconds
+
+
+def test_the_start_line_states_the_cost_of_a_check_before_the_first_batch():
+    """An auto-sized probe is whole training batches, as many as keep a check within CHECK_STEPS: the
+    line can state the cost in training steps before any batch is seen."""
+    mon = SharpnessMonitor(measures=("lambda_max",))
+    per_batch = mon.passes()
+    expected = per_batch * max(1, int(mon.CHECK_STEPS // per_batch))
+    assert mon.estimated_check_steps() == pytest.approx(expected)
+    line = mon.describe()
+    assert f"~{expected:.0f} training steps per check (estimated)" in line
+    assert "first check at the first measured step" in line and "monitor/first_check_s" in line
+    assert "within 5% of training time (monitor/overhead_pct)" in line

@@ -29,10 +29,11 @@ The Trainer then clips (the final, SAM gradient), steps the base optimizer, runs
 zeroes the gradients as usual. The logged ``loss`` is the loss at ``w``. See
 :mod:`sharpguard.integrations.accelerate` for fp16, FSDP and DeepSpeed (refused).
 
-The monitor callbacks are plain ``TrainerCallback``\\ s that work with any Trainer. They hold the
-trainer (``set_trainer``: :class:`SharpGuardTrainer` calls it; with a plain ``Trainer`` call
-``callback.set_trainer(trainer)`` before ``train()``, which otherwise stops at once saying so) so their
-metrics go through ``Trainer.log``: into ``state.log_history`` and every ``report_to`` integration.
+The monitor callbacks are plain ``TrainerCallback``\\ s that work with any Trainer. With a plain
+``Trainer`` they write their metrics into ``state.log_history`` and their history file and say once
+that the ``report_to`` integrations are out of reach; holding the trainer (``set_trainer``:
+:class:`SharpGuardTrainer` calls it, or call it before ``train()``) their metrics go through
+``Trainer.log``: into ``state.log_history`` and every ``report_to`` integration.
 Their probe set is drawn from the training dataset by index with a private generator (the DataLoader
 is never iterated), every measurement is side-effect free (a monitored run trains to bitwise the same
 weights), and their state goes into ``trainer_state.json`` through transformers' own callback-state

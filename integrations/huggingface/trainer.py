@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 

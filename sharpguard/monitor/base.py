@@ -413,6 +413,9 @@ class Monitor:
         if batch is None and self.probe.ready:
             batch = batch_size(self.probe.batches[0])
         if not batch:
+            if self._auto_probe:  # whole training batches, as many as keep a check within CHECK_STEPS
+                per_batch = max(self.passes(), 1e-9)
+                return per_batch * max(1, int(self.CHECK_STEPS // per_batch))
             return None
         return self.passes() * max(self.probe.size / batch, 1.0)
 
@@ -439,9 +442,9 @@ class Monitor:
         elif every:
             when = f"every {every} steps (fixed: the {100 * self.schedule.budget:g}% budget does not apply)"
         else:
-            when = (f"first check at the first measured step (a one-off that shows the measurement works, reported "
-                    f"apart as {self.first_check_metric}), then within {100 * self.schedule.budget:g}% of training "
-                    f"time ({self.overhead_metric})")
+            when = (f"first check at the first measured step (a one-off that shows the measurement works, at about "
+                    f"a check's cost plus one-time set-up, reported apart as {self.first_check_metric}), then within "
+                    f"{100 * self.schedule.budget:g}% of training time ({self.overhead_metric})")
         cost_txt = (f"~{cost:.0f} training steps per check (estimated)" if cost is not None
                     else f"~{self.passes():.0f} training steps per check per training-batch-sized probe batch (estimated)")
         size = ("sized at the first batch to keep a check within ~"
@@ -501,10 +504,20 @@ class Monitor:
         return max(self._last_step, self.schedule._last_step or 0)
 
     def end_notes(self) -> list[str]:
-        """What the end of a run must say as a warning, not an info line: a monitor that made no check."""
+        """What the end of a run must say as a warning, not an info line: a monitor that made no check.
+
+        Each note is also a ``monitor/note`` history record (once); the adapter warns through its
+        framework's own channel (Lightning's rank-zero warning, transformers' or Accelerate's logger).
+        """
+        notes = []
         if self.schedule.n_checks == 0:
-            return [f"{type(self).__name__} made no check: {self._no_check_reason()}"]
-        return []
+            notes.append(("no-check", f"{type(self).__name__} made no check: {self._no_check_reason()}"))
+        for key, message in notes:
+            if key not in self._warned:
+                self._warned.add(key)
+                self.history.append(max(int(self._steps_done()), 0), {"monitor/note": 1.0},
+                                    {"monitor/note": {"reason": message, "key": key}})
+        return [message for _, message in notes]
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -137,8 +137,8 @@ class Schedule:
             return False  # the first adaptive check waits until a step time has been measured
         if not self._placed:
             # fail fast (docs/design.md promise 9): the first adaptive check runs at the first step whose
-            # time is known (and whose probe holds data); its cost is then paid back by the gap the
-            # budget sets after it
+            # time is known (and whose probe holds data); a one-off kept apart from the steady state
+            # that the budget bounds
             self._placed = True
             self.changed = True
         if self._replan_at is not None and step >= self._replan_at and step < self.next_step:
