@@ -753,3 +753,22 @@ def test_a_check_at_the_defaults_needs_no_more_memory_than_a_training_step(name)
         reference = op.matvec(v)
     with HVPOperator(model, batch, micro_batches="auto", check_determinism=False) as op:
         torch.testing.assert_close(op.matvec(v), reference, rtol=1e-4, atol=1e-6)
+
+
+def test_the_basis_goes_to_host_memory_on_an_accelerator_and_bad_devices_are_refused_first():
+    from sharpguard.sharpness.lanczos import resolve_basis_device
+
+    assert resolve_basis_device("auto", torch.device("cuda", 0)) == torch.device("cpu")
+    assert resolve_basis_device("auto", torch.device("cpu")) == torch.device("cpu")
+    assert resolve_basis_device(None, torch.device("cuda", 1)) == torch.device("cuda", 1)
+    model, batches = mlp_case()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ConfigurationError, match="basis_device"):
+        hessian_eigenvalues(model, batches, basis_device="not-a-device")
+    with pytest.raises(ConfigurationError, match="basis_device"):
+        hessian_trace(model, batches, basis_device=3.5)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    res = hessian_eigenvalues(model, batches, basis_device="cpu", tol=1e-10)
+    assert res.settings["basis_device"] == "cpu"
+    dense = torch.linalg.eigvalsh(dense_hessian(model, batches))[-1]
+    assert res.lambda_max == pytest.approx(float(dense), rel=1e-7)
