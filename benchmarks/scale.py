@@ -16,14 +16,14 @@ Columns, per model:
   (``torch.func.jvp`` of ``torch.func.grad``, :func:`hvp_forward_over_reverse`) is timed beside it, and
   both products' extra peak memory is measured in fresh processes (*one HVP's extra peak*).
 * *check*: ``hessian_eigenvalues(model, batch, k=1)`` with its defaults (tol 1e-4, the bounded Lanczos
-  basis of 5 vectors) but ``max_iter=20`` (the basis is full after 5 products, so the memory peak is
-  that of the default ``max_iter=100``; the time grows with the products), seconds and extra peak memory
-  over the training step's extra peak; the same with ``hvp="finite_difference"`` (two gradient passes
-  per product, no double-backward graph), and PyHessian's ``eigenvalues(top_n=1, maxIter=20)`` (tol 1e-3)
-  on the same batch. *check, monitor's micro-batches*: the same check with the micro-batches the
-  ``SharpnessMonitor``'s default ``micro_batches="auto"`` chooses (``auto_micro_batches``: up to 8; a
-  batch of 8 sequences in 8 runs one sequence at a time), the GPT-2 targets kept batch-first so the
-  batch splits by sequences.
+  basis of 5 vectors, ``micro_batches="auto"``: the slices it chooses so that a check stays within a
+  training step's memory, the GPT-2 targets kept batch-first so the batch splits by sequences) but
+  ``max_iter=20`` (the basis is full after 5 products, so the memory peak is that of the default
+  ``max_iter=100``; the time grows with the products), seconds and extra peak memory over the training
+  step's extra peak; *check, whole batch*: the same with ``micro_batches=1`` (the default before: the whole
+  batch's graph, cached); the defaults with ``hvp="finite_difference"`` (two gradient passes per product,
+  no double-backward graph), and PyHessian's ``eigenvalues(top_n=1, maxIter=20)`` (tol 1e-3) on the same
+  batch.
 
 Peak memory: every memory number comes from a fresh subprocess (the training, SAM and peer SAM steps: the
 median of three) that builds the model and batch, resets the
@@ -253,28 +253,20 @@ def worker(name: str, what: str, quick: bool) -> dict:
         else:
             tangents = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
             hvp_forward_over_reverse(model, probe, tangents)
-    elif what == "check_mb":
+    elif what in ("check", "check_whole", "check_fd"):
         from sharpguard.sharpness import hessian_eigenvalues
 
-        # the monitors' default: each probe batch in the micro-batches auto_micro_batches chooses (targets
-        # kept batch-first so the batch splits by examples; the same loss)
+        # the function's defaults (micro_batches="auto": the slices its choice takes, its forward part of
+        # the check); targets kept batch-first so the batch splits by examples, the same loss.
+        # check_whole: the whole batch at once (micro_batches=1, the old default, graph cached)
         x, y = batch
         y2 = x[:, 1:] if name.startswith("gpt2") else y
         loss = lambda m, b: F.cross_entropy(m(b[0]), b[1].reshape(-1))  # noqa: E731
-        # the SharpnessMonitor's default choice; its forward is part of the first check, so measured with it
-        micro = auto_micro_batches(model, [(x, y2)], loss)
-        r = hessian_eigenvalues(model, (x, y2), loss, k=1, max_iter=MAX_ITER, micro_batches=micro)
-        out.update(lam=r.lambda_max, n_hvp=r.n_hvp, residual=r.residuals[0], converged=r.converged, method=r.hvp_method,
-                   micro_batches=micro)
-    elif what in ("check", "check_fd"):
-        from sharpguard.sharpness import hessian_eigenvalues
-
-        r = hessian_eigenvalues(
-            model, batch, loss_of, k=1, max_iter=MAX_ITER, hvp="finite_difference" if what == "check_fd" else "auto"
-        )
+        kw = {"check_whole": {"micro_batches": 1}, "check_fd": {"hvp": "finite_difference"}}.get(what, {})
+        r = hessian_eigenvalues(model, (x, y2), loss, k=1, max_iter=MAX_ITER, **kw)
         out.update(
             lam=r.lambda_max, n_hvp=r.n_hvp, residual=r.residuals[0], converged=r.converged,
-            basis=r.basis_vectors, restarts=r.n_restarts, method=r.hvp_method,
+            basis=r.basis_vectors, restarts=r.n_restarts, method=r.hvp_method, micro_batches=r.settings["micro_batches"],
         )
     elif what == "pyhessian":
         model.eval()
@@ -393,6 +385,7 @@ def time_ratios(name: str, quick: bool, rounds: int) -> dict:
 def render_row(name: str, mem: dict, t: dict) -> str:
     """One row of the table from one model's measurements (``scale_raw.json`` holds them all)."""
     pbytes = 4 * t["params"] / 2**20
+    whole = mem.get("check_whole", mem.get("check_mb"))  # rows measured before the defaults changed: check_mb
     tr = dict(mem["train"])
     tr["extra_mib"] = max(tr["extra_mib"], 1.0)
     return (
@@ -403,12 +396,12 @@ def render_row(name: str, mem: dict, t: dict) -> str:
         f"/ {t['hvp_pyhessian'] / t['fwd_bwd']:.2f} "
         f"| {mem['hvp']['extra_mib'] / tr['extra_mib']:.2f}x / {mem['hvp_fwd_over_rev']['extra_mib'] / tr['extra_mib']:.2f}x "
         f"| {tr['extra_mib']:.0f} MiB, {tr['seconds']:.2f} s "
-        f"| {mem['check']['seconds']:.1f} s, {mem['check']['n_hvp']} HVP, {mem['check']['extra_mib'] / tr['extra_mib']:.2f}x "
-        f"| {mem['check_mb'].get('micro_batches', '?')}: {mem['check_mb']['seconds']:.1f} s, "
-        f"{mem['check_mb']['extra_mib'] / tr['extra_mib']:.2f}x "
+        f"| {mem['check'].get('micro_batches', '?')}: {mem['check']['seconds']:.1f} s, {mem['check']['n_hvp']} HVP, "
+        f"{mem['check']['extra_mib'] / tr['extra_mib']:.2f}x "
+        f"| {whole['seconds']:.1f} s, {whole['extra_mib'] / tr['extra_mib']:.2f}x "
         f"| {mem['check_fd']['seconds']:.1f} s, {mem['check_fd']['n_hvp']} HVP, {mem['check_fd']['extra_mib'] / tr['extra_mib']:.2f}x "
         f"| {mem['pyhessian']['seconds']:.1f} s, {mem['pyhessian']['extra_mib'] / tr['extra_mib']:.2f}x "
-        f"| {mem['check']['lam']:.5g} / {mem['check_mb']['lam']:.5g} / {mem['check_fd']['lam']:.5g} / {mem['pyhessian']['lam']:.5g} |"
+        f"| {mem['check']['lam']:.5g} / {whole['lam']:.5g} / {mem['check_fd']['lam']:.5g} / {mem['pyhessian']['lam']:.5g} |"
     )
 
 
@@ -419,7 +412,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "WHAT"), help=argparse.SUPPRESS)
     ap.add_argument("--rerun", nargs=2, action="append", metavar=("MODEL", "WHAT"),
-                    help="re-measure one memory measurement (e.g. gpt2-1.4M check_mb) into scale_raw.json and rewrite "
+                    help="re-measure one memory measurement (e.g. gpt2-1.4M check) into scale_raw.json and rewrite "
                          "the table from it, saying so under the table; repeatable")
     args = ap.parse_args()
     if args.worker:
@@ -442,7 +435,7 @@ def main() -> None:
         names = []
     for name in names:
         t0 = time.perf_counter()
-        mem = {w: measure(name, w, args.quick) for w in ("check", "check_mb", "check_fd", "pyhessian", "hvp", "hvp_fwd_over_rev")}
+        mem = {w: measure(name, w, args.quick) for w in ("check", "check_whole", "check_fd", "pyhessian", "hvp", "hvp_fwd_over_rev")}
         # a step's peak RSS moves by tens of MiB between fresh processes (where glibc's heap ends up): the
         # median of three processes for the three step measurements, whose differences make the SAM column
         for w in ("train", "sam", "peer_sam"):
@@ -462,15 +455,15 @@ def main() -> None:
         "HVP columns: double backward (sharpguard `auto`) / forward-over-reverse (`torch.func.jvp` of `torch.func.grad`) / "
         "sharpguard finite differences / PyHessian, on a probe of two half batches, eval mode; *one HVP's extra peak*: "
         "the same product in a fresh process over the training step's extra peak. Check: `hessian_eigenvalues(k=1)` defaults (tol 1e-4, basis of "
-        "5 vectors) with max_iter=20 (the basis is full after 5 products, so the peak is the defaults'), "
-        "its extra peak over the training step's (forward, backward, AdamW step); *monitor's micro-batches* the same with "
-        "the SharpnessMonitor's default `micro_batches=\"auto\"` (`slices: time, peak`; no cached graph, one slice's graph at a time); *fd* the same with "
-        "`hvp=\"finite_difference\"`; PyHessian `eigenvalues(top_n=1, maxIter=20)` (tol 1e-3). "
+        "5 vectors, `micro_batches=\"auto\"`: `slices: time, products, peak`) with max_iter=20 (the basis is full after 5 "
+        "products, so the peak is the defaults'), its extra peak over the training step's (forward, backward, AdamW step); "
+        "*whole batch* the same with `micro_batches=1` (the default before: one cached graph of the whole batch); *fd* the "
+        "defaults with `hvp=\"finite_difference\"`; PyHessian `eigenvalues(top_n=1, maxIter=20)` (tol 1e-3). "
         "The monitor's RSS-over-300-steps column is measured by benchmarks/monitor_overhead.py."),
         "",
         ("| model | params | SAM step / 2 plain (ours / peer) | SAM extra mem / param bytes (ours / peer) "
-         "| HVP / fwd+bwd (autograd / fwd-over-rev / fd / PyHessian) | one HVP's extra peak / train step's (autograd / fwd-over-rev) | train step extra peak, time | check | check, monitor's micro-batches "
-         "| check fd | PyHessian check | lambda_max (ours / micro-batches / fd / PyHessian) |"),
+         "| HVP / fwd+bwd (autograd / fwd-over-rev / fd / PyHessian) | one HVP's extra peak / train step's (autograd / fwd-over-rev) | train step extra peak, time | check (defaults) | check, whole batch "
+         "| check fd | PyHessian check | lambda_max (ours / whole batch / fd / PyHessian) |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]

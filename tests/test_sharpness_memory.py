@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils import checkpoint
 
 from sharpguard.errors import ConfigurationError
-from sharpguard.sharpness import HVPOperator, eos_ratio, hessian_eigenvalues
+from sharpguard.sharpness import HVPOperator, eos_ratio, hessian_eigenvalues, hessian_trace
 from sharpguard.sharpness.lanczos import default_max_basis, lanczos
 
 # ----------------------------------------------------------------------------------------------
@@ -572,12 +572,13 @@ def _activation_heavy() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def test_auto_micro_batches_split_only_where_the_graph_is_large():
-    """A small model keeps its whole batch (and the cached graph); one whose graph would pass
-    max(P b, 64 MiB) is split until a slice fits, at most 8 slices and one example per slice. The choice
+    """A small model keeps its whole batch (and the cached graph); one whose check would pass a training
+    step's memory (graph ``GRAPH_FACTOR * A / s`` plus the Krylov vectors against the activations ``A``
+    and the gradient) is split until it fits, at most 8 slices and one example per slice. The choice
     changes nothing in the model (it runs one forward inside the guards)."""
     from sharpguard.monitor import SharpnessMonitor
-    from sharpguard.sharpness.micro import AUTO_GRAPH_FLOOR_BYTES, auto_micro_batches
-    from sharpguard.sharpness.cost import GRAPH_FACTOR
+    from sharpguard.sharpness.cost import DEFAULT_MAX_BASIS, GRAPH_FACTOR
+    from sharpguard.sharpness.micro import AUTO_SLACK_BYTES, PRODUCT_VECTORS, auto_micro_batches
 
     small, batches = mlp_case()
     assert auto_micro_batches(small, batches) == 1
@@ -587,13 +588,18 @@ def test_auto_micro_batches_split_only_where_the_graph_is_large():
     # what the forward saves besides the weights: x and the tanh output (the next layer's input), the
     # log-softmax, the targets (measured on an eighth of the batch and scaled: the same for equal rows)
     saved = 4 * 2048 * (64 + 8192 + 10) + 8 * 2048
-    assert slices == math.ceil(GRAPH_FACTOR["autograd"] * saved / AUTO_GRAPH_FLOOR_BYTES) > 1
+    grad = 4 * sum(p.numel() for p in model.parameters())
+    vectors = (PRODUCT_VECTORS + DEFAULT_MAX_BASIS + 1) * grad  # on the CPU the basis shares the memory
+    assert slices == math.ceil(GRAPH_FACTOR["autograd"] * saved / (saved + grad + AUTO_SLACK_BYTES - vectors)) > 1
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and model.training
     assert all(p.grad is None for p in model.parameters())
-    # capped at 8 slices, and at one example per slice
+    # four times the examples: four times the training step's activations, room for a larger slice
     wide = (torch.randn(8192, 64), torch.randint(0, 10, (8192,)))
-    assert auto_micro_batches(model, [wide]) == 8
-    assert auto_micro_batches(model, [(batch[0][:3], batch[1][:3])]) == 1  # 3 examples: a small graph anyway
+    assert auto_micro_batches(model, [wide]) < slices
+    # 512 examples: the Krylov vectors (9 x 2.3 MiB) alone pass the step's activations, no split fits, so
+    # each slice is held as small as allowed: capped at 8 slices, and at one example per slice
+    assert auto_micro_batches(model, [(batch[0][:512], batch[1][:512])]) == 8
+    assert auto_micro_batches(model, [(batch[0][:3], batch[1][:3])]) == 3
     # the monitor uses the choice, reports it, and says it in its console line
     mon = SharpnessMonitor(("lambda_max",), every_n_steps=1, probe=[batch], measure_kwargs={"lambda_max": {"max_iter": 3}})
     assert "chosen at the first check" in mon.describe()
@@ -602,12 +608,12 @@ def test_auto_micro_batches_split_only_where_the_graph_is_large():
     assert f"({slices} micro-batches per probe batch)" in mon.describe()
     with pytest.raises(ConfigurationError, match="'auto' or a positive integer"):
         SharpnessMonitor(micro_batches="eight")
-    # the measures take the same choice, and the eigenvalue is the whole batch's
-    res = hessian_eigenvalues(model, [batch], micro_batches="auto", max_iter=8)
-    whole = hessian_eigenvalues(model, [batch], max_iter=8)
+    # the measures take the same choice (their default), and the eigenvalue is the whole batch's
+    res = hessian_eigenvalues(model, [batch], max_iter=8)
+    whole = hessian_eigenvalues(model, [batch], max_iter=8, micro_batches=1)
     assert res.settings["micro_batches"] == slices and whole.settings["micro_batches"] == 1
     assert res.lambda_max == pytest.approx(whole.lambda_max, rel=1e-4)
-    assert hessian_eigenvalues(small, batches, micro_batches="auto", max_iter=5).settings["micro_batches"] == 1
+    assert hessian_eigenvalues(small, batches, max_iter=5).settings["micro_batches"] == 1
 
 
 def _auto_worker(rank: int, port: int, out_dir: str) -> None:
@@ -617,9 +623,11 @@ def _auto_worker(rank: int, port: int, out_dir: str) -> None:
 
     with process_group(rank, 2, port):
         model, batch = _activation_heavy()
-        # rank 0 probes 2048 examples (several slices), rank 1 an eighth (1 slice): the ranks must agree
-        n = 2048 if rank == 0 else 256
-        choice = auto_micro_batches(model, [(batch[0][:n], batch[1][:n])])
+        # rank 0 probes 2048 examples, rank 1 8192 (room for larger slices: fewer): the ranks must agree
+        if rank == 1:
+            g = torch.Generator().manual_seed(5)
+            batch = (torch.randn(8192, 64, generator=g), torch.randint(0, 10, (8192,), generator=g))
+        choice = auto_micro_batches(model, [batch])
         with open(f"{out_dir}/{rank}.txt", "w") as fh:
             fh.write(str(choice))
 
@@ -634,5 +642,133 @@ def test_auto_micro_batches_agree_across_ranks(tmp_path):
 
     model, batch = _activation_heavy()
     alone = auto_micro_batches(model, [batch])
-    assert alone > 1 and auto_micro_batches(model, [(batch[0][:256], batch[1][:256])]) == 1
+    wide = (torch.randn(8192, 64), torch.randint(0, 10, (8192,)))
+    assert alone > auto_micro_batches(model, [wide]) > 1
     assert [int((tmp_path / f"{r}.txt").read_text()) for r in (0, 1)] == [alone, alone]
+
+
+# ----------------------------------------------------------------------------------------------
+# a check at the functions' defaults never needs more memory than a training step
+
+
+class _LiveBytes:
+    """Exact bytes of the tensor storages allocated inside the block and still alive, and their peak
+    (a dispatch mode sees every allocation; a finalizer per storage sees it freed). Measures the extra
+    live memory of whatever runs inside, whatever was alive before."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        tracker._add(t.untyped_storage())
+                tracker.peak = max(tracker.peak, tracker.current)
+                return out
+
+        self._mode = _Mode()
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def _add(self, storage) -> None:
+        import weakref
+
+        key = storage._cdata
+        if key not in self.live:
+            self.live[key] = storage.nbytes()
+            self.current += storage.nbytes()
+            weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+def _hf_case(name: str):
+    """Small Hugging Face models built from their configs, batches of 8 x 64 tokens over a 4000-word
+    vocabulary: like language-model training, the activations (the logits above all) outweigh the weights."""
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    vocab = 4000
+    if name == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=16, n_layer=1, n_head=2,
+                                           attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    elif name == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                             attn_implementation="eager"))
+    else:
+        model = BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                           intermediate_size=32, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                           attention_probs_dropout_prob=0.0, attn_implementation="eager"))
+    ids = torch.randint(0, vocab, (8, 64), generator=torch.Generator().manual_seed(1))
+    return model, {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_a_check_at_the_defaults_needs_no_more_memory_than_a_training_step(name):
+    """Extra live memory, counted storage by storage: a training step (forward, backward, AdamW step,
+    its state already there) against a lambda_max check and a trace check at the functions' defaults
+    (micro_batches="auto"; max_iter cut to fill the basis and restart it once, the check's peak). The
+    whole batch's check (micro_batches=1, the old default) is measured too: the count can fail. The
+    micro-batched products are the whole batch's (the same operator)."""
+    model, batch = _hf_case(name)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step() -> None:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    train_step()  # AdamW's state exists from here on, as in a running job
+    with _LiveBytes() as step:
+        train_step()
+    with _LiveBytes() as check:
+        res = hessian_eigenvalues(model, batch, max_iter=6)
+    with _LiveBytes() as trace:
+        hessian_trace(model, batch, n_hvp=6)
+    with _LiveBytes() as whole:
+        hessian_eigenvalues(model, batch, max_iter=6, micro_batches=1)
+    assert res.settings["micro_batches"] > 1 and res.n_restarts == 1
+    assert check.peak <= step.peak, (check.peak, step.peak)
+    assert trace.peak <= step.peak, (trace.peak, step.peak)
+    assert whole.peak > 1.5 * step.peak, (whole.peak, step.peak)  # what the default protects against
+    model.eval()
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(2))
+    with HVPOperator(model, batch, micro_batches=1, check_determinism=False) as op:
+        reference = op.matvec(v)
+    with HVPOperator(model, batch, micro_batches="auto", check_determinism=False) as op:
+        torch.testing.assert_close(op.matvec(v), reference, rtol=1e-4, atol=1e-6)
+
+
+def test_the_basis_goes_to_host_memory_on_an_accelerator_and_bad_devices_are_refused_first():
+    from sharpguard.sharpness.lanczos import resolve_basis_device
+
+    assert resolve_basis_device("auto", torch.device("cuda", 0)) == torch.device("cpu")
+    assert resolve_basis_device("auto", torch.device("cpu")) == torch.device("cpu")
+    assert resolve_basis_device(None, torch.device("cuda", 1)) == torch.device("cuda", 1)
+    model, batches = mlp_case()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ConfigurationError, match="basis_device"):
+        hessian_eigenvalues(model, batches, basis_device="not-a-device")
+    with pytest.raises(ConfigurationError, match="basis_device"):
+        hessian_trace(model, batches, basis_device=3.5)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    res = hessian_eigenvalues(model, batches, basis_device="cpu", tol=1e-10)
+    assert res.settings["basis_device"] == "cpu"
+    dense = torch.linalg.eigvalsh(dense_hessian(model, batches))[-1]
+    assert res.lambda_max == pytest.approx(float(dense), rel=1e-7)

@@ -184,14 +184,18 @@ class ProbeSet:
 
     @property
     def fingerprint(self) -> str:
-        """A short hash of the probe tensors, recorded with every metric (cached once frozen)."""
+        """A short hash of the probe tensors, recorded with every metric (cached once frozen); of their
+        shapes and dtypes alone for fake tensors (``FakeTensorMode``), which have no values."""
+        from torch._subclasses.fake_tensor import is_fake
+
         if self._frozen and getattr(self, "_fingerprint", None):
             return self._fingerprint
         h = hashlib.sha1()
         for b in self._batches:
             for t in _tensors(b):
                 h.update(str((tuple(t.shape), str(t.dtype))).encode())
-                h.update(t.detach().cpu().contiguous().view(-1).to(torch.float64).sum().numpy().tobytes())
+                if not is_fake(t):
+                    h.update(t.detach().cpu().contiguous().view(-1).to(torch.float64).sum().numpy().tobytes())
         self._fingerprint = h.hexdigest()[:12]
         return self._fingerprint
 

@@ -19,7 +19,7 @@ from .._batches import batch_size, default_loss_fn, split_batch
 from .._validation import check_keywords, keywords_of, positive, positive_int
 from ..errors import ConfigurationError
 from ..sharpness.cost import DEFAULT_MAX_BASIS, EXTRA_VECTORS, GRAPH_FACTOR, check_passes_per_hvp
-from ..sharpness.micro import AUTO_GRAPH_FLOOR_BYTES, AUTO_MAX_MICRO_BATCHES, auto_micro_batches
+from ..sharpness.micro import AUTO_MAX_MICRO_BATCHES, auto_micro_batches
 from .alerts import AlertRule, default_sharpness_alerts
 from .base import Monitor
 from .. import _validation as rules
@@ -82,15 +82,14 @@ class SharpnessMonitor(Monitor):
 
     ``micro_batches`` (default ``"auto"``): the Hessian-vector products run each probe batch as that many
     micro-batches, so the double-backward graph (~3x a whole batch's activations) holds one slice at a
-    time. ``"auto"`` (:func:`~sharpguard.sharpness.auto_micro_batches`) measures what a forward of an
-    eighth of the probe saves for backward at the first check and splits only as far as memory needs:
-    into up to 8 slices when the graph would exceed the model's own size (or 64 MiB), not at all for a
-    small model, which keeps its cached graph
-    and the fast products (slicing every probe in 8 cost up to 60 training steps per warm check on the
-    client models of benchmarks/monitor_overhead.py, against 14 whole). The first check's extra peak
-    (the choice included) was 0.84-1.36x a training step's on the GPT-2 decoders of 1.4M-10.2M parameters
-    and the CNN of benchmarks/RESULTS.md ("Scale"), 1.82x at 29.4M (3 slices: 2.3x there), where the model-size vectors
-    of the Lanczos basis and the product dominate. An integer forces that many (``1``: whole batches,
+    time. ``"auto"`` (:func:`~sharpguard.sharpness.auto_micro_batches`, also the default of every curvature
+    function) measures what a forward of an eighth of the probe saves for backward at the first check and
+    splits only as far as a check's memory must stay within a training step's on the same batch (up to 8
+    slices); a model whose whole graph fits keeps its cached graph and the fast products (slicing every
+    probe in 8 cost up to 60 training steps per warm check on the client models of
+    benchmarks/monitor_overhead.py, against 14 whole). On an accelerator the Lanczos basis lives in host
+    memory (``basis_device="auto"`` of :func:`~sharpguard.sharpness.hessian_eigenvalues`), and so does the
+    warm-start vector kept between checks. An integer forces that many (``1``: whole batches,
     graph cached). A probe batch that cannot be split (a per-example tensor that is not batch-first) is
     measured whole, and the monitor says so once.
     Every check also logs ``monitor/n_hvp`` (Hessian-vector products spent) and
@@ -201,7 +200,7 @@ class SharpnessMonitor(Monitor):
         vectors = DEFAULT_MAX_BASIS + 1 + EXTRA_VECTORS["autograd"]
         if slices is None:
             graph = (f"the products' graph at most ~{GRAPH_FACTOR['autograd'] / AUTO_MAX_MICRO_BATCHES:.1f}x a training "
-                     f"step's activations or max(the model's size, {AUTO_GRAPH_FLOOR_BYTES >> 20} MiB) (micro-batches "
+                     f"step's activations, split so that the check fits in a training step's memory (micro-batches "
                      f"chosen at the first check, up to {AUTO_MAX_MICRO_BATCHES})")
         else:
             where = "" if self.probe.ready or slices == 1 else "up to "
@@ -294,7 +293,7 @@ class SharpnessMonitor(Monitor):
                 "threshold": float(r.threshold), "lambda_max": float(r.lambda_max), "optimizer": r.optimizer,
                 "preconditioned": bool(r.preconditioned), "lr": float(r.lr), "beta": float(r.beta),
                 "n_hvp": int(r.n_hvp), "residual": float(r.residual), "converged": bool(r.converged),
-                "warm_start": init is not None, **_plain(kw),
+                "warm_start": init is not None, "cost_only": bool(r.settings.get("cost_only")), **_plain(kw),
             }
             if lambda_from_eos:
                 metrics["sharpness/lambda_max"] = float(r.lambda_max)
@@ -311,7 +310,7 @@ class SharpnessMonitor(Monitor):
             )
             n_hvp += int(res.n_hvp)
             common = {"method": "lanczos", "n_hvp": int(res.n_hvp), "converged": bool(res.converged),
-                      "warm_start": init is not None, **_plain(kw)}
+                      "warm_start": init is not None, "cost_only": bool(res.cost_only), **_plain(kw)}
             if which != "smallest" and res.eigenvectors:
                 self._eigenvector = res.eigenvectors[0]
             if need_max:
@@ -326,7 +325,8 @@ class SharpnessMonitor(Monitor):
             res = S.hessian_trace(model, batches, self.loss_fn, seed=self.seed, **kw)
             n_hvp += int(res.n_hvp)
             metrics["sharpness/trace"] = float(res.trace)
-            settings["sharpness/trace"] = {"n_hvp": int(res.n_hvp), "stderr": float(res.stderr), **_plain(kw)}
+            settings["sharpness/trace"] = {"n_hvp": int(res.n_hvp), "stderr": float(res.stderr),
+                                           "cost_only": bool(res.settings.get("cost_only")), **_plain(kw)}
 
         for name, adaptive in (("worst_case", False), ("adaptive_worst_case", True)):
             if name in want:

@@ -52,9 +52,9 @@ def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = 
     step's, a whole batch (and the cached graph: one double backward a product) where the whole graph
     fits, at most :data:`AUTO_MAX_MICRO_BATCHES` slices and one example per slice. The rule once split
     until a slice's graph fit in ``max(P b, 64 MiB)``; that kept 4 slices on a 1.4M GPT-2 of vocabulary 8000
-    (8 x 128 tokens), 2.9x a training step's extra live memory, where 8 slices hold 0.35x. Where even
-    the most slices cannot fit (a model whose Krylov vectors alone pass its activations and gradient),
-    it takes the most. On an FSDP2 model a rank measures its shard and the weights its forward gathers
+    (8 x 128 tokens), 2.9x a training step's extra live memory, where 8 slices hold 0.35x. Where the
+    Krylov vectors alone pass the activations and gradient (no split can make the check fit), a slice's
+    graph is held to ``AUTO_SLACK_BYTES``: the most slices for a large graph, none for a tiny one. On an FSDP2 model a rank measures its shard and the weights its forward gathers
     count as saved tensors (more slices, never fewer). Under ``torch.distributed`` the ranks take the
     largest choice (``distributed=False``: this rank alone), so sharded products run the same
     collectives on every rank; on fake tensors (``FakeTensorMode``) nothing is read and the ranks are
@@ -97,8 +97,10 @@ def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = 
             del loss
             _reshard(model)
         saved = sum(seen.values()) * n / batch_size(part)
-        slices = _fewest_slices(GRAPH_FACTOR["autograd"] * saved, saved + grad_bytes + AUTO_SLACK_BYTES - vectors,
-                                min(AUTO_MAX_MICRO_BATCHES, n))
+        # where the Krylov vectors alone pass the training step's memory no split can make the check fit:
+        # then each slice's graph is held to the slack (a tiny graph stays whole, a large one takes the most)
+        budget = max(saved + grad_bytes + AUTO_SLACK_BYTES - vectors, AUTO_SLACK_BYTES)
+        slices = _fewest_slices(GRAPH_FACTOR["autograd"] * saved, budget, min(AUTO_MAX_MICRO_BATCHES, n))
     if distributed is None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed and not fake:

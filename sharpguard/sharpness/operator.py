@@ -375,8 +375,9 @@ class HVPOperator(ProbeLoss):
             micro-batch means no cached graph (``cache_graph=None``): each product costs a forward, a
             backward and a double backward per micro-batch instead of one backward. ``"auto"`` chooses
             the number from the probe's activations (:func:`~sharpguard.sharpness.micro.auto_micro_batches`,
-            the ``SharpnessMonitor``'s default): 1 for a small model, up to 8 where the graph would
-            exceed the model's own size.
+            the default of every curvature function and of the ``SharpnessMonitor``): as few as keep a
+            check within a training step's memory, 1 where the whole batch's graph fits, up to 8.
+            The operator's own default stays 1 (it is a building block; the measures choose).
     """
 
     @rules.checked()

@@ -142,7 +142,7 @@ def hessian_trace(
             y = torch.empty((n_local, s), dtype=op.dtype, device=where)
             for i in range(s):
                 y[:, i] = op.matvec(_rademacher(n_local, 1, generator, op)[0]).to(where)
-            if reduce is not None or op.cost_only:  # cost-only: QR's LAPACK kernel has no fake implementation
+            if reduce is not None:
                 q = _cholesky_qr(y, total, cost_only=op.cost_only)
             else:
                 q = torch.linalg.qr(y)[0]  # orthonormal columns
