@@ -481,9 +481,9 @@ class SAM(Optimizer):
         """After the clean backward: save ``w``, move to ``w + e``, snapshot running statistics.
 
         Returns False (weights untouched) when this step needs no perturbed pass or no parameter
-        has a gradient. The gradients are left as they are: zero them before the perturbed
-        backward (``first_step(zero_grad=True)`` and :meth:`step` do); what the variant needs
-        from the clean gradient has been copied.
+        has a gradient. The gradients are spent (the adaptive form builds its direction in them):
+        release or zero them before the perturbed backward (``first_step(zero_grad=True)`` and
+        :meth:`step` do); what the variant needs from the clean gradient has been copied.
         """
         if self._perturb_called:
             raise ConfigurationError(
@@ -775,7 +775,22 @@ class SAM(Optimizer):
         """
         groups = self.__dict__.get("_pass_groups")
         norm_fn = functools.partial(F.global_norm, groups=groups) if groups is not None else F.global_norm
-        directions, norm = F.ascent_direction(params, grads, adaptive=self.adaptive, eta=self.eta, norm=norm_fn)
+        if self.adaptive:
+            # In place, with no temporary: T = |w| + eta is formed in the weight backup (free until
+            # _move fills it with w) and T g, then T^2 g, in ``grads`` -- the clean gradient (or a
+            # variant's scratch), which the perturbed pass releases anyway; what a variant or the
+            # fallback needs of it was copied before. The same operations as ascent_direction's.
+            t = self._buffers("w", params)
+            torch._foreach_copy_(t, params)
+            torch._foreach_abs_(t)
+            if self.eta:
+                torch._foreach_add_(t, self.eta)
+            torch._foreach_mul_(grads, t)
+            norm = norm_fn(grads)
+            torch._foreach_mul_(grads, t)
+            directions = list(grads)
+        else:
+            directions, norm = F.ascent_direction(params, grads, norm=norm_fn)
         self._ascent_norm = norm  # finite iff the clean gradient is: perturb() reuses it
         return directions, F.perturbation_scale(norm, self.rho)
 
