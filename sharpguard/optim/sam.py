@@ -348,7 +348,8 @@ class SAM(Optimizer):
     def __setattr__(self, name: str, value: Any) -> None:
         # A knob assigned between steps (``opt.rho = 0.1``, a rho schedule) is validated by the same
         # rule as at construction, before it takes effect: ``opt.rho = nan`` raises, nothing changes.
-        if not self.__dict__.get("_configuring", True):
+        # Private names (the step's own bookkeeping, about 25 per step) are never knobs: set at once.
+        if name[0] != "_" and not self.__dict__.get("_configuring", True):
             knobs = _knob_defaults(type(self))
             if name in knobs:
                 self._apply_knobs(**{**self._knobs(), name: value})
