@@ -72,7 +72,8 @@ RESUME_POLICIES = ("error", "checkpoint", "current")
 
 
 class SAMFallbackWarning(UserWarning):
-    """A SAM step met a non-finite gradient and fell back (said once per kind and optimizer)."""
+    """A SAM step met a non-finite gradient and skipped the update or fell back (said once per kind and
+    optimizer)."""
 
 
 from .._validation import in_unit_interval as _in_unit_interval  # noqa: F401 (re-exported to variants)
@@ -627,7 +628,8 @@ class SAM(Optimizer):
 
     @property
     def nonfinite_counts(self) -> dict[str, int]:
-        """Steps whose clean gradient was not finite, and steps whose perturbed one fell back (host sync)."""
+        """Steps whose clean gradient was not finite, and steps whose perturbed one was not (skipped, or
+        fell back under ``nonfinite="fallback"``); a host sync."""
         counts = [0, 0] if self._faults is None else self._faults.tolist()
         return {"nonfinite_clean": int(counts[0]), "nonfinite_perturbed": int(counts[1])}
 
