@@ -104,3 +104,38 @@ def test_sharded_training_refuses_the_variants_that_keep_unsharded_state():
     for variant in ("gsam", "looksam", "friendly_sam", "momentum_sam"):
         with pytest.raises(ConfigurationError, match="sharded \\(FSDP\\) training supports variant 'sam' or 'asam'"):
             SAMConfig(variant=variant).build(opt, sharded=True)
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "fallback"])
+def test_sharded_sam_policies_on_a_non_finite_gradient_at_w_plus_e(nonfinite):
+    """The sharded engine takes SAM's fault policy (one process: the shards are the whole tensors).
+    Default skip: the weights and SGD's state stay bitwise, and only the backup is kept; fallback:
+    the plain step from the clean gradient, with the clean gradient's copy kept."""
+    from sharpguard.optim import SAMConfig, SAMEngine
+
+    net, ref = make_net(), make_net()
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
+    sam = SAMConfig(variant="sam", nonfinite=nonfinite).build(opt, sharded=True)
+    engine = SAMEngine(sam, sharded=True)
+    x, y = rank_batch(0, 0)
+    calls = [0]
+
+    def replay():
+        calls[0] += 1
+        loss = nn.functional.cross_entropy(net(x), y)
+        (loss * float("nan") if calls[0] == 2 else loss).backward()
+
+    opt.zero_grad()
+    engine.record(replay)
+    replay()
+    engine.finish()
+    opt.step()
+    assert (sam._clean is not None) == (nonfinite == "fallback")
+    got = [p.detach() for p in net.parameters()]
+    if nonfinite == "skip":
+        assert all(torch.equal(g, r) for g, r in zip(got, ref.parameters())) and not opt.state
+    else:
+        plain = torch.optim.SGD(ref.parameters(), lr=LR, momentum=0.9)
+        nn.functional.cross_entropy(ref(x), y).backward()
+        plain.step()
+        assert all(torch.equal(g, r) for g, r in zip(got, ref.parameters()))

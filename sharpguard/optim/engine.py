@@ -130,9 +130,10 @@ class SAMEngine:
     def summary(self) -> str:
         """What the engine spent, for the console at the end of a run."""
         counts = getattr(self.sam, "nonfinite_counts", None)
+        done = "fell back" if getattr(self.sam, "nonfinite", "skip") == "fallback" else "were skipped"
         faults = "" if counts is None else (
-            f"; non-finite clean gradients {counts['nonfinite_clean']}, perturbed gradients that fell back "
-            f"{counts['nonfinite_perturbed']}"
+            f"; non-finite clean gradients {counts['nonfinite_clean']}, steps with a non-finite gradient at "
+            f"w + e that {done} {counts['nonfinite_perturbed']}"
         )
         points = int(getattr(self.sam, "perturbed_points", 1))
         extra = "one extra forward/backward" if points == 1 else f"{points} extra forward/backward passes"

@@ -73,7 +73,8 @@ RESUME_POLICIES = ("error", "checkpoint", "current")
 
 
 class SAMFallbackWarning(UserWarning):
-    """A SAM step met a non-finite gradient and fell back (said once per kind and optimizer)."""
+    """A SAM step met a non-finite gradient and skipped the update or fell back (said once per kind and
+    optimizer)."""
 
 
 from .._validation import in_unit_interval as _in_unit_interval  # noqa: F401 (re-exported to variants)
@@ -350,7 +351,8 @@ class SAM(Optimizer):
     def __setattr__(self, name: str, value: Any) -> None:
         # A knob assigned between steps (``opt.rho = 0.1``, a rho schedule) is validated by the same
         # rule as at construction, before it takes effect: ``opt.rho = nan`` raises, nothing changes.
-        if not self.__dict__.get("_configuring", True):
+        # Private names (the step's own bookkeeping, about 25 per step) are never knobs: set at once.
+        if name[0] != "_" and not self.__dict__.get("_configuring", True):
             knobs = _knob_defaults(type(self))
             if name in knobs:
                 self._apply_knobs(**{**self._knobs(), name: value})
@@ -483,9 +485,9 @@ class SAM(Optimizer):
         """After the clean backward: save ``w``, move to ``w + e``, snapshot running statistics.
 
         Returns False (weights untouched) when this step needs no perturbed pass or no parameter
-        has a gradient. The gradients are left as they are: zero them before the perturbed
-        backward (``first_step(zero_grad=True)`` and :meth:`step` do); what the variant needs
-        from the clean gradient has been copied.
+        has a gradient. The gradients are spent (the adaptive form builds its direction in them):
+        release or zero them before the perturbed backward (``first_step(zero_grad=True)`` and
+        :meth:`step` do); what the variant needs from the clean gradient has been copied.
         """
         if self._perturb_called:
             raise ConfigurationError(
@@ -628,7 +630,8 @@ class SAM(Optimizer):
 
     @property
     def nonfinite_counts(self) -> dict[str, int]:
-        """Steps whose clean gradient was not finite, and steps whose perturbed one fell back (host sync)."""
+        """Steps whose clean gradient was not finite, and steps whose perturbed one was not (skipped, or
+        fell back under ``nonfinite="fallback"``); a host sync."""
         counts = [0, 0] if self._faults is None else self._faults.tolist()
         return {"nonfinite_clean": int(counts[0]), "nonfinite_perturbed": int(counts[1])}
 
@@ -777,7 +780,22 @@ class SAM(Optimizer):
         """
         groups = self.__dict__.get("_pass_groups")
         norm_fn = functools.partial(F.global_norm, groups=groups) if groups is not None else F.global_norm
-        directions, norm = F.ascent_direction(params, grads, adaptive=self.adaptive, eta=self.eta, norm=norm_fn)
+        if self.adaptive:
+            # In place, with no temporary: T = |w| + eta is formed in the weight backup (free until
+            # _move fills it with w) and T g, then T^2 g, in ``grads`` -- the clean gradient (or a
+            # variant's scratch), which the perturbed pass releases anyway; what a variant or the
+            # fallback needs of it was copied before. The same operations as ascent_direction's.
+            t = self._buffers("w", params)
+            torch._foreach_copy_(t, params)
+            torch._foreach_abs_(t)
+            if self.eta:
+                torch._foreach_add_(t, self.eta)
+            torch._foreach_mul_(grads, t)
+            norm = norm_fn(grads)
+            torch._foreach_mul_(grads, t)
+            directions = list(grads)
+        else:
+            directions, norm = F.ascent_direction(params, grads, norm=norm_fn)
         self._ascent_norm = norm  # finite iff the clean gradient is: perturb() reuses it
         return directions, F.perturbation_scale(norm, self.rho)
 
