@@ -7,8 +7,8 @@
 
 ``study`` keeps the default run's per-model measurements and settings in benchmarks/study_default_run.json;
 ``examples`` keeps each example's wall time in benchmarks/example_times.json. Both then rewrite the blocks
-between ``<!-- doc-numbers:NAME -->`` and ``<!-- /doc-numbers:NAME -->`` in docs/study.md, README.md and
-docs/huggingface.md from those files, through the same report code the study runs (``build_report``).
+between ``<!-- doc-numbers:NAME -->`` and ``<!-- /doc-numbers:NAME -->`` in docs/study.md, README.md,
+docs/huggingface.md and docs/accelerate.md from those files, through the same report code the study runs (``build_report``).
 tests/test_doc_numbers.py checks that every block equals what this script renders from the kept files.
 """
 
@@ -86,16 +86,20 @@ def render_study(kept: dict) -> str:
 
 
 def render_example_times(times: dict) -> dict[str, str]:
-    """The blocks that quote the examples' wall times (README.md's list, docs/huggingface.md's line)."""
+    """The blocks that quote the examples' wall times (README.md's list, docs/huggingface.md's and docs/accelerate.md's lines)."""
     machine = times["machine"]
     items = ", ".join(f"`examples/{name}` ({t['seconds']:.0f} s at load {t['load_average']:g})"
                       for name, t in times["examples"].items())
     hf = times["examples"].get("hf_text_classification.py")
+    acc = times["examples"].get("accelerate_loop.py")
     return {
         "example-times": (f"Measured wall times, one run each ({machine}; the load average beside each time says how "
                           f"busy the machine was, and times grow with it): {items}.\n"),
         "hf-example-time": (f"`examples/hf_text_classification.py` (CPU, {hf['seconds']:.0f} s measured on a {machine}, at "
                             f"load average {hf['load_average']:g}; `--quick` for a smoke test; `--variant`,\n") if hf else "",
+        "accelerate-example-time": (f"`examples/accelerate_loop.py` (CPU, {acc['seconds']:.0f} s measured on a {machine}, at "
+                                    f"load average {acc['load_average']:g}; `--quick` for a smoke test; runs under\n")
+        if acc else "",
     }
 
 
@@ -109,7 +113,7 @@ def blocks() -> dict[str, str]:
     return out
 
 
-DOCS = [ROOT / "docs" / "study.md", ROOT / "README.md", ROOT / "docs" / "huggingface.md"]
+DOCS = [ROOT / "docs" / "study.md", ROOT / "README.md", ROOT / "docs" / "huggingface.md", ROOT / "docs" / "accelerate.md"]
 
 
 def rewrite(paths=DOCS) -> list[Path]:
