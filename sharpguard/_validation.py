@@ -255,8 +255,8 @@ def check_keywords(
     )
 
 
-def _unit_open_right(name: str, value: Any) -> float:
-    return between(0.0, 1.0, high_open=True)(name, value)
+#: a decay rate or a moment coefficient: 1 would never forget
+below_one = between(0.0, 1.0, high_open=True)
 
 
 def at_least(low: float) -> Callable[[str, Any], float]:
@@ -389,5 +389,5 @@ KNOBS: dict[str, Callable[[str, Any], Any]] = {
     },
     # fractions
     **{name: probability for name in ("drop", "p_init", "lmbda", "momentum")},
-    **{name: _unit_open_right for name in ("beta1", "beta2", "beta3", "decay")},
+    **{name: below_one for name in ("beta1", "beta2", "beta3", "decay")},
 }
