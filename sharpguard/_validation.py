@@ -131,7 +131,8 @@ def between(low: float, high: float, *, low_open: bool = False, high_open: bool 
 def flag(name: str, value: Any) -> bool:
     """``True`` or ``False`` (numpy bools too); ``"no"``, ``0`` and ``2.5`` refused: a string or a number
     is not a switch, and ``"no"`` would read as true."""
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if not isinstance(value, bool) and not numpy_bool:
         raise ConfigurationError(f"{name} must be True or False, got {shown(value)}; pass a bool.")
     return bool(value)
 

@@ -497,6 +497,19 @@ def test_a_huge_value_is_shown_in_a_bounded_message():
     assert len(str(info.value)) < 300 and "(str)" in str(info.value)
 
 
+def test_numpy_scalars_are_numbers_and_switches():
+    import numpy as np
+
+    from sharpguard.optim import SAM
+
+    world = _tiny()
+    opt = SAM(world.model.parameters(), torch.optim.SGD, lr=0.1, rho=np.float32(0.1), interval=np.int64(2),
+              adaptive=np.True_)
+    assert opt.interval == 2 and opt.adaptive
+    with pytest.raises(SharpGuardError, match="rho"):
+        SAM(world.model.parameters(), torch.optim.SGD, lr=0.1, rho=np.bool_(True))
+
+
 def test_fast_at_takes_its_one_step_by_name():
     from sharpguard.adversarial import make_method
 
