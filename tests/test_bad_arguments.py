@@ -472,6 +472,10 @@ NAMED = [
         w.model, [(w.x[:0], w.y[:0])]), "batch"),
     ("input_grad_norm(empty batch)", lambda w: __import__("sharpguard.attacks", fromlist=["x"]).input_grad_norm(
         w.model, [(w.x[:0], w.y[:0])]), "batch"),
+    ("SharpnessMonitor(measure_kwargs={'lambda_max': {'tol_': 1e-3}})", lambda w: __import__(
+        "sharpguard.monitor", fromlist=["x"]).SharpnessMonitor(measure_kwargs={"lambda_max": {"tol_": 1e-3}}), "did you mean 'tol'"),
+    ("SharpnessMonitor(measure_kwargs={'trace': {'n_hvp': True}})", lambda w: __import__(
+        "sharpguard.monitor", fromlist=["x"]).SharpnessMonitor(["trace"], measure_kwargs={"trace": {"n_hvp": True}}), "n_hvp"),
     ("make_method('fast-at', steps=2)", lambda w: __import__("sharpguard.adversarial", fromlist=["x"]).make_method(
         "fast-at", steps=2), "step"),
 ]
