@@ -97,9 +97,9 @@ def non_negative_int(name: str, value: Any) -> int:
 
 
 def seed(name: str, value: Any) -> int:
-    """A random seed: an integer in [0, 2**63) (what ``torch.Generator.manual_seed`` takes for every seed)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**63:
-        raise ConfigurationError(f"{name} must be an integer in [0, 2**63), got {shown(value)}; pass a seed such as 0.")
+    """A random seed: an integer in [0, 2**64) (``torch.Generator.manual_seed``'s range, ``torch.initial_seed()``'s too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**64:
+        raise ConfigurationError(f"{name} must be an integer in [0, 2**64), got {shown(value)}; pass a seed such as 0.")
     return int(value)
 
 
