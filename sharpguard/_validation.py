@@ -32,6 +32,11 @@ __all__ = [
     "function",
     "flag_or",
     "anything",
+    "generator",
+    "bounds",
+    "finite_numbers",
+    "positive_numbers",
+    "names",
     "optimizer",
     "batch",
     "on_alert",
@@ -187,14 +192,18 @@ def checked(**overrides: Callable[[str, Any], Any]) -> Callable[[Callable[..., A
     refused before anything changes: each argument by the rule :data:`KNOBS` gives its name, or by
     ``overrides`` (argument name -> rule) where the name means something else here (``rho`` of APGD is
     a fraction, ``rho`` of SAM a radius). Only values the caller passed are checked (defaults are valid
-    by construction); ``None`` passes where it is the default; a name taken through ``**kwargs`` is
+    by construction); ``None`` passes where it is the default or the annotation allows it; a name taken through ``**kwargs`` is
     checked by an override only (what such a name means is up to the callee it goes to, which checks
     it itself). The signature is kept (``inspect.signature`` follows ``__wrapped__``)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(fn)
         var_kw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-        defaults = {p.name: p.default for p in sig.parameters.values()}
+        # None passes where it is the default or the annotation allows it (``bounds: tuple | None = (0, 1)``)
+        nullable = {
+            p.name for p in sig.parameters.values()
+            if p.default is None or "None" in str(p.annotation) or "Optional" in str(p.annotation)
+        }
 
         def rule_for(name: str) -> Callable[[str, Any], Any] | None:
             return overrides[name] if name in overrides else KNOBS.get(name)
@@ -209,7 +218,7 @@ def checked(**overrides: Callable[[str, Any], Any]) -> Callable[[Callable[..., A
             if var_kw:
                 given += [(k, v, overrides.get(k)) for k, v in arguments.get(var_kw, {}).items()]
             for name, value, rule in given:
-                if rule is None or (value is None and defaults.get(name, None) is None):
+                if rule is None or (value is None and name in nullable):
                     continue
                 rule(name, value)
             return fn(*args, **kwargs)
@@ -270,6 +279,63 @@ def at_least(low: float) -> Callable[[str, Any], float]:
         return value
 
     return rule
+
+
+def generator(name: str, value: Any) -> Any:
+    """A ``torch.Generator``."""
+    import torch
+
+    if not isinstance(value, torch.Generator):
+        raise ConfigurationError(f"{name} must be a torch.Generator, got {shown(value)}; pass torch.Generator(device).manual_seed(0).")
+    return value
+
+
+def _numbers(name: str, value: Any, what: str) -> list[float]:
+    """The elements of a sequence of finite numbers (tensors' elements too)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigurationError(f"{name} must be {what}, got {shown(value)}.")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or isinstance(v, (str, bytes)):
+            raise ConfigurationError(f"{name} must be {what}, got {shown(value)}.")
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ConfigurationError(f"{name} must be {what}, got {shown(value)}.") from None
+        if not math.isfinite(f):
+            raise ConfigurationError(f"{name} must be {what}, got {shown(value)}.")
+        out.append(f)
+    return out
+
+
+def bounds(name: str, value: Any) -> Any:
+    """``(low, high)``: two finite numbers, ``low < high``."""
+    pair = _numbers(name, value, "(low, high), two finite numbers with low < high, or None")
+    if len(pair) != 2 or not pair[0] < pair[1]:
+        raise ConfigurationError(f"{name} must be (low, high), two finite numbers with low < high, got {shown(value)}.")
+    return value
+
+
+def finite_numbers(name: str, value: Any) -> Any:
+    """A sequence of finite numbers (a per-channel mean)."""
+    _numbers(name, value, "a sequence of finite numbers, one per channel")
+    return value
+
+
+def positive_numbers(name: str, value: Any) -> Any:
+    """A sequence of finite numbers > 0 (a per-channel standard deviation)."""
+    if any(v <= 0 for v in _numbers(name, value, "a sequence of finite numbers > 0, one per channel")):
+        raise ConfigurationError(f"{name} must hold numbers > 0 (one per channel), got {shown(value)}.")
+    return value
+
+
+def names(name: str, value: Any) -> Any:
+    """A name or a sequence of names."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
+        raise ConfigurationError(f"{name} must be a list of names, got {shown(value)}.")
+    return value
 
 
 def anything(name: str, value: Any) -> Any:
@@ -352,6 +418,11 @@ KNOBS: dict[str, Callable[[str, Any], Any]] = {
     },
     "optimizer": optimizer,
     "batch": batch,
+    "generator": generator,
+    "bounds": bounds,
+    "mean": finite_numbers,
+    "std": positive_numbers,
+    "measures": names,
     "random_start": flag_or("uniform", "normal"),
     "model_mode": choice("eval", "train", "keep"),
     "attack_mode": choice("eval", "train", "keep"),

@@ -67,7 +67,8 @@ UNIT = {
 NEGATIVE_OK = {("GAM", "beta2")}
 # String knobs that are free names, not choices.
 FREE_STRINGS = {"metric", "curvature", "momentum_key", "input_key", "label_key", "name", "history", "layer"}
-STRUCTURAL = {"model", "batches", "batch", "x", "y", "loss_fn", "params", "base_optimizer_cls", "optimizer", "probe"}
+STRUCTURAL = {"model", "batches", "batch", "x", "y", "loss_fn", "params", "base_optimizer_cls", "optimizer", "probe",
+              "bounds", "generator", "threat", "std", "measures"}
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -371,6 +372,14 @@ def structural_values(callable_name: str, knob: str, world: World) -> list[tuple
         return [(3, True, "3")]
     if knob == "probe":
         return [(5, True, "5")]
+    if knob == "bounds":
+        return [((1.0, 0.0), True, "reversed"), ((0.0, NAN), True, "(0,nan)"), ("01", True, "'01'")]
+    if knob in ("generator", "threat"):
+        return [(3, True, "3")]
+    if knob == "std":
+        return [((0.0, 0.0, 0.0), True, "zeros"), ((NAN, 1.0, 1.0), True, "nan")]
+    if knob == "measures":
+        return [(["not-a-measure"], True, "unknown"), (3, True, "3")]
     return []
 
 
