@@ -2,15 +2,18 @@
 
 For each public callable (the ``__all__`` of sharpguard's public modules and the integrations' public
 classes) the numeric knobs are the parameters whose default is an int or a float (bools are not
-numbers) or whose annotation says ``int``/``float``; the structural ones are the model, the batches,
-the inputs, the labels, the loss, the parameters and the optimizer; string knobs with a string
-default are choices. Each is called with values no caller can mean (nan, inf, ``True``, ``"1"``, -1,
-0 where a positive value is required, a fraction for a count, a probability above 1, the wrong type,
-an empty batch) on a tiny model, and every call must end in a sharpguard error, before anything is
-changed: the model's parameters and buffers and the optimizer's state are compared bit for bit.
+numbers) or whose annotation says ``int``/``float``; switches are those with a bool default; the
+structural ones are the model, the batches, the inputs, the labels, the loss, the parameters, the
+optimizer, the generator, the threat model, the bounds, the std and the measures; string knobs with a
+string default are choices. Each is called with values no caller can mean (nan, inf, ``True``,
+``"1"``, -1, 0 where a positive value is required, a fraction for a count, a probability above 1,
+``"no"`` for a switch, the wrong type, an empty batch, float labels) on a tiny model, and every call
+must end in a sharpguard error, before anything is changed: the model's parameters, buffers and
+modes and the optimizer's state are compared bit for bit. int32 labels are the one valid value in
+the list: they must simply work.
 
-Run as a script (``python tests/test_bad_arguments.py``) it prints the counts of raw errors, silent
-acceptances and state changes.
+Run as a script (``python -m tests.test_bad_arguments``) it prints every case that is not refused
+properly and the counts of raw errors, silent acceptances and state changes.
 """
 
 from __future__ import annotations
