@@ -32,6 +32,11 @@ __all__ = [
     "function",
     "flag_or",
     "anything",
+    "generator",
+    "bounds",
+    "finite_numbers",
+    "positive_numbers",
+    "names",
     "optimizer",
     "batch",
     "on_alert",
@@ -97,9 +102,9 @@ def non_negative_int(name: str, value: Any) -> int:
 
 
 def seed(name: str, value: Any) -> int:
-    """A random seed: an integer in [0, 2**63) (what ``torch.Generator.manual_seed`` takes for every seed)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**63:
-        raise ConfigurationError(f"{name} must be an integer in [0, 2**63), got {shown(value)}; pass a seed such as 0.")
+    """A random seed: an integer in [0, 2**64) (``torch.Generator.manual_seed``'s range, ``torch.initial_seed()``'s too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**64:
+        raise ConfigurationError(f"{name} must be an integer in [0, 2**64), got {shown(value)}; pass a seed such as 0.")
     return int(value)
 
 
@@ -131,7 +136,8 @@ def between(low: float, high: float, *, low_open: bool = False, high_open: bool 
 def flag(name: str, value: Any) -> bool:
     """``True`` or ``False`` (numpy bools too); ``"no"``, ``0`` and ``2.5`` refused: a string or a number
     is not a switch, and ``"no"`` would read as true."""
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if not isinstance(value, bool) and not numpy_bool:
         raise ConfigurationError(f"{name} must be True or False, got {shown(value)}; pass a bool.")
     return bool(value)
 
@@ -186,14 +192,18 @@ def checked(**overrides: Callable[[str, Any], Any]) -> Callable[[Callable[..., A
     refused before anything changes: each argument by the rule :data:`KNOBS` gives its name, or by
     ``overrides`` (argument name -> rule) where the name means something else here (``rho`` of APGD is
     a fraction, ``rho`` of SAM a radius). Only values the caller passed are checked (defaults are valid
-    by construction); ``None`` passes where it is the default; a name taken through ``**kwargs`` is
+    by construction); ``None`` passes where it is the default or the annotation allows it; a name taken through ``**kwargs`` is
     checked by an override only (what such a name means is up to the callee it goes to, which checks
     it itself). The signature is kept (``inspect.signature`` follows ``__wrapped__``)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(fn)
         var_kw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-        defaults = {p.name: p.default for p in sig.parameters.values()}
+        # None passes where it is the default or the annotation allows it (``bounds: tuple | None = (0, 1)``)
+        nullable = {
+            p.name for p in sig.parameters.values()
+            if p.default is None or "None" in str(p.annotation) or "Optional" in str(p.annotation)
+        }
 
         def rule_for(name: str) -> Callable[[str, Any], Any] | None:
             return overrides[name] if name in overrides else KNOBS.get(name)
@@ -208,7 +218,7 @@ def checked(**overrides: Callable[[str, Any], Any]) -> Callable[[Callable[..., A
             if var_kw:
                 given += [(k, v, overrides.get(k)) for k, v in arguments.get(var_kw, {}).items()]
             for name, value, rule in given:
-                if rule is None or (value is None and defaults.get(name, None) is None):
+                if rule is None or (value is None and name in nullable):
                     continue
                 rule(name, value)
             return fn(*args, **kwargs)
@@ -255,8 +265,8 @@ def check_keywords(
     )
 
 
-def _unit_open_right(name: str, value: Any) -> float:
-    return between(0.0, 1.0, high_open=True)(name, value)
+#: a decay rate or a moment coefficient: 1 would never forget
+below_one = between(0.0, 1.0, high_open=True)
 
 
 def at_least(low: float) -> Callable[[str, Any], float]:
@@ -269,6 +279,63 @@ def at_least(low: float) -> Callable[[str, Any], float]:
         return value
 
     return rule
+
+
+def generator(name: str, value: Any) -> Any:
+    """A ``torch.Generator``."""
+    import torch
+
+    if not isinstance(value, torch.Generator):
+        raise ConfigurationError(f"{name} must be a torch.Generator, got {shown(value)}; pass torch.Generator(device).manual_seed(0).")
+    return value
+
+
+def _numbers(name: str, value: Any, what: str) -> list[float]:
+    """The elements of a sequence of finite numbers (tensors' elements too)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigurationError(f"{name} must be {what}, got {shown(value)}.")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or isinstance(v, (str, bytes)):
+            raise ConfigurationError(f"{name} must be {what}, got {shown(value)}.")
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ConfigurationError(f"{name} must be {what}, got {shown(value)}.") from None
+        if not math.isfinite(f):
+            raise ConfigurationError(f"{name} must be {what}, got {shown(value)}.")
+        out.append(f)
+    return out
+
+
+def bounds(name: str, value: Any) -> Any:
+    """``(low, high)``: two finite numbers, ``low < high``."""
+    pair = _numbers(name, value, "(low, high), two finite numbers with low < high, or None")
+    if len(pair) != 2 or not pair[0] < pair[1]:
+        raise ConfigurationError(f"{name} must be (low, high), two finite numbers with low < high, got {shown(value)}.")
+    return value
+
+
+def finite_numbers(name: str, value: Any) -> Any:
+    """A sequence of finite numbers (a per-channel mean)."""
+    _numbers(name, value, "a sequence of finite numbers, one per channel")
+    return value
+
+
+def positive_numbers(name: str, value: Any) -> Any:
+    """A sequence of finite numbers > 0 (a per-channel standard deviation)."""
+    if any(v <= 0 for v in _numbers(name, value, "a sequence of finite numbers > 0, one per channel")):
+        raise ConfigurationError(f"{name} must hold numbers > 0 (one per channel), got {shown(value)}.")
+    return value
+
+
+def names(name: str, value: Any) -> Any:
+    """A name or a sequence of names."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
+        raise ConfigurationError(f"{name} must be a list of names, got {shown(value)}.")
+    return value
 
 
 def anything(name: str, value: Any) -> Any:
@@ -351,6 +418,11 @@ KNOBS: dict[str, Callable[[str, Any], Any]] = {
     },
     "optimizer": optimizer,
     "batch": batch,
+    "generator": generator,
+    "bounds": bounds,
+    "mean": finite_numbers,
+    "std": positive_numbers,
+    "measures": names,
     "random_start": flag_or("uniform", "normal"),
     "model_mode": choice("eval", "train", "keep"),
     "attack_mode": choice("eval", "train", "keep"),
@@ -389,5 +461,5 @@ KNOBS: dict[str, Callable[[str, Any], Any]] = {
     },
     # fractions
     **{name: probability for name in ("drop", "p_init", "lmbda", "momentum")},
-    **{name: _unit_open_right for name in ("beta1", "beta2", "beta3", "decay")},
+    **{name: below_one for name in ("beta1", "beta2", "beta3", "decay")},
 }

@@ -2,15 +2,18 @@
 
 For each public callable (the ``__all__`` of sharpguard's public modules and the integrations' public
 classes) the numeric knobs are the parameters whose default is an int or a float (bools are not
-numbers) or whose annotation says ``int``/``float``; the structural ones are the model, the batches,
-the inputs, the labels, the loss, the parameters and the optimizer; string knobs with a string
-default are choices. Each is called with values no caller can mean (nan, inf, ``True``, ``"1"``, -1,
-0 where a positive value is required, a fraction for a count, a probability above 1, the wrong type,
-an empty batch) on a tiny model, and every call must end in a sharpguard error, before anything is
-changed: the model's parameters and buffers and the optimizer's state are compared bit for bit.
+numbers) or whose annotation says ``int``/``float``; switches are those with a bool default; the
+structural ones are the model, the batches, the inputs, the labels, the loss, the parameters, the
+optimizer, the generator, the threat model, the bounds, the std and the measures; string knobs with a
+string default are choices. Each is called with values no caller can mean (nan, inf, ``True``,
+``"1"``, -1, 0 where a positive value is required, a fraction for a count, a probability above 1,
+``"no"`` for a switch, the wrong type, an empty batch, float labels) on a tiny model, and every call
+must end in a sharpguard error, before anything is changed: the model's parameters, buffers and
+modes and the optimizer's state are compared bit for bit. int32 labels are the one valid value in
+the list: they must simply work.
 
-Run as a script (``python tests/test_bad_arguments.py``) it prints the counts of raw errors, silent
-acceptances and state changes.
+Run as a script (``python -m tests.test_bad_arguments``) it prints every case that is not refused
+properly and the counts of raw errors, silent acceptances and state changes.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ UNIT = {
 NEGATIVE_OK = {("GAM", "beta2")}
 # String knobs that are free names, not choices.
 FREE_STRINGS = {"metric", "curvature", "momentum_key", "input_key", "label_key", "name", "history", "layer"}
-STRUCTURAL = {"model", "batches", "batch", "x", "y", "loss_fn", "params", "base_optimizer_cls", "optimizer", "probe"}
+STRUCTURAL = {"model", "batches", "batch", "x", "y", "loss_fn", "params", "base_optimizer_cls", "optimizer", "probe",
+              "bounds", "generator", "threat", "std", "measures"}
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -371,6 +375,14 @@ def structural_values(callable_name: str, knob: str, world: World) -> list[tuple
         return [(3, True, "3")]
     if knob == "probe":
         return [(5, True, "5")]
+    if knob == "bounds":
+        return [((1.0, 0.0), True, "reversed"), ((0.0, NAN), True, "(0,nan)"), ("01", True, "'01'")]
+    if knob in ("generator", "threat"):
+        return [(3, True, "3")]
+    if knob == "std":
+        return [((0.0, 0.0, 0.0), True, "zeros"), ((NAN, 1.0, 1.0), True, "nan")]
+    if knob == "measures":
+        return [(["not-a-measure"], True, "unknown"), (3, True, "3")]
     return []
 
 
@@ -472,6 +484,10 @@ NAMED = [
         w.model, [(w.x[:0], w.y[:0])]), "batch"),
     ("input_grad_norm(empty batch)", lambda w: __import__("sharpguard.attacks", fromlist=["x"]).input_grad_norm(
         w.model, [(w.x[:0], w.y[:0])]), "batch"),
+    ("SharpnessMonitor(measure_kwargs={'lambda_max': {'tol_': 1e-3}})", lambda w: __import__(
+        "sharpguard.monitor", fromlist=["x"]).SharpnessMonitor(measure_kwargs={"lambda_max": {"tol_": 1e-3}}), "did you mean 'tol'"),
+    ("SharpnessMonitor(measure_kwargs={'trace': {'n_hvp': True}})", lambda w: __import__(
+        "sharpguard.monitor", fromlist=["x"]).SharpnessMonitor(["trace"], measure_kwargs={"trace": {"n_hvp": True}}), "n_hvp"),
     ("make_method('fast-at', steps=2)", lambda w: __import__("sharpguard.adversarial", fromlist=["x"]).make_method(
         "fast-at", steps=2), "step"),
 ]
@@ -495,6 +511,19 @@ def test_a_huge_value_is_shown_in_a_bounded_message():
     with pytest.raises(SharpGuardError) as info:
         SAM(world.model.parameters(), torch.optim.SGD, lr=0.1, rho="9" * 1_000_000)
     assert len(str(info.value)) < 300 and "(str)" in str(info.value)
+
+
+def test_numpy_scalars_are_numbers_and_switches():
+    import numpy as np
+
+    from sharpguard.optim import SAM
+
+    world = _tiny()
+    opt = SAM(world.model.parameters(), torch.optim.SGD, lr=0.1, rho=np.float32(0.1), interval=np.int64(2),
+              adaptive=np.True_)
+    assert opt.interval == 2 and opt.adaptive
+    with pytest.raises(SharpGuardError, match="rho"):
+        SAM(world.model.parameters(), torch.optim.SGD, lr=0.1, rho=np.bool_(True))
 
 
 def test_fast_at_takes_its_one_step_by_name():
@@ -565,14 +594,14 @@ def test_real_accepts_exactly_the_finite_non_bool_numbers(value):
         assert number and out == float(value)
 
 
-@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10, 10**20), st.booleans(),
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10, 2**65), st.booleans(),
                  st.text(max_size=3)))
 @settings(max_examples=300, deadline=None)
 def test_counts_and_seeds_accept_exactly_the_whole_numbers_in_range(value):
     from sharpguard._validation import positive_int, seed
 
     whole = isinstance(value, int) and not isinstance(value, bool)
-    for rule, low, high in ((positive_int, 1, math.inf), (seed, 0, 2**63 - 1)):
+    for rule, low, high in ((positive_int, 1, math.inf), (seed, 0, 2**64 - 1)):
         try:
             rule("n", value)
         except SharpGuardError:

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from .._batches import logits_of
-from ..attacks._context import check_label_range, check_labels
+from ..attacks._context import check_label_range
+from ..attacks._context import check_labels
 from ..attacks.threat import ThreatModel, make_generator
 from .._validation import non_negative, positive
 from ..errors import ConfigurationError

@@ -71,6 +71,7 @@ class ThreatModel:
             raise ConfigurationError(f"eps must be a finite number >= 0, got {self.eps}.")
         object.__setattr__(self, "eps", eps)
         if self.bounds is not None:
+            rules.bounds("bounds", self.bounds)
             lo, hi = (float(b) for b in self.bounds)
             if not lo < hi:
                 raise ConfigurationError(f"bounds must be (low, high) with low < high, got {self.bounds}.")

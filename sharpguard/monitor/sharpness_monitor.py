@@ -46,6 +46,36 @@ def _plain_sgd(optimizer: Any) -> bool:
     return all(float(g.get("weight_decay", 0.0) or 0.0) == 0.0 for g in groups) and len({float(g["lr"]) for g in groups}) == 1
 
 
+#: each measure's function and the arguments the monitor passes itself (the rest are measure_kwargs')
+MEASURE_FUNCTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "lambda_max": ("hessian_eigenvalues", ("model", "batches", "loss_fn", "k", "which", "init", "return_eigenvectors", "seed")),
+    "lambda_min": ("hessian_eigenvalues", ("model", "batches", "loss_fn", "k", "which", "init", "return_eigenvectors", "seed")),
+    "trace": ("hessian_trace", ("model", "batches", "loss_fn", "seed")),
+    "eos_ratio": ("eos_ratio", ("model", "batches", "optimizer", "loss_fn", "init", "seed")),
+    "worst_case": ("worst_case_sharpness", ("model", "batches", "loss_fn", "adaptive")),
+    "adaptive_worst_case": ("worst_case_sharpness", ("model", "batches", "loss_fn", "adaptive")),
+    "average": ("average_sharpness", ("model", "batches", "loss_fn")),
+    "batch": ("directional_curvature", ()),  # takes no keywords: measured along the batch gradient
+    "relative_flatness": ("relative_flatness", ("model", "batches", "loss_fn")),
+    "robust_sharpness": ("robust_sharpness", ("model", "batches")),
+}
+
+
+def check_measure_kwargs(measure_kwargs: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse a keyword a measure's function does not take (``tol_``), or a value its rule refuses
+    (``max_iter=True``), at construction rather than at the first check."""
+    from .. import sharpness as S
+
+    for measure, given in measure_kwargs.items():
+        function, fixed = MEASURE_FUNCTIONS[measure]
+        allowed = [] if measure == "batch" else [k for k in keywords_of(getattr(S, function)) if k not in fixed]
+        check_keywords(f"measure_kwargs[{measure!r}]", given, allowed)
+        for name, value in given.items():
+            rule = rules.KNOBS.get(name)
+            if rule is not None and value is not None:
+                rule(f"measure_kwargs[{measure!r}][{name!r}]", value)
+
+
 class SharpnessMonitor(Monitor):
     """Sharpness of the loss on a frozen probe set, every few steps or within a cost budget.
 
@@ -130,6 +160,7 @@ class SharpnessMonitor(Monitor):
         unknown = set(measure_kwargs or {}) - set(self.MEASURES)
         if unknown:
             raise ConfigurationError(f"measure_kwargs names unknown measures {sorted(unknown)}; choose among {list(self.MEASURES)}.")
+        check_measure_kwargs(measure_kwargs or {})
         if "robust_sharpness" in self.measures:
             eps = (measure_kwargs or {}).get("robust_sharpness", {}).get("eps")
             positive("measure_kwargs['robust_sharpness']['eps']", eps if eps is not None else float("nan"),

@@ -15,7 +15,8 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
-from .._validation import check_keywords, flag, one_of
+from .._validation import check_keywords, one_of
+from .._validation import flag
 from ..errors import ConfigurationError
 from .factory import VARIANTS, canonical_variant
 from .sam import NONFINITE_POLICIES, SAM

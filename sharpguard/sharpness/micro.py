@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._batches import as_batches, batch_size, default_loss_fn, split_batch
+from .._batches import batch_size, default_loss_fn, split_batch
+from .._batches import as_batches
 from .._state import local_shard, side_effect_free, trainable_parameters
 from ..errors import ConfigurationError
 from .cost import GRAPH_FACTOR

@@ -39,7 +39,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .._batches import BatchList, LossFn, as_batches, batch_size, check_default_targets, checked_loss, default_loss_fn, split_batch
+from .._batches import BatchList, LossFn, as_batches, batch_size, checked_loss, default_loss_fn, split_batch
+from .._batches import check_default_targets
 from .._state import side_effect_free, trainable_parameters
 from .._validation import positive_int
 from ..errors import ConfigurationError, SharpGuardError
