@@ -35,6 +35,30 @@ def logits_of(output: Any) -> torch.Tensor:
     )
 
 
+def _cross_entropy(logits: torch.Tensor, targets: Any, ignore_index: int = -100) -> torch.Tensor:
+    """``F.cross_entropy``, with torch's raw error for a class index out of range turned into one sentence.
+
+    The range is read only after torch has failed (on the CPU an ``IndexError``; a device assert elsewhere),
+    so the common path adds no host synchronisation."""
+    try:
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index)
+    except (IndexError, RuntimeError) as exc:
+        if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point or targets.numel() == 0:
+            raise
+        n_classes = logits.shape[-1]
+        valid = targets[targets != ignore_index]
+        if valid.numel() == 0:
+            raise
+        lo, hi = (int(v) for v in torch.stack([valid.min(), valid.max()]).tolist())
+        if lo >= 0 and hi < n_classes:
+            raise
+        raise ConfigurationError(
+            f"the default loss got class indices in [{lo}, {hi}] for a model with {n_classes} outputs; labels must "
+            f"be in [0, {n_classes}) (or {ignore_index} to ignore a position): check the label encoding of the "
+            "batch (a monitor's probe included) or the model's output size."
+        ) from exc
+
+
 def default_loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
     """Cross entropy for ``(inputs, targets)``; ``model(**batch).loss`` for a mapping."""
     if isinstance(batch, Mapping):
@@ -62,13 +86,13 @@ def default_loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
             and logits.shape[:-1] == targets.shape
         ):
             # (batch, time, vocab) logits of a language model against (batch, time) targets
-            return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-100)
+            return _cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-100)
         if isinstance(targets, torch.Tensor) and targets.dtype.is_floating_point and targets.shape != logits.shape:
             raise ConfigurationError(
                 f"targets of dtype {targets.dtype} and shape {tuple(targets.shape)} are neither class indices nor "
                 f"probabilities of shape {tuple(logits.shape)}; pass integer class indices (e.g. y.long())."
             )
-        return F.cross_entropy(logits, targets)
+        return _cross_entropy(logits, targets)
     raise ConfigurationError(
         f"the default loss needs (inputs, targets) or a mapping with labels, got {type(batch).__name__}; pass a loss_fn."
     )
