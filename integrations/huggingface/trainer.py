@@ -1,10 +1,10 @@
 """SharpGuardTrainer: the Trainer's own training_step at w, the step engine for the rest."""
 
-
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
