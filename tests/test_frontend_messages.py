@@ -44,11 +44,12 @@ class _Lines(logging.Handler):
 
 @pytest.fixture
 def hf_lines():
-    """A handler on transformers' library logger (propagate=False there, so caplog sees nothing); the
-    verbosity is restored afterwards."""
+    """A handler on transformers' library logger (propagate=False there, so caplog sees nothing), at
+    transformers' default verbosity; the verbosity is restored afterwards."""
     handler = _Lines()
     transformers.logging.add_handler(handler)
     level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()  # transformers' default (other test modules set it to error)
     try:
         yield handler
     finally:
