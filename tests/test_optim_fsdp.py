@@ -3,7 +3,9 @@
 torch 2.13 runs FSDP2 on CPU with gloo: parameters and gradients are DTensors sharded over the ranks,
 the backward reduce-scatters the averaged gradient. The step engine with ``sharded=True`` perturbs
 each shard by ``rho g_shard / ||g||`` with the norm all-reduced across shards; the trajectory must
-equal unsharded SAM on the union of both ranks' batches, for SAM and ASAM with their own defaults.
+equal the unsharded variant on the union of both ranks' batches, for SAM, ASAM, GSAM and LookSAM with
+their own defaults (GSAM's and LookSAM's inner products all-reduced too; LookSAM's k = 5 makes step 0
+a SAM step and steps 1-2 its reuse steps).
 """
 
 from __future__ import annotations
@@ -83,9 +85,9 @@ def unsharded_reference(variant: str, world: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.distributed
-def test_fsdp2_sam_and_asam_equal_unsharded_sam(tmp_path):
-    variants = ["sam", "asam"]
-    spawn(_worker, 2, variants, str(tmp_path), nprocs=2)  # one pair of processes for both
+def test_fsdp2_sam_asam_gsam_and_looksam_equal_the_unsharded_variant(tmp_path):
+    variants = ["sam", "asam", "gsam", "looksam"]
+    spawn(_worker, 2, variants, str(tmp_path), nprocs=2)  # one pair of processes for all
     for variant in variants:
         got = torch.load(tmp_path / f"{variant}.pt", weights_only=True)
         want = unsharded_reference(variant, 2)
@@ -101,8 +103,8 @@ def test_sharded_training_refuses_the_variants_that_keep_unsharded_state():
     from sharpguard.optim import SAMConfig
 
     opt = torch.optim.SGD(make_net().parameters(), lr=LR)
-    for variant in ("gsam", "looksam", "friendly_sam", "momentum_sam"):
-        with pytest.raises(ConfigurationError, match="sharded \\(FSDP\\) training supports variant 'sam' or 'asam'"):
+    for variant in ("friendly_sam", "momentum_sam", "gam", "esam"):
+        with pytest.raises(ConfigurationError, match=f"sharded \\(FSDP\\) training supports .* got '{variant}'"):
             SAMConfig(variant=variant).build(opt, sharded=True)
 
 

@@ -633,6 +633,6 @@ def test_sharded_training_refuses_them_in_one_sentence():
 
     for variant, knobs in (("gam", {}), ("bsam", {"num_data": N_DATA})):
         base = torch.optim.SGD(net().parameters(), lr=LR)
-        with pytest.raises(ConfigurationError, match="sharded \\(FSDP\\) training supports variant 'sam' or 'asam'"):
+        with pytest.raises(ConfigurationError, match="sharded \\(FSDP\\) training supports variant 'sam', 'asam', 'gsam' or 'looksam'"):
             SAMConfig(variant=variant, knobs=knobs).build(base, sharded=True)
         assert not base.state

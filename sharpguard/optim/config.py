@@ -19,12 +19,15 @@ from .._validation import check_keywords, flag, one_of
 from ..errors import ConfigurationError
 from .factory import VARIANTS, canonical_variant
 from .sam import NONFINITE_POLICIES, SAM
-from .sharded import ShardedSAM
+from .sharded import ShardedGSAM, ShardedLookSAM, ShardedSAM
 
 __all__ = ["SAMConfig"]
 
 #: the settings every variant takes besides its knobs (how it runs, not what it computes)
 RUN_SETTINGS = ("variant", "sync_perturbation", "nonfinite")
+
+#: the variants that run on sharded (FSDP) parameters (:mod:`sharpguard.optim.sharded`)
+SHARDED_VARIANTS = ("sam", "asam", "gsam", "looksam")
 
 
 @dataclass
@@ -99,17 +102,24 @@ class SAMConfig:
     def build(self, optimizer: Optimizer, *, model: nn.Module | None = None, sharded: bool = False) -> Any:
         """The variant around ``optimizer`` (a torch optimizer you already built).
 
-        ``sharded``: the parameters are FSDP shards; only SAM and ASAM know how to perturb them (their
-        ``e`` is elementwise once the all-reduced norm is known), the others keep unsharded state.
+        ``sharded``: the parameters are FSDP shards; SAM, ASAM, GSAM and LookSAM run on them (their
+        updates are elementwise once the norms and inner products, all-reduced over the shards, are
+        known); the others keep unsharded state and are refused.
         """
         knobs = self.resolved_knobs()
         if sharded:
-            if self.variant not in ("sam", "asam"):
+            if self.variant not in SHARDED_VARIANTS:
                 raise ConfigurationError(
-                    f"sharded (FSDP) training supports variant 'sam' or 'asam', got {self.variant!r}: the other "
-                    "variants keep unsharded state; use DDP for them."
+                    f"sharded (FSDP) training supports variant 'sam', 'asam', 'gsam' or 'looksam', got {self.variant!r}: "
+                    "the other variants keep unsharded state; use DDP for them."
                 )
             adaptive = self.variant == "asam" or bool(knobs.get("adaptive", False))
+            if self.variant == "gsam":
+                return ShardedGSAM(optimizer, knobs["rho"], knobs["alpha"], adaptive=adaptive, nonfinite=self.nonfinite)
+            if self.variant == "looksam":
+                return ShardedLookSAM(
+                    optimizer, knobs["rho"], knobs["k"], knobs["alpha"], adaptive=adaptive, nonfinite=self.nonfinite
+                )
             return ShardedSAM(
                 optimizer, knobs["rho"], adaptive=adaptive, eta=float(knobs.get("eta", 0.0)), nonfinite=self.nonfinite
             )

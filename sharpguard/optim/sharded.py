@@ -15,8 +15,9 @@ import torch
 from .._state import local_shard as _local
 from .._validation import one_of
 from . import functional as F
+from .variants import _ratio
 
-__all__ = ["ShardedSAM", "sharded_global_norm"]
+__all__ = ["ShardedGSAM", "ShardedLookSAM", "ShardedSAM", "sharded_dot", "sharded_global_norm"]
 
 
 def sharded_global_norm(tensors: Sequence[torch.Tensor], group: Any = None) -> torch.Tensor:
@@ -30,6 +31,23 @@ def sharded_global_norm(tensors: Sequence[torch.Tensor], group: Any = None) -> t
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sq, op=torch.distributed.ReduceOp.SUM, group=group)
     return sq.sqrt().to(local.dtype)
+
+
+def sharded_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], group: Any = None) -> torch.Tensor:
+    """Inner product ``<a, b>`` of two tensor lists sharded alike across ``group``.
+
+    The polarisation identity of :func:`.functional.dot`, ``(||a + b||^2 - ||a||^2 - ||b||^2) / 2``,
+    with the three squared norms summed over the shards in one all-reduce.
+    """
+    a, b = [_local(t) for t in a], [_local(t) for t in b]
+    if not a:
+        return torch.zeros(())
+    with torch.no_grad():
+        local = torch.stack([F.global_norm(torch._foreach_add(a, b)), F.global_norm(a), F.global_norm(b)])
+        sq = local.double() ** 2
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sq, op=torch.distributed.ReduceOp.SUM, group=group)
+        return (0.5 * (sq[0] - sq[1] - sq[2])).to(local.dtype)
 
 
 class ShardedSAM:
@@ -51,6 +69,7 @@ class ShardedSAM:
     per_worker_safe = False  # the norm needs the reduced shards: the clean pass is synchronised
     sync_perturbation = True
     perturbed_points = 1
+    uses_clean_gradient = False  # a variant whose update reads g keeps its shards (as the unsharded one)
 
     def __init__(
         self, optimizer: torch.optim.Optimizer, rho: float, adaptive: bool = False, eta: float = 0.0,
@@ -76,13 +95,19 @@ class ShardedSAM:
     def needs_second_pass(self) -> bool:
         return True
 
+    def _params_with_grad(self) -> list[torch.Tensor]:
+        return [p for g in self.base_optimizer.param_groups for p in g["params"] if p.grad is not None]
+
     def perturb(self) -> bool:
         self._skip_check = None  # the previous step's base step never ran (a GradScaler skip): dropped
-        params = [p for g in self.base_optimizer.param_groups for p in g["params"] if p.grad is not None]
+        params = self._params_with_grad()
+        if not self.needs_second_pass():
+            self._pass_params = params
+            return False
         local_p = [_local(p) for p in params]
         local_g = [_local(p.grad) for p in params]
         self._backup = F.save_(self._backup, local_p)
-        if self.nonfinite == "fallback":
+        if self.nonfinite == "fallback" or self.uses_clean_gradient:
             self._clean = F.save_(self._clean, local_g)
         self._params, self._pass_params = local_p, params
         direction, norm = F.ascent_direction(
@@ -97,9 +122,13 @@ class ShardedSAM:
         return False
 
     def unperturb(self) -> None:
+        if not self._params:  # a step without a perturbed pass: the variant's own use of g
+            params = self._pass_params or self._params_with_grad()
+            self._after_plain_pass([_local(p.grad) for p in params])
         if self._backup is not None and self._params:
             F.restore_(self._params, self._backup)
             grads = [_local(p.grad) for p in self._pass_params]
+            self._after_perturbed_pass(grads)
             ok = torch.isfinite(sharded_global_norm(grads)) & self._clean_ok
             if self.nonfinite == "fallback":
                 F.select_(grads, self._clean, ~ok)
@@ -108,6 +137,15 @@ class ShardedSAM:
                 if self._base_stepping:  # the base step's closure ran this SAM step: decided now
                     self._skip_faulty_step(self.base_optimizer, (), {})
         self._params, self._pass_params = [], []
+        self._step += 1
+
+    _step = 0  # completed steps (LookSAM's cadence)
+
+    def _after_perturbed_pass(self, grads: list[torch.Tensor]) -> None:
+        """Hook: turn the local shards of ``g(w + e)`` into the update's, in place (``self._clean``: ``g``'s)."""
+
+    def _after_plain_pass(self, grads: list[torch.Tensor]) -> None:
+        """Hook: a step without a perturbed pass (``grads``: the local shards of ``g``)."""
 
     def _skip_faulty_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Base optimizer step pre-hook of ``nonfinite="skip"`` (as :meth:`SAM._skip_faulty_step`)."""
@@ -130,3 +168,82 @@ class ShardedSAM:
         if self._backup is not None and self._params:
             F.restore_(self._params, self._backup)
         self._params, self._pass_params = [], []
+
+
+class ShardedGSAM(ShardedSAM):
+    r"""GSAM (Zhuang et al., ICLR 2022, Algorithm 1) over sharded parameters: :class:`~.variants.GSAM`'s update.
+
+    The step is :math:`(1 + \alpha c)\, g_p - \alpha g` with :math:`c = \langle g, g_p\rangle / \lVert g_p\rVert^2`;
+    elementwise once the inner product and the norm are known, which are all-reduced over the shards
+    (:func:`sharded_dot`, :func:`sharded_global_norm`). Keeps this rank's shards of the weight backup
+    and of the clean gradient: 2.0x the shard bytes, as GSAM keeps 2.0x the parameter bytes.
+    """
+
+    uses_clean_gradient = True
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, rho: float, alpha: float, adaptive: bool = False,
+        nonfinite: str = "skip",
+    ):
+        super().__init__(optimizer, rho, adaptive=adaptive, nonfinite=nonfinite)
+        self.alpha = alpha
+
+    def _after_perturbed_pass(self, grads: list[torch.Tensor]) -> None:
+        clean = self._clean
+        assert clean is not None
+        c = _ratio(sharded_dot(clean, grads), sharded_global_norm(grads).square())
+        F.scale_(grads, 1.0 + self.alpha * c)
+        torch._foreach_add_(grads, clean, alpha=-self.alpha)
+
+
+class ShardedLookSAM(ShardedSAM):
+    r"""LookSAM (Liu et al., CVPR 2022, Algorithm 1) over sharded parameters: :class:`~.variants.LookSAM`'s update.
+
+    Every ``k``-th step runs SAM and keeps this rank's shards of
+    :math:`g_v = g_s - \frac{\langle g, g_s\rangle}{\lVert g\rVert^2} g` (kept only when finite); the other
+    steps run one pass and step with :math:`g + \alpha \frac{\lVert g\rVert}{\lVert g_v\rVert} g_v`.
+    Inner products and norms are all-reduced over the shards, the rest is elementwise. Keeps the
+    weight backup, the clean gradient and :math:`g_v` per shard: LookSAM's buffers over the world.
+    """
+
+    uses_clean_gradient = True
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, rho: float, k: int, alpha: float, adaptive: bool = False,
+        nonfinite: str = "skip",
+    ):
+        super().__init__(optimizer, rho, adaptive=adaptive, nonfinite=nonfinite)
+        self.k, self.alpha = k, alpha
+        self._gv: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> its local shard of g_v
+
+    def needs_second_pass(self) -> bool:
+        return self._step % self.k == 0
+
+    def _gv_of(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for p in params:
+            if p not in self._gv:
+                self._gv[p] = torch.zeros_like(_local(p), memory_format=torch.preserve_format)
+            out.append(self._gv[p])
+        return out
+
+    def _after_perturbed_pass(self, grads: list[torch.Tensor]) -> None:
+        clean = self._clean
+        assert clean is not None
+        c = _ratio(sharded_dot(clean, grads), sharded_global_norm(clean).square())
+        gv_new = torch._foreach_neg(clean)
+        F.scale_(gv_new, c)
+        torch._foreach_add_(gv_new, grads)  # g_s - c g
+        ok = torch.isfinite(sharded_global_norm(gv_new))
+        F.select_(self._gv_of(self._pass_params), gv_new, ok)  # keep the old g_v after an overflow
+
+    def _after_plain_pass(self, grads: list[torch.Tensor]) -> None:
+        params = self._pass_params or self._params_with_grad()
+        if not params or self.needs_second_pass():  # a full step that had nothing to perturb
+            return
+        gv = self._gv_of(params)
+        # zero when the clean gradient is not finite: alpha ||g|| / ||g_v|| would spread an inf everywhere
+        norm = sharded_global_norm(grads)
+        finite = torch.isfinite(norm)
+        factor = self.alpha * _ratio(torch.where(finite, norm, torch.zeros_like(norm)), sharded_global_norm(gv))
+        F.add_scaled_(grads, gv, factor)
