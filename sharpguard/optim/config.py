@@ -19,7 +19,7 @@ from .._validation import check_keywords, flag, one_of
 from ..errors import ConfigurationError
 from .factory import VARIANTS, canonical_variant
 from .sam import NONFINITE_POLICIES, SAM
-from .sharded import ShardedGSAM, ShardedLookSAM, ShardedSAM
+from .sharded import ShardedGAM, ShardedGSAM, ShardedLookSAM, ShardedSAM
 
 __all__ = ["SAMConfig"]
 
@@ -27,7 +27,7 @@ __all__ = ["SAMConfig"]
 RUN_SETTINGS = ("variant", "sync_perturbation", "nonfinite")
 
 #: the variants that run on sharded (FSDP) parameters (:mod:`sharpguard.optim.sharded`)
-SHARDED_VARIANTS = ("sam", "asam", "gsam", "looksam")
+SHARDED_VARIANTS = ("sam", "asam", "gsam", "looksam", "gam")
 
 
 @dataclass
@@ -102,7 +102,7 @@ class SAMConfig:
     def build(self, optimizer: Optimizer, *, model: nn.Module | None = None, sharded: bool = False) -> Any:
         """The variant around ``optimizer`` (a torch optimizer you already built).
 
-        ``sharded``: the parameters are FSDP shards; SAM, ASAM, GSAM and LookSAM run on them (their
+        ``sharded``: the parameters are FSDP shards; SAM, ASAM, GSAM, LookSAM and GAM run on them (their
         updates are elementwise once the norms and inner products, all-reduced over the shards, are
         known); the others keep unsharded state and are refused.
         """
@@ -110,12 +110,15 @@ class SAMConfig:
         if sharded:
             if self.variant not in SHARDED_VARIANTS:
                 raise ConfigurationError(
-                    f"sharded (FSDP) training supports variant 'sam', 'asam', 'gsam' or 'looksam', got {self.variant!r}: "
+                    f"sharded (FSDP) training supports variant 'sam', 'asam', 'gsam', 'looksam' or 'gam', got {self.variant!r}: "
                     "the other variants keep unsharded state; use DDP for them."
                 )
             adaptive = self.variant == "asam" or bool(knobs.get("adaptive", False))
             if self.variant == "gsam":
                 return ShardedGSAM(optimizer, knobs["rho"], knobs["alpha"], adaptive=adaptive, nonfinite=self.nonfinite)
+            if self.variant == "gam":
+                gam = {k: knobs[k] for k in ("rho_norm", "beta1", "beta2", "beta3", "gamma")}
+                return ShardedGAM(optimizer, knobs["rho"], **gam, adaptive=adaptive, nonfinite=self.nonfinite)
             if self.variant == "looksam":
                 return ShardedLookSAM(
                     optimizer, knobs["rho"], knobs["k"], knobs["alpha"], adaptive=adaptive, nonfinite=self.nonfinite

@@ -16,8 +16,9 @@ from .._state import local_shard as _local
 from .._validation import one_of
 from . import functional as F
 from .variants import _ratio
+from .variants_multi import _GAM_EPS
 
-__all__ = ["ShardedGSAM", "ShardedLookSAM", "ShardedSAM", "sharded_dot", "sharded_global_norm"]
+__all__ = ["ShardedGAM", "ShardedGSAM", "ShardedLookSAM", "ShardedSAM", "sharded_dot", "sharded_global_norm"]
 
 
 def sharded_global_norm(tensors: Sequence[torch.Tensor], group: Any = None) -> torch.Tensor:
@@ -130,16 +131,19 @@ class ShardedSAM:
             grads = [_local(p.grad) for p in self._pass_params]
             self._after_perturbed_pass(grads)
             ok = torch.isfinite(sharded_global_norm(grads)) & self._clean_ok
+            if self._points_ok is not None:  # a multi-point variant: the gradients at its earlier points
+                ok = ok & self._points_ok
             if self.nonfinite == "fallback":
                 F.select_(grads, self._clean, ~ok)
             else:
                 self._skip_check = (self._pass_params, ok)
                 if self._base_stepping:  # the base step's closure ran this SAM step: decided now
                     self._skip_faulty_step(self.base_optimizer, (), {})
-        self._params, self._pass_params = [], []
+        self._params, self._pass_params, self._points_ok = [], [], None
         self._step += 1
 
     _step = 0  # completed steps (LookSAM's cadence)
+    _points_ok: torch.Tensor | None = None  # a multi-point variant's gradients before the last were finite
 
     def _after_perturbed_pass(self, grads: list[torch.Tensor]) -> None:
         """Hook: turn the local shards of ``g(w + e)`` into the update's, in place (``self._clean``: ``g``'s)."""
@@ -167,7 +171,7 @@ class ShardedSAM:
     def cancel(self) -> None:
         if self._backup is not None and self._params:
             F.restore_(self._params, self._backup)
-        self._params, self._pass_params = [], []
+        self._params, self._pass_params, self._points_ok = [], [], None
 
 
 class ShardedGSAM(ShardedSAM):
@@ -247,3 +251,79 @@ class ShardedLookSAM(ShardedSAM):
         finite = torch.isfinite(norm)
         factor = self.alpha * _ratio(torch.where(finite, norm, torch.zeros_like(norm)), sharded_global_norm(gv))
         F.add_scaled_(grads, gv, factor)
+
+
+class ShardedGAM(ShardedSAM):
+    r"""GAM (Zhang et al., CVPR 2023; the official code's GAM + SAM form) over sharded parameters:
+    :class:`~.variants_multi.GAM`'s four gradients and update.
+
+    Points :math:`w + \rho g_0/\lVert g_0\rVert`, :math:`w_2 = w + \rho' (g_1 - g_0)/\lVert g_1 - g_0\rVert`
+    and :math:`w_2 + \rho g_2/\lVert g_2\rVert`; update :math:`d - \gamma (m - \cos(m, d) \lVert m\rVert d/\lVert d\rVert)`
+    with :math:`d = \beta_1 g_1 + \beta_3 g_3`, :math:`m = g_0 + |\beta_2| g_2`. Every norm and inner
+    product is all-reduced over the shards; every other operation is elementwise on this rank's
+    shards, which keep GAM's buffers (weight backup, :math:`g_0`, :math:`g_1`, :math:`g_2`, :math:`w_2 - w`).
+    """
+
+    uses_clean_gradient = True
+    perturbed_points = 3
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, rho: float, rho_norm: float, beta1: float, beta2: float,
+        beta3: float, gamma: float, adaptive: bool = False, nonfinite: str = "skip",
+    ):
+        super().__init__(optimizer, rho, adaptive=adaptive, nonfinite=nonfinite)
+        self.rho_norm, self.beta1, self.beta2, self.beta3, self.gamma = rho_norm, beta1, beta2, beta3, gamma
+        self._point = 0
+        self._g1: list[torch.Tensor] | None = None
+        self._g2: list[torch.Tensor] | None = None
+        self._offset: list[torch.Tensor] | None = None
+
+    def perturb(self) -> bool:
+        self._point = 0
+        return super().perturb()
+
+    @torch.no_grad()
+    def advance(self) -> bool:
+        """After the backward at a point: restore ``w`` by copy and move to the next point, if any."""
+        if not self._params or self._point + 1 >= self.perturbed_points:
+            return False
+        params, grads = self._params, [_local(p.grad) for p in self._pass_params]
+        ok = torch.isfinite(sharded_global_norm(grads))
+        self._points_ok = ok if self._points_ok is None else self._points_ok & ok
+        F.restore_(params, self._backup)
+        self._point += 1
+        if self._point == 1:  # ascend on the gradient norm along g_1 - g_0, from w
+            self._g1 = F.save_(self._g1, grads)
+            offset = self._offset = F.save_(self._offset, grads)
+            torch._foreach_sub_(offset, self._clean)
+            directions, norm = F.ascent_direction(params, offset, adaptive=self.adaptive, norm=sharded_global_norm)
+            if directions is not offset:  # adaptive: T^2 (g_1 - g_0)
+                torch._foreach_copy_(offset, directions)
+            F.scale_(offset, F.perturbation_scale(norm, self.rho_norm, eps=_GAM_EPS))
+            torch._foreach_add_(params, offset)
+            return True
+        # SAM's ascent along g_2, taken from w_2 (rebuilt bitwise from w and the kept offset)
+        g2 = self._g2 = F.save_(self._g2, grads)
+        torch._foreach_add_(params, self._offset)
+        directions, norm = F.ascent_direction(params, g2, adaptive=self.adaptive, norm=sharded_global_norm)
+        F.add_scaled_(params, directions, F.perturbation_scale(norm, self.rho, eps=_GAM_EPS))
+        return True
+
+    def _after_perturbed_pass(self, grads: list[torch.Tensor]) -> None:
+        if self._point + 1 < self.perturbed_points:
+            raise RuntimeError(
+                f"ShardedGAM's step ended after {self._point + 1} of its {self.perturbed_points} perturbed points; "
+                "run the backward at each point while advance() returns True (SAMEngine does)."
+            )
+        # grads holds g_3: d = beta1 g_1 + beta3 g_3, m = g_0 + |beta2| g_2 (g_2's buffer reused for m)
+        torch._foreach_mul_(grads, self.beta3)
+        torch._foreach_add_(grads, self._g1, alpha=self.beta1)
+        if self.gamma == 0.0:
+            return
+        m = self._g2
+        torch._foreach_mul_(m, abs(self.beta2))
+        torch._foreach_add_(m, self._clean)
+        d_norm, m_norm = sharded_global_norm(grads), sharded_global_norm(m)
+        cosine = sharded_dot(m, grads) / (d_norm * m_norm + _GAM_EPS)
+        F.scale_(grads, 1.0 + self.gamma * cosine * m_norm / (d_norm + _GAM_EPS))
+        torch._foreach_add_(grads, m, alpha=-self.gamma)
