@@ -10,7 +10,7 @@ rank 0's. The same measurement on a real small GPT-2 (real tensors, MemTracker a
 Laws: SAM's default extra memory over the plain step, between steps and at the step's peak, is at
 most the parameter bytes (the weight backup, nothing else); the opt-in clean-gradient fallback keeps
 one more parameter-sized buffer; a SAM step's FLOPs are at most 2.01x the plain step's. Under FSDP2
-each variant the sharded engine runs (SAM, ASAM, GSAM, LookSAM) keeps per rank its unsharded multiple
+each variant the sharded engine runs (SAM, ASAM, GSAM, LookSAM, GAM) keeps per rank its unsharded multiple
 of the rank's shard bytes, at the FLOPs of the unsharded step.
 """
 
@@ -35,7 +35,7 @@ WORLD = 8
 BATCH, SEQ = 2, 128
 GPT2_124M = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
 GPT2_SMALL = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=SEQ)
-SHARDED = ("sam", "asam", "gsam", "looksam")  # the variants SAMConfig.build(sharded=True) runs
+SHARDED = ("sam", "asam", "gsam", "looksam", "gam")  # the variants SAMConfig.build(sharded=True) runs
 
 
 @dataclass
@@ -208,8 +208,10 @@ def test_sam_under_fsdp2_world_8_keeps_at_most_the_shard_bytes_more_per_rank(wor
 
 
 # multiples of the parameter bytes each variant keeps between steps (its own buffers): GSAM the weight
-# backup and the clean gradient; LookSAM those and g_v
-OWN_BUFFERS = {"sam": 1.0, "asam": 1.0, "gsam": 2.0, "looksam": 3.0}
+# backup and the clean gradient; LookSAM those and g_v; GAM the backup, g_0, g_1, g_2 and w_2 - w
+OWN_BUFFERS = {"sam": 1.0, "asam": 1.0, "gsam": 2.0, "looksam": 3.0, "gam": 5.0}
+#: forward/backward passes of the counted (second) step
+PASSES = {"sam": 2, "asam": 2, "gsam": 2, "looksam": 1, "gam": 4}
 
 
 @pytest.mark.parametrize("variant", SHARDED)
@@ -217,7 +219,7 @@ def test_under_fsdp2_world_8_each_rank_keeps_the_unsharded_multiple_of_its_shard
     """A rank's own buffers are the unsharded variant's multiple of the parameter bytes, taken of its
     shard (so the model's multiple over the world); the step's FLOPs are the unsharded step's (rank 0
     runs the whole model's matrix products on its batch). LookSAM's second step, the one counted, is a
-    reuse step (k = 5): one pass."""
+    reuse step (k = 5): one pass; GAM's takes four gradients."""
     between, peak = extra(world_8[variant], world_8["plain"])
     single_between, single_peak = extra(single_device[variant], single_device["plain"])
     assert between == pytest.approx(OWN_BUFFERS[variant], abs=1e-4)
@@ -226,7 +228,7 @@ def test_under_fsdp2_world_8_each_rank_keeps_the_unsharded_multiple_of_its_shard
     assert peak <= single_peak + 1e-4
     ratio = world_8[variant].flops / world_8["plain"].flops
     assert ratio == pytest.approx(single_device[variant].flops / single_device["plain"].flops, rel=1e-9)
-    assert ratio == pytest.approx(1.0 if variant == "looksam" else 2.0, abs=0.01)
+    assert ratio == pytest.approx(PASSES[variant], abs=0.01)
 
 
 # --------------------------------------------------------------------------------- real small model
