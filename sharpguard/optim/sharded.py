@@ -1,8 +1,10 @@
-"""SAM over sharded parameters (FSDP): the norm of ``g`` is a sum over shards.
+"""SAM, ASAM, GSAM, LookSAM and GAM over sharded parameters (FSDP): norms and inner products are sums over shards.
 
 Under FSDP every rank holds a disjoint shard of each parameter and of its gradient, so the local
-norm is not ``||g||``; :func:`sharded_global_norm` all-reduces the squared local norms.
-Framework-free: only ``torch.distributed``.
+norm is not ``||g||``; :func:`sharded_global_norm` all-reduces the squared local norms and
+:func:`sharded_dot` the three of an inner product's polarisation. Each variant's update is
+elementwise once those are known, so every rank works on its own shards and keeps its shards of
+the variant's buffers. Framework-free: only ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -62,9 +64,10 @@ class ShardedSAM:
     policy is SAM's (``nonfinite``, :class:`~sharpguard.optim.SAM`): ``"skip"`` (default) keeps only
     the weight backup of this rank's shards (1.0x the shard bytes) and makes a faulty step update
     nothing, decided at the base optimizer's step; ``"fallback"`` also keeps the clean gradient's
-    shards (2.0x) and steps with them. One perturbed point per step: the multi-point variants (GAM)
-    and bSAM are refused for sharded training by :meth:`~sharpguard.optim.SAMConfig.build`, with the
-    other unsharded variants.
+    shards (2.0x) and steps with them. :class:`ShardedGSAM`, :class:`ShardedLookSAM` and
+    :class:`ShardedGAM` change the update through the ``_after_perturbed_pass`` /
+    ``_after_plain_pass`` hooks (and GAM's points through :meth:`advance`); the other variants are
+    refused for sharded training by :meth:`~sharpguard.optim.SAMConfig.build`.
     """
 
     per_worker_safe = False  # the norm needs the reduced shards: the clean pass is synchronised
