@@ -16,7 +16,7 @@ from sharpguard.integrations.lightning import SharpnessAwareMinimization
 from _distributed import exit_torchrun_worker
 from _fsdp_case import ACCUM, BATCH, LR, STEPS, VARIANTS, make_net, rank_batch
 
-REFUSED = {"gam": {}, "bsam": {"num_data": STEPS * ACCUM * BATCH * 2}, "looksam": {}}  # variant: its own knobs
+REFUSED = {"bsam": {"num_data": STEPS * ACCUM * BATCH * 2}, "friendly_sam": {}}  # variant: its own knobs
 
 
 class LitFSDP2(pl.LightningModule):

@@ -23,7 +23,7 @@ from torch import nn
 
 from _dist_launch import check_per_worker_sam, torchrun
 
-REFUSAL = "ConfigurationError: sharded (FSDP) training supports variant 'sam' or 'asam', got '{}'"
+REFUSAL = "ConfigurationError: sharded (FSDP) training supports variant 'sam', 'asam', 'gsam', 'looksam' or 'gam', got '{}'"
 
 
 # ------------------------------------------------------------------------------------------ Lightning

@@ -3,7 +3,9 @@
 torch 2.13 runs FSDP2 on CPU with gloo: parameters and gradients are DTensors sharded over the ranks,
 the backward reduce-scatters the averaged gradient. The step engine with ``sharded=True`` perturbs
 each shard by ``rho g_shard / ||g||`` with the norm all-reduced across shards; the trajectory must
-equal unsharded SAM on the union of both ranks' batches, for SAM and ASAM with their own defaults.
+equal the unsharded variant on the union of both ranks' batches, for SAM, ASAM, GSAM, LookSAM and GAM
+with their own defaults (their inner products all-reduced too; LookSAM's k = 5 makes step 0 a SAM step
+and steps 1-2 its reuse steps; GAM takes its three perturbed points through the engine's advance()).
 """
 
 from __future__ import annotations
@@ -83,9 +85,9 @@ def unsharded_reference(variant: str, world: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.distributed
-def test_fsdp2_sam_and_asam_equal_unsharded_sam(tmp_path):
-    variants = ["sam", "asam"]
-    spawn(_worker, 2, variants, str(tmp_path), nprocs=2)  # one pair of processes for both
+def test_fsdp2_sam_asam_gsam_looksam_and_gam_equal_the_unsharded_variant(tmp_path):
+    variants = ["sam", "asam", "gsam", "looksam", "gam"]
+    spawn(_worker, 2, variants, str(tmp_path), nprocs=2)  # one pair of processes for all
     for variant in variants:
         got = torch.load(tmp_path / f"{variant}.pt", weights_only=True)
         want = unsharded_reference(variant, 2)
@@ -101,21 +103,24 @@ def test_sharded_training_refuses_the_variants_that_keep_unsharded_state():
     from sharpguard.optim import SAMConfig
 
     opt = torch.optim.SGD(make_net().parameters(), lr=LR)
-    for variant in ("gsam", "looksam", "friendly_sam", "momentum_sam"):
-        with pytest.raises(ConfigurationError, match="sharded \\(FSDP\\) training supports variant 'sam' or 'asam'"):
+    for variant in ("friendly_sam", "momentum_sam", "esam", "wsam"):
+        with pytest.raises(ConfigurationError, match=f"sharded \\(FSDP\\) training supports .* got '{variant}'"):
             SAMConfig(variant=variant).build(opt, sharded=True)
 
 
 @pytest.mark.parametrize("nonfinite", ["skip", "fallback"])
-def test_sharded_sam_policies_on_a_non_finite_gradient_at_w_plus_e(nonfinite):
+@pytest.mark.parametrize(("variant", "bad_pass"), [("sam", 2), ("gsam", 2), ("looksam", 2), ("gam", 2), ("gam", 4)])
+def test_sharded_sam_policies_on_a_non_finite_gradient_at_w_plus_e(nonfinite, variant, bad_pass):
     """The sharded engine takes SAM's fault policy (one process: the shards are the whole tensors).
-    Default skip: the weights and SGD's state stay bitwise, and only the backup is kept; fallback:
-    the plain step from the clean gradient, with the clean gradient's copy kept."""
+    Default skip: the weights and SGD's state stay bitwise, and only the variant's own buffers are
+    kept; fallback: the plain step from the clean gradient, with the clean gradient's copy kept.
+    GAM's pass 4 is its last point (w_2 + e_2); pass 2 its first, whose fault reaches the update
+    through the points' flag."""
     from sharpguard.optim import SAMConfig, SAMEngine
 
     net, ref = make_net(), make_net()
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
-    sam = SAMConfig(variant="sam", nonfinite=nonfinite).build(opt, sharded=True)
+    sam = SAMConfig(variant=variant, nonfinite=nonfinite).build(opt, sharded=True)
     engine = SAMEngine(sam, sharded=True)
     x, y = rank_batch(0, 0)
     calls = [0]
@@ -123,14 +128,15 @@ def test_sharded_sam_policies_on_a_non_finite_gradient_at_w_plus_e(nonfinite):
     def replay():
         calls[0] += 1
         loss = nn.functional.cross_entropy(net(x), y)
-        (loss * float("nan") if calls[0] == 2 else loss).backward()
+        (loss * float("nan") if calls[0] == bad_pass else loss).backward()
 
     opt.zero_grad()
     engine.record(replay)
     replay()
     engine.finish()
     opt.step()
-    assert (sam._clean is not None) == (nonfinite == "fallback")
+    assert calls[0] == (4 if variant == "gam" else 2)  # the clean pass and one per perturbed point
+    assert (sam._clean is not None) == (nonfinite == "fallback" or variant != "sam")
     got = [p.detach() for p in net.parameters()]
     if nonfinite == "skip":
         assert all(torch.equal(g, r) for g, r in zip(got, ref.parameters())) and not opt.state

@@ -9,7 +9,9 @@ rank 0's. The same measurement on a real small GPT-2 (real tensors, MemTracker a
 
 Laws: SAM's default extra memory over the plain step, between steps and at the step's peak, is at
 most the parameter bytes (the weight backup, nothing else); the opt-in clean-gradient fallback keeps
-one more parameter-sized buffer; a SAM step's FLOPs are at most 2.01x the plain step's.
+one more parameter-sized buffer; a SAM step's FLOPs are at most 2.01x the plain step's. Under FSDP2
+each variant the sharded engine runs (SAM, ASAM, GSAM, LookSAM, GAM) keeps per rank its unsharded multiple
+of the rank's shard bytes, at the FLOPs of the unsharded step.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ WORLD = 8
 BATCH, SEQ = 2, 128
 GPT2_124M = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
 GPT2_SMALL = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=SEQ)
+SHARDED = ("sam", "asam", "gsam", "looksam", "gam")  # the variants SAMConfig.build(sharded=True) runs
 
 
 @dataclass
@@ -129,7 +132,7 @@ def measure(kind: str, config: dict, *, fake: bool = True, sharded: bool = False
                 forward_backward()
                 base.step()
         elif sharded:
-            engine = SAMEngine(SAMConfig(variant="sam", nonfinite=nonfinite).build(base, sharded=True), sharded=True)
+            engine = SAMEngine(SAMConfig(variant=kind, nonfinite=nonfinite).build(base, sharded=True), sharded=True)
 
             def step():
                 base.zero_grad()
@@ -163,7 +166,14 @@ def extra(kind: Step, plain: Step) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------ 124M, simulated
 @pytest.fixture(scope="module")
 def single_device() -> dict[str, Step]:
-    return {kind: measure(kind, GPT2_124M) for kind in ("plain", "sam", "asam")}
+    return {kind: measure(kind, GPT2_124M) for kind in ("plain", *SHARDED)}
+
+
+@pytest.fixture(scope="module")
+def world_8() -> dict[str, Step]:
+    """Rank 0 of FSDP2 over a fake process group of world 8, every variant the sharded engine runs."""
+    with fake_process_group():
+        return {kind: measure(kind, GPT2_124M, sharded=True) for kind in ("plain", *SHARDED)}
 
 
 def test_gpt2_124m_is_what_is_simulated(single_device):
@@ -187,15 +197,38 @@ def test_a_sam_step_costs_at_most_2_01x_the_plain_step_in_flops_at_124m(single_d
     assert 1.99 < ratio <= 2.01
 
 
-def test_sam_under_fsdp2_world_8_keeps_at_most_the_shard_bytes_more_per_rank():
-    with fake_process_group():
-        plain, sam = (measure(kind, GPT2_124M, sharded=True) for kind in ("plain", "sam"))
+def test_sam_under_fsdp2_world_8_keeps_at_most_the_shard_bytes_more_per_rank(world_8):
+    plain, sam = world_8["plain"], world_8["sam"]
     assert plain.param_bytes * WORLD >= 124_000_000 * 4  # rank 0 holds an eighth (padded) of the model
     assert plain.param_bytes * WORLD < 126_000_000 * 4
     between, peak = extra(sam, plain)
     assert 0.99 < between <= 1.0 + 1e-4
     assert peak <= 1.0 + 1e-4
     assert 1.99 < sam.flops / plain.flops <= 2.01
+
+
+# multiples of the parameter bytes each variant keeps between steps (its own buffers): GSAM the weight
+# backup and the clean gradient; LookSAM those and g_v; GAM the backup, g_0, g_1, g_2 and w_2 - w
+OWN_BUFFERS = {"sam": 1.0, "asam": 1.0, "gsam": 2.0, "looksam": 3.0, "gam": 5.0}
+#: forward/backward passes of the counted (second) step
+PASSES = {"sam": 2, "asam": 2, "gsam": 2, "looksam": 1, "gam": 4}
+
+
+@pytest.mark.parametrize("variant", SHARDED)
+def test_under_fsdp2_world_8_each_rank_keeps_the_unsharded_multiple_of_its_shard_bytes(single_device, world_8, variant):
+    """A rank's own buffers are the unsharded variant's multiple of the parameter bytes, taken of its
+    shard (so the model's multiple over the world); the step's FLOPs are the unsharded step's (rank 0
+    runs the whole model's matrix products on its batch). LookSAM's second step, the one counted, is a
+    reuse step (k = 5): one pass; GAM's takes four gradients."""
+    between, peak = extra(world_8[variant], world_8["plain"])
+    single_between, single_peak = extra(single_device[variant], single_device["plain"])
+    assert between == pytest.approx(OWN_BUFFERS[variant], abs=1e-4)
+    assert single_between == pytest.approx(OWN_BUFFERS[variant], abs=1e-4)
+    assert world_8[variant].param_bytes * WORLD < single_device[variant].param_bytes * 1.01
+    assert peak <= single_peak + 1e-4
+    ratio = world_8[variant].flops / world_8["plain"].flops
+    assert ratio == pytest.approx(single_device[variant].flops / single_device["plain"].flops, rel=1e-9)
+    assert ratio == pytest.approx(PASSES[variant], abs=0.01)
 
 
 # --------------------------------------------------------------------------------- real small model

@@ -20,12 +20,15 @@ from .._validation import flag
 from ..errors import ConfigurationError
 from .factory import VARIANTS, canonical_variant
 from .sam import NONFINITE_POLICIES, SAM
-from .sharded import ShardedSAM
+from .sharded import ShardedGAM, ShardedGSAM, ShardedLookSAM, ShardedSAM
 
 __all__ = ["SAMConfig"]
 
 #: the settings every variant takes besides its knobs (how it runs, not what it computes)
 RUN_SETTINGS = ("variant", "sync_perturbation", "nonfinite")
+
+#: the variants that run on sharded (FSDP) parameters (:mod:`sharpguard.optim.sharded`)
+SHARDED_VARIANTS = ("sam", "asam", "gsam", "looksam", "gam")
 
 
 @dataclass
@@ -100,17 +103,27 @@ class SAMConfig:
     def build(self, optimizer: Optimizer, *, model: nn.Module | None = None, sharded: bool = False) -> Any:
         """The variant around ``optimizer`` (a torch optimizer you already built).
 
-        ``sharded``: the parameters are FSDP shards; only SAM and ASAM know how to perturb them (their
-        ``e`` is elementwise once the all-reduced norm is known), the others keep unsharded state.
+        ``sharded``: the parameters are FSDP shards; SAM, ASAM, GSAM, LookSAM and GAM run on them (their
+        updates are elementwise once the norms and inner products, all-reduced over the shards, are
+        known); the others keep unsharded state and are refused.
         """
         knobs = self.resolved_knobs()
         if sharded:
-            if self.variant not in ("sam", "asam"):
+            if self.variant not in SHARDED_VARIANTS:
                 raise ConfigurationError(
-                    f"sharded (FSDP) training supports variant 'sam' or 'asam', got {self.variant!r}: the other "
-                    "variants keep unsharded state; use DDP for them."
+                    f"sharded (FSDP) training supports variant 'sam', 'asam', 'gsam', 'looksam' or 'gam', got {self.variant!r}: "
+                    "the other variants keep unsharded state; use DDP for them."
                 )
             adaptive = self.variant == "asam" or bool(knobs.get("adaptive", False))
+            if self.variant == "gsam":
+                return ShardedGSAM(optimizer, knobs["rho"], knobs["alpha"], adaptive=adaptive, nonfinite=self.nonfinite)
+            if self.variant == "gam":
+                gam = {k: knobs[k] for k in ("rho_norm", "beta1", "beta2", "beta3", "gamma")}
+                return ShardedGAM(optimizer, knobs["rho"], **gam, adaptive=adaptive, nonfinite=self.nonfinite)
+            if self.variant == "looksam":
+                return ShardedLookSAM(
+                    optimizer, knobs["rho"], knobs["k"], knobs["alpha"], adaptive=adaptive, nonfinite=self.nonfinite
+                )
             return ShardedSAM(
                 optimizer, knobs["rho"], adaptive=adaptive, eta=float(knobs.get("eta", 0.0)), nonfinite=self.nonfinite
             )

@@ -1,8 +1,10 @@
-"""SAM over sharded parameters (FSDP): the norm of ``g`` is a sum over shards.
+"""SAM, ASAM, GSAM, LookSAM and GAM over sharded parameters (FSDP): norms and inner products are sums over shards.
 
 Under FSDP every rank holds a disjoint shard of each parameter and of its gradient, so the local
-norm is not ``||g||``; :func:`sharded_global_norm` all-reduces the squared local norms.
-Framework-free: only ``torch.distributed``.
+norm is not ``||g||``; :func:`sharded_global_norm` all-reduces the squared local norms and
+:func:`sharded_dot` the three of an inner product's polarisation. Each variant's update is
+elementwise once those are known, so every rank works on its own shards and keeps its shards of
+the variant's buffers. Framework-free: only ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import torch
 from .._state import local_shard as _local
 from .._validation import one_of
 from . import functional as F
+from .variants import _ratio
+from .variants_multi import _GAM_EPS
 
-__all__ = ["ShardedSAM", "sharded_global_norm"]
+__all__ = ["ShardedGAM", "ShardedGSAM", "ShardedLookSAM", "ShardedSAM", "sharded_dot", "sharded_global_norm"]
 
 
 def sharded_global_norm(tensors: Sequence[torch.Tensor], group: Any = None) -> torch.Tensor:
@@ -32,6 +36,23 @@ def sharded_global_norm(tensors: Sequence[torch.Tensor], group: Any = None) -> t
     return sq.sqrt().to(local.dtype)
 
 
+def sharded_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], group: Any = None) -> torch.Tensor:
+    """Inner product ``<a, b>`` of two tensor lists sharded alike across ``group``.
+
+    The polarisation identity of :func:`.functional.dot`, ``(||a + b||^2 - ||a||^2 - ||b||^2) / 2``,
+    with the three squared norms summed over the shards in one all-reduce.
+    """
+    a, b = [_local(t) for t in a], [_local(t) for t in b]
+    if not a:
+        return torch.zeros(())
+    with torch.no_grad():
+        local = torch.stack([F.global_norm(torch._foreach_add(a, b)), F.global_norm(a), F.global_norm(b)])
+        sq = local.double() ** 2
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sq, op=torch.distributed.ReduceOp.SUM, group=group)
+        return (0.5 * (sq[0] - sq[1] - sq[2])).to(local.dtype)
+
+
 class ShardedSAM:
     """SAM / ASAM over sharded parameters (FSDP), speaking the engine's protocol.
 
@@ -43,14 +64,16 @@ class ShardedSAM:
     policy is SAM's (``nonfinite``, :class:`~sharpguard.optim.SAM`): ``"skip"`` (default) keeps only
     the weight backup of this rank's shards (1.0x the shard bytes) and makes a faulty step update
     nothing, decided at the base optimizer's step; ``"fallback"`` also keeps the clean gradient's
-    shards (2.0x) and steps with them. One perturbed point per step: the multi-point variants (GAM)
-    and bSAM are refused for sharded training by :meth:`~sharpguard.optim.SAMConfig.build`, with the
-    other unsharded variants.
+    shards (2.0x) and steps with them. :class:`ShardedGSAM`, :class:`ShardedLookSAM` and
+    :class:`ShardedGAM` change the update through the ``_after_perturbed_pass`` /
+    ``_after_plain_pass`` hooks (and GAM's points through :meth:`advance`); the other variants are
+    refused for sharded training by :meth:`~sharpguard.optim.SAMConfig.build`.
     """
 
     per_worker_safe = False  # the norm needs the reduced shards: the clean pass is synchronised
     sync_perturbation = True
     perturbed_points = 1
+    uses_clean_gradient = False  # a variant whose update reads g keeps its shards (as the unsharded one)
 
     def __init__(
         self, optimizer: torch.optim.Optimizer, rho: float, adaptive: bool = False, eta: float = 0.0,
@@ -76,13 +99,19 @@ class ShardedSAM:
     def needs_second_pass(self) -> bool:
         return True
 
+    def _params_with_grad(self) -> list[torch.Tensor]:
+        return [p for g in self.base_optimizer.param_groups for p in g["params"] if p.grad is not None]
+
     def perturb(self) -> bool:
         self._skip_check = None  # the previous step's base step never ran (a GradScaler skip): dropped
-        params = [p for g in self.base_optimizer.param_groups for p in g["params"] if p.grad is not None]
+        params = self._params_with_grad()
+        if not self.needs_second_pass():
+            self._pass_params = params
+            return False
         local_p = [_local(p) for p in params]
         local_g = [_local(p.grad) for p in params]
         self._backup = F.save_(self._backup, local_p)
-        if self.nonfinite == "fallback":
+        if self.nonfinite == "fallback" or self.uses_clean_gradient:
             self._clean = F.save_(self._clean, local_g)
         self._params, self._pass_params = local_p, params
         direction, norm = F.ascent_direction(
@@ -97,17 +126,33 @@ class ShardedSAM:
         return False
 
     def unperturb(self) -> None:
+        if not self._params:  # a step without a perturbed pass: the variant's own use of g
+            params = self._pass_params or self._params_with_grad()
+            self._after_plain_pass([_local(p.grad) for p in params])
         if self._backup is not None and self._params:
             F.restore_(self._params, self._backup)
             grads = [_local(p.grad) for p in self._pass_params]
+            self._after_perturbed_pass(grads)
             ok = torch.isfinite(sharded_global_norm(grads)) & self._clean_ok
+            if self._points_ok is not None:  # a multi-point variant: the gradients at its earlier points
+                ok = ok & self._points_ok
             if self.nonfinite == "fallback":
                 F.select_(grads, self._clean, ~ok)
             else:
                 self._skip_check = (self._pass_params, ok)
                 if self._base_stepping:  # the base step's closure ran this SAM step: decided now
                     self._skip_faulty_step(self.base_optimizer, (), {})
-        self._params, self._pass_params = [], []
+        self._params, self._pass_params, self._points_ok = [], [], None
+        self._step += 1
+
+    _step = 0  # completed steps (LookSAM's cadence)
+    _points_ok: torch.Tensor | None = None  # a multi-point variant's gradients before the last were finite
+
+    def _after_perturbed_pass(self, grads: list[torch.Tensor]) -> None:
+        """Hook: turn the local shards of ``g(w + e)`` into the update's, in place (``self._clean``: ``g``'s)."""
+
+    def _after_plain_pass(self, grads: list[torch.Tensor]) -> None:
+        """Hook: a step without a perturbed pass (``grads``: the local shards of ``g``)."""
 
     def _skip_faulty_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Base optimizer step pre-hook of ``nonfinite="skip"`` (as :meth:`SAM._skip_faulty_step`)."""
@@ -129,4 +174,159 @@ class ShardedSAM:
     def cancel(self) -> None:
         if self._backup is not None and self._params:
             F.restore_(self._params, self._backup)
-        self._params, self._pass_params = [], []
+        self._params, self._pass_params, self._points_ok = [], [], None
+
+
+class ShardedGSAM(ShardedSAM):
+    r"""GSAM (Zhuang et al., ICLR 2022, Algorithm 1) over sharded parameters: :class:`~.variants.GSAM`'s update.
+
+    The step is :math:`(1 + \alpha c)\, g_p - \alpha g` with :math:`c = \langle g, g_p\rangle / \lVert g_p\rVert^2`;
+    elementwise once the inner product and the norm are known, which are all-reduced over the shards
+    (:func:`sharded_dot`, :func:`sharded_global_norm`). Keeps this rank's shards of the weight backup
+    and of the clean gradient: 2.0x the shard bytes, as GSAM keeps 2.0x the parameter bytes.
+    """
+
+    uses_clean_gradient = True
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, rho: float, alpha: float, adaptive: bool = False,
+        nonfinite: str = "skip",
+    ):
+        super().__init__(optimizer, rho, adaptive=adaptive, nonfinite=nonfinite)
+        self.alpha = alpha
+
+    def _after_perturbed_pass(self, grads: list[torch.Tensor]) -> None:
+        clean = self._clean
+        assert clean is not None
+        c = _ratio(sharded_dot(clean, grads), sharded_global_norm(grads).square())
+        F.scale_(grads, 1.0 + self.alpha * c)
+        torch._foreach_add_(grads, clean, alpha=-self.alpha)
+
+
+class ShardedLookSAM(ShardedSAM):
+    r"""LookSAM (Liu et al., CVPR 2022, Algorithm 1) over sharded parameters: :class:`~.variants.LookSAM`'s update.
+
+    Every ``k``-th step runs SAM and keeps this rank's shards of
+    :math:`g_v = g_s - \frac{\langle g, g_s\rangle}{\lVert g\rVert^2} g` (kept only when finite); the other
+    steps run one pass and step with :math:`g + \alpha \frac{\lVert g\rVert}{\lVert g_v\rVert} g_v`.
+    Inner products and norms are all-reduced over the shards, the rest is elementwise. Keeps the
+    weight backup, the clean gradient and :math:`g_v` per shard: LookSAM's buffers over the world.
+    """
+
+    uses_clean_gradient = True
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, rho: float, k: int, alpha: float, adaptive: bool = False,
+        nonfinite: str = "skip",
+    ):
+        super().__init__(optimizer, rho, adaptive=adaptive, nonfinite=nonfinite)
+        self.k, self.alpha = k, alpha
+        self._gv: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> its local shard of g_v
+
+    def needs_second_pass(self) -> bool:
+        return self._step % self.k == 0
+
+    def _gv_of(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for p in params:
+            if p not in self._gv:
+                self._gv[p] = torch.zeros_like(_local(p), memory_format=torch.preserve_format)
+            out.append(self._gv[p])
+        return out
+
+    def _after_perturbed_pass(self, grads: list[torch.Tensor]) -> None:
+        clean = self._clean
+        assert clean is not None
+        c = _ratio(sharded_dot(clean, grads), sharded_global_norm(clean).square())
+        gv_new = torch._foreach_neg(clean)
+        F.scale_(gv_new, c)
+        torch._foreach_add_(gv_new, grads)  # g_s - c g
+        ok = torch.isfinite(sharded_global_norm(gv_new))
+        F.select_(self._gv_of(self._pass_params), gv_new, ok)  # keep the old g_v after an overflow
+
+    def _after_plain_pass(self, grads: list[torch.Tensor]) -> None:
+        params = self._pass_params or self._params_with_grad()
+        if not params or self.needs_second_pass():  # a full step that had nothing to perturb
+            return
+        gv = self._gv_of(params)
+        # zero when the clean gradient is not finite: alpha ||g|| / ||g_v|| would spread an inf everywhere
+        norm = sharded_global_norm(grads)
+        finite = torch.isfinite(norm)
+        factor = self.alpha * _ratio(torch.where(finite, norm, torch.zeros_like(norm)), sharded_global_norm(gv))
+        F.add_scaled_(grads, gv, factor)
+
+
+class ShardedGAM(ShardedSAM):
+    r"""GAM (Zhang et al., CVPR 2023; the official code's GAM + SAM form) over sharded parameters:
+    :class:`~.variants_multi.GAM`'s four gradients and update.
+
+    Points :math:`w + \rho g_0/\lVert g_0\rVert`, :math:`w_2 = w + \rho' (g_1 - g_0)/\lVert g_1 - g_0\rVert`
+    and :math:`w_2 + \rho g_2/\lVert g_2\rVert`; update :math:`d - \gamma (m - \cos(m, d) \lVert m\rVert d/\lVert d\rVert)`
+    with :math:`d = \beta_1 g_1 + \beta_3 g_3`, :math:`m = g_0 + |\beta_2| g_2`. Every norm and inner
+    product is all-reduced over the shards; every other operation is elementwise on this rank's
+    shards, which keep GAM's buffers (weight backup, :math:`g_0`, :math:`g_1`, :math:`g_2`, :math:`w_2 - w`).
+    """
+
+    uses_clean_gradient = True
+    perturbed_points = 3
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, rho: float, rho_norm: float, beta1: float, beta2: float,
+        beta3: float, gamma: float, adaptive: bool = False, nonfinite: str = "skip",
+    ):
+        super().__init__(optimizer, rho, adaptive=adaptive, nonfinite=nonfinite)
+        self.rho_norm, self.beta1, self.beta2, self.beta3, self.gamma = rho_norm, beta1, beta2, beta3, gamma
+        self._point = 0
+        self._g1: list[torch.Tensor] | None = None
+        self._g2: list[torch.Tensor] | None = None
+        self._offset: list[torch.Tensor] | None = None
+
+    def perturb(self) -> bool:
+        self._point = 0
+        return super().perturb()
+
+    @torch.no_grad()
+    def advance(self) -> bool:
+        """After the backward at a point: restore ``w`` by copy and move to the next point, if any."""
+        if not self._params or self._point + 1 >= self.perturbed_points:
+            return False
+        params, grads = self._params, [_local(p.grad) for p in self._pass_params]
+        ok = torch.isfinite(sharded_global_norm(grads))
+        self._points_ok = ok if self._points_ok is None else self._points_ok & ok
+        F.restore_(params, self._backup)
+        self._point += 1
+        if self._point == 1:  # ascend on the gradient norm along g_1 - g_0, from w
+            self._g1 = F.save_(self._g1, grads)
+            offset = self._offset = F.save_(self._offset, grads)
+            torch._foreach_sub_(offset, self._clean)
+            directions, norm = F.ascent_direction(params, offset, adaptive=self.adaptive, norm=sharded_global_norm)
+            if directions is not offset:  # adaptive: T^2 (g_1 - g_0)
+                torch._foreach_copy_(offset, directions)
+            F.scale_(offset, F.perturbation_scale(norm, self.rho_norm, eps=_GAM_EPS))
+            torch._foreach_add_(params, offset)
+            return True
+        # SAM's ascent along g_2, taken from w_2 (rebuilt bitwise from w and the kept offset)
+        g2 = self._g2 = F.save_(self._g2, grads)
+        torch._foreach_add_(params, self._offset)
+        directions, norm = F.ascent_direction(params, g2, adaptive=self.adaptive, norm=sharded_global_norm)
+        F.add_scaled_(params, directions, F.perturbation_scale(norm, self.rho, eps=_GAM_EPS))
+        return True
+
+    def _after_perturbed_pass(self, grads: list[torch.Tensor]) -> None:
+        if self._point + 1 < self.perturbed_points:
+            raise RuntimeError(
+                f"ShardedGAM's step ended after {self._point + 1} of its {self.perturbed_points} perturbed points; "
+                "run the backward at each point while advance() returns True (SAMEngine does)."
+            )
+        # grads holds g_3: d = beta1 g_1 + beta3 g_3, m = g_0 + |beta2| g_2 (g_2's buffer reused for m)
+        torch._foreach_mul_(grads, self.beta3)
+        torch._foreach_add_(grads, self._g1, alpha=self.beta1)
+        if self.gamma == 0.0:
+            return
+        m = self._g2
+        torch._foreach_mul_(m, abs(self.beta2))
+        torch._foreach_add_(m, self._clean)
+        d_norm, m_norm = sharded_global_norm(grads), sharded_global_norm(m)
+        cosine = sharded_dot(m, grads) / (d_norm * m_norm + _GAM_EPS)
+        F.scale_(grads, 1.0 + self.gamma * cosine * m_norm / (d_norm + _GAM_EPS))
+        torch._foreach_add_(grads, m, alpha=-self.gamma)
