@@ -32,6 +32,7 @@ __all__ = [
     "dot",
     "select_",
     "zero_where_",
+    "skip_step_",
     "all_finite",
     "group_by_device_and_dtype",
     "host_readable",
@@ -239,6 +240,23 @@ def zero_where_(tensors: Tensors, take: torch.Tensor, *, groups: Groups | None =
             zero = torch.zeros((), device=device, dtype=dtype)
             torch._foreach_pow_(targets, [1 - w] * len(idx))
             torch._foreach_lerp_(targets, [zero.expand_as(t) for t in targets], [w] * len(idx))
+
+
+def skip_step_(params: Sequence[torch.Tensor], ok: torch.Tensor, *, local: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """``nonfinite="skip"``: make a faulty step update nothing, from the 0-dim boolean ``ok``.
+
+    Where ``ok`` is free to read (:func:`host_readable`, a real CPU tensor) every gradient is set to
+    ``None`` when it is false, so the base optimizer leaves weights and state alone; otherwise the
+    gradients (``local(p.grad)``: an FSDP rank's shards) are zeroed on the device by :func:`zero_where_`,
+    with no host sync.
+    """
+    if host_readable(ok):
+        if not bool(ok):
+            for p in params:
+                p.grad = None
+        return
+    grads = [p.grad if local is None else local(p.grad) for p in params if p.grad is not None]
+    zero_where_(grads, ~ok)
 
 
 def ascent_direction(

@@ -596,14 +596,7 @@ class SAM(Optimizer):
         check, self._skip_check = self._skip_check, None
         if check is None:
             return
-        params, ok = check
-        if F.host_readable(ok):
-            if not bool(ok):
-                for p in params:
-                    p.grad = None
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        F.zero_where_(grads, ~ok)
+        F.skip_step_(*check)
 
     def _base_step_done(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._base_stepping = False

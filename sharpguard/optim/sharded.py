@@ -161,12 +161,7 @@ class ShardedSAM:
         if check is None:
             return
         params, ok = check
-        if F.host_readable(ok):
-            if not bool(ok):
-                for p in params:
-                    p.grad = None
-            return
-        F.zero_where_([_local(p.grad) for p in params if p.grad is not None], ~ok)
+        F.skip_step_(params, ok, local=_local)
 
     def _base_step_done(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._base_stepping = False
