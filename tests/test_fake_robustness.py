@@ -22,6 +22,8 @@ from sharpguard.errors import ConfigurationError
 from sharpguard.monitor import RobustnessMonitor
 from sharpguard.sharpness import (
     adversarial_geometry,
+    average_sharpness,
+    keskar_sharpness,
     first_order_sharpness,
     input_hessian_eigenvalue,
     loss_slice_1d,
@@ -147,13 +149,16 @@ def test_the_fake_check_counts_the_flops_of_the_real_check():
     assert 5 * forward < real_flops < 5 * forward + 3 * 2 * forward + 1
 
 
-@pytest.mark.parametrize("name", ["worst_case", "worst_case_per_batch_linf", "first_order", "slice_1d", "slice_2d"])
+@pytest.mark.parametrize("name", ["worst_case", "worst_case_per_batch_linf", "first_order", "average", "keskar_projected",
+                                  "slice_1d", "slice_2d"])
 def test_a_perturbation_measure_on_fake_tensors_counts_the_real_flops(name):
     calls = {
         "worst_case": lambda m, b: worst_case_sharpness(m, b, steps=3),
         "worst_case_per_batch_linf": lambda m, b: worst_case_sharpness(m, b, steps=2, per_batch=True, norm="linf",
                                                                        adaptive=True),
         "first_order": lambda m, b: first_order_sharpness(m, b),
+        "average": lambda m, b: average_sharpness(m, b, n_samples=2),
+        "keskar_projected": lambda m, b: keskar_sharpness(m, b, solver="projected", max_iter=2),
         "slice_1d": lambda m, b: loss_slice_1d(m, b, n_points=3),
         "slice_2d": lambda m, b: loss_slice_2d(m, b, n_points=2),
     }
@@ -239,3 +244,10 @@ def test_the_default_check_runs_on_a_fake_vit_base():
         probe = [(torch.rand(8, 3, 224, 224), torch.randint(0, 1000, (8,)))]
         metrics, settings = RobustnessMonitor(probe=probe, alerts=None).measure(model, with_settings=True)
     assert math.isnan(metrics["robustness/pgd_acc"]) and settings["robustness/pgd_acc"]["cost_only"]
+
+
+def test_keskar_sharpness_refuses_the_host_solver_on_fake_tensors():
+    with FakeTensorMode():
+        model = _fake_vit()
+        with pytest.raises(ConfigurationError, match="solver='projected'"):
+            keskar_sharpness(model, _batches(1), solver="lbfgsb")

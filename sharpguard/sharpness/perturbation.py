@@ -36,7 +36,7 @@ from torch import nn
 from .._batches import LossFn
 from .._validation import one_of, positive
 from ..errors import ConfigurationError
-from .operator import ProbeLoss
+from .operator import ProbeLoss, has_fake_tensors
 from .. import _validation as rules
 
 Norm = Literal["l2", "linf"]
@@ -311,7 +311,8 @@ def keskar_sharpness(
 
     The box is ``|y_i| <= epsilon (|w_i| + 1)`` (``A = I``). ``solver="auto"`` uses scipy's L-BFGS-B
     (``max_iter`` iterations, as the paper) when scipy is installed, else projected sign ascent with
-    ``max_iter`` steps.
+    ``max_iter`` steps. On fake tensors (``FakeTensorMode``) only the projected solver runs (a cost-only
+    run: NaN value, ``cost_only`` in the settings).
     """
     _check_positive("epsilon", epsilon)
     if not (isinstance(max_iter, int) and max_iter >= 1):
@@ -326,6 +327,11 @@ def keskar_sharpness(
                 raise ConfigurationError("solver='lbfgsb' needs scipy; install it or pass solver='projected'.")
             minimize = None
         solver = "lbfgsb" if minimize is not None else "projected"
+    if solver == "lbfgsb" and has_fake_tensors(model):
+        raise ConfigurationError(
+            "scipy's L-BFGS-B reads the loss and gradient on the host, which fake tensors (FakeTensorMode) do not "
+            "have; pass solver='projected' for a cost-only run of max_iter gradients."
+        )
     start = time.perf_counter()
     probe = ProbeLoss(model, batches, loss_fn, train=train)
     with probe:
