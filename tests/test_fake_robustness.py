@@ -69,24 +69,8 @@ def _batches(n: int = 2, rows: int = 4, side: int = SIDE, classes: int = CLASSES
             for _ in range(n)]
 
 
-class _GlobalOnly:
-    """Stands in for FlopCounterMode's per-module tracker, whose hooks on a module's inputs break
-    ``torch.autograd.grad`` with respect to a leaf input (what every attack takes; pytorch/pytorch
-    issue 131753, open). Every FLOP is filed under "Global", the total the counter reports."""
-
-    parents = ("Global",)
-
-    def __enter__(self) -> _GlobalOnly:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def _flops(fn) -> int:
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = _GlobalOnly()
-    with counter:
+    with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -251,3 +235,21 @@ def test_keskar_sharpness_refuses_the_host_solver_on_fake_tensors():
         model = _fake_vit()
         with pytest.raises(ConfigurationError, match="solver='projected'"):
             keskar_sharpness(model, _batches(1), solver="lbfgsb")
+
+
+def test_the_simulated_profile_of_the_default_check_has_memory_and_flops():
+    """``sharpguard.simulate.profile_step`` (MemTracker and FlopCounterMode, whose module hooks must not
+    meet a leaf input under ``autograd.grad``) profiles the default check on a fake ViT."""
+    from sharpguard.simulate import fake_tensors, profile_step
+
+    with fake_tensors():
+        model = _fake_vit()
+        probe = _batches(1)
+        prof = profile_step(lambda: RobustnessMonitor(probe=probe, alerts=None).measure(model), model=model,
+                            inputs=probe)
+        forward = _flops(lambda: model(probe[0][0]))
+    # one clean forward, PGD-10's forward+backward passes and its final forward: at least 12 forwards
+    assert prof.flops >= 12 * forward > 0
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert prof.memory.peak_by_category["parameters"] == params
+    assert prof.memory.peak_bytes > prof.memory.start_bytes

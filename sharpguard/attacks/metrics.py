@@ -143,7 +143,7 @@ def input_grad_norm(
             if not x.dtype.is_floating_point:
                 raise ConfigurationError(f"input_grad_norm needs floating-point inputs, got dtype {x.dtype}.")
             u = tm.to_pixel(x, check=check_range).detach().requires_grad_(True)
-            logits = logits_of(model(tm.from_pixel(u)))
+            logits = logits_of(model(tm.from_pixel(u).view_as(u)))  # a view: see gradient._Problem.forward
             check_label_range(y, logits.shape[-1])
             values = loss_fn(logits, y, None)
             (grad,) = torch.autograd.grad(values.sum(), u)

@@ -97,7 +97,8 @@ def _input_eigs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, t
     n_hvp = converged = 0
     for i in range(x.shape[0]):
         xi = x[i : i + 1].clone().requires_grad_(True)
-        value = loss_fn(logits_of(model(xi)), y[i : i + 1], None).sum()
+        # a view, not the leaf: torch's module trackers break autograd.grad with respect to a leaf input
+        value = loss_fn(logits_of(model(xi.view_as(xi))), y[i : i + 1], None).sum()
         (g,) = torch.autograd.grad(value, xi, create_graph=True)
         if g.grad_fn is None:  # a loss linear in x (or a model without a curved path): zero Hessian
             values.append(0.0)
@@ -242,7 +243,7 @@ class AdversarialGeometry:
 
 def _confidence_and_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     u = x.clone().requires_grad_(True)
-    logits = logits_of(model(u))
+    logits = logits_of(model(u.view_as(u)))  # a view, not the leaf (see _input_eigs)
     (g,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), u)
     probs = torch.softmax(logits.detach().double(), dim=-1)
     return probs.max(-1).values, logits.detach().argmax(-1), torch.linalg.vector_norm(g.flatten(1).double(), dim=1)
