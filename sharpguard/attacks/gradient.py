@@ -74,7 +74,9 @@ class _Problem:
         return sub
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return logits_of(self.model(self.tm.from_pixel(u)))
+        # a view, not the leaf itself: torch's module trackers (FlopCounterMode, MemTracker) hook the
+        # inputs of a module, and those hooks break autograd.grad with respect to a leaf input
+        return logits_of(self.model(self.tm.from_pixel(u).view_as(u)))
 
     def check_classes(self, logits: torch.Tensor) -> None:
         """Labels against the model's number of outputs, once per attack (the first forward tells it)."""

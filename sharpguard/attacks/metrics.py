@@ -6,11 +6,13 @@ the global RNG are as they were afterwards; the model is evaluated in eval mode.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .._batches import as_batches, logits_of
 from .._state import side_effect_free
@@ -56,8 +58,10 @@ def robust_accuracy(model: nn.Module, batches: Any, attack: Attack | None = None
     the adversarial inputs (e.g. ``functools.partial(pgd, eps=8/255, steps=20)``); for mapping
     (Hugging Face) batches it returns an embedding perturbation ``(B, L, D)`` (e.g.
     :func:`~sharpguard.attacks.embedding_pgd`), applied through the input-embedding hook.
+    On fake tensors (``FakeTensorMode``) the call is a cost-only run: the same attacks and forwards, NaN.
     """
     correct = total = 0
+    cost_only = False  # fake tensors (FakeTensorMode): every forward and attack runs, no count is read
     with side_effect_free(model, train=False, parameters=False):
         for batch in as_batches(batches):
             inputs, labels = _split(batch)
@@ -85,9 +89,11 @@ def robust_accuracy(model: nn.Module, batches: Any, attack: Attack | None = None
                     f"the model made {tuple(pred.shape)} predictions for {tuple(labels.shape)} labels; "
                     "pass one class index per example."
                 )
-            correct += int((pred == labels.to(pred.device)).sum())
+            hits = (pred == labels.to(pred.device)).sum()
+            cost_only = cost_only or is_fake(hits)
+            correct += 0 if cost_only else int(hits)
             total += int(labels.numel())
-    return correct / total
+    return math.nan if cost_only else correct / total
 
 
 @rules.checked()
@@ -126,6 +132,7 @@ def input_grad_norm(
         tm = ThreatModel(bounds=bounds, mean=mean, std=std)
     total = 0.0
     count = 0
+    cost_only = False
     with side_effect_free(model, train=False, parameters=False), torch.inference_mode(False), torch.enable_grad():
         for batch in as_batches(batches):
             inputs, labels = _split(batch)
@@ -136,10 +143,12 @@ def input_grad_norm(
             if not x.dtype.is_floating_point:
                 raise ConfigurationError(f"input_grad_norm needs floating-point inputs, got dtype {x.dtype}.")
             u = tm.to_pixel(x, check=check_range).detach().requires_grad_(True)
-            logits = logits_of(model(tm.from_pixel(u)))
+            logits = logits_of(model(tm.from_pixel(u).view_as(u)))  # a view: see gradient._Problem.forward
             check_label_range(y, logits.shape[-1])
             values = loss_fn(logits, y, None)
             (grad,) = torch.autograd.grad(values.sum(), u)
-            total += float(torch.linalg.vector_norm(grad.flatten(1).double(), dim=1).sum())
+            norms = torch.linalg.vector_norm(grad.flatten(1).double(), dim=1).sum()
+            cost_only = cost_only or is_fake(norms)  # fake tensors: the same passes, no value read
+            total += 0.0 if cost_only else float(norms)
             count += x.shape[0]
-    return total / count
+    return math.nan if cost_only else total / count

@@ -129,7 +129,12 @@ class ThreatModel:
         return (u - mean) / std
 
     def check_range(self, u: torch.Tensor, *, normalized: bool = False) -> None:
-        """Raise if a pixel-space batch lies outside ``bounds`` (beyond rounding)."""
+        """Raise if a pixel-space batch lies outside ``bounds`` (beyond rounding); a fake tensor
+        (``FakeTensorMode``: a cost-only run) has no value to check."""
+        from torch._subclasses.fake_tensor import is_fake
+
+        if is_fake(u):
+            return
         lo, hi = self.bounds  # type: ignore[misc]
         tol = 1e-4 * (hi - lo)
         u_min, u_max = float(u.min()), float(u.max())
@@ -208,7 +213,11 @@ def make_generator(device: torch.device | str, seed: int | None = None) -> torch
     monitor never shifts the training run's random stream, and each rank draws its own starts.
     """
     if seed is None:
-        digest = hashlib.blake2b(torch.get_rng_state().numpy().tobytes(), digest_size=8).digest()
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():  # the CPU RNG state is a host value, also under FakeTensorMode
+            state = torch.get_rng_state().numpy().tobytes()
+        digest = hashlib.blake2b(state, digest_size=8).digest()
         seed = int.from_bytes(digest, "little")
     gen = torch.Generator(device=device)
     gen.manual_seed((int(seed) + 0x5EED + 1_000_003 * _rank()) % (2**63 - 1))

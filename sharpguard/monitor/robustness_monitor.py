@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .._validation import check_keywords, keywords_of, one_of, positive, positive_int, real
 from ..errors import ConfigurationError
@@ -32,7 +33,8 @@ class RobustnessMonitor(Monitor):
     the PGD examples: Walter et al. 2026's "confidently wrong in flat regions"; one PGD run serves
     both; :func:`sharpguard.sharpness.adversarial_geometry`). Its share of training
     time is logged as ``monitor/robustness_overhead_pct`` (``monitor/overhead_pct`` is the sharpness
-    monitor's).
+    monitor's). On fake tensors (``FakeTensorMode``) a check is a cost-only run: the same attacks and
+    passes, NaN metrics, ``cost_only`` in each measure's settings.
 
     Args:
         eps / alpha / steps / norm / restarts: the threat model and PGD settings (``alpha`` defaults to
@@ -217,4 +219,7 @@ class RobustnessMonitor(Monitor):
                 if "adv_input_curvature" in want:
                     metrics["robustness/adv_input_curvature"] = float(geo.adv_curvature)
                     settings["robustness/adv_input_curvature"] = attack
+        if any(is_fake(p) for p in model.parameters()):
+            # fake tensors (FakeTensorMode): every attack and forward ran, no value was read (NaN metrics)
+            settings = {name: {**entry, "cost_only": True} for name, entry in settings.items()}
         return metrics, settings

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .._batches import as_batches, logits_of
 from .._state import side_effect_free
@@ -87,14 +88,17 @@ class InputCurvature:
 def _input_eigs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, tol: float, max_iter: int,
                 seed: int) -> tuple[list[float], int, int]:
     """Lanczos per example on ``v -> nabla_x (nabla_x l . v)``; the first-order graph is built once per
-    example and reused by every product (one extra backward each)."""
+    example and reused by every product (one extra backward each). On fake tensors (``FakeTensorMode``)
+    each example's Lanczos is a cost-only run of exactly ``max_iter`` products (NaN values)."""
     loss_fn = resolve_loss(loss)
+    cost_only = is_fake(x)
     generator = torch.Generator().manual_seed(int(seed))
     values: list[float] = []
     n_hvp = converged = 0
     for i in range(x.shape[0]):
         xi = x[i : i + 1].clone().requires_grad_(True)
-        value = loss_fn(logits_of(model(xi)), y[i : i + 1], None).sum()
+        # a view, not the leaf: torch's module trackers break autograd.grad with respect to a leaf input
+        value = loss_fn(logits_of(model(xi.view_as(xi))), y[i : i + 1], None).sum()
         (g,) = torch.autograd.grad(value, xi, create_graph=True)
         if g.grad_fn is None:  # a loss linear in x (or a model without a curved path): zero Hessian
             values.append(0.0)
@@ -110,7 +114,7 @@ def _input_eigs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, t
         # vectors the size of one example's input: up to 20 of them cost little, and spare the restarts a
         # model-size basis needs (default_max_basis)
         out = lanczos(matvec, v0.to(x.device), k=1, which="largest", tol=tol, max_iter=max_iter, generator=generator,
-                      max_basis=max(3, min(max_iter, 20)))
+                      max_basis=max(3, min(max_iter, 20)), cost_only=cost_only)
         values.append(out["eigenvalues"][0])
         n_hvp += out["n_iter"]
         converged += int(out["converged"])
@@ -118,6 +122,8 @@ def _input_eigs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, t
 
 
 def _summary(values: list[float]) -> tuple[float, float, float]:
+    if any(math.isnan(v) for v in values):  # a cost-only run (fake tensors): nothing was measured
+        return math.nan, math.nan, math.nan
     t = torch.tensor(values, dtype=torch.float64)
     return float(t.mean()), float(t.median()), float(t.max())
 
@@ -153,7 +159,8 @@ def input_hessian_eigenvalue(
     return InputCurvature(
         mean=mean, median=median, max=top, values=values, n_examples=len(values), n_hvp=n_hvp,
         converged=converged / len(values), seconds=time.perf_counter() - start,
-        settings={"n_examples": n_examples, "loss": loss, "tol": tol, "max_iter": max_iter, "seed": seed},
+        settings={"n_examples": n_examples, "loss": loss, "tol": tol, "max_iter": max_iter, "seed": seed,
+                  **({"cost_only": True} if is_fake(x) else {})},
     )
 
 
@@ -236,7 +243,7 @@ class AdversarialGeometry:
 
 def _confidence_and_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     u = x.clone().requires_grad_(True)
-    logits = logits_of(model(u))
+    logits = logits_of(model(u.view_as(u)))  # a view, not the leaf (see _input_eigs)
     (g,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), u)
     probs = torch.softmax(logits.detach().double(), dim=-1)
     return probs.max(-1).values, logits.detach().argmax(-1), torch.linalg.vector_norm(g.flatten(1).double(), dim=1)
@@ -272,6 +279,17 @@ def adversarial_geometry(
         clean_curv, _, _ = _input_eigs(model, x[:k], y[:k], "ce", 1e-3, 30, seed)
         adv_curv, _, _ = _input_eigs(model, x_adv[:k], y[:k], "ce", 1e-3, 30, seed)
     fooled = adv_pred != y
+    if is_fake(fooled):  # a cost-only run (fake tensors): the same passes, the reductions kept unread
+        fooled_count = fooled.sum()
+        _ = (adv_conf * fooled).sum() / fooled_count.clamp_min(1), clean_conf.mean(), clean_g.mean(), adv_g.mean()
+        nan = math.nan
+        return AdversarialGeometry(
+            fooled=nan, clean_confidence=nan, adv_confidence=nan, adv_confidence_fooled=nan, clean_grad_norm=nan,
+            adv_grad_norm=nan, clean_curvature=nan, adv_curvature=nan, n_examples=int(x.shape[0]),
+            seconds=time.perf_counter() - start,
+            settings={"eps": eps, "attack_steps": attack_steps, "norm": norm, "n_curvature": k, "seed": seed,
+                      "cost_only": True},
+        )
     return AdversarialGeometry(
         fooled=float(fooled.double().mean()),
         clean_confidence=float(clean_conf.mean()),

@@ -36,7 +36,7 @@ from torch import nn
 from .._batches import LossFn
 from .._validation import one_of, positive
 from ..errors import ConfigurationError
-from .operator import ProbeLoss
+from .operator import ProbeLoss, has_fake_tensors
 from .. import _validation as rules
 
 Norm = Literal["l2", "linf"]
@@ -83,24 +83,35 @@ def _scale(probe: ProbeLoss, adaptive: bool, eta: float) -> torch.Tensor | None:
     return probe.w0.abs() + eta if adaptive else None
 
 
-def _direction(g: torch.Tensor, norm: Norm) -> torch.Tensor:
-    """Unit ascent direction of a linear function with gradient ``g`` in the ``norm`` ball."""
+def _direction(g: torch.Tensor, norm: Norm, cost_only: bool = False) -> torch.Tensor:
+    """Unit ascent direction of a linear function with gradient ``g`` in the ``norm`` ball.
+
+    ``cost_only`` (fake tensors, no value to read): the same tensor work with the test kept on the device."""
     if norm == "linf":
         return torch.sign(g)
     n = torch.linalg.vector_norm(g)
+    if cost_only:
+        return torch.where(n > 0, g / n, torch.zeros_like(g))
     return g / n if float(n) > 0 else torch.zeros_like(g)
 
 
-def _project(u: torch.Tensor, rho: float, norm: Norm) -> torch.Tensor:
+def _project(u: torch.Tensor, rho: float, norm: Norm, cost_only: bool = False) -> torch.Tensor:
     if norm == "linf":
         return u.clamp(-rho, rho)
+    if cost_only:  # the radius test on the device (fake tensors have no value to read)
+        n_t = torch.linalg.vector_norm(u)
+        return u * torch.where(n_t > rho, rho / n_t, torch.ones_like(n_t))
     n = float(torch.linalg.vector_norm(u))
     return u * (rho / n) if n > rho else u
 
 
 def _ascent(probe: ProbeLoss, rho: float, steps: int, t: torch.Tensor | None, norm: Norm) -> tuple[float, float]:
-    """Projected normalized-gradient ascent in ``u`` (``delta = T u``); returns (L(w), best L(w + delta))."""
+    """Projected normalized-gradient ascent in ``u`` (``delta = T u``); returns (L(w), best L(w + delta)).
+
+    In a cost-only run (``probe.cost_only``: fake tensors) the losses are NaN, so no step is ever halved:
+    exactly ``steps`` gradients and one forward, as a real run without overshoot."""
     w0 = probe.w0
+    cost_only = probe.cost_only
     u = torch.zeros_like(w0)
     step, previous = rho, -math.inf
     base = best = None
@@ -118,7 +129,7 @@ def _ascent(probe: ProbeLoss, rho: float, steps: int, t: torch.Tensor | None, no
         if it > 1 and loss <= previous:
             step /= 2  # overshoot: shorten the step (APGD-style, Croce & Hein 2020)
         previous = loss
-        u = _project(u + step * _direction(g if t is None else t * g, norm), rho, norm)
+        u = _project(u + step * _direction(g if t is None else t * g, norm, cost_only), rho, norm, cost_only)
         if it == 0:
             step = rho / 2
     probe.set_parameters(w0)
@@ -126,7 +137,9 @@ def _ascent(probe: ProbeLoss, rho: float, steps: int, t: torch.Tensor | None, no
 
 
 def _settings(probe: ProbeLoss, **kw: Any) -> dict[str, Any]:
-    return {**kw, "probe_examples": probe.n_examples, "probe_batches": len(probe.batches)}
+    # ``cost_only`` only on fake tensors: a real run's settings are as they were
+    flag = {"cost_only": True} if probe.cost_only else {}
+    return {**kw, "probe_examples": probe.n_examples, "probe_batches": len(probe.batches), **flag}
 
 
 @rules.checked()
@@ -168,7 +181,7 @@ def worst_case_sharpness(
                 n = sub.n_examples
                 totals += torch.tensor([n * base, n * best, n], dtype=torch.float64, device=probe.device)
             totals = probe._all_reduce(totals)
-            base, best = float(totals[0] / totals[2]), float(totals[1] / totals[2])
+            base, best = probe._read(totals[0] / totals[2]), probe._read(totals[1] / totals[2])
         else:
             base, best = _ascent(probe, rho, steps, t, norm)
     kind = "adaptive " if adaptive else ""
@@ -267,7 +280,7 @@ def first_order_sharpness(
         t = _scale(probe, adaptive, eta)
         base, g = probe.loss_and_grad()
         tg = g if t is None else t * g
-        dual = float(torch.linalg.vector_norm(tg, ord=2 if norm == "l2" else 1))
+        dual = probe._read(torch.linalg.vector_norm(tg, ord=2 if norm == "l2" else 1))  # NaN when cost-only
     kind = "adaptive " if adaptive else ""
     dual_name = "||T g||" if adaptive else "||g||"
     return SharpnessResult(
@@ -298,7 +311,8 @@ def keskar_sharpness(
 
     The box is ``|y_i| <= epsilon (|w_i| + 1)`` (``A = I``). ``solver="auto"`` uses scipy's L-BFGS-B
     (``max_iter`` iterations, as the paper) when scipy is installed, else projected sign ascent with
-    ``max_iter`` steps.
+    ``max_iter`` steps. On fake tensors (``FakeTensorMode``) only the projected solver runs (a cost-only
+    run: NaN value, ``cost_only`` in the settings).
     """
     _check_positive("epsilon", epsilon)
     if not (isinstance(max_iter, int) and max_iter >= 1):
@@ -313,6 +327,11 @@ def keskar_sharpness(
                 raise ConfigurationError("solver='lbfgsb' needs scipy; install it or pass solver='projected'.")
             minimize = None
         solver = "lbfgsb" if minimize is not None else "projected"
+    if solver == "lbfgsb" and has_fake_tensors(model):
+        raise ConfigurationError(
+            "scipy's L-BFGS-B reads the loss and gradient on the host, which fake tensors (FakeTensorMode) do not "
+            "have; pass solver='projected' for a cost-only run of max_iter gradients."
+        )
     start = time.perf_counter()
     probe = ProbeLoss(model, batches, loss_fn, train=train)
     with probe:

@@ -25,6 +25,7 @@ layer's weight only.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,6 +33,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .._batches import LossFn, as_batches, batch_size, logits_of
 from .._state import side_effect_free
@@ -99,7 +101,8 @@ def _resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> tuple[str
 
 def _closed_form(model: nn.Module, module: nn.Module, batches: list[Any]) -> torch.Tensor | None:
     """``Tr(H_{s,s'})`` from the softmax closed form, or ``None`` when it does not apply (the layer's output
-    is not the model's logits, its input is not ``(batch, features)``, or the batches are not tuples)."""
+    is not the model's logits, its input is not ``(batch, features)``, or the batches are not tuples).
+    On fake tensors (no values to compare) a layer output of the logits' shape is taken to be the logits."""
     captured: dict[str, torch.Tensor] = {}
 
     def hook(_m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -117,7 +120,9 @@ def _closed_form(model: nn.Module, module: nn.Module, batches: list[Any]) -> tor
                 logits = logits_of(model(x))
                 phi, z = captured.get("phi"), captured.get("z")
                 # The closed form holds only if the layer's output *is* the logits the loss sees.
-                if phi is None or z is None or phi.dim() != 2 or z.shape != logits.shape or not torch.equal(z, logits):
+                if phi is None or z is None or phi.dim() != 2 or z.shape != logits.shape:
+                    return None
+                if not (is_fake(z) or torch.equal(z, logits)):
                     return None
                 if not (isinstance(y, torch.Tensor) and y.dim() == 1 and not y.is_floating_point()):
                     return None
@@ -135,7 +140,7 @@ def _closed_form(model: nn.Module, module: nn.Module, batches: list[Any]) -> tor
                 captured.clear()
     finally:
         handle.remove()
-    if total is None or not bool(torch.isfinite(total).all()):
+    if total is None or (not is_fake(total) and not bool(torch.isfinite(total).all())):
         return None
     return total / n
 
@@ -209,9 +214,12 @@ def relative_flatness(
         used = "hvp"
     w = weight.detach().double().cpu()
     gram = w @ w.T  # <w_s, w_s'>
-    value = float((gram * blocks).sum())
-    neuronwise = float((torch.diagonal(gram) * torch.diagonal(blocks)).sum())
-    if not (torch.isfinite(torch.tensor([value, neuronwise])).all()):
+    value_t = (gram * blocks).sum()
+    neuronwise_t = (torch.diagonal(gram) * torch.diagonal(blocks)).sum()
+    cost_only = is_fake(value_t)  # fake tensors: the same passes and products, nothing read (NaN)
+    value = math.nan if cost_only else float(value_t)
+    neuronwise = math.nan if cost_only else float(neuronwise_t)
+    if not cost_only and not (torch.isfinite(torch.tensor([value, neuronwise])).all()):
         raise NonFiniteLossError("relative flatness is not finite; check the model and the probe set for overflow.")
     n_examples = sum(batch_size(b) for b in batch_list)
     return RelativeFlatnessResult(
@@ -220,9 +228,10 @@ def relative_flatness(
         layer=name,
         method=used,
         n_examples=n_examples,
-        block_traces=blocks.tolist(),
+        block_traces=[[math.nan] * d_out for _ in range(d_out)] if cost_only else blocks.tolist(),
         n_hvp=n_hvp,
         seconds=time.perf_counter() - start,
-        settings={"layer": name, "method": method, "d_out": int(d_out), "d_in": int(d_in)},
+        settings={"layer": name, "method": method, "d_out": int(d_out), "d_in": int(d_in),
+                  **({"cost_only": True} if cost_only else {})},
     )
 
