@@ -241,3 +241,27 @@ def test_progress_without_tqdm_prints_one_line_per_measure(capsys, monkeypatch):
     _train(_progress_monitor(progress=True), 2)
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("sharpguard SharpnessMonitor")]
     assert len(lines) == 2 and "lambda done" in lines[0] and "trace done" in lines[1]
+
+
+def test_sgd_with_weight_decay_takes_lambda_max_from_the_eos_run():
+    """SGD's edge-of-stability operator with one weight decay wd is H + wd I: one Lanczos run gives both,
+    lambda_max(H) = lambda_max(H + wd I) - wd (a large wd here, so a missing shift would show)."""
+    x, y = _data()
+    mon = SharpnessMonitor(measures=("lambda_max", "eos_ratio"), probe=[(x, y)], alerts=None, every_n_steps=1)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.3)
+    metrics = mon.on_step_end(1, model, optimizer=opt)
+    reference = _dense_lambda_max(model, x, y)
+    assert metrics["sharpness/lambda_max"] == pytest.approx(reference, rel=1e-3)
+    assert metrics["sharpness/eos_ratio"] == pytest.approx((reference + 0.3) / ((2 + 2 * 0.9) / 0.05), rel=1e-3)
+    (eos,) = _records(mon, "sharpness/eos_ratio")
+    assert metrics["monitor/n_hvp"] == eos["settings"]["n_hvp"]  # one run, not two
+    (lam,) = _records(mon, "sharpness/lambda_max")
+    assert lam["settings"]["weight_decay"] == 0.3
+    # groups with different decays: not a shift of H, so lambda_max gets its own run
+    mon2 = SharpnessMonitor(measures=("lambda_max", "eos_ratio"), probe=[(x, y)], alerts=None, every_n_steps=1)
+    params = list(model.parameters())
+    opt2 = torch.optim.SGD([{"params": params[:2], "weight_decay": 0.3}, {"params": params[2:]}], lr=0.05)
+    metrics2 = mon2.on_step_end(1, model, optimizer=opt2)
+    assert metrics2["sharpness/lambda_max"] == pytest.approx(reference, rel=1e-3)
+    assert metrics2["monitor/n_hvp"] > _records(mon2, "sharpness/eos_ratio")[0]["settings"]["n_hvp"]

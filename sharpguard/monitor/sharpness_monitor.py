@@ -37,13 +37,23 @@ def _base_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
-def _plain_sgd(optimizer: Any) -> bool:
-    """SGD with one learning rate and no weight decay: its EoS operator is the plain Hessian."""
+def _sgd_shift(optimizer: Any) -> float | None:
+    """For SGD with one learning rate and one weight decay ``wd`` in every group, ``wd``: its EoS operator
+    is then ``H + wd I`` (coupled L2 decay, :mod:`sharpguard.sharpness.stability`), whose top eigenpair is
+    the Hessian's shifted by ``wd``. ``None`` for any other optimizer (its operator is not a shift of H)."""
     opt = _base_optimizer(optimizer)
     if not isinstance(opt, torch.optim.SGD):
-        return False
+        return None
     groups = opt.param_groups
-    return all(float(g.get("weight_decay", 0.0) or 0.0) == 0.0 for g in groups) and len({float(g["lr"]) for g in groups}) == 1
+    decays = {float(g.get("weight_decay", 0.0) or 0.0) for g in groups}
+    if len(decays) != 1 or len({float(g["lr"]) for g in groups}) != 1:
+        return None
+    return decays.pop()
+
+
+def _plain_sgd(optimizer: Any) -> bool:
+    """SGD with one learning rate and no weight decay: its EoS operator is the plain Hessian."""
+    return _sgd_shift(optimizer) == 0.0
 
 
 class SharpnessMonitor(Monitor):
@@ -300,7 +310,9 @@ class SharpnessMonitor(Monitor):
         if "eos_ratio" in want and optimizer is None:
             self.warn_once("eos", "sharpness/eos_ratio needs the optimizer; pass optimizer= to on_step_end.")
         # for plain SGD the edge-of-stability operator is the Hessian itself: one Lanczos run serves both
-        lambda_from_eos = eos and "lambda_max" in want and "lambda_min" not in want and _plain_sgd(optimizer)
+        # (with one weight decay wd in every group the operator is H + wd I: lambda_max is its top value - wd)
+        shift = _sgd_shift(optimizer) if eos else None
+        lambda_from_eos = eos and "lambda_max" in want and "lambda_min" not in want and shift is not None
 
         r = None
         if eos:
@@ -326,8 +338,10 @@ class SharpnessMonitor(Monitor):
                 "warm_start": init is not None, "cost_only": bool(r.settings.get("cost_only")), **_plain(kw),
             }
             if lambda_from_eos:
-                metrics["sharpness/lambda_max"] = float(r.lambda_max)
-                settings["sharpness/lambda_max"] = {**settings["sharpness/eos_ratio"], "method": "lanczos"}
+                metrics["sharpness/lambda_max"] = float(r.lambda_max) - shift
+                settings["sharpness/lambda_max"] = {**settings["sharpness/eos_ratio"], "method": "lanczos",
+                                                    "from": "eos_ratio's Lanczos run on H + wd I, minus wd",
+                                                    "weight_decay": shift}
 
         need_max = "lambda_max" in want and not lambda_from_eos
         if need_max or "lambda_min" in want:
