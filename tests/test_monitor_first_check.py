@@ -95,7 +95,20 @@ def test_the_first_check_is_quick_correct_to_its_tolerance_and_labelled():
     assert metrics["sharpness/lambda_max"] == pytest.approx(reference, rel=1e-2)
     # ... which is not the whole probe's (the test would pass for a full first check otherwise)
     assert abs(reference - _dense_lambda_max(model, x, y)) > 1e-2 * abs(reference)
-    assert mon.first_check_settings == {"check": "quick", "probe_size": 4, "of_probe": 32, "tol": 1e-2}
+    assert {k: mon.first_check_settings[k] for k in ("check", "probe_size", "of_probe", "tol", "converged")} == {
+        "check": "quick", "probe_size": 4, "of_probe": 32, "tol": 1e-2, "converged": True}
+
+
+def test_a_quick_check_that_misses_its_tolerance_says_what_bound_it_has():
+    x, y = _data()
+    mon = SharpnessMonitor(measures=("lambda_max",), probe=[(x, y)], alerts=None,
+                           measure_kwargs={"lambda_max": {"max_iter": 2}})
+    _train(mon, 2, (x, y))
+    (record,) = _records(mon, "sharpness/lambda_max")
+    assert record["settings"]["converged"] is False
+    residual = record["settings"]["residual"]
+    assert (f"tolerance 0.01 not reached in {record['settings']['n_hvp']} products, Ritz residual {residual:.2g} "
+            "(an eigenvalue lies within it)") in mon.summary()
 
 
 def test_the_full_check_follows_warm_started_on_the_whole_probe():

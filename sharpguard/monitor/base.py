@@ -327,8 +327,9 @@ class Monitor:
             step_s = self.schedule.step_seconds
             planned = max(cost, self.estimate_cost(step_s)) if step_s else cost
         if self.schedule.n_checks == 0:
-            first = next(iter(settings.values()), {})
-            self.first_check_settings = {k: first[k] for k in ("check", "probe_size", "of_probe", "tol") if k in first}
+            first = next((v for v in settings.values() if "tol" in v), next(iter(settings.values()), {}))
+            self.first_check_settings = {k: first[k] for k in ("check", "probe_size", "of_probe", "tol", "converged",
+                                                                "residual", "n_hvp") if k in first}
         self.schedule.record(step, cost, planned_cost=planned)
         metrics[self.overhead_metric] = self.schedule.overhead_pct
         if self.schedule.n_checks == 1 and self.schedule.first_check_seconds is not None:
@@ -619,6 +620,10 @@ class Monitor:
         if fs.get("check") != "quick":
             return ""
         tol = f", tolerance {fs['tol']:g}" if "tol" in fs else ""
+        if tol and fs.get("converged") is False and "residual" in fs:
+            # not met within its products: the residual still bounds the error (an eigenvalue lies that close)
+            tol += (f" not reached in {fs.get('n_hvp')} products, Ritz residual {fs['residual']:.2g} (an eigenvalue "
+                    "lies within it)")
         return (f" (a quick check that proves the measurement end to end: {fs.get('probe_size')} of the probe's "
                 f"{fs.get('of_probe')} examples{tol}; full checks on the whole probe follow on the schedule)")
 
