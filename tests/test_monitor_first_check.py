@@ -95,6 +95,8 @@ def test_the_first_check_is_quick_correct_to_its_tolerance_and_labelled():
     assert metrics["sharpness/lambda_max"] == pytest.approx(reference, rel=1e-2)
     # ... which is not the whole probe's (the test would pass for a full first check otherwise)
     assert abs(reference - _dense_lambda_max(model, x, y)) > 1e-2 * abs(reference)
+    # the next (full) check is spaced by at least the quick cost scaled to the whole probe (32 / 4 examples)
+    assert mon.schedule.last_cost >= 8 * mon.schedule.first_check_seconds
     assert {k: mon.first_check_settings[k] for k in ("check", "probe_size", "of_probe", "tol", "converged")} == {
         "check": "quick", "probe_size": 4, "of_probe": 32, "tol": 1e-2, "converged": True}
 

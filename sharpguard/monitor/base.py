@@ -321,15 +321,19 @@ class Monitor:
         for alert in self.last_alerts:
             self._dispatch(alert)
         cost = time.perf_counter() - start
-        planned = None
-        if _quick:
-            # the next check is a full one: space it by a full check's estimated cost, not the quick one's
-            step_s = self.schedule.step_seconds
-            planned = max(cost, self.estimate_cost(step_s)) if step_s else cost
         if self.schedule.n_checks == 0:
             first = next((v for v in settings.values() if "tol" in v), next(iter(settings.values()), {}))
             self.first_check_settings = {k: first[k] for k in ("check", "probe_size", "of_probe", "tol", "converged",
                                                                 "residual", "n_hvp") if k in first}
+        planned = None
+        if _quick:
+            # the next check is a full one: space it by a full check's cost, not the quick one's - the larger
+            # of the quick cost scaled to the whole probe and the cost model's estimate (both can fall short
+            # of a cold full check: the re-planning and the checks after it correct the spacing)
+            fs = self.first_check_settings or {}
+            scaled = cost * max(fs.get("of_probe", 1) / max(fs.get("probe_size", 1), 1), 1.0)
+            step_s = self.schedule.step_seconds
+            planned = max(scaled, self.estimate_cost(step_s)) if step_s else scaled
         self.schedule.record(step, cost, planned_cost=planned)
         metrics[self.overhead_metric] = self.schedule.overhead_pct
         if self.schedule.n_checks == 1 and self.schedule.first_check_seconds is not None:
