@@ -280,3 +280,23 @@ def test_sgd_with_weight_decay_takes_lambda_max_from_the_eos_run():
     metrics2 = mon2.on_step_end(1, model, optimizer=opt2)
     assert metrics2["sharpness/lambda_max"] == pytest.approx(reference, rel=1e-3)
     assert metrics2["monitor/n_hvp"] > _records(mon2, "sharpness/eos_ratio")[0]["settings"]["n_hvp"]
+
+
+def test_a_loss_that_needs_the_whole_batch_gets_a_quick_check_on_the_whole_first_batch():
+    """A loss whose state is sized for the training batch (Lightning's LSTM demo carries one) cannot run
+    on part of a batch: the quick check keeps the loose tolerance on the whole first batch, says so in
+    its record, and micro-batching of later checks is not given up for it."""
+    x, y = _data()
+
+    def whole_batch_loss(model, batch):
+        inputs, targets = batch
+        if len(inputs) != 32:
+            raise RuntimeError("state sized for 32 examples")
+        return torch.nn.functional.cross_entropy(model(inputs), targets)
+
+    mon = SharpnessMonitor(measures=("lambda_max",), probe=[(x, y)], alerts=None, loss_fn=whole_batch_loss,
+                           micro_batches=1)
+    model, _ = _train(mon, 2, (x, y))
+    (record,) = _records(mon, "sharpness/lambda_max")
+    assert record["settings"]["check"] == "quick" and record["settings"]["probe_size"] == 32
+    assert record["value"] == pytest.approx(_dense_lambda_max(model, x, y), rel=1e-2)

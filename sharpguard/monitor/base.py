@@ -357,16 +357,19 @@ class Monitor:
         """
         batches = self._probe_batches(model)
         common: dict[str, Any] = {"probe_size": len(self.probe), "probe": self.probe.fingerprint, "seed": self.seed}
-        if _quick:
-            batches = BatchList([self.quick_batch(batches[0])])
-            common.update(check="quick", probe_size=batch_size(batches[0]), of_probe=len(self.probe),
-                          **self.quick_settings())
         if batch is not None:
             with torch.inference_mode(False):
                 batch = move_to(_clone(batch), next(model.parameters()).device)
         self._quick = _quick
         try:
             with torch.inference_mode(False), torch.enable_grad(), side_effect_free(model, train=False, parameters=False):
+                if _quick:
+                    part = self.quick_batch(batches[0])
+                    if part is not batches[0] and not self._runs_on(model, part):
+                        part = batches[0]  # a loss that needs the whole batch (a state sized for it)
+                    batches = BatchList([part])
+                    common.update(check="quick", probe_size=batch_size(part), of_probe=len(self.probe),
+                                  **self.quick_settings())
                 metrics, settings = self._measure(model, batches, optimizer, batch)
         finally:
             self._quick = False
@@ -384,6 +387,18 @@ class Monitor:
             return split_batch(batch, math.ceil(n / keep))[0]
         except ConfigurationError:  # a per-example tensor that is not batch-first: the whole batch
             return batch
+
+    def _runs_on(self, model: nn.Module, batch: Any) -> bool:
+        """Whether the probe loss runs on a part of a probe batch (one forward, no gradient); a loss whose
+        state is sized for the training batch (a carried recurrent state) does not."""
+        try:
+            with torch.no_grad():
+                self.loss_fn(model, batch)
+        except ConfigurationError:
+            raise
+        except Exception:  # noqa: BLE001 - the quick check then measures the whole first batch
+            return False
+        return True
 
     def quick_settings(self) -> dict[str, Any]:
         """What else a quick first check changes (a subclass's looser solver tolerance), as settings."""

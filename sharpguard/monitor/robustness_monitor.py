@@ -144,6 +144,9 @@ class RobustnessMonitor(Monitor):
     def default_alerts(self) -> list[AlertRule]:
         return default_robustness_alerts()
 
+    def _runs_on(self, model: nn.Module, batch: Any) -> bool:
+        return True  # the attacks treat examples independently: any part of a batch is measurable
+
     def passes(self) -> float:
         cost = {"clean_acc": 0.5, "fgsm_acc": 1.5, "pgd_acc": self.steps * self.restarts + 0.5, "input_grad_norm": 1.0,
                 # Lanczos in input space on up to 64 / 32 examples (~30 products each), then the PGD run
