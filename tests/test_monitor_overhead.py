@@ -157,7 +157,8 @@ def test_the_first_check_is_logged_apart_and_overhead_pct_is_the_steady_state():
     assert first["monitor/overhead_pct"] == 0.0
     assert all("monitor/first_check_s" not in m for _, m in logged[1:])
     line = mon.summary()
-    assert line.startswith("SharpnessMonitor made 1 checks; first check at step 2: ")
+    assert line.startswith("SharpnessMonitor made 1 checks; first check at step 2 (a quick check that proves the "
+                           "measurement end to end: 1 of the probe's 8 examples, tolerance 0.01; ")
     assert "reported apart as monitor/first_check_s" in line
     assert f"the run ended at step 5, before the next check was due at step {mon.schedule.next_step}" in line
     assert mon.schedule.next_step > 5 and mon.end_notes() == []
@@ -223,5 +224,5 @@ def test_the_start_line_states_the_cost_of_a_check_before_the_first_batch():
     assert mon.estimated_check_steps() == pytest.approx(expected)
     line = mon.describe()
     assert f"~{expected:.0f} training steps per check (estimated)" in line
-    assert "first check at the first measured step" in line and "monitor/first_check_s" in line
+    assert "first check at the first measured step (a quick check" in line and "monitor/first_check_s" in line
     assert "within 5% of training time (monitor/overhead_pct)" in line

@@ -9,19 +9,22 @@ and the side-effect-free execution (docs/design.md promise 1): every check runs 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._batches import BatchList, LossFn, batch_size, default_loss_fn, move_to
+from .._batches import BatchList, LossFn, batch_size, default_loss_fn, move_to, split_batch
 from .._state import side_effect_free
 from .._validation import non_negative_int, positive_int
+from ..attacks import _progress
 from ..errors import ConfigurationError
 from .alerts import Alert, AlertRule
 from .history import MetricHistory
@@ -61,10 +64,23 @@ class Monitor:
         loss_fn: ``loss_fn(model, batch) -> scalar``; default cross entropy / ``model(**batch).loss``.
         probe_state_max_bytes: probe tensors up to this size are stored in :meth:`state_dict` (so a
             resumed run measures on the very same examples); larger probes are captured again.
+        first_check: ``"quick"`` (default): the adaptive schedule's first check, made within the first
+            steps to show that the measurement works, runs on a reduced workload (the first
+            :attr:`QUICK_FRACTION` of the first probe batch; a subclass may loosen its solver's tolerance,
+            see :meth:`quick_settings`), is labelled ``"check": "quick"`` in its history records and in the
+            end line, and the full check follows on the schedule, warm-started where the measure allows.
+            ``"full"``: the first check measures the whole probe like every later one.
+        progress: show a check's progress on stderr (a tqdm bar over the measures, as ``sharpguard
+            study`` does): ``True`` always, ``False`` never, ``None`` (default) only when stderr is a
+            terminal, and then only for a check that lasts more than :attr:`PROGRESS_DELAY` seconds.
     """
 
     #: the cost of one default check the auto-sized probe aims at, in training steps of the same run
     CHECK_STEPS = 50
+    #: the share of the first probe batch a quick first check measures on (at least one example)
+    QUICK_FRACTION = 0.125
+    #: with ``progress=None`` on a terminal, a check shows its bar once it has lasted this long (seconds)
+    PROGRESS_DELAY = 2.0
     MEASURES: tuple[str, ...] = ()
     DEFAULT_MEASURES: tuple[str, ...] = ()
     prefix = ""
@@ -96,6 +112,8 @@ class Monitor:
         history: str | None = None,
         loss_fn: LossFn | None = None,
         probe_state_max_bytes: int = 4 << 20,
+        first_check: str = "quick",
+        progress: bool | None = None,
     ) -> None:
         if isinstance(measures, str):
             measures = (measures,)
@@ -136,6 +154,16 @@ class Monitor:
             if isinstance(action, str) and action not in ("warn", "stop", "ignore"):
                 raise ConfigurationError(f"on_alert must be 'warn', 'stop', 'ignore' or a callable, got {action!r}.")
         self.on_alert = actions
+        if first_check not in ("quick", "full"):
+            raise ConfigurationError(f"first_check must be 'quick' or 'full', got {first_check!r}.")
+        if progress is not None and not isinstance(progress, bool):
+            raise ConfigurationError(f"progress must be True, False or None (on a terminal only), got {progress!r}.")
+        self.first_check = first_check
+        self.progress = progress
+        #: what the first check was, for the end line: ``{"check": "quick", ...}`` (None before it)
+        self.first_check_settings: dict[str, Any] | None = None
+        self._quick = False
+        self._bar: Any = None
         self.history = MetricHistory(history)
         self.loss_fn = loss_fn or default_loss_fn
         self.probe_state_max_bytes = probe_state_max_bytes
@@ -254,7 +282,9 @@ class Monitor:
             if due:  # the current loss against the running average of the losses before it
                 context = self._loss_context(loss)
             self._update_loss(loss)
-        metrics = self.check(step, model, optimizer=optimizer, batch=batch, _context=context) if due else {}
+        quick = (due and self.first_check == "quick" and self.schedule.n_checks == 0 and self.schedule.adaptive
+                 and self.checks_at is None)
+        metrics = self.check(step, model, optimizer=optimizer, batch=batch, _context=context, _quick=quick) if due else {}
         self.schedule.leave()
         return metrics
 
@@ -266,10 +296,16 @@ class Monitor:
         batch: Any | None = None,
         *,
         _context: Mapping[str, float] | None = None,
+        _quick: bool = False,
     ) -> dict[str, float]:
-        """Measure now, evaluate alerts, append to the history, update the schedule; return the metrics."""
+        """Measure now, evaluate alerts, append to the history, update the schedule; return the metrics.
+
+        ``_quick`` (the adaptive schedule's first check with ``first_check="quick"``): measure the reduced
+        workload of :meth:`quick_settings`, label it, and place the next check by a full check's cost.
+        """
         start = time.perf_counter()
-        metrics, settings = self.measure(model, optimizer=optimizer, batch=batch, with_settings=True)
+        with self._progress_bar(step, _quick):
+            metrics, settings = self.measure(model, optimizer=optimizer, batch=batch, with_settings=True, _quick=_quick)
         if self.reduce_metrics is not None:
             metrics = self.reduce_metrics(metrics)
             self.reduced_keys = frozenset(metrics)
@@ -284,7 +320,21 @@ class Monitor:
             metrics[rule.flag_name] = float(rule.active)
         for alert in self.last_alerts:
             self._dispatch(alert)
-        self.schedule.record(step, time.perf_counter() - start)
+        cost = time.perf_counter() - start
+        if self.schedule.n_checks == 0:
+            first = next((v for v in settings.values() if "tol" in v), next(iter(settings.values()), {}))
+            self.first_check_settings = {k: first[k] for k in ("check", "probe_size", "of_probe", "tol", "converged",
+                                                                "residual", "n_hvp") if k in first}
+        planned = None
+        if _quick:
+            # the next check is a full one: space it by a full check's cost, not the quick one's - the larger
+            # of the quick cost scaled to the whole probe and the cost model's estimate (both can fall short
+            # of a cold full check: the re-planning and the checks after it correct the spacing)
+            fs = self.first_check_settings or {}
+            scaled = cost * max(fs.get("of_probe", 1) / max(fs.get("probe_size", 1), 1), 1.0)
+            step_s = self.schedule.step_seconds
+            planned = max(scaled, self.estimate_cost(step_s)) if step_s else scaled
+        self.schedule.record(step, cost, planned_cost=planned)
         metrics[self.overhead_metric] = self.schedule.overhead_pct
         if self.schedule.n_checks == 1 and self.schedule.first_check_seconds is not None:
             metrics[self.first_check_metric] = self.schedule.first_check_seconds
@@ -299,20 +349,112 @@ class Monitor:
         batch: Any | None = None,
         *,
         with_settings: bool = False,
+        _quick: bool = False,
     ) -> Any:
         """Take every measure on the probe set now (no schedule, alerts or history); return the metrics.
 
         Works inside ``torch.no_grad()`` and ``torch.inference_mode()``.
         """
         batches = self._probe_batches(model)
+        common: dict[str, Any] = {"probe_size": len(self.probe), "probe": self.probe.fingerprint, "seed": self.seed}
         if batch is not None:
             with torch.inference_mode(False):
                 batch = move_to(_clone(batch), next(model.parameters()).device)
-        with torch.inference_mode(False), torch.enable_grad(), side_effect_free(model, train=False, parameters=False):
-            metrics, settings = self._measure(model, batches, optimizer, batch)
-        common = {"probe_size": len(self.probe), "probe": self.probe.fingerprint, "seed": self.seed}
+        self._quick = _quick
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), side_effect_free(model, train=False, parameters=False):
+                if _quick:
+                    part = self.quick_batch(batches[0])
+                    if part is not batches[0] and not self._runs_on(model, part):
+                        part = batches[0]  # a loss that needs the whole batch (a state sized for it)
+                    batches = BatchList([part])
+                    common.update(check="quick", probe_size=batch_size(part), of_probe=len(self.probe),
+                                  **self.quick_settings())
+                metrics, settings = self._measure(model, batches, optimizer, batch)
+        finally:
+            self._quick = False
         settings = {name: {**common, **settings.get(name, {})} for name in metrics}
         return (metrics, settings) if with_settings else metrics
+
+    # -- the quick first check ---------------------------------------------------------------------
+    def quick_batch(self, batch: Any) -> Any:
+        """The quick first check's probe: the first ``ceil(QUICK_FRACTION * n)`` examples of a probe batch."""
+        n = batch_size(batch)
+        keep = max(1, math.ceil(self.QUICK_FRACTION * n))
+        if keep >= n:
+            return batch
+        try:
+            return split_batch(batch, math.ceil(n / keep))[0]
+        except ConfigurationError:  # a per-example tensor that is not batch-first: the whole batch
+            return batch
+
+    def _runs_on(self, model: nn.Module, batch: Any) -> bool:
+        """Whether the probe loss runs on a part of a probe batch (one forward, no gradient); a loss whose
+        state is sized for the training batch (a carried recurrent state) does not."""
+        try:
+            with torch.no_grad():
+                self.loss_fn(model, batch)
+        except ConfigurationError:
+            raise
+        except Exception:  # noqa: BLE001 - the quick check then measures the whole first batch
+            return False
+        return True
+
+    def quick_settings(self) -> dict[str, Any]:
+        """What else a quick first check changes (a subclass's looser solver tolerance), as settings."""
+        return {}
+
+    @property
+    def quick(self) -> bool:
+        """True while the quick first check measures (subclasses read it in :meth:`_measure`)."""
+        return self._quick
+
+    # -- progress ----------------------------------------------------------------------------------
+    def _show_progress(self) -> tuple[bool, float]:
+        """Whether a check shows a progress bar, and after how many seconds."""
+        if self.progress is not None:
+            return self.progress, 0.0
+        return _progress.interactive(), self.PROGRESS_DELAY
+
+    @contextlib.contextmanager
+    def _progress_bar(self, step: int, quick: bool) -> Iterator[None]:
+        """A tqdm bar over the measures of one check on stderr (see ``progress``); nothing when not shown."""
+        show, delay = self._show_progress()
+        if not show:
+            yield
+            return
+        kind = "quick first check" if quick else "check"
+        desc = f"sharpguard {type(self).__name__} {kind} at step {step}"
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+        if tqdm is not None:
+            self._bar = _DelayedBar(tqdm(total=len(self.measures), desc=desc, unit="measure", file=sys.stderr,
+                                         delay=delay, leave=False, dynamic_ncols=True), delay)
+        else:
+            self._bar = _LineProgress(desc, delay)
+        try:
+            with _progress.reporting(self._progress_tick):
+                yield
+        finally:
+            self._bar.close()
+            self._bar = None
+
+    def progress_stage(self, name: str) -> None:
+        """A subclass starts measuring ``name`` (shown in the bar; a no-op without one)."""
+        if self._bar is not None:
+            self._bar.set_postfix_str(name, refresh=True)
+
+    def progress_done(self, name: str, n: int = 1) -> None:
+        """A subclass finished ``n`` measures (the last one ``name``)."""
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"{name} done", refresh=False)
+            self._bar.update(n)
+
+    def _progress_tick(self, event: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(event, refresh=True)
 
     # -- helpers -----------------------------------------------------------------------------------
     def _update_loss(self, loss: torch.Tensor | float) -> None:
@@ -442,9 +584,14 @@ class Monitor:
         elif every:
             when = f"every {every} steps (fixed: the {100 * self.schedule.budget:g}% budget does not apply)"
         else:
-            when = (f"first check at the first measured step (a one-off that shows the measurement works, at about "
-                    f"a check's cost plus one-time set-up, reported apart as {self.first_check_metric}), then within "
-                    f"{100 * self.schedule.budget:g}% of training time ({self.overhead_metric})")
+            if self.first_check == "quick":
+                tol = self.quick_settings().get("tol")
+                first = (f"a quick check on {self.QUICK_FRACTION:.1%} of the first probe batch"
+                         f"{f' at tolerance {tol:g}' if tol else ''} that shows the measurement works")
+            else:
+                first = "a full check that shows the measurement works, at about a check's cost plus one-time set-up"
+            when = (f"first check at the first measured step ({first}, reported apart as {self.first_check_metric}), "
+                    f"then within {100 * self.schedule.budget:g}% of training time ({self.overhead_metric})")
         cost_txt = (f"~{cost:.0f} training steps per check (estimated)" if cost is not None
                     else f"~{self.passes():.0f} training steps per check per training-batch-sized probe batch (estimated)")
         size = ("sized at the first batch to keep a check within ~"
@@ -463,8 +610,8 @@ class Monitor:
             return f"{name} made 0 checks in {s.train_seconds:.1f} s of training: {self._no_check_reason()}"
         step_s = s.step_seconds or (s.train_seconds / max(self._steps_done(), 1) if s.train_seconds > 0 else None)
         in_steps = f" (~{s.first_check_seconds / step_s:.0f} training steps)" if step_s and s.first_check_seconds else ""
-        first = (f"first check at step {s.first_check_step}: {s.first_check_seconds or 0.0:.2f} s{in_steps}, "
-                 f"reported apart as {self.first_check_metric}")
+        first = (f"first check at step {s.first_check_step}{self._first_check_label()}: "
+                 f"{s.first_check_seconds or 0.0:.2f} s{in_steps}, reported apart as {self.first_check_metric}")
         steady = (f"steady state: {s.n_checks - 1} more check{'s' if s.n_checks != 2 else ''} and per-step bookkeeping "
                   f"took {s.steady_seconds:.2f} s = {s.overhead_pct:.1f}% of the {s.steady_train_seconds:.1f} s of training "
                   f"after it ({self.overhead_metric}; all included, {s.total_overhead_pct:.1f}% of {s.train_seconds:.1f} s)")
@@ -485,6 +632,19 @@ class Monitor:
             why = f"within the {budget:g}% budget" if s.overhead_pct <= budget + 1e-9 else (
                 f"above the {budget:g}% budget: the checks cost more than the schedule estimated")
         return f"{name} made {s.n_checks} checks; {first}; {steady}; {why}."
+
+    def _first_check_label(self) -> str:
+        """`` (a quick check: ...)`` for a quick first check, from its recorded settings; else empty."""
+        fs = self.first_check_settings or {}
+        if fs.get("check") != "quick":
+            return ""
+        tol = f", tolerance {fs['tol']:g}" if "tol" in fs else ""
+        if tol and fs.get("converged") is False and "residual" in fs:
+            # not met within its products: the residual still bounds the error (an eigenvalue lies that close)
+            tol += (f" not reached in {fs.get('n_hvp')} products, Ritz residual {fs['residual']:.2g} (an eigenvalue "
+                    "lies within it)")
+        return (f" (a quick check that proves the measurement end to end: {fs.get('probe_size')} of the probe's "
+                f"{fs.get('of_probe')} examples{tol}; full checks on the whole probe follow on the schedule)")
 
     def _no_check_reason(self) -> str:
         s = self.schedule
@@ -569,6 +729,46 @@ class Monitor:
         every = self.schedule.every_n_steps
         when = f"every_n_steps={every}" if every else f"budget={self.schedule.budget:g}"
         return f"{type(self).__name__}(measures={list(self.measures)}, {when}, probe_size={self.probe.size})"
+
+
+class _DelayedBar:
+    """A tqdm bar that draws nothing before ``delay`` seconds (tqdm's ``refresh`` ignores its ``delay``),
+    then redraws at every stage and measure done."""
+
+    def __init__(self, bar: Any, delay: float) -> None:
+        self.bar, self.delay, self._start = bar, delay, time.perf_counter()
+
+    def _due(self) -> bool:
+        return time.perf_counter() - self._start >= self.delay
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        self.bar.set_postfix_str(text, refresh=refresh and self._due())
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        if self._due():
+            self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _LineProgress:
+    """Progress without tqdm: one line per finished measure on stderr (after ``delay`` seconds)."""
+
+    def __init__(self, desc: str, delay: float = 0.0) -> None:
+        self.desc, self.delay, self._text, self._start = desc, delay, "", time.perf_counter()
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        self._text = text
+
+    def update(self, n: int = 1) -> None:
+        seconds = time.perf_counter() - self._start
+        if seconds >= self.delay:
+            print(f"{self.desc}: {self._text} ({seconds:.1f} s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 def _bad(field: str, value: Any, want: str) -> ConfigurationError:

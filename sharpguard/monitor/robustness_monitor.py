@@ -146,6 +146,9 @@ class RobustnessMonitor(Monitor):
     def default_alerts(self) -> list[AlertRule]:
         return default_robustness_alerts()
 
+    def _runs_on(self, model: nn.Module, batch: Any) -> bool:
+        return True  # the attacks treat examples independently: any part of a batch is measurable
+
     def passes(self) -> float:
         cost = {"clean_acc": 0.5, "fgsm_acc": 1.5, "pgd_acc": self.steps * self.restarts + 0.5, "input_grad_norm": 1.0,
                 # Lanczos in input space on up to 64 / 32 examples (~30 products each), then the PGD run
@@ -173,16 +176,20 @@ class RobustnessMonitor(Monitor):
             return torch.Generator(device=device).manual_seed(self.seed)
 
         if "clean_acc" in want:
+            self.progress_stage("clean_acc")
             metrics["robustness/clean_acc"] = float(A.robust_accuracy(model, batches, None))
             settings["robustness/clean_acc"] = {"attack": "none"}
+            self.progress_done("clean_acc")
         if "fgsm_acc" in want:
             gen = generator()
 
             def fgsm(m, x, y):
                 return A.fgsm(m, x, y, eps=self.eps, generator=gen, **common)
 
+            self.progress_stage("fgsm_acc")
             metrics["robustness/fgsm_acc"] = float(A.robust_accuracy(model, batches, fgsm))
             settings["robustness/fgsm_acc"] = self._settings(attack="fgsm")
+            self.progress_done("fgsm_acc")
         if "pgd_acc" in want:
             gen = generator()
 
@@ -190,22 +197,29 @@ class RobustnessMonitor(Monitor):
                 return A.pgd(m, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, restarts=self.restarts,
                              random_start=True, generator=gen, **common)
 
+            self.progress_stage("pgd_acc")
             metrics["robustness/pgd_acc"] = float(A.robust_accuracy(model, batches, pgd))
+            self.progress_done("pgd_acc")
             settings["robustness/pgd_acc"] = self._settings(attack="pgd", alpha=self.alpha, steps=self.steps,
                                                             restarts=self.restarts)
         if "input_grad_norm" in want:
+            self.progress_stage("input_grad_norm")
             value = A.input_grad_norm(model, batches, bounds=self.bounds, mean=self.mean, std=self.std)
             metrics["robustness/input_grad_norm"] = float(value)
             settings["robustness/input_grad_norm"] = {"definition": "mean ||grad_x CE||_2 over probe examples"}
+            self.progress_done("input_grad_norm")
         if want & {"input_curvature", "adv_confidence", "adv_input_curvature"}:
             from .. import sharpness as S
 
             if "input_curvature" in want:
+                self.progress_stage("input_curvature")
                 res = S.input_hessian_eigenvalue(model, batches, seed=self.seed)
                 metrics["robustness/input_curvature"] = float(res.mean)
                 settings["robustness/input_curvature"] = {"definition": "mean top eigenvalue of the input Hessian",
                                                           "n_examples": int(res.n_examples), "n_hvp": int(res.n_hvp)}
+                self.progress_done("input_curvature")
             if want & {"adv_confidence", "adv_input_curvature"}:
+                self.progress_stage("adversarial geometry")
                 geo = S.adversarial_geometry(model, batches, eps=self.eps, attack_steps=self.steps, alpha=self.alpha,
                                              norm=self.norm, bounds=self.bounds, seed=self.seed)
                 attack = self._settings(attack="pgd", alpha=self.alpha, steps=self.steps, fooled=float(geo.fooled))
@@ -219,6 +233,7 @@ class RobustnessMonitor(Monitor):
                 if "adv_input_curvature" in want:
                     metrics["robustness/adv_input_curvature"] = float(geo.adv_curvature)
                     settings["robustness/adv_input_curvature"] = attack
+                self.progress_done("adversarial geometry", len(want & {"adv_confidence", "adv_input_curvature"}))
         if any(is_fake(p) for p in model.parameters()):
             # fake tensors (FakeTensorMode): every attack and forward ran, no value was read (NaN metrics)
             settings = {name: {**entry, "cost_only": True} for name, entry in settings.items()}

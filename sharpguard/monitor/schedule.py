@@ -9,7 +9,9 @@ where the cumulative monitor time would still be within ``budget`` of the cumula
 where ``T_monitor`` is the steady-state monitor time, ``c_last`` the cost of the latest check and
 ``t_step`` an average step time. The first check comes early, at the first step whose time is known (not
 before ``first_step``), so a broken setup shows in seconds (docs/design.md promise 9). It is a one-off,
-stated cost (it also pays one-time set-up such as the micro-batch choice): it is kept apart as
+stated cost (it also pays one-time set-up such as the micro-batch choice; a monitor's default quick
+first check measures a reduced workload and passes a full check's estimated cost as ``planned_cost``,
+which spaces the next check): it is kept apart as
 :attr:`Schedule.first_check_seconds` and is not part of ``T_monitor``, so :attr:`Schedule.overhead_pct`
 and the budget speak of the steady state, and a short run is not reported as hundreds of percent
 over budget because of one check. Decisions are taken when the first step time is known and when a
@@ -180,10 +182,15 @@ class Schedule:
         self.monitor_seconds += now - self._last_time
         self._last_time = now
 
-    def record(self, step: int, cost_seconds: float) -> int:
-        """Register a check that took ``cost_seconds`` at ``step``; return the next check's step."""
+    def record(self, step: int, cost_seconds: float, *, planned_cost: float | None = None) -> int:
+        """Register a check that took ``cost_seconds`` at ``step``; return the next check's step.
+
+        ``planned_cost``: what the next check is expected to cost when it differs from this one (a quick
+        first check is followed by a full one); the gap to the next check is set by it, so that check
+        keeps the steady state within the budget too. Default: the next check costs ``cost_seconds``.
+        """
         self.monitor_seconds += cost_seconds
-        self.last_cost = cost_seconds
+        self.last_cost = cost_seconds if planned_cost is None else max(float(planned_cost), 0.0)
         if self.n_checks == 0:
             self.first_check_seconds, self.first_check_step = float(cost_seconds), int(step)
             self._setup_monitor_seconds, self._setup_train_seconds = self.monitor_seconds, self.train_seconds

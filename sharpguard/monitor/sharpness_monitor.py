@@ -37,13 +37,23 @@ def _base_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
-def _plain_sgd(optimizer: Any) -> bool:
-    """SGD with one learning rate and no weight decay: its EoS operator is the plain Hessian."""
+def _sgd_shift(optimizer: Any) -> float | None:
+    """For SGD with one learning rate and one weight decay ``wd`` in every group, ``wd``: its EoS operator
+    is then ``H + wd I`` (coupled L2 decay, :mod:`sharpguard.sharpness.stability`), whose top eigenpair is
+    the Hessian's shifted by ``wd``. ``None`` for any other optimizer (its operator is not a shift of H)."""
     opt = _base_optimizer(optimizer)
     if not isinstance(opt, torch.optim.SGD):
-        return False
+        return None
     groups = opt.param_groups
-    return all(float(g.get("weight_decay", 0.0) or 0.0) == 0.0 for g in groups) and len({float(g["lr"]) for g in groups}) == 1
+    decays = {float(g.get("weight_decay", 0.0) or 0.0) for g in groups}
+    if len(decays) != 1 or len({float(g["lr"]) for g in groups}) != 1:
+        return None
+    return decays.pop()
+
+
+def _plain_sgd(optimizer: Any) -> bool:
+    """SGD with one learning rate and no weight decay: its EoS operator is the plain Hessian."""
+    return _sgd_shift(optimizer) == 0.0
 
 
 #: each measure's function and the arguments the monitor passes itself (the rest are measure_kwargs')
@@ -271,7 +281,35 @@ class SharpnessMonitor(Monitor):
             return 1
         return micro
 
+    #: the relative Ritz-residual tolerance of a quick first check's Lanczos runs (full checks: 1e-3)
+    QUICK_TOL = 1e-2
+    #: the Hutch++ products of a quick first check's trace (full checks: 60)
+    QUICK_TRACE_HVP = 15
+
+    def quick_settings(self) -> dict[str, Any]:
+        return {"tol": self.QUICK_TOL} if set(self.measures) & {"lambda_max", "lambda_min", "eos_ratio"} else {}
+
+    def _quick_kw(self, kw: dict[str, Any], *, tol: bool = False, n_hvp: bool = False) -> dict[str, Any]:
+        """A measure's keywords, loosened for the quick first check (never tightened)."""
+        if not self.quick:
+            return kw
+        if tol:
+            kw["tol"] = max(float(kw["tol"]), self.QUICK_TOL)
+        if n_hvp:
+            kw["n_hvp"] = min(int(kw.get("n_hvp", 60)), self.QUICK_TRACE_HVP)
+        return kw
+
     def _measure(self, model: nn.Module, batches: list[Any], optimizer: Any | None, batch: Any | None):
+        if self.quick:
+            # the quick probe's micro-batch choice is its own: the full probe's is made at the full check
+            saved, self._auto = self._auto, None
+            try:
+                return self._measure_full_or_sliced(model, batches, optimizer, batch)
+            finally:
+                self._auto = saved
+        return self._measure_full_or_sliced(model, batches, optimizer, batch)
+
+    def _measure_full_or_sliced(self, model: nn.Module, batches: list[Any], optimizer: Any | None, batch: Any | None):
         micro = self._micro_batches_for(model, batches)
         try:
             return self._measure_on(model, batches, optimizer, batch, micro)
@@ -303,12 +341,15 @@ class SharpnessMonitor(Monitor):
         if "eos_ratio" in want and optimizer is None:
             self.warn_once("eos", "sharpness/eos_ratio needs the optimizer; pass optimizer= to on_step_end.")
         # for plain SGD the edge-of-stability operator is the Hessian itself: one Lanczos run serves both
-        lambda_from_eos = eos and "lambda_max" in want and "lambda_min" not in want and _plain_sgd(optimizer)
+        # (with one weight decay wd in every group the operator is H + wd I: lambda_max is its top value - wd)
+        shift = _sgd_shift(optimizer) if eos else None
+        lambda_from_eos = eos and "lambda_max" in want and "lambda_min" not in want and shift is not None
 
         r = None
         if eos:
-            kw = {"tol": 1e-3, "max_iter": 20, **hvp_kw, **self._kw("eos_ratio")}
+            kw = self._quick_kw({"tol": 1e-3, "max_iter": 20, **hvp_kw, **self._kw("eos_ratio")}, tol=True)
             init = self._eos_vector if self.warm_start else None
+            self.progress_stage("eos_ratio")
             try:
                 r = S.eos_ratio(model, batches, optimizer, self.loss_fn, init=init, seed=self.seed, **kw)
             except ConfigurationError as exc:
@@ -317,6 +358,7 @@ class SharpnessMonitor(Monitor):
                 self.warn_once("eos-unavailable", f"sharpness/eos_ratio skipped: {exc}")
                 eos = lambda_from_eos = False
         if r is not None:
+            self.progress_done("eos_ratio", 2 if lambda_from_eos else 1)
             n_hvp += int(r.n_hvp)
             self._eos_vector = r.eigenvector
             metrics["sharpness/eos_ratio"] = float(r.ratio)
@@ -327,14 +369,18 @@ class SharpnessMonitor(Monitor):
                 "warm_start": init is not None, "cost_only": bool(r.settings.get("cost_only")), **_plain(kw),
             }
             if lambda_from_eos:
-                metrics["sharpness/lambda_max"] = float(r.lambda_max)
-                settings["sharpness/lambda_max"] = {**settings["sharpness/eos_ratio"], "method": "lanczos"}
+                metrics["sharpness/lambda_max"] = float(r.lambda_max) - shift
+                settings["sharpness/lambda_max"] = {**settings["sharpness/eos_ratio"], "method": "lanczos",
+                                                    "from": "eos_ratio's Lanczos run on H + wd I, minus wd",
+                                                    "weight_decay": shift}
 
         need_max = "lambda_max" in want and not lambda_from_eos
         if need_max or "lambda_min" in want:
             which = "both" if need_max and "lambda_min" in want else ("largest" if need_max else "smallest")
-            kw = {"tol": 1e-3, "max_iter": 20, **hvp_kw, **self._kw("lambda_max"), **self._kw("lambda_min")}
+            kw = self._quick_kw({"tol": 1e-3, "max_iter": 20, **hvp_kw, **self._kw("lambda_max"),
+                                 **self._kw("lambda_min")}, tol=True)
             init = self._eigenvector if (self.warm_start and which != "smallest") else None
+            self.progress_stage("lambda_max/min" if which == "both" else ("lambda_max" if need_max else "lambda_min"))
             res = S.hessian_eigenvalues(
                 model, batches, self.loss_fn, k=1, which=which, init=init, return_eigenvectors=which != "smallest",
                 seed=self.seed, **kw
@@ -350,49 +396,62 @@ class SharpnessMonitor(Monitor):
             if "lambda_min" in want:
                 metrics["sharpness/lambda_min"] = float(res.eigenvalues[-1])
                 settings["sharpness/lambda_min"] = {**common, "residual": float(res.residuals[-1])}
+            self.progress_done("lambda", int(need_max) + int("lambda_min" in want))
 
         if "trace" in want:
-            kw = {"method": "hutch++", **hvp_kw, **self._kw("trace")}
+            kw = self._quick_kw({"method": "hutch++", **hvp_kw, **self._kw("trace")}, n_hvp=True)
+            self.progress_stage("trace")
             res = S.hessian_trace(model, batches, self.loss_fn, seed=self.seed, **kw)
             n_hvp += int(res.n_hvp)
             metrics["sharpness/trace"] = float(res.trace)
             settings["sharpness/trace"] = {"n_hvp": int(res.n_hvp), "stderr": float(res.stderr),
                                            "cost_only": bool(res.settings.get("cost_only")), **_plain(kw)}
+            self.progress_done("trace")
 
         for name, adaptive in (("worst_case", False), ("adaptive_worst_case", True)):
             if name in want:
                 kw = {"rho": self.rho, **self._kw(name)}
+                self.progress_stage(name)
                 res = S.worst_case_sharpness(model, batches, self.loss_fn, adaptive=adaptive, **kw)
                 metrics[f"sharpness/{name}"] = float(res.value)
                 settings[f"sharpness/{name}"] = _result_settings(res, kw)
+                self.progress_done(name)
         if "average" in want:
             kw = {"seed": self.seed, **self._kw("average")}
+            self.progress_stage("average")
             res = S.average_sharpness(model, batches, self.loss_fn, **kw)
             metrics["sharpness/average"] = float(res.value)
             settings["sharpness/average"] = _result_settings(res, kw)
+            self.progress_done("average")
         if "batch" in want:
             on_batch = batch is not None
+            self.progress_stage("batch")
             res = S.directional_curvature(model, batch if on_batch else batches[0], self.loss_fn, direction="gradient")
             n_hvp += int(res.n_hvp)
             metrics["sharpness/batch"] = float(res.value)
             settings["sharpness/batch"] = {"definition": "g^T H g / g^T g along the batch gradient",
                                            "n_hvp": int(res.n_hvp),
                                            "on": "training batch" if on_batch else "first probe batch"}
+            self.progress_done("batch")
         if "relative_flatness" in want:
             kw = self._kw("relative_flatness")
             # the default cross entropy has a closed form (one forward); any other loss costs HVPs
             loss_fn = None if self.loss_fn is default_loss_fn else self.loss_fn
+            self.progress_stage("relative_flatness")
             res = S.relative_flatness(model, batches, loss_fn, **kw)
             n_hvp += int(res.n_hvp)
             metrics["sharpness/relative_flatness"] = float(res.value)
             metrics["sharpness/relative_flatness_neuronwise"] = float(res.neuronwise)
             settings["sharpness/relative_flatness"] = {"layer": res.layer, "method": res.method,
                                                        "n_hvp": int(res.n_hvp), **_plain(kw)}
+            self.progress_done("relative_flatness")
         if "robust_sharpness" in want:
             kw = {"rho": self.rho, "seed": self.seed, **self._kw("robust_sharpness")}
+            self.progress_stage("robust_sharpness")
             res = S.robust_sharpness(model, batches, **kw)
             metrics["sharpness/robust_sharpness"] = float(res.value)
             settings["sharpness/robust_sharpness"] = _result_settings(res, kw)
+            self.progress_done("robust_sharpness")
         self.n_hvp_total += n_hvp
         metrics["monitor/n_hvp"] = float(n_hvp)
         return metrics, settings
