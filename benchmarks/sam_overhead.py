@@ -2,7 +2,8 @@
 
 (a) The wrapper's own work with the gradients given (norm + perturb + restore + base step) on a
     model of 200 small tensors: sharpguard's ``perturb(); unperturb(); base.step()`` against
-    pytorch_optimizer's ``first_step(); second_step()``. Target: at most 0.6x its time.
+    pytorch_optimizer's ``first_step(); second_step()``. Target: at most 0.65x its time, with the
+    default fault policy (``nonfinite="skip"``: its check is one fused pass over the gradients).
 (b) A whole SAM step (two forward/backward passes + the wrapper) against two plain optimizer steps
     on a small conv net (~8 ms a step). Target: at most 1.05x.
 (c) LookSAM (k=5) and SAM every 5 steps (``interval=5``) against one plain step, averaged over
@@ -147,7 +148,7 @@ def main() -> None:
     t = whole_steps()
     rows = [
         ("(a) wrapper work, grads given, %d tensors: sharpguard vs pytorch_optimizer SAM" % n_tensors,
-         f"{ours * 1e3:.3f} ms", f"{peer * 1e3:.3f} ms", ours / peer, "<= 0.6"),
+         f"{ours * 1e3:.3f} ms", f"{peer * 1e3:.3f} ms", ours / peer, "<= 0.65"),
         ("(a') the same without the base SGD step both take (%.3f ms)" % (base * 1e3),
          f"{(ours - base) * 1e3:.3f} ms", f"{(peer - base) * 1e3:.3f} ms", (ours - base) / (peer - base), "-"),
         ("(b) whole SAM step vs two plain SGD steps (conv net)",

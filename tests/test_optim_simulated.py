@@ -94,7 +94,8 @@ def fake_process_group():
 
 
 def measure(kind: str, config: dict, *, fake: bool = True, sharded: bool = False, nonfinite: str = "skip") -> Step:
-    """Two steps of ``kind`` ("plain" AdamW, or "sam" around it); memory over both, FLOPs of the second.
+    """Two steps of ``kind`` ("plain" AdamW, or a SAM variant around it); memory over both, FLOPs of the
+    second.
 
     The first step creates AdamW's moments and SAM's backup, so the live bytes after the second are
     what stays between steps; the peak is over both.
@@ -137,7 +138,8 @@ def measure(kind: str, config: dict, *, fake: bool = True, sharded: bool = False
                 engine.finish()
                 base.step()
         else:
-            sam = SAM.wrap(base, model=model, nonfinite=nonfinite)
+            cls = SAM if kind == "sam" else VARIANTS[kind]
+            sam = cls.wrap(base, model=model, nonfinite=nonfinite)
 
             def step():
                 sam.zero_grad()

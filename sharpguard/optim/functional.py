@@ -81,7 +81,9 @@ def global_norm(tensors: Tensors, *, device: torch.device | None = None, groups:
     partial = []
     for (_, dtype), idx in (groups if groups is not None else _group(tensors)).items():
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=acc)
+        group = [tensors[i] for i in idx]
+        # the dtype argument only where it widens: on float32 it costs a third more on the CPU
+        norms = torch._foreach_norm(group, 2) if dtype == acc else torch._foreach_norm(group, 2, dtype=acc)
         partial.append(torch.linalg.vector_norm(torch.stack(norms)))
     if len(partial) == 1:
         return partial[0].to(device=device)

@@ -247,13 +247,14 @@ class SAM(Optimizer):
             Variants whose update uses the clean gradient (GSAM, LookSAM, Friendly-SAM;
             ``per_worker_safe = False``) always do.
         nonfinite: what a step does with a non-finite gradient (docs/reliability.md). ``"skip"``
-            (default): a non-finite clean or perturbed gradient writes nothing non-finite. Where the
-            flag is free to read (CPU tensors) the update is skipped as a GradScaler skips it: every
-            gradient is set to ``None``, so the base optimizer leaves weights and state alone. On an
-            accelerator (and for fake tensors) the decision stays on the device, without a host
-            sync: the gradients become zero, so the base optimizer takes a zero-gradient step (no
-            change under plain SGD; momentum and Adam moments decay by one step). Extra memory: the
-            weight backup only (1.0x the parameters). ``"fallback"``: a non-finite clean gradient
+            (default): a step whose clean or perturbed gradient is not finite updates nothing. It
+            is decided when the base optimizer steps (a step pre-hook), so a GradScaler sees the
+            non-finite gradient first and skips and backs off as without SAM. Otherwise, where the
+            flag is free to read (CPU tensors), every gradient is set to ``None`` and the base
+            optimizer leaves weights and state alone; on an accelerator (and for fake tensors) the
+            decision stays on the device, without a host sync: the gradients become zero, so the
+            base optimizer takes a zero-gradient step (no change under plain SGD; momentum and Adam
+            moments decay by one step). Extra memory: the weight backup only (1.0x the parameters). ``"fallback"``: a non-finite clean gradient
             gives no perturbation and the base optimizer gets that clean gradient, exactly as
             without SAM; a non-finite perturbed gradient is replaced by the clean one. It keeps a
             copy of the clean gradient, one more parameter-sized buffer (2.0x in all). Both are
