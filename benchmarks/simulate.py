@@ -166,6 +166,9 @@ def with_layer_fits(raw: dict[str, Any]) -> dict[str, Any]:
                 full[k] = one[k] + (two[k] - one[k]) * (depth - 1)
             for key, r1 in one["rows"].items():
                 r2 = two["rows"].get(key, {})
+                if "error" in r1 or "error" in r2:
+                    full["rows"].setdefault(key, {"error": (r1.get("error") or r2.get("error")), "from_layers": [1, 2]})
+                    continue
                 if "memory" not in r1 or "memory" not in r2:
                     continue
                 target = f"{key} (fit)" if key in full["rows"] and "memory" in full["rows"][key] else key
@@ -618,7 +621,7 @@ def summary_table(raw: dict[str, Any]) -> str:
                 if r is None:
                     return "not run"
                 if "memory" not in r:
-                    return "error"
+                    return _failure(r)
                 return f"{r['memory']['peak_bytes'] / t['memory']['peak_bytes']:.2f}x"
 
             hvp = "not run"
@@ -632,10 +635,17 @@ def summary_table(raw: dict[str, Any]) -> str:
                 f"| {name} | {'single device' if mode == 'single' else 'FSDP2 x8, per rank'} | {entry['params'] / 1e6:.0f}M | "
                 f"{t['memory']['peak_bytes'] / GIB:.1f} GiB | "
                 + (f"{(sam['memory']['peak_bytes'] - t['memory']['peak_bytes']) / entry['param_bytes']:.4f} | "
-                   f"{sam['flops'] / t['flops']:.3f} | " if "memory" in sam else "error | error | ")
+                   f"{sam['flops'] / t['flops']:.3f} | " if "memory" in sam else f"{_failure(sam)} | | ")
                 + f"{hvp} | {peak('check:lambda_max')}; {peak('check:monitor')} | {peak('check:trace')} |"
             )
     return "\n".join(lines)
+
+
+def _failure(row: dict[str, Any]) -> str:
+    err = row.get("error", "")
+    if err.startswith("not completed"):
+        return "not completed in time"
+    return f"fails: `{err.split(':')[0]}`" if err else "not run"
 
 
 def _split(mem: dict[str, Any]) -> str:
