@@ -21,11 +21,13 @@ Rows, each against the plain step of the same model and mode:
 * ``train``: forward + backward + ``AdamW.step()`` + ``zero_grad(set_to_none=True)``, after one warm-up
   step (the optimizer's state exists, as in a running job); ``fwd_bwd``: forward + backward only;
 * ``sam:<Variant>``: one ``sg.<Variant>(params, AdamW).step(closure)`` after a warm-up step;
-* ``hvp_exact``: one exact product (``HVPOperator(hvp="autograd", cache_graph=False)``);
+* ``hvp_exact``: one exact product (``HVPOperator(hvp="auto", cache_graph=False)``: double backward, through
+  the math attention kernel where the fused one has no double backward);
   ``hvp_cached``: the second product on a cached gradient graph;
 * ``check:lambda_max``: ``hessian_eigenvalues(model, batch, k=1)`` at the function's defaults;
   ``check:monitor``: ``SharpnessMonitor(measures=("lambda_max",)).measure(model, opt)`` at the
-  monitor's defaults; ``check:trace``: ``hessian_trace(model, batch)`` at its defaults;
+  monitor's defaults; ``check:trace``: ``hessian_trace(model, batch, n_hvp=9)`` (Hutch++ with 3 sketch
+  vectors; the default 60 products hold 17 parameter-sized vectors more);
   ``check:robustness`` (ViT): ``RobustnessMonitor().measure(model)`` at its defaults.
 
 A row that cannot run records the error instead of a number. Targets: a check's peak <= the training
@@ -63,6 +65,7 @@ RAW = Path(__file__).with_name("simulate_raw.json")
 MODES = ("single", "fsdp8")
 WORLD = 8
 SAM_VARIANTS = ("SAM", "ASAM", "GSAM", "LookSAM", "GAM")
+TRACE_PRODUCTS = 9
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,6 +142,57 @@ MODELS: dict[str, tuple[Callable[[], Any], str]] = {
 }
 
 
+# The same shapes with fewer blocks ("llama-7b@2": two of its 32): every simulated figure is affine in
+# the number of identical blocks, so two short runs give the full depth (with_layer_fits).
+LAYERED: dict[str, Callable[[int], Any]] = {
+    "llama-7b": lambda n: llama(4096, n, 32, 32, 11008, 1, 4096),
+    "llama-1b": lambda n: llama(2048, n, 32, 4, 5632, 4, 2048),
+}
+FULL_LAYERS = {"llama-7b": 32, "llama-1b": 22}
+
+
+def with_layer_fits(raw: dict[str, Any]) -> dict[str, Any]:
+    """Fill rows missing at full depth from the ``@1`` and ``@2`` runs: ``v(L) = v1 + (v2 - v1)(L - 1)``
+    for peaks, categories and FLOPs (rows marked ``from_layers``); the directly simulated training step
+    stays, and its layer-fitted twin is added as ``train (fit)`` to show the fit's error."""
+    out = json.loads(json.dumps(raw))
+    for base, depth in FULL_LAYERS.items():
+        for mode in MODES:
+            one, two = out.get(f"{base}@1:{mode}"), out.get(f"{base}@2:{mode}")
+            if not one or not two:
+                continue
+            full = out.setdefault(f"{base}:{mode}", {"model": base, "mode": mode, "world": one["world"], "rows": {}})
+            for k in ("params", "param_bytes"):
+                full[k] = one[k] + (two[k] - one[k]) * (depth - 1)
+            for key, r1 in one["rows"].items():
+                r2 = two["rows"].get(key, {})
+                if "error" in r1 or "error" in r2:
+                    full["rows"].setdefault(key, {"error": (r1.get("error") or r2.get("error")), "from_layers": [1, 2]})
+                    continue
+                if "memory" not in r1 or "memory" not in r2:
+                    continue
+                target = f"{key} (fit)" if key in full["rows"] and "memory" in full["rows"][key] else key
+                if target != key and key != "train":
+                    continue
+                lin = lambda a, b: a + (b - a) * (depth - 1)  # noqa: E731
+                m1, m2 = r1["memory"], r2["memory"]
+                full["rows"][target] = {
+                    "memory": {
+                        "start_bytes": lin(m1["start_bytes"], m2["start_bytes"]),
+                        "peak_bytes": lin(m1["peak_bytes"], m2["peak_bytes"]),
+                        "end_bytes": lin(m1["end_bytes"], m2["end_bytes"]),
+                        "peak_by_category": {c: lin(m1["peak_by_category"][c], m2["peak_by_category"][c])
+                                             for c in m1["peak_by_category"]},
+                        "end_by_category": {c: lin(m1["end_by_category"][c], m2["end_by_category"][c])
+                                            for c in m1["end_by_category"]},
+                    },
+                    "flops": lin(r1["flops"], r2["flops"]),
+                    "from_layers": [1, 2],
+                    **{k: v for k, v in r1.items() if k in ("n_hvp", "micro_batches", "steps")},
+                }
+    return {k: v for k, v in out.items() if "@" not in k}
+
+
 def loss_of(model: nn.Module, batch: Any) -> torch.Tensor:
     if isinstance(batch, dict):
         return model(**batch).loss
@@ -154,13 +208,15 @@ def _error(exc: BaseException) -> str:
     return line[:300]
 
 
-def simulate(name: str, mode: str, rows: set[str] | None = None) -> dict[str, Any]:
+def simulate(name: str, mode: str, rows: set[str] | None = None,
+             on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Every row of one model in one mode; errors are recorded per row."""
     import sharpguard as sg
     from sharpguard.sharpness import HVPOperator, hessian_eigenvalues, hessian_trace
 
     _quiet_transformers()
-    build, _ = MODELS[name]
+    base, _, layers = name.partition("@")
+    build = MODELS[base][0] if not layers else (lambda: LAYERED[base](int(layers)))
     out: dict[str, Any] = {"model": name, "mode": mode, "world": WORLD if mode == "fsdp8" else 1, "rows": {}}
     torch.manual_seed(0)
     with _mesh(mode) as mesh, fake_tensors():
@@ -205,6 +261,8 @@ def simulate(name: str, mode: str, rows: set[str] | None = None) -> dict[str, An
                 result = {"error": _error(exc), "trace": traceback.format_exc(limit=-3)}
             result["seconds"] = time.perf_counter() - start
             out["rows"][key] = result
+            if on_row is not None:
+                on_row(out)
             print(f"  {name}/{mode}/{key}: {_short(result)}", flush=True)
 
         row("train", train, [opt])
@@ -277,7 +335,7 @@ def simulate(name: str, mode: str, rows: set[str] | None = None) -> dict[str, An
 
         def hvp(cached: bool) -> Callable[[], Any]:
             def run() -> None:
-                with HVPOperator(model, batch, hvp="autograd", check_determinism=False, cache_graph=cached) as op:
+                with HVPOperator(model, batch, hvp="auto", check_determinism=False, cache_graph=cached) as op:
                     v = torch.randn(op.size, dtype=op.dtype)
                     op.matvec(v)
                     if cached:
@@ -296,7 +354,10 @@ def simulate(name: str, mode: str, rows: set[str] | None = None) -> dict[str, An
             return monitor.measure(model, opt)
 
         row("check:monitor", monitor_check, [opt], lambda m: {"n_hvp": _n_hvp(m)})
-        row("check:trace", lambda: hessian_trace(model, batch), [opt], lambda r: {"n_hvp": int(r.n_hvp)})
+        # Hutch++ with 9 products (3 sketch vectors), not the default 60 (20 sketch vectors, 20 x 3 passes
+        # of simulation per check); the sketch adds one parameter-sized vector per 3 products.
+        row("check:trace", lambda: hessian_trace(model, batch, n_hvp=TRACE_PRODUCTS), [opt],
+            lambda r: {"n_hvp": int(r.n_hvp)})
         if not isinstance(batch, dict):
             def robustness_check() -> Any:
                 from sharpguard.monitor import RobustnessMonitor
@@ -311,7 +372,7 @@ def _first_cached(model: nn.Module, batch: Any) -> Callable[[], Any]:
     from sharpguard.sharpness import HVPOperator
 
     def run() -> None:
-        with HVPOperator(model, batch, hvp="autograd", check_determinism=False, cache_graph=True) as op:
+        with HVPOperator(model, batch, hvp="auto", check_determinism=False, cache_graph=True) as op:
             op.matvec(torch.randn(op.size, dtype=op.dtype))
     return run
 
@@ -402,6 +463,7 @@ def targets(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def table(raw: dict[str, Any]) -> str:
+    raw = with_layer_fits(raw)
     lines = [
         f"Machine: {machine()}. Simulated with `FakeTensorMode` (nothing allocated): live tensor bytes by "
         "`MemTracker` (single device) / `FSDPMemTracker` (FSDP2, fake process group of 8 ranks, per rank), "
@@ -452,8 +514,9 @@ def table(raw: dict[str, Any]) -> str:
                 over = extra - entry["param_bytes"]
                 if key.startswith(("sam:", "peer:")) and 0 < over < 1024:
                     pcol += f" ({over} bytes over the parameter bytes)"
+                label = key + (" (from 1- and 2-block runs)" if r.get("from_layers") and "(fit)" not in key else "")
                 lines.append(
-                    f"| {key} | {m['peak_bytes'] / GIB:.2f} GiB | {_ratio(m['peak_bytes'], t['peak_bytes'])} | "
+                    f"| {label} | {m['peak_bytes'] / GIB:.2f} GiB | {_ratio(m['peak_bytes'], t['peak_bytes'])} | "
                     f"{_split(m)} | {(m['peak_bytes'] - t['peak_bytes']) / entry['param_bytes']:+.2f} | "
                     f"{_ratio(r['flops'] / r.get('steps', 1), train['flops'])} | {r.get('n_hvp', '') or ''} | {tcol} | {pcol} |"
                 )
@@ -476,6 +539,7 @@ SHAPES = {
 
 def cost_model_table(raw: dict[str, Any]) -> str:
     """``sharpguard.sharpness.cost`` predictions against the simulated figures (relative error)."""
+    raw = with_layer_fits(raw)
     from sharpguard.sharpness.cost import (
         HVP_FLOPS,
         HVP_FLOPS_CACHED,
@@ -506,7 +570,10 @@ def cost_model_table(raw: dict[str, Any]) -> str:
             for key, r in rows.items():
                 if key in ("sam:SAM", "sam:ASAM", "sam:GSAM") and "memory" in r:
                     sam = estimate_sam_cost(int(p_local), step_seconds=1.0)
-                    add(label, f"{key}: extra peak over the step", sam.extra_bytes, r["memory"]["peak_bytes"] - t["peak_bytes"], "GiB")
+                    extra = r["memory"]["peak_bytes"] - t["peak_bytes"]
+                    lines.append(f"| {label} | {key}: extra peak over the step (the model's bound: the weight copy) | "
+                                 f"<= {sam.extra_bytes / GIB:.3f} GiB | {extra / GIB:.6f} GiB | "
+                                 f"{'within the bound' if extra <= sam.extra_bytes else 'ABOVE the bound'} |")
                     add(label, f"{key}: FLOPs / step", sam.flops_over_step, r["flops"] / rows["train"]["flops"])
             fb = rows.get("fwd_bwd", {}).get("flops")
             if fb:
@@ -534,6 +601,7 @@ def cost_model_table(raw: dict[str, Any]) -> str:
 
 def summary_table(raw: dict[str, Any]) -> str:
     """One line per model and mode: what docs/cost_model.md and the README quote."""
+    raw = with_layer_fits(raw)
     lines = [
         "| model | mode | params | train step peak | SAM extra peak / param bytes | SAM FLOPs / step | exact product FLOPs / fwd+bwd (cached 2nd) | lambda_max check peak / step peak (function defaults; monitor) | trace check peak / step peak |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -553,7 +621,7 @@ def summary_table(raw: dict[str, Any]) -> str:
                 if r is None:
                     return "not run"
                 if "memory" not in r:
-                    return "error"
+                    return _failure(r)
                 return f"{r['memory']['peak_bytes'] / t['memory']['peak_bytes']:.2f}x"
 
             hvp = "not run"
@@ -567,10 +635,17 @@ def summary_table(raw: dict[str, Any]) -> str:
                 f"| {name} | {'single device' if mode == 'single' else 'FSDP2 x8, per rank'} | {entry['params'] / 1e6:.0f}M | "
                 f"{t['memory']['peak_bytes'] / GIB:.1f} GiB | "
                 + (f"{(sam['memory']['peak_bytes'] - t['memory']['peak_bytes']) / entry['param_bytes']:.4f} | "
-                   f"{sam['flops'] / t['flops']:.3f} | " if "memory" in sam else "error | error | ")
+                   f"{sam['flops'] / t['flops']:.3f} | " if "memory" in sam else f"{_failure(sam)} | | ")
                 + f"{hvp} | {peak('check:lambda_max')}; {peak('check:monitor')} | {peak('check:trace')} |"
             )
     return "\n".join(lines)
+
+
+def _failure(row: dict[str, Any]) -> str:
+    err = row.get("error", "")
+    if err.startswith("not completed"):
+        return "not completed in time"
+    return f"fails: `{err.split(':')[0]}`" if err else "not run"
 
 
 def _split(mem: dict[str, Any]) -> str:
@@ -779,13 +854,16 @@ def main() -> None:
         for item in todo:
             name, mode = item.split(":")
             print(f"{name} ({mode})", flush=True)
-            entry = simulate(name, mode, wanted)
-            if wanted is not None and item in raw:
-                raw[item]["rows"].update(entry["rows"])
-            else:
-                raw[item] = entry
-            raw[item]["machine"] = machine()
-            RAW.write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
+            old_rows = dict(raw.get(item, {}).get("rows", {})) if wanted is not None else {}
+
+            def save(entry: dict[str, Any], item: str = item, old_rows: dict[str, Any] = old_rows) -> None:
+                # after every row: a long run killed part-way keeps what it measured
+                current = json.loads(RAW.read_text()) if RAW.exists() else {}
+                current[item] = {**entry, "rows": {**old_rows, **entry["rows"]}, "machine": machine()}
+                RAW.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+                raw.update(current)
+
+            save(simulate(name, mode, wanted, on_row=save))
     write_section("Simulated production scale", table(raw))
 
 

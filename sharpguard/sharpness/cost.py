@@ -6,7 +6,9 @@ budget before it runs one. The model, fitted on the sizes of ``benchmarks/scale.
 
 * a **training step** holds its activations ``A`` plus ``(1 + s) P b`` bytes of gradients and optimizer
   state (``P`` parameters of ``b`` bytes, ``s`` state vectors: 2 for Adam, 1 for SGD with momentum);
-* a **SAM step** adds one weight copy, ``P b`` bytes live between steps, and costs two steps' time
+* a **SAM step** adds at most one weight copy, ``P b`` bytes, during the step (the default
+  ``nonfinite="skip"`` keeps nothing between steps; simulated, the copy does not raise the step's peak,
+  being taken after the first pass's activations are freed), and costs two steps' time and FLOPs
   (Foret et al., ICLR 2021, Alg. 1: two forward/backward passes per update);
 * a **lambda_max check** with ``n`` Hessian-vector products holds ``c_A A`` of graph memory (the
   double-backward graph for ``hvp="autograd"``; one gradient pass at a time for
@@ -181,7 +183,8 @@ def check_flops_per_hvp(hvp: str = "autograd", *, micro_batches: int = 1, probe_
 
 @rules.checked()
 def estimate_sam_cost(n_params: int, *, step_seconds: float, dtype_bytes: int = 4) -> SamCost:
-    """A SAM step: one weight copy (``P b`` bytes, kept between steps) and two forward/backward passes."""
+    """A SAM step: at most one weight copy (``P b`` bytes, an upper bound of its extra peak) and two
+    forward/backward passes (time and FLOPs)."""
     p = _positive("n_params", n_params)
     s = _positive("step_seconds", step_seconds)
     return SamCost(extra_bytes=p * _positive("dtype_bytes", dtype_bytes), seconds=2.0 * s, seconds_over_step=2.0)
