@@ -122,9 +122,11 @@ def llama(width: int, layers: int, heads: int, kv_heads: int, mlp: int, rows: in
 
 def vit_86m() -> tuple[nn.Module, list[nn.Module], Callable[[], Any]]:
     from transformers import ViTConfig, ViTForImageClassification
+    from transformers.initialization import no_init_weights
 
     config = ViTConfig(num_labels=1000, attn_implementation="sdpa")
-    model = Logits(ViTForImageClassification(config))
+    with no_init_weights():  # nn.init.trunc_normal_ reads a value, which fake tensors do not have
+        model = Logits(ViTForImageClassification(config))
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
         return torch.rand(64, 3, 224, 224), torch.randint(0, 1000, (64,))
@@ -212,6 +214,7 @@ def simulate(name: str, mode: str, rows: set[str] | None = None,
              on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Every row of one model in one mode; errors are recorded per row."""
     import sharpguard as sg
+    from sharpguard.optim import SAMConfig, SAMEngine
     from sharpguard.sharpness import HVPOperator, hessian_eigenvalues, hessian_trace
 
     _quiet_transformers()
@@ -269,16 +272,29 @@ def simulate(name: str, mode: str, rows: set[str] | None = None,
         row("fwd_bwd", fwd_bwd, [opt])
         for variant in SAM_VARIANTS:
             def sam_row(variant: str = variant) -> None:
-                sam = getattr(sg, variant)(model.parameters(), torch.optim.AdamW, model=model, lr=1e-4)
-
                 def closure() -> torch.Tensor:
                     loss = loss_of(model, batch)
                     loss.backward()
                     return loss
 
-                def one_step() -> None:
-                    sam.step(closure)
-                    sam.zero_grad(set_to_none=True)
+                if mode == "single":
+                    sam = getattr(sg, variant)(model.parameters(), torch.optim.AdamW, model=model, lr=1e-4)
+
+                    def one_step() -> None:
+                        sam.step(closure)
+                        sam.zero_grad(set_to_none=True)
+                else:
+                    # FSDP2: the sharded engine (each rank's shards, norms all-reduced), as the front ends run it
+                    base = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                    sam = SAMConfig(variant=variant.lower()).build(base, model=model, sharded=True)
+                    engine = SAMEngine(sam, sharded=True)
+
+                    def one_step() -> None:
+                        engine.record(closure)
+                        closure()
+                        engine.finish()
+                        base.step()
+                        base.zero_grad(set_to_none=True)
 
                 # LookSAM perturbs on one step in k: its row is k consecutive steps, reported per step
                 steps = getattr(sam, "k", 1) if variant == "LookSAM" else 1
