@@ -20,6 +20,19 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _transformers_verbosity():
+    """Every test starts at transformers' default verbosity (warnings shown): a module that quiets
+    transformers (set_verbosity_error) must not hide the warnings sharpguard's HF front end sends there
+    from the tests that run after it."""
+    import sys
+
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:
+        hf_logging.set_verbosity_warning()
+    yield
+
+
 @pytest.fixture
 def _fresh_accelerate_state():
     """Accelerate keeps process-wide singletons (AcceleratorState, GradientState); give a test its own.

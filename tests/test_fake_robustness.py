@@ -15,7 +15,6 @@ from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode, is_fake
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.initialization import no_init_weights
-from transformers.utils import logging as hf_logging
 
 from sharpguard.attacks import input_grad_norm, make_generator, pgd, robust_accuracy
 from sharpguard.errors import ConfigurationError
@@ -33,7 +32,6 @@ from sharpguard.sharpness import (
     worst_case_sharpness,
 )
 
-hf_logging.set_verbosity_error()
 CLASSES, SIDE = 10, 16
 
 

@@ -196,8 +196,10 @@ def test_lightning_warns_when_every_n_steps_exceeds_max_steps_and_when_no_check_
 
     pl = __import__(NAMESPACE, fromlist=["Trainer"])
     demos = __import__(f"{NAMESPACE}.demos.boring_classes", fromlist=["BoringModel"])
-    rank_zero = logging.getLogger(f"{NAMESPACE}.utilities.rank_zero")
-    monkeypatch.setattr(rank_zero, "propagate", True)
+    # Lightning's package logger stops propagation when the root logger had no handler at its import (as in a
+    # whole-suite run): open every level of the chain so caplog (on the root logger) sees the rank-zero lines
+    for name in (NAMESPACE, f"{NAMESPACE}.utilities", f"{NAMESPACE}.utilities.rank_zero"):
+        monkeypatch.setattr(logging.getLogger(name), "propagate", True)
     sharp = SharpnessMonitor(measures=("lambda_max",), every_n_steps=50, alerts=None, probe_size=2)
     robust = RobustnessMonitor(measures=("clean_acc",), when="validation", alerts=None, probe_size=2,
                                batch_map=lambda b: (b, torch.zeros(len(b), dtype=torch.long)))

@@ -14,7 +14,6 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode, is_fake
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel
-from transformers.utils import logging as hf_logging
 
 from sharpguard.errors import ConfigurationError
 from sharpguard.monitor import SharpnessMonitor
@@ -27,7 +26,6 @@ from sharpguard.sharpness import (
     spectral_density,
 )
 
-hf_logging.set_verbosity_error()
 VOCAB = 128
 
 
