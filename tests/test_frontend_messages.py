@@ -29,7 +29,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 class _Lines(logging.Handler):
-    """What transformers' own handler would print: records that reach the ``transformers`` logger."""
+    """The sharpguard lines a logger receives (records that reach the logger it is added to)."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -190,28 +190,39 @@ def test_accelerate_warns_when_every_n_steps_exceeds_the_loop_and_when_no_check_
 
 
 # ------------------------------------------------------------------------------------------ Lightning
-def test_lightning_warns_when_every_n_steps_exceeds_max_steps_and_when_no_check_was_made(caplog, monkeypatch):
+def test_lightning_warns_when_every_n_steps_exceeds_max_steps_and_when_no_check_was_made(monkeypatch):
     """On Lightning's own BoringModel: rank-zero warnings at fit start and fit end, info lines between."""
     from sharpguard.integrations.lightning import NAMESPACE, RobustnessMonitor, SharpnessMonitor
 
     pl = __import__(NAMESPACE, fromlist=["Trainer"])
     demos = __import__(f"{NAMESPACE}.demos.boring_classes", fromlist=["BoringModel"])
-    # Lightning's package logger stops propagation when the root logger had no handler at its import (as in a
-    # whole-suite run): open every level of the chain so caplog (on the root logger) sees the rank-zero lines
-    for name in (NAMESPACE, f"{NAMESPACE}.utilities", f"{NAMESPACE}.utilities.rank_zero"):
-        monkeypatch.setattr(logging.getLogger(name), "propagate", True)
+    # rank_zero_info logs to whichever package's rank_zero logger was imported last (lightning_utilities keeps
+    # one module-level `log`: pytorch_lightning's, lightning.pytorch's or lightning_fabric's), whose package
+    # logger may not propagate to the root (Lightning turns propagation off when the root had no handler at its
+    # import): read that logger itself, at INFO, with rank-zero logging on
+    from lightning_utilities.core import rank_zero as rank_zero_module
+
+    lines = _Lines()
+    log = rank_zero_module.log
+    log.addHandler(lines)
+    monkeypatch.setattr(log, "level", logging.INFO)
+    monkeypatch.setattr(logging.root.manager, "disable", logging.NOTSET)
+    monkeypatch.setattr(rank_zero_module.rank_zero_only, "rank", 0, raising=False)
     sharp = SharpnessMonitor(measures=("lambda_max",), every_n_steps=50, alerts=None, probe_size=2)
     robust = RobustnessMonitor(measures=("clean_acc",), when="validation", alerts=None, probe_size=2,
                                batch_map=lambda b: (b, torch.zeros(len(b), dtype=torch.long)))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, limit_val_batches=2, val_check_interval=2, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          callbacks=[sharp, robust])
-    with caplog.at_level(logging.INFO), pytest.warns(UserWarning) as warned:
-        trainer.fit(demos.BoringModel())
+    try:
+        with pytest.warns(UserWarning) as warned:
+            trainer.fit(demos.BoringModel())
+    finally:
+        log.removeHandler(lines)
     messages = [str(w.message) for w in warned]
     assert any("every_n_steps=50 exceeds this run's 4 optimizer steps (max_steps=4)" in m for m in messages)
     assert any("SharpnessMonitor made no check" in m and "every_n_steps=50 is more than the 4" in m for m in messages)
-    text = caplog.text
+    text = "\n".join(lines.at(logging.INFO))
     assert "RobustnessMonitor measures clean_acc" in text and "at validation ends (not on the step schedule" in text
     assert "RobustnessMonitor made 2 checks; first check at step 2" in text and "checks ran at validation ends" in text
 
