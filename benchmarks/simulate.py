@@ -822,6 +822,9 @@ def validation_table(sim: dict[str, Any]) -> str:
     for name, res in sim.items():
         rec = measured[name]
         m = rec["mem"]
+        # scale.py's re-measured models name the whole-batch check `check_whole` and the default (micro-batched)
+        # one `check`; the older rows call them `check` and `check_mb`
+        whole, micro = (m["check_whole"], m["check"]) if "check_whole" in m else (m["check"], m["check_mb"])
         pb = 4 * res["params"]
         tm = m["train"]["extra_mib"] * MIB
         ts = res.get("train", {}).get("extra_bytes")
@@ -836,8 +839,8 @@ def validation_table(sim: dict[str, Any]) -> str:
             f"{(m['sam']['extra_mib'] * MIB - tm) / pb:.2f} | "
             f"{pair(peer, (m['peer_sam']['extra_mib'] * MIB - tm) / pb)} | "
             f"{pair(None if ts is None else ratio(res, 'hvp', ts), m['hvp']['extra_mib'] * MIB / tm)} | "
-            f"{pair(None if ts is None else ratio(res, 'check', ts), m['check']['extra_mib'] * MIB / tm)} | "
-            f"{pair(None if ts is None else ratio(res, 'check_mb', ts), m['check_mb']['extra_mib'] * MIB / tm)} | "
+            f"{pair(None if ts is None else ratio(res, 'check', ts), whole['extra_mib'] * MIB / tm)} | "
+            f"{pair(None if ts is None else ratio(res, 'check_mb', ts), micro['extra_mib'] * MIB / tm)} | "
             f"{pair(None if not (fb and ref) else ref / fb, rec['time']['hvp'] / rec['time']['fwd_bwd'])} |"
         )
     errors = sorted({f"{k}: {v['error']}" for res in sim.values() for k, v in res.items()
