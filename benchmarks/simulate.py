@@ -279,6 +279,7 @@ def simulate(name: str, mode: str, rows: set[str] | None = None,
 
                 if mode == "single":
                     sam = getattr(sg, variant)(model.parameters(), torch.optim.AdamW, model=model, lr=1e-4)
+                    tracked = [sam]
 
                     def one_step() -> None:
                         sam.step(closure)
@@ -288,6 +289,7 @@ def simulate(name: str, mode: str, rows: set[str] | None = None,
                     base = torch.optim.AdamW(model.parameters(), lr=1e-4)
                     sam = SAMConfig(variant=variant.lower()).build(base, model=model, sharded=True)
                     engine = SAMEngine(sam, sharded=True)
+                    tracked = [base]  # the tracker reads a torch optimizer's state; the sharded SAM keeps its own
 
                     def one_step() -> None:
                         engine.record(closure)
@@ -309,7 +311,7 @@ def simulate(name: str, mode: str, rows: set[str] | None = None,
                     out["rows"][f"sam:{variant}"] = {"error": _error(exc), "trace": traceback.format_exc(limit=-3)}
                     print(f"  {name}/{mode}/sam:{variant}: {_error(exc)}", flush=True)
                     return
-                row(f"sam:{variant}", step, [sam], lambda _: {"steps": steps})
+                row(f"sam:{variant}", step, tracked, lambda _: {"steps": steps})
 
             if rows is None or "sam" in rows or f"sam:{variant}" in rows:
                 sam_row()
