@@ -19,6 +19,32 @@ from .errors import ConfigurationError, NonFiniteLossError
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
+def apply_to_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor in it, nested at any depth (the role of Lightning's
+    ``apply_to_collection``): the one walker over user batches.
+
+    Mappings come back as plain dicts (what ``model(**batch)`` and a ``loss_fn`` need of a mapping), namedtuples
+    as the same namedtuple, tuples and lists as tuples and lists; anything else is returned as it is.
+    """
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {k: apply_to_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        items = [apply_to_tensors(v, fn) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else tuple(items)
+    if isinstance(batch, list):
+        return [apply_to_tensors(v, fn) for v in batch]
+    return batch
+
+
+def tensors_in(batch: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) batch, in the order :func:`apply_to_tensors` visits them."""
+    found: list[torch.Tensor] = []
+    apply_to_tensors(batch, found.append)
+    return found
+
+
 def logits_of(output: Any) -> torch.Tensor:
     """The logits in a model's output: a tensor, a Hugging Face ``ModelOutput`` or a tuple."""
     if isinstance(output, torch.Tensor):
