@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -130,22 +130,17 @@ def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-_REPLAY_FLAG = "_sharpguard_sam_replay"
-
-
 @contextlib.contextmanager
 def _sam_replay(pl_module: Any):
-    """While a training_step is replayed at ``w + e``: ``self.log``/``self.log_dict`` are no-ops, and
-    :meth:`AdversarialTrainingMixin.adversarial_loss` reuses the adversaries of the clean pass."""
+    """While a training_step is replayed at ``w + e``, ``self.log``/``self.log_dict`` are no-ops (the core's
+    :func:`sharpguard.optim._phase.current_pass` says which pass runs; the mixin reads it there)."""
     pl_module.__dict__["log"] = _noop
     pl_module.__dict__["log_dict"] = _noop
-    pl_module.__dict__[_REPLAY_FLAG] = True
     try:
         yield
     finally:
         pl_module.__dict__.pop("log", None)
         pl_module.__dict__.pop("log_dict", None)
-        pl_module.__dict__.pop(_REPLAY_FLAG, None)
 
 
 def _grads(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[Tensor]]:
@@ -153,33 +148,29 @@ def _grads(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[Tensor]
     return params, [p.grad for p in params]
 
 
-def _all_finite(tensors: Sequence[Tensor]) -> bool:
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+def _unscale(grads: list[Tensor], scaler: Any) -> None:
+    """Divide gradients by the GradScaler's scale in place (what Lightning's ``16-mixed`` did to the clean ones)."""
+    if scaler is not None and grads:
+        # the scale as a device tensor through the public scale(): get_scale() would sync with the host
+        scale = scaler.scale(torch.ones((), dtype=torch.float32, device=grads[0].device))
+        torch._foreach_div_(grads, scale)
 
 
-class _GradientReplay(Callback):
-    """Shared plumbing: record the micro-batches of the accumulation window, optionally run the clean
-    pass of the stepping micro-batch without DDP gradient sync, and replace the gradient in
-    ``on_before_optimizer_step``."""
+class _SyncWindowCallback(Callback):
+    """What every gradient-replacing callback needs of Lightning: exactly one optimizer, and a window in which
+    the stepping micro-batch's clean backward runs without DDP gradient sync.
+
+    DDP decides at forward time whether a backward all-reduces, so :meth:`_block_sync` enters the strategy's
+    ``block_backward_sync`` in ``on_train_batch_start`` (before the forward) and :meth:`_release_sync` leaves
+    it after the backward (``on_after_backward``), or at the latest when the batch ends or fails. Whether to
+    block is the subclass's decision (the SAM engine's, for :class:`SharpnessAwareMinimization`).
+    """
 
     _who = "this callback"
 
     def __init__(self) -> None:
         super().__init__()
-        self._buffer: list[tuple[Any, int]] = []
         self._no_sync: contextlib.AbstractContextManager | None = None
-        self.n_steps = 0
-        self.n_fallback = 0
-
-    # the clean pass of the stepping micro-batch: local gradients only (per-worker perturbation)
-    def _block_clean_sync(self) -> bool:
-        return False
-
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit":
-            _refuse_unsupported(trainer, pl_module, self._who)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if len(trainer.optimizers) != 1:
@@ -188,13 +179,10 @@ class _GradientReplay(Callback):
                 "groups in one optimizer in configure_optimizers."
             )
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._buffer.append((batch, batch_idx))
-        if self._block_clean_sync() and _is_parallel(trainer.strategy) and _stepping(trainer):
-            # DDP decides at forward time whether the backward all-reduces: enter no_sync before the
-            # forward, leave it after the backward (on_after_backward)
-            self._no_sync = trainer.strategy.block_backward_sync()
-            self._no_sync.__enter__()
+    def _block_sync(self, trainer: Any) -> None:
+        self._release_sync()
+        self._no_sync = trainer.strategy.block_backward_sync()
+        self._no_sync.__enter__()
 
     def _release_sync(self) -> None:
         if self._no_sync is not None:
@@ -206,22 +194,44 @@ class _GradientReplay(Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._release_sync()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._release_sync()
+
+
+class _GradientReplay(_SyncWindowCallback):
+    """Shared plumbing: record the micro-batches of the accumulation window, optionally run the clean
+    pass of the stepping micro-batch without DDP gradient sync, and replace the gradient in
+    ``on_before_optimizer_step``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffer: list[tuple[Any, int]] = []
+        self.n_steps = 0
+        self.n_fallback = 0
+
+    # the clean pass of the stepping micro-batch: local gradients only (per-worker perturbation)
+    def _block_clean_sync(self) -> bool:
+        return False
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            _refuse_unsupported(trainer, pl_module, self._who)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._buffer.append((batch, batch_idx))
+        if self._block_clean_sync() and _is_parallel(trainer.strategy) and _stepping(trainer):
+            self._block_sync(trainer)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if not _stepping(trainer):
             return
         self._buffer = []  # also after a step that skipped on_before_optimizer_step
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._release_sync()
+        super().on_exception(trainer, pl_module, exception)
         self._buffer = []
 
     def _backward(self, loss: Tensor, scaler: Any) -> None:
         (scaler.scale(loss) if scaler is not None else loss).backward()
-
-    @staticmethod
-    def _unscale(grads: list[Tensor], scaler: Any) -> None:
-        if scaler is not None and grads:
-            # the scale as a device tensor through the public scale(): get_scale() would sync with the host
-            scale = scaler.scale(torch.ones((), dtype=torch.float32, device=grads[0].device))
-            torch._foreach_div_(grads, scale)
-
-

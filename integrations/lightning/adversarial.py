@@ -10,9 +10,10 @@ import torch
 from torch import Tensor
 
 from sharpguard.errors import ConfigurationError
+from sharpguard.optim import _phase
+from sharpguard.optim.functional import all_finite
 
-
-from ._hooks import _REPLAY_FLAG, _GradientReplay, _all_finite, _grads, _is_parallel, _stepping
+from ._hooks import _GradientReplay, _grads, _is_parallel, _stepping, _unscale
 from .sam import SharpnessAwareMinimization
 from sharpguard import _validation as rules
 
@@ -182,10 +183,10 @@ class AdversarialTraining(_GradientReplay):
                 loss = self.method(pl_module, batch)
                 self._backward(loss / accumulate, scaler)
         params, grads = _grads(optimizer)
-        self._unscale(grads, scaler)
+        _unscale(grads, scaler)
         if parallel:
             self._all_reduce_mean(trainer, grads)
-        if scaler is not None and not _all_finite(grads):
+        if scaler is not None and not bool(all_finite(grads)):
             self.n_fallback += 1
             torch._foreach_copy_(grads, clean)
         self.n_steps += 1
@@ -263,7 +264,8 @@ class AdversarialTrainingMixin:
             )
         held: list[tuple[tuple[Tensor, ...], Any]] = self.__dict__.setdefault("_sharpguard_adversaries", [])
         key = _batch_tensors(batch)
-        if self.__dict__.get(_REPLAY_FLAG) and key:
+        now = _phase.current_pass()
+        if now is not None and now.kind == "perturbed" and key:  # SAM's replay of this batch at w + e
             for tensors, adversary in held:
                 if len(tensors) == len(key) and all(a is b for a, b in zip(tensors, key)):
                     return method.objective(self, batch, adversary)

@@ -9,7 +9,7 @@ is unscaled here too). The algorithm, its defaults and its fault policy live in 
 
 from __future__ import annotations
 
-import contextlib
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -21,8 +21,7 @@ from sharpguard.optim.factory import VARIANTS
 from sharpguard.optim.sam import RESUME_POLICIES
 
 from ._hooks import (
-    Callback,
-    _GradientReplay,
+    _SyncWindowCallback,
     _is_parallel,
     _loss_of,
     _refuse_unsupported,
@@ -32,25 +31,37 @@ from ._hooks import (
     _sam_replay,
     _step_args,
     _stepping,
+    _unscale,
 )
 from sharpguard import _validation as rules
 
 __all__ = ["SharpnessAwareMinimization"]
 
 
-class SharpnessAwareMinimization(Callback):
+def _engine_per_worker(variant: str, *, sync_perturbation: bool) -> bool:
+    """:attr:`SAMEngine.per_worker` for a variant before the fit has built it: the engine's own rule, read
+    off the variant class's declaration (``per_worker_safe``) and the setting, with unsharded gradients."""
+    planned = SimpleNamespace(
+        sharded=False,
+        sam=SimpleNamespace(sync_perturbation=sync_perturbation, per_worker_safe=VARIANTS[variant].per_worker_safe),
+    )
+    return bool(SAMEngine.per_worker.fget(planned))
+
+
+class SharpnessAwareMinimization(_SyncWindowCallback):
     """Sharpness-aware minimization (Foret et al., ICLR 2021) for any LightningModule, as one callback.
 
     Args:
         rho: radius of the weight perturbation; ``None`` (default) takes the variant's own default
             (SAM 0.05, ASAM 0.5, Momentum-SAM 0.3); ``0`` reproduces the plain optimizer.
-        variant: ``"sam"``, ``"asam"``, ``"gsam"``, ``"looksam"``, ``"momentum_sam"``, ``"friendly_sam"``
-            (see :class:`sharpguard.optim.SAMConfig`); the variant's knobs go in ``**variant_kwargs``.
+        variant: a name of :data:`sharpguard.optim.VARIANTS` (``"sam"``, ``"asam"``, ``"gsam"`` ..., aliases
+            accepted; see :class:`sharpguard.optim.SAMConfig`); the variant's knobs go in ``**variant_kwargs``.
         adaptive: shorthand for ASAM's scale-invariant perturbation with ``variant="sam"``.
         per_worker: under DDP, compute the perturbation from each worker's local gradient (the SAM paper's
             m-sharpness; saves one all-reduce per step). ``None``: on for ``sam``/``asam``, off for the
-            variants that reuse the clean gradient in the update (``per_worker_safe = False``: GSAM,
-            LookSAM, Friendly-SAM), for which ``per_worker=True`` is refused (the replicas would diverge).
+            variants that reuse the clean gradient in the update (``per_worker_safe = False``, e.g. GSAM),
+            for which ``per_worker=True`` is refused (the replicas would diverge). The rule is the engine's
+            (:attr:`sharpguard.optim.SAMEngine.per_worker`); the property :attr:`per_worker` reads it.
         keep_bn_stats: keep BatchNorm running statistics from the clean pass only (``model=`` of the wrapper).
         nonfinite: ``"skip"`` (default) or ``"fallback"``, the core's policy for non-finite gradients (docs/reliability.md).
         resume: when a checkpoint's SAM settings differ from this callback's: ``"error"`` (default),
@@ -99,8 +110,7 @@ class SharpnessAwareMinimization(Callback):
             knobs["adaptive"] = True
         from sharpguard.optim.factory import canonical_variant
 
-        safe = VARIANTS[canonical_variant(variant)].per_worker_safe
-        if per_worker and not safe:
+        if per_worker and not _engine_per_worker(canonical_variant(variant), sync_perturbation=False):
             raise ConfigurationError(
                 f"per_worker=True is not possible with variant {variant!r}: its update uses the clean gradient, "
                 "which must be all-reduced or the replicas diverge; leave per_worker=None."
@@ -113,12 +123,16 @@ class SharpnessAwareMinimization(Callback):
         self.engine: SAMEngine | None = None
         self._pending_state: dict[str, Any] | None = None
         self._pending_n_steps = 0
-        self._no_sync: contextlib.AbstractContextManager | None = None
 
     # ------------------------------------------------------------------------------ properties
     @property
     def per_worker(self) -> bool:
-        return not self.config.sync_perturbation and VARIANTS[self.config.variant].per_worker_safe
+        """Whether each worker perturbs along its own clean gradient: the engine's rule
+        (:attr:`SAMEngine.per_worker`), asked of the engine once the fit has built it and, before, of the
+        variant and settings it will be built from (taken as unsharded until the strategy is known)."""
+        if self.engine is not None:
+            return self.engine.per_worker
+        return _engine_per_worker(self.config.variant, sync_perturbation=self.config.sync_perturbation)
 
     @property
     def sam(self) -> Any:
@@ -148,11 +162,7 @@ class SharpnessAwareMinimization(Callback):
             _refuse_unsupported(trainer, pl_module, self._who, allow_fsdp=True)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if len(trainer.optimizers) != 1:
-            raise ConfigurationError(
-                f"{self._who} needs exactly one optimizer, found {len(trainer.optimizers)}; put all parameter "
-                "groups in one optimizer in configure_optimizers."
-            )
+        super().on_fit_start(trainer, pl_module)  # exactly one optimizer
         sharded = _sharded(trainer, pl_module)
         sam = self.config.build(trainer.optimizers[0], model=pl_module if self.keep_bn_stats else None, sharded=sharded)
         self.engine = SAMEngine(sam, sharded=sharded)
@@ -177,13 +187,7 @@ class SharpnessAwareMinimization(Callback):
         engine.record(self._replay(trainer, pl_module, batch, batch_idx), pl_module)
         parallel = _is_parallel(trainer.strategy)
         if _stepping(trainer) and engine.clean_pass_unsynced(distributed=parallel):
-            # DDP decides at forward time whether the backward all-reduces: enter no_sync before the
-            # forward, leave it after the backward (on_after_backward)
-            self._no_sync = trainer.strategy.block_backward_sync()
-            self._no_sync.__enter__()
-
-    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
-        self._release_sync()
+            self._block_sync(trainer)  # left after the backward (on_after_backward)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self._release_sync()
@@ -196,21 +200,16 @@ class SharpnessAwareMinimization(Callback):
             engine.finish(no_sync=no_sync, unscale=self._unscaler(scaler))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._release_sync()
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if _stepping(trainer) and self.engine is not None and self.engine.pending:
             self.engine.abandon()  # the optimizer step was skipped: drop the window, w back by copy
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._release_sync()
+        super().on_exception(trainer, pl_module, exception)
         if self.engine is not None and self.engine.pending:
             self.engine.abandon()
 
     # ---------------------------------------------------------------------------- translation
-    def _release_sync(self) -> None:
-        if self._no_sync is not None:
-            ctx, self._no_sync = self._no_sync, None
-            ctx.__exit__(None, None, None)
-
     @staticmethod
     def _replay(trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> Any:
         """One micro-batch at the current weights: ``training_step`` through the strategy, backward."""
@@ -230,7 +229,7 @@ class SharpnessAwareMinimization(Callback):
         """Lightning unscaled the clean gradient before this hook: unscale the replayed one the same way."""
         if scaler is None:
             return None
-        return lambda grads: _GradientReplay._unscale(grads, scaler)
+        return lambda grads: _unscale(grads, scaler)
 
     # -- checkpoint state. Lightning saves the user's optimizer (the base) itself, so a checkpoint loads
     # without sharpguard; the wrapper's own entry (step counter, knobs, variant buffers) lives here.
