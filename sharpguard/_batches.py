@@ -45,6 +45,12 @@ def tensors_in(batch: Any) -> list[torch.Tensor]:
     return found
 
 
+def detach_inference(batch: Any) -> Any:
+    """``batch`` with its inference-mode tensors cloned (autograd cannot save those for backward); other
+    tensors are kept as they are."""
+    return apply_to_tensors(batch, lambda t: t.clone() if t.is_inference() else t)
+
+
 def logits_of(output: Any) -> torch.Tensor:
     """The logits in a model's output: a tensor, a Hugging Face ``ModelOutput`` or a tuple."""
     if isinstance(output, torch.Tensor):
@@ -184,14 +190,8 @@ def as_batches(batches: Any) -> list[Any]:
 
 
 def _first_dim(batch: Any) -> int | None:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else None
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
-    for v in values:
-        n = _first_dim(v)
-        if n is not None:
-            return n
-    return None
+    """The first dimension of the first tensor in ``batch`` that has one (``None`` where none has)."""
+    return next((int(t.shape[0]) for t in tensors_in(batch) if t.dim() > 0), None)
 
 
 def batch_size(batch: Any) -> int:
@@ -227,15 +227,7 @@ def checked_loss(loss: Any, where: str = "loss_fn") -> torch.Tensor:
 
 def move_to(batch: Any, device: torch.device) -> Any:
     """Move every tensor in a (nested) batch to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple):
-        return tuple(move_to(v, device) for v in batch)
-    if isinstance(batch, list):
-        return [move_to(v, device) for v in batch]
-    return batch
+    return apply_to_tensors(batch, lambda t: t.to(device))
 
 
 def split_batch(batch: Any, parts: int) -> list[Any]:
@@ -252,32 +244,15 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
         return [batch]
     bounds = [round(i * n / parts) for i in range(parts + 1)]
 
-    def check(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            if value.dim() > 0 and value.shape[0] != n:
-                raise ConfigurationError(
-                    f"cannot split a probe batch of {n} examples into micro-batches: it holds a tensor of shape "
-                    f"{tuple(value.shape)} whose first dimension is not the batch size; keep every per-example tensor "
-                    "batch-first (targets shaped (batch, ...), not flattened), or pass micro_batches=1."
-                )
-        elif isinstance(value, Mapping):
-            for v in value.values():
-                check(v)
-        elif isinstance(value, (tuple, list)):
-            for v in value:
-                check(v)
+    for tensor in tensors_in(batch):
+        if tensor.dim() > 0 and tensor.shape[0] != n:
+            raise ConfigurationError(
+                f"cannot split a probe batch of {n} examples into micro-batches: it holds a tensor of shape "
+                f"{tuple(tensor.shape)} whose first dimension is not the batch size; keep every per-example tensor "
+                "batch-first (targets shaped (batch, ...), not flattened), or pass micro_batches=1."
+            )
 
-    def take(value: Any, lo: int, hi: int) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value[lo:hi] if value.dim() > 0 else value
-        if isinstance(value, Mapping):  # a plain dict: what model(**batch) and a loss_fn need of a mapping
-            return {k: take(v, lo, hi) for k, v in value.items()}
-        if isinstance(value, tuple):
-            items = [take(v, lo, hi) for v in value]
-            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-        if isinstance(value, list):
-            return [take(v, lo, hi) for v in value]
-        return value
+    def take(lo: int, hi: int) -> Any:
+        return apply_to_tensors(batch, lambda t: t[lo:hi] if t.dim() > 0 else t)
 
-    check(batch)
-    return [take(batch, bounds[i], bounds[i + 1]) for i in range(parts)]
+    return [take(bounds[i], bounds[i + 1]) for i in range(parts)]

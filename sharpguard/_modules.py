@@ -1,4 +1,5 @@
-"""The one place that looks through a model's data-parallel wrapper."""
+"""What the core asks of a model as a whole: the module inside its data-parallel wrapper, and whether its
+parameters are fake (a cost-only run)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,12 @@ def unwrap_data_parallel(model: nn.Module) -> nn.Module:
 def is_data_parallel(model: nn.Module | None) -> bool:
     """Whether ``model`` is a ``DistributedDataParallel`` wrapper (whose gradient sync SAM must steer)."""
     return model is not None and isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def has_fake_tensors(model: nn.Module) -> bool:
+    """Whether the model's parameters are fake (built under ``torch._subclasses.fake_tensor.FakeTensorMode``,
+    FSDP2 shards of fake tensors included): shapes and devices without values, so nothing may be read back
+    to the host. A measure on such a model is a cost-only run."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(is_fake(p) for p in model.parameters())

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .._batches import as_batches, batch_size, move_to
+from .._batches import apply_to_tensors, as_batches, batch_size, move_to, tensors_in
 from .._state import preserve_rng
 from .._validation import positive_int
 from ..errors import ConfigurationError
@@ -32,25 +32,7 @@ __all__ = ["ProbeSet"]
 
 def _take(batch: Any, n: int) -> Any:
     """The first ``n`` examples of a batch, copied and detached (outside inference mode)."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:n].detach().clone() if batch.dim() > 0 else batch.detach().clone()
-    if isinstance(batch, Mapping):
-        return {k: _take(v, n) for k, v in batch.items()}
-    if isinstance(batch, tuple):
-        return tuple(_take(v, n) for v in batch)
-    if isinstance(batch, list):
-        return [_take(v, n) for v in batch]
-    return batch
-
-
-def _tensors(batch: Any) -> list[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        return [batch]
-    if isinstance(batch, Mapping):
-        return [t for v in batch.values() for t in _tensors(v)]
-    if isinstance(batch, (tuple, list)):
-        return [t for v in batch for t in _tensors(v)]
-    return []
+    return apply_to_tensors(batch, lambda t: (t[:n] if t.dim() > 0 else t).detach().clone())
 
 
 class ProbeSet:
@@ -192,7 +174,7 @@ class ProbeSet:
             return self._fingerprint
         h = hashlib.sha1()
         for b in self._batches:
-            for t in _tensors(b):
+            for t in tensors_in(b):
                 h.update(str((tuple(t.shape), str(t.dtype))).encode())
                 if not is_fake(t):
                     h.update(t.detach().cpu().contiguous().view(-1).to(torch.float64).sum().numpy().tobytes())
@@ -201,7 +183,7 @@ class ProbeSet:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for b in self._batches for t in _tensors(b))
+        return sum(t.numel() * t.element_size() for b in self._batches for t in tensors_in(b))
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self, max_bytes: int = 4 << 20) -> dict[str, Any]:
@@ -239,12 +221,5 @@ def batch_size_of(batch: Any) -> int:
 
 
 def _drop(batch: Any, n: int) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[n:] if batch.dim() > 0 else batch
-    if isinstance(batch, Mapping):
-        return {k: _drop(v, n) for k, v in batch.items()}
-    if isinstance(batch, tuple):
-        return tuple(_drop(v, n) for v in batch)
-    if isinstance(batch, list):
-        return [_drop(v, n) for v in batch]
-    return batch
+    """A batch without its first ``n`` examples (views, not copies)."""
+    return apply_to_tensors(batch, lambda t: t[n:] if t.dim() > 0 else t)

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import is_fake
 
+from .._modules import has_fake_tensors
 from .._validation import check_keywords, keywords_of, one_of, positive, positive_int, real
 from ..errors import ConfigurationError
 from .alerts import AlertRule, default_robustness_alerts
@@ -73,7 +73,7 @@ class RobustnessMonitor(Monitor):
         **kwargs: Any,
     ) -> None:
         check_keywords("RobustnessMonitor", kwargs, keywords_of(Monitor.__init__) + keywords_of(RobustnessMonitor.__init__))
-        # every setting is checked before anything is built (issue 12, item 8)
+        # every setting is checked before anything is built
         eps = positive("eps", eps, "; e.g. eps=8/255 for images in [0, 1]")
         alpha = positive("alpha", alpha) if alpha is not None else eps / 4
         steps, restarts = positive_int("steps", steps), positive_int("restarts", restarts)
@@ -234,7 +234,7 @@ class RobustnessMonitor(Monitor):
                     metrics["robustness/adv_input_curvature"] = float(geo.adv_curvature)
                     settings["robustness/adv_input_curvature"] = attack
                 self.progress_done("adversarial geometry", len(want & {"adv_confidence", "adv_input_curvature"}))
-        if any(is_fake(p) for p in model.parameters()):
+        if has_fake_tensors(model):
             # fake tensors (FakeTensorMode): every attack and forward ran, no value was read (NaN metrics)
             settings = {name: {**entry, "cost_only": True} for name, entry in settings.items()}
         return metrics, settings

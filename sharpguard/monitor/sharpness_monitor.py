@@ -121,13 +121,14 @@ class SharpnessMonitor(Monitor):
     ``measure_kwargs={"lambda_max": {"tol": 1e-3, "max_iter": 20}, "trace": {"n_hvp": 30}}``.
 
     ``micro_batches`` (default ``"auto"``): the Hessian-vector products run each probe batch as that many
-    micro-batches, so the double-backward graph (~3x a whole batch's activations) holds one slice at a
+    micro-batches, so the double-backward graph (a multiple of a whole batch's activations,
+    docs/cost_model.md) holds one slice at a
     time. ``"auto"`` (:func:`~sharpguard.sharpness.auto_micro_batches`, also the default of every curvature
     function) measures what a forward of an eighth of the probe saves for backward at the first check and
     splits only as far as a check's memory must stay within a training step's on the same batch (up to 8
     slices); a model whose whole graph fits keeps its cached graph and the fast products (slicing every
-    probe in 8 cost up to 60 training steps per warm check on the client models of
-    benchmarks/monitor_overhead.py, against 14 whole). On an accelerator the Lanczos basis lives in host
+    probe costs a warm check several times the time of whole batches: a product per slice, no cached
+    graph; docs/monitors.md). On an accelerator the Lanczos basis lives in host
     memory (``basis_device="auto"`` of :func:`~sharpguard.sharpness.hessian_eigenvalues`), and so does the
     warm-start vector kept between checks. An integer forces that many (``1``: whole batches,
     graph cached). A probe batch that cannot be split (a per-example tensor that is not batch-first) is

@@ -326,8 +326,8 @@ def _wanted(theta: np.ndarray, k: int, which: Which) -> list[int]:
 
 def default_max_basis(k: int, which: Which) -> int:
     """The default basis cap: ``2 * k + 3`` vectors for the largest eigenvalues (5 for ``k=1``: one
-    model-size vector less than 6 for 7-12% more products from a cold start at ``tol=1e-3`` on the
-    models of benchmarks/scale.py, and a warm-started check rarely fills it), ``4 * wanted + 16`` for the
+    model-size vector less than 6 for a few more products from a cold start, docs/sharpness.md, and a
+    warm-started check rarely fills it), ``4 * wanted + 16`` for the
     smallest or both ends (the negative end converges slowly and restarts cost more there)."""
     if which == "largest":
         return 2 * k + 3

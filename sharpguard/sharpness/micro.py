@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._batches import batch_size, default_loss_fn, split_batch
-from .._batches import as_batches
+from .._batches import as_batches, batch_size, default_loss_fn, detach_inference, split_batch
+from .._modules import has_fake_tensors, unwrap_data_parallel
 from .._state import local_shard, side_effect_free, trainable_parameters
 from ..errors import ConfigurationError
 from .cost import GRAPH_FACTOR
@@ -41,8 +41,8 @@ def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = 
 
     Measures what one forward of an eighth of the largest probe batch saves for backward, scaled to the
     whole batch, ``A`` (a saved-tensor hook, eval mode, inside :func:`sharpguard._state.side_effect_free`;
-    the weights, which autograd saves by reference, are not counted; a whole-batch forward cost the check's
-    first peak up to 1.1x a training step's more RSS on GPT-2 29.4M, glibc keeping its freed heap). A
+    the weights, which autograd saves by reference, are not counted; an eighth, not the whole batch, since
+    glibc keeps the heap a whole-batch forward frees and the check's first peak would rise by it). A
     training step on that batch holds at least ``A`` plus the gradient ``G`` (the parameters' bytes); a check
     on ``s`` slices holds ``GRAPH_FACTOR["autograd"] * A / s`` (the double-backward graph,
     docs/cost_model.md) plus ``V``, the Krylov vectors on the device: :data:`PRODUCT_VECTORS` and the
@@ -51,19 +51,18 @@ def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = 
     :func:`~sharpguard.sharpness.lanczos.resolve_basis_device` decides). The choice is the fewest slices
     with ``GRAPH_FACTOR * A / s + V <= A + G + AUTO_SLACK_BYTES``: the check's peak within the training
     step's, a whole batch (and the cached graph: one double backward a product) where the whole graph
-    fits, at most :data:`AUTO_MAX_MICRO_BATCHES` slices and one example per slice. The rule once split
-    until a slice's graph fit in ``max(P b, 64 MiB)``; that kept 4 slices on a 1.4M GPT-2 of vocabulary 8000
-    (8 x 128 tokens), 2.9x a training step's extra live memory, where 8 slices hold 0.35x. Where the
-    Krylov vectors alone pass the activations and gradient (no split can make the check fit), a slice's
-    graph is held to ``AUTO_SLACK_BYTES``: the most slices for a large graph, none for a tiny one. On an FSDP2 model a rank measures its shard and the weights its forward gathers
-    count as saved tensors (more slices, never fewer). Under ``torch.distributed`` the ranks take the
-    largest choice (``distributed=False``: this rank alone), so sharded products run the same
-    collectives on every rank; on fake tensors (``FakeTensorMode``) nothing is read and the ranks are
-    taken to be alike.
+    fits, at most :data:`AUTO_MAX_MICRO_BATCHES` slices and one example per slice. The bound is the
+    training step's own peak, not a fixed graph size, because a fixed cap ignores what the step already
+    holds (a large vocabulary's logits) and the Krylov vectors. Where the Krylov vectors alone pass the
+    activations and gradient (no split can make the check fit), a slice's graph is held to
+    ``AUTO_SLACK_BYTES``: the most slices for a large graph, none for a tiny one. On an FSDP2 model a rank
+    measures its shard and the weights its forward gathers count as saved tensors (more slices, never
+    fewer). Under ``torch.distributed`` the ranks take the largest choice (``distributed=False``: this
+    rank alone), so sharded products run the same collectives on every rank; on fake tensors
+    (``FakeTensorMode``) nothing is read and the ranks are taken to be alike.
     """
     batches = as_batches(batches)
     from .cost import DEFAULT_MAX_BASIS
-    from .operator import _detach_inference, _unwrap, has_fake_tensors  # here: operator.py imports this module
 
     params = [local_shard(p) for p in trainable_parameters(model)]  # an FSDP2 rank holds (and measures) its shard
     vector_bytes = sum(p.numel() * max(p.element_size(), 4) for p in params)  # Krylov vectors: >= float32
@@ -73,7 +72,7 @@ def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = 
     vectors = (PRODUCT_VECTORS + (DEFAULT_MAX_BASIS + 1 if basis_on_device else 1)) * vector_bytes
     fake = has_fake_tensors(model)
     weights = {_storage_key(local_shard(p), fake) for p in model.parameters()}
-    batch = _detach_inference(max(batches, key=batch_size))
+    batch = detach_inference(max(batches, key=batch_size))
     n = batch_size(batch)
     try:  # measure on the smallest slice the products could use, scaled to the batch (see the docstring)
         part = split_batch(batch, AUTO_MAX_MICRO_BATCHES)[0]
@@ -91,7 +90,7 @@ def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = 
                 seen[key] = storage.nbytes()
             return t
 
-        module = _unwrap(model)  # a DDP wrapper's forward would arm reduction hooks no backward fires
+        module = unwrap_data_parallel(model)  # a DDP wrapper's forward would arm reduction hooks no backward fires
         with side_effect_free(model), torch.inference_mode(False), torch.enable_grad():
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 loss = fn(module, part)

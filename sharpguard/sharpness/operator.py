@@ -20,12 +20,11 @@ backward (pytorch/pytorch#116350) - ``hvp="auto"`` retries under the math attent
     s_v = max(sqrt(sum_i w_i^2 v_i^2) / ||v||, 1e-2),
 
 which needs first-order gradients only (the step balances O(h^2) truncation against O(eps/h) rounding).
-``s_v`` is the typical size of the weights that ``v`` moves: a step relative to the whole ``||w||`` (what
-this used before) moves a direction concentrated on a few small weights - the top Hessian eigenvector of
-a transformer, on its head and LayerNorms - by far more than their own size, and the product along it
-came out 26% low on a 0.7M-parameter BERT (2e-5 with ``s_v``). The factor 4 balances the two errors
-measured in float32: 2e-5 along that eigenvector, 3e-5 for random vectors on the test MLP (1e-4 with 1).
-The method used is reported as :attr:`HVPOperator.method`.
+``s_v`` is the typical size of the weights that ``v`` moves: a step relative to the whole ``||w||`` moves
+a direction concentrated on a few small weights - the top Hessian eigenvector of a transformer, on its
+head and LayerNorms - by far more than their own size, and the product along it comes out far too low.
+The factor 4 balances truncation against rounding in float32, along such eigenvectors and random vectors
+alike (docs/sharpness.md gives the errors). The method used is reported as :attr:`HVPOperator.method`.
 """
 
 from __future__ import annotations
@@ -40,7 +39,8 @@ import torch
 from torch import nn
 
 from .._batches import BatchList, LossFn, as_batches, batch_size, checked_loss, default_loss_fn, split_batch
-from .._batches import check_default_targets
+from .._batches import check_default_targets, detach_inference
+from .._modules import has_fake_tensors, unwrap_data_parallel
 from .._state import side_effect_free, trainable_parameters
 from .._validation import positive_int
 from ..errors import ConfigurationError, SharpGuardError
@@ -61,28 +61,6 @@ class _DoubleBackwardError(RuntimeError):
     """Internal: the second backward pass failed (a kernel without a double-backward formula)."""
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper: its forward would arm gradient hooks that a
-    ``torch.autograd.grad`` call never fires, so we run the inner module and all-reduce ourselves."""
-    ddp = getattr(torch.nn.parallel, "DistributedDataParallel", None)
-    if ddp is not None and isinstance(model, ddp):
-        return model.module
-    return model
-
-
-def _detach_inference(batch: Any) -> Any:
-    """Clone inference-mode tensors so autograd can save them for backward."""
-    if isinstance(batch, torch.Tensor):
-        return batch.clone() if batch.is_inference() else batch
-    if isinstance(batch, dict):
-        return {k: _detach_inference(v) for k, v in batch.items()}
-    if isinstance(batch, tuple):
-        return tuple(_detach_inference(v) for v in batch)
-    if isinstance(batch, list):
-        return [_detach_inference(v) for v in batch]
-    return batch
-
-
 @rules.checked()
 def is_sharded(model: nn.Module) -> bool:
     """Whether any trainable parameter of ``model`` is a ``DTensor`` (FSDP2's ``fully_shard``, tensor parallel)."""
@@ -95,15 +73,6 @@ def is_sharded(model: nn.Module) -> bool:
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def has_fake_tensors(model: nn.Module) -> bool:
-    """Whether the model's parameters are fake (built under ``torch._subclasses.fake_tensor.FakeTensorMode``,
-    FSDP2 shards of fake tensors included): shapes and devices without values, so nothing may be read back
-    to the host. A measure on such a model is a cost-only run (:attr:`ProbeLoss.cost_only`)."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return any(is_fake(p) for p in model.parameters())
 
 
 class ProbeLoss:
@@ -134,12 +103,12 @@ class ProbeLoss:
                 "hessian_eigenvalues, eos_ratio and hessian_trace (and the SharpnessMonitor's lambda_max, eos_ratio "
                 "and trace) support sharded models (finite differences of FSDP's own gradients); the others do not yet."
             )
-        self.batches = [_detach_inference(b) for b in as_batches(batches)]
+        self.batches = [detach_inference(b) for b in as_batches(batches)]
         if loss_fn is None:
             check_default_targets(self.batches)
         self.params = trainable_parameters(model)
         self.model = model
-        self.module = _unwrap(model)
+        self.module = unwrap_data_parallel(model)
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else default_loss_fn
         self.train = bool(train)
         self.distributed = _distributed() if distributed is None else bool(distributed and _distributed())
