@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigurationError
+from ._names import build_method, method_key
 from .base import AdversarialMethod
 from .single_step import FreeAT, GradAlign
 from .text import FGM, R3F, SMART, EmbeddingPGD, FreeLB
@@ -27,14 +28,6 @@ METHODS: dict[str, type[AdversarialMethod]] = {
     "free-at": FreeAT,
     "grad-align": GradAlign,
 }
-_ALIASES = {
-    "pgdat": "pgd-at", "pgd": "pgd-at", "madry": "pgd-at", "at": "pgd-at",
-    "fastat": "fast-at", "fgsm-rs": "fast-at", "fgsmrs": "fast-at", "fgsm-at": "fast-at",
-    "distillation": "defensive-distillation", "defensivedistillation": "defensive-distillation",
-    "embeddingpgd": "embedding-pgd", "pgd-embedding": "embedding-pgd",
-    "free": "free-at", "freeat": "free-at", "free-adversarial-training": "free-at",
-    "fgsm-grad-align": "grad-align",
-}
 
 
 def make_method(name: str, **settings: Any) -> AdversarialMethod:
@@ -42,12 +35,8 @@ def make_method(name: str, **settings: Any) -> AdversarialMethod:
     ``"defensive-distillation"``, ``"fgm"``, ``"embedding-pgd"``, ``"freelb"``, ``"smart"``, ``"r3f"``,
     ``"free-at"``, ``"grad-align"``;
     case, ``_`` and spaces ignored), with the class's keyword settings."""
-    key = str(name).strip().lower().replace("_", "-").replace(" ", "-")
-    key = _ALIASES.get(key, key)
+    key = method_key(name)
     cls = METHODS.get(key)
     if cls is None:
         raise ConfigurationError(f"unknown adversarial method {name!r}; choose one of {sorted(METHODS)}.")
-    try:
-        return cls(**settings)
-    except TypeError as exc:  # an unknown keyword: say which method refused it
-        raise ConfigurationError(f"{key}: {exc}") from None
+    return build_method(key, cls, settings)

@@ -28,6 +28,7 @@ from ..attacks.losses import wide
 from ..attacks.threat import ThreatModel, make_generator
 from ..errors import ConfigurationError, SharpGuardError
 from ..optim.functional import perturbation_scale
+from ._names import build_method, method_key
 from .base import AdversarialMethod, check_positive, image_batch, threat_from
 from .. import _validation as rules
 
@@ -356,9 +357,11 @@ class AWP(AdversarialMethod):
     def __init__(self, base: AdversarialMethod | str = "pgd-at", gamma: float = 1e-2, *, warmup: int = 0, **base_kwargs: Any):
         super().__init__()
         if isinstance(base, str):
-            from .factory import make_method
-
-            base = make_method(base, **base_kwargs)
+            key = method_key(base)
+            bases = {"pgd-at": PGDAT, "trades": TRADES, "mart": MART}
+            if key not in bases:
+                raise ConfigurationError(f"AWP supports pgd-at, trades and mart as base, got {base!r}.")
+            base = build_method(key, bases[key], base_kwargs)
         elif base_kwargs:
             raise ConfigurationError("pass base settings either in the base method or as keywords with a base name, not both.")
         if not isinstance(base, (PGDAT, TRADES, MART)):
