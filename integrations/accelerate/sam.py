@@ -25,6 +25,8 @@ require("accelerate", "accelerate")
 from accelerate.utils import DistributedType  # noqa: E402
 from sharpguard import _validation as rules
 
+from ._precision import say_fp16_ignored
+
 __all__ = ["SAMConfig", "SharpnessAwareMinimization", "check_distributed_type", "sharded_global_norm", "build_engine"]
 
 
@@ -177,8 +179,6 @@ class SharpnessAwareMinimization:
         from accelerate.logging import get_logger
 
         get_logger(__name__).info(f"sharpguard: SAM active -- {self.config.describe()}.", main_process_only=True)
-        from .monitors import say_fp16_ignored
-
         say_fp16_ignored(accelerator)
 
     def finish(self) -> str:
