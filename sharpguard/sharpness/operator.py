@@ -582,8 +582,7 @@ def _without_autocast_wrapper(module: nn.Module, stack: contextlib.ExitStack) ->
     """Measure the float32 function, not bf16/fp16 products: Accelerate's mixed precision (the HF
     Trainer's ``bf16=True``/``fp16=True``) replaces ``module.forward`` by an ``autocast`` wrapper and keeps
     the original as ``module._original_forward``; for the measurement the original is put back (and the
-    wrapper restored on exit). Measured on a small BERT in the Trainer: the wrapped products gave a
-    ``lambda_max`` 0.15% low."""
+    wrapper restored on exit): reduced-precision products bias ``lambda_max`` low (docs/sharpness.md)."""
     wrapped = module.__dict__.get("forward")
     original = getattr(module, "_original_forward", None)
     if wrapped is not None and original is not None and wrapped is not original:
