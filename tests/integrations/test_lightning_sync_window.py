@@ -41,7 +41,8 @@ def _trainer(n_optimizers: int = 1, *, stepping: bool = True) -> SimpleNamespace
                            accumulate_grad_batches=1), net
 
 
-@pytest.mark.parametrize("variant,per_worker,blocks", [("sam", None, True), ("sam", False, False), ("gsam", None, False)])
+@pytest.mark.parametrize("variant,per_worker,blocks",
+                         [("sam", None, True), ("sam", False, False), ("gsam", None, False)])
 def test_sam_blocks_sync_where_the_engine_says_and_releases_after_the_backward(variant, per_worker, blocks):
     callback = SharpnessAwareMinimization(rho=0.05, variant=variant, per_worker=per_worker)
     before = callback.per_worker

@@ -23,8 +23,8 @@ def _squared_error(model: nn.Module, batch: Example) -> torch.Tensor:
 
 def _batches(sizes: list[int], d: int = 5) -> list[Example]:
     g = torch.Generator().manual_seed(3)
-    return [Example(torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64))
-            for n in sizes]
+    return [Example(torch.randn(n, d, generator=g, dtype=torch.float64),
+                    torch.randn(n, generator=g, dtype=torch.float64)) for n in sizes]
 
 
 def test_a_captured_probe_keeps_namedtuples_and_their_values():
