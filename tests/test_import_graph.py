@@ -1,5 +1,6 @@
-"""The import graph of sharpguard (and of its framework adapters, ``integrations``) has no cycles: no module imports, directly or through others, one
-that imports it back -- counting imports inside functions, which only defer a cycle to the first call.
+"""The import graph of sharpguard (and of its framework adapters, ``integrations``) has no cycles: no
+module imports, directly or through others, one that imports it back -- counting imports inside
+functions, which only defer a cycle to the first call.
 
 The graph is read from the source with ``ast`` (nothing is imported): an edge ``a -> b`` for every
 ``import``/``from ... import`` in module ``a`` that names a module ``b`` of the package, relative

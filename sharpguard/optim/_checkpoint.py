@@ -45,7 +45,9 @@ class CheckpointMixin:
         state[STATE_KEY] = self.sharpguard_state_dict()
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any], *, resume: str = "error") -> None:  # type: ignore[override]
+    def load_state_dict(  # type: ignore[override]
+        self, state_dict: dict[str, Any], *, resume: str = "error"
+    ) -> None:
         """Load a state dict from :meth:`state_dict` (or a plain base-optimizer one: counters reset).
 
         Everything is checked before anything changes (variant, step, knobs, every buffer's type,
