@@ -10,6 +10,7 @@ import torch
 from sharpguard.optim import SAM, SAMEngine, unwrap_optimizer
 from sharpguard.optim.engine import current_pass, in_perturbed_pass
 from sharpguard.optim.protocol import SAMStepProtocol
+from sharpguard.optim.sharded import ShardedSAM
 
 A = torch.tensor([[3.0, 0.5, 0.0], [0.5, 2.0, -0.3], [0.0, -0.3, 1.0]], dtype=torch.float64)
 W0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
@@ -121,6 +122,8 @@ def test_unwrap_optimizer_looks_through_any_protocol_object():
     assert unwrap_optimizer(hand) is hand.base_optimizer
     sam = SAM([torch.nn.Parameter(W0.clone())], torch.optim.SGD, lr=LR)
     assert unwrap_optimizer(sam) is sam.base_optimizer
+    sharded = ShardedSAM(torch.optim.SGD([torch.nn.Parameter(W0.clone())], lr=LR), rho=RHO)
+    assert isinstance(sharded, SAMStepProtocol) and unwrap_optimizer(sharded) is sharded.base_optimizer
     plain = torch.optim.SGD([param], lr=LR)
     assert unwrap_optimizer(plain) is plain
     assert not isinstance(plain, SAMStepProtocol)
