@@ -31,8 +31,8 @@ class CheckpointMixin:
     """``state_dict`` / ``load_state_dict`` of :class:`~sharpguard.optim.SAM` (see the module docs).
 
     The host class provides ``base_optimizer``, ``variant``, ``state_buffers``, ``sam_state``,
-    ``_step``, ``_all_params()``, ``_knobs()``, ``knob_defaults()``, ``_configure(**knobs)`` (the
-    validation rule of the knobs), ``_apply_knobs(**knobs)`` and ``_reset_step()``.
+    ``_step``, ``_all_params()``, ``_knobs()``, ``knob_defaults()``, the constructor's validation of
+    the knobs, ``_apply_knobs(**knobs)`` and ``_reset_step()``.
     """
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
