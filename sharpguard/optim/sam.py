@@ -33,6 +33,11 @@ one more call after the backward at each point::
 ``advance()`` returns False at once for every single-point variant (no work, nothing changes).
 When it returns True the variant has kept what it needs of the gradient at the point just
 visited and moved the weights to its next point, always from ``w`` restored by copy.
+
+The protocol is stated once as a structural type (:class:`~sharpguard.optim.protocol.SAMStepProtocol`)
+and driven by the step engine (:mod:`sharpguard.optim.engine`), which :meth:`SAM.step` and every
+adapter use; the fault policy and the checkpoint format live beside this module
+(:mod:`sharpguard.optim._faults`, :mod:`sharpguard.optim._checkpoint`).
 """
 
 from __future__ import annotations
