@@ -6,13 +6,16 @@ examples whose loss rose most. The loss code runs inside the framework's ``train
 user's closure), far from the optimizer, so the step engine says here what it is doing:
 
 * :meth:`SAMEngine.record` (before a micro-batch's clean forward) -> ``Pass("clean", window, k)``;
-* :func:`~sharpguard.optim.sam.perturbed_pass`, around each replay -> ``Pass("perturbed", window, k, point)``;
+* :func:`~sharpguard.optim.engine.perturbed_pass`, around each replay -> ``Pass("perturbed", window, k, point)``;
 * the end of the step (or its abandonment) -> ``None``.
 
 ``window`` numbers the engine's accumulation windows (process-wide, increasing), ``k`` the micro-batch
 within it in the order the clean passes ran (replays run in the same order), ``point`` the perturbed
 point (0 for every variant with one). A plain global, not a ``ContextVar``: the clean forward runs in the
 framework's code after ``record`` has returned, outside any call of ours.
+
+The step engine (:mod:`sharpguard.optim.engine`) is the only writer; everything else reads
+:func:`current_pass` (re-exported there).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def new_window() -> int:
 
 
 def set_pass(value: Pass | None) -> Pass | None:
-    """Set the current pass; returns the previous one (for restoring)."""
+    """Set the current pass; returns the previous one (for restoring). Called by the step engine only."""
     global _current
     previous, _current = _current, value
     return previous

@@ -21,23 +21,30 @@ helper all run the same sequence, and this module is the only place it is writte
 An adapter supplies only what its framework knows: how to run one micro-batch forward/backward
 (the ``replay`` callables), how to suspend gradient sync (``no_sync``), and where the scaler is
 (``unscale``). The algorithm, its defaults and its fault policy stay in :mod:`sharpguard.optim`.
+
+The engine drives any object of the step protocol (:class:`~sharpguard.optim.protocol.SAMStepProtocol`)
+and imports no optimizer class, so :mod:`sharpguard.optim.sam` can build on it. It is the only writer
+of the current pass (:mod:`sharpguard.optim._phase`); loss terms and adapters read it with
+:func:`current_pass`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from .._state import module_attribute_state, restore_module_attributes
+from ..errors import ConfigurationError
 from . import _phase
-from .sam import SAM, perturbed_pass
+from ._phase import Pass, current_pass
+from .protocol import SAMStepProtocol
 from .. import _validation as rules
 
-__all__ = ["SAMEngine", "Replay", "unwrap_optimizer"]
+__all__ = ["SAMEngine", "Replay", "Pass", "current_pass", "in_perturbed_pass", "perturbed_pass", "unwrap_optimizer"]
 
 #: runs one micro-batch's forward and backward at the current weights
 Replay = Callable[[], Any]
@@ -48,13 +55,13 @@ class SAMEngine:
 
     Args:
         sam: the SAM variant (any :class:`~sharpguard.optim.SAM`, or the sharded form) whose
-            ``prepare / perturb / unperturb / cancel`` protocol the engine drives.
+            step protocol (:class:`~sharpguard.optim.protocol.SAMStepProtocol`) the engine drives.
         sharded: the gradients are shards (FSDP): the clean pass must be synchronised (the norm
             of ``g`` needs every shard's reduced gradient), so the perturbation is never per worker.
     """
 
     @rules.checked()
-    def __init__(self, sam: Any, *, sharded: bool = False) -> None:
+    def __init__(self, sam: SAMStepProtocol, *, sharded: bool = False) -> None:
         self.sam = sam
         self.sharded = bool(sharded)
         self._window: list[tuple[Replay, Any]] = []
@@ -185,12 +192,73 @@ class SAMEngine:
         return run
 
 
+def in_perturbed_pass() -> bool:
+    """Whether a replay at a perturbed point (``w + e``) is running now: what an adapter needs to
+    tell a replayed ``training_step`` from its clean pass (no logging twice, reuse the clean pass's
+    adversaries)."""
+    now = _phase.current_pass()
+    return now is not None and now.kind == "perturbed"
+
+
+def perturbed_pass(
+    sam: SAMStepProtocol,
+    replays: Sequence[Callable[[], Any]],
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    *,
+    window: int = 0,
+    unscale: Callable[[list[torch.Tensor]], None] | None = None,
+) -> bool:
+    """The perturbed half of a step whose passes a framework adapter runs (adapter protocol).
+
+    After the clean backward: ``sam.perturb()``; if it moved the weights, release the gradients
+    (set to ``None``, as ``zero_grad()`` does: the variant copied what it needs from the clean
+    gradient, and the perturbed backward allocates them as the activations are freed, so the pass
+    peaks where a plain step does) and call every replay -- each runs one micro-batch's forward and
+    backward at ``w + e`` -- all but the last under ``no_sync()``, so that only the last backward
+    all-reduces the accumulated SAM gradient. Then ``sam.advance()``: while the variant has another
+    point (GAM), the gradients are released again and every replay runs again at that point, under
+    the same ``no_sync`` rule. ``unscale`` (frameworks that unscaled the clean gradient already)
+    divides each point's replayed gradients by the loss scale before the variant reads them. If a
+    replay raises, ``sam.cancel()`` restores the weights by copy before the exception propagates.
+    Returns whether a perturbed pass ran; the caller finishes the step with ``sam.unperturb()`` (or
+    ``sam.cancel()`` to drop it). Each replay runs as ``Pass("perturbed", window, k, point)``
+    (:mod:`sharpguard.optim._phase`).
+    """
+    try:
+        if not sam.perturb():
+            return False
+        advance = getattr(sam, "advance", None)  # a protocol object without it has one point
+        last = len(replays) - 1
+        point = 0
+        while True:
+            for group in sam.base_optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            for k, replay in enumerate(replays):
+                with no_sync() if no_sync is not None and k < last else contextlib.nullcontext():
+                    previous = _phase.set_pass(_phase.Pass("perturbed", window, k, point))
+                    try:
+                        replay()
+                    finally:
+                        _phase.set_pass(previous)
+            if unscale is not None:
+                unscale([p.grad for p in sam._pass_params if p.grad is not None])
+            if advance is None or not advance():
+                break
+            point += 1
+    except BaseException:
+        sam.cancel()
+        raise
+    return True
+
+
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The ``torch.optim.Optimizer`` inside framework wrappers, found by their public attributes:
     Accelerate's ``AcceleratedOptimizer.optimizer`` (itself an ``Optimizer`` subclass), Lightning's
-    ``LightningOptimizer._optimizer``, a SAM wrapper's ``base_optimizer``. The one place that unwraps."""
+    ``LightningOptimizer._optimizer``, a SAM wrapper's ``base_optimizer`` (any object of the step
+    protocol). The one place that unwraps."""
     for _ in range(8):
-        if isinstance(optimizer, SAM):
+        if isinstance(optimizer, SAMStepProtocol):
             optimizer = optimizer.base_optimizer
             continue
         inner = getattr(optimizer, "optimizer", None)
@@ -202,8 +270,6 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
         if isinstance(optimizer, torch.optim.Optimizer):
             return optimizer
         break
-    from ..errors import ConfigurationError
-
     raise ConfigurationError(
         f"cannot find the torch.optim.Optimizer inside {type(optimizer).__name__}; pass the optimizer itself."
     )

@@ -33,49 +33,38 @@ one more call after the backward at each point::
 ``advance()`` returns False at once for every single-point variant (no work, nothing changes).
 When it returns True the variant has kept what it needs of the gradient at the point just
 visited and moved the weights to its next point, always from ``w`` restored by copy.
+
+The protocol is stated once as a structural type (:class:`~sharpguard.optim.protocol.SAMStepProtocol`)
+and driven by the step engine (:mod:`sharpguard.optim.engine`), which :meth:`SAM.step` and every
+adapter use; the fault policy and the checkpoint format live beside this module
+(:mod:`sharpguard.optim._faults`, :mod:`sharpguard.optim._checkpoint`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import functools
 import inspect
-import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.optim import Optimizer
 
+from .._modules import is_data_parallel, unwrap_data_parallel
 from .._validation import check_keywords, keywords_of
 from ..errors import ConfigurationError
-from . import _phase
 from . import functional as F
+from ._checkpoint import RESUME_POLICIES, STATE_KEY, CheckpointMixin  # noqa: F401 (importable from here)
+from ._faults import NONFINITE_POLICIES, NonfinitePolicyMixin, SAMFallbackWarning
+from .engine import SAMEngine, perturbed_pass
 from .. import _validation as rules
 
 __all__ = ["SAM", "ASAM", "Closure", "perturbed_pass", "NONFINITE_POLICIES", "SAMFallbackWarning"]
 
 Closure = Callable[[], Any]
-
-#: Key of sharpguard's own entry in a state dict; the rest is exactly the base optimizer's.
-STATE_KEY = "sharpguard"
-
-#: what a step does when the clean or the perturbed gradient (or loss) is not finite; see
-#: :meth:`SAM.unperturb` and docs/reliability.md
-NONFINITE_POLICIES = ("skip", "fallback")
-
-#: how :meth:`SAM.load_sharpguard_state_dict` treats knobs that differ from the checkpoint's
-RESUME_POLICIES = ("error", "checkpoint", "current")
-
-
-class SAMFallbackWarning(UserWarning):
-    """A SAM step met a non-finite gradient and skipped the update or fell back (said once per kind and
-    optimizer)."""
-
 
 from .._validation import in_unit_interval as _in_unit_interval  # noqa: F401 (re-exported to variants)
 from .._validation import non_negative as _non_negative
@@ -162,61 +151,6 @@ def _running_stat_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return slots
 
 
-def _is_ddp(model: nn.Module | None) -> bool:
-    return model is not None and isinstance(model, torch.nn.parallel.DistributedDataParallel)
-
-
-def perturbed_pass(
-    sam: Any,
-    replays: Sequence[Callable[[], Any]],
-    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
-    *,
-    window: int = 0,
-    unscale: Callable[[list[torch.Tensor]], None] | None = None,
-) -> bool:
-    """The perturbed half of a step whose passes a framework adapter runs (adapter protocol).
-
-    After the clean backward: ``sam.perturb()``; if it moved the weights, release the gradients
-    (set to ``None``, as ``zero_grad()`` does: the variant copied what it needs from the clean
-    gradient, and the perturbed backward allocates them as the activations are freed, so the pass
-    peaks where a plain step does) and call every replay -- each runs one micro-batch's forward and backward at ``w + e`` -- all
-    but the last under ``no_sync()``, so that only the last backward all-reduces the accumulated
-    SAM gradient. Then ``sam.advance()``: while the variant has another point (GAM), the gradients
-    are released again and every replay runs again at that point, under the same ``no_sync`` rule.
-    ``unscale`` (frameworks that unscaled the clean gradient already) divides each point's replayed
-    gradients by the loss scale before the variant reads them. If a replay raises, ``sam.cancel()``
-    restores the weights by copy before the exception propagates. Returns whether a perturbed pass
-    ran; the caller finishes the step with ``sam.unperturb()`` (or ``sam.cancel()`` to drop it).
-    Each replay runs as ``_phase.Pass("perturbed", window, k, point)`` (:mod:`sharpguard.optim._phase`).
-    """
-    try:
-        if not sam.perturb():
-            return False
-        advance = getattr(sam, "advance", None)  # a protocol object without it has one point
-        last = len(replays) - 1
-        point = 0
-        while True:
-            for group in sam.base_optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
-            for k, replay in enumerate(replays):
-                with no_sync() if no_sync is not None and k < last else contextlib.nullcontext():
-                    previous = _phase.set_pass(_phase.Pass("perturbed", window, k, point))
-                    try:
-                        replay()
-                    finally:
-                        _phase.set_pass(previous)
-            if unscale is not None:
-                unscale([p.grad for p in sam._pass_params if p.grad is not None])
-            if advance is None or not advance():
-                break
-            point += 1
-    except BaseException:
-        sam.cancel()
-        raise
-    return True
-
-
 # --------------------------------------------------------------------------------------------------
 # SAM
 # --------------------------------------------------------------------------------------------------
@@ -224,7 +158,7 @@ def perturbed_pass(
 _CLASSES: dict[str, type] = {}
 
 
-class SAM(Optimizer):
+class SAM(NonfinitePolicyMixin, CheckpointMixin, Optimizer):
     r"""Sharpness-Aware Minimization (Foret et al., ICLR 2021, arXiv:2010.01412) around a base optimizer.
 
     Each step computes the clean gradient :math:`g = \nabla L(w)`, moves to
@@ -387,23 +321,12 @@ class SAM(Optimizer):
         Optimizer.__setstate__(self, {"defaults": base.defaults})
         self.model = model
         self.sync_perturbation = bool(sync_perturbation)
-        self._ddp = model if _is_ddp(model) else None
+        self._ddp = model if is_data_parallel(model) else None
         self._stat_slots = _running_stat_slots(model) if model is not None else []
         self.sam_state: defaultdict[torch.Tensor, dict[str, torch.Tensor]] = defaultdict(dict)
         self._scratch: dict[str, tuple[list[torch.Tensor], list[int], list[torch.Tensor]]] = {}
         self._step = 0
-        # device-side fault counters [non-finite clean gradient, non-finite perturbed gradient],
-        # copied to the host without blocking and read one step later (no host sync in the step)
-        self._faults: torch.Tensor | None = None
-        self._faults_host = torch.zeros(2, dtype=torch.int64)
-        self._faults_warned = [0, 0]
-        # nonfinite="skip": (params, ok) of the last step, read by the base optimizer's step pre-hook
-        self._skip_check: tuple[list[torch.Tensor], torch.Tensor] | None = None
-        self._base_stepping = False  # inside base_optimizer.step() (a closure that runs the SAM step)
-        self._skip_hooks = (
-            base.register_step_pre_hook(self._skip_faulty_step),
-            base.register_step_post_hook(self._base_step_done),
-        )
+        self._attach_fault_policy(base)
         self._reset_step()
 
     # ---------------------------------------------------------------------------- shared structure
@@ -466,11 +389,11 @@ class SAM(Optimizer):
         """Allocate the step's scratch (the weight backup and, where kept, the clean-gradient copy)
         before the clean forward, once; later steps reuse it.
 
-        Allocated in :meth:`perturb` instead - after the clean backward, when the freed activations sit
-        at the top of glibc's heap - these long-lived blocks land above that free space and keep the heap
-        from shrinking, so the perturbed pass's activations grow it again: on a 1.4M-parameter GPT-2 the
-        first SAM step's peak RSS was 126 MiB over a plain step's (pytorch_optimizer's: 24 MiB), against
-        the 11 MiB the two buffers need. The engine calls this before :meth:`prepare`.
+        Why before the forward: allocated in :meth:`perturb` instead -- after the clean backward, when
+        the freed activations sit at the top of the allocator's heap -- these long-lived blocks land
+        above that free space and keep the heap from shrinking, so the perturbed pass's activations
+        grow it again and the step's peak rises by far more than the two buffers. The engine calls
+        this before :meth:`prepare`.
         """
         if not self.needs_second_pass():
             return
@@ -556,103 +479,6 @@ class SAM(Optimizer):
         self._reset_step()
         self._step += 1
 
-    def _apply_nonfinite_policy(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        """Never more non-finite values than the base optimizer would get (docs/reliability.md).
-
-        ``ok`` = clean and final gradients both finite. When it is not: under ``"skip"`` every
-        gradient is set to ``None`` (the base optimizer skips the update) where the flag is free to
-        read (CPU), and zeroed on the device otherwise (:func:`.functional.zero_where_`, no host sync,
-        no temporary); under ``"fallback"`` the final gradient becomes the kept clean one. The check
-        is one fused pass over the gradients (:func:`.functional.all_finite`).
-        """
-        groups = self.__dict__.get("_pass_groups")
-        clean_ok = self._clean_ok
-        final_ok = F.all_finite(grads, groups=groups) & clean_ok
-        if self._points_ok is not None:  # a multi-point variant: the gradients at its earlier points
-            final_ok = final_ok & self._points_ok
-        if self.nonfinite == "fallback":
-            if F.host_readable(final_ok):
-                if not bool(final_ok):
-                    torch._foreach_copy_(grads, self._buffers("clean_grad", params))
-            else:
-                F.select_(grads, self._buffers("clean_grad", params), ~final_ok, groups=groups)
-        else:
-            # decided when the base optimizer steps (_skip_faulty_step): a GradScaler that finds the
-            # non-finite gradient first skips the step and lowers its scale, as without SAM. When the
-            # base step is already running (its closure ran this SAM step: Lightning), decided now.
-            self._skip_check = (params, final_ok)
-            if self._base_stepping:
-                self._skip_faulty_step(self.base_optimizer, (), {})
-        self._count_faults(clean_ok, final_ok)
-
-    def _skip_faulty_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        """Base optimizer step pre-hook of ``nonfinite="skip"``: a faulty step updates nothing.
-
-        Where the flag is free to read (CPU) every gradient of the step is set to ``None``, so the
-        base optimizer leaves weights and state alone; otherwise they are zeroed on the device
-        (:func:`.functional.zero_where_`, no host sync, no temporary).
-        """
-        self._base_stepping = True
-        check, self._skip_check = self._skip_check, None
-        if check is None:
-            return
-        F.skip_step_(*check)
-
-    def _base_step_done(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        self._base_stepping = False
-
-    def _count_faults(self, clean_ok: torch.Tensor, final_ok: torch.Tensor | None) -> None:
-        """Add this step's faults to the device counters (``final_ok=None``: a step with one pass)."""
-        if isinstance(clean_ok, FakeTensor):  # a simulated step: there are no values to count
-            return
-        if F.host_readable(clean_ok):  # host flags: nothing to wait for, no tensor arithmetic needed
-            clean_bad = not bool(clean_ok)
-            perturbed_bad = final_ok is not None and not clean_bad and not bool(final_ok)
-            if clean_bad or perturbed_bad:
-                self._faults_host += torch.tensor([int(clean_bad), int(perturbed_bad)])
-                self._faults = self._faults_host.clone()
-                self._warn_about_faults()
-            return
-        perturbed_bad = torch.zeros_like(clean_ok) if final_ok is None else clean_ok & ~final_ok
-        faults = torch.stack([~clean_ok, perturbed_bad]).to(torch.int64)
-        self._faults = faults if self._faults is None else self._faults + faults
-        if self._faults.is_cuda and not self._faults_host.is_pinned():
-            self._faults_host = self._faults_host.pin_memory()  # a non-blocking copy needs pinned memory
-        self._faults_host.copy_(self._faults, non_blocking=True)
-        self._warn_about_faults()  # on CPU the copy is done; on a GPU it is read when it has landed
-
-    @property
-    def nonfinite_counts(self) -> dict[str, int]:
-        """Steps whose clean gradient was not finite, and steps whose perturbed one was not (skipped, or
-        fell back under ``nonfinite="fallback"``); a host sync."""
-        counts = [0, 0] if self._faults is None else self._faults.tolist()
-        return {"nonfinite_clean": int(counts[0]), "nonfinite_perturbed": int(counts[1])}
-
-    def _warn_about_faults(self) -> None:
-        """Warn once per kind, from the counters copied to the host by an earlier step (no sync)."""
-        if self._faults is None or isinstance(self._faults_host, FakeTensor):
-            return
-        seen = self._faults_host.tolist()
-        what = ("a non-finite clean gradient (or loss)", "a non-finite gradient at w + e")
-        done = ("it did not perturb and gave that gradient to the base optimizer, as without SAM",
-                "it stepped with the clean gradient instead")
-        for kind in (0, 1):
-            if seen[kind] > 0 and not self._faults_warned[kind]:
-                self._faults_warned[kind] = 1
-                action = "it skipped the update" if self.nonfinite == "skip" else done[kind]
-                warnings.warn(
-                    f"{type(self).__name__}: a step met {what[kind]}; {action} (counted in opt.nonfinite_counts; "
-                    "said once). Lower the learning rate or rho if it repeats.",
-                    SAMFallbackWarning,
-                    stacklevel=3,
-                )
-
-    def _warn_once(self, key: str, message: str) -> None:
-        warned = self.__dict__.setdefault("_warned", set())
-        if key not in warned:
-            warned.add(key)
-            warnings.warn(f"{type(self).__name__}: {message}.", SAMFallbackWarning, stacklevel=4)
-
     @staticmethod
     def _refuse_sparse(params: list[torch.Tensor]) -> None:
         if any(p.grad.is_sparse for p in params):
@@ -712,10 +538,8 @@ class SAM(Optimizer):
                 f"{type(self).__name__}.step() needs a closure that computes the loss and calls backward(); "
                 "without one use first_step()/second_step() (or the GradScaler path in docs/optim.md)."
             )
-        from .engine import SAMEngine  # the engine imports this module
-
         engine = SAMEngine(self)
-        model = self.model.module if self._ddp is not None else self.model
+        model = unwrap_data_parallel(self.model) if self.model is not None else None
 
         def replay() -> Any:
             with torch.enable_grad():
@@ -893,134 +717,6 @@ class SAM(Optimizer):
         if self._stats is not None:
             F.restore_(*self._stats)
             self._stats = None
-
-    # ---------------------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The base optimizer's state dict plus ``"sharpguard"``: variant, step, knobs, buffers.
-
-        Buffers are indexed like the base optimizer's state (parameters numbered across groups);
-        the transient ``w`` backup is never saved.
-        """
-        state = self.base_optimizer.state_dict()
-        state[STATE_KEY] = self.sharpguard_state_dict()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any], *, resume: str = "error") -> None:  # type: ignore[override]
-        """Load a state dict from :meth:`state_dict` (or a plain base-optimizer one: counters reset).
-
-        Everything is checked before anything changes (variant, step, knobs, every buffer's type,
-        shape and finiteness); if the base optimizer then refuses its part, its previous state is put
-        back. ``resume`` says what to do when the checkpoint's knobs differ from this optimizer's:
-        ``"error"`` (default) raises naming them, ``"checkpoint"`` takes the checkpoint's,
-        ``"current"`` keeps this optimizer's.
-        """
-        if not isinstance(state_dict, dict):
-            raise ConfigurationError(f"load_state_dict needs the dict from state_dict(), got {type(state_dict).__name__}.")
-        state_dict = dict(state_dict)
-        present = STATE_KEY in state_dict  # absent: a plain base-optimizer state dict (counters reset)
-        ours = state_dict.pop(STATE_KEY, None)
-        checked = self._checked_own_state(ours, resume) if present else None
-        previous = self.base_optimizer.state_dict()
-        try:
-            self.base_optimizer.load_state_dict(state_dict)
-        except Exception:
-            self.base_optimizer.load_state_dict(previous)
-            raise
-        self._load_own(checked)
-
-    def sharpguard_state_dict(self) -> dict[str, Any]:
-        """Only the wrapper's own state (the ``"sharpguard"`` entry of :meth:`state_dict`).
-
-        For frameworks that save the base optimizer themselves (Lightning, the Hugging Face
-        Trainer): store this beside their checkpoint; plain containers and tensors, so it loads
-        with ``torch.load(weights_only=True)``.
-        """
-        index = {p: i for i, p in enumerate(self._all_params())}
-        buffers: dict[str, dict[int, torch.Tensor]] = {}
-        for name in self.state_buffers:
-            buffers[name] = {
-                index[p]: s[name].detach().clone() for p, s in self.sam_state.items() if name in s and p in index
-            }
-        return {"variant": self.variant, "step": self._step, "knobs": self._knobs(), "buffers": buffers}
-
-    def load_sharpguard_state_dict(self, state: dict[str, Any], *, resume: str = "error") -> None:
-        """Load :meth:`sharpguard_state_dict` output, leaving the base optimizer as it is (see
-        :meth:`load_state_dict` for the checks and ``resume``)."""
-        self._load_own(self._checked_own_state(state, resume))
-
-    def _load_own(self, ours: dict[str, Any] | None) -> None:
-        params = self._all_params()
-        self.sam_state.clear()
-        self._reset_step()
-        if ours is None:
-            self._step = 0
-            return
-        self._apply_knobs(**ours["knobs"])
-        self._step = ours["step"]
-        for name, entries in ours["buffers"].items():
-            for i, tensor in entries.items():
-                p = params[i]
-                self.sam_state[p][name] = tensor.detach().to(device=p.device, dtype=p.dtype, copy=True)
-
-    def _checked_own_state(self, ours: Any, resume: str) -> dict[str, Any]:
-        """A validated, normalised copy of a ``"sharpguard"`` entry, or one ConfigurationError."""
-        name = type(self).__name__
-        _one_of("resume", resume, RESUME_POLICIES)
-        bad = f"the {STATE_KEY!r} entry of this state dict is malformed"
-        if not isinstance(ours, dict) or not {"variant", "step", "knobs", "buffers"} <= set(ours):
-            raise ConfigurationError(f"{bad}; save it with {name}.state_dict().")
-        if ours["variant"] != self.variant:
-            raise ConfigurationError(
-                f"this state dict was saved by variant {ours['variant']!r}, not {self.variant!r}; build the same "
-                "variant, or load only the base state with opt.base_optimizer.load_state_dict()."
-            )
-        step = ours["step"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ConfigurationError(f"{bad}: its step must be an integer >= 0, got {step!r}.")
-        knobs = ours["knobs"]
-        if not isinstance(knobs, dict):
-            raise ConfigurationError(f"{bad}: its knobs must be a dict, got {type(knobs).__name__}.")
-        check_keywords(f"{name} (in this checkpoint)", knobs, self.knob_defaults())
-        trial = object.__new__(type(self))  # validate by the constructor's rule without touching self
-        object.__setattr__(trial, "_configuring", True)
-        trial._configure(**knobs)
-        current = self._knobs()
-        saved = {k: getattr(trial, k) for k in current}
-        differ = sorted(k for k in current if saved[k] != current[k])
-        if differ and resume == "error":
-            pairs = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {current[k]!r}" for k in differ)
-            raise ConfigurationError(
-                f"this checkpoint was saved with other {name} settings ({pairs}); build the optimizer with the "
-                "checkpoint's settings, or pass resume='checkpoint' (take them) or resume='current' (keep yours)."
-            )
-        params = self._all_params()
-        buffers = ours["buffers"]
-        if not isinstance(buffers, dict):
-            raise ConfigurationError(f"{bad}: its buffers must be a dict, got {type(buffers).__name__}.")
-        clean: dict[str, dict[int, torch.Tensor]] = {}
-        for buf, entries in buffers.items():
-            if buf not in self.state_buffers or not isinstance(entries, dict):
-                raise ConfigurationError(
-                    f"{bad}: buffer {buf!r} is not one {name} keeps ({', '.join(self.state_buffers) or 'none'})."
-                )
-            clean[buf] = {}
-            for i, tensor in entries.items():
-                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params):
-                    raise ConfigurationError(
-                        f"this state dict holds buffers for parameter {i!r}, but {name} has {len(params)} parameters; "
-                        "build the optimizer over the same parameters before loading."
-                    )
-                p = params[i]
-                if not isinstance(tensor, torch.Tensor) or tensor.shape != p.shape or not tensor.is_floating_point():
-                    got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                    raise ConfigurationError(
-                        f"{bad}: buffer {buf!r} of parameter {i} must be a floating tensor of shape {tuple(p.shape)}, "
-                        f"got {got}."
-                    )
-                if not bool(torch.isfinite(tensor).all()):
-                    raise ConfigurationError(f"{bad}: buffer {buf!r} of parameter {i} holds NaN or inf values.")
-                clean[buf][i] = tensor
-        return {"step": step, "knobs": saved if resume != "current" else current, "buffers": clean}
 
 
 class ASAM(SAM):
