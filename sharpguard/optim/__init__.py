@@ -24,8 +24,5 @@ __all__ = [
 __all__ += ["WSAM", "RWP", "ARWP", "ESAM", "FlatLoRA", "lora_parameters", "MESA"]
 __all__ += ["GAM", "BSAM", "SharpnessDataSelection", "SAF"]
 # a variant module added to optim/variants/ is importable from here too, without an edit
-for _name in _variants.__all__:
-    if _name not in __all__ and _name not in ("lora_layers",):
-        globals()[_name] = getattr(_variants, _name)
-        __all__.append(_name)
-del _name
+__all__ += [name for name in _variants.__all__ if name not in __all__ and name != "lora_layers"]
+globals().update({name: getattr(_variants, name) for name in __all__ if name not in globals()})

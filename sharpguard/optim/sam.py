@@ -200,7 +200,7 @@ def _declare_constructor(cls: type[SAM]) -> None:
     __init__.__signature__ = signature  # type: ignore[attr-defined]
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
     __init__.__module__ = cls.__module__
-    __init__.__doc__ = f"Build {cls.__name__} around a new base optimizer: the knobs are the class's, see its docstring."
+    __init__.__doc__ = f"Build {cls.__name__} around a new base optimizer (its knobs: see the class docstring)."
     __init__._declared_for = cls  # type: ignore[attr-defined]
     cls.__init__ = __init__  # type: ignore[method-assign]
 
@@ -1132,7 +1132,9 @@ class ASAM(SAM):
     variant: ClassVar[str] = "asam"
 
     @classmethod
-    def _configure(cls, *, rho: float = 0.5, eta: float = 0.01, interval: int = 1) -> dict[str, Any]:  # type: ignore[override]
+    def _configure(  # type: ignore[override]
+        cls, *, rho: float = 0.5, eta: float = 0.01, interval: int = 1
+    ) -> dict[str, Any]:
         return {"rho": _rho(rho), "eta": _non_negative("eta", eta), "interval": _positive_int("interval", interval),
                 "adaptive": True}
 

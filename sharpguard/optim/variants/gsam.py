@@ -29,7 +29,9 @@ class GSAM(SAM):
     per_worker_safe: ClassVar[bool] = False
 
     @classmethod
-    def _configure(cls, *, rho: float = 0.05, alpha: float = 0.4, adaptive: bool = False) -> dict[str, Any]:  # type: ignore[override]
+    def _configure(  # type: ignore[override]
+        cls, *, rho: float = 0.05, alpha: float = 0.4, adaptive: bool = False
+    ) -> dict[str, Any]:
         return {"rho": _rho(rho), "alpha": _in_unit_interval("alpha", alpha), "adaptive": bool(adaptive), "interval": 1}
 
     def _after_perturbed_pass(self, params, grads):

@@ -29,7 +29,9 @@ class MomentumSAM(SAM):
     aliases: ClassVar[tuple[str, ...]] = ("msam", "momentumsam")
 
     @classmethod
-    def _configure(cls, *, rho: float = 0.3, momentum_key: str | None = None) -> dict[str, Any]:  # type: ignore[override]
+    def _configure(  # type: ignore[override]
+        cls, *, rho: float = 0.3, momentum_key: str | None = None
+    ) -> dict[str, Any]:
         if momentum_key is not None and not isinstance(momentum_key, str):
             raise ConfigurationError(
                 f"momentum_key must be the name of a per-parameter state entry or None, got {momentum_key!r}."

@@ -51,7 +51,8 @@ class RWP(SAM):
         sigma = _non_negative("sigma", sigma, "; the paper's filter-wise noise scale is about 0.01")
         lmbda, eta = _in_unit_interval("lmbda", lmbda), _non_negative("eta", eta)
         beta, seed = _in_unit_interval("beta", beta), _seed(seed)
-        return {"sigma": sigma, "lmbda": lmbda, "eta": eta, "beta": beta, "seed": seed, "adaptive": False, "interval": 1}
+        return {"sigma": sigma, "lmbda": lmbda, "eta": eta, "beta": beta, "seed": seed,
+                "adaptive": False, "interval": 1}
 
     def _layouts(self, params: list[torch.Tensor]) -> list[tuple[list[int], RowLayout, RowLayout]]:
         """Per device/dtype group: indices, the row layout of the noise and that of ARWP's ``F``."""
