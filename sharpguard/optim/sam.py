@@ -175,11 +175,16 @@ def _declare_constructor(cls: type[SAM]) -> None:
     """Give ``cls`` a constructor whose signature lists its knobs (from ``_configure``) with their defaults.
 
     ``inspect.signature``, ``help()`` and the argument enumeration of the tests read it; the work is
-    :meth:`SAM.__init__`'s, shared by every variant. A class whose body writes its own ``__init__``
-    keeps it.
+    :meth:`SAM.__init__`'s, shared by every variant. A class that writes its own ``__init__`` (or
+    inherits one) keeps it.
     """
-    own = vars(cls).get("__init__")
-    if own is not None and own is not _construct and not getattr(own, "_declared_for", None):
+    if not isinstance(inspect.getattr_static(cls, "_configure"), classmethod):
+        raise TypeError(
+            f"{cls.__qualname__}._configure must be a classmethod that validates the knobs and returns the "
+            "attributes to store (see SAM._configure)."
+        )
+    own = cls.__init__  # the class's own, or the nearest in its bases
+    if own is not _construct and not getattr(own, "_declared_for", None):
         return
     P = inspect.Parameter
     base_default = cls.default_base_optimizer if cls.default_base_optimizer is not None else P.empty
@@ -348,8 +353,8 @@ class SAM(Optimizer):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        registry.register(cls)
         _declare_constructor(cls)
+        registry.register(cls)
 
     def __init__(
         self,
