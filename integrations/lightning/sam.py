@@ -54,14 +54,16 @@ class SharpnessAwareMinimization(_SyncWindowCallback):
     Args:
         rho: radius of the weight perturbation; ``None`` (default) takes the variant's own default
             (SAM 0.05, ASAM 0.5, Momentum-SAM 0.3); ``0`` reproduces the plain optimizer.
-        variant: a name of :data:`sharpguard.optim.VARIANTS` (``"sam"``, ``"asam"``, ``"gsam"`` ..., aliases
-            accepted; see :class:`sharpguard.optim.SAMConfig`); the variant's knobs go in ``**variant_kwargs``.
+        variant: the name of any registered SAM variant (:data:`sharpguard.optim.VARIANTS`: ``"sam"``,
+            ``"asam"``, ``"gsam"``, ``"looksam"``, ..., aliases accepted; see :class:`sharpguard.optim.SAMConfig`);
+            the variant's knobs go in ``**variant_kwargs``.
         adaptive: shorthand for ASAM's scale-invariant perturbation with ``variant="sam"``.
         per_worker: under DDP, compute the perturbation from each worker's local gradient (the SAM paper's
             m-sharpness; saves one all-reduce per step). ``None``: on for ``sam``/``asam``, off for the
-            variants that reuse the clean gradient in the update (``per_worker_safe = False``, e.g. GSAM),
-            for which ``per_worker=True`` is refused (the replicas would diverge). The rule is the engine's
-            (:attr:`sharpguard.optim.SAMEngine.per_worker`); the property :attr:`per_worker` reads it.
+            variants that reuse the clean gradient in the update or their state (``per_worker_safe = False``:
+            GSAM, LookSAM, Friendly-SAM, ...), for which ``per_worker=True`` is refused (the replicas would diverge).
+            The rule is the engine's (:attr:`sharpguard.optim.SAMEngine.per_worker`); the property :attr:`per_worker`
+            reads it.
         keep_bn_stats: keep BatchNorm running statistics from the clean pass only (``model=`` of the wrapper).
         nonfinite: ``"skip"`` (default) or ``"fallback"``, the core's policy for non-finite gradients (docs/reliability.md).
         resume: when a checkpoint's SAM settings differ from this callback's: ``"error"`` (default),

@@ -1,7 +1,7 @@
 """SAM-family optimizer wrappers around one foreach perturbation kernel (:mod:`.functional`).
 
-``SAM`` / ``ASAM`` (:mod:`.sam`), ``GSAM`` / ``LookSAM`` / ``MomentumSAM`` / ``FriendlySAM``
-(:mod:`.variants`), and :func:`make_sam` to build any of them around an existing optimizer.
+``SAM`` / ``ASAM`` (:mod:`.sam`), one module per variant in :mod:`.variants` (each registers its name in
+:mod:`.registry`), and :func:`make_sam` / :class:`SAMConfig` to build any of them by name.
 Usage, the adapter protocol and comparisons with other libraries: ``docs/optim.md``.
 """
 
@@ -9,13 +9,13 @@ from .config import SAMConfig
 from .engine import SAMEngine, unwrap_optimizer
 from .factory import VARIANTS, make_sam
 from .sam import ASAM, SAM
-from .variants import FriendlySAM, GSAM, LookSAM, MomentumSAM
-from .lora import FlatLoRA, lora_parameters
+from . import variants as _variants
+from .variants import (
+    ARWP, BSAM, ESAM, GAM, GSAM, RWP, WSAM, FlatLoRA, FriendlySAM, LookSAM, MomentumSAM, lora_parameters,
+)
 from .mesa import MESA
 from .data_selection import SharpnessDataSelection
 from .saf import SAF
-from .variants_extra import ARWP, ESAM, RWP, WSAM
-from .variants_multi import BSAM, GAM
 
 __all__ = [
     "SAM", "ASAM", "GSAM", "LookSAM", "MomentumSAM", "FriendlySAM", "make_sam", "VARIANTS",
@@ -23,3 +23,6 @@ __all__ = [
 ]
 __all__ += ["WSAM", "RWP", "ARWP", "ESAM", "FlatLoRA", "lora_parameters", "MESA"]
 __all__ += ["GAM", "BSAM", "SharpnessDataSelection", "SAF"]
+# a variant module added to optim/variants/ is importable from here too, without an edit
+__all__ += [name for name in _variants.__all__ if name not in __all__ and name != "lora_layers"]
+globals().update({name: getattr(_variants, name) for name in __all__ if name not in globals()})

@@ -123,11 +123,8 @@ class CheckpointMixin:
         if not isinstance(knobs, dict):
             raise ConfigurationError(f"{bad}: its knobs must be a dict, got {type(knobs).__name__}.")
         check_keywords(f"{name} (in this checkpoint)", knobs, self.knob_defaults())
-        trial = object.__new__(type(self))  # validate by the constructor's rule without touching self
-        object.__setattr__(trial, "_configuring", True)
-        trial._configure(**knobs)
+        saved = type(self).validate_knobs(**knobs)  # by the constructor's rules, without touching self
         current = self._knobs()
-        saved = {k: getattr(trial, k) for k in current}
         differ = sorted(k for k in current if saved[k] != current[k])
         if differ and resume == "error":
             pairs = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {current[k]!r}" for k in differ)

@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from .._validation import check_keywords, one_of
 from .._validation import flag
 from ..errors import ConfigurationError
-from .factory import VARIANTS, canonical_variant
+from .registry import VARIANTS, canonical_variant
 from .sam import NONFINITE_POLICIES, SAM
 from .sharded import ShardedGAM, ShardedGSAM, ShardedLookSAM, ShardedSAM
 
@@ -66,10 +66,7 @@ class SAMConfig:
             suggest_from=[*declared, *RUN_SETTINGS, "per_worker", "keep_bn_stats", "resume", "adaptive"],
         )
         self.knobs = knobs
-        # the variant's own rule, on a throwaway instance: bad values fail now, not at fit
-        trial = object.__new__(cls)
-        object.__setattr__(trial, "_configuring", True)
-        trial._configure(**self.resolved_knobs())
+        cls.validate_knobs(**self.resolved_knobs())  # the variant's own rules: bad values fail now, not at fit
 
     @classmethod
     def coerce(cls, value: SAMConfig | Mapping[str, Any] | bool | float | str) -> SAMConfig:
@@ -135,9 +132,6 @@ class SAMConfig:
         """One line for the console: variant, knobs and passes per step (the variant's own ``cost``)."""
         knobs = self.resolved_knobs()
         cls: type[SAM] = VARIANTS[self.variant]
-        trial = object.__new__(cls)  # the variant's cost from its knobs, without building anything
-        object.__setattr__(trial, "_configuring", True)
-        trial._configure(**knobs)
-        forwards, _ = cls.cost.fget(trial)
+        forwards, _ = cls._cost_of(cls.validate_knobs(**knobs))  # the variant's cost, without building anything
         listed = ", ".join(f"{k}={v}" for k, v in knobs.items())
         return f"{cls.__name__}({listed}): {forwards:g} forward/backward passes per step"

@@ -61,6 +61,7 @@ from ._checkpoint import RESUME_POLICIES, STATE_KEY, CheckpointMixin  # noqa: F4
 from ._faults import NONFINITE_POLICIES, NonfinitePolicyMixin, SAMFallbackWarning
 from .engine import SAMEngine, perturbed_pass
 from .. import _validation as rules
+from . import registry
 
 __all__ = ["SAM", "ASAM", "Closure", "perturbed_pass", "NONFINITE_POLICIES", "SAMFallbackWarning"]
 
@@ -89,7 +90,8 @@ def _check_optimizer(optimizer: Any, cls_name: str) -> None:
         )
 
 
-def _build_base(cls_name: str, params: Any, base_cls: Any, base_kwargs: dict[str, Any]) -> Optimizer:
+def _build_base(cls: type[SAM], params: Any, base_cls: Any, base_kwargs: dict[str, Any]) -> Optimizer:
+    cls_name = cls.__name__
     if not (isinstance(base_cls, type) and issubclass(base_cls, Optimizer)):
         raise ConfigurationError(
             f"{cls_name} needs a torch.optim.Optimizer subclass as base_optimizer_cls (e.g. torch.optim.SGD), "
@@ -117,7 +119,7 @@ def _build_base(cls_name: str, params: Any, base_cls: Any, base_kwargs: dict[str
     signature = inspect.signature(base_cls.__init__).parameters.values()
     if not any(p.kind == p.VAR_KEYWORD for p in signature):
         base_keywords = keywords_of(base_cls.__init__, exclude=("self", "params"))
-        ours = [*_knob_defaults(_CLASSES.get(cls_name, SAM)), "model", "sync_perturbation", "nonfinite"]
+        ours = [*_knob_defaults(cls), "model", "sync_perturbation", "nonfinite"]
         unknown = sorted(set(base_kwargs) - set(base_keywords))
         if unknown:
             close = [m for name in unknown for m in difflib.get_close_matches(name, ours + base_keywords, n=1)]
@@ -132,8 +134,69 @@ def _build_base(cls_name: str, params: Any, base_cls: Any, base_kwargs: dict[str
 @functools.cache
 def _knob_defaults(cls: type) -> dict[str, Any]:
     """name -> default of each keyword of ``cls._configure``: a variant's declared knobs (read-only)."""
-    params = inspect.signature(cls._configure).parameters.values()
-    return {p.name: p.default for p in params if p.name != "self"}
+    return {p.name: p.default for p in _knob_parameters(cls)}
+
+
+@functools.cache
+def _knob_parameters(cls: type) -> tuple[inspect.Parameter, ...]:
+    """The keyword parameters of ``cls._configure`` (a classmethod: ``cls`` is bound, not listed)."""
+    return tuple(p for p in inspect.signature(cls._configure).parameters.values() if p.kind is p.KEYWORD_ONLY)
+
+
+def _check_run_settings(model: Any, sync_perturbation: Any, nonfinite: Any) -> None:
+    """The settings every variant takes besides its knobs, by the rules every front end uses."""
+    if model is not None:
+        rules.module("model", model)
+    rules.flag("sync_perturbation", sync_perturbation)
+    _one_of("nonfinite", nonfinite, NONFINITE_POLICIES)
+
+
+class _Built:
+    """An optimizer the user built already, handed by :meth:`SAM.wrap` to the one constructor."""
+
+    __slots__ = ("optimizer",)
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self.optimizer = optimizer
+
+
+def _declare_constructor(cls: type[SAM]) -> None:
+    """Give ``cls`` a constructor whose signature lists its knobs (from ``_configure``) with their defaults.
+
+    ``inspect.signature``, ``help()`` and the argument enumeration of the tests read it; the work is
+    :meth:`SAM.__init__`'s, shared by every variant. A class that writes its own ``__init__`` (or
+    inherits one) keeps it.
+    """
+    if not isinstance(inspect.getattr_static(cls, "_configure"), classmethod):
+        raise TypeError(
+            f"{cls.__qualname__}._configure must be a classmethod that validates the knobs and returns the "
+            "attributes to store (see SAM._configure)."
+        )
+    own = cls.__init__  # the class's own, or the nearest in its bases
+    if own is not _construct and not getattr(own, "_declared_for", None):
+        return
+    P = inspect.Parameter
+    base_default = cls.default_base_optimizer if cls.default_base_optimizer is not None else P.empty
+    signature = inspect.Signature([
+        P("self", P.POSITIONAL_OR_KEYWORD),
+        P("params", P.POSITIONAL_OR_KEYWORD, annotation="Iterable[torch.Tensor] | Iterable[dict[str, Any]]"),
+        P("base_optimizer_cls", P.POSITIONAL_OR_KEYWORD, default=base_default, annotation="type[Optimizer]"),
+        *_knob_parameters(cls),
+        P("model", P.KEYWORD_ONLY, default=None, annotation="nn.Module | None"),
+        P("sync_perturbation", P.KEYWORD_ONLY, default=False, annotation="bool"),
+        P("nonfinite", P.KEYWORD_ONLY, default="skip", annotation="str"),
+        P("base_kwargs", P.VAR_KEYWORD, annotation="Any"),
+    ], return_annotation="None")
+
+    def __init__(self: SAM, *args: Any, **kwargs: Any) -> None:
+        _construct(self, *args, **kwargs)
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__module__ = cls.__module__
+    __init__.__doc__ = f"Build {cls.__name__} around a new base optimizer (its knobs: see the class docstring)."
+    __init__._declared_for = cls  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[method-assign]
 
 
 def _running_stat_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -154,10 +217,6 @@ def _running_stat_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
 # --------------------------------------------------------------------------------------------------
 # SAM
 # --------------------------------------------------------------------------------------------------
-#: class name -> class of every SAM variant (filled as they are defined), for messages
-_CLASSES: dict[str, type] = {}
-
-
 class SAM(NonfinitePolicyMixin, CheckpointMixin, Optimizer):
     r"""Sharpness-Aware Minimization (Foret et al., ICLR 2021, arXiv:2010.01412) around a base optimizer.
 
@@ -219,31 +278,77 @@ class SAM(NonfinitePolicyMixin, CheckpointMixin, Optimizer):
     #: ``nonfinite="fallback"``
     uses_clean_gradient: ClassVar[bool] = False
 
+    #: other names :func:`~sharpguard.optim.make_sam` accepts for this variant (case and ``-``/``_`` free)
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: the base optimizer class used when the constructor is given none (None: it must be given)
+    default_base_optimizer: ClassVar[type[Optimizer] | None] = None
+    #: knob name -> rule, for knobs whose name means something else here than in ``_validation.KNOBS``
+    knob_rules: ClassVar[dict[str, Callable[[str, Any], Any]]] = {}
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _CLASSES[cls.__name__] = cls
+        _declare_constructor(cls)
+        registry.register(cls)
 
-    @rules.checked()
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        base_optimizer_cls: type[Optimizer],
+        base_optimizer_cls: type[Optimizer] | None = None,
         *,
-        rho: float = 0.05,
-        adaptive: bool = False,
-        interval: int = 1,
         model: nn.Module | None = None,
         sync_perturbation: bool = False,
         nonfinite: str = "skip",
-        **base_kwargs: Any,
+        **kwargs: Any,
     ) -> None:
-        self._configure(rho=rho, adaptive=adaptive, interval=interval)
-        self._attach(_build_base(type(self).__name__, params, base_optimizer_cls, base_kwargs), model, sync_perturbation, nonfinite)
+        # The one constructor of every variant: ``kwargs`` holds the variant's knobs (the keywords of its
+        # ``_configure``) and the base optimizer's arguments. Everything is checked before anything is built.
+        cls = type(self)
+        declared = _knob_defaults(cls)
+        knobs = {name: kwargs.pop(name) for name in list(kwargs) if name in declared}
+        if isinstance(params, _Built):  # from wrap(): an optimizer built already
+            check_keywords(
+                cls.__name__, kwargs, declared, " (base-optimizer arguments belong to the optimizer you wrap)"
+            )
+        values = cls._validated(knobs)
+        _check_run_settings(model, sync_perturbation, nonfinite)
+        if isinstance(params, _Built):
+            base = params.optimizer
+        else:
+            if base_optimizer_cls is None:
+                base_optimizer_cls = cls.default_base_optimizer
+            base = _build_base(cls, params, base_optimizer_cls, kwargs)
+        self._store(values)
+        self._attach(base, model, sync_perturbation, nonfinite)
 
-    def _configure(self, *, rho: float = 0.05, adaptive: bool = False, interval: int = 1) -> None:
-        """Validate and store the variant's knobs (the keyword defaults are the constructor's)."""
-        rho, interval = _rho(rho), _positive_int("interval", interval)
-        self.rho, self.adaptive, self.interval = rho, bool(adaptive), interval
+    @classmethod
+    def _configure(cls, *, rho: float = 0.05, adaptive: bool = False, interval: int = 1) -> dict[str, Any]:
+        """The variant's knobs, declared once: the keyword defaults are the constructor's and every front
+        end's. Validates them (no instance needed) and returns the attributes to store: every knob,
+        normalised, and any value derived from them."""
+        return {"rho": _rho(rho), "adaptive": bool(adaptive), "interval": _positive_int("interval", interval)}
+
+    @classmethod
+    def _validated(cls, knobs: dict[str, Any]) -> dict[str, Any]:
+        """The attributes ``_configure`` derives from ``knobs`` (missing ones at their defaults), after each
+        given value passed the rule of its name (``knob_rules``, else ``_validation.KNOBS``)."""
+        for p in _knob_parameters(cls):
+            if p.name not in knobs:
+                continue
+            value = knobs[p.name]
+            rule = cls.knob_rules.get(p.name) or rules.KNOBS.get(p.name)
+            if rule is None or (value is None and (p.default is None or "None" in str(p.annotation))):
+                continue
+            rule(p.name, value)
+        return cls._configure(**knobs)
+
+    @classmethod
+    def validate_knobs(cls, **knobs: Any) -> dict[str, Any]:
+        """Every knob of this variant with its value, validated by the constructor's rules: the given
+        ones normalised, the others at their defaults. Pure: builds and changes nothing; raises
+        :class:`~sharpguard.errors.ConfigurationError` on an unknown knob or a bad value."""
+        check_keywords(cls.__name__, knobs, _knob_defaults(cls))
+        values = cls._validated(knobs)
+        return {name: values[name] for name in _knob_defaults(cls)}
 
     @classmethod
     def wrap(
@@ -257,10 +362,7 @@ class SAM(NonfinitePolicyMixin, CheckpointMixin, Optimizer):
     ) -> SAM:
         """Wrap an optimizer you already built; ``knobs`` are the constructor's (``rho``, ``adaptive``, ...)."""
         _check_optimizer(optimizer, cls.__name__)
-        self = cls.__new__(cls)
-        self._configure_checked(knobs)
-        self._attach(optimizer, model, sync_perturbation, nonfinite)
-        return self
+        return cls(_Built(optimizer), model=model, sync_perturbation=sync_perturbation, nonfinite=nonfinite, **knobs)
 
     @classmethod
     def knob_defaults(cls) -> dict[str, Any]:
@@ -272,12 +374,11 @@ class SAM(NonfinitePolicyMixin, CheckpointMixin, Optimizer):
         """
         return dict(_knob_defaults(cls))
 
-    def _configure_checked(self, knobs: dict[str, Any]) -> None:
-        check_keywords(
-            type(self).__name__, knobs, self.knob_defaults(),
-            " (base-optimizer arguments belong to the optimizer you wrap)",
-        )
-        self._apply_knobs(**knobs)
+    @classmethod
+    def _cost_of(cls, knobs: dict[str, Any]) -> tuple[float, float]:
+        """Average (forward, backward) passes per step with these (validated) knobs."""
+        n = 1.0 + 1.0 / knobs.get("interval", 1)
+        return (n, n)
 
     def _knobs(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.knob_defaults()}
@@ -286,7 +387,7 @@ class SAM(NonfinitePolicyMixin, CheckpointMixin, Optimizer):
         # A knob assigned between steps (``opt.rho = 0.1``, a rho schedule) is validated by the same
         # rule as at construction, before it takes effect: ``opt.rho = nan`` raises, nothing changes.
         # Private names (the step's own bookkeeping, about 25 per step) are never knobs: set at once.
-        if name[0] != "_" and not self.__dict__.get("_configuring", True):
+        if name[0] != "_":
             knobs = _knob_defaults(type(self))
             if name in knobs:
                 self._apply_knobs(**{**self._knobs(), name: value})
@@ -298,12 +399,12 @@ class SAM(NonfinitePolicyMixin, CheckpointMixin, Optimizer):
         object.__setattr__(self, name, value)
 
     def _apply_knobs(self, **knobs: Any) -> None:
-        """``_configure`` (validate, then store) with the assignment guard of ``__setattr__`` lifted."""
-        object.__setattr__(self, "_configuring", True)
-        try:
-            self._configure(**knobs)
-        finally:
-            object.__setattr__(self, "_configuring", False)
+        """Validate ``knobs`` by the constructor's rules, then store them (all or nothing)."""
+        self._store(type(self)._validated(knobs))
+
+    def _store(self, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
 
     def _validate_base(self, base: Optimizer) -> None:
         """Hook: refuse a base optimizer the variant cannot work with (before anything is attached)."""
@@ -313,7 +414,6 @@ class SAM(NonfinitePolicyMixin, CheckpointMixin, Optimizer):
             raise ConfigurationError(f"model must be a torch.nn.Module (or None), got {type(model).__name__}.")
         _one_of("nonfinite", nonfinite, NONFINITE_POLICIES)
         self._validate_base(base)
-        self._configuring = False  # from here on, knob assignments are validated (__setattr__)
         self.nonfinite = nonfinite
         self.base_optimizer = base
         # The hook tables and step profiling of torch.optim.Optimizer, without its own param_groups
@@ -368,8 +468,7 @@ class SAM(NonfinitePolicyMixin, CheckpointMixin, Optimizer):
     @property
     def cost(self) -> tuple[float, float]:
         """Average (forward, backward) passes per step; a plain optimizer step is (1, 1)."""
-        n = 1.0 + 1.0 / self.interval
-        return (n, n)
+        return type(self)._cost_of(self._knobs())
 
     # ------------------------------------------------------------------------------ the protocol
     def needs_second_pass(self) -> bool:
@@ -719,6 +818,12 @@ class SAM(NonfinitePolicyMixin, CheckpointMixin, Optimizer):
             self._stats = None
 
 
+#: the work of every variant's constructor (each class's ``__init__``, declared with its knobs, calls it)
+_construct = SAM.__dict__["__init__"]
+_declare_constructor(SAM)
+registry.register(SAM)
+
+
 class ASAM(SAM):
     r"""Adaptive SAM (Kwon et al., ICML 2021, arXiv:2102.11600): a scale-invariant neighbourhood.
 
@@ -730,23 +835,10 @@ class ASAM(SAM):
 
     variant: ClassVar[str] = "asam"
 
-    @rules.checked()
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        base_optimizer_cls: type[Optimizer],
-        *,
-        rho: float = 0.5,
-        eta: float = 0.01,
-        interval: int = 1,
-        model: nn.Module | None = None,
-        sync_perturbation: bool = False,
-        nonfinite: str = "skip",
-        **base_kwargs: Any,
-    ) -> None:
-        self._configure(rho=rho, eta=eta, interval=interval)
-        self._attach(_build_base(type(self).__name__, params, base_optimizer_cls, base_kwargs), model, sync_perturbation, nonfinite)
+    @classmethod
+    def _configure(  # type: ignore[override]
+        cls, *, rho: float = 0.5, eta: float = 0.01, interval: int = 1
+    ) -> dict[str, Any]:
+        return {"rho": _rho(rho), "eta": _non_negative("eta", eta), "interval": _positive_int("interval", interval),
+                "adaptive": True}
 
-    def _configure(self, *, rho: float = 0.5, eta: float = 0.01, interval: int = 1) -> None:  # type: ignore[override]
-        rho, eta, interval = _rho(rho), _non_negative("eta", eta), _positive_int("interval", interval)
-        self.rho, self.eta, self.interval, self.adaptive = rho, eta, interval, True
