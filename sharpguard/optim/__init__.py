@@ -11,9 +11,6 @@ from .factory import VARIANTS, make_sam
 from .sam import ASAM, SAM
 from .variants import FriendlySAM, GSAM, LookSAM, MomentumSAM
 from .lora import FlatLoRA, lora_parameters
-from .mesa import MESA
-from .data_selection import SharpnessDataSelection
-from .saf import SAF
 from .variants_extra import ARWP, ESAM, RWP, WSAM
 from .variants_multi import BSAM, GAM
 
@@ -23,3 +20,16 @@ __all__ = [
 ]
 __all__ += ["WSAM", "RWP", "ARWP", "ESAM", "FlatLoRA", "lora_parameters", "MESA"]
 __all__ += ["GAM", "BSAM", "SharpnessDataSelection", "SAF"]
+
+
+#: loss terms that moved to :mod:`sharpguard.regularizers`, still importable from here; resolved on first use
+#: so that this package never imports the one above it (the regularizers read :mod:`._phase`)
+_MOVED_TO_REGULARIZERS = ("MESA", "SAF", "SharpnessDataSelection")
+
+
+def __getattr__(name: str) -> object:
+    if name in _MOVED_TO_REGULARIZERS:
+        from .. import regularizers
+
+        return getattr(regularizers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
