@@ -9,6 +9,7 @@ the variant's buffers. Framework-free: only ``torch.distributed``.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -29,6 +30,14 @@ __all__ = [
 
 def _is_dtensor(t: torch.Tensor) -> bool:
     return callable(getattr(t, "to_local", None)) and hasattr(t, "device_mesh")
+
+
+def _is_flat_shard(param: torch.Tensor) -> bool:
+    """A parameter that is one rank's part of a flattened whole with no layout to gather by (FSDP1)."""
+    return (
+        not _is_dtensor(param) and torch.distributed.is_available() and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def _gathered(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
@@ -269,11 +278,23 @@ class ShardedSAM:
         every rank must call it (each buffer is gathered from the shards, one parameter at a time).
         """
         buffers: dict[str, dict[int, torch.Tensor]] = {name: {} for name in self.state_buffers}
+        flat_shards = []
         for i, p in enumerate(self._all_params()):
             kept = self.sam_state.get(p, {})
             for name in self.state_buffers:
                 if name in kept:
-                    buffers[name][i] = _gathered(p, kept[name])
+                    if _is_flat_shard(p):
+                        flat_shards.append(name)
+                    else:
+                        buffers[name][i] = _gathered(p, kept[name])
+        if flat_shards:
+            warnings.warn(
+                f"{type(self).__name__}: this rank's parameters are flat shards without their layout (FSDP1), so "
+                f"{', '.join(sorted(set(flat_shards)))} cannot be saved whole and is left out: a resume starts it "
+                "from zero (the next SAM step rebuilds it). Shard with fully_shard (FSDP2) to save it.",
+                UserWarning,
+                stacklevel=2,
+            )
         return {"variant": self.variant, "step": self._step, "knobs": self._knobs(), "buffers": buffers}
 
     def _load_own(self, ours: dict[str, Any] | None) -> None:

@@ -526,6 +526,15 @@ def _two_rank_worker(rank: int, port: int, world: int, out: str) -> None:
             results[case] = {"equal": all(torch.equal(g, w) for g, w in zip(_weights(net), want)), "split": split,
                              "gv_shapes": [tuple(t.shape) for t in saved["optimizer"]["sharpguard"]["buffers"]
                                            .get("gv", {}).values()]}
+        # parameters that are this rank's flat part with no layout (FSDP1's): g_v cannot be saved whole
+        net = _make_net()
+        opt = torch.optim.SGD(net.parameters(), lr=LR)
+        flat = SAMConfig(variant="looksam", knobs={"k": 2}).build(opt, sharded=True)
+        _train(net, opt, SAMEngine(flat, sharded=True), range(1), rank=rank)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            own = flat.sharpguard_state_dict()
+        results["flat"] = {"buffers": own["buffers"], "step": own["step"], "said": [str(w.message) for w in said]}
         torch.save(results, f"{out}/rank{rank}.pt")
         dist.barrier()
     finally:
@@ -539,6 +548,9 @@ def test_two_ranks_resume_from_rank_zeros_checkpoint_equals_never_stopping(tmp_p
     mp.spawn(_two_rank_worker, args=(_free_port(), 2, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        flat = results.pop("flat")
+        assert flat["buffers"] == {"gv": {}} and flat["step"] == 1
+        assert len(flat["said"]) == 1 and "gv cannot be saved whole and is left out" in flat["said"][0]
         assert set(results) == set(CASES)
         for case, r in results.items():
             assert any(r["split"]), case  # the weight matrices really are split over the two ranks
