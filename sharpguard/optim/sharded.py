@@ -53,7 +53,7 @@ def _gathered(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     whole = DTensor.from_local(
         local.detach(), param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
     )
-    return whole.full_tensor().cpu()
+    return whole.full_tensor().to("cpu", copy=True)  # a copy even where the gather is the shard itself (world 1)
 
 
 def _shard_of(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
@@ -431,7 +431,9 @@ class ShardedGAM(ShardedSAM):
         self, optimizer: torch.optim.Optimizer, rho: float, rho_norm: float, beta1: float, beta2: float,
         beta3: float, gamma: float, adaptive: bool = False, nonfinite: str = "skip",
     ):
-        self._configure(rho=rho, rho_norm=rho_norm, beta1=beta1, beta2=beta2, beta3=beta3, gamma=gamma, adaptive=adaptive)
+        self._configure(
+            rho=rho, rho_norm=rho_norm, beta1=beta1, beta2=beta2, beta3=beta3, gamma=gamma, adaptive=adaptive
+        )
         self._attach(optimizer, nonfinite)
         self._point = 0
         self._g1: list[torch.Tensor] | None = None
