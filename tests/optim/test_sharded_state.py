@@ -425,7 +425,7 @@ def test_hf_trainer_checkpoint_saves_the_sharded_state_and_every_rank_gathers_it
     It now writes it where ``should_save``; every rank computes it, since saving gathers the shards."""
     from types import SimpleNamespace
 
-    from integrations.huggingface.trainer import _SAMCheckpoint
+    from sharpguard.integrations.huggingface.trainer import _SAMCheckpoint
 
     net, opt, sam, engine = _build("looksam", mesh)
     _train(net, opt, engine, range(RESUME_AT))
@@ -451,7 +451,7 @@ def test_hf_trainer_checkpoint_saves_the_sharded_state_and_every_rank_gathers_it
 def test_lightning_callback_state_round_trips_the_sharded_engine(mesh):
     """Lightning calls the callback's state_dict on every rank and writes rank 0's; it now carries the
     sharded engine's state, and load_state_dict restores it all or nothing."""
-    from integrations.lightning.sam import SharpnessAwareMinimization
+    from sharpguard.integrations.lightning import SharpnessAwareMinimization
 
     net, opt, sam, engine = _build("looksam", mesh)
     _train(net, opt, engine, range(RESUME_AT))
@@ -476,7 +476,7 @@ def test_lightning_callback_state_round_trips_the_sharded_engine(mesh):
 def test_accelerate_helper_state_round_trips_the_sharded_engine(mesh):
     """Accelerate's save_state calls the registered object's state_dict on every process (and writes the
     main one's); the helper now carries the sharded engine's state and checks it before loading."""
-    from integrations.accelerate.sam import SharpnessAwareMinimization
+    from sharpguard.integrations.accelerate.sam import SharpnessAwareMinimization
 
     net, opt, sam, engine = _build("looksam", mesh)
     _train(net, opt, engine, range(RESUME_AT))
@@ -562,3 +562,102 @@ def test_two_ranks_resume_from_rank_zeros_checkpoint_equals_never_stopping(tmp_p
             assert any(r["split"]), case  # the weight matrices really are split over the two ranks
             assert r["equal"], (rank, case)
         assert results["looksam"]["gv_shapes"] == [(16, 6), (16,), (3, 16), (3,)]  # saved whole
+
+
+# ------------------------------------------------------------------------------- Lightning FSDP2, two ranks
+def _lightning_main(out: str) -> None:
+    """Run under torchrun (this file as the script): LookSAM through the Lightning callback on an FSDP2
+    model (``ModelParallelStrategy``), six steps straight, and three steps, a checkpoint, and a resumed fit
+    to six. Each rank saves the full weights of both runs and what the checkpoint's callback entry held."""
+    import gc
+    import os
+    import sys
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    from sharpguard.integrations.lightning import SharpnessAwareMinimization
+
+    class Lit(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _make_net()
+
+        def configure_model(self):
+            from torch.distributed.fsdp import FSDPModule
+
+            if not isinstance(self.net, FSDPModule):
+                _shard(self.net, self.device_mesh["data_parallel"])
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+
+        def train_dataloader(self):
+            batches = [_batch(m, self.global_rank) for m in range(RESUME_AT)]
+            data = torch.utils.data.TensorDataset(torch.cat([x for x, _ in batches]),
+                                                  torch.cat([y for _, y in batches]))
+            return torch.utils.data.DataLoader(data, batch_size=8, shuffle=False)
+
+    def fit(epochs: int, ckpt_path: str | None = None):
+        lit, callback = Lit(), SharpnessAwareMinimization(variant="looksam", k=2)
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+            max_epochs=epochs, use_distributed_sampler=False, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+        )
+        trainer.fit(lit, ckpt_path=ckpt_path)
+        return trainer, lit, callback
+
+    _, lit, callback = fit(2)
+    straight = _weights(lit)
+    trainer, lit, callback = fit(1)
+    ckpt = os.path.join(out, "epoch1.ckpt")
+    trainer.save_checkpoint(ckpt)  # every rank: the callback's state_dict gathers g_v's shards
+    dist.barrier()
+    entry = torch.load(os.path.join(ckpt, "meta.pt"), weights_only=False)["callbacks"]
+    saved = next(v for k, v in entry.items() if "SharpnessAwareMinimization" in k)
+    trainer, lit, callback = fit(2, ckpt_path=ckpt)
+    result = {
+        "straight": straight, "resumed": _weights(lit), "saved_step": saved["sam"]["step"],
+        "saved_gv_shapes": [tuple(t.shape) for t in saved["sam"]["buffers"]["gv"].values()],
+        "split": [p.to_local().shape != p.shape for p in lit.parameters()], "step": callback.sam._step,
+    }
+    torch.save(result, os.path.join(out, f"rank{dist.get_rank()}.pt"))
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+@pytest.mark.distributed
+def test_lightning_fsdp2_checkpoint_resume_of_looksam_equals_never_stopping(tmp_path):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(pathlib.Path(__file__).resolve()), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert any(r["split"])  # the weight matrices really are split over the ranks
+        assert r["saved_step"] == RESUME_AT and r["step"] == STEPS
+        assert r["saved_gv_shapes"] == [(16, 6), (16,), (3, 16), (3,)]  # g_v saved whole, from both ranks' shards
+        assert len(r["resumed"]) == len(r["straight"]) == 4
+        for got, want in zip(r["resumed"], r["straight"]):
+            assert torch.equal(got, want), rank
+
+
+if __name__ == "__main__":
+    import sys
+
+    _lightning_main(sys.argv[1])
