@@ -178,11 +178,15 @@ class _SAMCheckpoint(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         # the optimizer is not in a save_only_model checkpoint, so neither is the wrapper's state
         sam = getattr(self.trainer._sg_engine, "sam", None)
-        if args.should_save and not args.save_only_model and hasattr(sam, "sharpguard_state_dict"):
+        if args.save_only_model or not hasattr(sam, "sharpguard_state_dict"):
+            return control
+        # on every rank: under FSDP the sharded variant gathers its buffers' shards (a collective)
+        own = sam.sharpguard_state_dict()
+        if args.should_save:
             folder = _checkpoint_folder(args, state)
             if os.path.isdir(folder):
                 # atomic: a crash mid-save leaves no torn file beside a complete Trainer checkpoint
-                atomic_torch_save(sam.sharpguard_state_dict(), os.path.join(folder, self.FILE))
+                atomic_torch_save(own, os.path.join(folder, self.FILE))
         return control
 
     @classmethod

@@ -20,7 +20,7 @@ from .._validation import flag
 from ..errors import ConfigurationError
 from .registry import VARIANTS, canonical_variant
 from .sam import NONFINITE_POLICIES, SAM
-from .sharded import ShardedGAM, ShardedGSAM, ShardedLookSAM, ShardedSAM
+from .sharded import ShardedASAM, ShardedGAM, ShardedGSAM, ShardedLookSAM, ShardedSAM
 
 __all__ = ["SAMConfig"]
 
@@ -121,9 +121,9 @@ class SAMConfig:
                 return ShardedLookSAM(
                     optimizer, knobs["rho"], knobs["k"], knobs["alpha"], adaptive=adaptive, nonfinite=self.nonfinite
                 )
-            return ShardedSAM(
-                optimizer, knobs["rho"], adaptive=adaptive, eta=float(knobs.get("eta", 0.0)), nonfinite=self.nonfinite
-            )
+            if self.variant == "asam":
+                return ShardedASAM(optimizer, nonfinite=self.nonfinite, **knobs)
+            return ShardedSAM(optimizer, nonfinite=self.nonfinite, **knobs)
         return VARIANTS[self.variant].wrap(
             optimizer, model=model, sync_perturbation=self.sync_perturbation, nonfinite=self.nonfinite, **knobs
         )
