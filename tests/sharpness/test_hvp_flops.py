@@ -247,3 +247,20 @@ def test_exact_product_floor_holds_at_a_larger_shape_on_fake_tensors():
                                        cached=False)
     assert reference == 3 * fb
     assert exact <= reference
+
+
+@pytest.mark.filterwarnings("ignore:The module hierarchy tracking:UserWarning")  # torch's MemTracker, re-entered
+def test_simulation_counts_the_fused_cpu_attention_kernel():
+    """sharpguard.simulate's counter gives the fused CPU kernel torch's fused-kernel formulas: the math
+    kernel's products plus the backward's recomputed ``Q K^T`` (2 b h s^2 d per layer), so a decoder's
+    training step on CPU tensors no longer misses its attention while a check on the math kernel counts it."""
+    from sharpguard.simulate import profile_step
+
+    model, batch = llama()
+    step = profile_step(lambda: loss_of(model, batch).backward(), model=model, inputs=[batch]).flops
+    model.zero_grad(set_to_none=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        math_kernel = forward_backward_flops(model, batch)
+    b, s = batch["input_ids"].shape
+    layers, heads, head_dim = 2, 4, 16
+    assert step == math_kernel + layers * 2 * b * heads * s * s * head_dim
