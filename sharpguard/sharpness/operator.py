@@ -489,6 +489,8 @@ class HVPOperator(ProbeLoss):
                 f"double backward failed through this model ({first_error}); pass hvp='auto' or "
                 f"hvp='finite_difference'."
             ) from first_error
+        if first_error is not None:  # its traceback's frames hold the failed gradient graph: not through the fallback
+            first_error = first_error.with_traceback(None)
         warnings.warn(
             f"double backward is not available for this model ({first_error}); using a finite-difference "
             f"Hessian-vector product (relative error ~{(self.fd_eps / _FD_FACTOR) ** 2:.0e} instead of exact products "
