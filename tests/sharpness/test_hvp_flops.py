@@ -292,3 +292,25 @@ def test_exact_product_peak_is_plain_double_backwards_on_fake_tensors():
         peaks = {name: profile_step(fn, model=model, inputs=[batch], count_flops=False).memory.peak_bytes
                  for name, fn in (("textbook", textbook), ("exact", exact))}
     assert peaks["exact"] <= 1.01 * peaks["textbook"]
+
+
+def test_input_hessian_runs_through_scaled_dot_product_attention():
+    """The input-space product (CURE's curvature) on a ViT from its config with SDPA attention, whose fused
+    CPU kernel has no double backward, equals the same weights' value with eager attention (float64)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from sharpguard.sharpness import input_hessian_eigenvalue
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16,
+                 patch_size=8, num_labels=3)
+    sdpa = ViTForImageClassification(ViTConfig(**shape, attn_implementation="sdpa")).double().eval()
+    eager = ViTForImageClassification(ViTConfig(**shape, attn_implementation="eager")).double().eval()
+    eager.load_state_dict(sdpa.state_dict())
+    batch = (torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 2]))
+    fused = input_hessian_eigenvalue(sdpa, batch, seed=0, tol=1e-10)
+    reference = input_hessian_eigenvalue(eager, batch, seed=0, tol=1e-10)
+    assert fused.converged == reference.converged == 1.0
+    # the same function: equal to Lanczos' tolerance (the two kernels round differently)
+    torch.testing.assert_close(torch.tensor(fused.values), torch.tensor(reference.values), rtol=1e-6, atol=0.0)
+    assert min(reference.values) > 0
