@@ -90,8 +90,9 @@ class InputCurvature:
 def _input_eigs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, tol: float, max_iter: int,
                 seed: int) -> tuple[list[float], int, int]:
     """Lanczos per example on ``v -> nabla_x (nabla_x l . v)``; the first-order graph is built once per
-    example, under the math attention kernel, and reused by every product (one extra backward each). On fake tensors (``FakeTensorMode``)
-    each example's Lanczos is a cost-only run of exactly ``max_iter`` products (NaN values)."""
+    example, under the math attention kernel, and reused by every product (one extra backward each). On
+    fake tensors (``FakeTensorMode``) each example's Lanczos is a cost-only run of exactly ``max_iter``
+    products (NaN values)."""
     loss_fn = resolve_loss(loss)
     cost_only = is_fake(x)
     generator = torch.Generator().manual_seed(int(seed))
