@@ -11,7 +11,8 @@ torch's own dispatch-level counters watch it:
   activations, temporaries (the backward's), all-gather/reduce-scatter buffers or other; the peak is
   the largest sum of live storage bytes, per device (per rank under FSDP2);
 * :class:`torch.utils.flop_counter.FlopCounterMode` counts the FLOPs of matrix products, convolutions
-  and attention from their shapes (2 per multiply-add); elementwise work is not counted.
+  and attention from their shapes (2 per multiply-add; the fused CPU attention kernel by torch's formulas
+  for the fused GPU ones); elementwise work is not counted.
 
 FSDP2 runs on one process through a fake process group (``backend="fake"``): collectives return
 without communicating, so every rank's shapes, and therefore its memory, are those of rank 0.
@@ -220,7 +221,8 @@ def profile_step(
     else:
         tracker = _tracker_class()()
         tracker.track_external(model, *optimizers, *tensors)
-    counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
+    counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas()) if count_flops \
+        else contextlib.nullcontext()
     with tracker:
         start_total, _ = _by_category(tracker.get_tracker_snapshot("current"))
         with counter:
@@ -238,6 +240,29 @@ def profile_step(
         flops=flops,
         flops_by_operator=by_op,
     )
+
+
+def _cpu_attention_formulas() -> dict[Any, Callable[..., int]]:
+    """torch's FLOP formulas of the fused attention kernels (``Q K^T`` and ``A V``; backward, their gradients
+    and the recomputed ``Q K^T``), for the fused CPU kernel that ``FlopCounterMode`` leaves uncounted: a
+    decoder on CPU tensors, fake or real, takes it wherever attention has no dropout (Llama; GPT-2 in eval
+    mode), and its step would miss its attention products while a check on the math kernel counts them."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is None or backward is None:  # pragma: no cover - a torch without the fused CPU kernel
+        return {}
+
+    def forward_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    def backward_flops(grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None,
+                       **kwargs: Any) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    return {forward: forward_flops, backward: backward_flops}
 
 
 def _new_iteration(tracker: Any, module: nn.Module) -> None:

@@ -19,6 +19,7 @@ and runs the model in eval mode.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from ..attacks._context import check_labels
 from ..attacks.losses import resolve_loss
 from ..errors import ConfigurationError
 from .lanczos import lanczos
+from .operator import _math_attention_kernel
 from .perturbation import SharpnessResult, worst_case_sharpness
 from .. import _validation as rules
 
@@ -88,18 +90,21 @@ class InputCurvature:
 def _input_eigs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, tol: float, max_iter: int,
                 seed: int) -> tuple[list[float], int, int]:
     """Lanczos per example on ``v -> nabla_x (nabla_x l . v)``; the first-order graph is built once per
-    example and reused by every product (one extra backward each). On fake tensors (``FakeTensorMode``)
-    each example's Lanczos is a cost-only run of exactly ``max_iter`` products (NaN values)."""
+    example, under the math attention kernel, and reused by every product (one extra backward each). On
+    fake tensors (``FakeTensorMode``) each example's Lanczos is a cost-only run of exactly ``max_iter``
+    products (NaN values)."""
     loss_fn = resolve_loss(loss)
     cost_only = is_fake(x)
     generator = torch.Generator().manual_seed(int(seed))
     values: list[float] = []
     n_hvp = converged = 0
+    kernel = _math_attention_kernel() or contextlib.nullcontext
     for i in range(x.shape[0]):
         xi = x[i : i + 1].clone().requires_grad_(True)
         # a view, not the leaf: torch's module trackers break autograd.grad with respect to a leaf input
-        value = loss_fn(logits_of(model(xi.view_as(xi))), y[i : i + 1], None).sum()
-        (g,) = torch.autograd.grad(value, xi, create_graph=True)
+        with kernel():  # the fused attention kernels have no double backward (operator.py)
+            value = loss_fn(logits_of(model(xi.view_as(xi))), y[i : i + 1], None).sum()
+            (g,) = torch.autograd.grad(value, xi, create_graph=True)
         if g.grad_fn is None:  # a loss linear in x (or a model without a curved path): zero Hessian
             values.append(0.0)
             converged += 1

@@ -11,10 +11,11 @@ gives the same operator as their concatenation, as in PyHessian's ``dataloader_h
 holds the product for the union of the ranks' probe shards (a rank-identical probe simply gives the same
 operator on every rank).
 
-Products are computed by Pearlmutter's double backward (Pearlmutter, Neural Computation 1994). Where
-double backward is not implemented - PyTorch's fused CPU attention kernel has no derivative of its
-backward (pytorch/pytorch#116350) - ``hvp="auto"`` retries under the math attention kernel
-(``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``) and, failing that, uses the central difference
+Products are computed by Pearlmutter's double backward (Pearlmutter, Neural Computation 1994), under
+the math attention kernel (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``): PyTorch's fused
+attention kernels have no derivative of their backward (pytorch/pytorch#116350), and trying one first
+would spend a forward and a backward before it failed. Where double backward is still not implemented
+(a ``@once_differentiable`` function, reentrant checkpointing) ``hvp="auto"`` uses the central difference
 
     H v ~ (g(w + h v) - g(w - h v)) / (2 h),  h = 4 eps_mach^(1/3) * s_v / ||v||,
     s_v = max(sqrt(sum_i w_i^2 v_i^2) / ||v||, 1e-2),
@@ -37,6 +38,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .._batches import BatchList, LossFn, as_batches, batch_size, checked_loss, default_loss_fn, split_batch
 from .._batches import check_default_targets, detach_inference
@@ -323,7 +325,7 @@ class HVPOperator(ProbeLoss):
         model: the model (a DDP wrapper is unwrapped; products are all-reduced instead).
         batches: one batch or a list of batches, fixed for the operator's lifetime.
         loss_fn: ``loss_fn(model, batch) -> scalar``; default cross entropy / ``model(**batch).loss``.
-        hvp: ``"auto"`` (double backward, then the math attention kernel, then finite differences),
+        hvp: ``"auto"`` (double backward under the math attention kernel, else finite differences),
             ``"autograd"`` or ``"finite_difference"``.
         train: run the model in train mode (default: eval mode, so dropout is off and BatchNorm uses its
             running statistics).
@@ -431,29 +433,33 @@ class HVPOperator(ProbeLoss):
             return self._hvp_autograd(v, fresh=fresh)
 
     def _select_method(self, v: torch.Tensor) -> torch.Tensor:
-        """First product under ``hvp="auto"``: find the cheapest method that works and remember it."""
+        """First product under ``hvp="auto"`` or ``"autograd"``: find the cheapest method that works, remember it.
+
+        Double backward runs under the math attention kernel from the first try: no fused kernel has a
+        derivative of its backward, and a first try under one spent a forward, the gradient graph's backward
+        and part of the second backward before it failed, a third more than the product itself
+        (docs/cost_model.md, "Time"). The kernel changes nothing where a model does not call
+        scaled-dot-product attention; the method is reported as ``"autograd+math_sdpa"`` where it does."""
         self.n_hvp += 1
+        math_kernel = _math_attention_kernel() or contextlib.nullcontext
+        attention = _AttentionCalls()
         try:
-            hv = self._hvp_autograd(v)
-            self.method = "autograd"
-            return hv
+            with attention, math_kernel():
+                hv = self._hvp_autograd(v)
         except _DoubleBackwardError as exc:
             self._graphs.clear()
             first_error = exc.__cause__
+        else:
+            self._kernel = math_kernel
+            self.method = "autograd+math_sdpa" if attention.seen else "autograd"
+            return hv
         if self.requested == "autograd":
             raise ConfigurationError(
                 f"double backward failed through this model ({first_error}); pass hvp='auto' or "
                 f"hvp='finite_difference'."
             ) from first_error
-        math_kernel = _math_attention_kernel()
-        if math_kernel is not None:
-            try:
-                with math_kernel():
-                    hv = self._hvp_autograd(v)
-                self.method, self._kernel = "autograd+math_sdpa", math_kernel
-                return hv
-            except _DoubleBackwardError:
-                self._graphs.clear()
+        if first_error is not None:  # its traceback's frames hold the failed gradient graph: not through the fallback
+            first_error = first_error.with_traceback(None)
         warnings.warn(
             f"double backward is not available for this model ({first_error}); using a finite-difference "
             f"Hessian-vector product (relative error ~{(self.fd_eps / _FD_FACTOR) ** 2:.0e} instead of exact products "
@@ -567,6 +573,22 @@ def _inner(pairs: list[tuple[torch.Tensor, int]], vs: list[torch.Tensor]) -> tor
         total = term if total is None else total + term
     assert total is not None
     return total
+
+
+class _AttentionCalls(TorchFunctionMode):
+    """Notes whether scaled-dot-product attention is called (directly or through ``nn.MultiheadAttention``,
+    whose inner call a torch-function mode does not see) while it is active; changes nothing else."""
+
+    _ATTENTION = (nn.functional.scaled_dot_product_attention, nn.functional.multi_head_attention_forward)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        if func in self._ATTENTION:
+            self.seen = True
+        return func(*args, **(kwargs or {}))
 
 
 def _math_attention_kernel() -> Callable[[], contextlib.AbstractContextManager] | None:
