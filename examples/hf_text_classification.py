@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             save_strategy="no",
             report_to="none",
             disable_tqdm=True,
+            log_level="info",  # shows sharpguard's lines (transformers' logger): what is active, the first check, the end
             seed=0,
         )
         monitor = SharpnessMonitorCallback(

@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             save_strategy="no",
             report_to="none",
             disable_tqdm=True,
+            log_level="info",  # shows sharpguard's lines (transformers' logger): what is active, the first check, the end
             remove_unused_columns=False,
             seed=0,
         )
