@@ -102,17 +102,19 @@ def _scenario_settings_line(name: str, report: dict) -> str:
     """What the scenario ran, from its own settings."""
     s = report["settings"]
     if name == "robust_overfitting":
-        return (f"PGD-AT and AWP over {s['epochs']} epochs, learning rate ÷10 at epochs "
-                f"{' and '.join(str(m) for m in s['lr_milestones'])}; every {s['measured_every']} epochs robust accuracy "
-                f"on {s['eval_examples']} training and {s['eval_examples']} test examples.")
+        milestones = " and ".join(str(m) for m in s["lr_milestones"])
+        return (f"PGD-AT and AWP over {s['epochs']} epochs, learning rate ÷10 at epochs {milestones}; every "
+                f"{s['measured_every']} epochs robust accuracy on {s['eval_examples']} training and "
+                f"{s['eval_examples']} test examples.")
     if name == "large_batch":
         arms = s["arms"]
         return ("Arms (batch, learning rate, lr/B, optimizer steps per run): " + "; ".join(
             f"{arm} ({a['batch_size']}, {a['lr']:.3g}, {a['lr_over_batch']:.2g}, {a['steps_per_run']:.0f})"
             for arm, a in arms.items()) + ".")
     if name == "rescaling":
-        return (f"Rescaling factors α ∈ {{{', '.join(f'{a:g}' for a in s['alphas'])}}}, for each pair of consecutive "
-                f"linear layers of each seed's model ({len(report['data']['rows'])} rescaled models).")
+        alphas = ", ".join(f"{a:g}" for a in s["alphas"])
+        return (f"Rescaling factors α ∈ {{{alphas}}}, for each pair of consecutive linear layers of each seed's "
+                f"model ({len(report['data']['rows'])} rescaled models).")
     if name == "local_global":
         return (f"{len(report['data']['models'])} models; robust accuracy on {s['test_examples']} test examples at "
                 f"eps ∈ {{{', '.join(f'{e:g}' for e in s['eps_grid'])}}}.")
@@ -131,8 +133,8 @@ def _robust_overfitting_curves(report: dict) -> str:
     for method, seeds in report["data"]["curves"].items():
         curves = list(seeds.values())
         after = [p["robust_test_acc"] for c in curves for p in c if p["epoch"] > first_decay]
-        parts.append(f"{method}: robust test accuracy {span(after)} after epoch {first_decay}, robust training accuracy "
-                     f"{span([c[-1]['robust_train_acc'] for c in curves])} at the end; robust-loss sharpness "
+        parts.append(f"{method}: robust test accuracy {span(after)} after epoch {first_decay}, robust training "
+                     f"accuracy {span([c[-1]['robust_train_acc'] for c in curves])} at the end; robust-loss sharpness "
                      f"{span([c[0]['robust_sharpness'] for c in curves])} at the first measure, "
                      f"{span([c[-1]['robust_sharpness'] for c in curves])} at the last")
     return "Curves over seeds (ranges): " + "; ".join(parts) + "."

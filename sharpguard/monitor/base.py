@@ -661,7 +661,8 @@ class Monitor:
         else:
             kind = f"full, {self.probe.size} probe examples"
         adaptive = self.checks_at is None and s.every_n_steps is None
-        then = f"full checks follow within the {100 * s.budget:g}% budget" if adaptive else "the next follow the schedule"
+        then = (f"full checks follow within the {100 * s.budget:g}% budget" if adaptive
+                else "the next follow the schedule")
         return (f"first check done: {', '.join(values) or 'no value'} in {s.first_check_seconds:.2f} s ({kind}; "
                 f"{type(self).__name__} at step {s.first_check_step}; {then}).")
 
