@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             save_strategy="no",
             report_to="none",
             disable_tqdm=True,
+            # sharpguard's lines go through transformers' logger: what is active, the first check, the end
+            log_level="info",
             remove_unused_columns=False,
             seed=0,
         )

@@ -3,10 +3,13 @@
     python scripts/doc_numbers.py study               # run `sharpguard study` once (~1-5 min), keep its measurements
     python scripts/doc_numbers.py study --from DIR    # or take an existing study folder (its report.json)
     python scripts/doc_numbers.py examples            # time every example (~3 min on a 2-core CPU)
+    python scripts/doc_numbers.py scenarios           # run each `sharpguard study --scenario` at its defaults (~5 min)
+    python scripts/doc_numbers.py scenarios --from DIR  # or take existing runs (DIR/<name>/scenario.json)
     python scripts/doc_numbers.py render              # rewrite the docs' generated blocks from the kept files
 
 ``study`` keeps the default run's per-model measurements and settings in benchmarks/study_default_run.json;
-``examples`` keeps each example's wall time in benchmarks/example_times.json. Both then rewrite the blocks
+``examples`` keeps each example's wall time in benchmarks/example_times.json; ``scenarios`` keeps each
+scenario's scenario.json in benchmarks/scenario_runs.json. Each then rewrites the blocks
 between ``<!-- doc-numbers:NAME -->`` and ``<!-- /doc-numbers:NAME -->`` in docs/study.md, README.md,
 docs/huggingface.md and docs/accelerate.md from those files, through the same report code the study runs (``build_report``).
 tests/test_doc_numbers.py checks that every block equals what this script renders from the kept files.
@@ -27,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 STUDY_RUN = ROOT / "benchmarks" / "study_default_run.json"
 EXAMPLE_TIMES = ROOT / "benchmarks" / "example_times.json"
+SCENARIO_RUNS = ROOT / "benchmarks" / "scenario_runs.json"
+SCENARIOS = ("robust_overfitting", "large_batch", "rescaling", "local_global")
 # (example, arguments, the docs that quote its time)
 EXAMPLES = [
     ("plain_sam_digits.py", []),
@@ -85,6 +90,89 @@ def render_study(kept: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _g(x: float | None, digits: int = 3) -> str:
+    """A number as the scenario tables print it (significant digits, a real minus sign)."""
+    if x is None:
+        return "n/a"
+    text = f"{x:.{digits}g}"
+    return "−" + text[1:] if text.startswith("-") else text
+
+
+def _scenario_settings_line(name: str, report: dict) -> str:
+    """What the scenario ran, from its own settings."""
+    s = report["settings"]
+    if name == "robust_overfitting":
+        milestones = " and ".join(str(m) for m in s["lr_milestones"])
+        return (f"PGD-AT and AWP over {s['epochs']} epochs, learning rate ÷10 at epochs {milestones}; every "
+                f"{s['measured_every']} epochs robust accuracy on {s['eval_examples']} training and "
+                f"{s['eval_examples']} test examples.")
+    if name == "large_batch":
+        arms = s["arms"]
+        return ("Arms (batch, learning rate, lr/B, optimizer steps per run): " + "; ".join(
+            f"{arm} ({a['batch_size']}, {a['lr']:.3g}, {a['lr_over_batch']:.2g}, {a['steps_per_run']:.0f})"
+            for arm, a in arms.items()) + ".")
+    if name == "rescaling":
+        alphas = ", ".join(f"{a:g}" for a in s["alphas"])
+        return (f"Rescaling factors α ∈ {{{alphas}}}, for each pair of consecutive linear layers of each seed's "
+                f"model ({len(report['data']['rows'])} rescaled models).")
+    if name == "local_global":
+        return (f"{len(report['data']['models'])} models; robust accuracy on {s['test_examples']} test examples at "
+                f"eps ∈ {{{', '.join(f'{e:g}' for e in s['eps_grid'])}}}.")
+    return ""
+
+
+def _robust_overfitting_curves(report: dict) -> str:
+    """The curves behind the claims: ranges over seeds after the first decay and at the first and last measure."""
+    first_decay = report["settings"]["lr_milestones"][0]
+
+    def span(values: list[float]) -> str:
+        lo, hi = min(values), max(values)
+        return f"{lo:.2g}" if f"{lo:.2g}" == f"{hi:.2g}" else f"{lo:.2g}–{hi:.2g}"
+
+    parts = []
+    for method, seeds in report["data"]["curves"].items():
+        curves = list(seeds.values())
+        after = [p["robust_test_acc"] for c in curves for p in c if p["epoch"] > first_decay]
+        parts.append(f"{method}: robust test accuracy {span(after)} after epoch {first_decay}, robust training "
+                     f"accuracy {span([c[-1]['robust_train_acc'] for c in curves])} at the end; robust-loss sharpness "
+                     f"{span([c[0]['robust_sharpness'] for c in curves])} at the first measure, "
+                     f"{span([c[-1]['robust_sharpness'] for c in curves])} at the last")
+    return "Curves over seeds (ranges): " + "; ".join(parts) + "."
+
+
+def render_scenario(name: str, kept: dict) -> str:
+    """One scenario's block for docs/study.md: its settings, every claim with its number, interval, p-values and
+    verdict, and the scenario's own tables, all from the kept scenario.json."""
+    run = kept["scenarios"][name]
+    report = run["report"]
+    s = report["settings"]
+    lines = [
+        f"From one run at its defaults, kept in `benchmarks/scenario_runs.json`: {s['seeds']} seeds, {s['epochs']} "
+        f"epochs, {report['seconds']:.0f} s ({kept['machine']}, load average {run['load_average']:g}). "
+        + _scenario_settings_line(name, report),
+        "",
+        "| claim (source) | our number | interval | p (Holm) | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for c in report["claims"]:
+        number = f"{c['statistic']} = {_g(c['estimate'])}"
+        if c.get("effect_size") is not None and c.get("effect_measure") not in (None, "kendall_tau", "tau_difference"):
+            number += f" ({c['effect_measure']} = {_g(c['effect_size'], 2)})"
+        interval = f"[{_g(c['low'])}, {_g(c['high'])}] {c['interval']}"
+        if c.get("tolerance") is not None:
+            test = f"tolerance {c['tolerance']}"
+        else:
+            test = f"{_g(c['p_value'], 2)} ({_g(c['p_adjusted'], 2)})"
+        verdict = f"**{c['verdict']}**" if c["verdict"] == "held" else c["verdict"]
+        lines.append(f"| {c['published']} ({c['source']}) | {number} | {interval} | {test} | {verdict} |")
+    if name == "robust_overfitting":
+        lines += ["", _robust_overfitting_curves(report)]
+    own = list(report.get("markdown", []))
+    if own:
+        lines += [""] + [line.replace("## ", "**", 1) + "**" if line.startswith("## ") else line for line in own]
+    return "\n".join(lines) + "\n"
+
+
 def render_example_times(times: dict) -> dict[str, str]:
     """The blocks that quote the examples' wall times (README.md's list, docs/huggingface.md's and docs/accelerate.md's lines)."""
     machine = times["machine"]
@@ -110,6 +198,9 @@ def blocks() -> dict[str, str]:
         out["study-default-run"] = render_study(json.loads(STUDY_RUN.read_text()))
     if EXAMPLE_TIMES.exists():
         out.update(render_example_times(json.loads(EXAMPLE_TIMES.read_text())))
+    if SCENARIO_RUNS.exists():
+        kept = json.loads(SCENARIO_RUNS.read_text())
+        out.update({f"scenario-{name}": render_scenario(name, kept) for name in kept["scenarios"]})
     return out
 
 
@@ -152,6 +243,28 @@ def study(source: str | None) -> None:
     STUDY_RUN.write_text(json.dumps(kept, indent=1, allow_nan=True) + "\n")
 
 
+def scenarios(source: str | None) -> None:
+    """Run (or take from ``source``) every scenario at its defaults and keep its scenario.json."""
+    kept = {"machine": _machine(), "scenarios": {}}
+    for name in SCENARIOS:
+        load = os.getloadavg()[0]
+        if source is None:
+            out = Path(tempfile.mkdtemp(prefix=f"sharpguard-{name}-"))
+            subprocess.run([sys.executable, "-m", "sharpguard", "study", "--scenario", name, "--no-progress",
+                            "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
+            load = max(load, os.getloadavg()[0])
+        else:  # the load the run saw, if its folder kept it (load_average.txt); else the load now
+            out = Path(source) / name
+            if (out / "load_average.txt").exists():
+                load = float((out / "load_average.txt").read_text())
+        report = json.loads((out / "scenario.json").read_text())
+        if report["settings"].get("quick"):
+            raise SystemExit(f"doc_numbers: {out} holds a --quick run (a smoke test); the docs quote default runs.")
+        kept["scenarios"][name] = {"load_average": round(load, 1), "report": report}
+        print(f"{name}: {report['seconds']:.0f} s", flush=True)
+    SCENARIO_RUNS.write_text(json.dumps(kept, indent=1, ensure_ascii=False, allow_nan=True) + "\n")
+
+
 def examples() -> None:
     times = {"machine": _machine(), "examples": {}}
     env = {**os.environ, "MPLBACKEND": "Agg"}
@@ -175,12 +288,16 @@ def main(argv=None) -> int:
     st = sub.add_parser("study")
     st.add_argument("--from", dest="source", default=None, help="an existing default-run folder (its report.json)")
     sub.add_parser("examples")
+    sc = sub.add_parser("scenarios")
+    sc.add_argument("--from", dest="source", default=None, help="a folder holding <name>/scenario.json per scenario")
     sub.add_parser("render")
     args = parser.parse_args(argv)
     if args.what == "study":
         study(args.source)
     elif args.what == "examples":
         examples()
+    elif args.what == "scenarios":
+        scenarios(args.source)
     for path in rewrite():
         print(f"rewrote {path.relative_to(ROOT)}")
     return 0

@@ -71,14 +71,17 @@ class MonitorStep:
 
     def finish(self) -> str:
         """Say what the monitor did (Accelerate's logger, main process): the first check apart, the steady
-        state against the budget or why a short run has none; a warning when no check was made. Call
+        state against the budget or why a short run has none; a warning when there is no steady state, when it
+        is over the budget, or when no check was made. Call
         once after the loop; returns the summary line."""
         summary = getattr(self.monitor, "summary", None)
         line = summary() if callable(summary) else ""
         if not self._finished:
             self._finished = True
             if line:
-                _logger().info(f"sharpguard: {line}", main_process_only=True)
+                # a warning when there is no steady state or it is over the budget
+                warns = getattr(self.monitor, "summary_warns", lambda: False)()
+                (_logger().warning if warns else _logger().info)(f"sharpguard: {line}", main_process_only=True)
             for note in getattr(self.monitor, "end_notes", lambda: [])():
                 _logger().warning(f"sharpguard: {note}", main_process_only=True)
         return line
@@ -96,6 +99,10 @@ class MonitorStep:
         model = self.accelerator.unwrap_model(model)
         opt = _unwrap_optimizer(optimizer) if optimizer is not None else None
         metrics = self.driver.step(model, optimizer=opt, loss=loss, batch=batch, started=started)
+        first = getattr(self.monitor, "first_check_line", None)
+        line = first(metrics) if metrics and callable(first) else None
+        if line is not None:
+            _logger().info(f"sharpguard: {line}", main_process_only=True)
         if metrics and self.log and self.accelerator.trackers:
             self.accelerator.log(dict(metrics), step=self.global_step)
         if metrics:

@@ -8,7 +8,7 @@
         model=model, args=args, train_dataset=train,
         sam={"rho": 0.05, "variant": "asam"},            # any variant of sharpguard.optim.make_sam
         adversarial="freelb",                            # or make_method("smart", ...); both together allowed
-        callbacks=[SharpnessMonitorCallback(every_n_steps=200)],
+        callbacks=[SharpnessMonitorCallback()],              # adaptive: checks within 5% of training time
     )
 
 Why a Trainer subclass for SAM: the Trainer calls ``optimizer.step()`` with no closure after

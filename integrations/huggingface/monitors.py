@@ -236,7 +236,9 @@ class _MonitorCallback(TrainerCallback, ExportableState):
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero and hasattr(self.monitor, "summary"):
-            logger.info("sharpguard: %s", self.monitor.summary())
+            # a warning when there is no steady state or it is over the budget: seen at the default verbosity
+            warns = getattr(self.monitor, "summary_warns", lambda: False)()
+            (logger.warning if warns else logger.info)("sharpguard: %s", self.monitor.summary())
             for note in getattr(self.monitor, "end_notes", lambda: [])():
                 logger.warning("sharpguard: %s", note)
         return control
@@ -245,6 +247,10 @@ class _MonitorCallback(TrainerCallback, ExportableState):
         started = time.perf_counter()  # this hook's whole time counts as the monitor's
         opt = _unwrap_optimizer(optimizer) if optimizer is not None else None
         metrics = self.driver.step(model, step=state.global_step, optimizer=opt, started=started)
+        if metrics and state.is_world_process_zero and hasattr(self.monitor, "first_check_line"):
+            line = self.monitor.first_check_line(metrics)
+            if line is not None:
+                logger.info("sharpguard: %s", line)
         if metrics:
             # Through Trainer.log: state.log_history and every report_to integration (they check
             # is_world_process_zero themselves, so every rank calls it).

@@ -646,6 +646,32 @@ class Monitor:
         return (f" (a quick check that proves the measurement end to end: {fs.get('probe_size')} of the probe's "
                 f"{fs.get('of_probe')} examples{tol}; full checks on the whole probe follow on the schedule)")
 
+    def first_check_line(self, metrics: Mapping[str, float]) -> str | None:
+        """One console line right after the first check: ``first check done: <measure>=<value> in <s> s
+        (quick, ...)``, from that check's metrics; None after any other check."""
+        s = self.schedule
+        if s.n_checks != 1 or s.first_check_seconds is None:
+            return None
+        keys = {m: f"{self.prefix}/{m}" if self.prefix else m for m in self.measures}
+        values = [f"{m}={metrics[k]:.4g}" for m, k in keys.items() if k in metrics]
+        fs = self.first_check_settings or {}
+        if fs.get("check") == "quick":
+            kind = f"quick, {fs.get('probe_size')} of the probe's {fs.get('of_probe')} examples"
+            kind += f", tolerance {fs['tol']:g}" if "tol" in fs else ""
+        else:
+            kind = f"full, {self.probe.size} probe examples"
+        adaptive = self.checks_at is None and s.every_n_steps is None
+        then = (f"full checks follow within the {100 * s.budget:g}% budget" if adaptive
+                else "the next follow the schedule")
+        return (f"first check done: {', '.join(values) or 'no value'} in {s.first_check_seconds:.2f} s ({kind}; "
+                f"{type(self).__name__} at step {s.first_check_step}; {then}).")
+
+    def summary_warns(self) -> bool:
+        """Whether :meth:`summary` is a warning: no steady state (the first check only) or a steady-state
+        overhead above the budget. A run with no check warns through :meth:`end_notes` instead."""
+        s = self.schedule
+        return s.n_checks == 1 or (s.n_checks > 1 and s.overhead_pct > 100 * s.budget + 1e-9)
+
     def _no_check_reason(self) -> str:
         s = self.schedule
         if not self.probe.ready:
