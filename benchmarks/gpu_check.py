@@ -84,15 +84,16 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-if importlib.util.find_spec("sharpguard") is None:
-    # not installed: the source tree (sharpguard.integrations then needs the shadow package that
-    # benchmarks/gpu_check.sh builds, since it lives in the top-level folder integrations/)
-    sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-import _results  # noqa: E402
-from _results import machine  # noqa: E402
-from sam_overhead import interleaved  # noqa: E402  (the timing method of the SAM overhead benchmark)
+# sharpguard is the installed one (on a bare GPU image, benchmarks/gpu_check.sh puts the source tree's
+# shadow package on PYTHONPATH: sharpguard.integrations lives in the top-level folder integrations/)
+if __package__:  # imported as part of the benchmarks package (by the tests, or python -m benchmarks.X)
+    from benchmarks import _results
+    from benchmarks._results import machine
+    from benchmarks.sam_overhead import interleaved  # the timing method of the SAM overhead benchmark
+else:  # run as python benchmarks/gpu_check.py: this folder is sys.path[0]
+    import _results
+    from _results import machine
+    from sam_overhead import interleaved  # the timing method of the SAM overhead benchmark
 
 import sharpguard as sg  # noqa: E402
 

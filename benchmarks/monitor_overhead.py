@@ -24,15 +24,16 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import machine, timed, write_section  # noqa: E402
-from lightning_digits import DigitsCNN, digits_loaders  # noqa: E402
+if __package__:  # imported as part of the benchmarks package (by the tests, or python -m benchmarks.X)
+    from benchmarks._results import example, machine, timed, write_section
+else:  # run as python benchmarks/monitor_overhead.py: this folder is sys.path[0]
+    from _results import example, machine, timed, write_section
+_digits_example = example("lightning_digits")  # examples/lightning_digits.py
+DigitsCNN, digits_loaders = _digits_example.DigitsCNN, _digits_example.digits_loaders
 
 from sharpguard.integrations.lightning import NAMESPACE, RobustnessMonitor, SharpnessMonitor  # noqa: E402
 

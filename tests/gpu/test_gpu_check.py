@@ -144,11 +144,8 @@ def test_timing_checks_and_monitor_rows(dry_run):
 
 def test_the_comparison_and_the_verdict_can_fail():
     """The helpers the dry run relies on are not vacuous: a changed weight is seen, and failures are listed."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    from benchmarks import gpu_check
+
     start = {"w": torch.zeros(3), "b": torch.zeros(2)}
     ref = {"w": torch.tensor([1.0, -2.0, 0.5]), "b": torch.tensor([0.25, 0.0])}
     assert gpu_check.rel_diffs(ref, ref, start) == (0.0, 0.0)

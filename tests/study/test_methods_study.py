@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,16 +12,11 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("scipy")
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def ms():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import methods_study
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    from benchmarks import methods_study
+
     return methods_study
 
 
