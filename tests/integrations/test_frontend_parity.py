@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sharpguard.optim import VARIANTS, make_sam
+from tests.helpers import front_ends
 
 STEPS, GA, MB, LR = 6, 2, 8, 0.1
 OPTIMIZER = {"lr": LR, "momentum": 0.9}  # momentum: Momentum-SAM needs it, and it tests state handling
@@ -89,85 +90,27 @@ def weights(net: nn.Module) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ front ends
 def run_plain(variant: str, net: Net, ga: int = GA, steps: int = STEPS) -> None:
     opt = make_sam(torch.optim.SGD(net.parameters(), **optimizer_kwargs(variant)), variant, model=net, **knobs(variant))
-    mbs = micro_batches(steps, ga)
-    for s in range(steps):
-        window = mbs[s * ga : (s + 1) * ga]
-
-        def closure() -> torch.Tensor:
-            total = 0.0
-            for mb in window:
-                loss = net(**mb)["loss"] / ga
-                loss.backward()
-                total = total + loss.detach()
-            return total
-
-        opt.zero_grad()
-        opt.step(closure)
+    front_ends.run_plain(opt, net, micro_batches(steps, ga), ga, steps=steps)
 
 
 def run_lightning(variant: str, net: Net, ga: int = GA, steps: int = STEPS, plugins=None) -> None:
-    from sharpguard.integrations._lightning_namespace import pl
     from sharpguard.integrations.lightning import SharpnessAwareMinimization
 
-    class Lit(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def training_step(self, batch, batch_idx):
-            return self.net(**batch)["loss"]
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), **optimizer_kwargs(variant))
-
-    trainer = pl.Trainer(
-        max_steps=steps, accumulate_grad_batches=ga, accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[SharpnessAwareMinimization(variant=variant, **knobs(variant))], plugins=plugins,
-    )
-    trainer.fit(Lit(), loader(ga, steps))
+    front_ends.run_lightning(net, lambda m: torch.optim.SGD(m.parameters(), **optimizer_kwargs(variant)),
+                             loader(ga, steps), SharpnessAwareMinimization(variant=variant, **knobs(variant)), ga,
+                             max_steps=steps, plugins=plugins)
 
 
 def run_hf(variant: str, net: Net, tmp_path, ga: int = GA, steps: int = STEPS, scaler=None) -> None:
-    from transformers import TrainingArguments
-
-    from sharpguard.integrations.huggingface import SharpGuardTrainer
-
-    class InOrder(SharpGuardTrainer):
-        def _get_train_sampler(self, *args, **kwargs):  # the same data order as the other front ends
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=MB, gradient_accumulation_steps=ga, max_steps=steps,
-        learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, report_to=[],
-        save_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
-        remove_unused_columns=False,
-    )
     opt = torch.optim.SGD(net.parameters(), **optimizer_kwargs(variant))
-    trainer = InOrder(model=net, args=args, train_dataset=torch.utils.data.Subset(Data(), range(steps * ga * MB)),
-                      optimizers=(opt, None), sam={"variant": variant, **knobs(variant)})
-    if scaler is not None:
-        trainer.accelerator.scaler = scaler
-    trainer.train()
+    front_ends.run_hf(net, opt, torch.utils.data.Subset(Data(), range(steps * ga * MB)), tmp_path,
+                      {"variant": variant, **knobs(variant)}, micro_batch=MB, lr=LR, accumulation=ga, max_steps=steps,
+                      scaler=scaler)
 
 
 def run_accelerate(variant: str, net: Net, ga: int = GA, steps: int = STEPS, scaler=None) -> None:
-    from accelerate import Accelerator
-
-    from sharpguard.integrations.accelerate import SharpnessAwareMinimization
-
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ga)
-    if scaler is not None:
-        accelerator.scaler = scaler
     opt = torch.optim.SGD(net.parameters(), **optimizer_kwargs(variant))
-    model, opt, data = accelerator.prepare(net, opt, loader(ga, steps))
-    sam = SharpnessAwareMinimization(accelerator, model, opt, variant=variant, loss_fn=lambda m, b: m(**b)["loss"],
-                                     **knobs(variant))
-    for batch in data:
-        with accelerator.accumulate(model):
-            sam.backward(batch)
-            opt.step()
-            opt.zero_grad()
+    front_ends.run_accelerate(net, opt, loader(ga, steps), {"variant": variant, **knobs(variant)}, ga, scaler=scaler)
 
 
 # Accelerate keeps process-wide singletons: every test here gets its own (tests/conftest.py)

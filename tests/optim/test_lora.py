@@ -12,6 +12,7 @@ import torch
 
 from sharpguard.errors import ConfigurationError
 from sharpguard.optim import SAM, FlatLoRA, lora_parameters, make_sam
+from tests.helpers import front_ends
 
 VOCAB, SEQ, MB, STEPS, LR = 32, 8, 4, 3, 0.05
 
@@ -119,60 +120,23 @@ def test_flat_lora_noise_follows_the_output_units_of_a_transposed_conv1d():
 # ------------------------------------------------------------------------------------- front ends
 def run_plain(model) -> None:
     opt = make_sam(torch.optim.SGD(lora_parameters(model), lr=LR), "flat_lora", model=model)
-    for batch in batches():
-        def closure(b=batch):
-            opt.zero_grad()
-            loss = model(**b).loss
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+    front_ends.run_plain(opt, model, batches(), 1, loss_fn=lambda m, b, epoch: m(**b).loss)
 
 
 def run_hf(model, tmp_path) -> None:
-    from transformers import TrainingArguments
-
-    from sharpguard.integrations.huggingface import SharpGuardTrainer
-
-    class InOrder(SharpGuardTrainer):
-        def _get_train_sampler(self, *args, **kwargs):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=MB, max_steps=STEPS, learning_rate=LR,
-        lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, report_to=[], save_strategy="no",
-        logging_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0, remove_unused_columns=False,
-    )
-    trainer = InOrder(model=model, args=args, train_dataset=Counting(),
-                      optimizers=(torch.optim.SGD(lora_parameters(model), lr=LR), None), sam={"variant": "flat_lora"})
     # the model's own mean loss, as in the other front ends (not the Trainer's sum / num_items_in_batch,
     # which counts the unshifted labels of a causal LM)
-    trainer.model_accepts_loss_kwargs = False
-    trainer.train()
+    front_ends.run_hf(model, torch.optim.SGD(lora_parameters(model), lr=LR), Counting(), tmp_path,
+                      {"variant": "flat_lora"}, micro_batch=MB, lr=LR, max_steps=STEPS, model_accepts_loss_kwargs=False)
 
 
 def run_lightning(model) -> None:
-    from sharpguard.integrations._lightning_namespace import pl
     from sharpguard.integrations.lightning import SharpnessAwareMinimization
 
-    class Lit(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def training_step(self, batch, batch_idx):
-            return self.model(**batch).loss
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(lora_parameters(self.model), lr=LR)
-
-    trainer = pl.Trainer(
-        max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[SharpnessAwareMinimization(variant="flat_lora")],
-    )
     loader = torch.utils.data.DataLoader(Counting(), batch_size=MB, shuffle=False)
-    trainer.fit(Lit(), loader)
+    front_ends.run_lightning(model, lambda m: torch.optim.SGD(lora_parameters(m), lr=LR), loader,
+                             SharpnessAwareMinimization(variant="flat_lora"), max_steps=STEPS,
+                             loss_fn=lambda m, batch, epoch: m(**batch).loss)
 
 
 # Accelerate keeps process-wide singletons: every test here gets its own (tests/conftest.py)

@@ -19,6 +19,7 @@ from torch import nn
 from sharpguard.errors import ConfigurationError
 from sharpguard.optim import SAM, _phase, make_sam
 from sharpguard.optim.data_selection import DEFAULT_GAMMA, SharpnessDataSelection
+from tests.helpers import front_ends
 
 RHO, LR = 0.5, 0.1
 
@@ -323,88 +324,26 @@ def per_example(net: nn.Module, batch) -> torch.Tensor:
 
 def run_plain(variant: str, net: Net, sds) -> None:
     opt = make_sam(torch.optim.SGD(net.parameters(), **OPTIMIZER), variant, model=net)
-    batches = list(loader())
-    for s in range(STEPS):
-        window = batches[s * GA : (s + 1) * GA]
-
-        def closure(window=window):
-            total = 0.0
-            for mb in window:
-                loss = sds(per_example(net, mb)) / GA
-                loss.backward()
-                total = total + loss.detach()
-            return total
-
-        opt.zero_grad()
-        opt.step(closure)
+    front_ends.run_plain(opt, net, list(loader()), GA, steps=STEPS, loss_fn=lambda m, mb, epoch: sds(per_example(m, mb)))
 
 
 def run_lightning(variant: str, net: Net, sds) -> None:
-    from sharpguard.integrations._lightning_namespace import pl
     from sharpguard.integrations.lightning import SharpnessAwareMinimization
 
-    class Lit(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def training_step(self, batch, batch_idx):
-            return sds(per_example(self.net, batch))  # Lightning divides by the accumulation steps
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), **OPTIMIZER)
-
-    trainer = pl.Trainer(
-        max_steps=STEPS, accumulate_grad_batches=GA, accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[SharpnessAwareMinimization(variant=variant)],
-    )
-    trainer.fit(Lit(), loader())
+    front_ends.run_lightning(net, lambda m: torch.optim.SGD(m.parameters(), **OPTIMIZER), loader(),
+                             SharpnessAwareMinimization(variant=variant), GA, max_steps=STEPS,
+                             loss_fn=lambda m, batch, epoch: sds(per_example(m, batch)))
 
 
 def run_hf(variant: str, net: Net, sds, tmp_path) -> None:
-    from sharpguard.integrations.huggingface import SharpGuardTrainer
-    from transformers import TrainingArguments
-
-    class SDSTrainer(SharpGuardTrainer):
-        # the loss below is a per-batch mean: the Trainer divides it by the accumulation steps
-        loss_is_scaled_for_ga = False
-
-        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-            labels = inputs.pop("labels")
-            logits = model(**inputs)
-            loss = sds(F.cross_entropy(logits, labels, reduction="none"))
-            return (loss, {"logits": logits}) if return_outputs else loss
-
-        def _get_train_sampler(self, *args, **kwargs):  # the same data order as the other front ends
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=MB, gradient_accumulation_steps=GA, max_steps=STEPS,
-        learning_rate=OPTIMIZER["lr"], lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
-        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
-        remove_unused_columns=False,
-    )
-    trainer = SDSTrainer(model=net, args=args, train_dataset=Data(),
-                         optimizers=(torch.optim.SGD(net.parameters(), **OPTIMIZER), None), sam={"variant": variant})
-    trainer.train()
+    front_ends.run_hf(net, torch.optim.SGD(net.parameters(), **OPTIMIZER), Data(), tmp_path, {"variant": variant},
+                      micro_batch=MB, lr=OPTIMIZER["lr"], accumulation=GA, max_steps=STEPS,
+                      loss_fn=lambda m, batch, epoch: sds(per_example(m, batch)))
 
 
 def run_accelerate(variant: str, net: Net, sds) -> None:
-    from accelerate import Accelerator
-    from sharpguard.integrations.accelerate import SharpnessAwareMinimization
-
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA)
-    opt = torch.optim.SGD(net.parameters(), **OPTIMIZER)
-    model, opt, data = accelerator.prepare(net, opt, loader())
-    sam = SharpnessAwareMinimization(accelerator, model, opt, variant=variant,
-                                     loss_fn=lambda m, batch: sds(per_example(m, batch)))
-    for batch in data:
-        with accelerator.accumulate(model):
-            sam.backward(batch)
-            opt.step()
-            opt.zero_grad()
-
+    front_ends.run_accelerate(net, torch.optim.SGD(net.parameters(), **OPTIMIZER), loader(), {"variant": variant}, GA,
+                              loss_fn=lambda m, batch, epoch: sds(per_example(m, batch)))
 
 
 def flat(net: nn.Module) -> torch.Tensor:

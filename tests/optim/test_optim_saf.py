@@ -19,6 +19,7 @@ from torch import nn
 from sharpguard.errors import ConfigurationError
 from sharpguard.optim import SAM
 from sharpguard.optim.saf import SAF
+from tests.helpers import front_ends
 
 N, D, C, MB, LR = 12, 5, 4, 4, 0.2
 
@@ -349,88 +350,27 @@ def fe_plain(net, saf) -> None:
     from sharpguard.optim import make_sam
 
     opt = make_sam(torch.optim.SGD(net.parameters(), **FE_OPTIMIZER), "sam", model=net)
-    batches = list(fe_loader())
-    for epoch in range(FE_EPOCHS):
-        for s in range(0, len(batches), FE_GA):
-            window = batches[s : s + FE_GA]
-
-            def closure(window=window, epoch=epoch):
-                for mb in window:
-                    (fe_loss(net, mb, saf, epoch) / FE_GA).backward()
-
-            opt.zero_grad()
-            opt.step(closure)
+    front_ends.run_plain(opt, net, list(fe_loader()), FE_GA, epochs=FE_EPOCHS,
+                         loss_fn=lambda m, mb, epoch: fe_loss(m, mb, saf, epoch))
 
 
 def fe_lightning(net, saf) -> None:
-    from sharpguard.integrations._lightning_namespace import pl
     from sharpguard.integrations.lightning import SharpnessAwareMinimization
 
-    class Lit(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def training_step(self, batch, batch_idx):
-            return fe_loss(self.net, batch, saf, self.current_epoch)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), **FE_OPTIMIZER)
-
-    trainer = pl.Trainer(
-        max_epochs=FE_EPOCHS, accumulate_grad_batches=FE_GA, accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[SharpnessAwareMinimization(variant="sam")],
-    )
-    trainer.fit(Lit(), fe_loader())
+    front_ends.run_lightning(net, lambda m: torch.optim.SGD(m.parameters(), **FE_OPTIMIZER), fe_loader(),
+                             SharpnessAwareMinimization(variant="sam"), FE_GA, max_epochs=FE_EPOCHS,
+                             loss_fn=lambda m, batch, epoch: fe_loss(m, batch, saf, epoch))
 
 
 def fe_hf(net, saf, tmp_path) -> None:
-    import math
-
-    from sharpguard.integrations.huggingface import SharpGuardTrainer
-    from transformers import TrainingArguments
-
-    class SAFTrainer(SharpGuardTrainer):
-        loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
-
-        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-            labels, index = inputs.pop("labels"), inputs.pop("index")
-            logits = model(**inputs)
-            # state.epoch is epoch + (steps done) / steps per epoch: its floor is the epoch running
-            loss = F.cross_entropy(logits, labels) + saf(logits, index, math.floor(self.state.epoch))
-            return (loss, {"logits": logits}) if return_outputs else loss
-
-        def _get_train_sampler(self, *args, **kwargs):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=FE_MB, gradient_accumulation_steps=FE_GA,
-        num_train_epochs=FE_EPOCHS, learning_rate=FE_OPTIMIZER["lr"], lr_scheduler_type="constant", max_grad_norm=0.0,
-        weight_decay=0.0, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-        dataloader_num_workers=0, seed=0, remove_unused_columns=False,
-    )
-    SAFTrainer(model=net, args=args, train_dataset=Indexed(),
-               optimizers=(torch.optim.SGD(net.parameters(), **FE_OPTIMIZER), None), sam={"variant": "sam"}).train()
+    front_ends.run_hf(net, torch.optim.SGD(net.parameters(), **FE_OPTIMIZER), Indexed(), tmp_path, {"variant": "sam"},
+                      micro_batch=FE_MB, lr=FE_OPTIMIZER["lr"], accumulation=FE_GA, epochs=FE_EPOCHS,
+                      loss_fn=lambda m, batch, epoch: fe_loss(m, batch, saf, epoch))
 
 
 def fe_accelerate(net, saf) -> None:
-    from accelerate import Accelerator
-    from sharpguard.integrations.accelerate import SharpnessAwareMinimization
-
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=FE_GA)
-    opt = torch.optim.SGD(net.parameters(), **FE_OPTIMIZER)
-    model, opt, data = accelerator.prepare(net, opt, fe_loader())
-    epoch = 0
-    sam = SharpnessAwareMinimization(accelerator, model, opt, variant="sam",
-                                     loss_fn=lambda m, batch: fe_loss(m, batch, saf, epoch))
-    for epoch in range(FE_EPOCHS):  # the loss_fn reads the loop's epoch
-        for batch in data:
-            with accelerator.accumulate(model):
-                sam.backward(batch)
-                opt.step()
-                opt.zero_grad()
-
+    front_ends.run_accelerate(net, torch.optim.SGD(net.parameters(), **FE_OPTIMIZER), fe_loader(), {"variant": "sam"},
+                              FE_GA, epochs=FE_EPOCHS, loss_fn=lambda m, batch, epoch: fe_loss(m, batch, saf, epoch))
 
 
 def test_saf_with_sam_trains_to_the_same_weights_in_every_front_end(tmp_path, _fresh_accelerate_state):
