@@ -12,7 +12,7 @@ import sys
 
 import torch
 from tests.helpers.distributed import exit_torchrun_worker
-from tests.helpers.tiny_text import FirstTokenTask, tiny_bert
+from tests.helpers.tiny_text import FirstTokenTask, per_worker_sam_trainer, tiny_bert
 
 
 def accelerate_run() -> dict:
@@ -49,28 +49,7 @@ def accelerate_run() -> dict:
 
 
 def hf_run(out: str) -> dict:
-    from transformers import TrainingArguments
-
-    from sharpguard.integrations.huggingface import SharpGuardTrainer
-
-    class RecordingTrainer(SharpGuardTrainer):
-        def training_step(self, model, inputs, *args, **kwargs):
-            self.seen.append({k: v.detach().cpu().clone() for k, v in inputs.items()})
-            return super().training_step(model, inputs, *args, **kwargs)
-
-    model = tiny_bert()
-    args = TrainingArguments(
-        output_dir=f"{out}/hf", use_cpu=True, fsdp=True, fsdp_config={"fsdp_version": 2},
-        max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_grad_norm=0.0,
-        lr_scheduler_type="constant", average_tokens_across_devices=False, report_to="none",
-        disable_tqdm=True, save_strategy="no", seed=0,
-    )
-    trainer = RecordingTrainer(
-        model=model, args=args, train_dataset=FirstTokenTask(32),
-        optimizers=(torch.optim.SGD(model.parameters(), lr=0.5), None), sam={"rho": 0.2},
-    )
-    trainer.loss_is_scaled_for_ga = False  # per-batch mean losses, averaged over the window
-    trainer.seen = []
+    trainer = per_worker_sam_trainer(out, fsdp=True, fsdp_config={"fsdp_version": 2})
     trainer.train()
     engine = trainer._sg_engine
     return {

@@ -94,6 +94,38 @@ def trainer_args(output_dir, **overrides):
     return TrainingArguments(**base)
 
 
+def per_worker_sam_trainer(out, **overrides):
+    """The two-process HF runs of the distributed tests: SharpGuardTrainer(sam={"rho": 0.2}) on the tiny BERT,
+    SGD at 0.5, two optimizer steps of two micro-batches of 4 per rank, per-batch mean losses; it keeps in
+    ``.seen`` the micro-batches its loop hands to ``training_step`` (detached, on CPU), from which the
+    tests rebuild per-worker SAM in one process. ``overrides`` go to ``TrainingArguments`` (FSDP, say)."""
+    from transformers import TrainingArguments
+
+    from sharpguard.integrations.huggingface import SharpGuardTrainer
+
+    class RecordingTrainer(SharpGuardTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            self.seen.append({k: v.detach().cpu().clone() for k, v in inputs.items()})
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    args = dict(
+        output_dir=f"{out}/hf",
+        use_cpu=True,  # without it torchrun on a GPU-less box gives two independent single runs
+        max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_grad_norm=0.0,
+        lr_scheduler_type="constant", average_tokens_across_devices=False, report_to="none", disable_tqdm=True,
+        save_strategy="no", seed=0,
+    )
+    args.update(overrides)
+    model = tiny_bert()
+    trainer = RecordingTrainer(
+        model=model, args=TrainingArguments(**args), train_dataset=FirstTokenTask(32),
+        optimizers=(torch.optim.SGD(model.parameters(), lr=0.5), None), sam={"rho": 0.2},
+    )
+    trainer.loss_is_scaled_for_ga = False  # per-batch mean losses, averaged over the window
+    trainer.seen = []
+    return trainer
+
+
 def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import pytorch_lightning as pl
 from tests.helpers.lightning_dist import LeaveTogether  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
+from tests.helpers import lit_digits  # noqa: E402
 
 from sharpguard.adversarial import (  # noqa: E402
     PGDAT,
@@ -39,8 +39,7 @@ EPS, ALPHA, K = 0.1, 0.05, 2
 
 
 def digits(n: int = N) -> tuple[torch.Tensor, torch.Tensor]:
-    d = load_digits()
-    return torch.tensor(d.data[:n], dtype=torch.float32) / 16.0, torch.tensor(d.target[:n], dtype=torch.long)
+    return lit_digits.digits(n)
 
 
 def loader(batch_size: int = BATCH, collate_fn=None) -> torch.utils.data.DataLoader:
@@ -69,26 +68,11 @@ def trades() -> TRADES:
     return make_method("trades", beta=2.0, eps=EPS, alpha=ALPHA, steps=K, seed=0)
 
 
-class LitDigits(pl.LightningModule):
+class LitDigits(lit_digits.LitDigits):
     """A LightningModule as users write it: cross entropy of its own forward."""
 
     def __init__(self):
-        super().__init__()
-        self.net = make_net()
-        self.seen: list[torch.Tensor] = []
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        self.seen.append(x.detach().clone())
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=LR)
+        super().__init__(make_net(), lr=LR)
 
 
 class LitMixin(AdversarialTrainingMixin, LitDigits):

@@ -10,7 +10,7 @@ from torch import nn
 
 import pytorch_lightning as pl
 from tests.helpers.lightning_dist import LeaveTogether  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
+from tests.helpers import lit_digits  # noqa: E402
 
 from sharpguard.integrations.lightning import SharpnessAwareMinimization  # noqa: E402
 
@@ -20,8 +20,7 @@ N, BATCH, RHO, LR, STEPS = 128, 16, 0.05, 0.2, 3
 
 
 def digits():
-    d = load_digits()
-    return torch.tensor(d.data[:N], dtype=torch.float32) / 16.0, torch.tensor(d.target[:N], dtype=torch.long)
+    return lit_digits.digits(N)
 
 
 def make_net() -> nn.Module:
@@ -29,22 +28,9 @@ def make_net() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
 
 
-class LitDigits(pl.LightningModule):
+class LitDigits(lit_digits.LitDigits):
     def __init__(self):
-        super().__init__()
-        self.net = make_net()
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=LR)
+        super().__init__(make_net(), lr=LR)
 
     def train_dataloader(self):
         # each rank reads its own fixed shard (examples rank, rank + 2, ...) so the reference knows it

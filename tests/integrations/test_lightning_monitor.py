@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pytorch_lightning as pl
-from sklearn.datasets import load_digits  # noqa: E402
+from tests.helpers import lit_digits  # noqa: E402
 
 from sharpguard.integrations.lightning import (  # noqa: E402
     NAMESPACE,
@@ -30,37 +30,22 @@ N, BATCH = 192, 32
 
 
 def digits(n: int = N):
-    d = load_digits()
-    return torch.tensor(d.data[:n], dtype=torch.float32) / 16.0, torch.tensor(d.target[:n], dtype=torch.long)
+    return lit_digits.digits(n)
 
 
 def loader(shuffle: bool = False, n: int = N, batch_size: int = BATCH):
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*digits(n)), batch_size=batch_size, shuffle=shuffle)
 
 
-class LitDigits(pl.LightningModule):
+class LitDigits(lit_digits.LitDigits):
     def __init__(self, lr: float = 0.2, dropout: float = 0.0, bn: bool = False):
-        super().__init__()
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32) if bn else nn.Identity(), nn.ReLU(),
-                                 nn.Dropout(dropout), nn.Linear(32, 10))
-        self.lr = lr
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
+        super().__init__(nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32) if bn else nn.Identity(), nn.ReLU(),
+                                       nn.Dropout(dropout), nn.Linear(32, 10)), lr=lr)
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
         self.log("val_loss", F.cross_entropy(self(x), y))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
 def trainer(**kw):

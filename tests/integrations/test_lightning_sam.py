@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pytorch_lightning as pl
-from sklearn.datasets import load_digits  # noqa: E402
+from tests.helpers import lit_digits  # noqa: E402
 
 from sharpguard.errors import ConfigurationError  # noqa: E402
 from sharpguard.integrations.lightning import NAMESPACE, SharpnessAwareMinimization  # noqa: E402
@@ -19,10 +19,7 @@ N, BATCH, RHO, LR = 192, 32, 0.05, 0.2
 
 
 def digits(n: int = N) -> tuple[torch.Tensor, torch.Tensor]:
-    d = load_digits()
-    x = torch.tensor(d.data[:n], dtype=torch.float32) / 16.0
-    y = torch.tensor(d.target[:n], dtype=torch.long)
-    return x, y
+    return lit_digits.digits(n)
 
 
 def loader(batch_size: int = BATCH) -> torch.utils.data.DataLoader:
@@ -34,31 +31,11 @@ def make_net(bn: bool = False) -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32) if bn else nn.Identity(), nn.Tanh(), nn.Linear(32, 10))
 
 
-class LitDigits(pl.LightningModule):
+class LitDigits(lit_digits.LitDigits):
     """A LightningModule as users write it."""
 
     def __init__(self, lr: float = LR, momentum: float = 0.0, bn: bool = False, gamma: float | None = None):
-        super().__init__()
-        self.net = make_net(bn)
-        self.lr, self.momentum, self.gamma = lr, momentum, gamma
-        self.train_steps = 0
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, on_step=True, on_epoch=False)
-        self.train_steps += 1
-        return loss
-
-    def configure_optimizers(self):
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
-        if self.gamma is None:
-            return opt
-        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=self.gamma)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        super().__init__(make_net(bn), lr=lr, momentum=momentum, gamma=gamma)
 
 
 def trainer(**kw) -> pl.Trainer:
