@@ -9,8 +9,8 @@ extra time for the default monitor, whose adaptive schedule keeps its own time w
 table also gives what the monitors report themselves (``monitor/overhead_pct``) and how many checks
 they ran. Writes the section "Monitor overhead" of benchmarks/RESULTS.md.
 
-``--check-cost`` instead measures, for each model of the client matrix (tests/test_monitor_clients.py,
-tests/test_monitor_hf_clients.py: Lightning's demo modules and Hugging Face families built from tiny
+``--check-cost`` instead measures, for each model of the client matrix (tests/monitor/test_monitor_clients.py,
+tests/monitor/test_monitor_hf_clients.py: Lightning's demo modules and Hugging Face families built from tiny
 configs), one default ``SharpnessMonitor`` check (default measures, the auto-sized probe of one training
 batch, the framework's own loss) in training steps of the same model and batch: cold (the first check)
 and warm (later checks, Lanczos warm-started). Target (issue 11): at most ~50 steps. Writes the section

@@ -104,7 +104,7 @@ def test_restore_callback_states_flag_restores_the_live_callback_in_place(tmp_pa
 
 def test_plain_trainer_without_set_trainer_logs_into_log_history(tmp_path):
     """The one line works: without its trainer the callback writes the rows Trainer.log would write
-    (tests/test_frontend_messages.py checks what it says about the rest)."""
+    (tests/integrations/test_frontend_messages.py checks what it says about the rest)."""
     cb = _monitor()
     trainer = Trainer(model=tiny_bert(), args=_args(tmp_path), train_dataset=FirstTokenTask(48), callbacks=[cb])
     trainer.train()

@@ -26,7 +26,7 @@ from sharpguard.errors import ConfigurationError
 from sharpguard.optim import VARIANTS, make_sam
 from sharpguard.optim.sam import SAMFallbackWarning
 
-# every variant that wraps a plain model (Flat-LoRA needs a peft LoRA model: tests/test_lora.py) around
+# every variant that wraps a plain model (Flat-LoRA needs a peft LoRA model: tests/optim/test_lora.py) around
 # SGD with momentum (bSAM is its own Adam-like update on a plain SGD: its faults are in test_optim_gam_bsam.py)
 VARIANT_NAMES = sorted(v for v in VARIANTS if v not in ("flat_lora", "bsam"))
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

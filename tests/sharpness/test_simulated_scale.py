@@ -4,7 +4,7 @@ and the exact-product floor and the cost model on a GPT-2 124M built from its co
 The harness tests check the counters against independent references: FLOPs of dense layers counted by
 hand, category bytes from the parameter count, a fake run against the same run on real tensors, FSDP2
 shards against the world size. SAM's memory and FLOP targets at 124M (single device and FSDP2 world 8)
-are asserted in tests/test_optim_simulated.py; the curvature checks' targets at 124M-7B are reported,
+are asserted in tests/optim/test_optim_simulated.py; the curvature checks' targets at 124M-7B are reported,
 met or not and by how much, by benchmarks/simulate.py ("Simulated production scale" in
 benchmarks/RESULTS.md), since several are not met yet.
 """
