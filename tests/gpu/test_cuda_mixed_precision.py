@@ -1,14 +1,15 @@
-"""The GPU check's correctness part on a CUDA device, at its full sizes (GPT-2 small, ResNet-18): a few SAM
-steps through every adapter (plain ``sharpguard.SAM``, the Lightning callback, ``SharpGuardTrainer``, the
-Accelerate helper) in fp32 twice, fp16 and bf16, then an fp16 overflow forced into each.
+"""The GPU check's correctness part (tests/helpers/mixed_precision.py): a few SAM steps through every adapter
+(plain ``sharpguard.SAM``, the Lightning callback, ``SharpGuardTrainer``, the Accelerate helper) in fp32
+twice, fp16 and bf16, then an fp16 overflow forced into each.
 
 A second fp32 run is bitwise the first (true fp32, deterministic kernels); a half-precision run really ran
 (its update differs from fp32, a silent fp32 fallback would give exactly 0) and stays close (a gradient left
 scaled, or unscaled twice, would be off by orders of magnitude); a forced overflow is skipped by the
-GradScaler with the weights bitwise unchanged. The runs are those of ``benchmarks/gpu_check.py`` (which
-reports their memory and times); ``tests/gpu/test_gpu_check.py`` runs the same code at tiny sizes on CPU.
+GradScaler with the weights bitwise unchanged.
 
-Skipped without CUDA only: CI has no GPU. ``bash benchmarks/gpu_check.sh`` runs these tests on a GPU machine.
+On CUDA at the GPU check's full sizes (GPT-2 small, ResNet-18), skipped only without CUDA (CI has no GPU;
+``bash benchmarks/gpu_check.sh`` runs these on a GPU machine); on CPU at its tiny sizes, so that CI keeps
+every code path working meanwhile.
 """
 
 from __future__ import annotations
@@ -18,23 +19,27 @@ import math
 import pytest
 import torch
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU check's correctness part)"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-]
+from tests.helpers import mixed_precision
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 ADAPTERS = ("sharpguard.SAM", "Lightning callback", "HF SharpGuardTrainer", "Accelerate SAM")
+DEVICES = [
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    pytest.param("cpu", marks=pytest.mark.slow),
+]
 
 
-@pytest.fixture(scope="module")
-def results() -> dict:
-    """The adapters part of the GPU check, run once for the module on the current CUDA device."""
+@pytest.fixture(scope="module", params=DEVICES)
+def results(request) -> dict:
+    """The adapter runs, once per device for the module: full sizes on CUDA, tiny on CPU."""
     from benchmarks import gpu_check
 
-    ctx = gpu_check.Ctx(cpu=False, davda54=None)
-    out: dict = {}
-    gpu_check.part_adapters(ctx, out)
-    out["failures"] = gpu_check.failures(out)
+    ctx = gpu_check.Ctx(cpu=request.param == "cpu", davda54=None)
+    out: dict = {"device": request.param}
+    mixed_precision.run_adapters(ctx, out)
+    out["failures"] = mixed_precision.failures(out)
+    out["notes"] = ctx.notes
     return out
 
 
@@ -70,6 +75,10 @@ def test_fp32_repeats_are_exact_and_mixed_precision_really_ran(results):
                     # a gradient left scaled (65536x) or unscaled twice would be off by orders of magnitude
                     assert row["rel_update_diff"] < 0.1, row
             assert by["fp16"]["scale_before"] > 0, by["fp16"]
+    if results["device"] == "cpu":
+        lightning = {r["precision"]: r for r in rows if r["adapter"] == "Lightning callback"}
+        assert "bf16" in lightning["fp16 (16-mixed as requested)"]["ran_as"]
+        assert any("16-mixed" in note and "bf16" in note for note in results["notes"])
 
 
 def test_forced_overflow_is_skipped_by_every_adapter(results):
@@ -78,3 +87,25 @@ def test_forced_overflow_is_skipped_by_every_adapter(results):
     for row in rows:
         assert row["step_skipped"] and row["weights_finite"] and row["weights_unchanged"], row
         assert row["scale_after"] < row["scale_before"], row
+
+
+def test_the_comparison_and_the_verdict_can_fail():
+    """The helpers the checks rely on are not vacuous: a changed weight is seen, and failures are listed."""
+    start = {"w": torch.zeros(3), "b": torch.zeros(2)}
+    ref = {"w": torch.tensor([1.0, -2.0, 0.5]), "b": torch.tensor([0.25, 0.0])}
+    assert mixed_precision.rel_diffs(ref, ref, start) == (0.0, 0.0)
+    moved = {"w": ref["w"].clone(), "b": ref["b"].clone()}
+    moved["w"][1] = torch.nextafter(moved["w"][1], torch.tensor(0.0))  # one ulp
+    worst, update = mixed_precision.rel_diffs(moved, ref, start)
+    assert worst > 0 and update > 0
+    assert mixed_precision.skipped_steps(65536.0, 16384.0) == 2 and mixed_precision.skipped_steps(1024.0, 1024.0) == 0
+
+    results = {
+        "adapters": [{"adapter": "x", "model": "m", "precision": "fp32 (repeat)", "max_rel_weight_diff": 1e-7,
+                      "rel_update_diff": 0.0, "finite": True}],
+        "overflow": [{"adapter": "x", "model": "m", "step_skipped": False, "weights_finite": True,
+                      "weights_unchanged": False}],
+    }
+    fails = mixed_precision.failures(results)
+    assert any("second fp32 run differs" in f for f in fails)
+    assert any("not skipped" in f for f in fails)
