@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import re
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 _HEADER = "# Benchmark results\n\nEach section is written by the script it names; rerun the script to refresh it.\n"
 
 
@@ -31,6 +35,22 @@ def machine() -> str:
         f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} ({threads} intra-op threads), "
         f"{gpu}, Python {platform.python_version()}"
     )
+
+
+def example(name: str) -> ModuleType:
+    """The module ``examples/<name>.py`` (examples/ is a folder of scripts, not a package), imported once
+    under its own name so that what it defines can be pickled like any module's."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def timed(fn: Callable[[], object], repeats: int) -> list[float]:

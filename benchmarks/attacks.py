@@ -33,9 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._results import machine, timed, write_section  # noqa: E402
+if __package__:  # imported as part of the benchmarks package (by the tests, or python -m benchmarks.X)
+    from benchmarks._results import machine, timed, write_section
+else:  # run as python benchmarks/attacks.py: this folder is sys.path[0]
+    from _results import machine, timed, write_section
 from sharpguard.adversarial import count_passes, make_method, sam_adversarial_closure  # noqa: E402
 from sharpguard.attacks import make_generator, pgd  # noqa: E402
 from sharpguard.optim.functional import restore_, sam_perturb_  # noqa: E402

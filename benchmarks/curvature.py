@@ -28,18 +28,17 @@ import contextlib
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _results import machine, write_section
-
+if __package__:  # imported as part of the benchmarks package (by the tests, or python -m benchmarks.X)
+    from benchmarks._results import machine, write_section
+else:  # run as python benchmarks/curvature.py: this folder is sys.path[0]
+    from _results import machine, write_section
 from sharpguard.sharpness import HVPOperator, hessian_eigenvalues
 from sharpguard.sharpness.lanczos import Krylov
 

@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
 def _first(monitor, steps: int) -> dict:
@@ -47,7 +44,12 @@ def _first(monitor, steps: int) -> dict:
 
 
 def digits(kw: dict) -> dict:
-    from lightning_digits import DigitsCNN, digits_loaders
+    if __package__:  # imported as benchmarks.first_check_cost
+        from benchmarks._results import example
+    else:  # run as python benchmarks/first_check_cost.py: this folder is sys.path[0]
+        from _results import example
+    digits_example = example("lightning_digits")
+    DigitsCNN, digits_loaders = digits_example.DigitsCNN, digits_example.digits_loaders
 
     from sharpguard.integrations.lightning import NAMESPACE, SharpnessAwareMinimization, SharpnessMonitor
 

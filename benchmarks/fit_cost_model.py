@@ -14,12 +14,10 @@ Run: ``.venv/bin/python benchmarks/fit_cost_model.py`` (reads ``benchmarks/scale
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sharpguard.sharpness.cost import DEFAULT_MAX_BASIS  # noqa: E402
 

@@ -1,34 +1,29 @@
-"""GPU check: mixed precision through every adapter, overflow handling, speed against peers, memory.
+"""GPU check: speed against peers, the curvature and attack checks, the monitor's budget, and memory.
 
+    bash benchmarks/gpu_check.sh                # one CUDA GPU: the tests in tests/gpu, then this script
     python benchmarks/gpu_check.py              # one CUDA GPU, under 8 minutes; writes the section
                                                 # "GPU check" of benchmarks/RESULTS.md
     python benchmarks/gpu_check.py --cpu --out /tmp/gpu_check.md --json /tmp/gpu_check.json
                                                 # the same code paths at tiny sizes on CPU (seconds)
 
-What it measures (each part is one "###" subsection of the output):
+The correctness checks of the GPU check are tests: ``tests/gpu/test_cuda_mixed_precision.py`` runs a few
+SAM steps through every adapter (plain ``sharpguard.SAM``, the Lightning callback, ``SharpGuardTrainer``,
+the Accelerate helper) in fp32 twice, fp16 and bf16 (a second fp32 run must be bitwise the first, a
+half-precision run must really run and stay close), and forces an fp16 overflow into each (the
+GradScaler must skip the step, the weights stay bitwise unchanged), on CUDA at full size and on CPU at
+tiny sizes. They use the models, sizes and context defined here.
 
-1. **Mixed precision through each adapter.** A few SAM steps (SGD, rho 0.05) in fp32, fp16 and bf16
-   through plain ``sharpguard.SAM`` (fp16: two-step form with ``torch.amp.GradScaler``; fp32/bf16:
-   closure form), the Lightning callback ``SharpnessAwareMinimization`` (``precision="16-mixed"`` /
-   ``"bf16-mixed"``), the Hugging Face ``SharpGuardTrainer(sam=...)`` (``TrainingArguments(fp16=...)`` /
-   ``bf16=...``) and the Accelerate ``SharpnessAwareMinimization`` (``Accelerator(mixed_precision=...)``).
-   Each is compared with the same adapter's fp32 run from the same weights on the same batches: the
-   largest relative weight difference (per tensor ``max|w - w_ref| / max|w_ref|``, max over tensors) and
-   the relative difference of the whole update (``||dw - dw_ref|| / ||dw_ref||``). A second fp32 run must
-   give exactly 0 on both (the comparison can fail). The fp32 runs use true fp32 (TF32 off) and
-   deterministic kernels on the GPU.
-2. **Forced overflow.** Under fp16 an inf is forced into the first (clean) pass of the first step: into
-   one gradient for plain SAM, into the loss for the adapters. The scaler must skip the step, the
-   weights must stay finite and bitwise unchanged, and the scale must go down.
-3. **Step time.** Under bf16 autocast, one SAM step against two plain SGD steps and against the SAM
+What this script measures (each part is one "###" subsection of the output):
+
+1. **Step time.** Under bf16 autocast, one SAM step against two plain SGD steps and against the SAM
    of pytorch_optimizer, composer (``SAMOptimizer``) and davda54/sam (its ``sam.py`` on the import
    path, or ``--davda54 PATH``) on a ResNet-18 (CIFAR layout, written here in plain torch) and a
    GPT-2-small decoder built from ``transformers.GPT2Config`` (no downloads). A peer that cannot be
    imported is recorded as "not installed".
-4. **Hessian eigenvalue and PGD.** One ``sharpguard.sharpness.hessian_eigenvalues`` and one
+2. **Hessian eigenvalue and PGD.** One ``sharpguard.sharpness.hessian_eigenvalues`` and one
    ``sharpguard.attacks.pgd`` call timed on each model (PGD on the decoder attacks its input
    embeddings, predicting the last token).
-5. **Monitor budget.** A default ``sharpguard.monitor.SharpnessMonitor()`` (lambda_max + eos_ratio,
+3. **Monitor budget.** A default ``sharpguard.monitor.SharpnessMonitor()`` (lambda_max + eos_ratio,
    adaptive schedule, 5% budget) on a bf16 training loop of the ResNet, run until its next check is due:
    its own ``monitor/overhead_pct``, its share of training time when that check is due, its first
    check's cost against its estimate, and the wall-clock extra against the same loop without it (plus
@@ -37,17 +32,12 @@ What it measures (each part is one "###" subsection of the output):
 Every row gives the peak memory of its configuration: ``torch.cuda.max_memory_allocated`` on a GPU,
 the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) on CPU.
 
-``--cpu`` runs the same code at tiny sizes on CPU. Where a framework cannot do fp16 on CPU it is
-said in the output's notes: Lightning turns ``precision="16-mixed"`` into bf16 on CPU (that row is
-kept, and the fp16 row uses ``MixedPrecision("16-mixed", "cpu", scaler=GradScaler("cpu"))``), and
-Accelerate (so the HF Trainer) runs ``mixed_precision="fp16"`` as plain fp32 on CPU, so the dry run
-turns on its autocast and gives it a ``GradScaler("cpu")``. A dry run writes the section
-"GPU check (CPU dry run)" unless ``--out`` names another file, so it never replaces GPU numbers.
+``--cpu`` runs the same code at tiny sizes on CPU. A dry run writes the section "GPU check (CPU dry
+run)" unless ``--out`` names another file, so it never replaces GPU numbers.
 
 Results are written after every part (a run stopped early leaves what it finished). The exit status
-is 1 when a check failed (a part raised, an fp32 repeat was not exact, an overflow was not skipped);
-"findings" (SAM drifting from fp32 more than plain SGD does, a skipped scaler step, a slow step, an
-unconverged eigenvalue, a monitor over budget) are listed in the verdict but do not fail the run.
+is 1 when a part raised or PGD left its eps ball; "findings" (a slow step, an unconverged eigenvalue,
+a monitor over budget) are listed in the verdict but do not fail the run.
 Warnings sharpguard raised during the run are listed too. ``benchmarks/gpu_check.sh`` wraps this for
 a bare GPU image (sharpguard from the source tree, offline wheels) with an 8-minute stop.
 """
@@ -84,15 +74,16 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-if importlib.util.find_spec("sharpguard") is None:
-    # not installed: the source tree (sharpguard.integrations then needs the shadow package that
-    # benchmarks/gpu_check.sh builds, since it lives in the top-level folder integrations/)
-    sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-import _results  # noqa: E402
-from _results import machine  # noqa: E402
-from sam_overhead import interleaved  # noqa: E402  (the timing method of the SAM overhead benchmark)
+# sharpguard is the installed one (on a bare GPU image, benchmarks/gpu_check.sh puts the source tree's
+# shadow package on PYTHONPATH: sharpguard.integrations lives in the top-level folder integrations/)
+if __package__:  # imported as part of the benchmarks package (by the tests, or python -m benchmarks.X)
+    from benchmarks import _results
+    from benchmarks._results import machine
+    from benchmarks.sam_overhead import interleaved  # the timing method of the SAM overhead benchmark
+else:  # run as python benchmarks/gpu_check.py: this folder is sys.path[0]
+    import _results
+    from _results import machine
+    from sam_overhead import interleaved  # the timing method of the SAM overhead benchmark
 
 import sharpguard as sg  # noqa: E402
 
@@ -241,19 +232,6 @@ def loss_of(model: nn.Module, batch: Any) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
 
 
-class ListDataset(torch.utils.data.Dataset):
-    """Examples of a list of dict batches, one by one (for the framework DataLoaders)."""
-
-    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
-        self.rows = [{k: v[i].cpu() for k, v in b.items()} for b in batches for i in range(len(b["input_ids"]))]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.rows[i]
-
-
 # ======================================================================================= measurement
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -317,65 +295,6 @@ def measured(mem: Memory) -> Iterator[dict[str, float]]:
     rec["peak_mib"] = mem.peak()
 
 
-@contextlib.contextmanager
-def exact_fp32(device: torch.device) -> Iterator[None]:
-    """True fp32 and deterministic kernels (GPU), so two fp32 runs agree bitwise."""
-    if device.type != "cuda":
-        yield
-        return
-    saved = (
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.backends.cudnn.deterministic,
-        torch.backends.cudnn.benchmark,
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    try:
-        with sdpa_kernel(SDPBackend.MATH):  # the fused attention backward kernels are not deterministic
-            yield
-    finally:
-        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved[:4]
-        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.named_parameters()}
-
-
-def rel_diffs(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """(largest per-tensor ``max|w - w_ref| / max|w_ref|``, ``||dw - dw_ref|| / ||dw_ref||``), in float64."""
-    if got.keys() != ref.keys():
-        raise RuntimeError(f"parameter names differ: {sorted(set(got) ^ set(ref))[:5]}")
-    worst, num, den = 0.0, 0.0, 0.0
-    for k in ref:
-        a, b, s = got[k].double(), ref[k].double(), start[k].double().to(ref[k].device)
-        a = a.to(b.device)
-        scale = b.abs().max().item()
-        d = (a - b).abs().max().item()
-        worst = max(worst, d / scale if scale > 0 else (0.0 if d == 0 else math.inf))
-        num += torch.sum((a - b) ** 2).item()
-        den += torch.sum((b - s) ** 2).item()
-    update = math.sqrt(num) / math.sqrt(den) if den > 0 else (0.0 if num == 0 else math.inf)
-    return worst, update
-
-
-def all_finite(params: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in params.values())
-
-
-def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
-
-
 def free(device: torch.device) -> None:
     import gc
 
@@ -384,7 +303,7 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-# ===================================================================================== the adapters
+# ============================================================================================ context
 class Ctx:
     """What every part needs: mode, device, sizes, memory meter, notes, deadline."""
 
@@ -411,332 +330,6 @@ class Ctx:
             return contextlib.nullcontext()
         dtype = torch.float16 if precision == "fp16" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype)
-
-
-def run_plain(ctx: Ctx, template: nn.Module, batches: list[Any], precision: str, *, poison_grad: bool = False) -> dict[str, Any]:
-    """sharpguard.SAM: closure form for fp32/bf16; for fp16 the documented two-step form with a GradScaler."""
-    model = copy.deepcopy(template)
-    opt = sg.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, model=model)
-    info: dict[str, Any] = {}
-    if precision == "fp16":
-        scaler = torch.amp.GradScaler(ctx.device.type)
-        info["scale_before"] = scaler.get_scale()
-        for i, batch in enumerate(batches):
-            opt.zero_grad()
-            with ctx.autocast("fp16"):
-                loss = loss_of(model, batch)
-            scaler.scale(loss).backward()
-            if poison_grad and i == 0:  # the forced overflow: an inf in one gradient of the clean pass
-                p = next(q for q in model.parameters() if q.grad is not None)
-                p.grad.view(-1)[0] = float("inf")
-            if opt.first_step(zero_grad=True):
-                with ctx.autocast("fp16"):
-                    loss2 = loss_of(model, batch)
-                scaler.scale(loss2).backward()
-            opt.unperturb()
-            scaler.step(opt.base_optimizer)
-            scaler.update()
-        info["scale_after"] = scaler.get_scale()
-    else:
-        for batch in batches:
-            def closure(batch=batch):
-                opt.zero_grad()
-                with ctx.autocast(precision):
-                    loss = loss_of(model, batch)
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-    info["params"] = snapshot(model)
-    return info
-
-
-def run_sgd(ctx: Ctx, template: nn.Module, batches: list[Any], precision: str) -> dict[str, Any]:
-    """Plain SGD without SAM at the same precision (fp16: with a default GradScaler): what the precision
-    alone does to the weights, the yardstick for the SAM rows."""
-    model = copy.deepcopy(template)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    scaler = torch.amp.GradScaler(ctx.device.type) if precision == "fp16" else None
-    for batch in batches:
-        opt.zero_grad()
-        with ctx.autocast(precision):
-            loss = loss_of(model, batch)
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-    return {"params": snapshot(model)}
-
-
-def skipped_steps(before: float | None, after: float | None) -> int | None:
-    """Steps a GradScaler skipped, from its scale (it halves on each skip and grows only after 2000 good steps)."""
-    if before is None or after is None:
-        return None
-    return max(0, round(math.log2(before / after))) if after > 0 else None
-
-
-def run_lightning(ctx: Ctx, template: nn.Module, batches: list[dict], precision: str, *, poison: bool = False) -> dict[str, Any]:
-    """The Lightning callback on a LightningModule around the decoder; precision "32-true", "16-mixed",
-    "bf16-mixed", or "16-mixed+cpu-scaler" (CPU only: MixedPrecision with torch.amp.GradScaler("cpu"))."""
-    from sharpguard.integrations.lightning import NAMESPACE, SharpnessAwareMinimization
-
-    pl = importlib.import_module(NAMESPACE)
-    net = copy.deepcopy(template)
-    net.sg_poison = 1 if poison else 0
-
-    class LitDecoder(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def training_step(self, batch, batch_idx):
-            return self.net(**batch).loss
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=LR)
-
-    kwargs: dict[str, Any] = {}
-    scaler = None
-    if precision == "16-mixed+cpu-scaler":
-        MixedPrecision = importlib.import_module(f"{NAMESPACE}.plugins.precision").MixedPrecision
-        scaler = torch.amp.GradScaler("cpu")
-        kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
-    else:
-        kwargs["precision"] = precision
-    loader = torch.utils.data.DataLoader(ListDataset(batches), batch_size=len(batches[0]["input_ids"]), shuffle=False)
-    cb = SharpnessAwareMinimization(rho=RHO)
-    trainer = pl.Trainer(
-        accelerator=ctx.device.type if ctx.cpu else "gpu", devices=1, max_steps=len(batches), callbacks=[cb],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, default_root_dir=str(ctx.tmp), **kwargs,
-    )
-    plugin = trainer.precision_plugin
-    scaler = getattr(plugin, "scaler", None)
-    info: dict[str, Any] = {"ran_as": str(getattr(plugin, "precision", precision))}
-    if scaler is not None:
-        info["scale_before"] = scaler.get_scale()
-    lit = LitDecoder()
-    trainer.fit(lit, loader)
-    if scaler is not None:
-        info["scale_after"] = scaler.get_scale()
-    info["n_steps"], info["n_fallback"] = cb.n_steps, cb.n_fallback
-    info["params"] = snapshot(lit.net)
-    return info
-
-
-def _reset_accelerate() -> None:
-    # Accelerate keeps process-wide singletons (its own tests reset them the same way).
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def _cpu_fp16(ctx: Ctx, accelerator: Any) -> None:
-    """On CPU, Accelerate runs mixed_precision="fp16" as plain fp32 (no autocast, no scaler): turn on
-    its fp16 autocast and give it a CPU GradScaler, so the dry run goes through the scaler path."""
-    if ctx.cpu and accelerator.scaler is None:
-        ctx.note(
-            "CPU: `Accelerator(mixed_precision=\"fp16\")` (so `TrainingArguments(fp16=True)` too) runs plain fp32 on "
-            "CPU, with neither fp16 autocast nor a GradScaler; the dry run sets `accelerator.native_amp = True` "
-            "(fp16 autocast) and `accelerator.scaler = torch.amp.GradScaler(\"cpu\")` before `prepare`."
-        )
-        accelerator.native_amp = True
-        accelerator.scaler = torch.amp.GradScaler("cpu")
-
-
-def run_hf(ctx: Ctx, template: nn.Module, batches: list[dict], precision: str, *, poison: bool = False) -> dict[str, Any]:
-    """SharpGuardTrainer(sam=...) with TrainingArguments(fp16=...) / (bf16=...); SGD, clipping at 1.0."""
-    from transformers import TrainingArguments
-
-    from sharpguard.integrations.huggingface import SharpGuardTrainer
-
-    _reset_accelerate()
-    model = copy.deepcopy(template)
-    model.sg_poison = 1 if poison else 0
-    args = TrainingArguments(
-        output_dir=str(ctx.tmp / "hf"), use_cpu=ctx.cpu, fp16=precision == "fp16", bf16=precision == "bf16",
-        max_steps=len(batches), per_device_train_batch_size=len(batches[0]["input_ids"]), learning_rate=LR,
-        lr_scheduler_type="constant", max_grad_norm=1.0, report_to="none", disable_tqdm=True, save_strategy="no",
-        logging_strategy="no", seed=0, dataloader_num_workers=0, remove_unused_columns=False,
-    )
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    trainer = SharpGuardTrainer(model=model, args=args, train_dataset=ListDataset(batches), sam={"rho": RHO},
-                                optimizers=(optimizer, None))
-    if precision == "fp16":
-        _cpu_fp16(ctx, trainer.accelerator)
-    scaler = trainer.accelerator.scaler
-    info: dict[str, Any] = {"ran_as": str(trainer.accelerator.mixed_precision)}
-    if scaler is not None:
-        info["scale_before"] = scaler.get_scale()
-    trainer.train()
-    if scaler is not None:
-        info["scale_after"] = scaler.get_scale()
-    info["params"] = snapshot(model)
-    _reset_accelerate()
-    return info
-
-
-def run_accelerate(ctx: Ctx, template: nn.Module, batches: list[dict], precision: str, *, poison: bool = False) -> dict[str, Any]:
-    """The documented Accelerate loop: sam.backward(batch), clip, optimizer.step(), zero_grad()."""
-    from accelerate import Accelerator
-
-    from sharpguard.integrations.accelerate import SharpnessAwareMinimization
-
-    _reset_accelerate()
-    mp = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[precision]
-    accelerator = Accelerator(mixed_precision=mp, cpu=ctx.cpu)
-    if precision == "fp16":
-        _cpu_fp16(ctx, accelerator)
-    model = copy.deepcopy(template)
-    model.sg_poison = 1 if poison else 0
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    loader = torch.utils.data.DataLoader(ListDataset(batches), batch_size=len(batches[0]["input_ids"]), shuffle=False)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    sam = SharpnessAwareMinimization(accelerator, model, optimizer, rho=RHO)
-    scaler = accelerator.scaler
-    info: dict[str, Any] = {"ran_as": str(accelerator.mixed_precision)}
-    if scaler is not None:
-        info["scale_before"] = scaler.get_scale()
-    skipped = []
-    for batch in loader:
-        with accelerator.accumulate(model):
-            sam.backward(batch)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            skipped.append(bool(optimizer.step_was_skipped))
-            optimizer.zero_grad()
-    if scaler is not None:
-        info["scale_after"] = scaler.get_scale()
-    info["skipped_first"] = skipped[0] if skipped else None
-    info["params"] = snapshot(accelerator.unwrap_model(model))
-    _reset_accelerate()
-    return info
-
-
-ADAPTERS: dict[str, Callable[..., dict[str, Any]]] = {
-    "sharpguard.SAM": run_plain,
-    "Lightning callback": run_lightning,
-    "HF SharpGuardTrainer": run_hf,
-    "Accelerate SAM": run_accelerate,
-}
-
-
-def lightning_precision(ctx: Ctx, precision: str) -> str:
-    return {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed+cpu-scaler" if ctx.cpu else "16-mixed",
-            "fp16-as-requested": "16-mixed"}[precision]
-
-
-def part_adapters(ctx: Ctx, results: dict[str, Any]) -> None:
-    """fp32 (twice), fp16 and bf16 through every adapter; then the forced overflow through each."""
-    size = ctx.size
-    n = size["adapter_steps"]
-    gpt = build_gpt(size["adapter_gpt"], ctx.device)
-    gpt_data = gpt_batches(size["adapter_gpt"], n, ctx.device)
-    resnet = build_resnet(size["resnet"], ctx.device)
-    img_data = image_batches(size["resnet"], n, ctx.device)
-    rows, overflow = results.setdefault("adapters", []), results.setdefault("overflow", [])
-    yardstick: dict[str, dict[str, float]] = {}
-
-    cases: list[tuple[str, str, nn.Module, list[Any]]] = [("sharpguard.SAM", "ResNet-18", resnet, img_data)]
-    cases += [(name, "GPT-2", gpt, gpt_data) for name in ADAPTERS]
-    for adapter, model_name, template, data in cases:
-        runner = ADAPTERS[adapter]
-        start = snapshot(template)
-        if model_name not in yardstick:  # plain SGD at each precision against plain SGD in fp32
-            try:
-                with exact_fp32(ctx.device):
-                    sgd_ref = run_sgd(ctx, template, data, "fp32")["params"]
-                yardstick[model_name] = {
-                    p: rel_diffs(run_sgd(ctx, template, data, p)["params"], sgd_ref, start)[1] for p in ("fp16", "bf16")}
-            except Exception as exc:  # noqa: BLE001
-                yardstick[model_name] = {}
-                rows.append({"adapter": "plain SGD (yardstick)", "model": model_name, "precision": "-", "error": _error(exc)})
-        precisions = ["fp32", "fp32", "fp16", "bf16"]
-        if adapter == "Lightning callback" and ctx.cpu:
-            precisions.append("fp16-as-requested")
-        ref = None
-        for i, precision in enumerate(precisions):
-            label = "fp32 (repeat)" if (precision == "fp32" and i == 1) else precision
-            row: dict[str, Any] = {"adapter": adapter, "model": model_name, "precision": label, "steps": n}
-            try:
-                with exact_fp32(ctx.device) if precision == "fp32" else contextlib.nullcontext():
-                    with measured(ctx.mem) as rec:
-                        if adapter == "Lightning callback":
-                            info = runner(ctx, template, data, lightning_precision(ctx, precision))
-                        else:
-                            info = runner(ctx, template, data, precision)
-                params = info.pop("params")
-                if ref is None:
-                    ref = params
-                    row["max_rel_weight_diff"], row["rel_update_diff"] = 0.0, 0.0
-                    row["reference"] = True
-                else:
-                    row["max_rel_weight_diff"], row["rel_update_diff"] = rel_diffs(params, ref, start)
-                row["finite"] = all_finite(params)
-                row["ran_as"] = info.get("ran_as", precision)
-                if precision == "fp16-as-requested":
-                    row["precision"] = "fp16 (16-mixed as requested)"
-                    if row["ran_as"] != "16-mixed":
-                        ctx.note(
-                            f"CPU: Lightning runs `precision=\"16-mixed\"` as `{row['ran_as']}` on CPU (its own warning: "
-                            "\"AMP with fp16 is not supported on CPU\"); the row \"fp16 (16-mixed as requested)\" shows "
-                            "that run, and the fp16 row uses `MixedPrecision(\"16-mixed\", \"cpu\", "
-                            "scaler=torch.amp.GradScaler(\"cpu\"))` instead."
-                        )
-                for key in ("scale_before", "scale_after", "n_steps", "n_fallback"):
-                    if key in info:
-                        row[key] = info[key]
-                row["scaler_skipped_steps"] = skipped_steps(info.get("scale_before"), info.get("scale_after"))
-                ran = str(row["ran_as"])
-                row["sgd_rel_update_diff"] = (0.0 if precision == "fp32" else
-                                              yardstick.get(model_name, {}).get("bf16" if "bf16" in ran else "fp16"))
-                if ran == "no":
-                    row["ran_as"] = "no (fp32)"
-                row.update(seconds=rec["seconds"], peak_mib=rec["peak_mib"], resident_mib=rec["resident_mib"])
-            except Exception as exc:  # noqa: BLE001 - record and go on: one broken adapter must not hide the rest
-                row["error"] = _error(exc)
-            rows.append(row)
-            free(ctx.device)
-
-        # forced overflow under fp16
-        orow: dict[str, Any] = {"adapter": adapter, "model": model_name}
-        try:
-            with measured(ctx.mem) as rec:
-                if adapter == "sharpguard.SAM":
-                    orow["injected"] = "inf in one gradient of the clean pass"
-                    info = run_plain(ctx, template, data[:1], "fp16", poison_grad=True)
-                else:
-                    orow["injected"] = "inf loss in the clean pass"
-                    prec = lightning_precision(ctx, "fp16") if adapter == "Lightning callback" else "fp16"
-                    info = runner(ctx, template, data[:1], prec, poison=True)
-            params = info.pop("params")
-            orow["weights_finite"] = all_finite(params)
-            orow["weights_unchanged"] = bitwise_equal(params, start)
-            orow["scale_before"] = info.get("scale_before")
-            orow["scale_after"] = info.get("scale_after")
-            orow["scale_lowered"] = (
-                orow["scale_before"] is not None and orow["scale_after"] is not None
-                and orow["scale_after"] < orow["scale_before"]
-            )
-            orow["step_skipped"] = bool(orow["weights_unchanged"] and orow["scale_lowered"])
-            if "skipped_first" in info:
-                orow["step_skipped"] = bool(orow["step_skipped"] and info["skipped_first"])
-            for key in ("n_steps", "n_fallback"):
-                if key in info:
-                    orow[key] = info[key]
-            orow.update(seconds=rec["seconds"], peak_mib=rec["peak_mib"], resident_mib=rec["resident_mib"])
-        except Exception as exc:  # noqa: BLE001
-            orow["error"] = _error(exc)
-        overflow.append(orow)
-        free(ctx.device)
-    results["adapter_models"] = {"GPT-2": n_params(gpt), "ResNet-18": n_params(resnet)}
-    del gpt, resnet
-    free(ctx.device)
 
 
 # ========================================================================================== timing
@@ -1063,19 +656,10 @@ def _f(v: Any, fmt: str = "{:.3g}") -> str:
 
 def failures(results: dict[str, Any]) -> list[str]:
     out = []
-    for part in ("adapters", "overflow", "step_time", "checks", "monitor"):
+    for part in ("step_time", "checks", "monitor"):
         for row in results.get(part, []):
             if "error" in row:
-                out.append(f"{part}: {row.get('adapter') or row.get('model') or row.get('configuration')}: {row['error']}")
-    for row in results.get("adapters", []):
-        if row.get("precision") == "fp32 (repeat)" and "error" not in row:
-            if row["max_rel_weight_diff"] != 0.0 or row["rel_update_diff"] != 0.0:
-                out.append(f"adapters: {row['adapter']}: a second fp32 run differs from the first")
-        if "error" not in row and not row.get("finite", True):
-            out.append(f"adapters: {row['adapter']} {row['precision']}: non-finite weights")
-    for row in results.get("overflow", []):
-        if "error" not in row and not (row["step_skipped"] and row["weights_finite"] and row["weights_unchanged"]):
-            out.append(f"overflow: {row['adapter']}: the forced overflow was not skipped cleanly")
+                out.append(f"{part}: {row.get('model') or row.get('configuration')}: {row['error']}")
     for row in results.get("checks", []):
         if "error" not in row and row.get("within_eps") is False:
             out.append(f"checks: {row['model']}: PGD left its eps ball")
@@ -1085,17 +669,6 @@ def failures(results: dict[str, Any]) -> list[str]:
 def findings(results: dict[str, Any]) -> list[str]:
     """Measurements worth a look that are not failures of a check (thresholds are rules of thumb)."""
     out = []
-    for r in results.get("adapters", []):
-        if "error" in r or r.get("reference") or r["precision"].startswith("fp32") or r.get("scaler_skipped_steps"):
-            continue
-        sgd = r.get("sgd_rel_update_diff")
-        if sgd is not None and r["rel_update_diff"] > 3 * sgd + 1e-3:
-            out.append(f"{r['adapter']} ({r['model']}, {r['precision']}): update differs from fp32 by "
-                       f"{r['rel_update_diff']:.2e}, more than 3x plain SGD's {sgd:.2e} at the same precision")
-    for r in results.get("adapters", []):
-        if r.get("scaler_skipped_steps"):
-            out.append(f"{r['adapter']} ({r['model']}, {r['precision']}): the GradScaler skipped "
-                       f"{r['scaler_skipped_steps']} of {r['steps']} steps (the comparison is not one of precision)")
     for r in results.get("step_time", []):
         if r.get("contestant") == "sharpguard SAM" and r["vs_two_plain"] > 1.10:
             out.append(f"step time ({r['model']}): a SAM step costs {r['vs_two_plain']:.2f}x two plain steps (target 1.05x)")
@@ -1120,57 +693,6 @@ def markdown(ctx: Ctx, results: dict[str, Any], done: list[str], pending: list[s
     ]
     if ctx.notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in ctx.notes]
-    models = results.get("adapter_models")
-
-    if "adapters" in done:
-        lines += [
-            "", "### Mixed precision through each adapter",
-            "",
-            f"SGD lr {LR}, SAM rho {RHO}, {ctx.size['adapter_steps']} steps from the same weights on the same batches; "
-            "each row against the same adapter's first fp32 run. *max rel weight diff*: per tensor "
-            "max|w - w_ref| / max|w_ref|, largest over tensors; *rel update diff*: ||dw - dw_ref|| / ||dw_ref|| over "
-            "all weights. The fp32 repeat must be exactly 0. *plain SGD* is the rel update diff of SGD without "
-            "SAM at the same precision (a default GradScaler for fp16) on the same model and batches: what the "
-            "precision alone costs. *skipped*: steps the GradScaler skipped (then the comparison is not one of "
-            "precision). HF: `max_grad_norm=1.0`; Accelerate: `clip_grad_norm_(..., 1.0)`."
-            + (f" Models: GPT-2 decoder {models['GPT-2'] / 1e6:.2f}M parameters, ResNet-18 {models['ResNet-18'] / 1e6:.2f}M."
-               if models else ""),
-            "",
-            "| adapter | model | precision | ran as | max rel weight diff | rel update diff | plain SGD | weights finite "
-            "| loss scale | skipped | seconds | peak MiB | resident MiB |",
-            "|---|---|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|",
-        ]
-        for r in results.get("adapters", []):
-            if "error" in r:
-                lines.append(f"| {r['adapter']} | {r['model']} | {r['precision']} | **error**: {r['error']} |||||||||")
-                continue
-            scale = (f"{r['scale_before']:g} → {r['scale_after']:g}" if r.get("scale_before") is not None
-                     and r.get("scale_after") is not None else "-")
-            lines.append(
-                f"| {r['adapter']} | {r['model']} | {r['precision']} | {r['ran_as']} | {_f(r['max_rel_weight_diff'], '{:.2e}')} "
-                f"| {_f(r['rel_update_diff'], '{:.2e}')} | {_f(r.get('sgd_rel_update_diff'), '{:.2e}')} | {_f(r['finite'])} "
-                f"| {scale} | {_f(r.get('scaler_skipped_steps'))} | {r['seconds']:.2f} "
-                f"| {r['peak_mib']:.0f} | {r['resident_mib']:.0f} |"
-            )
-    if "overflow" in done:
-        lines += [
-            "", "### Forced overflow (fp16)",
-            "",
-            "An inf forced into the clean pass of the first step; the GradScaler must skip the step (weights bitwise "
-            "unchanged and finite) and lower its scale.",
-            "",
-            "| adapter | model | injected | step skipped | weights finite | weights unchanged | loss scale | seconds | peak MiB |",
-            "|---|---|---|---|---|---|---|---:|---:|",
-        ]
-        for r in results.get("overflow", []):
-            if "error" in r:
-                lines.append(f"| {r['adapter']} | {r['model']} | **error**: {r['error']} ||||||")
-                continue
-            scale = f"{_f(r['scale_before'], '{:g}')} → {_f(r['scale_after'], '{:g}')}"
-            lines.append(
-                f"| {r['adapter']} | {r['model']} | {r['injected']} | {_f(r['step_skipped'])} | {_f(r['weights_finite'])} "
-                f"| {_f(r['weights_unchanged'])} | {scale} | {r['seconds']:.2f} | {r['peak_mib']:.0f} |"
-            )
     if "step_time" in done:
         t = ctx.size["timing"]
         lines += [
@@ -1257,8 +779,8 @@ def markdown(ctx: Ctx, results: dict[str, Any], done: list[str], pending: list[s
     if not pending:
         fails = failures(results)
         lines += ["", "### Verdict", ""]
-        lines += [f"- FAILED: {f}" for f in fails] if fails else ["- every check passed (fp32 repeats exact, overflows "
-                                                                  "skipped, no part raised)."]
+        lines += [f"- FAILED: {f}" for f in fails] if fails else ["- every part ran (no part raised, PGD stayed in its eps "
+                                                                  "ball)."]
         lines += [f"- finding: {f}" for f in findings(results)]
     return "\n".join(lines)
 
@@ -1285,7 +807,6 @@ def write(ctx: Ctx, args: argparse.Namespace, results: dict[str, Any], done: lis
 
 
 PARTS: dict[str, Callable[[Ctx, dict[str, Any]], None]] = {
-    "adapters": part_adapters,  # also fills "overflow"
     "step_time": part_timing,
     "checks": part_checks,
     "monitor": part_monitor,
@@ -1325,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
                 PARTS[name](ctx, results)
             record_warnings(results, name, caught)
             print(f"gpu_check: {name} took {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        done += [name] + (["overflow"] if name == "adapters" else [])
+        done.append(name)
         text = write(ctx, args, results, done, parts[i + 1:])
     print(text)
     fails = failures(results)

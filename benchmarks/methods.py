@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,10 +33,11 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import machine, write_section  # noqa: E402
+if __package__:  # imported as part of the benchmarks package (by the tests, or python -m benchmarks.X)
+    from benchmarks._results import machine, write_section
+else:  # run as python benchmarks/methods.py: this folder is sys.path[0]
+    from _results import machine, write_section
 
 from sharpguard.optim import MESA, SAF, SAM, SharpnessDataSelection, lora_parameters, make_sam  # noqa: E402
 

@@ -48,7 +48,6 @@ import importlib
 import importlib.util
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,11 +58,11 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import machine, write_section
-
+if __package__:  # imported as part of the benchmarks package (by the tests, or python -m benchmarks.X)
+    from benchmarks._results import machine, write_section
+else:  # run as python benchmarks/methods_study.py: this folder is sys.path[0]
+    from _results import machine, write_section
 from sharpguard.optim import MESA, VARIANTS, make_sam
 from sharpguard.study.config import StudyConfig
 from sharpguard.study.data import StudyData, load_digits

@@ -9,8 +9,8 @@ extra time for the default monitor, whose adaptive schedule keeps its own time w
 table also gives what the monitors report themselves (``monitor/overhead_pct``) and how many checks
 they ran. Writes the section "Monitor overhead" of benchmarks/RESULTS.md.
 
-``--check-cost`` instead measures, for each model of the client matrix (tests/test_monitor_clients.py,
-tests/test_monitor_hf_clients.py: Lightning's demo modules and Hugging Face families built from tiny
+``--check-cost`` instead measures, for each model of the client matrix (tests/monitor/test_monitor_clients.py,
+tests/monitor/test_monitor_hf_clients.py: Lightning's demo modules and Hugging Face families built from tiny
 configs), one default ``SharpnessMonitor`` check (default measures, the auto-sized probe of one training
 batch, the framework's own loss) in training steps of the same model and batch: cold (the first check)
 and warm (later checks, Lanczos warm-started). Target (issue 11): at most ~50 steps. Writes the section
@@ -24,15 +24,16 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import machine, timed, write_section  # noqa: E402
-from lightning_digits import DigitsCNN, digits_loaders  # noqa: E402
+if __package__:  # imported as part of the benchmarks package (by the tests, or python -m benchmarks.X)
+    from benchmarks._results import example, machine, timed, write_section
+else:  # run as python benchmarks/monitor_overhead.py: this folder is sys.path[0]
+    from _results import example, machine, timed, write_section
+_digits_example = example("lightning_digits")  # examples/lightning_digits.py
+DigitsCNN, digits_loaders = _digits_example.DigitsCNN, _digits_example.digits_loaders
 
 from sharpguard.integrations.lightning import NAMESPACE, RobustnessMonitor, SharpnessMonitor  # noqa: E402
 

@@ -18,16 +18,15 @@ of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import machine, timed, write_section  # noqa: E402
+if __package__:  # imported as part of the benchmarks package (by the tests, or python -m benchmarks.X)
+    from benchmarks._results import machine, timed, write_section
+else:  # run as python benchmarks/sam_overhead.py: this folder is sys.path[0]
+    from _results import machine, timed, write_section
 
 from sharpguard.optim import SAM, LookSAM  # noqa: E402
 

@@ -52,11 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _results import machine, write_section
-
+if __package__:  # imported as part of the benchmarks package (by the tests, or python -m benchmarks.X)
+    from benchmarks._results import machine, write_section
+else:  # run as python benchmarks/scale.py: this folder is sys.path[0]
+    from _results import machine, write_section
 from sharpguard.sharpness import auto_micro_batches
 
 GPT2_SIZES = {"gpt2-1.4M": (128, 2), "gpt2-5.2M": (256, 4), "gpt2-10.2M": (384, 4), "gpt2-29M": (512, 8)}

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import traceback
 import warnings
@@ -54,11 +53,11 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _results import machine, write_section
-
+if __package__:  # imported as part of the benchmarks package (by the tests, or python -m benchmarks.X)
+    from benchmarks._results import machine, write_section
+else:  # run as python benchmarks/simulate.py: this folder is sys.path[0]
+    from _results import machine, write_section
 from sharpguard.simulate import fake_process_group, fake_tensors, parameter_bytes, profile_step
 
 RAW = Path(__file__).with_name("simulate_raw.json")

@@ -1,0 +1,151 @@
+"""lambda_max of an FSDP2 (``fully_shard``) model over gloo on two CPU processes (issue 13).
+
+Each rank holds its slice of every parameter and its own probe batches; ``hessian_eigenvalues`` must
+give the top eigenvalues of the exact dense Hessian of the probe loss over the union of both ranks'
+batches (computed on an unsharded copy in float64), with the Krylov vectors held as slices; eos_ratio the
+same for SGD and, from the sharded Adam state, the unsharded preconditioned value; Hutch++ the exact trace
+when its sketch spans every direction. Measures
+that cannot reach sharded parameters refuse them instead of reporting a zero curvature.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.helpers.distributed import process_group, spawn
+
+
+def make_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(10 + rank)
+    n = 12 if rank == 0 else 8  # unequal shares: the union's loss weights examples, not ranks
+    return torch.randn(n, 5, dtype=torch.float64, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def dense_union_hessian() -> torch.Tensor:
+    net = make_net()
+    named = [(n, p) for n, p in net.named_parameters()]
+    x = torch.cat([rank_batch(r)[0] for r in (0, 1)])
+    y = torch.cat([rank_batch(r)[1] for r in (0, 1)])
+
+    def loss(flat):
+        chunks = torch.split(flat, [p.numel() for _, p in named])
+        params = {n: c.view(p.shape) for (n, p), c in zip(named, chunks)}
+        return F.cross_entropy(torch.func.functional_call(net, params, (x,)), y)
+
+    w = torch.cat([p.detach().reshape(-1) for _, p in named])
+    return torch.autograd.functional.hessian(loss, w)
+
+
+N_TOTAL = 20  # both ranks' probe examples
+
+
+def union_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([rank_batch(r)[0] for r in (0, 1)]), torch.cat([rank_batch(r)[1] for r in (0, 1)])
+
+
+def adam_step(net: nn.Module, batch, scale: float = 1.0) -> torch.optim.Adam:
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    (F.cross_entropy(net(batch[0]), batch[1]) * scale).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt
+
+
+def _worker(rank, port, world, out):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from sharpguard.errors import ConfigurationError
+    from sharpguard.sharpness import eos_ratio, hessian_eigenvalues, hessian_trace, worst_case_sharpness
+
+    with process_group(rank, world, port):
+        mesh = init_device_mesh("cpu", (world,))
+        net = make_net()
+        for layer in net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(net, mesh=mesh)
+        before = [p.to_local().clone() for p in net.parameters()]
+        batch = rank_batch(rank)
+        res = hessian_eigenvalues(net, batch, k=2, which="both", tol=1e-9, max_iter=80, return_eigenvectors=True)
+        two = hessian_eigenvalues(net, batch, k=1, tol=1e-9, max_iter=80, micro_batches=2)
+        refused = []
+        try:
+            worst_case_sharpness(net, batch)
+        except ConfigurationError as exc:
+            refused.append(str(exc))
+        # Hutch++ with more sketch vectors than parameters: Q spans everything, the trace is exact
+        trace = hessian_trace(net, batch, n_hvp=3 * 70)  # 70 sketch vectors, 66 parameters
+        try:
+            hessian_eigenvalues(net, batch, hvp="autograd")
+        except ConfigurationError as exc:
+            refused.append(str(exc))
+        # the default monitor: eos_ratio cannot reach sharded parameters (said once), lambda_max can
+        import warnings
+
+        from sharpguard.monitor import SharpnessMonitor
+
+        monitor = SharpnessMonitor(every_n_steps=1, probe=[batch], measure_kwargs={"lambda_max": {"tol": 1e-9, "max_iter": 80}})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            metrics = monitor.measure(net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+        sgd_eos = eos_ratio(net, batch, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), tol=1e-9, max_iter=80)
+        unchanged = all(torch.equal(a, p.to_local()) and p.grad is None for a, p in zip(before, net.parameters()))
+        out[rank] = {
+            "eigenvalues": res.eigenvalues, "residuals": res.residuals, "converged": res.converged,
+            "n_params": res.settings["n_params"], "sharded": res.settings["sharded"], "method": res.hvp_method,
+            "slice": int(res.eigenvectors[0].numel()), "two": two.eigenvalues, "refused": refused,
+            "trace": (trace.trace, trace.settings["sharded"], trace.settings["n_params"]),
+            "unchanged": unchanged, "monitor": metrics.get("sharpness/lambda_max"),
+            "monitor_said": [str(w.message) for w in caught], "sgd_eos": (sgd_eos.lambda_max, sgd_eos.ratio),
+        }
+        # Adam's preconditioned operator from its sharded state, after one step on the union's gradient
+        # (each rank's loss weighted by its share of the examples times the world size: FSDP averages)
+        adam = adam_step(net, batch, scale=len(batch[1]) / N_TOTAL * world)
+        r = eos_ratio(net, batch, adam, tol=1e-9, max_iter=80)
+        out[f"adam{rank}"] = (r.lambda_max, r.ratio, r.preconditioned)
+
+
+def test_lambda_max_of_an_fsdp2_model_is_the_dense_hessians_of_the_union():
+    manager = torch.multiprocessing.Manager()
+    out = manager.dict()
+    spawn(_worker, 2, out)
+    H = dense_union_hessian()
+    eig = torch.linalg.eigvalsh(H)
+    expected = [float(eig[-1]), float(eig[-2]), float(eig[1]), float(eig[0])]
+    r0, r1 = out[0], out[1]
+    assert r0["eigenvalues"] == r1["eigenvalues"]  # the same scalars on every rank
+    assert r0["sharded"] and r0["method"] == "finite_difference" and r0["converged"]
+    assert r0["n_params"] == H.shape[0] == 5 * 7 + 7 + 7 * 3 + 3
+    assert r0["slice"] + r1["slice"] == H.shape[0] and 0 < r0["slice"] < H.shape[0]
+    # finite differences of float64 gradients: ~1e-7 relative
+    torch.testing.assert_close(torch.tensor(r0["eigenvalues"]), torch.tensor(expected), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(torch.tensor(r0["two"][0]), torch.tensor(expected[0]), rtol=1e-6, atol=1e-8)
+    assert r0["trace"] == r1["trace"] and r0["trace"][1] and r0["trace"][2] == H.shape[0]
+    assert r0["trace"][0] == pytest.approx(float(torch.trace(H)), rel=1e-6)
+    assert len(r0["refused"]) == 2
+    assert "sharded" in r0["refused"][0] and "hessian_trace" in r0["refused"][0]
+    assert "finite_difference" in r0["refused"][1]
+    assert r0["unchanged"] and r1["unchanged"]
+    assert r0["monitor"] == r1["monitor"] and abs(r0["monitor"] - expected[0]) <= 1e-6 * abs(expected[0])
+    # SGD's edge of stability: the Hessian itself against (2 + 2 beta) / lr; the monitor measured it too
+    assert r0["sgd_eos"][0] == pytest.approx(expected[0], rel=1e-6)
+    assert r0["sgd_eos"][1] == pytest.approx(expected[0] / ((2 + 2 * 0.9) / 0.1), rel=1e-6)
+    assert not any("skipped" in m for m in r0["monitor_said"])
+    # Adam: the same preconditioned curvature as the unsharded model after the same step on the union
+    from sharpguard.sharpness import eos_ratio
+
+    net = make_net()
+    adam = adam_step(net, union_batch())
+    ref = eos_ratio(net, union_batch(), adam, tol=1e-9, max_iter=80)
+    assert out["adam0"] == out["adam1"] and out["adam0"][2]
+    assert out["adam0"][0] == pytest.approx(ref.lambda_max, rel=1e-5)
+    assert out["adam0"][1] == pytest.approx(ref.ratio, rel=1e-5)
