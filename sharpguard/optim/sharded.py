@@ -381,9 +381,9 @@ class ShardedLookSAM(ShardedSAM):
         self._attach(optimizer, nonfinite)
 
     @property
-    def k(self) -> int:
-        """Steps between SAM gradients (:attr:`LookSAM.k`: the ``interval`` under the paper's name)."""
-        return self.interval
+    def interval(self) -> int:  # type: ignore[override]
+        """SAM's cadence: a perturbed pass every ``k``-th step (:attr:`LookSAM.interval`)."""
+        return self.k
 
     def _gv_of(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """This rank's shard of each parameter's ``g_v`` (zeros where none is kept yet)."""
