@@ -12,7 +12,7 @@
 scenario's scenario.json in benchmarks/scenario_runs.json. Each then rewrites the blocks
 between ``<!-- doc-numbers:NAME -->`` and ``<!-- /doc-numbers:NAME -->`` in docs/study.md, README.md,
 docs/huggingface.md and docs/accelerate.md from those files, through the same report code the study runs (``build_report``).
-tests/test_doc_numbers.py checks that every block equals what this script renders from the kept files.
+tests/package/test_doc_numbers.py checks that every block equals what this script renders from the kept files.
 """
 
 from __future__ import annotations
