@@ -363,7 +363,8 @@ def simulate(name: str, mode: str, rows: set[str] | None = None,
         row("hvp_cached2", hvp(True), [opt])  # two products, the second on the cached graph
         row("hvp_cached1", _first_cached(model, batch), [opt])
         row("check:lambda_max", lambda: hessian_eigenvalues(model, batch, k=1), [opt],
-            lambda r: {"n_hvp": int(r.n_hvp), "micro_batches": _plain(r.settings.get("micro_batches"))})
+            lambda r: {"n_hvp": int(r.n_hvp), "micro_batches": _plain(r.settings.get("micro_batches")),
+                       "hvp": str(r.hvp_method)})
         def monitor_check() -> Any:
             from sharpguard.monitor import SharpnessMonitor
 
@@ -608,9 +609,12 @@ def cost_model_table(raw: dict[str, Any]) -> str:
                 micro = r.get("micro_batches") if isinstance(r.get("micro_batches"), int) else 1
                 model_bytes = cat["parameters"] + cat["buffers"] + cat["inputs"] + cat["other"]
                 step_extra = t["peak_bytes"] - model_bytes
+                # the method the check's plan chose (the monitor's plan is the function's on the same probe)
+                method = str(r.get("hvp") or rows.get("check:lambda_max", {}).get("hvp") or "autograd")
+                hvp = "finite_difference" if method.startswith("finite") else "autograd"
                 c = estimate_check_cost(int(p_local), step_peak_bytes=step_extra, step_seconds=1.0,
-                                        n_hvp=int(r["n_hvp"]), micro_batches=micro)
-                add(label, f"{key} ({micro} micro-batches): peak", model_bytes + cat["optimizer_state"] + c.peak_bytes,
+                                        n_hvp=int(r["n_hvp"]), micro_batches=micro, hvp=hvp)
+                add(label, f"{key} ({micro} micro-batches, {hvp}): peak", model_bytes + cat["optimizer_state"] + c.peak_bytes,
                     r["memory"]["peak_bytes"], "GiB")
                 add(label, f"{key}: FLOPs / step", c.flops_over_step, r["flops"] / rows["train"]["flops"])
     return "\n".join(lines)
