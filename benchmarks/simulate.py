@@ -92,10 +92,10 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def gpt2_124m() -> tuple[nn.Module, list[nn.Module], Callable[[], Any]]:
+def gpt2_124m(layers: int = 12) -> tuple[nn.Module, list[nn.Module], Callable[[], Any]]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(attn_implementation="sdpa", loss_type="ForCausalLM")
+    config = GPT2Config(n_layer=layers, attn_implementation="sdpa", loss_type="ForCausalLM")
     model = GPT2LMHeadModel(config)
 
     def batch() -> dict[str, torch.Tensor]:
@@ -151,8 +151,9 @@ MODELS: dict[str, tuple[Callable[[], Any], str]] = {
 LAYERED: dict[str, Callable[[int], Any]] = {
     "llama-7b": lambda n: llama(4096, n, 32, 32, 11008, 1, 4096),
     "llama-1b": lambda n: llama(2048, n, 32, 4, 5632, 4, 2048),
+    "gpt2-124m": gpt2_124m,
 }
-FULL_LAYERS = {"llama-7b": 32, "llama-1b": 22}
+FULL_LAYERS = {"llama-7b": 32, "llama-1b": 22, "gpt2-124m": 12}
 
 
 def with_layer_fits(raw: dict[str, Any]) -> dict[str, Any]:
@@ -192,7 +193,7 @@ def with_layer_fits(raw: dict[str, Any]) -> dict[str, Any]:
                     },
                     "flops": lin(r1["flops"], r2["flops"]),
                     "from_layers": [1, 2],
-                    **{k: v for k, v in r1.items() if k in ("n_hvp", "micro_batches", "steps")},
+                    **{k: v for k, v in r1.items() if k in ("n_hvp", "micro_batches", "steps", "hvp")},
                 }
     return {k: v for k, v in out.items() if "@" not in k}
 
