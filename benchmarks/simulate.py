@@ -24,7 +24,10 @@ Rows, each against the plain step of the same model and mode:
 * ``hvp_exact``: one exact product (``HVPOperator(hvp="auto", cache_graph=False)``: double backward, through
   the math attention kernel where the fused one has no double backward);
   ``hvp_cached``: the second product on a cached gradient graph;
-* ``check:lambda_max``: ``hessian_eigenvalues(model, batch, k=1)`` at the function's defaults;
+* ``check:lambda_max``: ``hessian_eigenvalues(model, batch, k=1)`` at the function's defaults (on these
+  CPU-resident models the Lanczos basis shares the device); ``check:lambda_max_host``: the same with the
+  basis in host memory, as ``basis_device="auto"`` places it on an accelerator (simulated on the meta
+  device, which the tracker counts apart);
   ``check:monitor``: ``SharpnessMonitor(measures=("lambda_max",)).measure(model, opt)`` at the
   monitor's defaults; ``check:trace``: ``hessian_trace(model, batch, n_hvp=9)`` (Hutch++ with 3 sketch
   vectors; the default 60 products hold 17 parameter-sized vectors more);
@@ -363,7 +366,15 @@ def simulate(name: str, mode: str, rows: set[str] | None = None,
         row("hvp_cached2", hvp(True), [opt])  # two products, the second on the cached graph
         row("hvp_cached1", _first_cached(model, batch), [opt])
         row("check:lambda_max", lambda: hessian_eigenvalues(model, batch, k=1), [opt],
-            lambda r: {"n_hvp": int(r.n_hvp), "micro_batches": _plain(r.settings.get("micro_batches"))})
+            lambda r: {"n_hvp": int(r.n_hvp), "micro_batches": _plain(r.settings.get("micro_batches")),
+                       "hvp": str(r.hvp_method)})
+        # the same check with the Krylov basis in host memory, where basis_device="auto" keeps it on an
+        # accelerator: on these CPU-resident fake models "meta" stands for the host (a device the tracker
+        # counts apart from the one the model runs on)
+        row("check:lambda_max_host", lambda: hessian_eigenvalues(model, batch, k=1, basis_device="meta"), [opt],
+            lambda r: {"n_hvp": int(r.n_hvp), "micro_batches": _plain(r.settings.get("micro_batches")),
+                       "hvp": str(r.hvp_method)})
+
         def monitor_check() -> Any:
             from sharpguard.monitor import SharpnessMonitor
 
@@ -605,17 +616,21 @@ def cost_model_table(raw: dict[str, Any]) -> str:
                     if "flops" in rows.get(two, {}) and "flops" in rows.get(one, {}):
                         add(label, f"{two}: 2nd product FLOPs / fwd+bwd", HVP_FLOPS_CACHED,
                             (rows[two]["flops"] - rows[one]["flops"]) / fb)
-            for key in ("check:lambda_max", "check:monitor"):
+            for key in ("check:lambda_max", "check:lambda_max_host", "check:monitor"):
                 r = rows.get(key, {})
                 if "memory" not in r or not r.get("n_hvp"):
                     continue
                 micro = r.get("micro_batches") if isinstance(r.get("micro_batches"), int) else 1
                 model_bytes = cat["parameters"] + cat["buffers"] + cat["inputs"] + cat["other"]
                 step_extra = t["peak_bytes"] - model_bytes
+                # the method the check's plan chose (the monitor's plan is the function's on the same probe)
+                method = str(r.get("hvp") or rows.get("check:lambda_max", {}).get("hvp") or "autograd")
+                hvp = "finite_difference" if method.startswith("finite") else "autograd"
                 c = estimate_check_cost(int(p_local), step_peak_bytes=step_extra, step_seconds=1.0,
-                                        n_hvp=int(r["n_hvp"]), micro_batches=micro)
-                add(label, f"{key} ({micro} micro-batches): peak", model_bytes + cat["optimizer_state"] + c.peak_bytes,
-                    r["memory"]["peak_bytes"], "GiB")
+                                        n_hvp=int(r["n_hvp"]), micro_batches=micro, hvp=hvp,
+                                        basis_on_device=key != "check:lambda_max_host")
+                add(label, f"{key} ({micro} micro-batches, {hvp}): peak",
+                    model_bytes + cat["optimizer_state"] + c.peak_bytes, r["memory"]["peak_bytes"], "GiB")
                 add(label, f"{key}: FLOPs / step", c.flops_over_step, r["flops"] / rows["train"]["flops"])
     return "\n".join(lines)
 
@@ -625,8 +640,8 @@ def summary_table(raw: dict[str, Any]) -> str:
     raw = with_layer_fits(raw)
     lines = [
         "| model | mode | params | train step peak | SAM extra peak / param bytes | SAM FLOPs / step | exact product "
-        "FLOPs / fwd+bwd (cached 2nd) | lambda_max check peak / step peak (function defaults; monitor) | trace check "
-        "peak / step peak |",
+        "FLOPs / fwd+bwd (cached 2nd) | lambda_max check peak / step peak (function defaults; basis in host memory; "
+        "monitor) | trace check peak / step peak |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in MODELS:
@@ -660,7 +675,8 @@ def summary_table(raw: dict[str, Any]) -> str:
                 f"{entry['params'] / 1e6:.0f}M | {t['memory']['peak_bytes'] / GIB:.1f} GiB | "
                 + (f"{(sam['memory']['peak_bytes'] - t['memory']['peak_bytes']) / entry['param_bytes']:.4f} | "
                    f"{sam['flops'] / t['flops']:.3f} | " if "memory" in sam else f"{_failure(sam)} | | ")
-                + f"{hvp} | {peak('check:lambda_max')}; {peak('check:monitor')} | {peak('check:trace')} |"
+                + f"{hvp} | {peak('check:lambda_max')}; {peak('check:lambda_max_host')}; {peak('check:monitor')} | "
+                f"{peak('check:trace')} |"
             )
     return "\n".join(lines)
 

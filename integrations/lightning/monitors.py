@@ -224,6 +224,9 @@ class _MonitorCallback(Callback):
         self._publish(trainer, pl_module, metrics, on_step=False)
 
     def _publish(self, trainer: Any, pl_module: Any, metrics: dict[str, float], *, on_step: bool) -> None:
+        line = self.monitor.first_check_line(metrics) if metrics else None
+        if line is not None:  # the measurement works, at this cost: said once, as the HF and Accelerate front ends do
+            _rank_zero_info(f"sharpguard: {line}")
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=on_step, on_epoch=not on_step, logger=False, prog_bar=self.prog_bar,
                           sync_dist=False, batch_size=1)

@@ -19,7 +19,7 @@ from .._batches import batch_size, default_loss_fn, split_batch
 from .._validation import check_keywords, keywords_of, positive, positive_int
 from ..errors import ConfigurationError
 from ..sharpness.cost import DEFAULT_MAX_BASIS, EXTRA_VECTORS, GRAPH_FACTOR, check_passes_per_hvp
-from ..sharpness.micro import AUTO_MAX_MICRO_BATCHES, auto_micro_batches
+from ..sharpness.micro import AUTO_MAX_MICRO_BATCHES, plan_products
 from .alerts import AlertRule, default_sharpness_alerts
 from .base import Monitor
 from .. import _validation as rules
@@ -125,10 +125,12 @@ class SharpnessMonitor(Monitor):
     ``micro_batches`` (default ``"auto"``): the Hessian-vector products run each probe batch as that many
     micro-batches, so the double-backward graph (a multiple of a whole batch's activations,
     docs/cost_model.md) holds one slice at a
-    time. ``"auto"`` (:func:`~sharpguard.sharpness.auto_micro_batches`, also the default of every curvature
+    time. ``"auto"`` (:func:`~sharpguard.sharpness.plan_products`, also the default of every curvature
     function) measures what a forward of an eighth of the probe saves for backward at the first check and
     splits only as far as a check's memory must stay within a training step's on the same batch (up to 8
-    slices); a model whose whole graph fits keeps its cached graph and the fast products (slicing every
+    slices; where the exact products' graph would not fit even then, as with long sequences under the
+    math attention kernel, it takes finite-difference products and says so once); a model whose whole
+    graph fits keeps its cached graph and the fast products (slicing every
     probe costs a warm check several times the time of whole batches: a product per slice, no cached
     graph; docs/monitors.md). On an accelerator the Lanczos basis lives in host
     memory (``basis_device="auto"`` of :func:`~sharpguard.sharpness.hessian_eigenvalues`), and so does the
@@ -184,7 +186,8 @@ class SharpnessMonitor(Monitor):
         self.measure_kwargs = {k: dict(v) for k, v in (measure_kwargs or {}).items()}
         self.warm_start = warm_start
         self.micro_batches = micro_batches
-        self._auto: tuple[tuple[int, ...], int] | None = None  # (probe batch ids, slices) chosen by "auto"
+        # (probe batch ids, slices, product method) chosen by "auto" (sharpguard.sharpness.plan_products)
+        self._auto: tuple[tuple[int, ...], int, str] | None = None
         self._eigenvector: Any | None = None
         self._eos_vector: Any | None = None
         self.n_hvp_total = 0
@@ -199,7 +202,12 @@ class SharpnessMonitor(Monitor):
         batches = len(self.probe.batches) if self.probe.ready else 1
         slices = self._slices()
         # "auto" before its first choice: budget the most slices it may take (uncached: the dearer case)
-        return check_passes_per_hvp("autograd", micro_batches=slices or AUTO_MAX_MICRO_BATCHES, probe_batches=batches)
+        return check_passes_per_hvp(self._planned_hvp(), micro_batches=slices or AUTO_MAX_MICRO_BATCHES,
+                                    probe_batches=batches)
+
+    def _planned_hvp(self) -> str:
+        """The product method ``micro_batches="auto"`` chose (exact products before its first choice)."""
+        return self._auto[2] if self.micro_batches == "auto" and self._auto is not None else "autograd"
 
     def _slices(self) -> int | None:
         """The micro-batches a probe batch actually splits into: ``micro_batches``, or fewer when the
@@ -259,7 +267,7 @@ class SharpnessMonitor(Monitor):
         return dict(self.measure_kwargs.get(name, {}))
 
     def _micro_batches_for(self, model: nn.Module, batches: list[Any]) -> int:
-        """``micro_batches`` (under ``"auto"``: :func:`auto_micro_batches`, once per probe), or 1 (said
+        """``micro_batches`` (under ``"auto"``: :func:`~sharpguard.sharpness.plan_products`, once per probe), or 1 (said
         once) when a probe batch cannot be split by examples."""
         if self.micro_batches == 1 or self.__dict__.get("_micro_batches_failed"):
             return 1
@@ -268,7 +276,10 @@ class SharpnessMonitor(Monitor):
             key = tuple(id(b) for b in batches)
             if self._auto is None or self._auto[0] != key:
                 try:
-                    self._auto = (key, auto_micro_batches(model, batches, self.loss_fn))
+                    plan = plan_products(model, batches, self.loss_fn, hvp=self._kw("lambda_max").get("hvp", "auto"))
+                    self._auto = (key, plan.micro_batches, plan.hvp)
+                    if plan.reason:
+                        self.warn_once("finite-difference", f"sharpness checks use {plan.reason}.")
                 except ConfigurationError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the loss cannot run on a slice: whole batches
@@ -341,7 +352,9 @@ class SharpnessMonitor(Monitor):
         settings: dict[str, dict[str, Any]] = {}
         n_hvp = 0
         want = set(self.measures)
-        hvp_kw = {"micro_batches": micro}
+        hvp_kw: dict[str, Any] = {"micro_batches": micro}
+        if self._planned_hvp() == "finite_difference":  # exact products would not fit (plan_products)
+            hvp_kw["hvp"] = "finite_difference"
         eos = "eos_ratio" in want and optimizer is not None
         if "eos_ratio" in want and optimizer is None:
             self.warn_once("eos", "sharpness/eos_ratio needs the optimizer; pass optimizer= to on_step_end.")

@@ -84,6 +84,6 @@ from .sharded import ShardedHVPOperator, is_sharded  # noqa: E402
 
 __all__ += ["ShardedHVPOperator", "is_sharded"]
 
-from .micro import auto_micro_batches
+from .micro import ProductPlan, auto_micro_batches, plan_products
 
-__all__ += ["auto_micro_batches"]
+__all__ += ["ProductPlan", "auto_micro_batches", "plan_products"]

@@ -108,6 +108,7 @@ def estimate_check_cost(
     optimizer_state_vectors: int = 2,
     micro_batches: int = 1,
     probe_batches: int = 1,
+    basis_on_device: bool = True,
 ) -> CheckCost:
     """Extra peak memory and time of ``hessian_eigenvalues(k=1)`` with ``n_hvp`` products.
 
@@ -127,6 +128,8 @@ def estimate_check_cost(
             micro-batch's activations, ``c_A A / micro_batches``.
         probe_batches: probe batches of the training batch's size; with one batch and one micro-batch
             the gradient graph is cached and a product costs ``HVP_PASSES_CACHED`` passes.
+        basis_on_device: whether the Lanczos basis shares the device (``basis_device="auto"`` keeps it in
+            host memory on an accelerator: then one of its rows is on the device at a time).
     """
     from ..errors import ConfigurationError
 
@@ -144,7 +147,7 @@ def estimate_check_cost(
     batches = positive_int("probe_batches", probe_batches)
     state = (1 + optimizer_state_vectors) * p * _positive("dtype_bytes", dtype_bytes)
     activations = max(step_peak - state, 0.0)
-    basis = (max_basis + 1) * p * b
+    basis = ((max_basis + 1) if rules.flag("basis_on_device", basis_on_device) else 1) * p * b
     peak = GRAPH_FACTOR[hvp] * activations / micro + basis + EXTRA_VECTORS[hvp] * p * b
     cached = hvp == "autograd" and micro == 1 and batches == 1
     seconds = n_hvp * batches * (HVP_PASSES_CACHED if cached else HVP_PASSES[hvp]) * step_s

@@ -8,12 +8,16 @@ holds, so a check's peak stays within the training step's and small models keep 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
 
 from .._batches import as_batches, batch_size, default_loss_fn, detach_inference, split_batch
 from .._modules import has_fake_tensors, unwrap_data_parallel
@@ -22,7 +26,15 @@ from ..errors import ConfigurationError
 from .cost import GRAPH_FACTOR
 from .. import _validation as rules
 
-__all__ = ["AUTO_MAX_MICRO_BATCHES", "AUTO_SLACK_BYTES", "PRODUCT_VECTORS", "auto_micro_batches"]
+__all__ = [
+    "AUTO_MAX_MICRO_BATCHES",
+    "AUTO_SLACK_BYTES",
+    "FD_PRODUCT_VECTORS",
+    "PRODUCT_VECTORS",
+    "ProductPlan",
+    "auto_micro_batches",
+    "plan_products",
+]
 
 
 #: the most a check's estimated extra memory may pass a training step's before ``micro_batches="auto"``
@@ -32,35 +44,63 @@ AUTO_MAX_MICRO_BATCHES = 8
 #: Krylov-sized vectors a product holds on the device besides the basis: the vector in, the accumulated
 #: product and the gradient whose graph it differentiates (operator.py, ``_hvp_autograd``)
 PRODUCT_VECTORS = 3
+#: the same for a finite-difference product: the vector in, the entry weights' copy, the gradient at
+#: ``w + h v`` and the one being accumulated at ``w - h v`` (operator.py, ``_hvp_finite_difference``)
+FD_PRODUCT_VECTORS = 4
+
+
+@dataclass(frozen=True)
+class ProductPlan:
+    """How a check's Hessian-vector products run: micro-batches per probe batch and the product method
+    (``"autograd"``: exact, double backward; ``"finite_difference"``: two gradients), with the reason when
+    the method was chosen for memory."""
+
+    micro_batches: int
+    hvp: str
+    reason: str = ""
 
 
 @rules.checked()
 def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None, *,
                        distributed: bool | None = None, basis_on_device: bool | None = None) -> int:
-    """How many micro-batches a check's products should run each probe batch in (``micro_batches="auto"``).
+    """How many micro-batches a check's exact products should run each probe batch in
+    (``micro_batches="auto"``): :func:`plan_products` with ``hvp="autograd"``."""
+    return plan_products(model, batches, loss_fn, hvp="autograd", distributed=distributed,
+                         basis_on_device=basis_on_device).micro_batches
+
+
+@rules.checked()
+def plan_products(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None, *, hvp: str = "auto",
+                  distributed: bool | None = None, basis_on_device: bool | None = None) -> ProductPlan:
+    """Micro-batches and product method that keep a check within a training step's memory.
 
     Measures what one forward of an eighth of the largest probe batch saves for backward, scaled to the
-    whole batch, ``A`` (a saved-tensor hook, eval mode, inside :func:`sharpguard._state.side_effect_free`;
-    the weights, which autograd saves by reference, are not counted; an eighth, not the whole batch, since
-    glibc keeps the heap a whole-batch forward frees and the check's first peak would rise by it). A
-    training step on that batch holds at least ``A`` plus the gradient ``G`` (the parameters' bytes); a check
-    on ``s`` slices holds ``GRAPH_FACTOR["autograd"] * A / s`` (the double-backward graph,
-    docs/cost_model.md) plus ``V``, the Krylov vectors on the device: :data:`PRODUCT_VECTORS` and the
-    Lanczos basis (``DEFAULT_MAX_BASIS + 1`` rows) where it shares the device, one row where it lives in
-    host memory (``basis_on_device``, default: whether the model is on the CPU, as
-    :func:`~sharpguard.sharpness.lanczos.resolve_basis_device` decides). The choice is the fewest slices
-    with ``GRAPH_FACTOR * A / s + V <= A + G + AUTO_SLACK_BYTES``: the check's peak within the training
-    step's, a whole batch (and the cached graph: one double backward a product) where the whole graph
-    fits, at most :data:`AUTO_MAX_MICRO_BATCHES` slices and one example per slice. The bound is the
-    training step's own peak, not a fixed graph size, because a fixed cap ignores what the step already
-    holds (a large vocabulary's logits) and the Krylov vectors. Where the Krylov vectors alone pass the
-    activations and gradient (no split can make the check fit), a slice's graph is held to
-    ``AUTO_SLACK_BYTES``: the most slices for a large graph, none for a tiny one. On an FSDP2 model a rank
-    measures its shard and the weights its forward gathers count as saved tensors (more slices, never
-    fewer). Under ``torch.distributed`` the ranks take the largest choice (``distributed=False``: this
-    rank alone), so sharded products run the same collectives on every rank; on fake tensors
-    (``FakeTensorMode``) nothing is read and the ranks are taken to be alike.
+    whole batch (a saved-tensor hook, eval mode, inside :func:`sharpguard._state.side_effect_free`; the
+    weights, which autograd saves by reference, are not counted; an eighth, not the whole batch, since
+    glibc keeps the heap a whole-batch forward frees and the check's first peak would rise by it; a batch
+    of fewer than 8 examples is measured on one example): ``A`` under the attention kernel a training step
+    uses, ``A_math`` under the math kernel the exact product's double backward needs (no fused kernel has
+    a derivative of its backward; the math kernel keeps each head's ``T x T`` attention weights, which at
+    long sequences outgrow everything else). A training step on that batch holds at least ``A`` plus the
+    gradient ``G`` (the parameters' bytes). On ``s`` slices an exact product holds
+    ``GRAPH_FACTOR["autograd"] * A_math / s`` and a finite-difference one ``GRAPH_FACTOR["finite_difference"]
+    * A / s`` (docs/cost_model.md), each plus its Krylov vectors on the device ``V`` (its product's own,
+    :data:`PRODUCT_VECTORS` or :data:`FD_PRODUCT_VECTORS`, and the Lanczos basis, ``DEFAULT_MAX_BASIS + 1``
+    rows where it shares the device, one row where it lives in host memory: ``basis_on_device``, default
+    whether the model is on the CPU, as :func:`~sharpguard.sharpness.lanczos.resolve_basis_device` decides).
+
+    The slices are the fewest with ``graph / s + V <= A + G + AUTO_SLACK_BYTES``, at most
+    :data:`AUTO_MAX_MICRO_BATCHES` and one example per slice; where no split fits, a slice's graph is held
+    to ``AUTO_SLACK_BYTES`` (the most slices for a large graph, none for a tiny one). ``hvp="auto"`` keeps
+    exact products wherever they fit, and takes finite differences only where they do not and the
+    finite-difference estimate is lower (long sequences, one example per device): the plan's ``reason``
+    says so. On an FSDP2 model a rank measures its shard and the weights its forward gathers count as saved
+    tensors. Under ``torch.distributed`` the ranks take the largest choice (``distributed=False``: this rank
+    alone; any rank's finite differences make every rank's), so sharded products run the same collectives
+    on every rank; on fake tensors (``FakeTensorMode``) nothing is read and the ranks are taken to be alike.
     """
+    if hvp not in ("auto", "autograd", "finite_difference"):
+        raise ConfigurationError(f"hvp must be 'auto', 'autograd' or 'finite_difference', got {hvp!r}.")
     batches = as_batches(batches)
     from .cost import DEFAULT_MAX_BASIS
 
@@ -69,45 +109,109 @@ def auto_micro_batches(model: nn.Module, batches: Sequence[Any], loss_fn: Any = 
     grad_bytes = sum(p.numel() * p.element_size() for p in params)
     if basis_on_device is None:
         basis_on_device = params[0].device.type == "cpu"
-    vectors = (PRODUCT_VECTORS + (DEFAULT_MAX_BASIS + 1 if basis_on_device else 1)) * vector_bytes
+    basis_rows = DEFAULT_MAX_BASIS + 1 if basis_on_device else 1
     fake = has_fake_tensors(model)
-    weights = {_storage_key(local_shard(p), fake) for p in model.parameters()}
     batch = detach_inference(max(batches, key=batch_size))
     n = batch_size(batch)
     try:  # measure on the smallest slice the products could use, scaled to the batch (see the docstring)
         part = split_batch(batch, AUTO_MAX_MICRO_BATCHES)[0]
     except ConfigurationError:
-        part = None  # a batch that cannot be split is measured whole anyway (the monitor says so)
-    slices = 1
+        part = None  # a batch that cannot be split runs whole: nothing to choose (the monitor says so)
+    exact_slices, fd_slices, use_fd = 1, 1, hvp == "finite_difference"
+    reason = ""
     if part is not None:
-        fn = loss_fn if loss_fn is not None else default_loss_fn
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            key = _storage_key(t, fake)
-            if key not in weights:
-                seen[key] = storage.nbytes()
-            return t
-
-        module = unwrap_data_parallel(model)  # a DDP wrapper's forward would arm reduction hooks no backward fires
-        with side_effect_free(model), torch.inference_mode(False), torch.enable_grad():
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = fn(module, part)
-            del loss
-            _reshard(model)
-        saved = sum(seen.values()) * n / batch_size(part)
-        # where the Krylov vectors alone pass the training step's memory no split can make the check fit:
-        # then each slice's graph is held to the slack (a tiny graph stays whole, a large one takes the most)
-        budget = max(saved + grad_bytes + AUTO_SLACK_BYTES - vectors, AUTO_SLACK_BYTES)
-        slices = _fewest_slices(GRAPH_FACTOR["autograd"] * saved, budget, min(AUTO_MAX_MICRO_BATCHES, n))
+        scale = n / batch_size(part)
+        attention = _AttentionCalls()
+        with attention:
+            saved = _saved_bytes(model, part, loss_fn) * scale
+        saved_math = saved
+        if attention.seen and hvp != "finite_difference" and _math_attention_kernel() is not None:
+            with _math_attention_kernel()():
+                saved_math = _saved_bytes(model, part, loss_fn) * scale
+        most = min(AUTO_MAX_MICRO_BATCHES, n)
+        allowed = saved + grad_bytes + AUTO_SLACK_BYTES  # the training step's own peak (and the slack)
+        exact_graph, fd_graph = GRAPH_FACTOR["autograd"] * saved_math, GRAPH_FACTOR["finite_difference"] * saved
+        exact_vectors = (PRODUCT_VECTORS + basis_rows) * vector_bytes
+        fd_vectors = (FD_PRODUCT_VECTORS + basis_rows) * vector_bytes
+        exact_slices = _fewest_slices(exact_graph, max(allowed - exact_vectors, AUTO_SLACK_BYTES), most)
+        fd_slices = _fewest_slices(fd_graph, max(allowed - fd_vectors, AUTO_SLACK_BYTES), most)
+        if hvp == "auto":
+            exact_peak = exact_graph / exact_slices + exact_vectors
+            fd_peak = fd_graph / fd_slices + fd_vectors
+            if exact_peak > allowed and fd_peak + AUTO_SLACK_BYTES < exact_peak:
+                use_fd = True
+                reason = (f"finite-difference products: an exact product's double backward would hold "
+                          f"~{exact_peak / 2**30:.3g} GiB at {exact_slices} micro-batch"
+                          f"{'es' if exact_slices > 1 else ''} (math attention kernel), more than a training "
+                          f"step's ~{allowed / 2**30:.3g} GiB; finite differences ~{fd_peak / 2**30:.3g} GiB")
     if distributed is None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed and not fake:
-        agreed = torch.tensor([float(slices)], device=params[0].device)
+        agreed = torch.tensor([float(use_fd), float(exact_slices), float(fd_slices)], device=params[0].device)
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
-        slices = int(agreed.item())
-    return slices
+        flag, exact_slices, fd_slices = (int(x) for x in agreed.tolist())
+        if flag and not use_fd:
+            use_fd, reason = True, "finite-difference products: another rank's exact products would not fit"
+    if use_fd:
+        return ProductPlan(micro_batches=fd_slices, hvp="finite_difference", reason=reason)
+    return ProductPlan(micro_batches=exact_slices, hvp="autograd")
+
+
+def _saved_bytes(model: nn.Module, part: Any, loss_fn: Any) -> float:
+    """Bytes a forward of ``part`` saves for backward, the weights (saved by reference) not counted.
+
+    The saved tensors are counted, not kept (the hook hands autograd nothing to hold; the loss is never
+    differentiated): the forward's memory is an inference forward's, so measuring the math attention
+    kernel's graph, many times a training step's at long sequences, does not raise the peak. A storage
+    saved twice counts once while it lives (a weak reference tells a live storage from a freed one whose
+    address was reused)."""
+    weights = {local_shard(p).untyped_storage()._cdata for p in model.parameters()}
+    fn = loss_fn if loss_fn is not None else default_loss_fn
+    live: dict[int, StorageWeakRef] = {}
+    total = 0
+
+    def pack(t: torch.Tensor) -> None:
+        nonlocal total
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in weights or (key in live and not live[key].expired()):
+            return None
+        live[key] = StorageWeakRef(storage)
+        total += storage.nbytes()
+        return None
+
+    module = unwrap_data_parallel(model)  # a DDP wrapper's forward would arm reduction hooks no backward fires
+    with side_effect_free(model), torch.inference_mode(False), torch.enable_grad():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = fn(module, part)
+        del loss
+        _reshard(model)
+    return float(total)
+
+
+class _AttentionCalls(TorchFunctionMode):
+    """Notes whether scaled-dot-product attention is called (directly or through ``nn.MultiheadAttention``,
+    whose inner call a torch-function mode does not see) while it is active; changes nothing else."""
+
+    _ATTENTION = (nn.functional.scaled_dot_product_attention, nn.functional.multi_head_attention_forward)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        if func in self._ATTENTION:
+            self.seen = True
+        return func(*args, **(kwargs or {}))
+
+
+def _math_attention_kernel() -> Callable[[], contextlib.AbstractContextManager] | None:
+    """A factory for the math scaled-dot-product-attention kernel context, where PyTorch has one."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return None
+    return lambda: sdpa_kernel(SDPBackend.MATH)
 
 
 def _reshard(model: nn.Module) -> None:
@@ -127,10 +231,3 @@ def _fewest_slices(graph: float, budget: float, most: int) -> int:
     if budget <= 0:
         return most
     return max(1, min(math.ceil(graph / budget), most))
-
-
-def _storage_key(t: torch.Tensor, fake: bool) -> int:
-    """An identity for a tensor's storage: its address, or for a fake tensor (whose storages all report
-    address 0) the storage object's own handle."""
-    storage = t.untyped_storage()
-    return storage._cdata if fake else storage.data_ptr()

@@ -31,6 +31,7 @@ alike (docs/sharpness.md gives the errors). The method used is reported as :attr
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -38,7 +39,6 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from .._batches import BatchList, LossFn, as_batches, batch_size, checked_loss, default_loss_fn, split_batch
 from .._batches import check_default_targets, detach_inference
@@ -47,8 +47,10 @@ from .._state import side_effect_free, trainable_parameters
 from .._validation import positive_int
 from ..errors import ConfigurationError, SharpGuardError
 from .. import _validation as rules
+from .micro import ProductPlan, _AttentionCalls, _math_attention_kernel, plan_products
 
 HVPMethod = Literal["auto", "autograd", "finite_difference"]
+_log = logging.getLogger(__name__)
 _FD_FACTOR = 4.0  # finite-difference step in units of eps_mach^(1/3) times the weights' size (docstring)
 _HVP_CHOICES = ("auto", "autograd", "finite_difference")
 
@@ -325,8 +327,9 @@ class HVPOperator(ProbeLoss):
         model: the model (a DDP wrapper is unwrapped; products are all-reduced instead).
         batches: one batch or a list of batches, fixed for the operator's lifetime.
         loss_fn: ``loss_fn(model, batch) -> scalar``; default cross entropy / ``model(**batch).loss``.
-        hvp: ``"auto"`` (double backward under the math attention kernel, else finite differences),
-            ``"autograd"`` or ``"finite_difference"``.
+        hvp: ``"auto"`` (double backward under the math attention kernel, else finite differences: where
+            the model has no double backward, or, with ``micro_batches="auto"``, where its graph would not fit
+            in a training step's memory, :attr:`plan`), ``"autograd"`` or ``"finite_difference"``.
         train: run the model in train mode (default: eval mode, so dropout is off and BatchNorm uses its
             running statistics).
         check_determinism: apply ``H`` twice to the first vector and raise
@@ -371,15 +374,20 @@ class HVPOperator(ProbeLoss):
             raise ConfigurationError(f"hvp must be one of {_HVP_CHOICES}, got {hvp!r}.")
         if fd_eps is not None and not (fd_eps > 0 and math.isfinite(fd_eps)):
             raise ConfigurationError(f"fd_eps must be a positive number, got {fd_eps!r}.")
+        #: the micro-batches and (under ``hvp="auto"``) the method ``micro_batches="auto"`` chose, or None
+        self.plan: ProductPlan | None = None
+        requested = hvp
         if micro_batches == "auto":  # as many as the probe's activations need (sharpness/micro.py)
-            from .micro import auto_micro_batches
-
-            micro_batches = auto_micro_batches(model, as_batches(batches), loss_fn, distributed=distributed)
+            self.plan = plan_products(model, as_batches(batches), loss_fn, hvp=hvp, distributed=distributed)
+            micro_batches = self.plan.micro_batches
+            if hvp == "auto" and self.plan.hvp == "finite_difference":
+                hvp = "finite_difference"  # exact products would not fit in a training step's memory
+                _log.info("sharpguard: %s.", self.plan.reason)
         self.micro_batches = positive_int("micro_batches", micro_batches)
         if self.micro_batches > 1:
             batches = BatchList(part for b in as_batches(batches) for part in split_batch(b, self.micro_batches))
         super().__init__(model, batches, loss_fn, train=train, distributed=distributed)
-        self.requested = hvp
+        self.requested = requested
         self.method: str | None = "finite_difference" if hvp == "finite_difference" else None
         self._kernel: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         # the determinism check compares two products' values: not in a cost-only run (nothing is read)
@@ -573,31 +581,6 @@ def _inner(pairs: list[tuple[torch.Tensor, int]], vs: list[torch.Tensor]) -> tor
         total = term if total is None else total + term
     assert total is not None
     return total
-
-
-class _AttentionCalls(TorchFunctionMode):
-    """Notes whether scaled-dot-product attention is called (directly or through ``nn.MultiheadAttention``,
-    whose inner call a torch-function mode does not see) while it is active; changes nothing else."""
-
-    _ATTENTION = (nn.functional.scaled_dot_product_attention, nn.functional.multi_head_attention_forward)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen = False
-
-    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
-        if func in self._ATTENTION:
-            self.seen = True
-        return func(*args, **(kwargs or {}))
-
-
-def _math_attention_kernel() -> Callable[[], contextlib.AbstractContextManager] | None:
-    """A factory for the math scaled-dot-product-attention kernel context, where PyTorch has one."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - torch < 2.3
-        return None
-    return lambda: sdpa_kernel(SDPBackend.MATH)
 
 
 def _without_autocast_wrapper(module: nn.Module, stack: contextlib.ExitStack) -> None:

@@ -194,24 +194,36 @@ def test_accelerate_warns_when_every_n_steps_exceeds_the_loop_and_when_no_check_
 
 
 # ------------------------------------------------------------------------------------------ Lightning
-def test_lightning_warns_when_every_n_steps_exceeds_max_steps_and_when_no_check_was_made(monkeypatch):
-    """On Lightning's own BoringModel: rank-zero warnings at fit start and fit end, info lines between."""
-    from sharpguard.integrations.lightning import NAMESPACE, RobustnessMonitor, SharpnessMonitor
-
-    pl = __import__(NAMESPACE, fromlist=["Trainer"])
-    demos = __import__(f"{NAMESPACE}.demos.boring_classes", fromlist=["BoringModel"])
-    # rank_zero_info logs to whichever package's rank_zero logger was imported last (lightning_utilities keeps
-    # one module-level `log`: pytorch_lightning's, lightning.pytorch's or lightning_fabric's), whose package
-    # logger may not propagate to the root (Lightning turns propagation off when the root had no handler at its
-    # import): read that logger itself, at INFO, with rank-zero logging on
+@pytest.fixture
+def lightning_lines(monkeypatch):
+    """What Lightning's rank_zero_info says. It logs to whichever package's rank_zero logger was imported last
+    (lightning_utilities keeps one module-level `log`: pytorch_lightning's, lightning.pytorch's or
+    lightning_fabric's), whose package logger may not propagate to the root (Lightning turns propagation off
+    when the root had no handler at its import): read that logger itself, at INFO, with rank-zero logging on."""
     from lightning_utilities.core import rank_zero as rank_zero_module
 
+    from sharpguard.integrations.lightning import NAMESPACE
+
+    __import__(NAMESPACE)  # first: importing Lightning sets rank_zero_module.log and rank_zero_only.rank
     lines = _Lines()
     log = rank_zero_module.log
     log.addHandler(lines)
     monkeypatch.setattr(log, "level", logging.INFO)
     monkeypatch.setattr(logging.root.manager, "disable", logging.NOTSET)
     monkeypatch.setattr(rank_zero_module.rank_zero_only, "rank", 0, raising=False)
+    try:
+        yield lines
+    finally:
+        log.removeHandler(lines)
+
+
+def test_lightning_warns_when_every_n_steps_exceeds_max_steps_and_when_no_check_was_made(lightning_lines):
+    """On Lightning's own BoringModel: rank-zero warnings at fit start and fit end, info lines between."""
+    from sharpguard.integrations.lightning import NAMESPACE, RobustnessMonitor, SharpnessMonitor
+
+    pl = __import__(NAMESPACE, fromlist=["Trainer"])
+    demos = __import__(f"{NAMESPACE}.demos.boring_classes", fromlist=["BoringModel"])
+    lines = lightning_lines
     sharp = SharpnessMonitor(measures=("lambda_max",), every_n_steps=50, alerts=None, probe_size=2)
     robust = RobustnessMonitor(measures=("clean_acc",), when="validation", alerts=None, probe_size=2,
                                batch_map=lambda b: (b, torch.zeros(len(b), dtype=torch.long)))
@@ -219,11 +231,8 @@ def test_lightning_warns_when_every_n_steps_exceeds_max_steps_and_when_no_check_
                          logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          callbacks=[sharp, robust])
-    try:
-        with pytest.warns(UserWarning) as warned:
-            trainer.fit(demos.BoringModel())
-    finally:
-        log.removeHandler(lines)
+    with pytest.warns(UserWarning) as warned:
+        trainer.fit(demos.BoringModel())
     messages = [str(w.message) for w in warned]
     assert any("every_n_steps=50 exceeds this run's 4 optimizer steps (max_steps=4)" in m for m in messages)
     assert any("SharpnessMonitor made no check" in m and "every_n_steps=50 is more than the 4" in m for m in messages)
@@ -265,3 +274,21 @@ def test_lightning_estimates_the_run_from_the_stepping_batches_without_max_steps
                                          r"\(trainer.estimated_stepping_batches\)"):
         trainer.fit(demos.BoringModel())
     assert trainer.global_step == 3 and sharp.monitor.schedule.n_checks == 0
+
+
+def test_lightning_says_when_the_first_check_is_done(lightning_lines):
+    """Like the HF Trainer and Accelerate: one rank-zero line right after the (quick) first check, quoting the
+    value the loggers received, and none after later checks."""
+    from sharpguard.integrations.lightning import NAMESPACE, SharpnessMonitor
+
+    pl = __import__(NAMESPACE, fromlist=["Trainer"])
+    demos = __import__(f"{NAMESPACE}.demos.boring_classes", fromlist=["BoringModel"])
+    sharp = SharpnessMonitor(measures=("lambda_max",), alerts=None, probe_size=4)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=6, limit_val_batches=0, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[sharp])
+    trainer.fit(demos.BoringModel())
+    (line,) = [m for m in lightning_lines.at(logging.INFO) if "first check done" in m]
+    (first_step, first_value), *_ = sharp.monitor.history.values("sharpness/lambda_max")
+    assert line.startswith(f"sharpguard: first check done: lambda_max={first_value:.4g} in ") and " s (quick, " in line
+    assert f"SharpnessMonitor at step {first_step};" in line

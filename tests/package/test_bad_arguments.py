@@ -145,7 +145,7 @@ def public_callables() -> dict[str, Callable[..., Any]]:
             if name in SKIP or not callable(obj) or (inspect.isclass(obj) and issubclass(obj, BaseException)):
                 continue
             if is_dataclass(obj) and (name.endswith(("Result", "Report", "Cost", "Curvature", "Density", "Slice"))
-                                      or name in {"AdversarialGeometry", "Alert", "PassCount"}):
+                                      or name in {"AdversarialGeometry", "Alert", "PassCount", "ProductPlan"}):
                 continue  # result containers: built by sharpguard, not by callers
             key = name if module_name.startswith("sharpguard") else f"{module_name.split('.')[1]}.{name}"
             found.setdefault(key, obj)
@@ -253,7 +253,7 @@ def base_call(name: str, obj: Callable[..., Any], world: World, params: dict[str
         return (ProbeLoss(m, b), torch.Generator().manual_seed(0)), kwargs
     if name in ("penultimate_linear", "lora_parameters", "is_sharded", "spectral_normalize"):
         return (m,), kwargs
-    if name == "auto_micro_batches":
+    if name in ("auto_micro_batches", "plan_products"):
         return (m, b), kwargs
     if name == "estimate_check_cost":
         return (1000,), {"step_seconds": 0.1, "step_peak_bytes": 1e6, **kwargs}

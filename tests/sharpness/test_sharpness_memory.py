@@ -532,6 +532,10 @@ def test_cost_model_terms_and_validation():
     assert three.seconds == pytest.approx(3 * 20 * HVP_PASSES["autograd"] * step_s)
     assert check_passes_per_hvp() == HVP_PASSES_CACHED
     assert check_passes_per_hvp(micro_batches=2) == check_passes_per_hvp(probe_batches=2) == HVP_PASSES["autograd"]
+    # the basis in host memory (basis_device="auto" on an accelerator): one row on the device at a time
+    host = estimate_check_cost(p, step_peak_bytes=step_peak, step_seconds=step_s, n_hvp=20, max_basis=6,
+                               basis_on_device=False)
+    assert host.basis_bytes == p * 4 and c.peak_bytes - host.peak_bytes == 6 * p * 4
     lean = estimate_check_cost(p, step_peak_bytes=step_peak, step_seconds=step_s, hvp="finite_difference")
     assert lean.peak_bytes < c.peak_bytes
     sam = estimate_sam_cost(p, step_seconds=step_s)

@@ -1,0 +1,129 @@
+"""``micro_batches="auto"`` chooses the product method as well as the micro-batches (sharpness/micro.py,
+``plan_products``): an exact product's double backward runs under the math attention kernel, which keeps
+each head's ``T x T`` attention weights, so at long sequences with one example (nothing to split) its graph
+passes a training step's memory many times over; finite-difference products then take its place. Checked
+on a Hugging Face Llama built from its config: the choice, the eigenvalue against the exact products, the
+count of saved bytes against a count that keeps the tensors, the monitor's one warning, and on fake
+tensors (``FakeTensorMode``, MemTracker) the check's peak against the training step's."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sharpguard.monitor import SharpnessMonitor
+from sharpguard.simulate import fake_tensors, parameter_bytes, profile_step
+from sharpguard.sharpness import hessian_eigenvalues, plan_products
+from sharpguard.sharpness.cost import DEFAULT_MAX_BASIS
+from sharpguard.sharpness.micro import FD_PRODUCT_VECTORS, _math_attention_kernel, _saved_bytes
+
+VOCAB = 64
+
+
+def _llama(seq: int, hidden: int = 32, layers: int = 2, heads: int = 4) -> LlamaForCausalLM:
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=VOCAB,
+                         max_position_embeddings=seq, attn_implementation="sdpa")
+    return LlamaForCausalLM(config)
+
+
+def _batch(rows: int, seq: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (rows, seq), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "labels": ids}
+
+
+def test_long_sequence_takes_finite_differences_with_the_exact_eigenvalue():
+    torch.manual_seed(0)
+    model, batch = _llama(1024), _batch(1, 1024)
+    plan = plan_products(model, [batch])
+    assert (plan.hvp, plan.micro_batches) == ("finite_difference", 1)
+    assert "math attention kernel" in plan.reason and "finite differences" in plan.reason
+    chosen = hessian_eigenvalues(model, batch, k=1, seed=0)
+    exact = hessian_eigenvalues(model, batch, k=1, seed=0, hvp="autograd", micro_batches=1)
+    assert chosen.hvp_method == "finite_difference" and exact.hvp_method == "autograd+math_sdpa"
+    assert chosen.eigenvalues[0] == pytest.approx(exact.eigenvalues[0], rel=1e-4)
+    # asked for exact products, the plan keeps them (it only sizes the micro-batches)
+    assert plan_products(model, [batch], hvp="autograd").hvp == "autograd"
+    assert hessian_eigenvalues(model, batch, k=1, seed=0, hvp="autograd", max_iter=3).hvp_method == "autograd+math_sdpa"
+
+
+def test_short_sequences_keep_exact_products():
+    torch.manual_seed(0)
+    model = _llama(16)
+    plan = plan_products(model, [_batch(8, 16)])
+    assert (plan.hvp, plan.reason) == ("autograd", "")
+    assert hessian_eigenvalues(model, _batch(8, 16), k=1, seed=0, max_iter=3).hvp_method.startswith("autograd")
+
+
+def test_saved_bytes_count_what_a_kept_graph_holds():
+    """The counter hands autograd nothing to keep; its count equals one that keeps every saved tensor."""
+    torch.manual_seed(0)
+    model, batch = _llama(256), _batch(2, 256)
+
+    def kept() -> int:
+        weights = {p.untyped_storage()._cdata for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            key = t.untyped_storage()._cdata
+            if key not in weights:
+                seen[key] = t.untyped_storage().nbytes()
+            return t
+
+        model.eval()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(**batch).loss
+        del loss
+        model.train()
+        return sum(seen.values())
+
+    fused = _saved_bytes(model, batch, None)
+    assert fused == kept()
+    with _math_attention_kernel()():
+        math = _saved_bytes(model, batch, None)
+        assert math == kept()
+    # the math kernel keeps (about) one T x T float32 matrix per head and layer more
+    assert math - fused == pytest.approx(2 * 2 * 4 * 256 * 256 * 4, rel=0.1)
+
+
+def test_monitor_says_once_that_it_takes_finite_differences():
+    torch.manual_seed(0)
+    model, batch = _llama(1024), _batch(1, 1024)
+    monitor = SharpnessMonitor(measures=("lambda_max",), probe=[batch], alerts=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics, settings = monitor.measure(model, with_settings=True)
+        monitor.measure(model)
+    said = [w for w in caught if "finite-difference products" in str(w.message)]
+    assert len(said) == 1
+    assert metrics["sharpness/lambda_max"] > 0
+    assert settings["sharpness/lambda_max"]["hvp"] == "finite_difference"
+
+
+@pytest.mark.filterwarnings("ignore:The module hierarchy tracking")
+def test_fake_long_sequence_check_holds_no_double_backward_graph():
+    """On fake tensors (nothing allocated), a Llama of 4 blocks at 2048 tokens: the check's peak passes the
+    training step's by no more than its Krylov vectors (the basis shares the CPU's memory), where exact
+    products under the math kernel held about four times the step."""
+    with fake_tensors():
+        model = _llama(2048, hidden=512, layers=4, heads=8)
+        batch = _batch(1, 2048)
+        opt = torch.optim.AdamW(model.parameters())
+
+        def train() -> None:
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        train()
+        step = profile_step(train, model=model, optimizers=[opt], inputs=[batch]).memory.peak_bytes
+        check = profile_step(lambda: hessian_eigenvalues(model, batch, k=1), model=model, optimizers=[opt],
+                             inputs=[batch]).memory.peak_bytes
+        exact = profile_step(lambda: hessian_eigenvalues(model, batch, k=1, hvp="autograd", max_iter=2),
+                             model=model, optimizers=[opt], inputs=[batch]).memory.peak_bytes
+        vectors = (FD_PRODUCT_VECTORS + DEFAULT_MAX_BASIS + 1) * parameter_bytes(model)
+    assert check - step <= vectors
+    assert exact > 3 * step
