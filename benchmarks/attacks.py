@@ -61,7 +61,8 @@ def bench_pgd(repeats: int = 11) -> tuple[str, list[dict]]:
     rows = []
     for random_start in (False, True):
         theirs = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=random_start)
-        ours = lambda: pgd(model, x, y, steps=10, random_start=random_start, generator=make_generator("cpu", 0))  # noqa: E731
+        ours = lambda: pgd(model, x, y, steps=10, random_start=random_start,  # noqa: E731
+                           generator=make_generator("cpu", 0))
         if not random_start:
             assert torch.equal(ours(), theirs(x, y)), "PGD without random start must match torchattacks exactly"
         ours(), theirs(x, y)  # warm-up
@@ -75,7 +76,8 @@ def bench_pgd(repeats: int = 11) -> tuple[str, list[dict]]:
             "theirs_ms": 1e3 * statistics.median(t_theirs),
         })
     lines = [
-        "| PGD-10 linf, CNN (2 conv + 2 fc, BN), batch 128x3x32x32 | sharpguard (ms) | torchattacks 3.5.1 (ms) | ratio |",
+        "| PGD-10 linf, CNN (2 conv + 2 fc, BN), batch 128x3x32x32 | sharpguard (ms) | torchattacks 3.5.1 "
+        "(ms) | ratio |",
         "|---|---|---|---|",
     ]
     for r in rows:
@@ -107,10 +109,12 @@ def bench_autoattack() -> str:
         ("torchattacks 3.5.1 `AutoAttack` (standard)", "APGD-CE 10, APGD-T 9x10, FAB-T 9x10, Square 5000",
          lambda: torchattacks.AutoAttack(model, eps=eps, n_classes=10, seed=0)(x, y)),
         ("reference `pyautoattack` 0.2.0 (standard)", "APGD-CE 100, APGD-T 9x100, FAB-T 9x100, Square 5000",
-         lambda: pyautoattack.AutoAttack(model, eps=eps, norm="Linf", seed=0, device="cpu").run_standard_evaluation(x, y)[0]),
+         lambda: pyautoattack.AutoAttack(model, eps=eps, norm="Linf", seed=0,
+                                         device="cpu").run_standard_evaluation(x, y)[0]),
     ]
     lines = [
-        f"| AutoAttack linf eps {eps}, CNN on digits 16x16, batch 256 (clean acc {accuracy(x):.1%}) | stages | time (s) | robust acc |",
+        f"| AutoAttack linf eps {eps}, CNN on digits 16x16, batch 256 (clean acc {accuracy(x):.1%}) | stages | time "
+        "(s) | robust acc |",
         "|---|---|---|---|",
     ]
     for name, stages, run in runs:
@@ -132,7 +136,8 @@ def digits_cnn(n: int = 256):
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    x = F.interpolate(torch.tensor(data.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0, size=16, mode="bilinear")
+    x = F.interpolate(torch.tensor(data.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0, size=16,
+                      mode="bilinear")
     y = torch.tensor(data.target)
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -178,7 +183,8 @@ def bench_fab_l1(steps: int = 100) -> str:
                  lambda: apgd_targeted(model, x, y, eps=eps, steps=steps, norm="l1", n_target_classes=5,
                                        generator=make_generator("cpu", 0)),
                  lambda: reference_apgd.APGDAttack_targeted(model, n_iter=steps, norm="L1", eps=eps, device="cpu",
-                                                            seed=0, n_target_classes=5, use_largereps=True).perturb(x, y)))
+                                                            seed=0, n_target_classes=5,
+                                                            use_largereps=True).perturb(x, y)))
     lines = [
         f"| stage, CNN on digits 16x16, batch {len(y)} (clean acc {accuracy(x):.1%}) | settings | sharpguard (s) | "
         "pyautoattack 0.2.0 (s) | robust acc sharpguard | robust acc pyautoattack |",
@@ -254,7 +260,8 @@ def bench_methods(repeats: int = 3) -> str:
         baseline[kind] = statistics.median(timed(lambda: plain_step(model, batch), repeats))
 
     lines = [
-        "| method (paper) | settings | declared F/B | measured F/B | SAM + method, reuse: declared / measured | SAM, regenerate: measured | step time vs plain |",
+        "| method (paper) | settings | declared F/B | measured F/B | SAM + method, reuse: declared / measured | SAM, "
+        "regenerate: measured | step time vs plain |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, kw, kind in specs:

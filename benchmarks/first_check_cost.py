@@ -100,7 +100,8 @@ def main() -> None:
     kw = {} if args.first_check is None else {"first_check": args.first_check}
     import sharpguard
 
-    result = {"sharpguard": str(Path(sharpguard.__file__).parent), "first_check": args.first_check or "(keyword absent)",
+    result = {"sharpguard": str(Path(sharpguard.__file__).parent),
+              "first_check": args.first_check or "(keyword absent)",
               "threads": torch.get_num_threads()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

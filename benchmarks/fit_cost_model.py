@@ -4,9 +4,10 @@ The model (sharpguard/sharpness/cost.py): a check's extra peak is ``c_A A / m + 
 with ``A = train extra peak - (1 + s) P b`` (AdamW: ``s = 2``), ``m`` micro-batches, ``P b`` the parameter
 bytes. ``c_A`` and ``c_v`` are fitted by least squares on the relative error (so the small models weigh as
 much as the large ones): for exact products jointly over the whole-batch check and the monitor's
-micro-batched one (in the micro-batches its ``"auto"`` chose), for finite differences over its whole-batch check. ``c_t``: the mean of one product's
-time over a forward+backward, per method. Prints the constants, each model's measured / predicted peak and
-the error range; the constants are then copied into cost.py by hand (the fit is a decision to review).
+micro-batched one (in the micro-batches its ``"auto"`` chose), for finite differences over its whole-batch check.
+``c_t``: the mean of one product's time over a forward+backward, per method. Prints the constants, each model's
+measured / predicted peak and the error range; the constants are then copied into cost.py by hand (the fit is a
+decision to review).
 
 Run: ``.venv/bin/python benchmarks/fit_cost_model.py`` (reads ``benchmarks/scale_raw.json``).
 """
@@ -36,7 +37,8 @@ def _rows(raw: dict, check: str) -> list[tuple[str, float, float, float]]:
         pb = 4 * r["time"]["params"] / 2**20
         a = max(mem["train"]["extra_mib"] - STATE_VECTORS * pb, 0.0)
         micro = int(mem[check].get("micro_batches", 1))
-        out.append((f"{name} ({check}, {micro} micro-batch{'es' if micro > 1 else ''})", a / micro, pb, mem[check]["extra_mib"]))
+        out.append((f"{name} ({check}, {micro} micro-batch{'es' if micro > 1 else ''})", a / micro, pb,
+                    mem[check]["extra_mib"]))
     return out
 
 
@@ -61,7 +63,8 @@ def main() -> None:
         print(f"{method}: c_A = {c_a:.2f}, c_v = {c_v:.1f}; error of the peak {min(errors):+.0%}..{max(errors):+.0%}")
         for name, measured, predicted in pred:
             print(f"  {name}: {measured:.0f} / {predicted:.0f} MiB ({predicted / measured - 1:+.0%})")
-    for key, label in (("hvp", "autograd"), ("hvp_fd", "finite_difference"), ("hvp_fwd_over_rev", "forward-over-reverse")):
+    for key, label in (("hvp", "autograd"), ("hvp_fd", "finite_difference"),
+                       ("hvp_fwd_over_rev", "forward-over-reverse")):
         ratios = [r["time"][key] / r["time"]["fwd_bwd"] for r in raw.values() if key in r["time"]]
         if ratios:
             print(f"c_t {label}: mean {np.mean(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f})")

@@ -108,8 +108,10 @@ SIZES: dict[str, dict[str, Any]] = {
     },
     "cpu": {
         "resnet": {"widths": (4, 8, 8, 16), "blocks": (1, 1, 1, 1), "classes": 10, "image": 8, "batch": 8},
-        "gpt": {"config": {"n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": 64, "n_positions": 32}, "seq": 16, "batch": 4},
-        "adapter_gpt": {"config": {"n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 64, "n_positions": 32}, "seq": 8, "batch": 4},
+        "gpt": {"config": {"n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": 64, "n_positions": 32}, "seq": 16,
+                "batch": 4},
+        "adapter_gpt": {"config": {"n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 64, "n_positions": 32},
+                        "seq": 8, "batch": 4},
         "adapter_steps": 2,
         "timing": {"rounds": 2, "repeats": 2},
         "hessian": {"batch": 2, "seq": 8, "image_batch": 8, "max_iter": 20, "tol": 1e-3},
@@ -215,7 +217,8 @@ def gpt_batches(size: dict[str, Any], n: int, device: torch.device, seed: int = 
     return out
 
 
-def image_batches(size: dict[str, Any], n: int, device: torch.device, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def image_batches(size: dict[str, Any], n: int, device: torch.device,
+                  seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     s = size["image"]
     return [
@@ -440,7 +443,8 @@ def part_timing(ctx: Ctx, results: dict[str, Any]) -> None:
                         for k, v in peers.items()}
     rows = results.setdefault("step_time", [])
     for model_name, build, data in (
-        ("ResNet-18", lambda: build_resnet(size["resnet"], ctx.device), lambda: image_batches(size["resnet"], 1, ctx.device)),
+        ("ResNet-18", lambda: build_resnet(size["resnet"], ctx.device),
+         lambda: image_batches(size["resnet"], 1, ctx.device)),
         ("GPT-2", lambda: build_gpt(size["gpt"], ctx.device), lambda: gpt_batches(size["gpt"], 1, ctx.device)),
     ):
         try:
@@ -518,7 +522,8 @@ def part_checks(ctx: Ctx, results: dict[str, Any]) -> None:
             with torch.no_grad():
                 adv = F.cross_entropy(target(x_adv), y).item()
             linf = (x_adv - x).abs().max().item()
-            rows.append({"model": model_name, "check": f"pgd (linf, eps {eps:.4g}, {steps} steps)", "value": adv - clean,
+            rows.append({"model": model_name, "check": f"pgd (linf, eps {eps:.4g}, {steps} steps)",
+                         "value": adv - clean,
                          "value_name": "loss increase", "clean_loss": clean, "adv_loss": adv, "linf": linf,
                          "within_eps": linf <= eps * (1 + 1e-5) + 1e-7, **rec})
             del model, target, x, x_adv
@@ -588,7 +593,8 @@ def part_monitor(ctx: Ctx, results: dict[str, Any]) -> None:
         fixed["probe_size"] = ms["fixed_probe_size"]
     for label, make in (
         ("SharpnessMonitor() (defaults: adaptive, budget 5%)", lambda: SharpnessMonitor()),
-        ("SharpnessMonitor(" + ", ".join(f"{k}={v}" for k, v in fixed.items()) + ")", lambda: SharpnessMonitor(**fixed)),
+        ("SharpnessMonitor(" + ", ".join(f"{k}={v}" for k, v in fixed.items()) + ")",
+         lambda: SharpnessMonitor(**fixed)),
     ):
         row: dict[str, Any] = {"configuration": label}
         try:
@@ -596,14 +602,16 @@ def part_monitor(ctx: Ctx, results: dict[str, Any]) -> None:
             seconds = ms["max_seconds"] if ctx.cpu else max(5.0, min(ms["max_seconds"], ctx.time_left() / 4))
             mem0 = ctx.mem.start()
             stop_after = 1 if monitor.schedule.adaptive else 2
-            run = _train_loop(ctx, monitor, None, max_seconds=seconds, max_steps=ms["max_steps"], stop_after_checks=stop_after)
+            run = _train_loop(ctx, monitor, None, max_seconds=seconds, max_steps=ms["max_steps"],
+                              stop_after_checks=stop_after)
             peak = ctx.mem.peak()
             base = _train_loop(ctx, None, run["steps"])
             sched = monitor.schedule
             # the share at the next scheduled check, had the run gone on at its measured step time (the
             # adaptive schedule's promise is about that point, after the first check is paid back)
             ahead = max(0, sched.next_step - 1 - run["steps"]) * (sched.step_seconds or 0.0)
-            projected = 100.0 * sched.monitor_seconds / (sched.train_seconds + ahead) if sched.train_seconds > 0 else 0.0
+            projected = (100.0 * sched.monitor_seconds / (sched.train_seconds + ahead) if sched.train_seconds > 0
+                         else 0.0)
             row.update(
                 steps=run["steps"], stopped=run["stopped"], seconds=run["seconds"], baseline_seconds=base["seconds"],
                 extra_pct=100.0 * (run["seconds"] - base["seconds"]) / base["seconds"],
@@ -639,7 +647,8 @@ def record_warnings(results: dict[str, Any], part: str, caught: list[warnings.Wa
         if not (origin.startswith("sharpguard") or "/sharpguard/" in path or "/integrations/" in path):
             continue
         text = str(w.message).splitlines()[0][:300]
-        entry = seen.setdefault((part, text), {"part": part, "category": w.category.__name__, "message": text, "count": 0})
+        entry = seen.setdefault((part, text),
+                                {"part": part, "category": w.category.__name__, "message": text, "count": 0})
         entry["count"] += 1
     results["warnings"] = list(seen.values())
 
@@ -671,7 +680,8 @@ def findings(results: dict[str, Any]) -> list[str]:
     out = []
     for r in results.get("step_time", []):
         if r.get("contestant") == "sharpguard SAM" and r["vs_two_plain"] > 1.10:
-            out.append(f"step time ({r['model']}): a SAM step costs {r['vs_two_plain']:.2f}x two plain steps (target 1.05x)")
+            out.append(f"step time ({r['model']}): a SAM step costs {r['vs_two_plain']:.2f}x two plain steps "
+                       "(target 1.05x)")
     for r in results.get("checks", []):
         if "error" not in r and r.get("converged") is False:
             out.append(f"{r['model']}: hessian_eigenvalues did not converge to its tolerance in {r['n_hvp']} HVPs")
@@ -687,7 +697,8 @@ def markdown(ctx: Ctx, results: dict[str, Any], done: list[str], pending: list[s
     mem_kind = ctx.mem.kind
     lines = [
         f"Machine: {machine()}.",
-        f"Script: `benchmarks/gpu_check.py{' --cpu' if ctx.cpu else ''}` ({mode}); {time.perf_counter() - ctx.started:.0f} s"
+        f"Script: `benchmarks/gpu_check.py{' --cpu' if ctx.cpu else ''}` ({mode}); "
+        f"{time.perf_counter() - ctx.started:.0f} s"
         + (f"; **incomplete**: still to run: {', '.join(pending)}" if pending else "") + ".",
         f"Peak memory: {mem_kind}; \"resident\" is what was allocated when the configuration began.",
     ]
@@ -699,8 +710,8 @@ def markdown(ctx: Ctx, results: dict[str, Any], done: list[str], pending: list[s
             "", "### Step time: SAM against two plain steps and against peers",
             "",
             f"bf16 autocast, SGD momentum 0.9, one fixed batch; interleaved rounds as in `benchmarks/sam_overhead.py` "
-            f"({t['rounds']} rounds x {t['repeats']} calls after 3 warm-up calls, min over rounds of the per-round median, "
-            "each call synchronised). Peers: "
+            f"({t['rounds']} rounds x {t['repeats']} calls after 3 warm-up calls, min over rounds of the per-round "
+            "median, each call synchronised). Peers: "
             + "; ".join(f"{k}: {v}" for k, v in results.get("peers", {}).items()) + ".",
             "",
             "| model | contestant | ms per call | vs two plain steps | vs sharpguard SAM | peak MiB | resident MiB |",
@@ -713,17 +724,18 @@ def markdown(ctx: Ctx, results: dict[str, Any], done: list[str], pending: list[s
                 lines.append(f"| {r['model']} | {r['contestant']} | {r['status']} | - | - | - | - |")
             else:
                 lines.append(
-                    f"| {r['model']} ({r['params']:,} params) | {r['contestant']} | {r['ms']:.2f} | {r['vs_two_plain']:.2f}x "
-                    f"| {r['vs_sharpguard']:.2f}x | {r['peak_mib']:.0f} | {r['resident_mib']:.0f} |"
+                    f"| {r['model']} ({r['params']:,} params) | {r['contestant']} | {r['ms']:.2f} | "
+                    f"{r['vs_two_plain']:.2f}x | {r['vs_sharpguard']:.2f}x | {r['peak_mib']:.0f} | "
+                    f"{r['resident_mib']:.0f} |"
                 )
     if "checks" in done:
         hs = ctx.size["hessian"]
         lines += [
             "", "### Hessian eigenvalue and PGD",
             "",
-            f"`hessian_eigenvalues(model, probe, k=1, tol={hs['tol']:g}, max_iter={hs['max_iter']})` in fp32 on one probe "
-            f"batch ({hs['image_batch']} images / {hs['batch']}x{hs['seq']} tokens); `pgd(...)` linf with alpha = eps/4 "
-            "(the decoder: on its input embeddings, predicting the last token).",
+            f"`hessian_eigenvalues(model, probe, k=1, tol={hs['tol']:g}, max_iter={hs['max_iter']})` in fp32 on one "
+            f"probe batch ({hs['image_batch']} images / {hs['batch']}x{hs['seq']} tokens); `pgd(...)` linf with alpha "
+            "= eps/4 (the decoder: on its input embeddings, predicting the last token).",
             "",
             "| model | check | result | details | seconds | peak MiB | resident MiB |",
             "|---|---|---|---|---:|---:|---:|",
@@ -734,30 +746,30 @@ def markdown(ctx: Ctx, results: dict[str, Any], done: list[str], pending: list[s
             elif "n_hvp" in r:
                 lines.append(
                     f"| {r['model']} | {r['check']} | lambda_max {r['value']:.4g} | {r['n_hvp']} HVPs ({r['method']}), "
-                    f"residual {r['residual']:.2g}, converged {_f(r['converged'])} | {r['seconds']:.2f} | {r['peak_mib']:.0f} "
-                    f"| {r['resident_mib']:.0f} |"
+                    f"residual {r['residual']:.2g}, converged {_f(r['converged'])} | {r['seconds']:.2f} | "
+                    f"{r['peak_mib']:.0f} | {r['resident_mib']:.0f} |"
                 )
             else:
                 lines.append(
-                    f"| {r['model']} | {r['check']} | loss {r['clean_loss']:.4g} → {r['adv_loss']:.4g} | max perturbation "
-                    f"{r['linf']:.3g} (within eps {_f(r['within_eps'])}) | {r['seconds']:.2f} | {r['peak_mib']:.0f} "
-                    f"| {r['resident_mib']:.0f} |"
+                    f"| {r['model']} | {r['check']} | loss {r['clean_loss']:.4g} → {r['adv_loss']:.4g} | max "
+                    f"perturbation {r['linf']:.3g} (within eps {_f(r['within_eps'])}) | {r['seconds']:.2f} | "
+                    f"{r['peak_mib']:.0f} | {r['resident_mib']:.0f} |"
                 )
     if "monitor" in done:
         lines += [
             "", "### Monitor budget",
             "",
-            f"bf16 SGD loop on the ResNet, batch {ctx.size['monitor']['batch']} (plain PyTorch, `monitor.on_step_end(step, "
-            "model, optimizer=..., loss=..., batch=...)` after every step). The adaptive monitor runs until the step before "
-            "its second check (where its schedule says the first check is paid back), the fixed one until the step "
-            "before its third, or to a step/time cap; then the same number of steps runs without a monitor. "
-            "*overhead_pct*: the monitor's own `monitor/overhead_pct` (hook and check time over training time) at the "
-            "end; *at next check*: the share when the next check is due, had training gone on at the measured step "
-            "time (equal to overhead_pct when the run stopped there); *within budget* judges that share. *first check*: "
-            "its step, what it cost and what the monitor estimated it would cost.",
+            f"bf16 SGD loop on the ResNet, batch {ctx.size['monitor']['batch']} (plain PyTorch, "
+            "`monitor.on_step_end(step, model, optimizer=..., loss=..., batch=...)` after every step). The adaptive "
+            "monitor runs until the step before its second check (where its schedule says the first check is paid "
+            "back), the fixed one until the step before its third, or to a step/time cap; then the same number of "
+            "steps runs without a monitor. *overhead_pct*: the monitor's own `monitor/overhead_pct` (hook and check "
+            "time over training time) at the end; *at next check*: the share when the next check is due, had training "
+            "gone on at the measured step time (equal to overhead_pct when the run stopped there); *within budget* "
+            "judges that share. *first check*: its step, what it cost and what the monitor estimated it would cost.",
             "",
-            "| configuration | steps (stopped by) | step ms | checks | first check: step, cost / estimate (s) | overhead_pct "
-            "| at next check | budget | within budget | wall extra vs no monitor | peak MiB |",
+            "| configuration | steps (stopped by) | step ms | checks | first check: step, cost / estimate (s) | "
+            "overhead_pct | at next check | budget | within budget | wall extra vs no monitor | peak MiB |",
             "|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|",
         ]
         for r in results.get("monitor", []):
@@ -767,11 +779,12 @@ def markdown(ctx: Ctx, results: dict[str, Any], done: list[str], pending: list[s
             budget = f"{r['budget_pct']:.0f}%" if r.get("budget_pct") is not None else "- (fixed)"
             first = "-"
             if r.get("first_check_step") is not None:
-                first = f"{r['first_check_step']}, {r['first_check_seconds']:.3f} / {_f(r.get('first_check_estimate'), '{:.3f}')}"
+                first = (f"{r['first_check_step']}, {r['first_check_seconds']:.3f} / "
+                         f"{_f(r.get('first_check_estimate'), '{:.3f}')}")
             lines.append(
-                f"| {r['configuration']} | {r['steps']} ({r['stopped']}) | {r['step_ms']:.2f} | {r['n_checks']} | {first} "
-                f"| {r['overhead_pct']:.2f}% | {r['projected_pct']:.2f}% | {budget} | {_f(r.get('within_budget'))} "
-                f"| {r['extra_pct']:+.1f}% | {r['peak_mib']:.0f} |"
+                f"| {r['configuration']} | {r['steps']} ({r['stopped']}) | {r['step_ms']:.2f} | {r['n_checks']} | "
+                f"{first} | {r['overhead_pct']:.2f}% | {r['projected_pct']:.2f}% | {budget} | "
+                f"{_f(r.get('within_budget'))} | {r['extra_pct']:+.1f}% | {r['peak_mib']:.0f} |"
             )
     if results.get("warnings"):
         lines += ["", "### Warnings from sharpguard", "", "| part | warning | count | message |", "|---|---|---:|---|"]
@@ -779,8 +792,8 @@ def markdown(ctx: Ctx, results: dict[str, Any], done: list[str], pending: list[s
     if not pending:
         fails = failures(results)
         lines += ["", "### Verdict", ""]
-        lines += [f"- FAILED: {f}" for f in fails] if fails else ["- every part ran (no part raised, PGD stayed in its eps "
-                                                                  "ball)."]
+        lines += ([f"- FAILED: {f}" for f in fails] if fails
+                  else ["- every part ran (no part raised, PGD stayed in its eps ball)."])
         lines += [f"- finding: {f}" for f in findings(results)]
     return "\n".join(lines)
 
@@ -826,7 +839,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cpu and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; `--cpu` runs the dry run at tiny sizes.", file=sys.stderr)
         return 2
-    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric", "transformers", "accelerate"):
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric", "transformers",
+                 "accelerate"):
         import logging
 
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -186,9 +186,10 @@ def table(results: dict[str, dict[str, float]], params_mib: float, plain: str, s
     total = {name: r["state_mib"] + r["step_peak_mib"] for name, r in results.items()}
     for name, r in results.items():
         lines.append(
-            f"| {name} | {r['passes']:.2f} | {r['seconds'] * 1e3:.1f} ms | {r['seconds'] / results[plain]['seconds']:.2f}x | "
-            f"{r['seconds'] / results[sam]['seconds']:.2f}x | {r['state_mib']:.2f} | {r['state_mib'] / params_mib:.2f}x | "
-            f"{r['step_peak_mib']:.1f} | {total[name] - total[plain]:+.1f} MiB |"
+            f"| {name} | {r['passes']:.2f} | {r['seconds'] * 1e3:.1f} ms | "
+            f"{r['seconds'] / results[plain]['seconds']:.2f}x | {r['seconds'] / results[sam]['seconds']:.2f}x | "
+            f"{r['state_mib']:.2f} | {r['state_mib'] / params_mib:.2f}x | {r['step_peak_mib']:.1f} | "
+            f"{total[name] - total[plain]:+.1f} MiB |"
         )
     return "\n".join(lines)
 
@@ -197,7 +198,8 @@ def table(results: dict[str, dict[str, float]], params_mib: float, plain: str, s
 def mlp_contestants(quick: bool) -> tuple[list[Contestant], float]:
     torch.manual_seed(0)
     width = 128 if quick else 512
-    base = nn.Sequential(nn.Linear(256, width), nn.ReLU(), *[m for _ in range(3) for m in (nn.Linear(width, width), nn.ReLU())],
+    base = nn.Sequential(nn.Linear(256, width), nn.ReLU(),
+                         *[m for _ in range(3) for m in (nn.Linear(width, width), nn.ReLU())],
                          nn.Linear(width, 10))
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(256, 256, generator=g), torch.randint(0, 10, (256,), generator=g)) for _ in range(4)]
@@ -323,9 +325,9 @@ def main(argv: list[str] | None = None) -> str:
     lora_results = measure(lora, rounds, repeats)
 
     text = "\n".join([
-        f"Machine: {machine()}. Written by `python benchmarks/methods.py`; one intra-op thread, per round the median of "
-        f"{repeats} steps, over {rounds} interleaved rounds the minimum. 'extra state' = the exact bytes a method keeps "
-        "between steps beyond the model and its base optimizer; 'peak within a step' = the most bytes of tensors "
+        f"Machine: {machine()}. Written by `python benchmarks/methods.py`; one intra-op thread, per round the median "
+        f"of {repeats} steps, over {rounds} interleaved rounds the minimum. 'extra state' = the exact bytes a method "
+        "keeps between steps beyond the model and its base optimizer; 'peak within a step' = the most bytes of tensors "
         "allocated and alive at once during one step (activations, gradients, temporaries), tracked per storage; "
         "'peak memory vs plain' = extra state + peak within a step, minus plain training's. The time columns come "
         "from a 2-core CPU shared with other jobs: between runs the ratios moved by up to 2x for the one-pass "

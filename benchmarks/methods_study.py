@@ -410,8 +410,8 @@ def run(methods: Sequence[Method], data: StudyData, config: StudyConfig, seeds: 
                                  "last_epoch_objective": trained.last_epoch_objective,
                                  "train_loss": trained.train_loss})
             if progress:
-                progress(f"{method.name} seed {seed}: {trained.seconds:.1f}s train, λ_max {_f(metrics['lambda_max'])}, "
-                         f"robust {_f(metrics['robust_acc'])}")
+                progress(f"{method.name} seed {seed}: {trained.seconds:.1f}s train, λ_max "
+                         f"{_f(metrics['lambda_max'])}, robust {_f(metrics['robust_acc'])}")
         if row["status"] != "ran":
             row["seeds"] = []  # a method that failed part-way is not compared on the seeds it finished
         else:
@@ -460,8 +460,8 @@ def tables(result: Mapping[str, Any]) -> str:
                      + " | ".join(cells) + f" | {_f(ce, '.3f')} | {secs:.1f} |")
     out = ["\n".join(lines)]
     for base in BASELINES:
-        title = f"**Against {base.upper()}**: difference (method − {base}) of the means over paired seeds, [95% CI], " \
-                "Hedges' g, Holm-adjusted p (bold: p < 0.05 after the correction)."
+        title = f"**Against {base.upper()}**: difference (method − {base}) of the means over paired seeds, " \
+                "[95% CI], Hedges' g, Holm-adjusted p (bold: p < 0.05 after the correction)."
         t = ["| method | " + " | ".join(t for _, t, _ in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
         for r in rows:
             cmps = r.get("vs", {}).get(base)
@@ -531,7 +531,8 @@ def findings(result: Mapping[str, Any], config: StudyConfig) -> list[str]:
         threshold = 2.0 * (1.0 + config.momentum) / config.lr
         out.append(f"For scale: SGD's final λ_max ({_f(sgd['summary']['lambda_max']['mean'])}) is "
                    f"{sgd['summary']['lambda_max']['mean'] / threshold:.1%} of the stability threshold 2(1+β)/lr = "
-                   f"{threshold:.3g} of heavy-ball SGD (Cohen et al., 2021): these runs end far below the edge of stability.")
+                   f"{threshold:.3g} of heavy-ball SGD (Cohen et al., 2021): these runs end far below the edge "
+                   "of stability.")
     ce = {r["name"]: m for r in ran
           if (m := mean_ci([s["train_loss"] for s in r["seeds"] if s["train_loss"] is not None]).mean) is not None}
     if sgd is not None and sgd["name"] in ce and len(ce) > 1:
@@ -543,12 +544,12 @@ def findings(result: Mapping[str, Any], config: StudyConfig) -> list[str]:
     bsam = next((r for r in ran if r["name"] == "bsam"), None)
     if bsam is not None and "bsam" in ce and ce.get("sgd"):
         # why the shared lr is not the same step for bSAM: its own docstring's update, read against heavy-ball SGD
-        out.append(f"bSAM's lr is the α of its update θ ← θ − α g_m / s, with g_m an exponential *average* of the "
-                   f"gradients (β1 = {_settings_value(bsam.get('settings', ''), 'beta1')}) and s its posterior precision "
-                   f"(starting at s_init = {_settings_value(bsam.get('settings', ''), 's_init')}); heavy-ball SGD's "
-                   f"velocity is a *sum*, about 1/(1 − β) = {1.0 / (1.0 - config.momentum):.0f}x larger at a steady "
-                   f"gradient. At the shared lr its steps are therefore smaller; after the same epochs its training "
-                   f"cross entropy is {ce['bsam']:.3g}, {ce['bsam'] / ce['sgd']:.1f}x SGD's"
+        out.append("bSAM's lr is the α of its update θ ← θ − α g_m / s, with g_m an exponential *average* of "
+                   f"the gradients (β1 = {_settings_value(bsam.get('settings', ''), 'beta1')}) and s its posterior "
+                   f"precision (starting at s_init = {_settings_value(bsam.get('settings', ''), 's_init')}); "
+                   f"heavy-ball SGD's velocity is a *sum*, about 1/(1 − β) = {1.0 / (1.0 - config.momentum):.0f}x "
+                   "larger at a steady gradient. At the shared lr its steps are therefore smaller; after the same "
+                   f"epochs its training cross entropy is {ce['bsam']:.3g}, {ce['bsam'] / ce['sgd']:.1f}x SGD's"
                    + (": its row compares a less trained model, not bSAM at a tuned step size."
                       if ce["bsam"] > ce["sgd"] else ": it fit the training set at least as well nonetheless."))
     mesa = next((r for r in ran if r["name"] == "mesa"), None)
@@ -556,9 +557,9 @@ def findings(result: Mapping[str, Any], config: StudyConfig) -> list[str]:
         decay = _settings_value(mesa.get("settings", ""), "decay")
         steps = mesa["seeds"][0]["steps"]
         if decay is not None:
-            out.append(f"MESA at its default EMA decay {decay} keeps {decay ** steps:.0%} of the initial weights in its "
-                       f"teacher after the {steps} steps of these runs: its trajectory loss pulls mostly toward the "
-                       "initialization here, not toward a trained average.")
+            out.append(f"MESA at its default EMA decay {decay} keeps {decay ** steps:.0%} of the initial weights in "
+                       f"its teacher after the {steps} steps of these runs: its trajectory loss pulls mostly toward "
+                       "the initialization here, not toward a trained average.")
     skipped = [r for r in rows if r["status"] != "ran"]
     if skipped:
         out.append("Did not run: " + "; ".join(f"{r['name']} ({r['status']}: {r['reason']})" for r in skipped) + ".")
@@ -587,9 +588,9 @@ def markdown(result: Mapping[str, Any], config: StudyConfig, data: StudyData, se
         f"Machine: {machine()}. Written by `python benchmarks/methods_study.py` in {seconds / 60:.1f} min. "
         f"Data: the study's default `{d['name']}` ({d['n_train']} train / {d['n_test']} test, 8x8 in [0, 1]); model: "
         f"the study's MLP ({config.hidden} hidden, ReLU); every method trained for {config.epochs} epochs, batch "
-        f"{config.batch_size}, SGD lr {config.lr} (momentum {config.momentum} unless stated), {len(seeds)} seed{'s' if len(seeds) != 1 else ''} "
-        f"({', '.join(map(str, seeds))}), the same initial weights and batch order for every method at a seed; "
-        "equal epochs, not equal compute (passes per step counted during training). "
+        f"{config.batch_size}, SGD lr {config.lr} (momentum {config.momentum} unless stated), {len(seeds)} "
+        f"seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}), the same initial weights and batch "
+        "order for every method at a seed; equal epochs, not equal compute (passes per step counted during training). "
         f"SAM variants registered at run time: {', '.join(registered)} (each at its own defaults through `make_sam`; "
         "variants with a noise seed get the run's seed"
         + (f"; overrides: {'; '.join(overridden)}" if overridden else "") + "). "

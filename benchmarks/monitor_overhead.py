@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> str:
             seconds, callbacks = run(build(), args.epochs)
             times[name].append(seconds)
             reported[name] = [
-                f"{type(cb.monitor).__name__}: {cb.monitor.schedule.overhead_pct:.1f}% in {cb.monitor.schedule.n_checks} checks"
+                f"{type(cb.monitor).__name__}: {cb.monitor.schedule.overhead_pct:.1f}% in "
+                f"{cb.monitor.schedule.n_checks} checks"
                 for cb in callbacks
             ]
     base = statistics.median(times["no monitor"])
@@ -154,7 +155,8 @@ def _hf_clients() -> dict[str, callable]:
     ids = torch.randint(2, 50, (8, 12), generator=g)
 
     def gpt2():
-        cfg = T.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+        cfg = T.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
+                           eos_token_id=0)
         return T.GPT2LMHeadModel(cfg), {"input_ids": ids, "labels": ids}
 
     def bert():
@@ -218,7 +220,8 @@ def check_cost(repeats: int) -> tuple[str, list[tuple[str, float, float, float]]
     ]
     lines += [f"| {n} | {1e3 * s:.1f} | {c:.0f} | {w:.0f} |" for n, s, c, w in rows]
     worst = max(w for *_, w in rows)
-    lines += ["", f"Target (issue 11): one default check at most ~50 training steps: worst later check {worst:.0f} steps; "
+    lines += ["",
+              f"Target (issue 11): one default check at most ~50 training steps: worst later check {worst:.0f} steps; "
               "the first check (cold Lanczos start) is the most expensive one."]
     return "\n".join(lines), rows
 

@@ -155,7 +155,8 @@ def main() -> None:
         ("(c) LookSAM k=5, mean step vs one plain step",
          f"{t['looksam5'] / 5 * 1e3:.2f} ms", f"{t['plain5'] / 5 * 1e3:.2f} ms", t["looksam5"] / t["plain5"], "~ 1.2"),
         ("(c) SAM interval=5, mean step vs one plain step",
-         f"{t['interval5'] / 5 * 1e3:.2f} ms", f"{t['plain5'] / 5 * 1e3:.2f} ms", t["interval5"] / t["plain5"], "~ 1.2"),
+         f"{t['interval5'] / 5 * 1e3:.2f} ms", f"{t['plain5'] / 5 * 1e3:.2f} ms", t["interval5"] / t["plain5"],
+         "~ 1.2"),
     ]
     lines = [
         f"Machine: {machine()}. One intra-op thread; interleaved rounds, min over rounds of the per-round median.",

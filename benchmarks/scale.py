@@ -1,8 +1,8 @@
 """What SAM and a lambda_max check cost as models grow, side by side with their peers (issue 13).
 
 Models: GPT-2 decoders built from ``transformers.GPT2Config`` (vocab 8000, 8 x 128 tokens, eager
-attention; ~1.4M, 5.2M, 10.2M and 29.4M parameters, the last left out with ``--without-29m``) and a ResNet-style CNN (3 stages
-of two basic blocks, 32 x 3 x 32 x 32 images). ``--quick``: the 1.4M decoder and a narrower CNN on smaller
+attention; ~1.4M, 5.2M, 10.2M and 29.4M parameters, the last left out with ``--without-29m``) and a ResNet-style CNN (3
+stages of two basic blocks, 32 x 3 x 32 x 32 images). ``--quick``: the 1.4M decoder and a narrower CNN on smaller
 batches (about a minute).
 
 Columns, per model:
@@ -28,8 +28,8 @@ Columns, per model:
 Peak memory: every memory number comes from a fresh subprocess (the training, SAM and peer SAM steps: the
 median of three) that builds the model and batch, resets the
 kernel's peak-RSS counter (``/proc/self/clear_refs``), reads the RSS (the baseline), runs the one measured
-thing and reads the peak RSS (``VmHWM``): the *extra peak RSS* of that thing, allocator effects included (glibc's default malloc). The
-training step is forward + backward + ``AdamW.step()`` (its state is allocated on that first step).
+thing and reads the peak RSS (``VmHWM``): the *extra peak RSS* of that thing, allocator effects included (glibc's
+default malloc). The training step is forward + backward + ``AdamW.step()`` (its state is allocated on that first step).
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale.py`` (full: about 10 minutes on 2 cores),
 ``--quick`` for the small sizes; writes the "Scale" section of benchmarks/RESULTS.md.
@@ -151,7 +151,8 @@ def halves(batch: tuple[torch.Tensor, torch.Tensor], name: str) -> list[tuple[to
     return [(x[:h], batch[1][:h]), (x[h:], batch[1][h:])]
 
 
-def hvp_forward_over_reverse(model: nn.Module, probe: list, tangents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def hvp_forward_over_reverse(model: nn.Module, probe: list,
+                             tangents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The same product as forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad`` (the route
     issue 13 proposed because it keeps no double-backward graph), summed over the probe batches like the
     operator's: measured here against double backward rather than adopted (see docs/cost_model.md)."""
@@ -161,7 +162,8 @@ def hvp_forward_over_reverse(model: nn.Module, probe: list, tangents: dict[str, 
     total: dict[str, torch.Tensor] | None = None
     for x, y in probe:
         def batch_loss(p: dict[str, torch.Tensor], x=x, y=y) -> torch.Tensor:
-            return F.cross_entropy(functional_call(model, p, (x,)), y) * (x.shape[0] / sum(b[0].shape[0] for b in probe))
+            return (F.cross_entropy(functional_call(model, p, (x,)), y)
+                    * (x.shape[0] / sum(b[0].shape[0] for b in probe)))
 
         _, hv = jvp(grad(batch_loss), (params,), (tangents,))
         total = hv if total is None else {k: total[k].add_(hv[k]) for k in hv}
@@ -266,7 +268,8 @@ def worker(name: str, what: str, quick: bool) -> dict:
         r = hessian_eigenvalues(model, (x, y2), loss, k=1, max_iter=MAX_ITER, **kw)
         out.update(
             lam=r.lambda_max, n_hvp=r.n_hvp, residual=r.residuals[0], converged=r.converged,
-            basis=r.basis_vectors, restarts=r.n_restarts, method=r.hvp_method, micro_batches=r.settings["micro_batches"],
+            basis=r.basis_vectors, restarts=r.n_restarts, method=r.hvp_method,
+            micro_batches=r.settings["micro_batches"],
         )
     elif what == "pyhessian":
         model.eval()
@@ -392,16 +395,17 @@ def render_row(name: str, mem: dict, t: dict) -> str:
         f"| {name} | {t['params'] / 1e6:.2f}M | {t['sam'] / t['plain2']:.2f} / {t['peer_sam'] / t['plain2']:.2f} "
         f"| {(mem['sam']['extra_mib'] - tr['extra_mib']) / pbytes:.2f} / "
         f"{(mem['peer_sam']['extra_mib'] - tr['extra_mib']) / pbytes:.2f} "
-        f"| {t['hvp'] / t['fwd_bwd']:.2f} / {t['hvp_fwd_over_rev'] / t['fwd_bwd']:.2f} / {t['hvp_fd'] / t['fwd_bwd']:.2f} "
-        f"/ {t['hvp_pyhessian'] / t['fwd_bwd']:.2f} "
-        f"| {mem['hvp']['extra_mib'] / tr['extra_mib']:.2f}x / {mem['hvp_fwd_over_rev']['extra_mib'] / tr['extra_mib']:.2f}x "
-        f"| {tr['extra_mib']:.0f} MiB, {tr['seconds']:.2f} s "
-        f"| {mem['check'].get('micro_batches', '?')}: {mem['check']['seconds']:.1f} s, {mem['check']['n_hvp']} HVP, "
-        f"{mem['check']['extra_mib'] / tr['extra_mib']:.2f}x "
+        f"| {t['hvp'] / t['fwd_bwd']:.2f} / {t['hvp_fwd_over_rev'] / t['fwd_bwd']:.2f} / "
+        f"{t['hvp_fd'] / t['fwd_bwd']:.2f} / {t['hvp_pyhessian'] / t['fwd_bwd']:.2f} "
+        f"| {mem['hvp']['extra_mib'] / tr['extra_mib']:.2f}x / "
+        f"{mem['hvp_fwd_over_rev']['extra_mib'] / tr['extra_mib']:.2f}x | {tr['extra_mib']:.0f} MiB, "
+        f"{tr['seconds']:.2f} s | {mem['check'].get('micro_batches', '?')}: {mem['check']['seconds']:.1f} s, "
+        f"{mem['check']['n_hvp']} HVP, {mem['check']['extra_mib'] / tr['extra_mib']:.2f}x "
         f"| {whole['seconds']:.1f} s, {whole['extra_mib'] / tr['extra_mib']:.2f}x "
-        f"| {mem['check_fd']['seconds']:.1f} s, {mem['check_fd']['n_hvp']} HVP, {mem['check_fd']['extra_mib'] / tr['extra_mib']:.2f}x "
-        f"| {mem['pyhessian']['seconds']:.1f} s, {mem['pyhessian']['extra_mib'] / tr['extra_mib']:.2f}x "
-        f"| {mem['check']['lam']:.5g} / {whole['lam']:.5g} / {mem['check_fd']['lam']:.5g} / {mem['pyhessian']['lam']:.5g} |"
+        f"| {mem['check_fd']['seconds']:.1f} s, {mem['check_fd']['n_hvp']} HVP, "
+        f"{mem['check_fd']['extra_mib'] / tr['extra_mib']:.2f}x | {mem['pyhessian']['seconds']:.1f} s, "
+        f"{mem['pyhessian']['extra_mib'] / tr['extra_mib']:.2f}x | {mem['check']['lam']:.5g} / {whole['lam']:.5g} / "
+        f"{mem['check_fd']['lam']:.5g} / {mem['pyhessian']['lam']:.5g} |"
     )
 
 
@@ -435,7 +439,8 @@ def main() -> None:
         names = []
     for name in names:
         t0 = time.perf_counter()
-        mem = {w: measure(name, w, args.quick) for w in ("check", "check_whole", "check_fd", "pyhessian", "hvp", "hvp_fwd_over_rev")}
+        mem = {w: measure(name, w, args.quick) for w in ("check", "check_whole", "check_fd", "pyhessian", "hvp",
+                                                         "hvp_fwd_over_rev")}
         # a step's peak RSS moves by tens of MiB between fresh processes (where glibc's heap ends up): the
         # median of three processes for the three step measurements, whose differences make the SAM column
         for w in ("train", "sam", "peer_sam"):
@@ -450,20 +455,22 @@ def main() -> None:
     lines = [
         f"Machine: {machine()}. `benchmarks/scale.py{' --quick' if args.quick else ''}`; one intra-op thread.",
         ("Memory: extra peak RSS (`VmHWM` after resetting it through `/proc/self/clear_refs`) of the one measured "
-        "thing in a fresh subprocess, over the RSS after building the model and batch; glibc malloc. Time: min over rounds, "
-        "interleaved in one process. `a / b` = sharpguard / peer (pytorch_optimizer SAM; PyHessian). "
-        "HVP columns: double backward (sharpguard `auto`) / forward-over-reverse (`torch.func.jvp` of `torch.func.grad`) / "
-        "sharpguard finite differences / PyHessian, on a probe of two half batches, eval mode; *one HVP's extra peak*: "
-        "the same product in a fresh process over the training step's extra peak. Check: `hessian_eigenvalues(k=1)` defaults (tol 1e-4, basis of "
-        "5 vectors, `micro_batches=\"auto\"`: `slices: time, products, peak`) with max_iter=20 (the basis is full after 5 "
-        "products, so the peak is the defaults'), its extra peak over the training step's (forward, backward, AdamW step); "
-        "*whole batch* the same with `micro_batches=1` (the default before: one cached graph of the whole batch); *fd* the "
-        "defaults with `hvp=\"finite_difference\"`; PyHessian `eigenvalues(top_n=1, maxIter=20)` (tol 1e-3). "
-        "The monitor's RSS-over-300-steps column is measured by benchmarks/monitor_overhead.py."),
+        "thing in a fresh subprocess, over the RSS after building the model and batch; glibc malloc. Time: min over "
+        "rounds, interleaved in one process. `a / b` = sharpguard / peer (pytorch_optimizer SAM; PyHessian). "
+        "HVP columns: double backward (sharpguard `auto`) / forward-over-reverse (`torch.func.jvp` of "
+        "`torch.func.grad`) / sharpguard finite differences / PyHessian, on a probe of two half batches, eval mode; "
+        "*one HVP's extra peak*: the same product in a fresh process over the training step's extra peak. Check: "
+        "`hessian_eigenvalues(k=1)` defaults (tol 1e-4, basis of 5 vectors, `micro_batches=\"auto\"`: `slices: time, "
+        "products, peak`) with max_iter=20 (the basis is full after 5 products, so the peak is the defaults'), its "
+        "extra peak over the training step's (forward, backward, AdamW step); *whole batch* the same with "
+        "`micro_batches=1` (the default before: one cached graph of the whole batch); *fd* the defaults with "
+        "`hvp=\"finite_difference\"`; PyHessian `eigenvalues(top_n=1, maxIter=20)` (tol 1e-3). The monitor's "
+         "RSS-over-300-steps column is measured by benchmarks/monitor_overhead.py."),
         "",
         ("| model | params | SAM step / 2 plain (ours / peer) | SAM extra mem / param bytes (ours / peer) "
-         "| HVP / fwd+bwd (autograd / fwd-over-rev / fd / PyHessian) | one HVP's extra peak / train step's (autograd / fwd-over-rev) | train step extra peak, time | check (defaults) | check, whole batch "
-         "| check fd | PyHessian check | lambda_max (ours / whole batch / fd / PyHessian) |"),
+         "| HVP / fwd+bwd (autograd / fwd-over-rev / fd / PyHessian) | one HVP's extra peak / train step's (autograd / "
+         "fwd-over-rev) | train step extra peak, time | check (defaults) | check, whole batch | check fd | PyHessian "
+         "check | lambda_max (ours / whole batch / fd / PyHessian) |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]

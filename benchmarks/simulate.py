@@ -519,15 +519,18 @@ def table(raw: dict[str, Any]) -> str:
             lines += [
                 f"### {desc}; {world}",
                 "",
-                f"{entry['params'] / 1e6:.1f}M parameters; parameter bytes on this device {entry['param_bytes'] / GIB:.2f} GiB; "
-                f"training step peak {t['peak_bytes'] / GIB:.2f} GiB (parameters {_cat(t, 'parameters')}, "
-                f"gradients {_cat(t, 'gradients')}, optimizer state {_cat(t, 'optimizer_state')}, activations "
-                f"{_cat(t, 'activations')}, temporaries {_cat(t, 'temporaries')}"
+                f"{entry['params'] / 1e6:.1f}M parameters; parameter bytes on this device "
+                f"{entry['param_bytes'] / GIB:.2f} GiB; training step peak {t['peak_bytes'] / GIB:.2f} GiB (parameters "
+                f"{_cat(t, 'parameters')}, gradients {_cat(t, 'gradients')}, optimizer state "
+                f"{_cat(t, 'optimizer_state')}, activations {_cat(t, 'activations')}, temporaries "
+                f"{_cat(t, 'temporaries')}"
                 + (f", all-gather {_cat(t, 'all_gather')}, reduce-scatter {_cat(t, 'reduce_scatter')}, "
                    f"unsharded parameters {_cat(t, 'unsharded_parameters')}" if mode != "single" else "")
                 + f"), {train['flops']:.3g} FLOPs.",
                 "",
-                "| row | peak | peak / step | at the peak: parameters / gradients / optimizer state / activations+temporaries (GiB) | extra peak / param bytes | FLOPs / step | products | target (bound): value | pass (margin) |",
+                "| row | peak | peak / step | at the peak: parameters / gradients / optimizer state / "
+                "activations+temporaries (GiB) | extra peak / param bytes | FLOPs / step | products | target (bound): "
+                "value | pass (margin) |",
                 "|---|---|---|---|---|---|---|---|---|",
             ]
             tg = targets(entry)
@@ -547,7 +550,8 @@ def table(raw: dict[str, Any]) -> str:
                 lines.append(
                     f"| {label} | {m['peak_bytes'] / GIB:.2f} GiB | {_ratio(m['peak_bytes'], t['peak_bytes'])} | "
                     f"{_split(m)} | {(m['peak_bytes'] - t['peak_bytes']) / entry['param_bytes']:+.2f} | "
-                    f"{_ratio(r['flops'] / r.get('steps', 1), train['flops'])} | {r.get('n_hvp', '') or ''} | {tcol} | {pcol} |"
+                    f"{_ratio(r['flops'] / r.get('steps', 1), train['flops'])} | {r.get('n_hvp', '') or ''} | {tcol} | "
+                    f"{pcol} |"
                 )
             lines.append("")
     lines += ["### The cost model against the simulation", "", cost_model_table(raw), ""]
@@ -626,8 +630,8 @@ def cost_model_table(raw: dict[str, Any]) -> str:
                 c = estimate_check_cost(int(p_local), step_peak_bytes=step_extra, step_seconds=1.0,
                                         n_hvp=int(r["n_hvp"]), micro_batches=micro, hvp=hvp,
                                         basis_on_device=key != "check:lambda_max_host")
-                add(label, f"{key} ({micro} micro-batches, {hvp}): peak", model_bytes + cat["optimizer_state"] + c.peak_bytes,
-                    r["memory"]["peak_bytes"], "GiB")
+                add(label, f"{key} ({micro} micro-batches, {hvp}): peak",
+                    model_bytes + cat["optimizer_state"] + c.peak_bytes, r["memory"]["peak_bytes"], "GiB")
                 add(label, f"{key}: FLOPs / step", c.flops_over_step, r["flops"] / rows["train"]["flops"])
     return "\n".join(lines)
 
@@ -636,7 +640,9 @@ def summary_table(raw: dict[str, Any]) -> str:
     """One line per model and mode: what docs/cost_model.md and the README quote."""
     raw = with_layer_fits(raw)
     lines = [
-        "| model | mode | params | train step peak | SAM extra peak / param bytes | SAM FLOPs / step | exact product FLOPs / fwd+bwd (cached 2nd) | lambda_max check peak / step peak (function defaults; basis in host memory; monitor) | trace check peak / step peak |",
+        "| model | mode | params | train step peak | SAM extra peak / param bytes | SAM FLOPs / step | exact product "
+        "FLOPs / fwd+bwd (cached 2nd) | lambda_max check peak / step peak (function defaults; basis in host memory; "
+        "monitor) | trace check peak / step peak |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in MODELS:
@@ -661,12 +667,13 @@ def summary_table(raw: dict[str, Any]) -> str:
             one = rows.get("hvp_exact", rows.get("ref:hvp_1", {}))
             if fb and "flops" in one:
                 hvp = f"{one['flops'] / fb:.2f}"
-                c1, c2 = rows.get("hvp_cached1", rows.get("ref:hvp_1", {})), rows.get("hvp_cached2", rows.get("ref:hvp_2", {}))
+                c1, c2 = rows.get("hvp_cached1",
+                                  rows.get("ref:hvp_1", {})), rows.get("hvp_cached2", rows.get("ref:hvp_2", {}))
                 if "flops" in c1 and "flops" in c2:
                     hvp += f" ({(c2['flops'] - c1['flops']) / fb:.2f})"
             lines.append(
-                f"| {name} | {'single device' if mode == 'single' else 'FSDP2 x8, per rank'} | {entry['params'] / 1e6:.0f}M | "
-                f"{t['memory']['peak_bytes'] / GIB:.1f} GiB | "
+                f"| {name} | {'single device' if mode == 'single' else 'FSDP2 x8, per rank'} | "
+                f"{entry['params'] / 1e6:.0f}M | {t['memory']['peak_bytes'] / GIB:.1f} GiB | "
                 + (f"{(sam['memory']['peak_bytes'] - t['memory']['peak_bytes']) / entry['param_bytes']:.4f} | "
                    f"{sam['flops'] / t['flops']:.3f} | " if "memory" in sam else f"{_failure(sam)} | | ")
                 + f"{hvp} | {peak('check:lambda_max')}; {peak('check:lambda_max_host')}; {peak('check:monitor')} | "
@@ -684,7 +691,8 @@ def _failure(row: dict[str, Any]) -> str:
 
 def _split(mem: dict[str, Any]) -> str:
     c = mem["peak_by_category"]
-    parts = (c["parameters"] + c["unsharded_parameters"], c["gradients"] + c["unsharded_gradients"], c["optimizer_state"],
+    parts = (c["parameters"] + c["unsharded_parameters"], c["gradients"] + c["unsharded_gradients"],
+             c["optimizer_state"],
              c["activations"] + c["temporaries"])
     return " / ".join(f"{v / GIB:.2f}" for v in parts)
 
@@ -721,7 +729,8 @@ def validate(only: set[str] | None = None, previous: dict[str, Any] | None = Non
         res: dict[str, Any] = dict((previous or {}).get(name, {}))
         res["params"] = rec["time"]["params"]
 
-        def one(key: str, make: Callable[[nn.Module, Any], tuple[Callable[[], Any], list[Any]]], train_mode: bool = True) -> None:
+        def one(key: str, make: Callable[[nn.Module, Any], tuple[Callable[[], Any], list[Any]]],
+                train_mode: bool = True) -> None:
             if only is not None and key not in only:
                 return
             start = time.perf_counter()
@@ -824,7 +833,10 @@ def validation_table(sim: dict[str, Any]) -> str:
     """Simulated against measured (scale_raw.json), the ratios scale.py reports."""
     measured = json.loads(SCALE_RAW.read_text())
     lines = [
-        "| model | train step extra peak: simulated (live tensors) / measured (RSS) | SAM extra / param bytes: simulated (fallback, skip) / measured | peer SAM extra / param bytes: simulated / measured | one product's extra / train's: simulated / measured | check / train: simulated / measured | check, monitor's micro-batches / train: simulated / measured | exact product / fwd+bwd: FLOPs (simulated) / time (measured) |",
+        "| model | train step extra peak: simulated (live tensors) / measured (RSS) | SAM extra / param bytes: "
+        "simulated (fallback, skip) / measured | peer SAM extra / param bytes: simulated / measured | one product's "
+        "extra / train's: simulated / measured | check / train: simulated / measured | check, monitor's micro-batches "
+        "/ train: simulated / measured | exact product / fwd+bwd: FLOPs (simulated) / time (measured) |",
         "|---|---|---|---|---|---|---|---|",
     ]
 
@@ -846,9 +858,11 @@ def validation_table(sim: dict[str, Any]) -> str:
         pb = 4 * res["params"]
         tm = m["train"]["extra_mib"] * MIB
         ts = res.get("train", {}).get("extra_bytes")
-        sam_f = None if ts is None or "extra_bytes" not in res.get("sam_fallback", {}) else (res["sam_fallback"]["extra_bytes"] - ts) / pb
+        sam_f = (None if ts is None or "extra_bytes" not in res.get("sam_fallback", {})
+                 else (res["sam_fallback"]["extra_bytes"] - ts) / pb)
         sam_s = None if ts is None or "extra_bytes" not in res.get("sam", {}) else (res["sam"]["extra_bytes"] - ts) / pb
-        peer = None if ts is None or "extra_bytes" not in res.get("peer_sam", {}) else (res["peer_sam"]["extra_bytes"] - ts) / pb
+        peer = (None if ts is None or "extra_bytes" not in res.get("peer_sam", {})
+                else (res["peer_sam"]["extra_bytes"] - ts) / pb)
         fb = res.get("fwd_bwd", {}).get("flops")
         ref = res.get("ref_hvp", {}).get("flops")
         lines.append(

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     sam = SharpnessAwareMinimization(accelerator, model, optimizer, variant=args.variant, rho=args.rho)
     probe = [{k: torch.stack([ex[k] for ex in synthetic(32, 2)]) for k in ("input_ids", "attention_mask", "labels")}]
-    monitor = MonitorStep(accelerator, SharpnessMonitor(measures=("lambda_max",), every_n_steps=8, probe=probe, alerts=None))
+    monitor = MonitorStep(accelerator,
+                          SharpnessMonitor(measures=("lambda_max",), every_n_steps=8, probe=probe, alerts=None))
 
     micro, limit = 0, 8 if args.quick else None
     for _ in range(1 if args.quick else args.epochs):
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 optimizer.zero_grad()
                 metrics = monitor.step(model, optimizer=optimizer, loss=loss)
             if metrics and accelerator.is_main_process:
-                print(f"step {monitor.global_step:4d}  loss {float(loss):.4f}  lambda_max {metrics['sharpness/lambda_max']:.4f}")
+                print(f"step {monitor.global_step:4d}  loss {float(loss):.4f}  lambda_max "
+                      f"{metrics['sharpness/lambda_max']:.4f}")
             micro += 1
             if limit is not None and micro >= limit:
                 break

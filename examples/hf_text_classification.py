@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
         trainer.train()
         metrics = trainer.evaluate()
-    sharpness = [(h["step"], h["sharpness/lambda_max"]) for h in trainer.state.log_history if "sharpness/lambda_max" in h]
+    sharpness = [(h["step"],
+                  h["sharpness/lambda_max"]) for h in trainer.state.log_history if "sharpness/lambda_max" in h]
     print(f"eval accuracy {metrics['eval_accuracy']:.3f}  eval loss {metrics['eval_loss']:.4f}")
     for step, value in sharpness:
         print(f"step {step:4d}  sharpness/lambda_max {value:.4f}")

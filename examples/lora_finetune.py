@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     steps = 6 if args.quick else args.steps
 
     model = build_model()
-    sam = {"variant": "flat_lora", "sigma": args.sigma} if args.method == "flat_lora" else {"variant": "sam", "rho": args.rho}
+    sam = {"variant": "flat_lora",
+           "sigma": args.sigma} if args.method == "flat_lora" else {"variant": "sam", "rho": args.rho}
     with tempfile.TemporaryDirectory() as tmp:
         training_args = TrainingArguments(
             output_dir=args.output_dir or tmp,
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer.train()
         metrics = trainer.evaluate()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    sharpness = [(h["step"], h["sharpness/lambda_max"]) for h in trainer.state.log_history if "sharpness/lambda_max" in h]
+    sharpness = [(h["step"],
+                  h["sharpness/lambda_max"]) for h in trainer.state.log_history if "sharpness/lambda_max" in h]
     passes = "1 forward/backward" if args.method == "flat_lora" else "2 forward/backward"
     print(f"method {args.method}: {trainable} trainable (LoRA) parameters, {passes} passes per step")
     print(f"eval loss {metrics['eval_loss']:.4f}")

@@ -66,7 +66,8 @@ def train(use_sam: bool, args: argparse.Namespace, data: tuple[torch.Tensor, ...
     seconds = time.perf_counter() - start
     train_loss, train_acc = evaluate(model, x_train, y_train)
     test_loss, test_acc = evaluate(model, x_test, y_test)
-    return {"train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss, "test_acc": test_acc, "seconds": seconds}
+    return {"train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss, "test_acc": test_acc,
+            "seconds": seconds}
 
 
 def main() -> None:

@@ -19,7 +19,8 @@ from types import ModuleType
 
 from sharpguard.errors import ConfigurationError, MissingDependencyError
 
-_NAMES = {"pytorch_lightning": "pytorch_lightning", "lightning": "lightning.pytorch", "lightning.pytorch": "lightning.pytorch"}
+_NAMES = {"pytorch_lightning": "pytorch_lightning", "lightning": "lightning.pytorch",
+          "lightning.pytorch": "lightning.pytorch"}
 
 
 def _candidates() -> list[str]:

@@ -11,7 +11,8 @@
 ``examples`` keeps each example's wall time in benchmarks/example_times.json; ``scenarios`` keeps each
 scenario's scenario.json in benchmarks/scenario_runs.json. Each then rewrites the blocks
 between ``<!-- doc-numbers:NAME -->`` and ``<!-- /doc-numbers:NAME -->`` in docs/study.md, README.md,
-docs/huggingface.md and docs/accelerate.md from those files, through the same report code the study runs (``build_report``).
+docs/huggingface.md and docs/accelerate.md from those files, through the same report code the study runs
+(``build_report``).
 tests/package/test_doc_numbers.py checks that every block equals what this script renders from the kept files.
 """
 
@@ -72,7 +73,9 @@ def render_study(kept: dict) -> str:
         g = "n/a" if c["hedges_g"] is None else f"{c['hedges_g']:.2f}"
         lines.append(f"| {h['claim']} | {c['mean_a']:.3g} vs {c['mean_b']:.3g} | {_p(c['p_value'])} | "
                      f"{_p(c['p_adjusted'])} | {g} | {h['verdict']} |")
-    lines += ["", "| measure vs robust_acc | τ, all models (raw p, Holm p) | τ, without adversarial training (raw p, Holm p) |",
+    lines += ["",
+              "| measure vs robust_acc | τ, all models (raw p, Holm p) | τ, without adversarial training (raw "
+              "p, Holm p) |",
               "|---|---|---|"]
     for m in SHARPNESS_MEASURES:
         cells = []
@@ -174,7 +177,8 @@ def render_scenario(name: str, kept: dict) -> str:
 
 
 def render_example_times(times: dict) -> dict[str, str]:
-    """The blocks that quote the examples' wall times (README.md's list, docs/huggingface.md's and docs/accelerate.md's lines)."""
+    """The blocks that quote the examples' wall times (README.md's list, docs/huggingface.md's and docs/accelerate.md's
+    lines)."""
     machine = times["machine"]
     items = ", ".join(f"`examples/{name}` ({t['seconds']:.0f} s at load {t['load_average']:g})"
                       for name, t in times["examples"].items())
@@ -183,10 +187,12 @@ def render_example_times(times: dict) -> dict[str, str]:
     return {
         "example-times": (f"Measured wall times, one run each ({machine}; the load average beside each time says how "
                           f"busy the machine was, and times grow with it): {items}.\n"),
-        "hf-example-time": (f"`examples/hf_text_classification.py` (CPU, {hf['seconds']:.0f} s measured on a {machine}, at "
-                            f"load average {hf['load_average']:g}; `--quick` for a smoke test; `--variant`,\n") if hf else "",
-        "accelerate-example-time": (f"`examples/accelerate_loop.py` (CPU, {acc['seconds']:.0f} s measured on a {machine}, at "
-                                    f"load average {acc['load_average']:g}; `--quick` for a smoke test; runs under\n")
+        "hf-example-time": (f"`examples/hf_text_classification.py` (CPU, {hf['seconds']:.0f} s measured on a "
+                            f"{machine}, at load average {hf['load_average']:g}; `--quick` for a smoke test; "
+                            "`--variant`,\n") if hf else "",
+        "accelerate-example-time": (f"`examples/accelerate_loop.py` (CPU, {acc['seconds']:.0f} s measured on a "
+                                    f"{machine}, at load average {acc['load_average']:g}; `--quick` for a smoke test; "
+                                    "runs under\n")
         if acc else "",
     }
 
@@ -204,7 +210,8 @@ def blocks() -> dict[str, str]:
     return out
 
 
-DOCS = [ROOT / "docs" / "study.md", ROOT / "README.md", ROOT / "docs" / "huggingface.md", ROOT / "docs" / "accelerate.md"]
+DOCS = [ROOT / "docs" / "study.md", ROOT / "README.md", ROOT / "docs" / "huggingface.md",
+        ROOT / "docs" / "accelerate.md"]
 
 
 def rewrite(paths=DOCS) -> list[Path]:
@@ -221,7 +228,8 @@ def rewrite(paths=DOCS) -> list[Path]:
 
 
 def _machine() -> str:
-    return f"{os.cpu_count()}-core CPU shared with other jobs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    return (f"{os.cpu_count()}-core CPU shared with other jobs, "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
 
 
 def study(source: str | None) -> None:

@@ -123,7 +123,8 @@ def load_tensors_only(path: str | os.PathLike[str], *, what: str, to_continue: s
         except pickle.UnpicklingError:
             # weights_only refuses any global outside torch's allow-list: a crafted payload, or an object
             # sharpguard never writes
-            problem = "holds objects other than tensors and plain containers (refused unread: loading it could run code)"
+            problem = ("holds objects other than tensors and plain containers (refused unread: loading it could "
+                       "run code)")
         except (EOFError, RuntimeError, OSError, zipfile.BadZipFile, ValueError, KeyError, UnicodeDecodeError):
             problem = "is truncated or unreadable (a crash while it was written?)"
     raise CheckpointError(f"{where} {problem}; it holds {what}. {to_continue}")

@@ -126,7 +126,8 @@ def default_loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
             )
         return _cross_entropy(logits, targets)
     raise ConfigurationError(
-        f"the default loss needs (inputs, targets) or a mapping with labels, got {type(batch).__name__}; pass a loss_fn."
+        f"the default loss needs (inputs, targets) or a mapping with labels, got {type(batch).__name__}; pass a "
+        "loss_fn."
     )
 
 

@@ -102,7 +102,8 @@ def non_negative_int(name: str, value: Any) -> int:
 
 
 def seed(name: str, value: Any) -> int:
-    """A random seed: an integer in [0, 2**64) (``torch.Generator.manual_seed``'s range, ``torch.initial_seed()``'s too)."""
+    """A random seed: an integer in [0, 2**64) (``torch.Generator.manual_seed``'s range, ``torch.initial_seed()``'s
+    too)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**64:
         raise ConfigurationError(f"{name} must be an integer in [0, 2**64), got {shown(value)}; pass a seed such as 0.")
     return int(value)
@@ -127,7 +128,8 @@ def between(low: float, high: float, *, low_open: bool = False, high_open: bool 
         below = value <= low if low_open else value < low
         above = value >= high if high_open else value > high
         if below or above:
-            raise ConfigurationError(f"{name} must lie in {left}{low:g}, {high:g}{right}, got {value!r}; pass a value inside it.")
+            raise ConfigurationError(f"{name} must lie in {left}{low:g}, {high:g}{right}, got {value!r}; pass a "
+                                     "value inside it.")
         return value
 
     return rule
@@ -192,8 +194,8 @@ def checked(**overrides: Callable[[str, Any], Any]) -> Callable[[Callable[..., A
     refused before anything changes: each argument by the rule :data:`KNOBS` gives its name, or by
     ``overrides`` (argument name -> rule) where the name means something else here (``rho`` of APGD is
     a fraction, ``rho`` of SAM a radius). Only values the caller passed are checked (defaults are valid
-    by construction); ``None`` passes where it is the default or the annotation allows it; a name taken through ``**kwargs`` is
-    checked by an override only (what such a name means is up to the callee it goes to, which checks
+    by construction); ``None`` passes where it is the default or the annotation allows it; a name taken through
+    ``**kwargs`` is checked by an override only (what such a name means is up to the callee it goes to, which checks
     it itself). The signature is kept (``inspect.signature`` follows ``__wrapped__``)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -286,7 +288,8 @@ def generator(name: str, value: Any) -> Any:
     import torch
 
     if not isinstance(value, torch.Generator):
-        raise ConfigurationError(f"{name} must be a torch.Generator, got {shown(value)}; pass torch.Generator(device).manual_seed(0).")
+        raise ConfigurationError(f"{name} must be a torch.Generator, got {shown(value)}; pass "
+                                 "torch.Generator(device).manual_seed(0).")
     return value
 
 

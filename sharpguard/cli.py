@@ -34,9 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare training methods on sharpness and adversarial robustness",
         description=(
             "Train each method over several seeds through sharpguard's Lightning integration (monitors attached), "
-            "measure clean/FGSM/PGD-20 accuracy, lambda_max, Hessian trace, worst-case and adaptive sharpness, relative "
-            "flatness, robust-loss sharpness and input-space curvature, and write report.json, report.md (Holm-corrected "
-            "findings) and PNG plots. Methods: " + ", ".join(list(METHODS) + [ENSEMBLE]) + ". With --scenario NAME, "
+            "measure clean/FGSM/PGD-20 accuracy, lambda_max, Hessian trace, worst-case and adaptive sharpness, "
+            "relative flatness, robust-loss sharpness and input-space curvature, and write report.json, report.md "
+            "(Holm-corrected findings) and PNG plots. Methods: " + ", ".join(list(METHODS) + [ENSEMBLE])
+            + ". With --scenario NAME, "
             "reproduce one published law instead and write scenario.json and scenario.md."
         ),
     )
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seeds per method (default 3, 5 for --scenario large_batch; 2 with --quick)")
     study.add_argument("--epochs", type=int, default=None,
                        help="training epochs (default 30, 2 with --quick; with --scenario: "
-                            + ", ".join(f"{k} {full} ({quick} with --quick)" for k, (full, quick) in DEFAULT_EPOCHS.items())
+                            + ", ".join(f"{k} {full} ({quick} with --quick)"
+                                        for k, (full, quick) in DEFAULT_EPOCHS.items())
                             + ")")
     study.add_argument("--dataset", default="digits",
                        help="'digits' (scikit-learn's bundled 8x8 digits) or 'package.module:function' returning "

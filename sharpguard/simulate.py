@@ -236,7 +236,8 @@ def profile_step(
         for op, n in counter.get_flop_counts().get("Global", {}).items():  # type: ignore[union-attr]
             by_op[str(op)] = int(n)
     return StepProfile(
-        memory=MemoryProfile(start_bytes=start_total, peak_bytes=peak_total, peak_by_category=peak, end_bytes=end_total, end_by_category=end),
+        memory=MemoryProfile(start_bytes=start_total, peak_bytes=peak_total, peak_by_category=peak, end_bytes=end_total,
+                             end_by_category=end),
         flops=flops,
         flops_by_operator=by_op,
     )

@@ -31,6 +31,7 @@ def say_fp16_ignored(accelerator: Any) -> None:
     except TypeError:  # not weak-referenceable: say it each time rather than never
         pass
     device = getattr(getattr(accelerator, "device", None), "type", "this device")
-    _logger().warning(f"sharpguard: mixed_precision='fp16' cannot act on {device} (no fp16 autocast and no GradScaler): "
-                      "training runs in fp32. Use mixed_precision='bf16' on a CPU, or train on a GPU for fp16.",
+    _logger().warning(f"sharpguard: mixed_precision='fp16' cannot act on {device} (no fp16 autocast and no "
+                      "GradScaler): training runs in fp32. Use mixed_precision='bf16' on a CPU, or train on a "
+                      "GPU for fp16.",
                       main_process_only=True)

@@ -49,7 +49,8 @@ class MonitorStep:
     def __init__(self, accelerator: Any, monitor: Any, *, log: bool = True, total_steps: int | None = None):
         if not isinstance(log, bool):
             raise ConfigurationError(f"log must be True or False, got {log!r}.")
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                        or total_steps < 1):
             raise ConfigurationError(f"total_steps is the loop's number of optimizer steps (an integer >= 1) or None, "
                                      f"got {total_steps!r}.")
         self.accelerator = accelerator
@@ -91,7 +92,8 @@ class MonitorStep:
         """Optimizer steps counted so far."""
         return self.driver.global_step
 
-    def step(self, model: nn.Module, *, optimizer: Any = None, loss: torch.Tensor | None = None, batch: Any = None) -> dict[str, float]:
+    def step(self, model: nn.Module, *, optimizer: Any = None, loss: torch.Tensor | None = None,
+             batch: Any = None) -> dict[str, float]:
         """After ``optimizer.step()``; returns the metrics measured at this step (empty if none)."""
         started = time.perf_counter()  # this call's whole time counts as the monitor's
         if not self.accelerator.sync_gradients:

@@ -166,7 +166,8 @@ class SharpnessAwareMinimization:
         self.config = (
             SAMConfig.coerce(config)
             if config is not None
-            else SAMConfig(variant=variant, rho=rho, sync_perturbation=sync_perturbation, nonfinite=nonfinite, knobs=knobs)
+            else SAMConfig(variant=variant, rho=rho, sync_perturbation=sync_perturbation, nonfinite=nonfinite,
+                           knobs=knobs)
         )
         self.accelerator = accelerator
         self.model = model

@@ -172,9 +172,9 @@ class _MonitorCallback(TrainerCallback, ExportableState):
             state = decode_state(value)
         except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
             raise CheckpointError(
-                f"{type(self).__name__}: the checkpoint's trainer_state.json holds a corrupt state for {self.state_key} "
-                f"({exc}); resume from another checkpoint, or pass resume='current' to the callback and remove "
-                "this entry of stateful_callbacks to continue with the monitor's state started afresh."
+                f"{type(self).__name__}: the checkpoint's trainer_state.json holds a corrupt state for "
+                f"{self.state_key} ({exc}); resume from another checkpoint, or pass resume='current' to the callback "
+                "and remove this entry of stateful_callbacks to continue with the monitor's state started afresh."
             ) from exc
         self.load_state_dict(state)
         self._restored_at = getattr(self.monitor, "_last_step", None)
@@ -186,7 +186,8 @@ class _MonitorCallback(TrainerCallback, ExportableState):
             return
         stored = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
         entries = stored if isinstance(stored, list) else [stored] if stored is not None else []
-        mine = [e for e in entries if isinstance(e, Mapping) and (e.get("args") or {}).get("restore_into") == self.state_key]
+        mine = [e for e in entries
+                if isinstance(e, Mapping) and (e.get("args") or {}).get("restore_into") == self.state_key]
         if not mine:
             # all or nothing: never restart the history and schedule silently under a resumed run
             message = (
@@ -207,12 +208,13 @@ class _MonitorCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if self.trainer is None and state.is_world_process_zero:
             # a plain Trainer with the callback in callbacks=[...]: what the callback reaches without it
-            own_loss = " the probe loss is model(**batch).loss, not the Trainer's compute_loss;" if self._own_loss else ""
+            own_loss = (" the probe loss is model(**batch).loss, not the Trainer's compute_loss;" if self._own_loss
+                        else "")
             logger.warning(
                 f"sharpguard: {type(self).__name__} was not given its Trainer (a plain transformers.Trainer does not "
                 "hand it to callbacks), so its metrics go to state.log_history, the console and the monitor's history "
-                f"file, but not to the report_to integrations (TensorBoard, W&B, ...);{own_loss} use SharpGuardTrainer, "
-                "or call callback.set_trainer(trainer) before train(), to reach them.")
+                f"file, but not to the report_to integrations (TensorBoard, W&B, ...);{own_loss} use "
+                "SharpGuardTrainer, or call callback.set_trainer(trainer) before train(), to reach them.")
         device = getattr(model, "device", None)
         if args.fp16 and state.is_world_process_zero and not getattr(self.trainer, "_sg_fp16_said", False):
             said = fp16_ignored(args, device)
@@ -357,7 +359,8 @@ class RobustnessMonitorCallback(_MonitorCallback):
 
     _monitor_cls_name = "RobustnessMonitor"
 
-    def __init__(self, monitor: Any = None, *, input_key: str = "pixel_values", label_key: str = "labels", **kwargs: Any):
+    def __init__(self, monitor: Any = None, *, input_key: str = "pixel_values", label_key: str = "labels",
+                 **kwargs: Any):
         if kwargs.get("restore_into") is None:
             for key_name, key in (("input_key", input_key), ("label_key", label_key)):
                 if not isinstance(key, str):

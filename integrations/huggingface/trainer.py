@@ -39,7 +39,8 @@ def _coerce_adversarial(value: Any) -> Callable[[nn.Module, Any], torch.Tensor] 
         name = kw.pop("method", None) or kw.pop("name", None)
         if not isinstance(name, str):
             raise ConfigurationError(
-                "adversarial= as a mapping needs a 'method' key naming the method, e.g. {'method': 'freelb', 'steps': 3}."
+                "adversarial= as a mapping needs a 'method' key naming the method, "
+                "e.g. {'method': 'freelb', 'steps': 3}."
             )
         return make_method(name, **kw)
     if callable(value):
@@ -133,7 +134,8 @@ class SharpGuardTrainerMixin:
                 from transformers.trainer_utils import get_last_checkpoint
 
                 resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # Trainer raises on None
-            if isinstance(resume_from_checkpoint, str) and self.sam_config is not None and not self.args.save_only_model:
+            if (isinstance(resume_from_checkpoint, str) and self.sam_config is not None
+                    and not self.args.save_only_model):
                 # read and checked here, before the Trainer loads anything: all or nothing
                 self._sg_resume_state = _SAMCheckpoint.read(resume_from_checkpoint, self.sam_resume)
         try:

@@ -51,11 +51,12 @@ def _refuse_unsupported(trainer: Any, pl_module: Any, who: str, *, allow_fsdp: b
     if not pl_module.automatic_optimization:
         if who == "SharpnessAwareMinimization":
             advice = (
-                "drop the callback, return sharpguard.SAM(params, base_optimizer_cls, rho=...) from configure_optimizers, "
-                "and in training_step call the Lightning optimizer with a closure: self.optimizers().step(closure=closure), "
-                "where closure() zeroes the gradients, computes the loss, calls self.manual_backward(loss) and returns it "
-                "(SAM calls it twice). That step counts trainer.global_step, so max_steps, step-interval schedulers and "
-                "checkpoints work; SAM's first_step()/second_step() bypass it and leave global_step at 0 (docs/lightning.md)."
+                "drop the callback, return sharpguard.SAM(params, base_optimizer_cls, rho=...) from "
+                "configure_optimizers, and in training_step call the Lightning optimizer with a closure: "
+                "self.optimizers().step(closure=closure), where closure() zeroes the gradients, computes the loss, "
+                "calls self.manual_backward(loss) and returns it (SAM calls it twice). That step counts "
+                "trainer.global_step, so max_steps, step-interval schedulers and checkpoints work; SAM's "
+                "first_step()/second_step() bypass it and leave global_step at 0 (docs/lightning.md)."
             )
         else:
             advice = (

@@ -94,9 +94,11 @@ class AdversarialTraining(_GradientReplay):
 
             method = make_method(method, **method_kwargs)
         elif method_kwargs:
-            raise ConfigurationError("keyword arguments configure a method given by name; configure the object instead.")
+            raise ConfigurationError(
+                "keyword arguments configure a method given by name; configure the object instead.")
         if not callable(method):
-            raise ConfigurationError(f"method must be callable as method(model, batch) -> loss, got {type(method).__name__}.")
+            raise ConfigurationError("method must be callable as method(model, batch) -> loss, got "
+                                     f"{type(method).__name__}.")
         if getattr(method, "replaces_inputs", False) and not callable(getattr(method, "generate", None)):
             raise ConfigurationError("a method with replaces_inputs=True needs generate(model, batch) -> x_adv.")
         self.method = method

@@ -193,7 +193,8 @@ class _MonitorCallback(Callback):
             _rank_zero_warn(f"sharpguard: {note}")
 
     # -- probe capture from batches Lightning already drew (training batches: in on_step_end) -------
-    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
         if self.when != "train" and not self.monitor.probe_ready and not trainer.sanity_checking:
             self.monitor.capture(batch)
 

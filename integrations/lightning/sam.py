@@ -65,7 +65,8 @@ class SharpnessAwareMinimization(_SyncWindowCallback):
             The rule is the engine's (:attr:`sharpguard.optim.SAMEngine.per_worker`); the property :attr:`per_worker`
             reads it.
         keep_bn_stats: keep BatchNorm running statistics from the clean pass only (``model=`` of the wrapper).
-        nonfinite: ``"skip"`` (default) or ``"fallback"``, the core's policy for non-finite gradients (docs/reliability.md).
+        nonfinite: ``"skip"`` (default) or ``"fallback"``, the core's policy for non-finite gradients
+        (docs/reliability.md).
         resume: when a checkpoint's SAM settings differ from this callback's: ``"error"`` (default),
             ``"checkpoint"`` (take the checkpoint's) or ``"current"`` (keep these). Resume is all or
             nothing: a ``ckpt_path`` without this callback's state (absent, emptied, or without its

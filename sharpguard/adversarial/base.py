@@ -157,7 +157,8 @@ def check_positive(name: str, value: float, *, strict: bool = False) -> float:
     return positive(name, value) if strict else non_negative(name, value)
 
 
-def gradient_carrier(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], value: torch.Tensor) -> torch.Tensor:
+def gradient_carrier(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
+                     value: torch.Tensor) -> torch.Tensor:
     """A scalar equal to ``value`` whose ``backward()`` adds ``grads`` to the ``params``' ``.grad``.
 
     ``value.detach() + s - s.detach()`` with ``s = sum_i <p_i, g_i>`` (``g_i`` constant): the

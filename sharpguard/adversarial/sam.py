@@ -44,7 +44,8 @@ def sam_adversarial_closure(
 
 
 @rules.checked()
-def sam_adversarial_step(optimizer: Any, model: nn.Module, method: AdversarialMethod, batch: Any, *, reuse: bool = True) -> torch.Tensor:
+def sam_adversarial_step(optimizer: Any, model: nn.Module, method: AdversarialMethod, batch: Any, *,
+                         reuse: bool = True) -> torch.Tensor:
     """One SAM/ASAM step of ``method`` on ``batch``: ``optimizer.step(sam_adversarial_closure(...))``.
 
     ``optimizer`` is a :class:`sharpguard.optim.SAM` (or any variant with ``step(closure)``); zero

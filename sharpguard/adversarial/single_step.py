@@ -81,7 +81,8 @@ class FreeAT(AdversarialMethod):
         """Forget the carried perturbation (the next call starts from ``delta = 0``)."""
         self._delta = None
 
-    def _carried_any(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, resizable: int) -> torch.Tensor:
+    def _carried_any(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                     resizable: int) -> torch.Tensor:
         """The previous delta moved one signed step along the gradient the caller's backward left on it
         (``delta + alpha sign(g)``, clipped to the linf ball), fitted to ``shape`` (its first ``resizable``
         dimensions may change between batches; anything else starts again from zero)."""

@@ -50,7 +50,8 @@ def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor
     log_q = F.log_softmax(wide(q_logits.reshape(-1, c)), dim=-1)
     n = log_p.shape[0]
     return (
-        F.kl_div(log_q, log_p, reduction="sum", log_target=True) + F.kl_div(log_p, log_q, reduction="sum", log_target=True)
+        F.kl_div(log_q, log_p, reduction="sum", log_target=True) + F.kl_div(log_p, log_q, reduction="sum",
+                                                                            log_target=True)
     ) / n
 
 
@@ -64,7 +65,8 @@ def _kl_from(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tens
 def _task_loss(output: Any, batch: Mapping[str, Any]) -> torch.Tensor | None:
     loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
     if loss is None and batch.get("labels") is not None:
-        raise ConfigurationError("the model returned no .loss although the batch has labels; return a loss or drop labels.")
+        raise ConfigurationError("the model returned no .loss although the batch has labels; return a loss or "
+                                 "drop labels.")
     return loss
 
 
@@ -85,7 +87,8 @@ class _EmbeddingMethod(AdversarialMethod):
     def _batch(batch: Any) -> Mapping[str, Any]:
         if not isinstance(batch, Mapping):
             raise ConfigurationError(
-                f"embedding methods take a mapping batch (input_ids, attention_mask, labels), got {type(batch).__name__}."
+                "embedding methods take a mapping batch (input_ids, attention_mask, labels), got "
+                f"{type(batch).__name__}."
             )
         return batch
 
@@ -107,7 +110,8 @@ class _EmbeddingMethod(AdversarialMethod):
         return loss
 
     @staticmethod
-    def _loss_at(model: nn.Module, batch: Mapping[str, Any], hook: EmbeddingPerturbation, replay: DropoutReplay | None = None):
+    def _loss_at(model: nn.Module, batch: Mapping[str, Any], hook: EmbeddingPerturbation,
+                 replay: DropoutReplay | None = None):
         """``delta -> task loss with delta in the embeddings`` (the embedding attack's ``loss_at``)."""
 
         def loss_at(delta: torch.Tensor) -> torch.Tensor:
@@ -171,7 +175,8 @@ class FGM(_EmbeddingMethod):
         mask, params = padding_mask(batch), self._params(model)
         with EmbeddingPerturbation(model, mask=mask) as hook:
             # r = eps g / ||g||: one unprojected embedding-attack step of length eps from 0.
-            r, carried = self._clean_step(model, batch, shape, dtype, device, hook, params, alpha=self.eps, eps=None, mask=mask)
+            r, carried = self._clean_step(model, batch, shape, dtype, device, hook, params, alpha=self.eps, eps=None,
+                                          mask=mask)
             hook.delta = r
             return carried + self._supervised_loss(model, batch), r
 
@@ -245,7 +250,8 @@ class FreeLB(_EmbeddingMethod):
     default_dropout = "fixed"
 
     @rules.checked()
-    def __init__(self, steps: int = 3, alpha: float = 0.1, init_mag: float = 0.02, max_norm: float = 0.0, **kwargs: Any):
+    def __init__(self, steps: int = 3, alpha: float = 0.1, init_mag: float = 0.02, max_norm: float = 0.0,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         self.steps = check_steps(steps)
         self.alpha = check_positive("alpha", alpha)
@@ -334,7 +340,8 @@ class SMART(_EmbeddingMethod):
     name = "smart"
 
     @rules.checked()
-    def __init__(self, weight: float = 1.0, eps: float = 1e-5, step_size: float = 1e-3, noise: float = 1e-5, steps: int = 1, **kwargs: Any):
+    def __init__(self, weight: float = 1.0, eps: float = 1e-5, step_size: float = 1e-3, noise: float = 1e-5,
+                 steps: int = 1, **kwargs: Any):
         super().__init__(**kwargs)
         self.weight = check_positive("weight", weight)
         self.eps = check_positive("eps", eps)
@@ -363,7 +370,8 @@ class SMART(_EmbeddingMethod):
             replay.replay()
             clean, task = self._forward(model, batch)
             reference = clean.detach()
-            delta = self.noise * torch.randn(shape, generator=self.generator(device), device=device, dtype=torch.float32)
+            delta = self.noise * torch.randn(shape, generator=self.generator(device), device=device,
+                                             dtype=torch.float32)
             delta = delta.to(dtype)
 
             def kl_at(d: torch.Tensor) -> torch.Tensor:

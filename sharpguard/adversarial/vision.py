@@ -354,7 +354,8 @@ class AWP(AdversarialMethod):
     name = "awp"
 
     @rules.checked()
-    def __init__(self, base: AdversarialMethod | str = "pgd-at", gamma: float = 1e-2, *, warmup: int = 0, **base_kwargs: Any):
+    def __init__(self, base: AdversarialMethod | str = "pgd-at", gamma: float = 1e-2, *, warmup: int = 0,
+                 **base_kwargs: Any):
         super().__init__()
         if isinstance(base, str):
             key = method_key(base)
@@ -363,7 +364,8 @@ class AWP(AdversarialMethod):
                 raise ConfigurationError(f"AWP supports pgd-at, trades and mart as base, got {base!r}.")
             base = build_method(key, bases[key], base_kwargs)
         elif base_kwargs:
-            raise ConfigurationError("pass base settings either in the base method or as keywords with a base name, not both.")
+            raise ConfigurationError("pass base settings either in the base method or as keywords with a base "
+                                     "name, not both.")
         if not isinstance(base, (PGDAT, TRADES, MART)):
             raise ConfigurationError(f"AWP supports pgd-at, trades and mart as base, got {type(base).__name__}.")
         self.base = base

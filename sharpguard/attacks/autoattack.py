@@ -76,8 +76,8 @@ class AutoAttack:
     ``version``: ``"standard"`` (APGD-CE, APGD-T, FAB-T, Square), ``"fast"``, or ``"custom"`` with
     ``attacks=[(name, attack), ...]`` (each ``attack(model, x, y) -> x_adv`` in the space ``x`` is given
     in). ``steps`` (APGD and FAB-T iterations), ``n_target_classes`` (APGD-T's; FAB-T keeps 9) and
-    ``n_queries`` override the version's settings; ``norm="l1"`` follows AutoAttack's l1 settings. ``checks``: ``"warn"``,
-    ``"raise"`` or ``"off"``. Random starts and Square's windows draw from ``generator`` (default:
+    ``n_queries`` override the version's settings; ``norm="l1"`` follows AutoAttack's l1 settings. ``checks``:
+    ``"warn"``, ``"raise"`` or ``"off"``. Random starts and Square's windows draw from ``generator`` (default:
     derived from the global RNG state, never advancing it). After each call ``last_report`` holds
     an :class:`AutoAttackReport`. ``progress``: show the cascade's progress on stderr (a tqdm bar
     naming the stage, its points and each target class done; one line per stage without tqdm):
@@ -126,10 +126,12 @@ class AutoAttack:
         if self.threat.norm == "l1" and n_target_classes is None and version == "standard":
             d_targets = 5  # AutoAttack's standard l1 setting
         self.steps = check_steps(d_steps if steps is None else steps)
-        self.n_target_classes = check_steps(d_targets if n_target_classes is None else n_target_classes, "n_target_classes")
+        self.n_target_classes = check_steps(d_targets if n_target_classes is None else n_target_classes,
+                                            "n_target_classes")
         self.n_queries = d_queries if n_queries is None else check_steps(n_queries, "n_queries")
 
-    def _stages(self, x: torch.Tensor, n_classes: int, gen: torch.Generator, skipped: list[str]) -> list[tuple[str, Attack]]:
+    def _stages(self, x: torch.Tensor, n_classes: int, gen: torch.Generator,
+                skipped: list[str]) -> list[tuple[str, Attack]]:
         if self.version == "custom":
             return self.attacks
         common = dict(threat=self.threat, generator=gen, model_mode=self.model_mode, check_range=False)
@@ -145,7 +147,8 @@ class AutoAttack:
             skipped.append(f"apgd-t: its targeted DLR loss needs at least 4 classes, the model has {n_classes}.")
         if self.fab_t:
             if n_classes < 4:
-                skipped.append(f"fab-t: the targeted stages run on models with at least 4 classes, the model has {n_classes}.")
+                skipped.append("fab-t: the targeted stages run on models with at least 4 classes, the model has "
+                               f"{n_classes}.")
             elif self.threat.bounds is None:
                 skipped.append("fab-t: it projects onto the input box and the threat model has bounds=None.")
             else:
@@ -194,7 +197,8 @@ class AutoAttack:
         report.accuracies["clean"] = float(robust.float().mean())
 
         stages = self._stages(x, logits.shape[-1], gen, report.skipped)
-        bar = _progress.ProgressBar(len(stages), f"AutoAttack {self.version}") if _progress.wanted(self.progress) else None
+        bar = _progress.ProgressBar(len(stages),
+                                    f"AutoAttack {self.version}") if _progress.wanted(self.progress) else None
         try:
             for name, attack in stages:
                 index = robust.nonzero().squeeze(1)

@@ -118,7 +118,8 @@ def _input_ids(batch: Mapping[str, Any]) -> torch.Tensor:
     return ids
 
 
-def embedding_shape(model: nn.Module, batch: Mapping[str, Any]) -> tuple[tuple[int, int, int], torch.dtype, torch.device]:
+def embedding_shape(model: nn.Module, batch: Mapping[str, Any]) -> tuple[tuple[int, int, int], torch.dtype,
+                                                                         torch.device]:
     """``((batch, seq_len, hidden), dtype, device)`` of the input embeddings for ``batch``."""
     ids = _input_ids(batch)
     module = input_embeddings(model)
@@ -132,13 +133,15 @@ def embedding_shape(model: nn.Module, batch: Mapping[str, Any]) -> tuple[tuple[i
 def padding_mask(batch: Mapping[str, Any]) -> torch.Tensor | None:
     """``attention_mask`` as ``(batch, seq_len)`` (1 = token, 0 = padding), or ``None`` when absent."""
     if not isinstance(batch, Mapping):
-        raise ConfigurationError(f"batch must be a mapping of tensors (input_ids, attention_mask, ...), got {rules.shown(batch)}.")
+        raise ConfigurationError("batch must be a mapping of tensors (input_ids, attention_mask, ...), got "
+                                 f"{rules.shown(batch)}.")
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
     if mask is None:
         return None
     ids = _input_ids(batch)
     if mask.shape != ids.shape:
-        raise ConfigurationError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}; they must match.")
+        raise ConfigurationError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}; "
+                                 "they must match.")
     return mask
 
 

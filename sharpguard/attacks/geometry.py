@@ -56,7 +56,8 @@ def apply_mask(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def per_example_norm(t: torch.Tensor, norm: str = "l2") -> torch.Tensor:
-    """``||t_i||`` over all but dimension 0, shaped ``(B, 1, ..., 1)``, in float32 for half inputs (else ``t.dtype``)."""
+    """``||t_i||`` over all but dimension 0, shaped ``(B, 1, ..., 1)``, in float32 for half inputs (else
+    ``t.dtype``)."""
     flat = _wide(t.flatten(1))
     if norm == "l2":
         values = torch.linalg.vector_norm(flat, dim=1)
@@ -83,7 +84,8 @@ def normalize_l2(g: torch.Tensor, mask: torch.Tensor | None = None, *, add: floa
 
 @rules.checked()
 def normalize_per_token(g: torch.Tensor, mask: torch.Tensor | None = None, tiny: float = 1e-6) -> torch.Tensor:
-    """``g / (||g||_inf + tiny)`` over the last dimension (SMART's per-token normalization, Jiang et al. 2020, Alg. 1)."""
+    """``g / (||g||_inf + tiny)`` over the last dimension (SMART's per-token normalization, Jiang et al. 2020,
+    Alg. 1)."""
     g = apply_mask(g, mask)
     return g / (g.abs().amax(dim=-1, keepdim=True) + tiny)
 

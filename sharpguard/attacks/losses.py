@@ -39,7 +39,8 @@ def wide(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor | None = None) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor | None,
+                  reference: torch.Tensor | None = None) -> torch.Tensor:
     return F.cross_entropy(logits, labels, reduction="none")
 
 
@@ -73,7 +74,8 @@ def dlr_targeted(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tens
     shifting and scaling the logits. ``pi`` sorts the logits in decreasing order (needs 4 classes).
     """
     if logits.shape[-1] < 4:
-        raise ConfigurationError("the targeted DLR loss needs at least 4 classes; use apgd(loss='dlr') or loss='margin'.")
+        raise ConfigurationError("the targeted DLR loss needs at least 4 classes; use apgd(loss='dlr') or "
+                                 "loss='margin'.")
     top = logits.topk(4, dim=-1).values
     true = logits.gather(-1, labels[:, None]).squeeze(-1)
     target = logits.gather(-1, targets[:, None]).squeeze(-1)
@@ -93,10 +95,12 @@ NEEDS_LABELS = {cross_entropy, margin, dlr}
 
 
 def resolve_loss(loss: str | AttackLoss) -> AttackLoss:
-    """A loss name (``ce``, ``margin``/``cw``, ``kl``, ``dlr``) or a callable ``(logits, labels, reference) -> per-example``."""
+    """A loss name (``ce``, ``margin``/``cw``, ``kl``, ``dlr``) or a callable ``(logits, labels, reference) ->
+    per-example``."""
     if callable(loss):
         return loss
     fn = _LOSSES.get(str(loss).lower())
     if fn is None:
-        raise ConfigurationError(f"unknown attack loss {loss!r}; use one of 'ce', 'margin' (alias 'cw'), 'kl', 'dlr' or a callable.")
+        raise ConfigurationError(f"unknown attack loss {loss!r}; use one of 'ce', 'margin' (alias 'cw'), 'kl', 'dlr' "
+                                 "or a callable.")
     return fn

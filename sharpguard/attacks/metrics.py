@@ -72,11 +72,13 @@ def robust_accuracy(model: nn.Module, batches: Any, attack: Attack | None = None
                     f"labels must be a 1-D tensor of class indices, got {shape}; for one-hot labels pass y.argmax(-1)."
                 )
             if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-                raise ConfigurationError(f"labels must be integer class indices, got dtype {labels.dtype}; pass y.long().")
+                raise ConfigurationError(f"labels must be integer class indices, got dtype {labels.dtype}; "
+                                         "pass y.long().")
             if isinstance(inputs, Mapping):
                 perturbation = None if attack is None else attack(model, inputs, labels)
                 if perturbation is not None and not isinstance(perturbation, torch.Tensor):
-                    raise ConfigurationError("for a mapping batch the attack must return an embedding perturbation tensor.")
+                    raise ConfigurationError("for a mapping batch the attack must return an embedding "
+                                             "perturbation tensor.")
                 logits = _logits(model, inputs, perturbation, padding_mask(inputs))
             else:
                 adv = inputs if attack is None else attack(model, inputs, labels)

@@ -52,7 +52,8 @@ def _margin_and_loss(problem: _Problem, u: torch.Tensor, loss: str) -> tuple[tor
     return margin, -F.cross_entropy(logits, problem.y, reduction="none")
 
 
-def _window_mask(n: int, h: int, w: int, s: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _window_mask(n: int, h: int, w: int, s: int, gen: torch.Generator,
+                 device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A random ``s x s`` window per example: (mask ``(n, 1, h, w)``, top rows, left columns)."""
     top = torch.randint(0, h - s + 1, (n,), generator=gen, device=device)
     left = torch.randint(0, w - s + 1, (n,), generator=gen, device=device)
@@ -69,13 +70,15 @@ def _signs(shape, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _eta(s: int) -> torch.Tensor:
-    """The l2 proposal of the paper (section 3.2, Fig. 2): two opposite-signed halves of nested rectangles, unit norm."""
+    """The l2 proposal of the paper (section 3.2, Fig. 2): two opposite-signed halves of nested rectangles, unit
+    norm."""
 
     def rectangles(a: int, b: int) -> torch.Tensor:
         out = torch.zeros(a, b, dtype=torch.float64)
         ca, cb = a // 2, b // 2
         for k in range(max(a // 2 + 1, b // 2 + 1)):
-            out[max(ca - k, 0) : min(ca - k + 2 * k + 1, a), max(cb - k, 0) : min(cb - k + 2 * k + 1, b)] += 1.0 / (k + 1) ** 2
+            out[max(ca - k, 0) : min(ca - k + 2 * k + 1, a),
+                max(cb - k, 0) : min(cb - k + 2 * k + 1, b)] += 1.0 / (k + 1) ** 2
         return out / out.norm()
 
     eta = torch.cat([rectangles(s // 2, s), -rectangles(s - s // 2, s)])
@@ -134,7 +137,8 @@ def square(
     model_mode: str = "eval",
     check_range: bool = True,
 ) -> torch.Tensor:
-    """Square Attack (Andriushchenko et al., ECCV 2020, Alg. 1 with the linf proposal of Alg. 2 and the l2 one of Alg. 3).
+    """Square Attack (Andriushchenko et al., ECCV 2020, Alg. 1 with the linf proposal of Alg. 2 and the l2 one
+    of Alg. 3).
 
     Untargeted, on ``(N, C, H, W)`` inputs. linf: start from vertical stripes ``x + eps * (+-1)``;
     each iteration sets one ``s x s`` window per example to ``+-eps`` per channel. l2: start from a
@@ -153,7 +157,8 @@ def square(
     n_queries = check_steps(n_queries, "n_queries")
     check_steps(restarts, "restarts")
     if not 0.0 < p_init <= 1.0:
-        raise ConfigurationError(f"p_init (the fraction of pixels of the first window) must be in (0, 1], got {p_init}.")
+        raise ConfigurationError(
+            f"p_init (the fraction of pixels of the first window) must be in (0, 1], got {p_init}.")
     if loss not in _SQUARE_LOSSES:
         raise ConfigurationError(f"square's loss must be one of {_SQUARE_LOSSES}, got {loss!r}.")
     if isinstance(x, torch.Tensor) and x.dim() != 4:
@@ -183,7 +188,8 @@ def square(
 SQUARE_TICK = 500  # queries between two progress reports
 
 
-def _search(problem: _Problem, u_best: torch.Tensor, n_queries: int, loss: str, propose) -> tuple[torch.Tensor, torch.Tensor]:
+def _search(problem: _Problem, u_best: torch.Tensor, n_queries: int, loss: str,
+            propose) -> tuple[torch.Tensor, torch.Tensor]:
     """The random search shared by both norms: ``propose(i, x0_active, u_active) -> candidate``."""
     x0 = problem.x0
     margin_min, loss_min = _margin_and_loss(problem, u_best, loss)

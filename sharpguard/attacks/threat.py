@@ -144,7 +144,8 @@ class ThreatModel:
                 else "if the inputs are normalized outside the model, declare mean= and std=; otherwise set bounds="
             )
             raise ConfigurationError(
-                f"inputs span [{u_min:.4g}, {u_max:.4g}] in pixel space, outside the declared bounds ({lo}, {hi}); {hint}."
+                f"inputs span [{u_min:.4g}, {u_max:.4g}] in pixel space, outside the declared bounds ({lo}, {hi}); "
+                f"{hint}."
             )
 
     # ----------------------------------------------------------------- geometry (pixel space)

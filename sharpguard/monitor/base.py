@@ -125,7 +125,8 @@ class Monitor:
             raise ConfigurationError(f"seed must be an integer, got {seed!r}.")
         non_negative_int("probe_state_max_bytes", probe_state_max_bytes)
         if loss_fn is not None and not callable(loss_fn):
-            raise ConfigurationError(f"loss_fn must be a callable loss_fn(model, batch) -> scalar, got {type(loss_fn).__name__}.")
+            raise ConfigurationError("loss_fn must be a callable loss_fn(model, batch) -> scalar, got "
+                                     f"{type(loss_fn).__name__}.")
         if history is not None and not isinstance(history, (str, os.PathLike)):
             raise ConfigurationError(f"history must be a file path or None, got {type(history).__name__}.")
         measures = tuple(self.DEFAULT_MEASURES if measures is None else measures)
@@ -140,7 +141,8 @@ class Monitor:
         else:
             self.probe = ProbeSet(probe, size=probe_size, batch_size=probe_batch_size, seed=seed)
         self.seed = int(seed)
-        self.schedule = Schedule(every_n_steps, budget=budget, first_step=first_step, min_every=min_every, max_every=max_every)
+        self.schedule = Schedule(every_n_steps, budget=budget, first_step=first_step, min_every=min_every,
+                                 max_every=max_every)
         if alerts == "default":
             self.alerts = self.default_alerts()
         elif alerts is None:
@@ -284,7 +286,8 @@ class Monitor:
             self._update_loss(loss)
         quick = (due and self.first_check == "quick" and self.schedule.n_checks == 0 and self.schedule.adaptive
                  and self.checks_at is None)
-        metrics = self.check(step, model, optimizer=optimizer, batch=batch, _context=context, _quick=quick) if due else {}
+        metrics = self.check(step, model, optimizer=optimizer, batch=batch, _context=context,
+                             _quick=quick) if due else {}
         self.schedule.leave()
         return metrics
 
@@ -362,7 +365,8 @@ class Monitor:
                 batch = move_to(_clone(batch), next(model.parameters()).device)
         self._quick = _quick
         try:
-            with torch.inference_mode(False), torch.enable_grad(), side_effect_free(model, train=False, parameters=False):
+            with torch.inference_mode(False), torch.enable_grad(), \
+                    side_effect_free(model, train=False, parameters=False):
                 if _quick:
                     part = self.quick_batch(batches[0])
                     if part is not batches[0] and not self._runs_on(model, part):
@@ -518,7 +522,8 @@ class Monitor:
     def _dispatch(self, alert: Alert) -> None:
         for action in self.on_alert:
             if action == "warn":
-                warnings.warn(f"sharpguard alert at step {alert.step}: {alert.message}", MonitorAlertWarning, stacklevel=3)
+                warnings.warn(f"sharpguard alert at step {alert.step}: {alert.message}", MonitorAlertWarning,
+                              stacklevel=3)
             elif action == "stop":
                 self.should_stop = True
             elif callable(action):
@@ -533,7 +538,8 @@ class Monitor:
             self._warned.add(key)
             warnings.warn(f"sharpguard {type(self).__name__}: {message}", UserWarning, stacklevel=3)
             where = self._last_step if step is None else step
-            self.history.append(max(int(where), 0), {"monitor/note": 1.0}, {"monitor/note": {"reason": message, "key": key}})
+            self.history.append(max(int(where), 0), {"monitor/note": 1.0},
+                                {"monitor/note": {"reason": message, "key": key}})
 
     def freeze_partial_probe(self, source: str) -> bool:
         """Measure with what a probe that cannot fill holds, and say so; False when it holds nothing."""
@@ -543,7 +549,8 @@ class Monitor:
             self.warn_once("probe-empty", f"no check can run: the probe set captured no examples from {source}; "
                            "pass probe=[batches] or check that the batches reach the monitor.")
             return False
-        self.warn_once("probe-partial", f"the probe set holds {len(self.probe)} of the {self.probe.size} examples asked for "
+        self.warn_once("probe-partial",
+                       f"the probe set holds {len(self.probe)} of the {self.probe.size} examples asked for "
                        f"({source} has no more); measuring with those {len(self.probe)}.")
         self.probe.freeze()
         self._probe_device = None
@@ -572,15 +579,16 @@ class Monitor:
         every = self.schedule.every_n_steps
         if every is not None and every > self.run_steps and self.checks_at is None:
             self.warn_once("every-exceeds-run", f"every_n_steps={every} exceeds this run's {self.run_steps} optimizer "
-                           f"steps ({source}), so no check will run; pass every_n_steps <= {self.run_steps}, or leave it "
-                           "None for the adaptive schedule (first check at the first measured step).", step=0)
+                           f"steps ({source}), so no check will run; pass every_n_steps <= {self.run_steps}, or leave "
+                           "it None for the adaptive schedule (first check at the first measured step).", step=0)
 
     def describe(self) -> str:
         """One console line: what this monitor measures, on what probe, when and at what estimated cost."""
         every = self.schedule.every_n_steps
         cost = self.estimated_check_steps()
         if self.checks_at is not None:
-            when = f"at {self.checks_at} (not on the step schedule, so outside the {100 * self.schedule.budget:g}% budget)"
+            when = (f"at {self.checks_at} (not on the step schedule, so outside the "
+                    f"{100 * self.schedule.budget:g}% budget)")
         elif every:
             when = f"every {every} steps (fixed: the {100 * self.schedule.budget:g}% budget does not apply)"
         else:
@@ -593,7 +601,8 @@ class Monitor:
             when = (f"first check at the first measured step ({first}, reported apart as {self.first_check_metric}), "
                     f"then within {100 * self.schedule.budget:g}% of training time ({self.overhead_metric})")
         cost_txt = (f"~{cost:.0f} training steps per check (estimated)" if cost is not None
-                    else f"~{self.passes():.0f} training steps per check per training-batch-sized probe batch (estimated)")
+                    else f"~{self.passes():.0f} training steps per check per training-batch-sized probe "
+                    "batch (estimated)")
         size = ("sized at the first batch to keep a check within ~"
                 f"{self.CHECK_STEPS} training steps" if self._auto_probe and self._train_batch_size is None
                 else f"of {self.probe.size} examples")
@@ -609,12 +618,14 @@ class Monitor:
         if s.n_checks == 0:
             return f"{name} made 0 checks in {s.train_seconds:.1f} s of training: {self._no_check_reason()}"
         step_s = s.step_seconds or (s.train_seconds / max(self._steps_done(), 1) if s.train_seconds > 0 else None)
-        in_steps = f" (~{s.first_check_seconds / step_s:.0f} training steps)" if step_s and s.first_check_seconds else ""
+        in_steps = (f" (~{s.first_check_seconds / step_s:.0f} training steps)" if step_s and s.first_check_seconds
+                    else "")
         first = (f"first check at step {s.first_check_step}{self._first_check_label()}: "
                  f"{s.first_check_seconds or 0.0:.2f} s{in_steps}, reported apart as {self.first_check_metric}")
         steady = (f"steady state: {s.n_checks - 1} more check{'s' if s.n_checks != 2 else ''} and per-step bookkeeping "
-                  f"took {s.steady_seconds:.2f} s = {s.overhead_pct:.1f}% of the {s.steady_train_seconds:.1f} s of training "
-                  f"after it ({self.overhead_metric}; all included, {s.total_overhead_pct:.1f}% of {s.train_seconds:.1f} s)")
+                  f"took {s.steady_seconds:.2f} s = {s.overhead_pct:.1f}% of the {s.steady_train_seconds:.1f} s of "
+                  f"training after it ({self.overhead_metric}; all included, {s.total_overhead_pct:.1f}% of "
+                  f"{s.train_seconds:.1f} s)")
         if self.checks_at is not None:
             why = (f"checks ran at {self.checks_at}, one per validation, not on the step schedule, so the "
                    f"{budget:g}% budget does not bound them")
@@ -680,10 +691,10 @@ class Monitor:
         if self.checks_at is not None:
             return f"checks run at {self.checks_at}, and none was reached."
         if s.every_n_steps is not None:
-            return (f"every_n_steps={s.every_n_steps} is more than the {self._steps_done()} optimizer steps trained; pass a "
-                    "smaller every_n_steps, or leave it None for the adaptive schedule.")
-        return (f"the run took {self._steps_done()} optimizer step(s), and the first check waits for a measured step time "
-                "(step 2 at the earliest).")
+            return (f"every_n_steps={s.every_n_steps} is more than the {self._steps_done()} optimizer steps trained; "
+                    "pass a smaller every_n_steps, or leave it None for the adaptive schedule.")
+        return (f"the run took {self._steps_done()} optimizer step(s), and the first check waits for a measured step "
+                "time (step 2 at the earliest).")
 
     def _steps_done(self) -> int:
         """The latest optimizer step seen (by :meth:`on_step_end`, or by the schedule alone)."""
@@ -823,7 +834,8 @@ def _check_state(monitor: Monitor, state: Any) -> None:
     need = ("measures", "seed", "schedule", "alerts", "history", "probe", "loss", "loss_avg", "should_stop")
     missing = [k for k in need if k not in state]
     if missing:
-        raise ConfigurationError(f"the monitor checkpoint lacks {missing}; pass what state_dict() returned. Nothing was loaded.")
+        raise ConfigurationError(f"the monitor checkpoint lacks {missing}; pass what state_dict() returned. "
+                                 "Nothing was loaded.")
     measures = state["measures"]
     if not isinstance(measures, (list, tuple)) or not all(isinstance(m, str) for m in measures):
         raise _bad("measures", measures, "a list of measure names")
@@ -864,8 +876,8 @@ def _check_state(monitor: Monitor, state: Any) -> None:
     alerts = state["alerts"]
     if not isinstance(alerts, (list, tuple)) or len(alerts) != len(monitor.alerts):
         raise ConfigurationError(
-            f"this checkpoint's monitor had {len(alerts) if isinstance(alerts, (list, tuple)) else alerts!r} alert rules, "
-            f"this one has {len(monitor.alerts)}; configure the same alerts to resume. Nothing was loaded."
+            f"this checkpoint's monitor had {len(alerts) if isinstance(alerts, (list, tuple)) else alerts!r} alert "
+            f"rules, this one has {len(monitor.alerts)}; configure the same alerts to resume. Nothing was loaded."
         )
     for i, (rule, rule_state) in enumerate(zip(monitor.alerts, alerts)):
         own = rule.state_dict()
@@ -892,7 +904,8 @@ def _check_state(monitor: Monitor, state: Any) -> None:
             or not (rec.get("value") is None or _is_real(rec.get("value")))
             or not isinstance(rec.get("settings", {}), Mapping)
         ):
-            raise _bad(f"history.records[{j}]", rec, "{'step': int >= 0, 'metric': str, 'value': finite float or None, 'settings': {...}}")
+            raise _bad(f"history.records[{j}]", rec,
+                       "{'step': int >= 0, 'metric': str, 'value': finite float or None, 'settings': {...}}")
     # probe
     probe = state["probe"]
     if not isinstance(probe, Mapping):

@@ -72,7 +72,8 @@ def encode_state(value: Any) -> Any:
 
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu()
-        return {"__tensor__": t.reshape(-1).tolist(), "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+        return {"__tensor__": t.reshape(-1).tolist(), "dtype": str(t.dtype).removeprefix("torch."),
+                "shape": list(t.shape)}
     if isinstance(value, Mapping):
         if all(isinstance(k, str) and not k.startswith("__") for k in value):
             return {k: encode_state(v) for k, v in value.items()}
@@ -156,11 +157,13 @@ class MetricHistory:
         #: records that could not be written and no longer fit in ``unwritten`` (lost)
         self.records_lost = 0
 
-    def append(self, step: int, metrics: Mapping[str, float], settings: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    def append(self, step: int, metrics: Mapping[str, float],
+               settings: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Add one record per metric (``settings[metric]`` or ``{}``); write them if a path is set."""
         settings = settings or {}
         new = [
-            {"step": int(step), "metric": name, "value": _jsonable(float(value)), "settings": _jsonable(settings.get(name, {}))}
+            {"step": int(step), "metric": name, "value": _jsonable(float(value)),
+             "settings": _jsonable(settings.get(name, {}))}
             for name, value in metrics.items()
         ]
         self.records.extend(new)

@@ -72,7 +72,8 @@ class RobustnessMonitor(Monitor):
         batch_map: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] | None = None,
         **kwargs: Any,
     ) -> None:
-        check_keywords("RobustnessMonitor", kwargs, keywords_of(Monitor.__init__) + keywords_of(RobustnessMonitor.__init__))
+        check_keywords("RobustnessMonitor", kwargs,
+                       keywords_of(Monitor.__init__) + keywords_of(RobustnessMonitor.__init__))
         # every setting is checked before anything is built
         eps = positive("eps", eps, "; e.g. eps=8/255 for images in [0, 1]")
         alpha = positive("alpha", alpha) if alpha is not None else eps / 4
@@ -86,9 +87,11 @@ class RobustnessMonitor(Monitor):
                 raise ConfigurationError(f"bounds must satisfy low < high, got {bounds!r}.")
         for key_name, key in (("input_key", input_key), ("label_key", label_key)):
             if key is not None and (isinstance(key, bool) or not isinstance(key, (str, int))):
-                raise ConfigurationError(f"{key_name} must be a mapping key (str) or a tuple position (int), got {key!r}.")
+                raise ConfigurationError(f"{key_name} must be a mapping key (str) or a tuple position (int), "
+                                         f"got {key!r}.")
         if batch_map is not None and not callable(batch_map):
-            raise ConfigurationError(f"batch_map must be a callable batch -> (inputs, labels), got {type(batch_map).__name__}.")
+            raise ConfigurationError("batch_map must be a callable batch -> (inputs, labels), got "
+                                     f"{type(batch_map).__name__}.")
         if batch_map is not None and (input_key is not None or label_key is not None):
             raise ConfigurationError("pass either batch_map= or input_key=/label_key=, not both.")
         self.input_key, self.label_key, self.batch_map = input_key, label_key, batch_map
@@ -115,8 +118,10 @@ class RobustnessMonitor(Monitor):
                 raise ConfigurationError("batch_map must return (inputs, labels) tensors.")
             return out[0], out[1]
         if isinstance(batch, Mapping):
-            xk = self.input_key if self.input_key is not None else next((k for k in self.INPUT_KEYS if k in batch), None)
-            yk = self.label_key if self.label_key is not None else next((k for k in self.LABEL_KEYS if k in batch), None)
+            xk = (self.input_key if self.input_key is not None
+                  else next((k for k in self.INPUT_KEYS if k in batch), None))
+            yk = (self.label_key if self.label_key is not None
+                  else next((k for k in self.LABEL_KEYS if k in batch), None))
             missing = [name for name, k in (("input_key", xk), ("label_key", yk)) if k is None or k not in batch]
             if missing:
                 raise ConfigurationError(
@@ -130,12 +135,13 @@ class RobustnessMonitor(Monitor):
             yi = self.label_key if isinstance(self.label_key, int) else 1
             if max(xi, yi) >= len(batch):
                 raise ConfigurationError(
-                    f"RobustnessMonitor needs (inputs, labels) batches, got a {type(batch).__name__} of {len(batch)} items; "
-                    "pass input_key=/label_key= positions or batch_map=."
+                    f"RobustnessMonitor needs (inputs, labels) batches, got a {type(batch).__name__} of {len(batch)} "
+                    "items; pass input_key=/label_key= positions or batch_map=."
                 )
             return batch[xi], batch[yi]
         raise ConfigurationError(
-            f"RobustnessMonitor needs (inputs, labels) batches, got {type(batch).__name__}; pass batch_map=batch -> (inputs, labels)."
+            f"RobustnessMonitor needs (inputs, labels) batches, got {type(batch).__name__}; pass batch_map=batch -> "
+            "(inputs, labels)."
         )
 
     def capture(self, batch: Any) -> bool:

@@ -235,6 +235,7 @@ class Schedule:
         # checkpoints written before the first check was kept apart count it in the steady state
         self.first_check_seconds = state.get("first_check_seconds")
         self.first_check_step = state.get("first_check_step")
-        self._setup_monitor_seconds, self._setup_train_seconds = (float(v) for v in state.get("setup_seconds", (0.0, 0.0)))
+        self._setup_monitor_seconds, self._setup_train_seconds = (
+            float(v) for v in state.get("setup_seconds", (0.0, 0.0)))
         self._last_time = None  # the pause between save and load is not training time
         self._last_step = None

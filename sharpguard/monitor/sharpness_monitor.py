@@ -58,8 +58,10 @@ def _plain_sgd(optimizer: Any) -> bool:
 
 #: each measure's function and the arguments the monitor passes itself (the rest are measure_kwargs')
 MEASURE_FUNCTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "lambda_max": ("hessian_eigenvalues", ("model", "batches", "loss_fn", "k", "which", "init", "return_eigenvectors", "seed")),
-    "lambda_min": ("hessian_eigenvalues", ("model", "batches", "loss_fn", "k", "which", "init", "return_eigenvectors", "seed")),
+    "lambda_max": ("hessian_eigenvalues",
+                   ("model", "batches", "loss_fn", "k", "which", "init", "return_eigenvectors", "seed")),
+    "lambda_min": ("hessian_eigenvalues",
+                   ("model", "batches", "loss_fn", "k", "which", "init", "return_eigenvectors", "seed")),
     "trace": ("hessian_trace", ("model", "batches", "loss_fn", "seed")),
     "eos_ratio": ("eos_ratio", ("model", "batches", "optimizer", "loss_fn", "init", "seed")),
     "worst_case": ("worst_case_sharpness", ("model", "batches", "loss_fn", "adaptive")),
@@ -139,8 +141,8 @@ class SharpnessMonitor(Monitor):
     ``monitor/overhead_pct``. Default alerts: :func:`~sharpguard.monitor.default_sharpness_alerts`.
     """
 
-    MEASURES = ("lambda_max", "lambda_min", "trace", "eos_ratio", "worst_case", "adaptive_worst_case", "average", "batch",
-                "relative_flatness", "robust_sharpness")
+    MEASURES = ("lambda_max", "lambda_min", "trace", "eos_ratio", "worst_case", "adaptive_worst_case", "average",
+                "batch", "relative_flatness", "robust_sharpness")
     DEFAULT_MEASURES = ("lambda_max", "eos_ratio")
     prefix = "sharpness"
 
@@ -155,7 +157,8 @@ class SharpnessMonitor(Monitor):
         micro_batches: int | str = "auto",
         **kwargs: Any,
     ) -> None:
-        check_keywords("SharpnessMonitor", kwargs, keywords_of(Monitor.__init__) + keywords_of(SharpnessMonitor.__init__))
+        check_keywords("SharpnessMonitor", kwargs,
+                       keywords_of(Monitor.__init__) + keywords_of(SharpnessMonitor.__init__))
         rho = positive("rho", rho, "; the SAM default is 0.05")
         if micro_batches != "auto":
             if isinstance(micro_batches, str):
@@ -172,7 +175,8 @@ class SharpnessMonitor(Monitor):
         super().__init__(measures, **kwargs)
         unknown = set(measure_kwargs or {}) - set(self.MEASURES)
         if unknown:
-            raise ConfigurationError(f"measure_kwargs names unknown measures {sorted(unknown)}; choose among {list(self.MEASURES)}.")
+            raise ConfigurationError(f"measure_kwargs names unknown measures {sorted(unknown)}; choose among "
+                                     f"{list(self.MEASURES)}.")
         check_measure_kwargs(measure_kwargs or {})
         if "robust_sharpness" in self.measures:
             eps = (measure_kwargs or {}).get("robust_sharpness", {}).get("eps")
@@ -249,9 +253,9 @@ class SharpnessMonitor(Monitor):
         slices = self._slices()
         vectors = DEFAULT_MAX_BASIS + 1 + EXTRA_VECTORS["autograd"]
         if slices is None:
-            graph = (f"the products' graph at most ~{GRAPH_FACTOR['autograd'] / AUTO_MAX_MICRO_BATCHES:.1f}x a training "
-                     f"step's activations, split so that the check fits in a training step's memory (micro-batches "
-                     f"chosen at the first check, up to {AUTO_MAX_MICRO_BATCHES})")
+            graph = (f"the products' graph at most ~{GRAPH_FACTOR['autograd'] / AUTO_MAX_MICRO_BATCHES:.1f}x a "
+                     "training step's activations, split so that the check fits in a training step's memory "
+                     f"(micro-batches chosen at the first check, up to {AUTO_MAX_MICRO_BATCHES})")
         else:
             where = "" if self.probe.ready or slices == 1 else "up to "
             graph = (f"the products' graph ~{GRAPH_FACTOR['autograd'] / slices:.1f}x a training step's activations "
@@ -479,7 +483,8 @@ class SharpnessMonitor(Monitor):
         value = state.get("n_hvp_total", 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigurationError(
-                f"monitor checkpoint field 'extra.n_hvp_total' must be an integer >= 0, got {value!r}; nothing was loaded."
+                f"monitor checkpoint field 'extra.n_hvp_total' must be an integer >= 0, got {value!r}; nothing was "
+                "loaded."
             )
 
     def _load_extra_state(self, state):
@@ -488,7 +493,8 @@ class SharpnessMonitor(Monitor):
 
 
 def _result_settings(res: Any, kw: Mapping[str, Any]) -> dict[str, Any]:
-    return {**_plain(getattr(res, "settings", {}) or {}), **_plain(kw), "definition": str(getattr(res, "definition", ""))}
+    return {**_plain(getattr(res, "settings", {}) or {}), **_plain(kw),
+            "definition": str(getattr(res, "definition", ""))}
 
 
 def _plain(d: Mapping[str, Any]) -> dict[str, Any]:

@@ -57,7 +57,8 @@ class CheckpointMixin:
         ``"current"`` keeps this optimizer's.
         """
         if not isinstance(state_dict, dict):
-            raise ConfigurationError(f"load_state_dict needs the dict from state_dict(), got {type(state_dict).__name__}.")
+            raise ConfigurationError("load_state_dict needs the dict from state_dict(), got "
+                                     f"{type(state_dict).__name__}.")
         state_dict = dict(state_dict)
         present = STATE_KEY in state_dict  # absent: a plain base-optimizer state dict (counters reset)
         ours = state_dict.pop(STATE_KEY, None)

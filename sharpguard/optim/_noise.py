@@ -3,8 +3,8 @@
 Both methods draw :math:`\\varepsilon_{ij} \\sim \\mathcal N(0, s_i^2)` where the standard deviation of
 row ``i`` (one output unit: a filter of a conv, a row of a ``Linear`` weight) is proportional to the
 norm of that row (RWP: Li et al., TMLR 2024, the "filter-wise" noise of its code; Flat-LoRA: Li et
-al., ICML 2025, its perturbation generation). The whole list of tensors is handled with a few kernels per device/dtype group (one
-concatenation, one ``segment_reduce`` for the row sums, one ``randn``), never a Python loop of tensor
+al., ICML 2025, its perturbation generation). The whole list of tensors is handled with a few kernels per device/dtype
+group (one concatenation, one ``segment_reduce`` for the row sums, one ``randn``), never a Python loop of tensor
 operations over parameters. Randomness comes from a private ``torch.Generator`` reseeded from
 ``(seed, step)``, so the noise of a step is the same in every front end and the global RNG is left
 alone (docs/design.md promise 1).
@@ -21,7 +21,8 @@ __all__ = ["RowLayout", "step_generator", "gaussian"]
 _GOLDEN = 0x9E3779B97F4A7C15
 
 
-def step_generator(cache: dict[torch.device, torch.Generator], device: torch.device, seed: int, step: int) -> torch.Generator:
+def step_generator(cache: dict[torch.device, torch.Generator], device: torch.device, seed: int,
+                   step: int) -> torch.Generator:
     """A generator on ``device`` seeded from ``(seed, step)`` (one per device, reused)."""
     gen = cache.get(device)
     if gen is None:

@@ -108,8 +108,8 @@ class SAMConfig:
         if sharded:
             if self.variant not in SHARDED_VARIANTS:
                 raise ConfigurationError(
-                    f"sharded (FSDP) training supports variant 'sam', 'asam', 'gsam', 'looksam' or 'gam', got {self.variant!r}: "
-                    "the other variants keep unsharded state; use DDP for them."
+                    "sharded (FSDP) training supports variant 'sam', 'asam', 'gsam', 'looksam' or 'gam', got "
+                    f"{self.variant!r}: the other variants keep unsharded state; use DDP for them."
                 )
             adaptive = self.variant == "asam" or bool(knobs.get("adaptive", False))
             if self.variant == "gsam":

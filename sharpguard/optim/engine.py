@@ -164,7 +164,8 @@ class SAMEngine:
         window, self._window = self._window, []
         self._prepared = False
         window_id = self._window_id
-        end_states = [(m, module_attribute_state(m)) for m in {id(m): m for _, (m, _) in window if m is not None}.values()]
+        end_states = [(m, module_attribute_state(m)) for m in {id(m): m for _,
+                                                               (m, _) in window if m is not None}.values()]
         replays = [self._from_state(replay, module, state) for replay, (module, state) in window]
         try:
             # unscaled point by point: a multi-point variant reads each point's gradient before the next

@@ -242,7 +242,8 @@ def zero_where_(tensors: Tensors, take: torch.Tensor, *, groups: Groups | None =
             torch._foreach_lerp_(targets, [zero.expand_as(t) for t in targets], [w] * len(idx))
 
 
-def skip_step_(params: Sequence[torch.Tensor], ok: torch.Tensor, *, local: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+def skip_step_(params: Sequence[torch.Tensor], ok: torch.Tensor, *,
+               local: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """``nonfinite="skip"``: make a faulty step update nothing, from the 0-dim boolean ``ok``.
 
     Where ``ok`` is free to read (:func:`host_readable`, a real CPU tensor) every gradient is set to

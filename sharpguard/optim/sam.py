@@ -98,10 +98,12 @@ def _build_base(cls: type[SAM], params: Any, base_cls: Any, base_kwargs: dict[st
             f"got {base_cls!r}; to wrap an optimizer you already built use {cls_name}.wrap(optimizer)."
         )
     if issubclass(base_cls, SAM):
-        raise ConfigurationError(f"{cls_name} cannot use another SAM wrapper ({base_cls.__name__}) as its base optimizer.")
+        raise ConfigurationError(f"{cls_name} cannot use another SAM wrapper ({base_cls.__name__}) as its "
+                                 "base optimizer.")
     if isinstance(params, torch.Tensor):
         raise ConfigurationError(
-            f"{cls_name} needs an iterable of parameters (e.g. model.parameters()), got a single tensor; wrap it in a list."
+            f"{cls_name} needs an iterable of parameters (e.g. model.parameters()), got a single tensor; wrap it in a "
+            "list."
         )
     params = list(params)
     if not params:
@@ -249,8 +251,8 @@ class SAM(NonfinitePolicyMixin, CheckpointMixin, Optimizer):
             optimizer leaves weights and state alone; on an accelerator (and for fake tensors) the
             decision stays on the device, without a host sync: the gradients become zero, so the
             base optimizer takes a zero-gradient step (no change under plain SGD; momentum and Adam
-            moments decay by one step). Extra memory: the weight backup only (1.0x the parameters). ``"fallback"``: a non-finite clean gradient
-            gives no perturbation and the base optimizer gets that clean gradient, exactly as
+            moments decay by one step). Extra memory: the weight backup only (1.0x the parameters). ``"fallback"``: a
+            non-finite clean gradient gives no perturbation and the base optimizer gets that clean gradient, exactly as
             without SAM; a non-finite perturbed gradient is replaced by the clean one. It keeps a
             copy of the clean gradient, one more parameter-sized buffer (2.0x in all). Both are
             counted (:attr:`nonfinite_counts`) and warned once; neither adds a host sync.
@@ -409,7 +411,8 @@ class SAM(NonfinitePolicyMixin, CheckpointMixin, Optimizer):
     def _validate_base(self, base: Optimizer) -> None:
         """Hook: refuse a base optimizer the variant cannot work with (before anything is attached)."""
 
-    def _attach(self, base: Optimizer, model: nn.Module | None, sync_perturbation: bool, nonfinite: str = "skip") -> None:
+    def _attach(self, base: Optimizer, model: nn.Module | None, sync_perturbation: bool,
+                nonfinite: str = "skip") -> None:
         if model is not None and not isinstance(model, nn.Module):
             raise ConfigurationError(f"model must be a torch.nn.Module (or None), got {type(model).__name__}.")
         _one_of("nonfinite", nonfinite, NONFINITE_POLICIES)
@@ -725,7 +728,8 @@ class SAM(NonfinitePolicyMixin, CheckpointMixin, Optimizer):
         """Hook of a multi-point variant (``perturbed_points > 1``), called by :meth:`advance` with ``w``
         restored: keep what is needed of ``grads`` (the gradient at point ``point - 1``; they are
         zeroed next) and move ``params`` to point ``point`` (e.g. with :func:`.functional.add_scaled_`)."""
-        raise NotImplementedError(f"{type(self).__name__} declares {self.perturbed_points} perturbed points but no _next_point")
+        raise NotImplementedError(f"{type(self).__name__} declares {self.perturbed_points} perturbed points but "
+                                  "no _next_point")
 
     # ------------------------------------------------------------------------------- plumbing
     def _reset_step(self) -> None:

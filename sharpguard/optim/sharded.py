@@ -423,7 +423,8 @@ class ShardedGAM(ShardedSAM):
     :class:`~.variants_multi.GAM`'s four gradients and update.
 
     Points :math:`w + \rho g_0/\lVert g_0\rVert`, :math:`w_2 = w + \rho' (g_1 - g_0)/\lVert g_1 - g_0\rVert`
-    and :math:`w_2 + \rho g_2/\lVert g_2\rVert`; update :math:`d - \gamma (m - \cos(m, d) \lVert m\rVert d/\lVert d\rVert)`
+    and :math:`w_2 + \rho g_2/\lVert g_2\rVert`; update
+    :math:`d - \gamma (m - \cos(m, d) \lVert m\rVert d/\lVert d\rVert)`
     with :math:`d = \beta_1 g_1 + \beta_3 g_3`, :math:`m = g_0 + |\beta_2| g_2`. Every norm and inner
     product is all-reduced over the shards; every other operation is elementwise on this rank's
     shards, which keep GAM's buffers (weight backup, :math:`g_0`, :math:`g_1`, :math:`g_2`, :math:`w_2 - w`).

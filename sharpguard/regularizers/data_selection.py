@@ -55,7 +55,8 @@ class SharpnessDataSelection:
       earlier example. ``gamma=1`` returns the plain mean (plain SAM, bitwise);
     * outside a SAM step (a plain optimizer; the two-step ``first_step/second_step`` form, which does
       not say which pass runs), without gradients (evaluation, even inside an open step) and on
-      steps without a perturbed pass (LookSAM's reuse steps, ``interval``): the plain mean. When it is called while training and never sees a perturbed pass it says so once.
+      steps without a perturbed pass (LookSAM's reuse steps, ``interval``): the plain mean. When it is called while
+      training and never sees a perturbed pass it says so once.
 
     The official code (``utils/Esam.py``) keeps the examples *strictly above* the
     :math:`\lfloor\gamma B\rfloor`-th largest :math:`h_i` (one fewer than asked without ties, fewer with
@@ -82,7 +83,8 @@ class SharpnessDataSelection:
     def __init__(self, gamma: float = DEFAULT_GAMMA) -> None:
         gamma = positive("gamma", gamma)
         if gamma > 1.0:
-            raise ConfigurationError(f"gamma must lie in (0, 1] (the fraction of the batch kept at w + e), got {gamma!r}.")
+            raise ConfigurationError("gamma must lie in (0, 1] (the fraction of the batch kept at w + e), "
+                                     f"got {gamma!r}.")
         self.gamma = gamma
         self._window = 0  # the engine's window whose clean losses _records holds (0: none)
         self._records: dict[tuple[int, int], torch.Tensor] = {}
@@ -134,8 +136,8 @@ class SharpnessDataSelection:
             )
         if clean.shape != losses.shape:
             raise ConfigurationError(
-                f"SharpnessDataSelection got {losses.shape[0]} per-example losses at w + e but {clean.shape[0]} at w for "
-                "the same micro-batch; the replay must see the same batch (no random cropping of the batch size)."
+                f"SharpnessDataSelection got {losses.shape[0]} per-example losses at w + e but {clean.shape[0]} at w "
+                "for the same micro-batch; the replay must see the same batch (no random cropping of the batch size)."
             )
         self._window_replayed = True
         self.counts["selected"] += 1

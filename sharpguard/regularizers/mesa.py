@@ -48,7 +48,8 @@ def _logits(output: Any, owner: str = "MESA") -> torch.Tensor:
 
 
 class MESA:
-    r"""MESA's trajectory loss: :math:`\lambda\,\tau^2\,\mathrm{KL}\big(\sigma(f_{\bar\theta}(x)/\tau)\,\Vert\,\sigma(f_\theta(x)/\tau)\big)`.
+    r"""MESA's trajectory loss:
+    :math:`\lambda\,\tau^2\,\mathrm{KL}\big(\sigma(f_{\bar\theta}(x)/\tau)\,\Vert\,\sigma(f_\theta(x)/\tau)\big)`.
 
     :math:`\bar\theta \leftarrow d\,\bar\theta + (1-d)\,\theta` after every optimizer step (the EMA
     teacher: the paper's trajectory loss with the EMA in place of stored past outputs); the KL is summed over

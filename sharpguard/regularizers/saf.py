@@ -5,7 +5,8 @@ the KL divergence between the model's softened outputs on a training example now
 the same example :math:`\\tilde E` epochs earlier (the paper's eq. 5),
 
 .. math:: L_{\\mathrm{tra}} = \\lambda\\,\\tau^2\\,\\frac{1}{|B|}\\sum_{i\\in B}
-          \\mathrm{KL}\\Big(\\sigma\\big(\\hat y_i^{(e-\\tilde E)}/\\tau\\big)\\,\\Big\\Vert\\,\\sigma\\big(f_\\theta(x_i)/\\tau\\big)\\Big),
+          \\mathrm{KL}\\Big(\\sigma\\big(\\hat y_i^{(e-\\tilde
+          E)}/\\tau\\big)\\,\\Big\\Vert\\,\\sigma\\big(f_\\theta(x_i)/\\tau\\big)\\Big),
 
 switched on from epoch :math:`E_{\\mathrm{start}}`. The past outputs are stored per example, so the
 data pipeline must hand over each example's index in the training set::
@@ -106,7 +107,8 @@ class SAF:
             )
         self.end_epoch = None if end_epoch is None else positive_int("end_epoch", end_epoch)
         if self.end_epoch is not None and self.end_epoch <= self.start_epoch:
-            raise ConfigurationError(f"end_epoch ({self.end_epoch}) must be > start_epoch ({self.start_epoch}), or None.")
+            raise ConfigurationError(f"end_epoch ({self.end_epoch}) must be > start_epoch "
+                                     f"({self.start_epoch}), or None.")
         if dtype not in _DTYPES:
             raise ConfigurationError(f"dtype must be one of {', '.join(map(str, _DTYPES))}, got {dtype!r}.")
         self.dtype = dtype
@@ -180,7 +182,8 @@ class SAF:
     def _check(self, logits: Any, indices: Any) -> torch.Tensor:
         if (not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point()
                 or logits.shape[0] == 0):
-            got = f"shape {tuple(logits.shape)}, {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+            got = f"shape {tuple(logits.shape)}, {logits.dtype}" if isinstance(logits,
+                                                                               torch.Tensor) else type(logits).__name__
             raise ConfigurationError(
                 f"SAF needs floating-point logits of shape [batch, classes] (one output per example), got {got}."
             )
@@ -252,18 +255,21 @@ class SAF:
             raise ConfigurationError("SAF.load_state_dict needs the dict from SAF.state_dict().")
         if state["num_examples"] != self.num_examples or state["epochs_ago"] != self.epochs_ago:
             raise ConfigurationError(
-                f"the checkpoint's SAF has num_examples={state['num_examples']}, epochs_ago={state['epochs_ago']}; this "
-                f"one {self.num_examples}, {self.epochs_ago}: build SAF with the checkpoint's settings."
+                f"the checkpoint's SAF has num_examples={state['num_examples']}, epochs_ago={state['epochs_ago']}; "
+                f"this one {self.num_examples}, {self.epochs_ago}: build SAF with the checkpoint's settings."
             )
         memory, stamps = state["memory"], state["stamps"]
         if (memory is None) != (stamps is None):
-            raise ConfigurationError("SAF.load_state_dict: the checkpoint has outputs without stamps (or stamps without outputs).")
+            raise ConfigurationError("SAF.load_state_dict: the checkpoint has outputs without stamps (or stamps "
+                                     "without outputs).")
         if memory is not None:
-            if not isinstance(memory, torch.Tensor) or memory.dim() != 3 or memory.shape[:2] != (self.slots, self.num_examples):
+            if (not isinstance(memory, torch.Tensor) or memory.dim() != 3
+                    or memory.shape[:2] != (self.slots, self.num_examples)):
                 raise ConfigurationError("SAF.load_state_dict: the checkpoint's stored outputs have the wrong shape.")
             if memory.dtype != self.dtype:
                 raise ConfigurationError(
-                    f"the checkpoint's SAF stores {memory.dtype}, this one {self.dtype}: build SAF with dtype={memory.dtype}."
+                    f"the checkpoint's SAF stores {memory.dtype}, this one {self.dtype}: build SAF with "
+                    f"dtype={memory.dtype}."
                 )
             if not isinstance(stamps, torch.Tensor) or stamps.shape != (self.slots, self.num_examples):
                 raise ConfigurationError("SAF.load_state_dict: the checkpoint's epoch stamps have the wrong shape.")

@@ -196,10 +196,10 @@ def estimate_sam_cost(n_params: int, *, step_seconds: float, dtype_bytes: int = 
 # Bytes saved for backward per token and layer in float32, counted under FakeTensorMode by
 # sharpguard.simulate on Hugging Face decoders with their default "sdpa" attention (benchmarks/simulate.py's
 # fit: configs of 1-2 layers, varying s, b, h, m, V and the KV heads; exact to 0.1%):
-# ``(per_h h + per_kv h kv / a + per_m m) s b`` per layer, ``per_s2 a s^2 b`` for an attention matrix the kernel keeps (GPT-2's dropout sends SDPA to the
-# math kernel, which saves the weights and the dropout mask; Llama's flash kernel saves none), plus
-# ``outside_h s b h`` outside the blocks and ``per_vocab s b V`` for the logits, their log-softmax and
-# their gradient.
+# ``(per_h h + per_kv h kv / a + per_m m) s b`` per layer, ``per_s2 a s^2 b`` for an attention matrix the kernel
+# keeps (GPT-2's dropout sends SDPA to the math kernel, which saves the weights and the dropout mask; Llama's flash
+# kernel saves none), plus ``outside_h s b h`` outside the blocks and ``per_vocab s b V`` for the logits, their
+# log-softmax and their gradient.
 ACTIVATION_LAYOUTS: dict[str, dict[str, float]] = {
     "gpt2": {"per_h": 40.0, "per_kv": 0.0, "per_m": 20.0, "per_s2": 12.0, "outside_h": 12.0, "per_vocab": 12.0},
     "llama": {"per_h": 32.0, "per_kv": 8.0, "per_m": 16.0, "per_s2": 0.0, "outside_h": 13.0, "per_vocab": 12.0},

@@ -115,7 +115,8 @@ def _input_eigs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, t
                                         allow_unused=True)
             return torch.zeros_like(v) if hv is None else hv.reshape(-1).to(v.dtype)
 
-        v0 = torch.randn(xi.numel(), generator=generator, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        v0 = torch.randn(xi.numel(), generator=generator,
+                         dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
         # vectors the size of one example's input: up to 20 of them cost little, and spare the restarts a
         # model-size basis needs (default_max_basis)
         out = lanczos(matvec, v0.to(x.device), k=1, which="largest", tol=tol, max_iter=max_iter, generator=generator,
@@ -246,7 +247,8 @@ class AdversarialGeometry:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def _confidence_and_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _confidence_and_grad(model: nn.Module, x: torch.Tensor,
+                         y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     u = x.clone().requires_grad_(True)
     logits = logits_of(model(u.view_as(u)))  # a view, not the leaf (see _input_eigs)
     (g,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), u)

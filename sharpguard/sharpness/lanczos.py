@@ -307,7 +307,8 @@ class Krylov:
         return out
 
 
-def _reduced_on(reduce: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def _reduced_on(reduce: Callable[[torch.Tensor], torch.Tensor],
+                device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """``reduce`` for partial sums held on another device: moved to ``device`` for the collective, back after."""
     return lambda t: reduce(t.to(device)).to(t.device)
 
@@ -434,9 +435,10 @@ class EigenResult:
     residual ``||H y_i - lambda_i y_i||`` (an upper bound on the eigenvalue error); ``converged`` says
     whether all of them met the tolerance. A cost-only run (``cost_only``: fake tensors, see
     :func:`hessian_eigenvalues`) claims no eigenvalue: ``eigenvalues`` and ``residuals`` are NaN,
-    ``converged`` is False and ``n_hvp`` is the exact number of products run. ``n_restarts`` counts thick restarts and ``basis_vectors``
-    the most model-size Lanczos vectors held at once (the solver's memory). ``eigenvectors`` (on request) are unit flat vectors over the
-    trainable parameters in ``model.parameters()`` order - pass one back as ``init=`` to warm-start.
+    ``converged`` is False and ``n_hvp`` is the exact number of products run. ``n_restarts`` counts thick restarts and
+    ``basis_vectors`` the most model-size Lanczos vectors held at once (the solver's memory). ``eigenvectors`` (on
+    request) are unit flat vectors over the trainable parameters in ``model.parameters()`` order - pass one back as
+    ``init=`` to warm-start.
     """
 
     eigenvalues: list[float]

@@ -53,7 +53,8 @@ def filter_normalized_direction(
 ) -> torch.Tensor:
     """A flat Gaussian direction rescaled filter-wise to the weights' filter norms (Li et al. 2018)."""
     if not isinstance(probe, ProbeLoss):
-        raise ConfigurationError(f"probe must be a ProbeLoss, got {rules.shown(probe)}; build one with ProbeLoss(model, batches).")
+        raise ConfigurationError(f"probe must be a ProbeLoss, got {rules.shown(probe)}; build one with "
+                                 "ProbeLoss(model, batches).")
     parts = []
     for p in probe.params:
         w = p.detach().to(probe.dtype)

@@ -70,7 +70,8 @@ def penultimate_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not found:
         raise ConfigurationError(
-            "the model has no nn.Linear layer; pass layer= the module (or its name) whose weight relative flatness is about."
+            "the model has no nn.Linear layer; pass layer= the module (or its name) whose weight relative flatness is "
+            "about."
         )
     return found[-1]
 
@@ -81,7 +82,8 @@ def _resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> tuple[str
     if isinstance(layer, str):
         modules = dict(model.named_modules())
         if layer not in modules:
-            raise ConfigurationError(f"the model has no submodule named {layer!r}; pass a name from model.named_modules().")
+            raise ConfigurationError(f"the model has no submodule named {layer!r}; pass a name from "
+                                     "model.named_modules().")
         module = modules[layer]
         name = layer
     elif isinstance(layer, nn.Module):
@@ -145,7 +147,8 @@ def _closed_form(model: nn.Module, module: nn.Module, batches: list[Any]) -> tor
     return total / n
 
 
-def _hvp_blocks(model: nn.Module, module: nn.Module, batches: list[Any], loss_fn: LossFn | None) -> tuple[torch.Tensor, int]:
+def _hvp_blocks(model: nn.Module, module: nn.Module, batches: list[Any],
+                loss_fn: LossFn | None) -> tuple[torch.Tensor, int]:
     """``Tr(H_{s,s'})`` from exact Hessian-vector products over the layer's weight only."""
     weight = module.weight
     d_out, d_in = weight.shape
@@ -209,7 +212,8 @@ def relative_flatness(
                 f"more than max_hvp={max_hvp}; raise max_hvp or use the default cross-entropy loss for the closed form."
             )
         if not weight.requires_grad:
-            raise ConfigurationError(f"layer {name!r}'s weight does not require grad; unfreeze it to measure its curvature.")
+            raise ConfigurationError(f"layer {name!r}'s weight does not require grad; unfreeze it to measure "
+                                     "its curvature.")
         blocks, n_hvp = _hvp_blocks(model, module, batch_list, loss_fn)
         used = "hvp"
     w = weight.detach().double().cpu()

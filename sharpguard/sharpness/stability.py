@@ -371,7 +371,8 @@ def directional_curvature(
     cost-only run: the same passes, NaN value and norm."""
     if not isinstance(direction, (str, torch.Tensor, list, tuple)):
         raise ConfigurationError(
-            f"direction must be 'gradient', 'update' or a vector (a tensor or a list of tensors), got {rules.shown(direction)}."
+            "direction must be 'gradient', 'update' or a vector (a tensor or a list of tensors), got "
+            f"{rules.shown(direction)}."
         )
     if isinstance(direction, str) and direction not in ("gradient", "update"):
         raise ConfigurationError(f"direction must be 'gradient', 'update' or a vector, got {direction!r}.")

@@ -19,7 +19,8 @@ METHODS: dict[str, dict[str, str]] = {
     "asam": {"summary": "Adaptive SAM (perturbation scaled by |w|), SharpnessAwareMinimization(adaptive=True)",
              "reference": "Kwon et al., ICML 2021, arXiv:2102.11600", "cost": "2 forward + 2 backward"},
     "pgd-at": {"summary": "PGD adversarial training (cross entropy at PGD examples), AdversarialTraining callback",
-               "reference": "Madry et al., ICLR 2018, arXiv:1706.06083", "cost": "(K+1) forward + (K+1) backward, K PGD steps"},
+               "reference": "Madry et al., ICLR 2018, arXiv:1706.06083",
+               "cost": "(K+1) forward + (K+1) backward, K PGD steps"},
     "trades": {"summary": "TRADES: clean CE + beta * KL(clean || adversarial), AdversarialTraining callback",
                "reference": "Zhang et al., ICML 2019, arXiv:1901.08573", "cost": "(K+2) forward + (K+1) backward"},
     "fast-at": {"summary": "FGSM adversarial training from a random start, AdversarialTraining callback",
@@ -29,9 +30,11 @@ METHODS: dict[str, dict[str, str]] = {
     "dropout": {"summary": "dropout after each hidden layer", "reference": "Srivastava et al., JMLR 2014",
                 "cost": "1 forward + 1 backward"},
     "spectral-norm": {"summary": "spectral normalization of every linear layer (Lipschitz control)",
-                      "reference": "Miyato et al., ICLR 2018, arXiv:1802.05957", "cost": "1 forward + 1 backward (+ power iteration)"},
+                      "reference": "Miyato et al., ICLR 2018, arXiv:1802.05957",
+                      "cost": "1 forward + 1 backward (+ power iteration)"},
     "distillation": {"summary": "defensive distillation: a student trained on a temperature-T teacher's soft labels",
-                     "reference": "Papernot et al., IEEE S&P 2016, arXiv:1511.04508", "cost": "teacher run + 2 forward + 1 backward"},
+                     "reference": "Papernot et al., IEEE S&P 2016, arXiv:1511.04508",
+                     "cost": "teacher run + 2 forward + 1 backward"},
 }
 ENSEMBLE = "ensemble"
 ENSEMBLE_INFO = {"summary": "averaged logits of the sgd models", "reference": "Lakshminarayanan et al., NeurIPS 2017",
@@ -128,7 +131,8 @@ class StudyConfig:
     def with_quick(self) -> StudyConfig:
         """A tiny run for smoke tests: fewer epochs, a subset of the data, cheap measurements."""
         return replace(self, quick=True, subset=(256, 128),
-                       probe_size=128, sharpness_steps=3, trace_hvps=9, curvature_examples=16, eval_pgd_steps=5, train_attack_steps=2,
+                       probe_size=128, sharpness_steps=3, trace_hvps=9, curvature_examples=16, eval_pgd_steps=5,
+                       train_attack_steps=2,
                        monitor_checks=2, monitor_probe_size=64)
 
     def as_settings(self) -> dict[str, Any]:

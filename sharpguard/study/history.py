@@ -39,15 +39,18 @@ def read_history(path: str | Path) -> HistoryRecords:
                              records.dropped)
     if not records:
         torn = f" ({dropped_message(path, records)})" if records.dropped else ""
-        raise ConfigurationError(f"history file {_quoted(path)} holds no records{torn}; was the monitor attached to a run?")
+        raise ConfigurationError(f"history file {_quoted(path)} holds no records{torn}; was the monitor "
+                                 "attached to a run?")
     return records
 
 
 def _check_is_file(path: Path) -> None:
     if not path.exists():
-        raise ConfigurationError(f"history file {_quoted(path)} does not exist; pass the JSON-lines file a monitor wrote.")
+        raise ConfigurationError(f"history file {_quoted(path)} does not exist; pass the JSON-lines file a "
+                                 "monitor wrote.")
     if not path.is_file():
-        raise ConfigurationError(f"history {_quoted(path)} is not a regular file; pass the JSON-lines file a monitor wrote.")
+        raise ConfigurationError(f"history {_quoted(path)} is not a regular file; pass the JSON-lines file a "
+                                 "monitor wrote.")
 
 
 def _quoted(path: str | os.PathLike[str]) -> str:
@@ -136,8 +139,8 @@ def render_history_markdown(summary: Mapping[str, Any], source: str, plot: str |
         t = s["trend"]
         trend = "n/a" if t["tau"] is None else f"τ = {t['tau']:.2f} (p = {t['p_value']:.3g})"
         lines.append(
-            f"| {md_text(name)} | {s['n']} | {s['first_step']}–{s['last_step']} | {s['first']:.4g} | {s['last']:.4g} | "
-            f"{s['min']:.4g} | {s['max']:.4g} | {trend} |"
+            f"| {md_text(name)} | {s['n']} | {s['first_step']}–{s['last_step']} | {s['first']:.4g} | {s['last']:.4g} "
+            f"| {s['min']:.4g} | {s['max']:.4g} | {trend} |"
         )
     lines.append("")
     for name, s in summary["metrics"].items():
@@ -180,7 +183,8 @@ def check_out_dir(out: str | os.PathLike[str], flag: str = "--out") -> Path:
         if part.exists() or part.is_symlink():
             if not part.is_dir():
                 where = "" if part == path else f" (its parent {_quoted(part)} is not a folder)"
-                raise ConfigurationError(f"{flag} {_quoted(path)} is not a folder{where}; pass a new or existing folder.")
+                raise ConfigurationError(f"{flag} {_quoted(path)} is not a folder{where}; pass a new or "
+                                         "existing folder.")
             break
     return path
 
@@ -192,7 +196,8 @@ def write_inside(folder: Path, name: str, data: bytes) -> Path:
     nothing outside ``folder`` is touched."""
     target = folder / name
     if target.is_dir() and not target.is_symlink():
-        raise ConfigurationError(f"{_quoted(target)} is a folder; the report writes a file there, remove it or pass another --out.")
+        raise ConfigurationError(f"{_quoted(target)} is a folder; the report writes a file there, remove it or pass "
+                                 "another --out.")
     atomic_write_bytes(target, data)
     return target
 
@@ -213,8 +218,8 @@ def _distinct(paths: Sequence[Path]) -> None:
         st = p.stat()
         key = (st.st_dev, st.st_ino)
         if key in seen:
-            raise ConfigurationError(f"history file {_quoted(p)} is given twice (arguments {seen[key] + 1} and {i + 1}, "
-                                     "the same file); pass each history once.")
+            raise ConfigurationError(f"history file {_quoted(p)} is given twice (arguments {seen[key] + 1} and "
+                                     f"{i + 1}, the same file); pass each history once.")
         seen[key] = i
 
 
@@ -233,7 +238,8 @@ def _plottable(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _not_drawn(records: Sequence[Mapping[str, Any]]) -> int:
-    return sum(1 for r in records if r["value"] is not None and math.isfinite(r["value"]) and abs(r["value"]) > PLOT_LIMIT)
+    return sum(1 for r in records
+               if r["value"] is not None and math.isfinite(r["value"]) and abs(r["value"]) > PLOT_LIMIT)
 
 
 def report_history(path: str | Path | Sequence[str | Path], out_dir: str | Path) -> dict[str, Path]:
@@ -257,8 +263,9 @@ def report_history(path: str | Path | Sequence[str | Path], out_dir: str | Path)
             warnings.warn(dropped_message(_quoted(p), records), HistoryWarning, stacklevel=2)
     names = {r["metric"] for records in loaded.values() for r in records}
     if len(names) > MAX_METRICS:
-        raise ConfigurationError(f"the histories hold {len(names)} distinct metrics, more than the {MAX_METRICS} a report "
-                                 "draws; a monitor writes a few dozen, so pass the histories of monitors, or split them.")
+        raise ConfigurationError(f"the histories hold {len(names)} distinct metrics, more than the {MAX_METRICS} a "
+                                 "report draws; a monitor writes a few dozen, so pass the histories of monitors, "
+                                 "or split them.")
     out = check_out_dir(out_dir)
     inputs = {(p.stat().st_dev, p.stat().st_ino): p for p in paths}
     for name in OUTPUT_FILES:
@@ -288,8 +295,10 @@ def report_history(path: str | Path | Sequence[str | Path], out_dir: str | Path)
             shown = [f"{i + 1}: {label}" for i, label in enumerate(shown)]
         figure = history_figure({label: _plottable(r) for label, r in zip(shown, loaded.values())})
         png = write_inside(out, "history.png", _png_bytes(figure))
-        sections = [render_history_markdown(s, f"{label} ({os.fspath(p)})") for (label, s), p in zip(summary["histories"].items(), paths)]
-        markdown = f"# {len(paths)} monitor histories\n\n![history]({png.name})\n\n" + "\n".join("#" + sec for sec in sections)
+        sections = [render_history_markdown(s, f"{label} ({os.fspath(p)})")
+                    for (label, s), p in zip(summary["histories"].items(), paths)]
+        markdown = (f"# {len(paths)} monitor histories\n\n![history]({png.name})\n\n"
+                    + "\n".join("#" + sec for sec in sections))
     md = write_inside(out, "summary.md", markdown.encode("utf-8"))
     js = write_inside(out, "summary.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
     return {"plot": png, "json": js, "markdown": md}

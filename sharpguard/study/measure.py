@@ -19,7 +19,8 @@ from .config import StudyConfig
 from .models import LogitEnsemble
 
 
-def probe_batches(x: torch.Tensor, y: torch.Tensor, size: int, batch_size: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def probe_batches(x: torch.Tensor, y: torch.Tensor, size: int,
+                  batch_size: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``size`` examples as fixed batches: a frozen probe set (the split is already shuffled)."""
     x, y = x[:size], y[:size]
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
@@ -40,7 +41,8 @@ def _safe(fn: Callable[[], float]) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def worst_case_attack(*attacks: Callable[..., torch.Tensor]) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+def worst_case_attack(*attacks: Callable[..., torch.Tensor]) -> Callable[[nn.Module, torch.Tensor, torch.Tensor],
+                                                                         torch.Tensor]:
     """An attack that runs every one of ``attacks`` and keeps, per example, the first adversarial input that
     is misclassified: robust accuracy under it is the fraction of examples that survive all of them."""
 
@@ -94,7 +96,8 @@ def measure_model(model: nn.Module, test: list, probe: list, config: StudyConfig
         "fgsm_acc": _safe(lambda: robust_accuracy(model, test, attacks()[0])),
         "pgd_margin_acc": _safe(lambda: robust_accuracy(model, test, attacks()[2])),
         "robust_acc": _safe(lambda: robust_accuracy(model, test, worst_case_attack(*attacks()))),
-        "lambda_max": _safe(lambda: S.hessian_eigenvalues(model, probe, k=1, tol=1e-3, max_iter=40, seed=seed).eigenvalues[0]),
+        "lambda_max": _safe(lambda: S.hessian_eigenvalues(model, probe, k=1, tol=1e-3, max_iter=40,
+                                                          seed=seed).eigenvalues[0]),
         "trace": _safe(lambda: S.hessian_trace(model, probe, n_hvp=config.trace_hvps, seed=seed).trace),
         "worst_case_sharpness": _safe(lambda: S.worst_case_sharpness(
             model, probe, rho=config.sharpness_rho, steps=config.sharpness_steps).value),

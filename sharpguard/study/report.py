@@ -124,7 +124,8 @@ def correlations(runs: Sequence[Mapping[str, Any]], robust: str = ROBUST_METRIC)
     for view, points in views.items():
         out[view] = {}
         for measure in SHARPNESS_MEASURES:
-            pairs = [(p[measure], p[robust]) for p in points if p.get(measure) is not None and p.get(robust) is not None]
+            pairs = [(p[measure], p[robust]) for p in points
+                     if p.get(measure) is not None and p.get(robust) is not None]
             rc = kendall_tau([a for a, _ in pairs], [b for _, b in pairs])
             out[view][measure] = {"against": robust, **rc.as_dict()}
     return out
@@ -170,8 +171,8 @@ def _why_not(runs, method: str, metric: str, settings: Mapping[str, Any], level:
             c = _compare(runs, method, "sgd", other, level)
             if c and c["difference"] is not None and c["difference"] < 0:
                 reasons.append(
-                    f"{method}'s {other} is lower than sgd's ({_fmt(c['mean_a'])} vs {_fmt(c['mean_b'])}), so it did flatten "
-                    f"by that measure; λ_max and the other measures are not reparametrization-invariant "
+                    f"{method}'s {other} is lower than sgd's ({_fmt(c['mean_a'])} vs {_fmt(c['mean_b'])}), so it did "
+                    f"flatten by that measure; λ_max and the other measures are not reparametrization-invariant "
                     "(Dinh et al., 2017) and need not move together"
                 )
                 break
@@ -179,7 +180,8 @@ def _why_not(runs, method: str, metric: str, settings: Mapping[str, Any], level:
         if ca and ca["difference"] is not None and ca["difference"] < 0:
             reasons.append(
                 f"{method} reached lower clean accuracy than sgd ({_fmt(ca['mean_a'], '.3f')} vs "
-                f"{_fmt(ca['mean_b'], '.3f')}): the runs stopped at different points of training, where curvature differs"
+                f"{_fmt(ca['mean_b'], '.3f')}): the runs stopped at different points of training, where curvature "
+                "differs"
             )
         sgd_lam = _values(runs, "sgd", "lambda_max")
         lr, beta = settings.get("lr"), settings.get("momentum", 0.0)
@@ -283,7 +285,8 @@ def _answer(runs, corr, hyps, settings, masked) -> str:
         if neg:
             parts.append("across the {n} models, lower {names} went with higher worst-case robust accuracy ({taus})"
                          .format(n=n, names=" and ".join(m for m, _ in neg),
-                                 taus=", ".join(f"τ = {c['tau']:.2f}, Holm p = {c['p_adjusted']:.3g}" for _, c in neg)))
+                                 taus=", ".join(f"τ = {c['tau']:.2f}, Holm p = {c['p_adjusted']:.3g}"
+                                                for _, c in neg)))
         if pos:
             parts.append("higher {names} went with higher robust accuracy ({taus})".format(
                 names=" and ".join(m for m, _ in pos),
@@ -389,7 +392,8 @@ def findings(runs: Sequence[Mapping[str, Any]], corr: Mapping[str, Any], setting
             if quick or not c or c.get("tau") is None:
                 continue
             where = VIEW_TEXT.get(view, view + " ({n} points)").format(n=c["n"])
-            line = f"{where[0].upper()}{where[1:]}, Kendall τ({measure}, {c['against']}) = {c['tau']:.2f} ({_p(c['p_value'], c['p_adjusted'])})"
+            line = (f"{where[0].upper()}{where[1:]}, Kendall τ({measure}, {c['against']}) = {c['tau']:.2f} "
+                    f"({_p(c['p_value'], c['p_adjusted'])})")
             built_in = f" Caveat: {CIRCULARITY}." if measure in SHARED_ATTACK else ""
             raw_small = c.get("p_value") is not None and c["p_value"] < ALPHA
             if _significant(c):
@@ -449,16 +453,17 @@ def findings(runs: Sequence[Mapping[str, Any]], corr: Mapping[str, Any], setting
     for m, c in price:
         if not quick and c["difference"] is not None and c["difference"] < 0 and _significant(c):
             supported.append(
-                f"{m} pays for robustness with clean accuracy: {_fmt(c['mean_a'], '.3f')} vs sgd's {_fmt(c['mean_b'], '.3f')} "
-                f"({_g(c)}, {_p(c['p_value'], c['p_adjusted'])})."
+                f"{m} pays for robustness with clean accuracy: {_fmt(c['mean_a'], '.3f')} vs sgd's "
+                f"{_fmt(c['mean_b'], '.3f')} ({_g(c)}, {_p(c['p_value'], c['p_adjusted'])})."
             )
     data = settings.get("dataset", {})
     if not quick:
         not_supported.append(
             "Causation: rank correlations across training methods do not show that flatness causes robustness, since "
             "the methods differ in more than sharpness; and these results cover one "
-            f"{settings.get('model', 'model')} on {data.get('name', 'one data set') if isinstance(data, Mapping) else data} "
-            f"at eps = {settings.get('eps', '?')} only."
+            f"{settings.get('model', 'model')} on "
+            f"{data.get('name', 'one data set') if isinstance(data, Mapping) else data} at eps = "
+            f"{settings.get('eps', '?')} only."
         )
     if any(c.get("tau") is not None for view in corr.values() for m, c in view.items() if m in SHARED_ATTACK):
         caveats.append(f"Built-in association: {CIRCULARITY}.")
@@ -498,7 +503,8 @@ def _cell(ci: Mapping[str, Any], spec: str) -> str:
     if ci["low"] is None:
         return _fmt(center, spec)
     mark = "ᵍ" if ci.get("scale") == "log" else ""
-    return f"{_fmt(center, spec)}{mark} [{_fmt(ci['low'], spec)}, {_fmt(ci['high'], spec) if ci['high'] is not None else '∞'}]"
+    return (f"{_fmt(center, spec)}{mark} [{_fmt(ci['low'], spec)}, "
+            f"{_fmt(ci['high'], spec) if ci['high'] is not None else '∞'}]")
 
 
 def _table(report: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
@@ -535,10 +541,11 @@ def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str
     else:
         family = f.get("multiple_comparisons")
         if family:
-            lines += ["", f"Multiple comparisons: {family['n_tests']} tests (every Welch comparison and every Kendall τ "
-                          f"below), Holm's correction at family-wise α = {family['alpha']}; a finding is supported only "
-                          "when its adjusted p-value is below α, and one that is not is *not established*, not absent. "
-                          "Effect sizes: Hedges' g for comparisons, τ for correlations."]
+            lines += ["",
+                      f"Multiple comparisons: {family['n_tests']} tests (every Welch comparison and every Kendall τ "
+                          f"below), Holm's correction at family-wise α = {family['alpha']}; a finding is supported "
+                          "only when its adjusted p-value is below α, and one that is not is *not established*, not "
+                          "absent. Effect sizes: Hedges' g for comparisons, τ for correlations."]
         lines += ["", "## What the data support", ""]
         lines += [f"- {s}" for s in f["supported"]] or ["- Nothing at the chosen significance level."]
         lines += ["", "## What the data do not support", ""]
@@ -546,10 +553,11 @@ def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str
     extra = [c for c in caveats if c != QUICK_NOTE]
     if extra:
         lines += ["", "## Caveats", ""] + [f"- {c}" for c in extra]
-    note = (f"mean [{level}% CI] over seeds; ᵍ: a quantity positive on every seed, shown as its geometric mean with a "
-            "t-interval on log scale (it cannot cross zero); accuracies: t-interval within [0, 1]")
+    note = (f"mean [{level}% CI] over seeds; ᵍ: a quantity positive on every seed, shown as its geometric mean with "
+            "a t-interval on log scale (it cannot cross zero); accuracies: t-interval within [0, 1]")
     lines += ["", f"## Key numbers ({note})", ""] + _table(report, KEY_METRICS)
-    lines += ["", f"## Rank correlation of sharpness with {ROBUST_METRIC} (Kendall τ-b, two-sided p, Holm-adjusted p)", ""]
+    lines += ["", f"## Rank correlation of sharpness with {ROBUST_METRIC} (Kendall τ-b, two-sided p, Holm-adjusted p)",
+              ""]
     views = list(report["correlations"])
     lines.append("| measure | " + " | ".join(views) + " |")
     lines.append("|---|" + "---|" * len(views))
@@ -557,7 +565,8 @@ def render_markdown(report: Mapping[str, Any], plots: Sequence[str] = ()) -> str
         cells = []
         for view in views:
             c = report["correlations"][view].get(measure)
-            cells.append("n/a" if not c or c["tau"] is None else f"τ = {c['tau']:.2f} ({_p(c['p_value'], c.get('p_adjusted'))}, n = {c['n']})")
+            cells.append("n/a" if not c or c["tau"] is None
+                         else f"τ = {c['tau']:.2f} ({_p(c['p_value'], c.get('p_adjusted'))}, n = {c['n']})")
         lines.append(f"| {measure} | " + " | ".join(cells) + " |")
     lines += ["", f"## All measurements ({note})", ""] + _table(report, [k for k, _, _ in METRICS])
     if plots:

@@ -58,7 +58,8 @@ def headline(report: Mapping[str, Any]) -> list[str]:
         c = report["correlations"]["all_runs"].get(measure, {})
         if c.get("tau") is not None:
             adjusted = f", Holm-adjusted p = {c['p_adjusted']:.3g}" if c.get("p_adjusted") is not None else ""
-            lines.append(f"Kendall tau({measure}, {c['against']}) = {c['tau']:.2f} (p = {c['p_value']:.3g}{adjusted}, n = {c['n']})")
+            lines.append(f"Kendall tau({measure}, {c['against']}) = {c['tau']:.2f} (p = {c['p_value']:.3g}{adjusted}, "
+                         f"n = {c['n']})")
     return lines + supported_lines(report)
 
 
@@ -84,7 +85,8 @@ def _settings(config: StudyConfig, data_info: dict, model_name: str) -> dict[str
         measured_on={"accuracies": "the whole test set",
                      "sharpness": f"the training loss (cross entropy, eval mode) on the first {config.probe_size} "
                                   "training examples"},
-        versions={"sharpguard": sharpguard.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        versions={"sharpguard": sharpguard.__version__, "torch": torch.__version__,
+                  "python": platform.python_version()},
         machine={"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
     )
     return s
@@ -158,7 +160,8 @@ def _run(config: StudyConfig, out_dir: str | Path, progress: bool) -> StudyResul
 
     files: list[Path] = []
     figures = {
-        "sharpness_vs_robustness.png": plots.sharpness_vs_robustness_figure(runs, SHARPNESS_MEASURES, robust=ROBUST_METRIC),
+        "sharpness_vs_robustness.png": plots.sharpness_vs_robustness_figure(runs, SHARPNESS_MEASURES,
+                                                                            robust=ROBUST_METRIC),
         "training_curves.png": plots.training_curves_figure(histories),
         "loss_slices.png": plots.loss_slices_figure(
             slices, labels={name: (f"sgd seeds {', '.join(str(s) for s, _, _ in sgd_models)} averaged"
@@ -168,7 +171,8 @@ def _run(config: StudyConfig, out_dir: str | Path, progress: bool) -> StudyResul
     for name, fig in figures.items():
         files.append(plots.save(fig, out / name))
     atomic_write_text(out / "loss_slices.json", json.dumps(
-        {name: {"alphas": a, "losses": [x if math.isfinite(x) else None for x in v]} for name, (a, v) in slices.items()},
+        {name: {"alphas": a, "losses": [x if math.isfinite(x) else None for x in v]} for name,
+         (a, v) in slices.items()},
         allow_nan=False))
     settings = _settings(config, data.describe(), describe_model(data, config))
     report = build_report(runs, settings)

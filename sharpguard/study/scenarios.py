@@ -47,8 +47,8 @@ from .stats import hedges_g, holm, kendall_tau, mean_ci, welch_compare
 
 ALPHA = 0.05
 SCENARIOS: dict[str, str] = {
-    "robust_overfitting": "long PGD-AT: robust generalization gap vs robust-loss sharpness over epochs; early stopping; AWP "
-                          "(Stutz et al. ICCV 2021; Rice et al. ICML 2020; Wu et al. NeurIPS 2020)",
+    "robust_overfitting": "long PGD-AT: robust generalization gap vs robust-loss sharpness over epochs; early "
+                          "stopping; AWP (Stutz et al. ICCV 2021; Rice et al. ICML 2020; Wu et al. NeurIPS 2020)",
     "large_batch": "small vs large batch, learning rate as the confounder (Keskar et al. ICLR 2017; Andriushchenko et "
                    "al. ICML 2023)",
     "rescaling": "function-preserving rescaling of ReLU layers: lambda_max moves, adaptive and relative measures do "
@@ -324,7 +324,8 @@ def robust_overfitting(s: ScenarioSettings, progress: Callable[[str], None]) -> 
     claims.append(tau_claim(
         "gap_tracks_robust_sharpness", src,
         "during robust overfitting the robust generalization gap grows together with the sharpness of the robust loss",
-        [a for a, _ in pts], [b for _, b in pts], "(robust-loss sharpness, robust gap) over epochs and seeds, PGD-AT", +1,
+        [a for a, _ in pts], [b for _, b in pts], "(robust-loss sharpness, robust gap) over epochs and seeds, PGD-AT",
+        +1,
         note="robust-loss sharpness is measured on the training probe; pooled over epochs, the early epochs (robust "
              "loss still high and falling) weigh as much as the late ones", n_boot=200 if s.quick else 1000))
     # 2. the robust gap grows over training: last minus first measured epoch
@@ -427,7 +428,8 @@ def large_batch(s: ScenarioSettings, progress: Callable[[str], None]) -> dict[st
                          vals("large", "worst_case_sharpness"), vals("small", "worst_case_sharpness"),
                          "worst-case sharpness, large - small batch", +1),
         difference_claim("large_batch_generalizes_worse", src, "large-batch training generalizes worse",
-                         vals("large", "test_acc"), vals("small", "test_acc"), "test accuracy, large - small batch", -1),
+                         vals("large", "test_acc"), vals("small", "test_acc"), "test accuracy, large - small batch",
+                         -1),
         difference_claim(
             "confounder_lr_over_batch", "Andriushchenko et al., ICML 2023 (sec. 4); Goyal et al. 2017",
             "with lr / B held fixed (linear scaling), the large batch is no sharper than the small one",
@@ -438,10 +440,12 @@ def large_batch(s: ScenarioSettings, progress: Callable[[str], None]) -> dict[st
     confounder = {arm: {"batch_size": cfg.batch_size, "lr": cfg.lr, "lr_over_batch": cfg.lr / cfg.batch_size,
                         "steps_per_run": _mean(vals(arm, "steps"))} for arm, cfg in arms.items()}
     table = ["## The confounder: learning rate over batch size", "",
-             "| arm | batch | lr | lr / B | steps | λ_max | worst-case sharpness | adaptive sharpness | κ | train acc | test acc |",
+             "| arm | batch | lr | lr / B | steps | λ_max | worst-case sharpness | adaptive sharpness | κ | train "
+             "acc | test acc |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, c in confounder.items():
-        table.append(f"| {arm} | {c['batch_size']} | {c['lr']:.3g} | {c['lr_over_batch']:.2g} | {c['steps_per_run']:.0f} | "
+        table.append(f"| {arm} | {c['batch_size']} | {c['lr']:.3g} | {c['lr_over_batch']:.2g} | "
+                     f"{c['steps_per_run']:.0f} | "
                      + " | ".join(_fmt(_mean(vals(arm, k)), ".3g" if "acc" not in k else ".3f") for k in
                                   ("lambda_max", "worst_case_sharpness", "adaptive_sharpness", "relative_flatness",
                                    "train_acc", "test_acc")) + " |")
@@ -511,7 +515,8 @@ def rescaling(s: ScenarioSettings, progress: Callable[[str], None]) -> dict[str,
     for key, label, source in (
         ("adaptive_sharpness", "adaptive sharpness", "Kwon et al., ICML 2021 (ASAM, Thm. 2)"),
         ("relative_flatness", "relative flatness κ", "Petzka et al., NeurIPS 2021 (Thm. 5)"),
-        ("input_curvature", "input-Hessian λ_max", "a function of the input only (CURE, Moosavi-Dezfooli et al. 2019)"),
+        ("input_curvature", "input-Hessian λ_max",
+         "a function of the input only (CURE, Moosavi-Dezfooli et al. 2019)"),
     ):
         factor, lo, hi = spread(key)
         tol = {"adaptive_sharpness": 0.05, "relative_flatness": 1e-4, "input_curvature": 1e-3}[key]
@@ -519,8 +524,8 @@ def rescaling(s: ScenarioSettings, progress: Callable[[str], None]) -> dict[str,
                                 factor - 1.0, lo - 1.0, hi - 1.0,
                                 f"largest relative change of {label} (range of ratio - 1)",
                                 factor - 1.0 <= tol, f"<= {tol:g}",
-                                note={"adaptive_sharpness": "the ascent of adaptive sharpness is iterative (a few steps "
-                                                            "from a fixed start), hence the looser tolerance",
+                                note={"adaptive_sharpness": "the ascent of adaptive sharpness is iterative (a few "
+                                                            "steps from a fixed start), hence the looser tolerance",
                                       "input_curvature": "Lanczos stops at a 1e-3 residual; the same function gives "
                                                          "the same products up to float32 rounding"}.get(key, "")))
     return {"claims": claims, "data": {"rows": rows, "linear_layers": linear},
@@ -586,7 +591,8 @@ def local_global(s: ScenarioSettings, progress: Callable[[str], None]) -> dict[s
         tau_claim("flat_is_locally_robust", src,
                   "relative flatness bounds the loss change in a small input neighbourhood: flatter models are more "
                   f"robust at small eps (here eps = {small})",
-                  kappa, [r[f"robust_acc@{small}"] for r in models], f"(κ, robust accuracy at eps = {small}) across models",
+                  kappa, [r[f"robust_acc@{small}"] for r in models],
+                  f"(κ, robust accuracy at eps = {small}) across models",
                   -1, n_boot=200 if s.quick else 1000),
         tau_difference_claim(
             "flat_is_not_globally_robust", src,
@@ -605,7 +611,8 @@ def local_global(s: ScenarioSettings, progress: Callable[[str], None]) -> dict[s
     conf = [r[f"confidence_fooled@{s.eps}"] for r in models if r[f"confidence_fooled@{s.eps}"] is not None]
     claims.append(paired_claim(
         "confidently_wrong", src,
-        f"the model is confidently wrong there: mean top-class probability at fooling examples (eps = {s.eps}) above 1/2",
+        "the model is confidently wrong there: mean top-class probability at fooling examples (eps = "
+        f"{s.eps}) above 1/2",
         [c - 0.5 for c in conf], "confidence at fooling adversarial examples - 0.5, one per model", +1))
     taus = {}
     for eps in eps_grid:
@@ -666,7 +673,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "**Smoke test (--quick): a few epochs on a subset of the data with cheap measurements. It shows "
                       "that every stage runs; its numbers support no statistical verdict, so those claims read "
                       "'smoke test' (an exact law keeps its tolerance check).**"]
-    rule = ("Verdicts: every claim here is an exact law, checked against the tolerance shown." if fam["n_tests"] == 0 else
+    rule = ("Verdicts: every claim here is an exact law, checked against the tolerance shown."
+            if fam["n_tests"] == 0 else
             "Verdicts: statistical claims are *held* when the effect has the published sign and the Holm-adjusted "
             f"p-value over this scenario's {fam['n_tests']} tests is below {fam['alpha']}, *did not hold* when it is "
             "significant the other way, *inconclusive* otherwise; exact laws are checked against the tolerance shown.")
@@ -680,7 +688,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             p = f"tolerance {c['tolerance']}"
         eff = "—" if c["effect_size"] is None else f"{c['effect_measure']} = {_fmt(c['effect_size'])}"
         lines.append(f"| {c['name']} | {c['published']} ({c['source']}) | {c['statistic']}: **{_fmt(c['estimate'])}** "
-                     f"(n = {c['n'] if c['n'] is not None else '—'}) | {interval} | {p} | {eff} | **{c['verdict']}** |")
+                     f"(n = {c['n'] if c['n'] is not None else '—'}) | {interval} | {p} | {eff} | "
+                     f"**{c['verdict']}** |")
     notes = [c for c in report["claims"] if c.get("note")]
     if notes:
         lines += ["", "Notes:", ""] + [f"- {c['name']}: {c['note']}" for c in notes]

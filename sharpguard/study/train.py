@@ -105,7 +105,8 @@ def describe_model(data: StudyData, config: StudyConfig) -> str:
     model = make_mlp(data.input_shape, data.n_classes, config.hidden)
     n = sum(p.numel() for p in model.parameters())
     dims = " -> ".join([str(math.prod(data.input_shape)), str(config.hidden), str(config.hidden), str(data.n_classes)])
-    return f"MLP {dims} (ReLU, {n} parameters), SGD lr={config.lr} momentum={config.momentum}, batch {config.batch_size}"
+    return (f"MLP {dims} (ReLU, {n} parameters), SGD lr={config.lr} momentum={config.momentum}, "
+            f"batch {config.batch_size}")
 
 
 def _quiet_lightning() -> None:
@@ -138,7 +139,8 @@ def _monitors(data: StudyData, config: StudyConfig, seed: int, total_steps: int,
     ]
 
 
-def _fit(module: StudyModule, data: StudyData, config: StudyConfig, seed: int, callbacks: list[Any]) -> tuple[float, int]:
+def _fit(module: StudyModule, data: StudyData, config: StudyConfig, seed: int,
+         callbacks: list[Any]) -> tuple[float, int]:
     _quiet_lightning()
     trainer = pl.Trainer(
         max_epochs=config.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -192,7 +194,8 @@ def train_run(method: str, seed: int, data: StudyData, config: StudyConfig, hist
             "pgd-at", alpha=config.train_attack_alpha, steps=config.train_attack_steps, **attack)))
     elif method == "trades":
         adversarial_method = make_method(
-            "trades", beta=config.trades_beta, alpha=config.train_attack_alpha, steps=config.train_attack_steps, **attack)
+            "trades", beta=config.trades_beta, alpha=config.train_attack_alpha, steps=config.train_attack_steps,
+            **attack)
     elif method == "fast-at":
         callbacks.append(AdversarialTraining(make_method("fast-at", **attack)))
     elif method == "distillation":
@@ -211,7 +214,8 @@ def train_run(method: str, seed: int, data: StudyData, config: StudyConfig, hist
 
 
 def train_model(data: StudyData, config: StudyConfig, seed: int, *, adversarial_method: Any = None,
-                callbacks: Sequence[Any] = (), weight_decay: float = 0.0, lr_milestones: Sequence[int] = ()) -> TrainedRun:
+                callbacks: Sequence[Any] = (), weight_decay: float = 0.0,
+                lr_milestones: Sequence[int] = ()) -> TrainedRun:
     """Train the study's MLP with ``config``'s optimizer settings (``batch_size``, ``lr``, ``epochs``) through
     the same :class:`StudyModule` and Lightning ``Trainer`` as :func:`train_run`, without the monitors and
     with the caller's ``callbacks`` (a scenario's per-epoch measurements). ``adversarial_method`` (e.g.

@@ -173,7 +173,8 @@ def test_defensive_distillation_losses():
     model, (x, y) = mlp(), image_data()
     teacher = mlp(seed=3)
     t = 10.0
-    assert_same_loss_and_grads(DefensiveDistillation(t)(model, (x, y)), F.cross_entropy(model(x) / t, y), model, rtol=1e-6)
+    assert_same_loss_and_grads(DefensiveDistillation(t)(model, (x, y)), F.cross_entropy(model(x) / t, y), model,
+                               rtol=1e-6)
     soft = F.softmax(teacher(x).detach() / t, 1)
     hand = -(soft * F.log_softmax(model(x) / t, 1)).sum(1).mean()
     assert_same_loss_and_grads(DefensiveDistillation(t, teacher)(model, (x, y)), hand, model, rtol=1e-6)
@@ -220,7 +221,8 @@ def masked_unit(g, mask):
 
 
 def hand_loss(model, batch, delta):
-    logits = model.head_of(model.emb(batch["input_ids"]) + delta * batch["attention_mask"][..., None], batch["attention_mask"])
+    logits = model.head_of(model.emb(batch["input_ids"]) + delta * batch["attention_mask"][..., None],
+                           batch["attention_mask"])
     return F.cross_entropy(logits, batch["labels"]), logits
 
 
@@ -323,7 +325,8 @@ TEXT = [("fgm", {}), ("embedding-pgd", {}), ("freelb", {}), ("smart", {}), ("r3f
 @pytest.mark.parametrize("name, kw", VISION)
 def test_declared_cost_equals_hook_count_vision(name, kw):
     model, (x, y) = mlp(bn=True).train(), image_data(16)
-    method = make_method(name, **kw) if name in ("fast-at", "defensive-distillation") else make_method(name, steps=4, **kw)
+    method = make_method(name, **kw) if name in ("fast-at",
+                                                 "defensive-distillation") else make_method(name, steps=4, **kw)
     with count_passes(model) as counted:
         method(model, (x, y)).backward()
     assert counted.as_tuple() == method.cost

@@ -176,7 +176,8 @@ def test_factory_names_and_bad_settings():
 
 
 # ----------------------------------------------------------------------------- Lightning drives Free-AT
-@pytest.mark.parametrize("name, settings", [("free-at", {"eps": EPS}), ("grad-align", {"eps": EPS, "lam": 0.5, "seed": 1})])
+@pytest.mark.parametrize("name, settings",
+                         [("free-at", {"eps": EPS}), ("grad-align", {"eps": EPS, "lam": 0.5, "seed": 1})])
 def test_lightning_adversarial_training_callback_drives_the_method_like_a_plain_loop(tmp_path, name, settings):
     """The callback's gradient-replacement path back-propagates method(model, batch): Free-AT's carried
     delta and GradAlign's double backward follow the same sequence as in a plain loop, and so do the weights."""

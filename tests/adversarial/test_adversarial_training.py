@@ -122,7 +122,8 @@ def test_spectral_normalize_bounds_every_linear_and_conv_layer():
     from torch.nn.utils import parametrize
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 2))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.ReLU(),
+                          nn.Linear(8, 2))
     with torch.no_grad():
         for m in model:
             if hasattr(m, "weight"):

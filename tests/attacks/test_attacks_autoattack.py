@@ -61,7 +61,8 @@ def digits16():
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    x = F.interpolate(torch.tensor(data.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0, size=16, mode="bilinear")
+    x = F.interpolate(torch.tensor(data.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0, size=16,
+                      mode="bilinear")
     y = torch.tensor(data.target)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
@@ -158,7 +159,8 @@ def test_each_stage_sees_only_still_robust_points_and_the_first_success_is_kept(
             return out
         return attack
 
-    aa = AutoAttack(version="custom", attacks=[("weak", spy(0.03)), ("mid", spy(0.05)), ("strong", spy(0.2))], checks="off")
+    aa = AutoAttack(version="custom", attacks=[("weak", spy(0.03)), ("mid", spy(0.05)), ("strong", spy(0.2))],
+                    checks="off")
     adv = aa(model, x, y)
     rows = {tuple(r.flatten().tolist()): i for i, r in enumerate(x)}
     robust = (model(x).argmax(1) == y).clone()
@@ -177,11 +179,13 @@ def test_each_stage_sees_only_still_robust_points_and_the_first_success_is_kept(
 @pytest.mark.parametrize("eps", [0.03, 0.06, 0.1])
 def test_auto_attack_is_at_least_as_strong_as_pgd(digits, eps):
     model, x, y = digits
-    aa_acc = robust_accuracy(model, (x, y), AutoAttack(eps=eps, n_queries=300, generator=make_generator("cpu", 0), checks="off"))
+    aa_acc = robust_accuracy(model, (x, y),
+                             AutoAttack(eps=eps, n_queries=300, generator=make_generator("cpu", 0), checks="off"))
     pgd_acc = robust_accuracy(model, (x, y), lambda m, a, b: pgd(m, a, b, eps=eps, alpha=eps / 4, steps=20,
                                                                  generator=make_generator("cpu", 0)))
     assert aa_acc <= pgd_acc
-    fast = robust_accuracy(model, (x, y), AutoAttack(eps=eps, version="fast", generator=make_generator("cpu", 0), checks="off"))
+    fast = robust_accuracy(model, (x, y),
+                           AutoAttack(eps=eps, version="fast", generator=make_generator("cpu", 0), checks="off"))
     assert aa_acc <= fast <= pgd_acc + 0.004
 
 
@@ -208,7 +212,8 @@ def test_square_robust_accuracy_within_two_points_of_torchattacks(digits16, norm
         ours.append(accuracy(model, square(model, x, y, eps=eps, norm=norm, n_queries=200,
                                            generator=make_generator("cpu", seed)), y))
         with torch.random.fork_rng():
-            attack = torchattacks.Square(model, norm="Linf" if norm == "linf" else "L2", eps=eps, n_queries=200, seed=seed)
+            attack = torchattacks.Square(model, norm="Linf" if norm == "linf" else "L2", eps=eps, n_queries=200,
+                                         seed=seed)
             theirs.append(accuracy(model, attack(x, y), y))
     clean = accuracy(model, x, y)
     assert sum(ours) / 2 < clean - 0.05  # it does attack
@@ -219,7 +224,8 @@ def test_standard_auto_attack_not_weaker_than_torchattacks_autoattack(digits):
     model, x, y = digits
     x, y = x[:128], y[:128]
     eps = 0.06
-    ours = accuracy(model, quiet(auto_attack, model, x, y, eps=eps, n_queries=200, generator=make_generator("cpu", 0)), y)
+    ours = accuracy(model, quiet(auto_attack, model, x, y, eps=eps, n_queries=200, generator=make_generator("cpu", 0)),
+                    y)
     with torch.random.fork_rng():
         # torchattacks' port: APGD/APGD-T with 10 steps, FAB-T, Square; ours: 100 steps, no FAB-T.
         theirs = accuracy(model, torchattacks.AutoAttack(model, eps=eps, n_classes=10, seed=0)(x, y), y)
@@ -228,7 +234,8 @@ def test_standard_auto_attack_not_weaker_than_torchattacks_autoattack(digits):
 
 # ----------------------------------------------------------------------------- geometry and side effects
 @settings(max_examples=12, deadline=None)
-@given(norm=st.sampled_from(["linf", "l2"]), eps=st.floats(0.0, 0.6), normalized=st.booleans(), seed=st.integers(0, 999))
+@given(norm=st.sampled_from(["linf", "l2"]), eps=st.floats(0.0, 0.6), normalized=st.booleans(),
+       seed=st.integers(0, 999))
 def test_outputs_stay_in_ball_and_bounds(norm, eps, normalized, seed):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 5))

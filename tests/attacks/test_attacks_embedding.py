@@ -83,7 +83,8 @@ def test_tied_output_weights_are_never_touched():
     batch["labels"] = batch["input_ids"].clone()
     before = model.bert.embeddings.word_embeddings.weight.detach().clone()
     seen = []
-    handle = model.cls.predictions.decoder.register_forward_pre_hook(lambda m, a: seen.append(m.weight.detach().clone()))
+    handle = model.cls.predictions.decoder.register_forward_pre_hook(lambda m,
+                                                                     a: seen.append(m.weight.detach().clone()))
     FGM(eps=1.0)(model, batch).backward()
     handle.remove()
     # every forward (clean and adversarial) saw the same output-layer weights, and they are unchanged

@@ -158,7 +158,8 @@ def test_l1_apgd_step_matches_a_float64_hand_computation():
     adv = apgd(model, x0, y, eps=eps, steps=1, norm="l1", eps_schedule=False, generator=make_generator("cpu", 7))
 
     def project(v):
-        return torch.tensor(np.stack([l1_box_projection_by_bisection(v[i].numpy(), x0[i].numpy(), eps) for i in range(2)]))
+        return torch.tensor(np.stack([l1_box_projection_by_bisection(v[i].numpy(), x0[i].numpy(),
+                                                                     eps) for i in range(2)]))
 
     noise = torch.randn(x0.shape, generator=make_generator("cpu", 7), dtype=torch.float64)
     u0 = x0 + project(noise)
@@ -230,7 +231,8 @@ def test_standard_cascade_runs_fab_t_between_apgd_t_and_square(digits):
     model, x, y = digits
     x16 = F.interpolate(x, size=12, mode="bilinear")
     torch.manual_seed(0)
-    cnn = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 6 * 6, 10)).eval()
     for model_, data in ((model, x), (cnn, x16)):
         aa = AutoAttack(eps=0.03, steps=5, n_queries=20, generator=make_generator("cpu", 0), checks="off")
         adv = aa(model_, data, y)

@@ -146,7 +146,8 @@ def test_embedding_random_start_draws_the_same_law_as_the_pixel_start():
     number of real-token coordinates of each example, and alpha = 0 PGD returns the start itself."""
     n, length, hidden, eps = 1500, 3, 4, 0.5
     g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(0, 10, (n, length), generator=g), "attention_mask": torch.ones(n, length, dtype=torch.long),
+    batch = {"input_ids": torch.randint(0, 10, (n, length), generator=g),
+             "attention_mask": torch.ones(n, length, dtype=torch.long),
              "labels": torch.randint(0, 3, (n,), generator=g)}
     batch["attention_mask"][: n // 2, 2:] = 0  # half the examples have one padding position
     delta = embedding_pgd(Bag(hidden), batch, eps=eps, alpha=0.0, steps=1, random_start=True,
@@ -168,7 +169,8 @@ def test_embedding_random_start_draws_the_same_law_as_the_pixel_start():
 def test_embedding_pgd_linf_stays_in_the_box_and_attacks():
     model = Bag()
     g = torch.Generator().manual_seed(1)
-    batch = {"input_ids": torch.randint(0, 10, (64, 5), generator=g), "attention_mask": torch.ones(64, 5, dtype=torch.long),
+    batch = {"input_ids": torch.randint(0, 10, (64, 5), generator=g),
+             "attention_mask": torch.ones(64, 5, dtype=torch.long),
              "labels": torch.randint(0, 3, (64,), generator=g)}
     delta = embedding_pgd(model, batch, eps=0.3, alpha=0.1, steps=5, norm="linf", random_start=True,
                           generator=make_generator("cpu", 1))

@@ -34,7 +34,8 @@ MESSAGE = r"labels must be class indices in \[0, 10\)"
 def model_with_bn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 10)
     ).train()
 
 
@@ -78,7 +79,8 @@ ATTACKS = {
     "auto_attack": lambda m, x, y: auto_attack(m, x, y, steps=2, n_queries=3, checks="off"),
     "AutoAttack(fast)": lambda m, x, y: AutoAttack(version="fast", steps=2, checks="off")(m, x, y),
     "clean_accuracy": lambda m, x, y: clean_accuracy(m, (x, y)),
-    "robust_accuracy": lambda m, x, y: robust_accuracy(m, (x, y), lambda mm, a, b: a.clone()),  # an attack that ignores y
+    # an attack that ignores y
+    "robust_accuracy": lambda m, x, y: robust_accuracy(m, (x, y), lambda mm, a, b: a.clone()),
     "input_grad_norm": lambda m, x, y: input_grad_norm(m, (x, y)),
 }
 

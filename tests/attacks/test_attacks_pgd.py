@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sharpguard.attacks import ThreatModel, apgd, clean_accuracy, fgsm, input_grad_norm, make_generator, pgd, robust_accuracy
+from sharpguard.attacks import (ThreatModel, apgd, clean_accuracy, fgsm, input_grad_norm, make_generator, pgd,
+                                robust_accuracy)
 from sharpguard.errors import ConfigurationError
 
 import torchattacks

@@ -94,7 +94,8 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def rel_diffs(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> tuple[float, float]:
+def rel_diffs(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
+              start: dict[str, torch.Tensor]) -> tuple[float, float]:
     """(largest per-tensor ``max|w - w_ref| / max|w_ref|``, ``||dw - dw_ref|| / ||dw_ref||``), in float64."""
     if got.keys() != ref.keys():
         raise RuntimeError(f"parameter names differ: {sorted(set(got) ^ set(ref))[:5]}")
@@ -119,7 +120,8 @@ def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
-def run_plain(ctx: Ctx, template: nn.Module, batches: list[Any], precision: str, *, poison_grad: bool = False) -> dict[str, Any]:
+def run_plain(ctx: Ctx, template: nn.Module, batches: list[Any], precision: str, *,
+              poison_grad: bool = False) -> dict[str, Any]:
     """sharpguard.SAM: closure form for fp32/bf16; for fp16 the documented two-step form with a GradScaler."""
     model = copy.deepcopy(template)
     opt = sg.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, model=model)
@@ -184,7 +186,8 @@ def skipped_steps(before: float | None, after: float | None) -> int | None:
     return max(0, round(math.log2(before / after))) if after > 0 else None
 
 
-def run_lightning(ctx: Ctx, template: nn.Module, batches: list[dict], precision: str, *, poison: bool = False) -> dict[str, Any]:
+def run_lightning(ctx: Ctx, template: nn.Module, batches: list[dict], precision: str, *,
+                  poison: bool = False) -> dict[str, Any]:
     """The Lightning callback on a LightningModule around the decoder; precision "32-true", "16-mixed",
     "bf16-mixed", or "16-mixed+cpu-scaler" (CPU only: MixedPrecision with torch.amp.GradScaler("cpu"))."""
     from sharpguard.integrations.lightning import NAMESPACE, SharpnessAwareMinimization
@@ -254,7 +257,8 @@ def _cpu_fp16(ctx: Ctx, accelerator: Any) -> None:
         accelerator.scaler = torch.amp.GradScaler("cpu")
 
 
-def run_hf(ctx: Ctx, template: nn.Module, batches: list[dict], precision: str, *, poison: bool = False) -> dict[str, Any]:
+def run_hf(ctx: Ctx, template: nn.Module, batches: list[dict], precision: str, *,
+           poison: bool = False) -> dict[str, Any]:
     """SharpGuardTrainer(sam=...) with TrainingArguments(fp16=...) / (bf16=...); SGD, clipping at 1.0."""
     from transformers import TrainingArguments
 
@@ -286,7 +290,8 @@ def run_hf(ctx: Ctx, template: nn.Module, batches: list[dict], precision: str, *
     return info
 
 
-def run_accelerate(ctx: Ctx, template: nn.Module, batches: list[dict], precision: str, *, poison: bool = False) -> dict[str, Any]:
+def run_accelerate(ctx: Ctx, template: nn.Module, batches: list[dict], precision: str, *,
+                   poison: bool = False) -> dict[str, Any]:
     """The documented Accelerate loop: sam.backward(batch), clip, optimizer.step(), zero_grad()."""
     from accelerate import Accelerator
 
@@ -358,10 +363,12 @@ def run_adapters(ctx: Ctx, results: dict[str, Any]) -> None:
                 with exact_fp32(ctx.device):
                     sgd_ref = run_sgd(ctx, template, data, "fp32")["params"]
                 yardstick[model_name] = {
-                    p: rel_diffs(run_sgd(ctx, template, data, p)["params"], sgd_ref, start)[1] for p in ("fp16", "bf16")}
+                    p: rel_diffs(run_sgd(ctx, template, data, p)["params"], sgd_ref,
+                                 start)[1] for p in ("fp16", "bf16")}
             except Exception as exc:  # noqa: BLE001
                 yardstick[model_name] = {}
-                rows.append({"adapter": "plain SGD (yardstick)", "model": model_name, "precision": "-", "error": _error(exc)})
+                rows.append({"adapter": "plain SGD (yardstick)", "model": model_name, "precision": "-",
+                             "error": _error(exc)})
         precisions = ["fp32", "fp32", "fp16", "bf16"]
         if adapter == "Lightning callback" and ctx.cpu:
             precisions.append("fp16-as-requested")
@@ -389,9 +396,9 @@ def run_adapters(ctx: Ctx, results: dict[str, Any]) -> None:
                     row["precision"] = "fp16 (16-mixed as requested)"
                     if row["ran_as"] != "16-mixed":
                         ctx.note(
-                            f"CPU: Lightning runs `precision=\"16-mixed\"` as `{row['ran_as']}` on CPU (its own warning: "
-                            "\"AMP with fp16 is not supported on CPU\"); the row \"fp16 (16-mixed as requested)\" shows "
-                            "that run, and the fp16 row uses `MixedPrecision(\"16-mixed\", \"cpu\", "
+                            f"CPU: Lightning runs `precision=\"16-mixed\"` as `{row['ran_as']}` on CPU (its own "
+                            "warning: \"AMP with fp16 is not supported on CPU\"); the row \"fp16 (16-mixed as "
+                            "requested)\" shows that run, and the fp16 row uses `MixedPrecision(\"16-mixed\", \"cpu\", "
                             "scaler=torch.amp.GradScaler(\"cpu\"))` instead."
                         )
                 for key in ("scale_before", "scale_after", "n_steps", "n_fallback"):

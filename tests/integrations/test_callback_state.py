@@ -16,7 +16,8 @@ from sharpguard.integrations.lightning import SharpnessAwareMinimization
 
 def fitted(variant: str = "looksam") -> SharpnessAwareMinimization:
     torch.manual_seed(0)
-    cb = SharpnessAwareMinimization(variant=variant, k=2) if variant == "looksam" else SharpnessAwareMinimization(variant=variant)
+    cb = SharpnessAwareMinimization(variant=variant,
+                                    k=2) if variant == "looksam" else SharpnessAwareMinimization(variant=variant)
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
     trainer.fit(boring_classes.BoringModel())

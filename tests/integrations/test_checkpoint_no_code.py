@@ -34,7 +34,8 @@ class Payload:
 
 def _plant(path, marker, wrap: bool = True) -> None:
     """Replace ``path`` by a torch.save file whose pickle runs the payload (inside a plausible dict)."""
-    torch.save({"sam": {"step": 1, "knobs": {}, "buffers": {}, "payload": Payload(marker)}} if wrap else Payload(marker),
+    torch.save({"sam": {"step": 1, "knobs": {}, "buffers": {},
+                        "payload": Payload(marker)}} if wrap else Payload(marker),
                path)
 
 
@@ -66,7 +67,8 @@ def test_plain_sam_and_monitor_state_refuse_the_payload(tmp_path):
 
     model = torch.nn.Linear(3, 2)
     opt = sg.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
-    monitor = SharpnessMonitor(measures=("batch",), every_n_steps=10, probe=[(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))])
+    monitor = SharpnessMonitor(measures=("batch",), every_n_steps=10,
+                               probe=[(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))])
     marker = tmp_path / "ran"
     for name, state in (("sam.pt", opt.state_dict()), ("monitor.pt", monitor.state_dict())):
         state = dict(state)
@@ -95,7 +97,8 @@ def hf_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf") / "run"
     args = trainer_args(out, max_steps=2, save_strategy="steps", save_steps=2)
     cb = SharpnessMonitorCallback(every_n_steps=100, measures=("batch",), probe_size=8)
-    SharpGuardTrainer(model=tiny_bert(), args=args, train_dataset=FirstTokenTask(24), sam={"variant": "looksam", "k": 2},
+    SharpGuardTrainer(model=tiny_bert(), args=args, train_dataset=FirstTokenTask(24),
+                      sam={"variant": "looksam", "k": 2},
                       callbacks=[cb]).train()
     return out
 
@@ -147,7 +150,8 @@ def _fit(callbacks, max_steps, ckpt_path=None):
 def _callbacks():
     from sharpguard.integrations.lightning import SharpnessAwareMinimization, SharpnessMonitor
 
-    return [SharpnessAwareMinimization(variant="looksam", k=2), SharpnessMonitor(every_n_steps=100, measures=("batch",))]
+    return [SharpnessAwareMinimization(variant="looksam", k=2),
+            SharpnessMonitor(every_n_steps=100, measures=("batch",))]
 
 
 @pytest.mark.parametrize("which", ["SharpnessAwareMinimization", "SharpnessMonitor"])
@@ -158,7 +162,8 @@ def test_lightning_ckpt_path_refuses_a_crafted_callback_state(tmp_path, which):
     ckpt = torch.load(path, weights_only=True)
     key = next(k for k in ckpt["callbacks"] if k.startswith(which))
     marker = tmp_path / "ran"
-    ckpt["callbacks"][key] = {"variant": "looksam", "n_steps": 2, "sam": Payload(marker)} if which.startswith("Sharpness" "Aware") \
+    ckpt["callbacks"][key] = {"variant": "looksam", "n_steps": 2,
+                              "sam": Payload(marker)} if which.startswith("Sharpness" "Aware") \
         else {"monitor": Payload(marker)}
     torch.save(ckpt, path)
     with pytest.raises(Exception, match="Weights only load failed"):
@@ -181,7 +186,8 @@ def _accelerate_loop():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     sam = SharpnessAwareMinimization(accelerator, model, optimizer, variant="looksam", k=2, rho=0.5)
-    monitor = MonitorStep(accelerator, SharpnessMonitor(measures=("batch",), every_n_steps=100, probe=[next(iter(loader))]))
+    monitor = MonitorStep(accelerator,
+                          SharpnessMonitor(measures=("batch",), every_n_steps=100, probe=[next(iter(loader))]))
     accelerator.register_for_checkpointing(sam, monitor)
     for batch in [b for _, b in zip(range(2), loader)]:
         with accelerator.accumulate(model):
@@ -217,7 +223,8 @@ def test_accelerate_load_state_refuses_a_crafted_file(accelerate_folder, tmp_pat
         with pytest.raises(CheckpointError) as info:
             accelerator.load_state(str(folder))
         who = "SharpnessAwareMinimization" if name.endswith("0.pkl") else "MonitorStep"
-        assert f"{name} holds objects other than tensors and plain containers" in str(info.value) and who in str(info.value)
+        assert (f"{name} holds objects other than tensors and plain containers" in str(info.value)
+                and who in str(info.value))
     else:  # Accelerate's own files: its weights_only load refuses them (the RNG state's failure it only logs)
         try:
             accelerator.load_state(str(folder))

@@ -227,7 +227,8 @@ def test_lightning_warns_when_every_n_steps_exceeds_max_steps_and_when_no_check_
     sharp = SharpnessMonitor(measures=("lambda_max",), every_n_steps=50, alerts=None, probe_size=2)
     robust = RobustnessMonitor(measures=("clean_acc",), when="validation", alerts=None, probe_size=2,
                                batch_map=lambda b: (b, torch.zeros(len(b), dtype=torch.long)))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, limit_val_batches=2, val_check_interval=2, logger=False,
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, limit_val_batches=2, val_check_interval=2,
+                         logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          callbacks=[sharp, robust])
     with pytest.warns(UserWarning) as warned:

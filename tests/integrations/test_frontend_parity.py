@@ -80,7 +80,8 @@ def micro_batches(n_steps: int = STEPS, ga: int = GA) -> list[dict[str, torch.Te
 
 
 def loader(ga: int = GA, steps: int = STEPS) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(Data(), range(steps * ga * MB)), batch_size=MB, shuffle=False)
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(Data(), range(steps * ga * MB)), batch_size=MB,
+                                       shuffle=False)
 
 
 def weights(net: nn.Module) -> torch.Tensor:

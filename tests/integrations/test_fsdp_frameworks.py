@@ -23,7 +23,8 @@ from torch import nn
 
 from tests.helpers.dist_launch import check_per_worker_sam, torchrun
 
-REFUSAL = "ConfigurationError: sharded (FSDP) training supports variant 'sam', 'asam', 'gsam', 'looksam' or 'gam', got '{}'"
+REFUSAL = ("ConfigurationError: sharded (FSDP) training supports variant 'sam', 'asam', 'gsam', 'looksam' or 'gam', "
+           "got '{}'")
 
 
 # ------------------------------------------------------------------------------------------ Lightning
@@ -176,7 +177,8 @@ def test_lightning_fsdp1_strategy_refuses_a_cpu_accelerator():
     """Lightning's FSDPStrategy (FSDP1) cannot run on CPU: the accelerator connector refuses it."""
     import pytorch_lightning as pl
 
-    with pytest.raises(ValueError, match="The strategy `fsdp` requires a GPU accelerator, but received `accelerator='cpu'`"):
+    with pytest.raises(ValueError,
+                       match="The strategy `fsdp` requires a GPU accelerator, but received `accelerator='cpu'`"):
         pl.Trainer(accelerator="cpu", devices=2, strategy="fsdp", logger=False)
 
 

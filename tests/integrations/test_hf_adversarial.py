@@ -124,4 +124,5 @@ def test_bad_adversarial_settings(tmp_path):
     with pytest.raises(ConfigurationError):
         SharpGuardTrainer(model=tiny_bert(), args=_args(tmp_path), train_dataset=FirstTokenTask(8), adversarial="nope")
     with pytest.raises(ConfigurationError, match="method"):
-        SharpGuardTrainer(model=tiny_bert(), args=_args(tmp_path), train_dataset=FirstTokenTask(8), adversarial={"steps": 2})
+        SharpGuardTrainer(model=tiny_bert(), args=_args(tmp_path), train_dataset=FirstTokenTask(8),
+                          adversarial={"steps": 2})

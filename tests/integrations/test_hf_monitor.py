@@ -41,7 +41,8 @@ def test_monitored_plain_trainer_equals_unmonitored_bitwise_and_logs_lambda_max(
     a, b = params_of(plain.model), params_of(monitored.model)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    logged = [(h["step"], h["sharpness/lambda_max"]) for h in monitored.state.log_history if "sharpness/lambda_max" in h]
+    logged = [(h["step"],
+               h["sharpness/lambda_max"]) for h in monitored.state.log_history if "sharpness/lambda_max" in h]
     assert [s for s, _ in logged] == [2, 4]
     assert all(torch.isfinite(torch.tensor(v)) for _, v in logged)
     assert cb.trainer is monitored
@@ -75,7 +76,8 @@ def test_monitor_history_survives_checkpoint_resume(tmp_path):
 
     resumed_cb = _monitor()
     resumed = SharpGuardTrainer(
-        model=tiny_bert(), args=_args(out, save_strategy="steps", save_steps=2), train_dataset=data, callbacks=[resumed_cb]
+        model=tiny_bert(), args=_args(out, save_strategy="steps", save_steps=2), train_dataset=data,
+        callbacks=[resumed_cb]
     )
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
     want = full_cb.monitor.history.values("sharpness/lambda_max")
@@ -95,7 +97,8 @@ def test_restore_callback_states_flag_restores_the_live_callback_in_place(tmp_pa
     SharpGuardTrainer(model=tiny_bert(), args=_args(out, save_strategy="steps", save_steps=2), train_dataset=data,
                       callbacks=[_monitor(name="flag")]).train()
     cb = _monitor(name="flag")
-    trainer = SharpGuardTrainer(model=tiny_bert(), args=_args(tmp_path / "new", restore_callback_states_from_checkpoint=True),
+    trainer = SharpGuardTrainer(model=tiny_bert(),
+                                args=_args(tmp_path / "new", restore_callback_states_from_checkpoint=True),
                                 train_dataset=data, callbacks=[cb])
     trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
     assert cb in trainer.callback_handler.callbacks
@@ -110,14 +113,16 @@ def test_plain_trainer_without_set_trainer_logs_into_log_history(tmp_path):
     trainer.train()
     rows = [h for h in trainer.state.log_history if "sharpness/lambda_max" in h]
     assert [r["step"] for r in rows] == [2, 4] and all("epoch" in r for r in rows)
-    assert [v for _, v in cb.monitor.history.values("sharpness/lambda_max")] == [r["sharpness/lambda_max"] for r in rows]
+    assert [v for _,
+            v in cb.monitor.history.values("sharpness/lambda_max")] == [r["sharpness/lambda_max"] for r in rows]
 
 
 def test_robustness_callback_clean_accuracy_on_a_text_model(tmp_path):
     cb = RobustnessMonitorCallback(
         every_n_steps=2, measures=("clean_acc",), probe_size=16, alerts=None, input_key="input_ids"
     )
-    trainer = SharpGuardTrainer(model=tiny_bert(), args=_args(tmp_path, max_steps=2), train_dataset=FirstTokenTask(32), callbacks=[cb])
+    trainer = SharpGuardTrainer(model=tiny_bert(), args=_args(tmp_path, max_steps=2), train_dataset=FirstTokenTask(32),
+                                callbacks=[cb])
     trainer.train()
     acc = [h["robustness/clean_acc"] for h in trainer.state.log_history if "robustness/clean_acc" in h]
     assert len(acc) == 1
@@ -135,7 +140,8 @@ def test_robustness_callback_refuses_input_attacks_on_token_ids(tmp_path):
     from sharpguard.errors import ConfigurationError
 
     cb = RobustnessMonitorCallback(every_n_steps=1, measures=("pgd_acc",), probe_size=8, input_key="input_ids")
-    trainer = Trainer(model=tiny_bert(), args=_args(tmp_path, max_steps=1), train_dataset=FirstTokenTask(16), callbacks=[cb])
+    trainer = Trainer(model=tiny_bert(), args=_args(tmp_path, max_steps=1), train_dataset=FirstTokenTask(16),
+                      callbacks=[cb])
     cb.set_trainer(trainer)
     with pytest.raises(ConfigurationError, match="token ids"):
         trainer.train()

@@ -118,9 +118,11 @@ def test_bad_sam_settings_are_refused_before_training(tmp_path):
     with pytest.raises(ConfigurationError, match="mapping"):
         SharpGuardTrainer(model=tiny_bert(), args=args, train_dataset=FirstTokenTask(8), sam=["sam"])
     with pytest.raises(ConfigurationError, match="did you mean 'alpha'"):  # a typo is refused with the fix
-        SharpGuardTrainer(model=tiny_bert(), args=args, train_dataset=FirstTokenTask(8), sam={"variant": "gsam", "alpah": 0.1})
+        SharpGuardTrainer(model=tiny_bert(), args=args, train_dataset=FirstTokenTask(8),
+                          sam={"variant": "gsam", "alpah": 0.1})
     with pytest.raises(ConfigurationError, match="eta"):  # a knob's value is checked by the variant's own rule
-        SharpGuardTrainer(model=tiny_bert(), args=args, train_dataset=FirstTokenTask(8), sam={"variant": "asam", "eta": -1})
+        SharpGuardTrainer(model=tiny_bert(), args=args, train_dataset=FirstTokenTask(8),
+                          sam={"variant": "asam", "eta": -1})
 
 
 def test_deepspeed_is_refused(tmp_path, monkeypatch):
@@ -158,7 +160,8 @@ def test_every_variant_runs_through_the_trainer(tmp_path, sam):
 def test_unknown_variant_knob_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigurationError, match="no setting 'alpah'"):
         SharpGuardTrainer(
-            model=tiny_bert(), args=_args(tmp_path), train_dataset=FirstTokenTask(8), sam={"variant": "gsam", "alpah": 0.1}
+            model=tiny_bert(), args=_args(tmp_path), train_dataset=FirstTokenTask(8),
+            sam={"variant": "gsam", "alpah": 0.1}
         )
 
 

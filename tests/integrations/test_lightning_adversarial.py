@@ -51,7 +51,8 @@ def batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The loader's first ``steps`` batches (epochs repeat the same order)."""
     x, y = digits()
     per_epoch = N // BATCH
-    return [(x[(i % per_epoch) * BATCH : (i % per_epoch + 1) * BATCH], y[(i % per_epoch) * BATCH : (i % per_epoch + 1) * BATCH])
+    return [(x[(i % per_epoch) * BATCH : (i % per_epoch + 1) * BATCH],
+             y[(i % per_epoch) * BATCH : (i % per_epoch + 1) * BATCH])
             for i in range(steps)]
 
 
@@ -249,7 +250,8 @@ def test_start_step_trains_clean_first():
     model = LitDigits()
     trainer(callbacks=[at]).fit(model, loader())
     x = [b[0] for b in batches()]
-    assert torch.equal(model.seen[0], x[0]) and torch.equal(model.seen[1], x[1]) and not torch.equal(model.seen[2], x[2])
+    assert torch.equal(model.seen[0], x[0]) and torch.equal(model.seen[1],
+                                                            x[1]) and not torch.equal(model.seen[2], x[2])
     assert at.n_steps == 1
 
 
@@ -262,7 +264,8 @@ def test_fast_at_overfitting_detector_keeps_working_and_is_checkpointed(tmp_path
     assert all(0.0 <= r["pgd_acc"] <= 1.0 for r in detector.history)
     path = tmp_path / "at.ckpt"
     t.save_checkpoint(path)
-    state = [v for k, v in torch.load(path, weights_only=True)["callbacks"].items() if k.startswith("AdversarialTraining")]
+    state = [v for k,
+             v in torch.load(path, weights_only=True)["callbacks"].items() if k.startswith("AdversarialTraining")]
     assert state and len(state[0]["detector"]["history"]) == 3
 
     with pytest.raises(Exception, match="catastrophic overfitting"):
@@ -315,7 +318,8 @@ class Report(pl.Callback):
         seen = trainer.strategy.all_gather(torch.stack(pl_module.seen))
         if trainer.is_global_zero:
             torch.save({"equal": bool(torch.equal(gathered[0], gathered[1])), "world": trainer.world_size,
-                        "seen": seen.clone(), "weights": [p.detach().clone() for p in pl_module.parameters()]}, self.path)
+                        "seen": seen.clone(), "weights": [p.detach().clone() for p in pl_module.parameters()]},
+                       self.path)
 
 
 def reference_ddp_pgd_at(rank_of_generator) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:

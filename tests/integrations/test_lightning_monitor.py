@@ -34,7 +34,8 @@ def digits(n: int = N):
 
 
 def loader(shuffle: bool = False, n: int = N, batch_size: int = BATCH):
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*digits(n)), batch_size=batch_size, shuffle=shuffle)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*digits(n)), batch_size=batch_size,
+                                       shuffle=shuffle)
 
 
 class LitDigits(lit_digits.LitDigits):
@@ -137,7 +138,8 @@ def test_edge_of_stability_alert_fires_and_stops(tmp_path):
 
 
 def test_stable_run_raises_no_alert():
-    monitor = SharpnessMonitor(every_n_steps=1, probe_size=64, alerts=[EdgeOfStabilityAlert(patience=2)], on_alert="stop")
+    monitor = SharpnessMonitor(every_n_steps=1, probe_size=64, alerts=[EdgeOfStabilityAlert(patience=2)],
+                               on_alert="stop")
     t = trainer(max_steps=4, callbacks=[monitor])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -251,7 +251,8 @@ def test_hf_monitor_state_missing_from_the_checkpoint_is_refused_or_restarted_wh
         return SharpGuardTrainer(model=tiny_bert(), args=args, train_dataset=FirstTokenTask(48), sam=SAM,
                                  callbacks=[cb])
 
-    with pytest.raises(CheckpointError, match=r"holds no state for SharpnessMonitorCallback\[batch\].*resume='current'"):
+    with pytest.raises(CheckpointError,
+                       match=r"holds no state for SharpnessMonitorCallback\[batch\].*resume='current'"):
         trainer().train(resume_from_checkpoint=str(run / "checkpoint-2"))
     with pytest.warns(RuntimeWarning, match="resume='current': the monitor's history and schedule restart"):
         t = trainer(resume="current")
@@ -282,7 +283,8 @@ def lightning_ckpts(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pl")
     plain, _ = _fit([], 3)
     plain.save_checkpoint(folder / "plain.ckpt")
-    sam, _ = _fit([SharpnessAwareMinimization(variant="looksam", k=2), SharpnessMonitor(every_n_steps=100, measures=("batch",))], 3)
+    sam, _ = _fit([SharpnessAwareMinimization(variant="looksam", k=2),
+                   SharpnessMonitor(every_n_steps=100, measures=("batch",))], 3)
     sam.save_checkpoint(folder / "sam.ckpt")
     return folder
 
@@ -339,7 +341,8 @@ def test_lightning_sam_state_corrupt_is_refused_naming_the_field(lightning_ckpts
 
     path = _edited(lightning_ckpts / "sam.ckpt", tmp_path / "corrupt.ckpt", edit)
     with pytest.raises(ConfigurationError, match="step must be an integer >= 0, got -4"):
-        _fit([SharpnessAwareMinimization(variant="looksam", k=2), SharpnessMonitor(every_n_steps=100, measures=("batch",))],
+        _fit([SharpnessAwareMinimization(variant="looksam", k=2),
+              SharpnessMonitor(every_n_steps=100, measures=("batch",))],
              5, ckpt_path=path)
 
 
@@ -358,7 +361,8 @@ def test_lightning_monitor_resume_from_a_checkpoint_without_its_state_is_refused
 def test_lightning_intact_checkpoint_resumes_both_callbacks(lightning_ckpts):
     from sharpguard.integrations.lightning import SharpnessAwareMinimization, SharpnessMonitor
 
-    cb, monitor = SharpnessAwareMinimization(variant="looksam", k=2), SharpnessMonitor(every_n_steps=100, measures=("batch",))
+    cb, monitor = SharpnessAwareMinimization(variant="looksam",
+                                             k=2), SharpnessMonitor(every_n_steps=100, measures=("batch",))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*holds no state.*")
         _fit([cb, monitor], 5, ckpt_path=str(lightning_ckpts / "sam.ckpt"))
@@ -534,7 +538,8 @@ def test_lightning_validate_from_a_checkpoint_without_callback_state_is_not_a_re
 
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=2,
-                         callbacks=[SharpnessAwareMinimization(), SharpnessMonitor(every_n_steps=100, measures=("batch",))])
+                         callbacks=[SharpnessAwareMinimization(),
+                                    SharpnessMonitor(every_n_steps=100, measures=("batch",))])
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*holds no state.*")
         trainer.validate(boring_classes.BoringModel(), ckpt_path=str(lightning_ckpts / "plain.ckpt"))

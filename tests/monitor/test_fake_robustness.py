@@ -61,7 +61,8 @@ def _fake_vit(**kw) -> Logits:
         return Logits(_config(**kw))
 
 
-def _batches(n: int = 2, rows: int = 4, side: int = SIDE, classes: int = CLASSES) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(n: int = 2, rows: int = 4, side: int = SIDE,
+             classes: int = CLASSES) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     return [(torch.rand(rows, 3, side, side, generator=gen), torch.randint(0, classes, (rows,), generator=gen))
             for _ in range(n)]
@@ -131,7 +132,8 @@ def test_the_fake_check_counts_the_flops_of_the_real_check():
     assert 5 * forward < real_flops < 5 * forward + 3 * 2 * forward + 1
 
 
-@pytest.mark.parametrize("name", ["worst_case", "worst_case_per_batch_linf", "first_order", "average", "keskar_projected",
+@pytest.mark.parametrize("name",
+                         ["worst_case", "worst_case_per_batch_linf", "first_order", "average", "keskar_projected",
                                   "slice_1d", "slice_2d"])
 def test_a_perturbation_measure_on_fake_tensors_counts_the_real_flops(name):
     calls = {

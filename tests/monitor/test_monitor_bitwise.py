@@ -14,7 +14,8 @@ from sharpguard.monitor import RobustnessMonitor, SharpnessMonitor
 def _run(monitors, steps: int, seed: int, adam: bool):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2) if adam else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.Adam(model.parameters(),
+                           lr=1e-2) if adam else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
     for step in range(1, steps + 1):
         x, y = torch.rand(6, 5, generator=g), torch.randint(0, 3, (6,), generator=g)

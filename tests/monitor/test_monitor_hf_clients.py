@@ -92,7 +92,8 @@ def _check(build, tmp_path, sam=None, **args):
     a, b = params_of(plain.model), params_of(monitored.model)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    logged = [(h["step"], h["sharpness/lambda_max"]) for h in monitored.state.log_history if "sharpness/lambda_max" in h]
+    logged = [(h["step"],
+               h["sharpness/lambda_max"]) for h in monitored.state.log_history if "sharpness/lambda_max" in h]
     assert logged and logged[0][0] <= 3 and all(math.isfinite(v) for _, v in logged), logged
     # the Trainer's own losses are untouched
     assert [h["loss"] for h in plain.state.log_history if "loss" in h] == [

@@ -64,7 +64,8 @@ def test_rss_stays_flat_over_monitored_lm_steps():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.one_of(st.floats(-10, 10), st.sampled_from([math.inf, -math.inf, math.nan])), min_size=1, max_size=30))
+@given(st.lists(st.one_of(st.floats(-10, 10), st.sampled_from([math.inf, -math.inf, math.nan])), min_size=1,
+                max_size=30))
 def test_running_loss_average_matches_sequential_reference(losses):
     """The in-place device average equals the textbook sequential EMA over the finite losses."""
     mon = SharpnessMonitor(every_n_steps=10**6)

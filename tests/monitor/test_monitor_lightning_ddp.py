@@ -65,7 +65,8 @@ def test_ddp_ranks_share_checks_and_values(tmp_path):
     robust = RobustnessMonitor(measures=("clean_acc",), alerts=None, every_n_steps=4, probe_size=8)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=8, logger=False,
                          use_distributed_sampler=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[sharp, robust, _Report(sharp, robust, path), LeaveTogether()])
+                         enable_model_summary=False,
+                         callbacks=[sharp, robust, _Report(sharp, robust, path), LeaveTogether()])
     trainer.fit(_Lit())
     out = torch.load(path, weights_only=True)
     assert out["world"] == 2

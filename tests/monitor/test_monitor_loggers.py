@@ -52,7 +52,8 @@ def test_lightning_csv_and_tensorboard_rows_line_up_with_lightnings_own(tmp_path
     cb = SharpnessMonitor(every_n_steps=2, measures=("lambda_max",), alerts=None)
     loggers = [pl.loggers.CSVLogger(tmp_path / "csv"), pl.loggers.TensorBoardLogger(tmp_path / "tb")]
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=6, logger=loggers, log_every_n_steps=1,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[cb])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(_Lit(), torch.utils.data.DataLoader(data, batch_size=8))

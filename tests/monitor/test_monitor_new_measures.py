@@ -44,7 +44,8 @@ def test_robust_sharpness_without_a_radius_is_refused_when_built():
 
 def test_input_space_measures_in_the_robustness_monitor():
     net, probe = model_and_probe()
-    monitor = RobustnessMonitor(measures=("input_grad_norm", "input_curvature", "adv_confidence", "adv_input_curvature"),
+    monitor = RobustnessMonitor(measures=("input_grad_norm", "input_curvature", "adv_confidence",
+                                          "adv_input_curvature"),
                                 eps=0.3, steps=5, probe=probe, every_n_steps=1, alerts=None)
     metrics = monitor.check(1, net)
     curvature = S.input_hessian_eigenvalue(net, probe, seed=0)

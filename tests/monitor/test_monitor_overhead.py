@@ -212,7 +212,8 @@ def test_the_schedule_state_round_trips_and_is_checked():
     old = {**state, "schedule": {k: v for k, v in state["schedule"].items()
                                  if k not in ("first_check_seconds", "first_check_step", "setup_seconds")}}
     other.load_state_dict(old)
-    assert other.schedule.first_check_seconds is None and other.schedule.steady_seconds == other.schedule.monitor_seconds
+    assert (other.schedule.first_check_seconds is None
+            and other.schedule.steady_seconds == other.schedule.monitor_seconds)
 
 
 def test_the_start_line_states_the_cost_of_a_check_before_the_first_batch():

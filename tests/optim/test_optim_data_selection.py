@@ -324,7 +324,8 @@ def per_example(net: nn.Module, batch) -> torch.Tensor:
 
 def run_plain(variant: str, net: Net, sds) -> None:
     opt = make_sam(torch.optim.SGD(net.parameters(), **OPTIMIZER), variant, model=net)
-    front_ends.run_plain(opt, net, list(loader()), GA, steps=STEPS, loss_fn=lambda m, mb, epoch: sds(per_example(m, mb)))
+    front_ends.run_plain(opt, net, list(loader()), GA, steps=STEPS, loss_fn=lambda m, mb,
+                         epoch: sds(per_example(m, mb)))
 
 
 def run_lightning(variant: str, net: Net, sds) -> None:

@@ -510,7 +510,8 @@ def test_bad_settings_are_refused_in_one_sentence_before_anything_changes():
     for base in (torch.optim.SGD(params, lr=LR, momentum=0.9), torch.optim.SGD(params, lr=LR, weight_decay=1e-4),
                  torch.optim.Adam(params, lr=LR)):
         hooks = dict(base._optimizer_step_post_hooks)
-        with pytest.raises(ConfigurationError, match="pass torch.optim.SGD\\(params, lr=<bSAM's step size>\\) with momentum=0"):
+        with pytest.raises(ConfigurationError,
+                           match="pass torch.optim.SGD\\(params, lr=<bSAM's step size>\\) with momentum=0"):
             make_sam(base, "bsam", num_data=10)
         assert base._optimizer_step_post_hooks == hooks and not base.state
     with pytest.raises(ConfigurationError, match="momentum=0"):
@@ -633,6 +634,8 @@ def test_sharded_training_refuses_them_in_one_sentence():
 
     for variant, knobs in (("bsam", {"num_data": N_DATA}),):
         base = torch.optim.SGD(net().parameters(), lr=LR)
-        with pytest.raises(ConfigurationError, match="sharded \\(FSDP\\) training supports variant 'sam', 'asam', 'gsam', 'looksam' or 'gam'"):
+        with pytest.raises(ConfigurationError,
+                           match="sharded \\(FSDP\\) training supports variant 'sam', 'asam', 'gsam', "
+                           "'looksam' or 'gam'"):
             SAMConfig(variant=variant, knobs=knobs).build(base, sharded=True)
         assert not base.state

@@ -126,7 +126,8 @@ def test_no_extra_forward_and_the_default_schedule():
         terms.append(float(saf(logits, torch.arange(N), epoch)))
     assert len(forwards) == 8  # one forward per call: SAF adds none
     assert terms[:6] == [0.0] * 6 and terms[6] >= 0.0
-    assert saf.memory_bytes == 4 * N * C * 4 + 4 * N * 8  # (E~ + 1) N C float32 (float64 logits stored as float32) + int64 stamps
+    # (E~ + 1) N C float32 (float64 logits stored as float32) + int64 stamps
+    assert saf.memory_bytes == 4 * N * C * 4 + 4 * N * 8
 
 
 def test_sam_perturbed_pass_reads_but_does_not_store():

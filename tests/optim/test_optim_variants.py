@@ -183,8 +183,10 @@ def test_make_sam_builds_every_variant(variant):
 # --------------------------------------------------------------------------------------------------
 def test_global_norm_and_dot_against_float64():
     g = torch.Generator().manual_seed(1)
-    a = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g, dtype=torch.float64), torch.randn(2, generator=g).half()]
-    b = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g, dtype=torch.float64), torch.randn(2, generator=g).half()]
+    a = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g, dtype=torch.float64),
+         torch.randn(2, generator=g).half()]
+    b = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g, dtype=torch.float64),
+         torch.randn(2, generator=g).half()]
     flat = lambda ts: torch.cat([t.double().reshape(-1) for t in ts])  # noqa: E731
     torch.testing.assert_close(F.global_norm(a).double(), flat(a).norm(), rtol=1e-6, atol=0)
     # dot works in the tensors' own precision (a + b is formed per dtype): compare on fp32/fp64

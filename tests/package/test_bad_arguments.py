@@ -36,7 +36,8 @@ from torch import nn
 
 from sharpguard.errors import SharpGuardError
 
-MODULES = ["sharpguard.optim", "sharpguard.sharpness", "sharpguard.attacks", "sharpguard.adversarial", "sharpguard.monitor"]
+MODULES = ["sharpguard.optim", "sharpguard.sharpness", "sharpguard.attacks", "sharpguard.adversarial",
+           "sharpguard.monitor"]
 INTEGRATIONS = ["integrations.lightning", "integrations.accelerate", "integrations.huggingface"]
 
 # Not knobs: result containers, exceptions, framework mixins and functions that need a live framework
@@ -54,7 +55,8 @@ ZERO_OK = {
     "seed", "eta", "start_step", "warmup", "start_epoch", "weight_decay", "max_norm", "init_mag", "lam", "noise",
     "gamma", "decay", "beta", "beta1", "beta2", "beta3", "momentum", "drop", "lmbda", "alpha", "tiny", "epochs_ago",
     "first_step", "rise", "clear_below", "p_init", "weight", "budget", "threshold", "rho", "eps", "sigma", "damping",
-    "s_init", "probe_state_max_bytes", "tail", "optimizer_state_vectors", "alpha_max", "rho_norm", "span", "epsilon", "init_mag", "step_size",
+    "s_init", "probe_state_max_bytes", "tail", "optimizer_state_vectors", "alpha_max", "rho_norm", "span", "epsilon",
+    "init_mag", "step_size",
 }
 # (callable, knob) pairs whose value is a probability or a fraction: 1.5 must be refused.
 UNIT = {
@@ -465,7 +467,8 @@ def _tiny() -> World:
 NAMED = [
     ("GAM(beta1=-1)", lambda w: __import__("sharpguard.optim", fromlist=["GAM"]).GAM(
         w.model.parameters(), torch.optim.SGD, lr=0.1, beta1=-1), "beta1"),
-    ("first_order_sharpness(eta=nan)", lambda w: __import__("sharpguard.sharpness", fromlist=["x"]).first_order_sharpness(
+    ("first_order_sharpness(eta=nan)",
+     lambda w: __import__("sharpguard.sharpness", fromlist=["x"]).first_order_sharpness(
         w.model, w.batches, eta=NAN), "eta"),
     ("relative_flatness(max_hvp=2.5)", lambda w: __import__("sharpguard.sharpness", fromlist=["x"]).relative_flatness(
         w.model, w.batches, max_hvp=2.5), "max_hvp"),
@@ -477,17 +480,21 @@ NAMED = [
         w.model, w.x, w.y, steps=2, n_target_classes=2, eta=INF), "eta"),
     ("SAM(rho=True)", lambda w: __import__("sharpguard.optim", fromlist=["x"]).SAM(
         w.model.parameters(), torch.optim.SGD, lr=0.1, rho=True), "rho"),
-    ("pgd(steps='3')", lambda w: __import__("sharpguard.attacks", fromlist=["x"]).pgd(w.model, w.x, w.y, steps="3"), "steps"),
-    ("hessian_eigenvalues(train='no')", lambda w: __import__("sharpguard.sharpness", fromlist=["x"]).hessian_eigenvalues(
+    ("pgd(steps='3')", lambda w: __import__("sharpguard.attacks", fromlist=["x"]).pgd(w.model, w.x, w.y, steps="3"),
+     "steps"),
+    ("hessian_eigenvalues(train='no')",
+     lambda w: __import__("sharpguard.sharpness", fromlist=["x"]).hessian_eigenvalues(
         w.model, w.batches, train="no"), "train"),
     ("clean_accuracy(empty batch)", lambda w: __import__("sharpguard.attacks", fromlist=["x"]).clean_accuracy(
         w.model, [(w.x[:0], w.y[:0])]), "batch"),
     ("input_grad_norm(empty batch)", lambda w: __import__("sharpguard.attacks", fromlist=["x"]).input_grad_norm(
         w.model, [(w.x[:0], w.y[:0])]), "batch"),
     ("SharpnessMonitor(measure_kwargs={'lambda_max': {'tol_': 1e-3}})", lambda w: __import__(
-        "sharpguard.monitor", fromlist=["x"]).SharpnessMonitor(measure_kwargs={"lambda_max": {"tol_": 1e-3}}), "did you mean 'tol'"),
+        "sharpguard.monitor", fromlist=["x"]).SharpnessMonitor(measure_kwargs={"lambda_max": {"tol_": 1e-3}}),
+     "did you mean 'tol'"),
     ("SharpnessMonitor(measure_kwargs={'trace': {'n_hvp': True}})", lambda w: __import__(
-        "sharpguard.monitor", fromlist=["x"]).SharpnessMonitor(["trace"], measure_kwargs={"trace": {"n_hvp": True}}), "n_hvp"),
+        "sharpguard.monitor", fromlist=["x"]).SharpnessMonitor(["trace"], measure_kwargs={"trace": {"n_hvp": True}}),
+     "n_hvp"),
     ("make_method('fast-at', steps=2)", lambda w: __import__("sharpguard.adversarial", fromlist=["x"]).make_method(
         "fast-at", steps=2), "step"),
 ]

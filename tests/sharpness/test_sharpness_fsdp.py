@@ -93,7 +93,8 @@ def _worker(rank, port, world, out):
 
         from sharpguard.monitor import SharpnessMonitor
 
-        monitor = SharpnessMonitor(every_n_steps=1, probe=[batch], measure_kwargs={"lambda_max": {"tol": 1e-9, "max_iter": 80}})
+        monitor = SharpnessMonitor(every_n_steps=1, probe=[batch],
+                                   measure_kwargs={"lambda_max": {"tol": 1e-9, "max_iter": 80}})
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             metrics = monitor.measure(net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1))

@@ -72,7 +72,8 @@ def test_robust_sharpness_is_sharpness_of_the_pgd_loss():
     assert r.loss > clean_loss
     assert r.value > 0.0
     # a zero radius gives no rise at all
-    assert robust_sharpness(model, batches, eps=0.1, attack_steps=5, rho=1e-12, steps=1, seed=4).value == pytest.approx(0.0, abs=1e-9)
+    assert robust_sharpness(model, batches, eps=0.1, attack_steps=5, rho=1e-12, steps=1,
+                            seed=4).value == pytest.approx(0.0, abs=1e-9)
     # the ascent is on the robust loss, not the clean one: the two sharpness values differ
     assert r.value != pytest.approx(worst_case_sharpness(model, batches, rho=0.05, steps=3).value, rel=1e-3)
 

@@ -25,7 +25,8 @@ from sharpguard.sharpness.lanczos import default_max_basis, lanczos
 
 
 @pytest.mark.parametrize("make", [mlp_case, conv_bn_case], ids=["mlp", "conv_bn"])
-@pytest.mark.parametrize("which, k, max_basis", [("largest", 2, 5), ("largest", 1, 3), ("smallest", 1, 4), ("both", 1, 6)])
+@pytest.mark.parametrize("which, k, max_basis",
+                         [("largest", 2, 5), ("largest", 1, 3), ("smallest", 1, 4), ("both", 1, 6)])
 def test_restarted_lanczos_matches_dense_hessian(make, which, k, max_basis):
     model, batches = make()
     exact = torch.linalg.eigvalsh(dense_hessian(model, batches)).flip(0).numpy()
@@ -518,7 +519,8 @@ def test_cost_model_terms_and_validation():
     c = estimate_check_cost(p, step_peak_bytes=step_peak, step_seconds=step_s, n_hvp=20, max_basis=6)
     assert c.basis_bytes == 7 * p * 4  # the basis cap + the next vector, float32
     activations = step_peak - 3 * p * 4  # gradients + Adam's two moments
-    assert c.peak_bytes == pytest.approx(GRAPH_FACTOR["autograd"] * activations + (7 + EXTRA_VECTORS["autograd"]) * p * 4)
+    assert c.peak_bytes == pytest.approx(GRAPH_FACTOR["autograd"] * activations
+                                         + (7 + EXTRA_VECTORS["autograd"]) * p * 4)
     # one probe batch, one micro-batch: the gradient graph stays cached, one double backward per product
     assert c.seconds == pytest.approx(20 * HVP_PASSES_CACHED * step_s)
     assert c.peak_over_step == pytest.approx(c.peak_bytes / step_peak)
@@ -614,7 +616,8 @@ def test_auto_micro_batches_split_only_where_the_graph_is_large():
     assert auto_micro_batches(model, [(batch[0][:512], batch[1][:512])]) == 8
     assert auto_micro_batches(model, [(batch[0][:3], batch[1][:3])]) == 3
     # the monitor uses the choice, reports it, and says it in its console line
-    mon = SharpnessMonitor(("lambda_max",), every_n_steps=1, probe=[batch], measure_kwargs={"lambda_max": {"max_iter": 3}})
+    mon = SharpnessMonitor(("lambda_max",), every_n_steps=1, probe=[batch],
+                           measure_kwargs={"lambda_max": {"max_iter": 3}})
     assert "chosen at the first check" in mon.describe()
     _, settings = mon.measure(model, with_settings=True)
     assert settings["sharpness/lambda_max"]["micro_batches"] == slices
@@ -719,9 +722,11 @@ def _hf_case(name: str):
     vocab = 4000
     if name == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=16, n_layer=1, n_head=2,
-                                           attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+                                           attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0,
+                                           attn_pdrop=0.0))
     elif name == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1,
                                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                                              attn_implementation="eager"))
     else:

@@ -69,7 +69,8 @@ def test_hvp_path_equals_dense_hessian_for_another_loss():
     assert r.value == pytest.approx(value, rel=1e-8)
     assert r.neuronwise == pytest.approx(neuronwise, rel=1e-8)
     # both paths agree on the default loss
-    assert relative_flatness(model, batches, method="hvp").value == pytest.approx(relative_flatness(model, batches).value, rel=1e-8)
+    assert relative_flatness(model, batches,
+                             method="hvp").value == pytest.approx(relative_flatness(model, batches).value, rel=1e-8)
 
 
 def test_side_effect_free_and_bad_input():

@@ -315,7 +315,8 @@ def test_activation_layouts_predict_the_simulated_step(layout, layers, hidden_pe
             opt.zero_grad(set_to_none=True)
 
         step()
-        peak = profile_step(step, model=model, optimizers=[opt], inputs=[data], count_flops=False).memory.peak_by_category
+        peak = profile_step(step, model=model, optimizers=[opt], inputs=[data],
+                            count_flops=False).memory.peak_by_category
     simulated = peak["activations"] + peak["temporaries"]
     predicted = transformer_activation_bytes(batch=batch, seq_len=seq, hidden=hidden, layers=layers, heads=heads,
                                              vocab=vocab, layout=layout, mlp=mlp, kv_heads=kv)

@@ -107,8 +107,10 @@ def test_report_subcommand_on_a_synthetic_history(tmp_path, capsys):
     history = tmp_path / "run.jsonl"
     with history.open("w") as fh:
         for i in range(6):
-            fh.write(json.dumps({"step": 50 * (i + 1), "metric": "sharpness/lambda_max", "value": 10.0 - i, "settings": {}}) + "\n")
-            fh.write(json.dumps({"step": 50 * (i + 1), "metric": "robustness/pgd_acc", "value": 0.1 * i, "settings": {}}) + "\n")
+            fh.write(json.dumps({"step": 50 * (i + 1), "metric": "sharpness/lambda_max", "value": 10.0 - i,
+                                 "settings": {}}) + "\n")
+            fh.write(json.dumps({"step": 50 * (i + 1), "metric": "robustness/pgd_acc", "value": 0.1 * i,
+                                 "settings": {}}) + "\n")
     assert main(["report", str(history)]) == 0
     out = tmp_path / "run-report"
     assert "history.png" in capsys.readouterr().out

@@ -23,7 +23,8 @@ def test_digits_are_scaled_17_gray_levels_with_a_fixed_stratified_split():
     assert torch.equal(d.y_test, again.y_test) and torch.equal(d.x_train, again.x_train)
 
 
-@pytest.mark.parametrize("spec, match", [("mnist", "unknown dataset 'mnist'"), ("sharpguard:nothing", "has no function")])
+@pytest.mark.parametrize("spec, match",
+                         [("mnist", "unknown dataset 'mnist'"), ("sharpguard:nothing", "has no function")])
 def test_dataset_spec_errors(spec, match):
     with pytest.raises(ConfigurationError, match=match):
         load_dataset(spec)

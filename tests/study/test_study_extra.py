@@ -131,9 +131,11 @@ def test_study_extra_provides_every_module_the_study_imports(tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["files"] > len(list((ROOT / "sharpguard" / "study").glob("*.py")))  # followed sharpguard imports
-    assert {"torch", "numpy", "scipy", "matplotlib", "sklearn", "tqdm", "pytorch_lightning"} <= set(result["third_party"])
+    assert {"torch", "numpy", "scipy", "matplotlib", "sklearn", "tqdm",
+            "pytorch_lightning"} <= set(result["third_party"])
     assert result["missing"] == []
-    assert result["uncovered"] == [], f"the study imports {result['uncovered']}, which sharpguard[study] does not install"
+    assert result["uncovered"] == [], (f"the study imports {result['uncovered']}, which sharpguard[study] does "
+                                       "not install")
 
 
 @pytest.mark.slow

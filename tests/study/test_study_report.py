@@ -155,8 +155,10 @@ def _write_history(path, n=8):
     with path.open("w") as fh:
         for i in range(n):
             step = 10 * (i + 1)
-            fh.write(json.dumps({"step": step, "metric": "sharpness/lambda_max", "value": 1.0 + i, "settings": {"k": 1}}) + "\n")
-            fh.write(json.dumps({"step": step, "metric": "robustness/pgd_acc", "value": 0.9 - 0.1 * i, "settings": {}}) + "\n")
+            fh.write(json.dumps({"step": step, "metric": "sharpness/lambda_max", "value": 1.0 + i,
+                                 "settings": {"k": 1}}) + "\n")
+            fh.write(json.dumps({"step": step, "metric": "robustness/pgd_acc", "value": 0.9 - 0.1 * i,
+                                 "settings": {}}) + "\n")
             fh.write(json.dumps({"step": step, "metric": "monitor/overhead_pct", "value": 2.0, "settings": {}}) + "\n")
         fh.write("\n")
 

@@ -61,7 +61,8 @@ def test_rescale_preserves_the_function():
     x = torch.rand(7, 4)
     scaled = rescale(model, 1, 3, 7.0)
     assert torch.allclose(model(x), scaled(x), rtol=1e-5, atol=1e-6)
-    assert torch.allclose(scaled[1].weight, 7.0 * model[1].weight) and torch.allclose(scaled[3].weight, model[3].weight / 7)
+    assert torch.allclose(scaled[1].weight,
+                          7.0 * model[1].weight) and torch.allclose(scaled[3].weight, model[3].weight / 7)
 
 
 @pytest.mark.parametrize("name", sorted(RUNNERS))

@@ -104,8 +104,8 @@ class BSAM(SAM):
             got = type(base).__name__
         if got:
             raise ConfigurationError(
-                f"BSAM computes its own Adam-like update and needs a plain torch.optim.SGD as base optimizer, got {got}; "
-                "pass torch.optim.SGD(params, lr=<bSAM's step size>) with momentum=0 and weight_decay=0 "
+                "BSAM computes its own Adam-like update and needs a plain torch.optim.SGD as base optimizer, got "
+                f"{got}; pass torch.optim.SGD(params, lr=<bSAM's step size>) with momentum=0 and weight_decay=0 "
                 "(bSAM's own beta1 and weight_decay replace them)."
             )
 

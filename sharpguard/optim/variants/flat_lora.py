@@ -77,7 +77,8 @@ class FlatLoRA(SAM):
     For every LoRA layer with merged weight :math:`W' = W + s\,BA \in \mathbb R^{m\times n}` (``n``
     inputs), the forward of the step runs at :math:`W + \varepsilon_W + sBA` with
     :math:`\varepsilon_W \sim \mathcal N\big(0, \tfrac{\sigma^2}{n}\,\mathrm{diag}(\lVert W'_{1,:}\rVert^2,
-    \dots, \lVert W'_{m,:}\rVert^2)\otimes 1_{1\times n}\big)` (the paper's perturbation generation): each output row gets noise
+    \dots, \lVert W'_{m,:}\rVert^2)\otimes 1_{1\times n}\big)`
+    (the paper's perturbation generation): each output row gets noise
     proportional to its merged norm, divided by :math:`\sqrt n` so that the output's variance does
     not grow with the width. The gradient reaching ``A`` and ``B`` is that of the Bayesian expected
     loss :math:`\mathbb E_\varepsilon L(W + sBA + \varepsilon_W)` (the paper's objective), one sample per step. Other
@@ -101,7 +102,8 @@ class FlatLoRA(SAM):
         sigma = _non_negative("sigma", sigma, "; Flat-LoRA's noise scale is about 0.05")
         return {"sigma": sigma, "seed": non_negative_int("seed", seed), "adaptive": False, "interval": 1}
 
-    def _attach(self, base: Optimizer, model: nn.Module | None, sync_perturbation: bool, nonfinite: str = "skip") -> None:
+    def _attach(self, base: Optimizer, model: nn.Module | None, sync_perturbation: bool,
+                nonfinite: str = "skip") -> None:
         if not isinstance(model, nn.Module):
             raise ConfigurationError(
                 "FlatLoRA perturbs the merged weights of the model's LoRA layers: pass model= (the peft model, "
@@ -128,7 +130,8 @@ class FlatLoRA(SAM):
         info: list[tuple[nn.Module | None, int | None]] = []
         for layer in lora_layers(self.model):
             trained = any(p.requires_grad for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
-                          if isinstance(getattr(layer, attr, None), nn.Module) for p in getattr(layer, attr).parameters())
+                          if isinstance(getattr(layer, attr, None), nn.Module)
+                          for p in getattr(layer, attr).parameters())
             weight = getattr(layer.get_base_layer(), "weight", None)
             if not trained or not isinstance(weight, torch.Tensor) or weight.dim() < 2:
                 continue

@@ -110,7 +110,8 @@ class WSAM(SAM):
         unit = _ratio(F.global_norm([params[i].grad for i in live]), F.global_norm([clean[i] for i in live]))
         position = {id(p): i for i, p in enumerate(params)}
         for group in optimizer.param_groups:
-            idx = [position[id(p)] for p in group["params"] if id(p) in position and params[position[id(p)]].grad is not None]
+            idx = [position[id(p)] for p in group["params"]
+                   if id(p) in position and params[position[id(p)]].grad is not None]
             if not idx:
                 continue
             terms = [sharpness[i] for i in idx]
