@@ -96,7 +96,7 @@ def spectral_density(
     generator = torch.Generator().manual_seed(int(seed))
     op = HVPOperator(
         model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph,
-        micro_batches=micro_batches,
+        micro_batches=micro_batches, host_device=where,
     )
     nodes, weights = [], []
     with op:

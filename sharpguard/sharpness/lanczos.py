@@ -588,7 +588,7 @@ def hessian_eigenvalues(
     start = time.perf_counter()
     op, reduce, generator = make_operator(
         model, batches, loss_fn, seed=seed, hvp=hvp, train=train, check_determinism=check_determinism,
-        cache_graph=cache_graph, micro_batches=micro_batches,
+        cache_graph=cache_graph, micro_batches=micro_batches, host_device=where,
     )
     fixed = fixed_product_count(fixed_products, op.cost_only, max_iter, cap)
     with op:

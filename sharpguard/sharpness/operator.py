@@ -175,7 +175,11 @@ class ProbeLoss:
         moves the weights never pays for the copy)."""
         self._require_entered()
         if self._w0 is None:
-            self._w0 = self.flatten([p.detach() for p in self.params]).clone()
+            host = getattr(self, "host_device", None)
+            if host is None or host == self.device:
+                self._w0 = self.flatten([p.detach() for p in self.params]).clone()
+            else:  # copied piece by piece: no full flat copy on the device on its way to the host
+                self._w0 = torch.cat([p.detach().reshape(-1).to(device=host, dtype=self.dtype) for p in self.params])
         return self._w0
 
     def __exit__(self, *exc: object) -> None:
@@ -353,6 +357,10 @@ class HVPOperator(ProbeLoss):
             the default of every curvature function and of the ``SharpnessMonitor``): as few as keep a
             check within a training step's memory, 1 where the whole batch's graph fits, up to 8.
             The operator's own default stays 1 (it is a building block; the measures choose).
+        host_device: where finite-difference products keep the entry weights' copy and the first of their
+            two gradients while the second runs (host memory on an accelerator: two parameter-sized vectors
+            fewer on the device at the product's peak, at the price of copying one gradient each way per
+            product); default: the model's device. The curvature functions pass their ``basis_device``.
     """
 
     @rules.checked()
@@ -369,6 +377,7 @@ class HVPOperator(ProbeLoss):
         distributed: bool | None = None,
         cache_graph: bool | None = None,
         micro_batches: int | Literal["auto"] = 1,
+        host_device: torch.device | str | None = None,
     ) -> None:
         if hvp not in _HVP_CHOICES:
             raise ConfigurationError(f"hvp must be one of {_HVP_CHOICES}, got {hvp!r}.")
@@ -378,7 +387,9 @@ class HVPOperator(ProbeLoss):
         self.plan: ProductPlan | None = None
         requested = hvp
         if micro_batches == "auto":  # as many as the probe's activations need (sharpness/micro.py)
-            self.plan = plan_products(model, as_batches(batches), loss_fn, hvp=hvp, distributed=distributed)
+            device = next(p for p in model.parameters()).device
+            self.plan = plan_products(model, as_batches(batches), loss_fn, hvp=hvp, distributed=distributed,
+                                      basis_on_device=host_device is None or torch.device(host_device) == device)
             micro_batches = self.plan.micro_batches
             if hvp == "auto" and self.plan.hvp == "finite_difference":
                 hvp = "finite_difference"  # exact products would not fit in a training step's memory
@@ -388,6 +399,11 @@ class HVPOperator(ProbeLoss):
             batches = BatchList(part for b in as_batches(batches) for part in split_batch(b, self.micro_batches))
         super().__init__(model, batches, loss_fn, train=train, distributed=distributed)
         self.requested = requested
+        #: where finite-difference products keep the entry weights' copy and the first gradient (None: the
+        #: device); the curvature functions pass their basis device, host memory on an accelerator
+        self.host_device = None if host_device is None else torch.device(host_device)
+        if self.host_device == self.device:
+            self.host_device = None
         self.method: str | None = "finite_difference" if hvp == "finite_difference" else None
         self._kernel: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         # the determinism check compares two products' values: not in a cost-only run (nothing is read)
@@ -547,12 +563,19 @@ class HVPOperator(ProbeLoss):
         """:meth:`vector_norm` as a tensor, not read back (a cost-only run computes it all the same)."""
         return torch.linalg.vector_norm(vector)
 
+    def _weighted_norm(self, w0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``||w0 * v||`` (over every shard); with ``w0`` in host memory, a parameter at a time."""
+        if w0.device == v.device:
+            return self._norm_tensor(w0 * v)
+        parts = [torch.linalg.vector_norm(w.to(d.device) * d) for w, d in zip(self.unflatten(w0), self.unflatten(v))]
+        return self._norm_tensor(torch.stack(parts))
+
     def _hvp_finite_difference(self, v: torch.Tensor) -> torch.Tensor:
         # at the entry weights (the usual case) reuse their copy instead of taking another
         w0 = self.w0 if self._at_w0 else self.flatten([p.detach() for p in self.params]).clone()
         if self.cost_only:
             # the same norms are computed (their cost counts) but cannot be read: a stated step of fd_eps
-            self._norm_tensor(v), self._norm_tensor(w0 * v)
+            self._norm_tensor(v), self._weighted_norm(w0, v)
             h = self.fd_eps
         else:
             v_norm = self.vector_norm(v)
@@ -561,7 +584,13 @@ class HVPOperator(ProbeLoss):
             # s_v: the size of the weights v moves, their v-weighted RMS sqrt(sum w_i^2 v_i^2) / ||v|| (an idle
             # large block elsewhere, such as an embedding table, does not enter), floored at 1e-2 so a direction
             # on zero-initialised weights (biases) still takes a step above rounding
-            h = self.fd_eps * max(self.vector_norm(w0 * v) / v_norm, 1e-2) / v_norm
+            h = self.fd_eps * max(float(self._weighted_norm(w0, v)) / v_norm, 1e-2) / v_norm
+        if w0.device != v.device:
+            return self._central_difference_host(w0, v, h)
+        return self._central_difference(w0, v, h)
+
+    def _central_difference(self, w0: torch.Tensor, v: torch.Tensor, h: float) -> torch.Tensor:
+        """``(g(w0 + h v) - g(w0 - h v)) / 2h`` with every vector on the device."""
         try:
             self.set_parameters(torch.add(w0, v, alpha=h))
             _, g_plus = self.loss_and_grad()
@@ -570,6 +599,29 @@ class HVPOperator(ProbeLoss):
         finally:
             self.set_parameters(w0)
         return g_plus.sub_(g_minus).div_(2.0 * h)  # in place: no third gradient-size vector
+
+    def _central_difference_host(self, w0: torch.Tensor, v: torch.Tensor, h: float) -> torch.Tensor:
+        """The central difference with the entry weights and ``g(w + h v)`` in host memory (:attr:`host_device`):
+        the device holds ``v`` and the gradient being taken; the weights are set parameter by parameter with
+        the same arithmetic as the on-device product, so the two give the same numbers."""
+
+        def move(sign: float) -> None:
+            with torch.no_grad():
+                for p, w, d in zip(self.params, self.unflatten(w0), self.unflatten(v)):
+                    p.copy_(torch.add(w.to(d.device), d, alpha=sign * h))
+            self._at_w0 = False
+
+        try:
+            move(1.0)
+            _, g_plus = self.loss_and_grad()
+            g_plus = g_plus.to(w0.device)  # off the device while the second gradient is taken
+            move(-1.0)
+            _, g_minus = self.loss_and_grad()
+        finally:
+            self.set_parameters(w0)
+        for out, plus in zip(torch.split(g_minus, self.numels), torch.split(g_plus, self.numels)):
+            out.sub_(plus.to(out.device))  # g_minus - g_plus, a piece at a time
+        return g_minus.div_(-2.0 * h)
 
 
 def _inner(pairs: list[tuple[torch.Tensor, int]], vs: list[torch.Tensor]) -> torch.Tensor:

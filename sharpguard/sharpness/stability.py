@@ -228,7 +228,7 @@ def eos_ratio(
     start = time.perf_counter()
     op, reduce, generator = make_operator(
         model, batches, loss_fn, seed=seed, hvp=hvp, train=train, check_determinism=check_determinism,
-        cache_graph=cache_graph, micro_batches=micro_batches,
+        cache_graph=cache_graph, micro_batches=micro_batches, host_device=where,
     )
     with op:
         d, decay, lr, groups, stateless = _preconditioner(op, opt, kind)  # validates before any product

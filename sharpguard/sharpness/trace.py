@@ -114,7 +114,7 @@ def hessian_trace(
     start = time.perf_counter()
     op, reduce, generator = make_operator(
         model, batches, loss_fn, seed=seed, hvp=hvp, train=train, check_determinism=check_determinism,
-        cache_graph=cache_graph, micro_batches=micro_batches,
+        cache_graph=cache_graph, micro_batches=micro_batches, host_device=where,
     )
 
     def total(partial: torch.Tensor) -> torch.Tensor:

@@ -127,3 +127,46 @@ def test_fake_long_sequence_check_holds_no_double_backward_graph():
         vectors = (FD_PRODUCT_VECTORS + DEFAULT_MAX_BASIS + 1) * parameter_bytes(model)
     assert check - step <= vectors
     assert exact > 3 * step
+
+
+def test_host_resident_finite_differences_give_the_device_product_bitwise():
+    """The central difference with the entry weights and the first gradient in host memory (``host_device``,
+    what the curvature functions pass on an accelerator) does the same arithmetic piece by piece: on one
+    device the two paths agree bitwise, and the weights come back exactly."""
+    from sharpguard.sharpness import HVPOperator
+
+    torch.manual_seed(0)
+    model, batch = _llama(64), _batch(2, 64)
+    before = [p.detach().clone() for p in model.parameters()]
+    with HVPOperator(model, batch, hvp="finite_difference", check_determinism=False) as op:
+        v = torch.randn(op.size, generator=torch.Generator().manual_seed(1))
+        h = 1e-3
+        on_device = op._central_difference(op.w0, v, h)
+        host = op._central_difference_host(op.w0, v, h)
+        assert torch.equal(on_device, host)
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        assert op._at_w0
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.filterwarnings("ignore:The module hierarchy tracking")
+def test_fake_check_with_host_basis_stays_near_the_training_step():
+    """With the Krylov basis, the entry weights and the first gradient in host memory (the meta device stands
+    for it on fake tensors), a long-sequence check holds at most one parameter-sized vector over the
+    training step's peak, where all of them on the device held ten."""
+    with fake_tensors():
+        model = _llama(2048, hidden=512, layers=4, heads=8)
+        batch = _batch(1, 2048)
+        opt = torch.optim.AdamW(model.parameters())
+
+        def train() -> None:
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        train()
+        step = profile_step(train, model=model, optimizers=[opt], inputs=[batch]).memory.peak_bytes
+        check = profile_step(lambda: hessian_eigenvalues(model, batch, k=1, basis_device="meta"), model=model,
+                             optimizers=[opt], inputs=[batch]).memory.peak_bytes
+        vector = parameter_bytes(model)
+    assert check - step <= 1.05 * vector
