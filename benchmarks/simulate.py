@@ -26,11 +26,13 @@ Rows, each against the plain step of the same model and mode:
   ``hvp_cached``: the second product on a cached gradient graph;
 * ``check:lambda_max``: ``hessian_eigenvalues(model, batch, k=1)`` at the function's defaults (on these
   CPU-resident models the Lanczos basis shares the device); ``check:lambda_max_host``: the same with the
-  basis in host memory, as ``basis_device="auto"`` places it on an accelerator (simulated on the meta
-  device, which the tracker counts apart);
+  basis (and a finite-difference product's entry weights and first gradient) in host memory, as
+  ``basis_device="auto"`` places them on an accelerator (simulated on the meta device, which the tracker
+  counts apart);
   ``check:monitor``: ``SharpnessMonitor(measures=("lambda_max",)).measure(model, opt)`` at the
   monitor's defaults; ``check:trace``: ``hessian_trace(model, batch, n_hvp=9)`` (Hutch++ with 3 sketch
-  vectors; the default 60 products hold 17 parameter-sized vectors more);
+  vectors; the default 60 products hold 17 parameter-sized vectors more); ``check:trace_host``: the same
+  with its vectors in host memory (``basis_device``, as above);
   ``check:robustness`` (ViT): ``RobustnessMonitor().measure(model)`` at its defaults.
 
 A row that cannot run records the error instead of a number. Targets: a check's peak <= the training
@@ -133,7 +135,9 @@ def vit_86m() -> tuple[nn.Module, list[nn.Module], Callable[[], Any]]:
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
         return torch.rand(64, 3, 224, 224), torch.randint(0, 1000, (64,))
 
-    return model, list(model.inner.vit.encoder.layer), batch
+    vit = model.inner.vit  # transformers 5 keeps the blocks in vit.layers, 4.x in vit.encoder.layer
+    blocks = vit.layers if hasattr(vit, "layers") else vit.encoder.layer
+    return model, list(blocks), batch
 
 
 MODELS: dict[str, tuple[Callable[[], Any], str]] = {
@@ -387,6 +391,8 @@ def simulate(name: str, mode: str, rows: set[str] | None = None,
         # of simulation per check); the sketch adds one parameter-sized vector per 3 products.
         row("check:trace", lambda: hessian_trace(model, batch, n_hvp=TRACE_PRODUCTS), [opt],
             lambda r: {"n_hvp": int(r.n_hvp)})
+        row("check:trace_host", lambda: hessian_trace(model, batch, n_hvp=TRACE_PRODUCTS, basis_device="meta"),
+            [opt], lambda r: {"n_hvp": int(r.n_hvp)})
         if not isinstance(batch, dict):
             def robustness_check() -> Any:
                 from sharpguard.monitor import RobustnessMonitor
@@ -642,7 +648,7 @@ def summary_table(raw: dict[str, Any]) -> str:
     lines = [
         "| model | mode | params | train step peak | SAM extra peak / param bytes | SAM FLOPs / step | exact product "
         "FLOPs / fwd+bwd (cached 2nd) | lambda_max check peak / step peak (function defaults; basis in host memory; "
-        "monitor) | trace check peak / step peak |",
+        "monitor) | trace check peak / step peak (function defaults; basis in host memory) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in MODELS:
@@ -677,7 +683,7 @@ def summary_table(raw: dict[str, Any]) -> str:
                 + (f"{(sam['memory']['peak_bytes'] - t['memory']['peak_bytes']) / entry['param_bytes']:.4f} | "
                    f"{sam['flops'] / t['flops']:.3f} | " if "memory" in sam else f"{_failure(sam)} | | ")
                 + f"{hvp} | {peak('check:lambda_max')}; {peak('check:lambda_max_host')}; {peak('check:monitor')} | "
-                f"{peak('check:trace')} |"
+                f"{peak('check:trace')}; {peak('check:trace_host')} |"
             )
     return "\n".join(lines)
 
