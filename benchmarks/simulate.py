@@ -627,7 +627,9 @@ def cost_model_table(raw: dict[str, Any]) -> str:
                 r = rows.get(key, {})
                 if "memory" not in r or not r.get("n_hvp"):
                     continue
-                micro = r.get("micro_batches") if isinstance(r.get("micro_batches"), int) else 1
+                # the monitor's plan is the function's on the same probe (its row does not record it)
+                micro = next((m for m in (r.get("micro_batches"), rows.get("check:lambda_max", {}).get("micro_batches"))
+                              if isinstance(m, int)), 1)
                 model_bytes = cat["parameters"] + cat["buffers"] + cat["inputs"] + cat["other"]
                 step_extra = t["peak_bytes"] - model_bytes
                 # the method the check's plan chose (the monitor's plan is the function's on the same probe)
