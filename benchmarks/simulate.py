@@ -812,8 +812,9 @@ def validate(only: set[str] | None = None, previous: dict[str, Any] | None = Non
 
         def check(micro: int):
             def make(model, batch):
-                if micro == 1:
-                    return (lambda: hessian_eigenvalues(model, batch, scale.loss_of, k=1, max_iter=scale.MAX_ITER)), []
+                if micro == 1:  # whole batches, as scale.py's whole-batch check
+                    return (lambda: hessian_eigenvalues(model, batch, scale.loss_of, k=1, max_iter=scale.MAX_ITER,
+                                                        micro_batches=1)), []
                 # as scale.py: targets kept batch-first so the batch splits by examples, the same loss
                 x, y = batch
                 probe = (x, x[:, 1:] if name.startswith("gpt2") else y)
@@ -832,7 +833,9 @@ def validate(only: set[str] | None = None, previous: dict[str, Any] | None = Non
         one("ref_hvp", ref_hvp, train_mode=False)
         one("hvp", hvp, train_mode=False)
         one("check", check(1))
-        one("check_mb", check(int(rec["mem"]["check_mb"].get("micro_batches", 8))))
+        # scale.py's re-measured models call the micro-batched check `check`, the older rows `check_mb`
+        sliced = rec["mem"]["check"] if "check_whole" in rec["mem"] else rec["mem"]["check_mb"]
+        one("check_mb", check(int(sliced.get("micro_batches", 8))))
         out[name] = res
     return out
 
