@@ -6,6 +6,7 @@
     python scripts/doc_numbers.py scenarios           # run each `sharpguard study --scenario` at its defaults (~5 min)
     python scripts/doc_numbers.py scenarios --from DIR  # or take existing runs (DIR/<name>/scenario.json)
     python scripts/doc_numbers.py render              # rewrite the docs' generated blocks from the kept files
+                                                      # (also the simulated-scale table: benchmarks/simulate_raw.json)
 
 ``study`` keeps the default run's per-model measurements and settings in benchmarks/study_default_run.json;
 ``examples`` keeps each example's wall time in benchmarks/example_times.json; ``scenarios`` keeps each
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STUDY_RUN = ROOT / "benchmarks" / "study_default_run.json"
 EXAMPLE_TIMES = ROOT / "benchmarks" / "example_times.json"
 SCENARIO_RUNS = ROOT / "benchmarks" / "scenario_runs.json"
+SIMULATE_RAW = ROOT / "benchmarks" / "simulate_raw.json"
 SCENARIOS = ("robust_overfitting", "large_batch", "rescaling", "local_global")
 # (example, arguments, the docs that quote its time)
 EXAMPLES = [
@@ -207,11 +209,22 @@ def blocks() -> dict[str, str]:
     if SCENARIO_RUNS.exists():
         kept = json.loads(SCENARIO_RUNS.read_text())
         out.update({f"scenario-{name}": render_scenario(name, kept) for name in kept["scenarios"]})
+    if SIMULATE_RAW.exists():
+        out["simulated-scale"] = render_simulated(json.loads(SIMULATE_RAW.read_text()))
     return out
 
 
+def render_simulated(raw: dict) -> str:
+    """The one-line-per-model table of benchmarks/simulate.py (``--summary``), from its raw counts."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.simulate import summary_table
+
+    return summary_table(raw) + "\n"
+
+
 DOCS = [ROOT / "docs" / "study.md", ROOT / "README.md", ROOT / "docs" / "huggingface.md",
-        ROOT / "docs" / "accelerate.md"]
+        ROOT / "docs" / "accelerate.md", ROOT / "docs" / "cost_model.md"]
 
 
 def rewrite(paths=DOCS) -> list[Path]:

@@ -167,9 +167,13 @@ def parameter_bytes(model: nn.Module) -> int:
     return sum(local_numel(p) * p.element_size() for p in model.parameters())
 
 
-def _by_category(snapshot: Mapping[Any, Mapping[Any, int]]) -> tuple[int, dict[str, int]]:
-    """One device's total and named categories from a tracker snapshot (the largest device's)."""
+def _by_category(snapshot: Mapping[Any, Mapping[Any, int]], device: torch.device | None = None
+                 ) -> tuple[int, dict[str, int]]:
+    """One device's total and named categories from a tracker snapshot: ``device``'s (the model's: memory
+    a check keeps elsewhere, such as a Krylov basis in host memory, is not the device's), else the largest."""
     best: tuple[int, dict[str, int]] = (0, {name: 0 for name in CATEGORIES})
+    if device is not None:
+        snapshot = {d: v for d, v in snapshot.items() if torch.device(d) == device} or snapshot
     for per_device in snapshot.values():
         out = {name: 0 for name in CATEGORIES}
         total = 0
@@ -205,13 +209,16 @@ def profile_step(
         count_flops: count FLOPs with ``FlopCounterMode`` in the same run.
 
     Memory counts storages alive before the call too (the model, the optimizer's state), so the
-    peak is the device's whole footprint, as ``torch.cuda.max_memory_allocated`` would report it.
+    peak is the device's whole footprint, as ``torch.cuda.max_memory_allocated`` would report it: the
+    model's device (what ``fn`` keeps on another device, such as a Krylov basis in host memory, is not
+    counted).
     Works on real tensors as well (it then allocates what the call allocates).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     optimizers = list(optimizers)
     tensors = [t for t in _tensors(inputs)]
+    device = next((p.device for p in model.parameters()), None)  # the peaks reported are this device's
     tracker: Any
     if _is_fsdp(model):
         tracker = _fsdp_tracker_class()(model, optimizers[0] if optimizers else None)
@@ -224,11 +231,11 @@ def profile_step(
     counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas()) if count_flops \
         else contextlib.nullcontext()
     with tracker:
-        start_total, _ = _by_category(tracker.get_tracker_snapshot("current"))
+        start_total, _ = _by_category(tracker.get_tracker_snapshot("current"), device)
         with counter:
             fn()
-        end_total, end = _by_category(tracker.get_tracker_snapshot("current"))
-    peak_total, peak = _by_category(tracker.get_tracker_snapshot("peak"))
+        end_total, end = _by_category(tracker.get_tracker_snapshot("current"), device)
+    peak_total, peak = _by_category(tracker.get_tracker_snapshot("peak"), device)
     flops = 0
     by_op: dict[str, int] = {}
     if count_flops:

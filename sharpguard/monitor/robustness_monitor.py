@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._batches import logits_of, split_batch
 from .._modules import has_fake_tensors
 from .._validation import check_keywords, keywords_of, one_of, positive, positive_int, real
 from ..errors import ConfigurationError
@@ -164,6 +165,39 @@ class RobustnessMonitor(Monitor):
             total -= self.steps + 1.0  # one PGD run serves both
         return total
 
+    #: input-sized tensors an attack holds besides the model's activations (the clean and current inputs,
+    #: the step, its gradient, the best point so far, their normalised views): counted on ViT-Base under
+    #: FakeTensorMode, PGD at the defaults (benchmarks/simulate.py, ``check:robustness``)
+    ATTACK_INPUT_COPIES = 12
+
+    def _attack_parts(self, model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """How many parts each probe batch is attacked in: the fewest that keep an attack's memory, the
+        forward's saved tensors ``A`` plus :attr:`ATTACK_INPUT_COPIES` copies of the inputs ``I``, within a
+        training step's ``A + G`` (``G``: the parameters' bytes, the gradient a step holds), up to 8 and one
+        example each; chosen once per probe (the attacks treat examples independently, so a part is a
+        smaller batch of the same problem)."""
+        key = tuple(id(b) for b in batches)
+        cached = self.__dict__.get("_parts")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        from ..sharpness.micro import AUTO_MAX_MICRO_BATCHES, AUTO_SLACK_BYTES, _fewest_slices, _saved_bytes
+
+        x, y = max(batches, key=lambda b: len(b[1]))
+        n = len(y)
+        parts = 1
+        if n > 1 and torch.is_tensor(x):
+            part = split_batch((x, y), AUTO_MAX_MICRO_BATCHES)[0]
+            def loss(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                return nn.functional.cross_entropy(logits_of(m(b[0])), b[1])
+
+            saved = _saved_bytes(model, part, loss) * n / len(part[1])
+            inputs = x.numel() * x.element_size()
+            grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+            parts = _fewest_slices(saved + self.ATTACK_INPUT_COPIES * inputs, saved + grads + AUTO_SLACK_BYTES,
+                                   min(AUTO_MAX_MICRO_BATCHES, n))
+        self._parts = (key, parts)
+        return parts
+
     def _settings(self, **extra: Any) -> dict[str, Any]:
         return {"eps": self.eps, "norm": self.norm, "bounds": list(self.bounds) if self.bounds else None, **extra}
 
@@ -176,6 +210,11 @@ class RobustnessMonitor(Monitor):
         want = set(self.measures)
         device = next(model.parameters()).device
         batches = [self.pair(b) for b in batches]
+        clean = batches
+        if want - {"clean_acc"}:  # the attacks run on as many parts of each batch as keep within a step's memory
+            parts = self._attack_parts(model, batches)
+            if parts > 1:
+                batches = [piece for b in batches for piece in split_batch(b, parts)]
 
         def generator() -> torch.Generator:
             # the same random starts at every check: consecutive checks differ only by the weights
@@ -183,7 +222,7 @@ class RobustnessMonitor(Monitor):
 
         if "clean_acc" in want:
             self.progress_stage("clean_acc")
-            metrics["robustness/clean_acc"] = float(A.robust_accuracy(model, batches, None))
+            metrics["robustness/clean_acc"] = float(A.robust_accuracy(model, clean, None))
             settings["robustness/clean_acc"] = {"attack": "none"}
             self.progress_done("clean_acc")
         if "fgsm_acc" in want:

@@ -181,7 +181,8 @@ def _saved_bytes(model: nn.Module, part: Any, loss_fn: Any) -> float:
         return None
 
     module = unwrap_data_parallel(model)  # a DDP wrapper's forward would arm reduction hooks no backward fires
-    with side_effect_free(model), torch.inference_mode(False), torch.enable_grad():
+    # a forward writes no weight: no parameter copy (at 7B on one device it would be 25 GiB)
+    with side_effect_free(model, parameters=False), torch.inference_mode(False), torch.enable_grad():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = fn(module, part)
         del loss

@@ -31,7 +31,8 @@ def test_every_generated_block_equals_its_rendering_from_the_kept_runs(doc_numbe
     for path in doc_numbers.DOCS:
         found.update({(path.name, k): v for k, v in _blocks_in(path, doc_numbers).items()})
     assert {("study.md", "study-default-run"), ("README.md", "example-times"),
-            ("huggingface.md", "hf-example-time")} <= set(found)
+            ("huggingface.md", "hf-example-time"), ("README.md", "simulated-scale"),
+            ("cost_model.md", "simulated-scale")} <= set(found)
     for (name, block), body in found.items():
         assert block in rendered, f"{name} has a block {block!r} that no kept run renders"
         assert body == rendered[block], f"{name}'s {block} block drifted: run python scripts/doc_numbers.py render"
