@@ -650,8 +650,9 @@ def summary_table(raw: dict[str, Any]) -> str:
     lines = [
         "| model | mode | params | train step peak | SAM extra peak / param bytes | SAM FLOPs / step | exact product "
         "FLOPs / fwd+bwd (cached 2nd) | lambda_max check peak / step peak (function defaults; basis in host memory; "
-        "monitor) | trace check peak / step peak (function defaults; basis in host memory) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "monitor) | trace check peak / step peak (function defaults; basis in host memory) | RobustnessMonitor check "
+        "peak / step peak |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in MODELS:
         for mode in MODES:
@@ -685,7 +686,8 @@ def summary_table(raw: dict[str, Any]) -> str:
                 + (f"{(sam['memory']['peak_bytes'] - t['memory']['peak_bytes']) / entry['param_bytes']:.4f} | "
                    f"{sam['flops'] / t['flops']:.3f} | " if "memory" in sam else f"{_failure(sam)} | | ")
                 + f"{hvp} | {peak('check:lambda_max')}; {peak('check:lambda_max_host')}; {peak('check:monitor')} | "
-                f"{peak('check:trace')}; {peak('check:trace_host')} |"
+                f"{peak('check:trace')}; {peak('check:trace_host')} | "
+                f"{peak('check:robustness') if 'check:robustness' in rows else '-'} |"
             )
     return "\n".join(lines)
 
