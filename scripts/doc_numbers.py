@@ -34,6 +34,7 @@ STUDY_RUN = ROOT / "benchmarks" / "study_default_run.json"
 EXAMPLE_TIMES = ROOT / "benchmarks" / "example_times.json"
 SCENARIO_RUNS = ROOT / "benchmarks" / "scenario_runs.json"
 SIMULATE_RAW = ROOT / "benchmarks" / "simulate_raw.json"
+SIMULATE_VS_CPU = ROOT / "benchmarks" / "simulate_vs_cpu.json"
 SCENARIOS = ("robust_overfitting", "large_batch", "rescaling", "local_global")
 # (example, arguments, the docs that quote its time)
 EXAMPLES = [
@@ -211,7 +212,18 @@ def blocks() -> dict[str, str]:
         out.update({f"scenario-{name}": render_scenario(name, kept) for name in kept["scenarios"]})
     if SIMULATE_RAW.exists():
         out["simulated-scale"] = render_simulated(json.loads(SIMULATE_RAW.read_text()))
+    if SIMULATE_VS_CPU.exists():
+        out["simulated-vs-cpu"] = render_simulated_vs_cpu(json.loads(SIMULATE_VS_CPU.read_text()))
     return out
+
+
+def render_simulated_vs_cpu(sim: dict) -> str:
+    """benchmarks/simulate.py --validate's table: scale.py's models simulated against its measurements."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.simulate import validation_table
+
+    return validation_table(sim) + "\n"
 
 
 def render_simulated(raw: dict) -> str:

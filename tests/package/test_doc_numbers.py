@@ -32,7 +32,7 @@ def test_every_generated_block_equals_its_rendering_from_the_kept_runs(doc_numbe
         found.update({(path.name, k): v for k, v in _blocks_in(path, doc_numbers).items()})
     assert {("study.md", "study-default-run"), ("README.md", "example-times"),
             ("huggingface.md", "hf-example-time"), ("README.md", "simulated-scale"),
-            ("cost_model.md", "simulated-scale")} <= set(found)
+            ("cost_model.md", "simulated-scale"), ("cost_model.md", "simulated-vs-cpu")} <= set(found)
     for (name, block), body in found.items():
         assert block in rendered, f"{name} has a block {block!r} that no kept run renders"
         assert body == rendered[block], f"{name}'s {block} block drifted: run python scripts/doc_numbers.py render"
