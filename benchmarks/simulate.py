@@ -507,6 +507,10 @@ def table(raw: dict[str, Any]) -> str:
         "model and mode. Inside `SAM.step(closure)` the tracker files every tensor the step allocates (the passes' "
         "activations included) as optimizer state: its hook marks the whole `step` call as the optimizer's. "
         "LookSAM's row is k = 5 consecutive steps (one perturbed), its FLOPs per step. GAM is 4F+4B by design. "
+        "Rows ending `_host` keep the Krylov basis (and a finite-difference product's entry weights and first "
+        "gradient) in host memory, as `basis_device=\"auto\"` does on an accelerator; the meta device stands for "
+        "the host, and every peak is the model's device's. Rows `from 1- and 2-block runs` are fitted linearly in "
+        "the depth. "
         "Raw: `benchmarks/simulate_raw.json`. Run: `python benchmarks/simulate.py`.",
         "",
     ]
