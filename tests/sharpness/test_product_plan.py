@@ -103,11 +103,9 @@ def test_monitor_says_once_that_it_takes_finite_differences():
     assert settings["sharpness/lambda_max"]["hvp"] == "finite_difference"
 
 
-@pytest.mark.filterwarnings("ignore:The module hierarchy tracking")
-def test_fake_long_sequence_check_holds_no_double_backward_graph():
-    """On fake tensors (nothing allocated), a Llama of 4 blocks at 2048 tokens: the check's peak passes the
-    training step's by no more than its Krylov vectors (the basis shares the CPU's memory), where exact
-    products under the math kernel held about four times the step."""
+def _fake_long_sequence_peaks(**checks) -> tuple[int, dict[str, int], int]:
+    """On fake tensors, a Llama of 4 blocks at 2048 tokens (one sequence): the training step's peak, each
+    ``checks[name](model, batch)``'s peak, and the parameters' bytes."""
     with fake_tensors():
         model = _llama(2048, hidden=512, layers=4, heads=8)
         batch = _batch(1, 2048)
@@ -118,15 +116,26 @@ def test_fake_long_sequence_check_holds_no_double_backward_graph():
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+        def peak(fn) -> int:
+            return profile_step(fn, model=model, optimizers=[opt], inputs=[batch]).memory.peak_bytes
+
         train()
-        step = profile_step(train, model=model, optimizers=[opt], inputs=[batch]).memory.peak_bytes
-        check = profile_step(lambda: hessian_eigenvalues(model, batch, k=1), model=model, optimizers=[opt],
-                             inputs=[batch]).memory.peak_bytes
-        exact = profile_step(lambda: hessian_eigenvalues(model, batch, k=1, hvp="autograd", max_iter=2),
-                             model=model, optimizers=[opt], inputs=[batch]).memory.peak_bytes
-        vectors = (FD_PRODUCT_VECTORS + DEFAULT_MAX_BASIS + 1) * parameter_bytes(model)
-    assert check - step <= vectors
-    assert exact > 3 * step
+        step = peak(train)
+        peaks = {name: peak(lambda check=check: check(model, batch)) for name, check in checks.items()}
+        return step, peaks, parameter_bytes(model)
+
+
+@pytest.mark.filterwarnings("ignore:The module hierarchy tracking")
+def test_fake_long_sequence_check_holds_no_double_backward_graph():
+    """On fake tensors (nothing allocated), a Llama of 4 blocks at 2048 tokens: the check's peak passes the
+    training step's by no more than its Krylov vectors (the basis shares the CPU's memory), where exact
+    products under the math kernel held about four times the step."""
+    step, peaks, param_bytes = _fake_long_sequence_peaks(
+        check=lambda model, batch: hessian_eigenvalues(model, batch, k=1),
+        exact=lambda model, batch: hessian_eigenvalues(model, batch, k=1, hvp="autograd", max_iter=2),
+    )
+    assert peaks["check"] - step <= (FD_PRODUCT_VECTORS + DEFAULT_MAX_BASIS + 1) * param_bytes
+    assert peaks["exact"] > 3 * step
 
 
 def test_host_resident_finite_differences_give_the_device_product_bitwise():
@@ -154,19 +163,7 @@ def test_fake_check_with_host_basis_stays_near_the_training_step():
     """With the Krylov basis, the entry weights and the first gradient in host memory (the meta device stands
     for it on fake tensors), a long-sequence check holds at most one parameter-sized vector over the
     training step's peak, where all of them on the device held ten."""
-    with fake_tensors():
-        model = _llama(2048, hidden=512, layers=4, heads=8)
-        batch = _batch(1, 2048)
-        opt = torch.optim.AdamW(model.parameters())
-
-        def train() -> None:
-            model(**batch).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        train()
-        step = profile_step(train, model=model, optimizers=[opt], inputs=[batch]).memory.peak_bytes
-        check = profile_step(lambda: hessian_eigenvalues(model, batch, k=1, basis_device="meta"), model=model,
-                             optimizers=[opt], inputs=[batch]).memory.peak_bytes
-        vector = parameter_bytes(model)
-    assert check - step <= 1.05 * vector
+    step, peaks, param_bytes = _fake_long_sequence_peaks(
+        check=lambda model, batch: hessian_eigenvalues(model, batch, k=1, basis_device="meta"),
+    )
+    assert peaks["check"] - step <= 1.05 * param_bytes
