@@ -187,6 +187,7 @@ class RobustnessMonitor(Monitor):
         parts = 1
         if n > 1 and torch.is_tensor(x):
             part = split_batch((x, y), AUTO_MAX_MICRO_BATCHES)[0]
+
             def loss(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
                 return nn.functional.cross_entropy(logits_of(m(b[0])), b[1])
 

@@ -12,7 +12,7 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -36,6 +36,10 @@ __all__ = [
     "plan_products",
 ]
 
+
+#: the Hessian-vector product methods (``HVPOperator(hvp=...)`` and every curvature function)
+HVPMethod = Literal["auto", "autograd", "finite_difference"]
+HVP_CHOICES: tuple[str, ...] = get_args(HVPMethod)
 
 #: the most a check's estimated extra memory may pass a training step's before ``micro_batches="auto"``
 #: gives up the whole batch and its cached graph (below it, memory is not worth the time)
@@ -99,8 +103,8 @@ def plan_products(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None,
     alone; any rank's finite differences make every rank's), so sharded products run the same collectives
     on every rank; on fake tensors (``FakeTensorMode``) nothing is read and the ranks are taken to be alike.
     """
-    if hvp not in ("auto", "autograd", "finite_difference"):
-        raise ConfigurationError(f"hvp must be 'auto', 'autograd' or 'finite_difference', got {hvp!r}.")
+    if hvp not in HVP_CHOICES:
+        raise ConfigurationError(f"hvp must be one of {HVP_CHOICES}, got {hvp!r}.")
     batches = as_batches(batches)
     from .cost import DEFAULT_MAX_BASIS
 

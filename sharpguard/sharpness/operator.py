@@ -47,12 +47,10 @@ from .._state import side_effect_free, trainable_parameters
 from .._validation import positive_int
 from ..errors import ConfigurationError, SharpGuardError
 from .. import _validation as rules
-from .micro import ProductPlan, _AttentionCalls, _math_attention_kernel, plan_products
+from .micro import HVP_CHOICES, HVPMethod, ProductPlan, _AttentionCalls, _math_attention_kernel, plan_products
 
-HVPMethod = Literal["auto", "autograd", "finite_difference"]
 _log = logging.getLogger(__name__)
 _FD_FACTOR = 4.0  # finite-difference step in units of eps_mach^(1/3) times the weights' size (docstring)
-_HVP_CHOICES = ("auto", "autograd", "finite_difference")
 
 __all__ = ["HVPOperator", "NonDeterministicHVPError", "ProbeLoss"]
 
@@ -379,8 +377,8 @@ class HVPOperator(ProbeLoss):
         micro_batches: int | Literal["auto"] = 1,
         host_device: torch.device | str | None = None,
     ) -> None:
-        if hvp not in _HVP_CHOICES:
-            raise ConfigurationError(f"hvp must be one of {_HVP_CHOICES}, got {hvp!r}.")
+        if hvp not in HVP_CHOICES:
+            raise ConfigurationError(f"hvp must be one of {HVP_CHOICES}, got {hvp!r}.")
         if fd_eps is not None and not (fd_eps > 0 and math.isfinite(fd_eps)):
             raise ConfigurationError(f"fd_eps must be a positive number, got {fd_eps!r}.")
         #: the micro-batches and (under ``hvp="auto"``) the method ``micro_batches="auto"`` chose, or None
