@@ -53,9 +53,11 @@ def preserve_grads(params: Iterable[torch.Tensor]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def preserve_buffers(model: nn.Module) -> Iterator[None]:
-    """Copy every buffer (running statistics of BatchNorm and any custom module) and copy it back."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+def preserve_buffers(model: nn.Module, backup_device: torch.device | None = None) -> Iterator[None]:
+    """Copy every buffer (running statistics of BatchNorm and any custom module) and copy it back; the
+    copies live on ``backup_device`` where given (host memory: none of them on the model's device)."""
+    saved = [(b, b.detach().clone() if backup_device is None else b.detach().to(backup_device, copy=True))
+             for b in model.buffers()]
     try:
         yield
     finally:
@@ -86,16 +88,18 @@ def preserve_rng() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def side_effect_free(model: nn.Module, *, train: bool | None = False, parameters: bool = True) -> Iterator[None]:
+def side_effect_free(model: nn.Module, *, train: bool | None = False, parameters: bool = True,
+                     backup_device: torch.device | None = None) -> Iterator[None]:
     """All guards at once: what a monitor or measurement wraps its work in.
 
     ``train=False`` (the default) runs the body in eval mode; ``None`` keeps the current modes.
     ``parameters=False`` skips the parameter copy for code that never writes to weights.
+    ``backup_device`` keeps the buffers' copies there (host memory), off the model's device.
     """
     params = list(model.parameters())
     with contextlib.ExitStack() as stack:
         stack.enter_context(preserve_rng())
-        stack.enter_context(preserve_buffers(model))
+        stack.enter_context(preserve_buffers(model, backup_device))
         stack.enter_context(preserve_grads(params))
         if parameters:
             stack.enter_context(preserve_parameters(params))

@@ -20,6 +20,7 @@ from .._validation import check_keywords, keywords_of, positive, positive_int
 from ..errors import ConfigurationError
 from ..sharpness.cost import DEFAULT_MAX_BASIS, EXTRA_VECTORS, GRAPH_FACTOR, check_passes_per_hvp
 from ..sharpness.micro import AUTO_MAX_MICRO_BATCHES, plan_products
+from ..sharpness.lanczos import resolve_basis_device
 from .alerts import AlertRule, default_sharpness_alerts
 from .base import Monitor
 from .. import _validation as rules
@@ -276,7 +277,12 @@ class SharpnessMonitor(Monitor):
             key = tuple(id(b) for b in batches)
             if self._auto is None or self._auto[0] != key:
                 try:
-                    plan = plan_products(model, batches, self.loss_fn, hvp=self._kw("lambda_max").get("hvp", "auto"))
+                    kw = self._kw("lambda_max")
+                    device = next(p for p in model.parameters()).device
+                    # the basis where the check will keep it (host memory on an accelerator), as the function plans
+                    on_device = resolve_basis_device(kw.get("basis_device", "auto"), device) == device
+                    plan = plan_products(model, batches, self.loss_fn, hvp=kw.get("hvp", "auto"),
+                                         basis_on_device=on_device)
                     self._auto = (key, plan.micro_batches, plan.hvp)
                     if plan.reason:
                         self.warn_once("finite-difference", f"sharpness checks use {plan.reason}.")

@@ -101,8 +101,9 @@ def spectral_density(
     nodes, weights = [], []
     with op:
         for _ in range(n_v):
-            v = torch.randint(0, 2, (op.size,), generator=generator).to(op.dtype).mul_(2).sub_(1).to(op.device)
-            # no restart on breakdown: the quadrature of v is exact on its own Krylov space
+            v = torch.randint(0, 2, (op.size,), generator=generator).to(op.dtype).mul_(2).sub_(1).to(where)
+            # no restart on breakdown: the quadrature of v is exact on its own Krylov space. The operator
+            # takes the rows where they live (its host_device is `where`): no device copy of them
             kry = Krylov(op.matvec, v, n_iter, generator, restart=False, basis_device=where, cost_only=op.cost_only)
             while kry.step():
                 pass

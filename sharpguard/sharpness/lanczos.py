@@ -384,7 +384,8 @@ def lanczos(
     vectors the solver held at once. ``reduce`` (sharded vectors): sums a tensor of per-shard partial
     inner products over the shards, e.g. an all-reduce over the FSDP group.
     ``basis_device`` keeps the basis rows there (host memory: ``"cpu"``) while the products
-    run where ``v0`` is; ``cost_only`` runs on tensors without values (every operation, nothing read:
+    run where ``v0`` is (a matvec that reads host-resident vectors itself, as
+    :class:`~sharpguard.sharpness.HVPOperator` does for its ``host_device``, takes ``v0`` there too); ``cost_only`` runs on tensors without values (every operation, nothing read:
     NaN eigenvalues, never converged, so exactly ``max_iter`` products); ``stop_early=False`` takes
     all ``max_iter`` products even after convergence.
     """
@@ -471,11 +472,14 @@ def _check_common(k: int, tol: float, max_iter: int) -> None:
     positive_int("max_iter", max_iter)
 
 
-def start_vector(op: HVPOperator, init: Any, generator: torch.Generator) -> torch.Tensor:
-    """``init`` as a flat vector, or a standard normal vector drawn from ``generator``."""
+def start_vector(op: HVPOperator, init: Any, generator: torch.Generator,
+                 device: torch.device | None = None) -> torch.Tensor:
+    """``init`` as a flat vector, or a standard normal vector drawn from ``generator``, on ``device`` (default
+    the model's: host memory keeps it and its normalized copy off the device, two vectors at a check's start)."""
+    where = op.device if device is None else device
     if init is not None:
-        return op.as_vector(init, "init vector")
-    return torch.randn(op.size, generator=generator, dtype=op.dtype, device="cpu").to(op.device)
+        return op.as_vector(init, "init vector").to(where)
+    return torch.randn(op.size, generator=generator, dtype=op.dtype, device="cpu").to(where)
 
 
 BasisDevice = Literal["auto"] | str | torch.device | None
@@ -591,10 +595,14 @@ def hessian_eigenvalues(
         cache_graph=cache_graph, micro_batches=micro_batches, host_device=where,
     )
     fixed = fixed_product_count(fixed_products, op.cost_only, max_iter, cap)
+    if reduce is not None and where != op.device:
+        reduce = _reduced_on(reduce, op.device)  # the collectives run where the products do (NCCL)
     with op:
+        # every vector starts where the basis lives: the operator reads host-resident rows itself (its
+        # host_device is `where`), so no Lanczos vector is ever copied to the device for a product
         out = lanczos(
             op.matvec,
-            start_vector(op, init, generator),  # not kept here: the basis holds its normalized copy
+            start_vector(op, init, generator, where),  # not kept here: the basis holds its normalized copy
             k=k,
             which=which,
             tol=tol,

@@ -37,6 +37,15 @@ __all__ = [
 ]
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any trainable parameter of ``model`` is a ``DTensor`` (FSDP2's ``fully_shard``, tensor parallel)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed tensors
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
+
+
 #: the Hessian-vector product methods (``HVPOperator(hvp=...)`` and every curvature function)
 HVPMethod = Literal["auto", "autograd", "finite_difference"]
 HVP_CHOICES: tuple[str, ...] = get_args(HVPMethod)
@@ -90,7 +99,8 @@ def plan_products(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None,
     ``GRAPH_FACTOR["autograd"] * A_math / s`` and a finite-difference one ``GRAPH_FACTOR["finite_difference"]
     * A / s`` (docs/cost_model.md), each plus its Krylov vectors on the device ``V`` (its product's own,
     :data:`PRODUCT_VECTORS` or :data:`FD_PRODUCT_VECTORS`, and the Lanczos basis, ``DEFAULT_MAX_BASIS + 1``
-    rows where it shares the device, one row where it lives in host memory: ``basis_on_device``, default
+    rows where it shares the device, none where it lives in host memory - the exact product's vector in is
+    the row's copy, and a finite-difference product then keeps all of its vectors there: ``basis_on_device``, default
     whether the model is on the CPU, as :func:`~sharpguard.sharpness.lanczos.resolve_basis_device` decides).
 
     The slices are the fewest with ``graph / s + V <= A + G + AUTO_SLACK_BYTES``, at most
@@ -105,6 +115,10 @@ def plan_products(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None,
     """
     if hvp not in HVP_CHOICES:
         raise ConfigurationError(f"hvp must be one of {HVP_CHOICES}, got {hvp!r}.")
+    if hvp == "auto" and is_sharded(model):
+        # double backward never reaches FSDP's sharded parameters (sharded.py): no exact graph to measure, and
+        # its math-kernel forward (each head's T x T weights) would be the plan's own peak at long sequences
+        hvp = "finite_difference"
     batches = as_batches(batches)
     from .cost import DEFAULT_MAX_BASIS
 
@@ -113,7 +127,7 @@ def plan_products(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None,
     grad_bytes = sum(p.numel() * p.element_size() for p in params)
     if basis_on_device is None:
         basis_on_device = params[0].device.type == "cpu"
-    basis_rows = DEFAULT_MAX_BASIS + 1 if basis_on_device else 1
+    basis_rows = DEFAULT_MAX_BASIS + 1 if basis_on_device else 0
     fake = has_fake_tensors(model)
     batch = detach_inference(max(batches, key=batch_size))
     n = batch_size(batch)
@@ -136,7 +150,9 @@ def plan_products(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None,
         allowed = saved + grad_bytes + AUTO_SLACK_BYTES  # the training step's own peak (and the slack)
         exact_graph, fd_graph = GRAPH_FACTOR["autograd"] * saved_math, GRAPH_FACTOR["finite_difference"] * saved
         exact_vectors = (PRODUCT_VECTORS + basis_rows) * vector_bytes
-        fd_vectors = (FD_PRODUCT_VECTORS + basis_rows) * vector_bytes
+        # with the basis in host memory a finite-difference product keeps every vector there (operator.py,
+        # ``_central_difference_host``): the device holds the gradient being taken, counted in the step's G
+        fd_vectors = (FD_PRODUCT_VECTORS + basis_rows) * vector_bytes if basis_on_device else 0.0
         exact_slices = _fewest_slices(exact_graph, max(allowed - exact_vectors, AUTO_SLACK_BYTES), most)
         fd_slices = _fewest_slices(fd_graph, max(allowed - fd_vectors, AUTO_SLACK_BYTES), most)
         if hvp == "auto":

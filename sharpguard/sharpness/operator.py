@@ -47,7 +47,8 @@ from .._state import side_effect_free, trainable_parameters
 from .._validation import positive_int
 from ..errors import ConfigurationError, SharpGuardError
 from .. import _validation as rules
-from .micro import HVP_CHOICES, HVPMethod, ProductPlan, _AttentionCalls, _math_attention_kernel, plan_products
+from .micro import HVP_CHOICES, HVPMethod, ProductPlan, _AttentionCalls, _math_attention_kernel, is_sharded
+from .micro import plan_products
 
 _log = logging.getLogger(__name__)
 _FD_FACTOR = 4.0  # finite-difference step in units of eps_mach^(1/3) times the weights' size (docstring)
@@ -64,15 +65,6 @@ class _DoubleBackwardError(RuntimeError):
 
 
 @rules.checked()
-def is_sharded(model: nn.Module) -> bool:
-    """Whether any trainable parameter of ``model`` is a ``DTensor`` (FSDP2's ``fully_shard``, tensor parallel)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed tensors
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
-
-
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -140,6 +132,8 @@ class ProbeLoss:
         self._last_batch: Any = None
         self.n_forward = 0
         self.n_backward = 0
+        #: host memory for the vectors a measure keeps off the device (None: the device; see HVPOperator)
+        self.host_device: torch.device | None = None
 
     # -- context --------------------------------------------------------------------------------
     def __enter__(self):
@@ -151,7 +145,8 @@ class ProbeLoss:
         # The parameter guard's full copy is replaced by our own lazy one (:attr:`w0`): weights change only
         # through :meth:`set_parameters`, which captures them first, and are copied back on exit - so a
         # measure that never moves the weights (every exact-HVP measure) holds no copy of them at all.
-        stack.enter_context(side_effect_free(self.model, train=self.train, parameters=False))
+        stack.enter_context(side_effect_free(self.model, train=self.train, parameters=False,
+                                             backup_device=self.host_device))
         stack.callback(self._restore_weights)
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
@@ -173,7 +168,7 @@ class ProbeLoss:
         moves the weights never pays for the copy)."""
         self._require_entered()
         if self._w0 is None:
-            host = getattr(self, "host_device", None)
+            host = self.host_device
             if host is None or host == self.device:
                 self._w0 = self.flatten([p.detach() for p in self.params]).clone()
             else:  # copied piece by piece: no full flat copy on the device on its way to the host
@@ -196,11 +191,12 @@ class ProbeLoss:
         """Concatenate per-parameter tensors into one vector of :attr:`dtype` on :attr:`device`."""
         return torch.cat([t.reshape(-1).to(device=self.device, dtype=self.dtype) for t in tensors])
 
-    def _consume_flat(self, tensors: list[torch.Tensor | None]) -> torch.Tensor:
+    def _consume_flat(self, tensors: list[torch.Tensor | None], device: torch.device | None = None) -> torch.Tensor:
         """Like :meth:`flatten` (``None`` as zeros) but drops each piece once copied, so a gradient and
-        its flat copy never coexist in full (one model-size vector instead of two at the peak)."""
+        its flat copy never coexist in full (one model-size vector instead of two at the peak); ``device``
+        (host memory) takes the flat copy off the model's device altogether."""
         pieces = tensors if isinstance(tensors, list) else list(tensors)  # a list is emptied in place
-        out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        out = torch.zeros(self.size, dtype=self.dtype, device=self.device if device is None else device)
         offset = 0
         for i, n in enumerate(self.numels):
             if pieces[i] is not None:
@@ -224,7 +220,9 @@ class ProbeLoss:
                 raise ConfigurationError(
                     f"the {what} has {value.numel()} entries but the model has {self.size} trainable parameters."
                 )
-            return value.detach().reshape(-1).to(device=self.device, dtype=self.dtype)
+            # a vector in host memory (:attr:`host_device`) stays there: the products read it a piece at a time
+            where = self.host_device if value.device == self.host_device else self.device
+            return value.detach().reshape(-1).to(device=where, dtype=self.dtype)
         tensors = list(value)
         if len(tensors) != len(self.params) or any(t.shape != p.shape for t, p in zip(tensors, self.params)):
             raise ConfigurationError(
@@ -243,8 +241,16 @@ class ProbeLoss:
 
     # -- collectives ----------------------------------------------------------------------------
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
+        if not self.distributed:
+            return tensor
+        if tensor.device == self.device:
             torch.distributed.all_reduce(tensor)
+            return tensor
+        # a vector in host memory: through the device (where the collectives run) a parameter's piece at a time
+        for piece in torch.split(tensor, self.numels):
+            on_device = piece.to(self.device)
+            torch.distributed.all_reduce(on_device)
+            piece.copy_(on_device)
         return tensor
 
     # -- loss and gradient ----------------------------------------------------------------------
@@ -266,20 +272,22 @@ class ProbeLoss:
         """A scalar's value on the host, or NaN in a cost-only run (a fake tensor has no value)."""
         return math.nan if self.cost_only else float(scalar)
 
-    def loss_and_grad(self) -> tuple[float, torch.Tensor]:
-        """Probe loss and its flat gradient at the current weights (never touches ``.grad``)."""
+    def loss_and_grad(self, out_device: torch.device | None = None) -> tuple[float, torch.Tensor]:
+        """Probe loss and its flat gradient at the current weights (never touches ``.grad``); ``out_device``
+        (host memory) receives the gradient a parameter at a time, so no flat copy of it is made on the device."""
         self._require_entered()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        total: torch.Tensor | None = None  # made after the first backward: nothing more than a step's at its peak
         grad: torch.Tensor | None = None
         for w, batch in zip(self.weights, self.batches):
             loss = self._batch_loss(batch)
-            flat = self._consume_flat(self._first_order(loss))  # the per-parameter grads die here
+            flat = self._consume_flat(self._first_order(loss), out_device)  # the per-parameter grads die here
             self.n_backward += 1
             # accumulate into the first batch's vector: one model-size vector besides the current one
             grad = flat.mul_(w) if grad is None else grad.add_(flat, alpha=w)
             del flat
-            total += w * loss.detach().double()
-        assert grad is not None  # the probe has at least one batch (checked in __init__)
+            term = w * loss.detach().double()
+            total = term if total is None else total.add_(term)
+        assert grad is not None and total is not None  # the probe has at least one batch (checked in __init__)
         return self._read(self._all_reduce(total)), self._all_reduce(grad)
 
     def _first_order(self, loss: torch.Tensor) -> list[torch.Tensor | None]:
@@ -425,7 +433,9 @@ class HVPOperator(ProbeLoss):
 
     # -- products -------------------------------------------------------------------------------
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``H v`` for a flat vector ``v`` (returned as a new flat vector of :attr:`dtype`)."""
+        """``H v`` for a flat vector ``v`` (returned as a new flat vector of :attr:`dtype`, on the model's
+        device, or in host memory where ``v`` is in :attr:`host_device`: finite differences then read ``v``
+        there a parameter at a time, and exact products take it to the device and their result back)."""
         self._require_entered()
         v = self.as_vector(v)
         hv = self._select_method(v) if self.method is None else self._product(v)
@@ -452,7 +462,7 @@ class HVPOperator(ProbeLoss):
         if self.method == "finite_difference":
             return self._hvp_finite_difference(v)
         with self._kernel():
-            return self._hvp_autograd(v, fresh=fresh)
+            return self._hvp_autograd(v.to(self.device), fresh=fresh).to(v.device)
 
     def _select_method(self, v: torch.Tensor) -> torch.Tensor:
         """First product under ``hvp="auto"`` or ``"autograd"``: find the cheapest method that works, remember it.
@@ -467,7 +477,7 @@ class HVPOperator(ProbeLoss):
         attention = _AttentionCalls()
         try:
             with attention, math_kernel():
-                hv = self._hvp_autograd(v)
+                hv = self._hvp_autograd(v.to(self.device)).to(v.device)
         except _DoubleBackwardError as exc:
             self._graphs.clear()
             first_error = exc.__cause__
@@ -583,7 +593,7 @@ class HVPOperator(ProbeLoss):
             # large block elsewhere, such as an embedding table, does not enter), floored at 1e-2 so a direction
             # on zero-initialised weights (biases) still takes a step above rounding
             h = self.fd_eps * max(float(self._weighted_norm(w0, v)) / v_norm, 1e-2) / v_norm
-        if w0.device != v.device:
+        if self.host_device is not None or v.device != self.device:
             return self._central_difference_host(w0, v, h)
         return self._central_difference(w0, v, h)
 
@@ -599,27 +609,26 @@ class HVPOperator(ProbeLoss):
         return g_plus.sub_(g_minus).div_(2.0 * h)  # in place: no third gradient-size vector
 
     def _central_difference_host(self, w0: torch.Tensor, v: torch.Tensor, h: float) -> torch.Tensor:
-        """The central difference with the entry weights and ``g(w + h v)`` in host memory (:attr:`host_device`):
-        the device holds ``v`` and the gradient being taken; the weights are set parameter by parameter with
-        the same arithmetic as the on-device product, so the two give the same numbers."""
+        """The central difference with every vector in host memory (where ``w0`` is, :attr:`host_device`): the
+        device holds only the gradient being taken, parameter by parameter. The weights are set a parameter
+        at a time and each gradient is copied off the device as it is flattened, with the same arithmetic as
+        the on-device product, so the two give the same numbers. The product comes back where ``v`` is."""
+        host = w0.device
 
         def move(sign: float) -> None:
             with torch.no_grad():
                 for p, w, d in zip(self.params, self.unflatten(w0), self.unflatten(v)):
-                    p.copy_(torch.add(w.to(d.device), d, alpha=sign * h))
+                    p.copy_(torch.add(w.to(p.device), d.to(p.device), alpha=sign * h))
             self._at_w0 = False
 
         try:
             move(1.0)
-            _, g_plus = self.loss_and_grad()
-            g_plus = g_plus.to(w0.device)  # off the device while the second gradient is taken
+            _, g_plus = self.loss_and_grad(out_device=host)
             move(-1.0)
-            _, g_minus = self.loss_and_grad()
+            _, g_minus = self.loss_and_grad(out_device=host)
         finally:
             self.set_parameters(w0)
-        for out, plus in zip(torch.split(g_minus, self.numels), torch.split(g_plus, self.numels)):
-            out.sub_(plus.to(out.device))  # g_minus - g_plus, a piece at a time
-        return g_minus.div_(-2.0 * h)
+        return g_plus.sub_(g_minus).div_(2.0 * h).to(v.device)
 
 
 def _inner(pairs: list[tuple[torch.Tensor, int]], vs: list[torch.Tensor]) -> torch.Tensor:

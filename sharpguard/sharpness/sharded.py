@@ -88,24 +88,27 @@ class ShardedHVPOperator(HVPOperator):
         return float(self._norm_tensor(vector))
 
     def _norm_tensor(self, vector: torch.Tensor) -> torch.Tensor:
-        local = torch.dot(vector, vector).to(torch.float64).reshape(1)
+        # a vector in host memory sums its slices' partial result on the device, where the collectives run
+        local = torch.dot(vector, vector).to(device=self.device, dtype=torch.float64).reshape(1)
         return self.reduce_sum(local)[0].sqrt()
 
     # -- FSDP's gradient, slice by slice ----------------------------------------------------------------
-    def loss_and_grad(self) -> tuple[float, torch.Tensor]:
-        """Probe loss (over every rank's batches) and this rank's slice of its gradient."""
+    def loss_and_grad(self, out_device: torch.device | None = None) -> tuple[float, torch.Tensor]:
+        """Probe loss (over every rank's batches) and this rank's slice of its gradient (on ``out_device``,
+        a parameter at a time, where given: see :meth:`~.operator.ProbeLoss.loss_and_grad`)."""
         self._require_entered()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        total: torch.Tensor | None = None  # made after the first backward, as in ProbeLoss.loss_and_grad
         grad: torch.Tensor | None = None
         for w, batch in zip(self.weights, self.batches):
             loss = self._batch_loss(batch)
             # FSDP averages over the ranks: scaled by the world size, the average is the sum of the
             # ranks' weighted gradients, i.e. the gradient of the union's probe loss
-            flat = self._consume_flat(self._sharded_gradient(loss * (w * self.world)))
+            flat = self._consume_flat(self._sharded_gradient(loss * (w * self.world)), out_device)
             self.n_backward += 1
             grad = flat if grad is None else grad.add_(flat)
-            total += w * loss.detach().double()
-        assert grad is not None
+            term = w * loss.detach().double()
+            total = term if total is None else total.add_(term)
+        assert grad is not None and total is not None
         return self._read(self._all_reduce(total)), grad
 
     def _sharded_gradient(self, loss: torch.Tensor) -> list[torch.Tensor | None]:

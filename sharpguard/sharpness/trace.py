@@ -44,9 +44,9 @@ class TraceResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def _rademacher(n: int, cols: int, generator: torch.Generator, op: HVPOperator) -> torch.Tensor:
+def _rademacher(n: int, cols: int, generator: torch.Generator, op: HVPOperator, device: torch.device) -> torch.Tensor:
     z = torch.randint(0, 2, (cols, n), generator=generator, device="cpu").to(op.dtype).mul_(2).sub_(1)
-    return z.to(op.device)
+    return z.to(device)
 
 
 def _cholesky_qr(y: torch.Tensor, total: Any, cost_only: bool = False) -> torch.Tensor:
@@ -131,28 +131,29 @@ def hessian_trace(
     with op:
         n_local = op.size
         n = total_size(op, reduce)
-        # one random vector at a time (the generator's stream is the same as drawing them as one block):
-        # the device holds one probe vector and its product, never n_hvp model-size vectors
+        # one random vector at a time (the generator's stream is the same as drawing them as one block), on
+        # basis_device: in host memory the products read it there (HVPOperator.matvec), and the device holds
+        # no probe vector or product at all; on the device, one of each, never n_hvp model-size vectors
         if method == "hutchinson":
-            samples = [quadratic_form(_rademacher(n_local, 1, generator, op)[0]) for _ in range(n_hvp)]
+            samples = [quadratic_form(_rademacher(n_local, 1, generator, op, where)[0]) for _ in range(n_hvp)]
             trace, stderr = _mean_stderr(samples)
         else:
             s = n_hvp // 3
             # the sketch Y = H S and its basis Q (s model-size vectors each) live on basis_device
             y = torch.empty((n_local, s), dtype=op.dtype, device=where)
             for i in range(s):
-                y[:, i] = op.matvec(_rademacher(n_local, 1, generator, op)[0]).to(where)
+                y[:, i] = op.matvec(_rademacher(n_local, 1, generator, op, where)[0])
             if reduce is not None:
                 q = _cholesky_qr(y, total, cost_only=op.cost_only)
             else:
                 q = torch.linalg.qr(y)[0]  # orthonormal columns
             del y
-            exact = math.fsum(quadratic_form(q[:, i].to(op.device)) for i in range(q.shape[1]))
+            exact = math.fsum(quadratic_form(q[:, i]) for i in range(q.shape[1]))
             samples = []
             for _ in range(n_hvp - 2 * s):
-                gi = _rademacher(n_local, 1, generator, op)[0].to(where)
+                gi = _rademacher(n_local, 1, generator, op, where)[0]
                 gi = gi - q @ total(q.T @ gi)  # (I - QQ^T) g
-                samples.append(quadratic_form(gi.to(op.device)))
+                samples.append(quadratic_form(gi))
             rest, stderr = _mean_stderr(samples)
             if q.shape[1] >= n:  # Q spans everything: the deflated remainder is exactly zero
                 rest, stderr = 0.0, 0.0
