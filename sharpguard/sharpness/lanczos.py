@@ -385,7 +385,8 @@ def lanczos(
     inner products over the shards, e.g. an all-reduce over the FSDP group.
     ``basis_device`` keeps the basis rows there (host memory: ``"cpu"``) while the products
     run where ``v0`` is (a matvec that reads host-resident vectors itself, as
-    :class:`~sharpguard.sharpness.HVPOperator` does for its ``host_device``, takes ``v0`` there too); ``cost_only`` runs on tensors without values (every operation, nothing read:
+    :class:`~sharpguard.sharpness.HVPOperator` does for its ``host_device``, takes ``v0`` there too);
+    ``cost_only`` runs on tensors without values (every operation, nothing read:
     NaN eigenvalues, never converged, so exactly ``max_iter`` products); ``stop_early=False`` takes
     all ``max_iter`` products even after convergence.
     """

@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 
+@rules.checked()
 def is_sharded(model: nn.Module) -> bool:
     """Whether any trainable parameter of ``model`` is a ``DTensor`` (FSDP2's ``fully_shard``, tensor parallel)."""
     try:
