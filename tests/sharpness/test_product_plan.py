@@ -8,6 +8,7 @@ tensors (``FakeTensorMode``, MemTracker) the check's peak against the training s
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sharpguard.monitor import SharpnessMonitor
-from sharpguard.simulate import fake_tensors, parameter_bytes, profile_step
+from sharpguard.simulate import fake_process_group, fake_tensors, parameter_bytes, profile_step
 from sharpguard.sharpness import hessian_eigenvalues, hessian_trace, plan_products
 from sharpguard.sharpness.cost import DEFAULT_MAX_BASIS
 from sharpguard.sharpness.micro import FD_PRODUCT_VECTORS, _math_attention_kernel, _saved_bytes
@@ -103,11 +104,20 @@ def test_monitor_says_once_that_it_takes_finite_differences():
     assert settings["sharpness/lambda_max"]["hvp"] == "finite_difference"
 
 
-def _fake_long_sequence_peaks(**checks) -> tuple[int, dict[str, int], int]:
-    """On fake tensors, a Llama of 4 blocks at 2048 tokens (one sequence): the training step's peak, each
-    ``checks[name](model, batch)``'s peak, and the parameters' bytes."""
-    with fake_tensors():
-        model = _llama(2048, hidden=512, layers=4, heads=8)
+def _fake_long_sequence_peaks(layers: int = 4, world: int | None = None, **checks) -> tuple[int, dict[str, int], int]:
+    """On fake tensors, a Llama of ``layers`` blocks at 2048 tokens (one sequence), each block and the model
+    under ``fully_shard`` on a fake process group of ``world`` ranks where given: the training step's peak,
+    each ``checks[name](model, batch)``'s peak, and the parameters' bytes (per rank)."""
+    with contextlib.ExitStack() as stack:
+        mesh = None if world is None else stack.enter_context(fake_process_group(world))
+        stack.enter_context(fake_tensors())
+        model = _llama(2048, hidden=512, layers=layers, heads=8)
+        if mesh is not None:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.model.layers:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
         batch = _batch(1, 2048)
         opt = torch.optim.AdamW(model.parameters())
 
@@ -182,33 +192,17 @@ def test_fake_fsdp2_checks_with_host_basis_stay_within_the_training_step():
     Within a kibibyte: the check's scalars (the world-scaled probe loss beside the loss, 4 bytes) and the
     monitor's guard's copy of the model's buffers (Llama's rotary frequencies, 256 bytes); CUDA's allocator
     rounds every block up to 512 bytes."""
-    from torch.distributed.fsdp import fully_shard
-
-    from sharpguard.simulate import fake_process_group
-
-    with fake_process_group(8) as mesh, fake_tensors():
-        model = _llama(2048, hidden=512, layers=2, heads=8)
-        for block in model.model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        batch = _batch(1, 2048)
-        opt = torch.optim.AdamW(model.parameters())
-
-        def train() -> None:
-            model(**batch).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        def peak(fn) -> int:
-            return profile_step(fn, model=model, optimizers=[opt], inputs=[batch], count_flops=False).memory.peak_bytes
-
-        train()
-        step = peak(train)
-        check = peak(lambda: hessian_eigenvalues(model, batch, k=1, basis_device="meta"))
-        monitor = SharpnessMonitor(measures=("lambda_max",), probe=[batch], alerts=None,
-                                   measure_kwargs={"lambda_max": {"basis_device": "meta"}})
-        watched = peak(lambda: monitor.measure(model, opt))
-        plan = plan_products(model, [batch])
+    made = {}  # the plan, and the monitor on the fake batch (made in the first, unread, measured call)
+    step, peaks, _ = _fake_long_sequence_peaks(
+        layers=2, world=8,
+        plan=lambda model, batch: made.update(
+            plan=plan_products(model, [batch]),
+            monitor=SharpnessMonitor(measures=("lambda_max",), probe=[batch], alerts=None,
+                                     measure_kwargs={"lambda_max": {"basis_device": "meta"}})),
+        check=lambda model, batch: hessian_eigenvalues(model, batch, k=1, basis_device="meta"),
+        watched=lambda model, batch: made["monitor"].measure(model),
+    )
+    check, watched, plan = peaks["check"], peaks["watched"], made["plan"]
     assert check <= step + 1024
     assert watched <= step + 1024
     assert (plan.hvp, plan.reason) == ("finite_difference", "")
