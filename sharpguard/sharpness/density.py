@@ -22,7 +22,7 @@ from torch import nn
 
 from .._batches import LossFn
 from ..errors import ConfigurationError, require
-from .lanczos import BasisDevice, Krylov, resolve_basis_device
+from .lanczos import BasisDevice, Krylov, rademacher, resolve_basis_device
 from .operator import HVPMethod, HVPOperator
 from .. import _validation as rules
 
@@ -101,7 +101,7 @@ def spectral_density(
     nodes, weights = [], []
     with op:
         for _ in range(n_v):
-            v = torch.randint(0, 2, (op.size,), generator=generator).to(op.dtype).mul_(2).sub_(1).to(where)
+            v = rademacher(op.size, generator, op.dtype, where)
             # no restart on breakdown: the quadrature of v is exact on its own Krylov space. The operator
             # takes the rows where they live (its host_device is `where`): no device copy of them
             kry = Krylov(op.matvec, v, n_iter, generator, restart=False, basis_device=where, cost_only=op.cost_only)

@@ -483,6 +483,25 @@ def start_vector(op: HVPOperator, init: Any, generator: torch.Generator,
     return torch.randn(op.size, generator=generator, dtype=op.dtype, device="cpu").to(where)
 
 
+#: entries per draw of :func:`rademacher`: its int64 transient is 8 MiB however large the model
+RADEMACHER_CHUNK = 1 << 20
+
+
+def rademacher(n: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``n`` independent signs (+-1 with probability 1/2, Hutchinson 1989) in ``dtype`` on ``device``.
+
+    Drawn as integers on the host ``RADEMACHER_CHUNK`` at a time into a vector of ``dtype``: the same stream as
+    one ``torch.randint(0, 2, (n,))`` (the CPU generator draws serially), without its whole int64 vector,
+    twice a float32 parameter vector, on the host at once; on an accelerator the vector is made on the host and
+    copied over whole (the generator is a CPU one)."""
+    device = torch.device(device)
+    z = torch.empty(n, dtype=dtype, device=device if device.type in ("cpu", "meta") else "cpu")
+    for start in range(0, n, RADEMACHER_CHUNK):
+        part = z[start:start + RADEMACHER_CHUNK]
+        part.copy_(torch.randint(0, 2, (part.numel(),), generator=generator, device="cpu"))
+    return z.mul_(2).sub_(1).to(device)
+
+
 BasisDevice = Literal["auto"] | str | torch.device | None
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from .._batches import LossFn
 from ..errors import ConfigurationError
-from .lanczos import BasisDevice, make_operator, resolve_basis_device, total_size
+from .lanczos import BasisDevice, make_operator, rademacher, resolve_basis_device, total_size
 from .operator import HVPMethod, HVPOperator
 from .. import _validation as rules
 
@@ -42,11 +42,6 @@ class TraceResult:
     samples: list[float] = field(default_factory=list)
     seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
-
-
-def _rademacher(n: int, cols: int, generator: torch.Generator, op: HVPOperator, device: torch.device) -> torch.Tensor:
-    z = torch.randint(0, 2, (cols, n), generator=generator, device="cpu").to(op.dtype).mul_(2).sub_(1)
-    return z.to(device)
 
 
 def _cholesky_qr(y: torch.Tensor, total: Any, cost_only: bool = False) -> torch.Tensor:
@@ -135,14 +130,14 @@ def hessian_trace(
         # basis_device: in host memory the products read it there (HVPOperator.matvec), and the device holds
         # no probe vector or product at all; on the device, one of each, never n_hvp model-size vectors
         if method == "hutchinson":
-            samples = [quadratic_form(_rademacher(n_local, 1, generator, op, where)[0]) for _ in range(n_hvp)]
+            samples = [quadratic_form(rademacher(n_local, generator, op.dtype, where)) for _ in range(n_hvp)]
             trace, stderr = _mean_stderr(samples)
         else:
             s = n_hvp // 3
             # the sketch Y = H S and its basis Q (s model-size vectors each) live on basis_device
             y = torch.empty((n_local, s), dtype=op.dtype, device=where)
             for i in range(s):
-                y[:, i] = op.matvec(_rademacher(n_local, 1, generator, op, where)[0])
+                y[:, i] = op.matvec(rademacher(n_local, generator, op.dtype, where))
             if reduce is not None:
                 q = _cholesky_qr(y, total, cost_only=op.cost_only)
             else:
@@ -151,7 +146,7 @@ def hessian_trace(
             exact = math.fsum(quadratic_form(q[:, i]) for i in range(q.shape[1]))
             samples = []
             for _ in range(n_hvp - 2 * s):
-                gi = _rademacher(n_local, 1, generator, op, where)[0]
+                gi = rademacher(n_local, generator, op.dtype, where)
                 gi = gi - q @ total(q.T @ gi)  # (I - QQ^T) g
                 samples.append(quadratic_form(gi))
             rest, stderr = _mean_stderr(samples)

@@ -477,3 +477,37 @@ def test_cached_gradient_graph_gives_the_same_products_for_one_forward(cache_gra
         torch.testing.assert_close(hv, hess @ v, rtol=1e-10, atol=1e-12)
     # 4 products + the determinism check's fresh product: 2 forwards cached, 5 without
     assert forwards == (2 if cache_graph else 5)
+
+
+@given(n=st.integers(1, 40), chunk=st.integers(1, 16), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=30, deadline=None)
+def test_rademacher_in_chunks_is_one_randint_stream(n, chunk, seed):
+    """Drawn a chunk at a time in the vector's dtype, the signs are those of one int64 ``randint`` draw of
+    the same generator (seeded results do not change), and every entry is +-1."""
+    import sharpguard.sharpness.lanczos as lz
+
+    old, lz.RADEMACHER_CHUNK = lz.RADEMACHER_CHUNK, chunk
+    try:
+        z = lz.rademacher(n, torch.Generator().manual_seed(seed), torch.float64, torch.device("cpu"))
+    finally:
+        lz.RADEMACHER_CHUNK = old
+    reference = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).double() * 2 - 1
+    assert z.dtype == torch.float64 and torch.equal(z, reference)
+
+
+def test_rademacher_holds_one_vector_not_an_int64_one():
+    """The draw's peak is the float32 vector plus one int64 chunk (counted by MemTracker on fake tensors), not
+    the whole int64 vector (twice the float32 one) a single ``randint`` would hold."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from sharpguard.sharpness.lanczos import RADEMACHER_CHUNK, rademacher
+
+    n = 16 * RADEMACHER_CHUNK
+    with FakeTensorMode():
+        tracker = MemTracker()
+        with tracker:
+            z = rademacher(n, torch.Generator().manual_seed(0), torch.float32, torch.device("cpu"))
+        peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    assert z.shape == (n,)
+    assert 4 * n <= peak <= 4 * n + 8 * RADEMACHER_CHUNK + 1024
