@@ -76,9 +76,11 @@ __all__ = [
 ]
 
 # cost model of SAM steps and curvature checks (docs/cost_model.md)
-from .cost import CheckCost, SamCost, estimate_check_cost, estimate_sam_cost
+from .cost import (CheckCost, CheckMemory, SamCost, estimate_check_cost, estimate_check_memory, estimate_plan_memory,
+                   estimate_sam_cost)
 
-__all__ += ["CheckCost", "SamCost", "estimate_check_cost", "estimate_sam_cost"]
+__all__ += ["CheckCost", "CheckMemory", "SamCost", "estimate_check_cost", "estimate_check_memory",
+            "estimate_plan_memory", "estimate_sam_cost"]
 
 from .sharded import ShardedHVPOperator, is_sharded  # noqa: E402
 

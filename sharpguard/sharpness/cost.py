@@ -27,14 +27,22 @@ device and FSDP2) the FLOP ratios (``HVP_FLOPS``, ``SAM_FLOPS``) and the float32
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 from .. import _validation as rules
+
+if TYPE_CHECKING:
+    from .micro import ProductPlan
 
 __all__ = [
     "CheckCost",
+    "CheckMemory",
     "SamCost",
     "check_flops_per_hvp",
     "check_passes_per_hvp",
     "estimate_check_cost",
+    "estimate_check_memory",
+    "estimate_plan_memory",
     "estimate_sam_cost",
     "transformer_activation_bytes",
 ]
@@ -87,6 +95,14 @@ class SamCost:
     seconds: float
     seconds_over_step: float
     flops_over_step: float = SAM_FLOPS  # matrix-product FLOPs over a plain step's
+
+
+def _non_negative(name: str, value: float) -> float:
+    from ..errors import ConfigurationError
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < float("inf"):
+        raise ConfigurationError(f"{name} must be a finite number of bytes >= 0, got {value!r}.")
+    return float(value)
 
 
 def _positive(name: str, value: float) -> float:
@@ -162,6 +178,156 @@ def estimate_check_cost(
         # a cached graph is built once (a forward and a backward), then every product is one double backward
         flops_over_step=n_hvp * batches * check_flops_per_hvp(hvp, micro_batches=micro, probe_batches=batches)
         + (1.0 if cached else 0.0),
+    )
+
+
+@dataclass(frozen=True)
+class CheckMemory:
+    """Predicted device peak of one curvature check as an allocator counts it (live tensors: what
+    ``torch.cuda.max_memory_allocated`` reads, and MemTracker under ``FakeTensorMode``)."""
+
+    peak_bytes: float  # the device's peak during the check, the resident bytes included
+    over_step: float  # over the training step's peak
+    phase: str  # the phase at the peak: "gradient pass", "flatten" or "exact product"
+    device_vectors: float  # parameter-sized vectors the check keeps on the device through its products
+
+
+#: parameter-sized vectors a finite-difference check keeps on the device besides its Krylov basis when the
+#: basis is there: the weights' copy ``w0`` (operator.py, ``_hvp_finite_difference``)
+FD_RESIDENT_VECTORS = 1
+#: more parameter-sized vectors a monitor keeps there: the previous check's eigenvector (its warm start)
+MONITOR_VECTORS = 1
+#: Hutch++ keeps its sketch's ``s`` columns (``n_hvp // 3``) and 3 more vectors: ``Q``'s column, the product
+#: and the probe (trace.py)
+HUTCHPP_VECTORS = 3
+#: an exact product's double-backward graph, live, over what the forward saves for backward under the math
+#: attention kernel (``ProductPlan.saved_math_bytes``): simulated on GPT-2's uncached whole-batch product
+#: (benchmarks/simulate.py, ``hvp_exact``; docs/cost_model.md, "Live memory")
+EXACT_GRAPH_FACTOR = 2.87
+#: parameter-sized vectors an exact product adds on the device: the vector in, the product and the gradient
+#: being differentiated (the same count as ``sharpness.micro.PRODUCT_VECTORS``)
+EXACT_PRODUCT_VECTORS = 3
+#: at the end of a gradient pass the device holds the parameters' gradients and their flat copy, and with
+#: micro-batches also the flat sum of the slices before it (one more vector)
+FLATTEN_VECTORS = 2
+
+
+@rules.checked()
+def estimate_check_memory(
+    *,
+    step_peak_bytes: float,
+    resident_bytes: float,
+    vector_bytes: float,
+    pass_bytes: float | None = None,
+    gradient_bytes: float | None = None,
+    hvp: str = "finite_difference",
+    micro_batches: int = 1,
+    slice_fraction: float | None = None,
+    basis_on_device: bool = True,
+    measure: str = "lambda_max",
+    max_basis: int = DEFAULT_MAX_BASIS,
+    n_hvp: int = 9,
+    graph_bytes: float | None = None,
+) -> CheckMemory:
+    """A check's device peak from the phases of its products, in live bytes (the simulated counterpart of
+    :func:`estimate_check_cost`'s CPU RSS fit; docs/cost_model.md, "Live memory").
+
+    A check runs its products one slice of the probe batch at a time. Its peak is the larger of:
+
+    * the **gradient pass** of the largest slice: ``resident + f pass + V P`` (``f`` the slice's share of the
+      batch; exact products hold ``c_x f graph`` instead, their double-backward graph);
+    * the **flatten** that follows it: ``resident + (FLATTEN_VECTORS + [m > 1]) G + V P``, the gradients, their
+      flat copy and, over several slices, the running sum;
+
+    with ``V`` the parameter-sized vectors the check keeps on the device: with the basis there,
+    ``max_basis + 1`` rows and ``FD_RESIDENT_VECTORS`` (plus ``MONITOR_VECTORS`` for a monitor's warm start,
+    or Hutch++'s ``n_hvp // 3 + HUTCHPP_VECTORS`` for a trace; one more for the running sum over several
+    slices); with the basis in host memory (``basis_device="auto"`` on an accelerator) none, and the flatten
+    copies each gradient off the device as it goes.
+
+    Args:
+        step_peak_bytes: the training step's device peak (``torch.cuda.max_memory_allocated`` around a step).
+        resident_bytes: what the device holds at the step's peak besides its transient: weights, buffers,
+            optimizer state, and under FSDP2 the gathered weights and collective buffers of the blocks in flight.
+        vector_bytes: one parameter-sized Krylov vector, ``P`` (this rank's shard under FSDP2; never below float32).
+        pass_bytes: the transient of a forward and backward over the whole probe batch as the check runs it (eval
+            mode: a model with dropout saves less than in training); default ``step_peak_bytes - resident_bytes``.
+        gradient_bytes: the parameters' gradients, ``G`` (default ``vector_bytes``).
+        hvp: ``"finite_difference"`` or ``"autograd"``.
+        micro_batches: slices per probe batch, ``m``.
+        slice_fraction: the largest slice's share of the batch (default ``1 / m``; 8 examples in 7 slices: 2/8).
+        basis_on_device: whether the Krylov basis shares the device.
+        measure: ``"lambda_max"`` (:func:`hessian_eigenvalues`, ``k=1``), ``"monitor"`` (the same in a
+            :class:`~sharpguard.monitor.SharpnessMonitor`, after its first check) or ``"trace"`` (Hutch++).
+        max_basis: the Lanczos basis cap.
+        n_hvp: a trace's products (its sketch has ``n_hvp // 3`` columns).
+        graph_bytes: for exact products, what the whole batch's forward saves for backward under the math
+            attention kernel (``plan_products`` measures it: ``ProductPlan.saved_math_bytes``).
+    """
+    from ..errors import ConfigurationError
+    from .._validation import positive_int
+
+    if hvp not in GRAPH_FACTOR:
+        raise ConfigurationError(f"hvp must be one of {sorted(GRAPH_FACTOR)}, got {hvp!r}.")
+    if measure not in ("lambda_max", "monitor", "trace"):
+        raise ConfigurationError(f"measure must be 'lambda_max', 'monitor' or 'trace', got {measure!r}.")
+    step_peak = _positive("step_peak_bytes", step_peak_bytes)
+    resident = _non_negative("resident_bytes", resident_bytes)
+    if resident > step_peak:
+        raise ConfigurationError(f"resident_bytes must be between 0 and step_peak_bytes ({step_peak:.4g}), "
+                                 f"got {resident_bytes!r}.")
+    vec = _positive("vector_bytes", vector_bytes)
+    grad = vec if gradient_bytes is None else _non_negative("gradient_bytes", gradient_bytes)
+    transient = step_peak - resident if pass_bytes is None else _non_negative("pass_bytes", pass_bytes)
+    micro = positive_int("micro_batches", micro_batches)
+    max_basis, n_hvp = positive_int("max_basis", max_basis), positive_int("n_hvp", n_hvp)
+    if graph_bytes is not None:
+        graph_bytes = _non_negative("graph_bytes", graph_bytes)
+    share = 1.0 / micro if slice_fraction is None else slice_fraction
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share <= 1.0:
+        raise ConfigurationError(f"slice_fraction must be in (0, 1], got {slice_fraction!r}.")
+    several = 1 if micro > 1 else 0
+    if hvp == "autograd":  # the basis rows on the device, or the one row the product copies in
+        vectors = (max_basis + 1 if rules.flag("basis_on_device", basis_on_device) else 0) + EXACT_PRODUCT_VECTORS
+    elif not rules.flag("basis_on_device", basis_on_device):
+        vectors = 0.0
+    elif measure == "trace":
+        vectors = n_hvp // 3 + HUTCHPP_VECTORS + several
+    else:
+        vectors = max_basis + 1 + FD_RESIDENT_VECTORS + several + (MONITOR_VECTORS if measure == "monitor" else 0)
+    if hvp == "autograd":
+        if graph_bytes is None:
+            raise ConfigurationError("exact products need graph_bytes (ProductPlan.saved_math_bytes).")
+        passes = {"exact product": resident + EXACT_GRAPH_FACTOR * share * float(graph_bytes) + vectors * vec}
+    else:
+        flatten = (FLATTEN_VECTORS + several) * grad if vectors else grad
+        passes = {"gradient pass": resident + share * transient + vectors * vec,
+                  "flatten": resident + flatten + vectors * vec}
+    phase = max(passes, key=passes.__getitem__)
+    return CheckMemory(peak_bytes=passes[phase], over_step=passes[phase] / step_peak, phase=phase,
+                       device_vectors=float(vectors))
+
+
+def estimate_plan_memory(plan: ProductPlan, *, measure: str = "monitor", n_hvp: int = 9,
+                         max_basis: int = DEFAULT_MAX_BASIS) -> CheckMemory | None:
+    """:func:`estimate_check_memory` from what :func:`~sharpguard.sharpness.plan_products` measured, over the
+    bytes the device holds between steps (weights, buffers, optimizer state: they cancel): the training step
+    taken as the plan takes it, the probe batch's saved tensors plus the gradients. ``None`` where the plan
+    measured nothing (a batch that cannot be split)."""
+    from .micro import ProductPlan
+
+    if not isinstance(plan, ProductPlan):
+        from ..errors import ConfigurationError
+
+        raise ConfigurationError(f"plan must be a ProductPlan from plan_products, got {type(plan).__name__}.")
+    if plan.saved_bytes <= 0 or plan.vector_bytes <= 0:
+        return None
+    step = plan.saved_bytes + plan.gradient_bytes
+    return estimate_check_memory(
+        step_peak_bytes=step, resident_bytes=0.0, vector_bytes=plan.vector_bytes, pass_bytes=step,
+        gradient_bytes=plan.gradient_bytes or None, hvp=plan.hvp, micro_batches=plan.micro_batches,
+        slice_fraction=plan.slice_fraction, basis_on_device=plan.basis_on_device, measure=measure,
+        max_basis=max_basis, n_hvp=n_hvp, graph_bytes=plan.saved_math_bytes or plan.saved_bytes,
     )
 
 

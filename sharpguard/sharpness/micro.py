@@ -72,6 +72,17 @@ class ProductPlan:
     micro_batches: int
     hvp: str
     reason: str = ""
+    #: what a forward of the largest probe batch saves for backward, measured on a slice and scaled (bytes;
+    #: 0 where nothing was measured): under the training step's attention kernel and under the math kernel
+    #: the exact product needs (``estimate_check_memory(graph_bytes=...)``)
+    saved_bytes: float = 0.0
+    saved_math_bytes: float = 0.0
+    #: one parameter-sized Krylov vector and the parameters' gradients, in bytes (this rank's shard under FSDP2)
+    vector_bytes: float = 0.0
+    gradient_bytes: float = 0.0
+    #: the largest slice's share of the largest probe batch, and whether the Krylov basis shares the device
+    slice_fraction: float = 1.0
+    basis_on_device: bool = True
 
 
 @rules.checked()
@@ -137,7 +148,7 @@ def plan_products(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None,
     except ConfigurationError:
         part = None  # a batch that cannot be split runs whole: nothing to choose (the monitor says so)
     exact_slices, fd_slices, use_fd = 1, 1, hvp == "finite_difference"
-    reason = ""
+    reason, saved, saved_math = "", 0.0, 0.0
     if part is not None:
         scale = n / batch_size(part)
         attention = _AttentionCalls()
@@ -173,9 +184,18 @@ def plan_products(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None,
         flag, exact_slices, fd_slices = (int(x) for x in agreed.tolist())
         if flag and not use_fd:
             use_fd, reason = True, "finite-difference products: another rank's exact products would not fit"
-    if use_fd:
-        return ProductPlan(micro_batches=fd_slices, hvp="finite_difference", reason=reason)
-    return ProductPlan(micro_batches=exact_slices, hvp="autograd")
+    slices = fd_slices if use_fd else exact_slices
+    return ProductPlan(micro_batches=slices, hvp="finite_difference" if use_fd else "autograd", reason=reason,
+                       saved_bytes=saved, saved_math_bytes=saved_math, vector_bytes=vector_bytes,
+                       gradient_bytes=grad_bytes, slice_fraction=_largest_slice(n, slices),
+                       basis_on_device=bool(basis_on_device))
+
+
+def _largest_slice(n: int, parts: int) -> float:
+    """The largest of ``split_batch``'s slices of ``n`` examples in ``parts``, as a share of ``n``."""
+    parts = max(1, min(parts, n))
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return max(b - a for a, b in zip(bounds, bounds[1:])) / n
 
 
 def _saved_bytes(model: nn.Module, part: Any, loss_fn: Any) -> float:

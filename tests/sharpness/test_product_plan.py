@@ -16,9 +16,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sharpguard.monitor import SharpnessMonitor
-from sharpguard.simulate import fake_process_group, fake_tensors, parameter_bytes, profile_step
+from sharpguard.simulate import CATEGORIES, fake_process_group, fake_tensors, parameter_bytes, profile_step
 from sharpguard.sharpness import hessian_eigenvalues, hessian_trace, plan_products
-from sharpguard.sharpness.cost import DEFAULT_MAX_BASIS
+from sharpguard.sharpness.cost import DEFAULT_MAX_BASIS, estimate_check_memory
 from sharpguard.sharpness.micro import FD_PRODUCT_VECTORS, _math_attention_kernel, _saved_bytes
 
 VOCAB = 64
@@ -104,10 +104,16 @@ def test_monitor_says_once_that_it_takes_finite_differences():
     assert settings["sharpness/lambda_max"]["hvp"] == "finite_difference"
 
 
-def _fake_long_sequence_peaks(layers: int = 4, world: int | None = None, **checks) -> tuple[int, dict[str, int], int]:
+#: what a training step's peak holds besides its transient (sharpguard.simulate's categories)
+RESIDENT_CATEGORIES = [c for c in CATEGORIES if c not in ("activations", "temporaries", "gradients")]
+
+
+def _fake_long_sequence_peaks(layers: int = 4, world: int | None = None,
+                              **checks) -> tuple[int, dict[str, int], int, int]:
     """On fake tensors, a Llama of ``layers`` blocks at 2048 tokens (one sequence), each block and the model
     under ``fully_shard`` on a fake process group of ``world`` ranks where given: the training step's peak,
-    each ``checks[name](model, batch)``'s peak, and the parameters' bytes (per rank)."""
+    each ``checks[name](model, batch)``'s peak, the parameters' bytes (per rank) and the bytes the step's peak
+    holds besides its transient (weights, optimizer state, FSDP2's gathered weights and buffers)."""
     with contextlib.ExitStack() as stack:
         mesh = None if world is None else stack.enter_context(fake_process_group(world))
         stack.enter_context(fake_tensors())
@@ -130,9 +136,10 @@ def _fake_long_sequence_peaks(layers: int = 4, world: int | None = None, **check
             return profile_step(fn, model=model, optimizers=[opt], inputs=[batch]).memory.peak_bytes
 
         train()
-        step = peak(train)
+        step = profile_step(train, model=model, optimizers=[opt], inputs=[batch]).memory
+        resident = sum(step.peak_by_category.get(c, 0) for c in RESIDENT_CATEGORIES)
         peaks = {name: peak(lambda check=check: check(model, batch)) for name, check in checks.items()}
-        return step, peaks, parameter_bytes(model)
+        return step.peak_bytes, peaks, parameter_bytes(model), resident
 
 
 @pytest.mark.filterwarnings("ignore:The module hierarchy tracking")
@@ -140,7 +147,7 @@ def test_fake_long_sequence_check_holds_no_double_backward_graph():
     """On fake tensors (nothing allocated), a Llama of 4 blocks at 2048 tokens: the check's peak passes the
     training step's by no more than its Krylov vectors (the basis shares the CPU's memory), where exact
     products under the math kernel held about four times the step."""
-    step, peaks, param_bytes = _fake_long_sequence_peaks(
+    step, peaks, param_bytes, _ = _fake_long_sequence_peaks(
         check=lambda model, batch: hessian_eigenvalues(model, batch, k=1),
         exact=lambda model, batch: hessian_eigenvalues(model, batch, k=1, hvp="autograd", max_iter=2),
     )
@@ -174,7 +181,7 @@ def test_fake_check_with_host_basis_stays_within_the_training_step():
     Lanczos vector the product reads, the entry weights, both gradients, the buffers' backup), a long-sequence
     check's peak is the training step's: the device holds only the probe's forward and backward, where all of
     them on the device held seven parameter-sized vectors more."""
-    step, peaks, param_bytes = _fake_long_sequence_peaks(
+    step, peaks, param_bytes, _ = _fake_long_sequence_peaks(
         check=lambda model, batch: hessian_eigenvalues(model, batch, k=1, basis_device="meta"),
         trace=lambda model, batch: hessian_trace(model, batch, n_hvp=9, basis_device="meta"),
         on_device=lambda model, batch: hessian_eigenvalues(model, batch, k=1),
@@ -193,7 +200,7 @@ def test_fake_fsdp2_checks_with_host_basis_stay_within_the_training_step():
     monitor's guard's copy of the model's buffers (Llama's rotary frequencies, 256 bytes); CUDA's allocator
     rounds every block up to 512 bytes."""
     made = {}  # the plan, and the monitor on the fake batch (made in the first, unread, measured call)
-    step, peaks, _ = _fake_long_sequence_peaks(
+    step, peaks, _, _ = _fake_long_sequence_peaks(
         layers=2, world=8,
         plan=lambda model, batch: made.update(
             plan=plan_products(model, [batch]),
@@ -206,3 +213,26 @@ def test_fake_fsdp2_checks_with_host_basis_stay_within_the_training_step():
     assert check <= step + 1024
     assert watched <= step + 1024
     assert (plan.hvp, plan.reason) == ("finite_difference", "")
+
+
+@pytest.mark.filterwarnings("ignore:The module hierarchy tracking")
+@pytest.mark.parametrize("world", [None, 8])
+def test_live_cost_model_predicts_the_simulated_check_peaks(world):
+    """``estimate_check_memory`` from the training step alone (its peak, its resident bytes, the parameters'
+    bytes) predicts each finite-difference check's simulated peak within 2%, on one device and per FSDP2 rank:
+    the Lanczos check and the monitor's with the basis on the device and in host memory, and Hutch++."""
+    step, peaks, param_bytes, resident = _fake_long_sequence_peaks(
+        layers=2, world=world,
+        lambda_max=lambda model, batch: hessian_eigenvalues(model, batch, k=1, hvp="finite_difference"),
+        lambda_max_host=lambda model, batch: hessian_eigenvalues(model, batch, k=1, hvp="finite_difference",
+                                                                 basis_device="meta"),
+        trace=lambda model, batch: hessian_trace(model, batch, n_hvp=9, hvp="finite_difference"),
+        trace_host=lambda model, batch: hessian_trace(model, batch, n_hvp=9, hvp="finite_difference",
+                                                      basis_device="meta"),
+    )
+    for name, peak in peaks.items():
+        predicted = estimate_check_memory(
+            step_peak_bytes=step, resident_bytes=resident, vector_bytes=param_bytes, measure=name.split("_host")[0],
+            basis_on_device=not name.endswith("_host"), n_hvp=9,
+        )
+        assert abs(predicted.peak_bytes / peak - 1) <= 0.02, (name, predicted, peak)
