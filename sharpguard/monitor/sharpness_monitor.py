@@ -18,8 +18,9 @@ from torch import nn
 from .._batches import batch_size, default_loss_fn, split_batch
 from .._validation import check_keywords, keywords_of, positive, positive_int
 from ..errors import ConfigurationError
-from ..sharpness.cost import DEFAULT_MAX_BASIS, EXTRA_VECTORS, GRAPH_FACTOR, check_passes_per_hvp
-from ..sharpness.micro import AUTO_MAX_MICRO_BATCHES, plan_products
+from ..sharpness.cost import (DEFAULT_MAX_BASIS, EXTRA_VECTORS, GRAPH_FACTOR, CheckMemory, check_passes_per_hvp,
+                              estimate_plan_memory)
+from ..sharpness.micro import AUTO_MAX_MICRO_BATCHES, ProductPlan, plan_products
 from ..sharpness.lanczos import resolve_basis_device
 from .alerts import AlertRule, default_sharpness_alerts
 from .base import Monitor
@@ -188,7 +189,7 @@ class SharpnessMonitor(Monitor):
         self.warm_start = warm_start
         self.micro_batches = micro_batches
         # (probe batch ids, slices, product method) chosen by "auto" (sharpguard.sharpness.plan_products)
-        self._auto: tuple[tuple[int, ...], int, str] | None = None
+        self._auto: tuple[tuple[int, ...], int, str, ProductPlan] | None = None
         self._eigenvector: Any | None = None
         self._eos_vector: Any | None = None
         self.n_hvp_total = 0
@@ -247,11 +248,34 @@ class SharpnessMonitor(Monitor):
             steps += (int(kw.get("steps", 5)) + 1) * (int(kw.get("attack_steps", 10)) + 1)
         return hvps * self.HVP_STEPS + steps
 
+    def check_memory(self) -> CheckMemory | None:
+        """The live-memory cost model's prediction of a full check (docs/cost_model.md, "Live memory"), over the
+        bytes the device holds between steps, from what ``micro_batches="auto"`` measured at the first check:
+        :func:`~sharpguard.sharpness.cost.estimate_plan_memory` for its largest Krylov measure. ``None`` before
+        that plan, or with ``micro_batches`` fixed by the caller."""
+        if self.micro_batches != "auto" or self._auto is None:
+            return None
+        plan, want, predictions = self._auto[3], set(self.measures), []
+        if want & {"lambda_max", "lambda_min", "eos_ratio"}:
+            predictions.append(estimate_plan_memory(plan, measure="monitor"))
+        if "trace" in want:
+            predictions.append(estimate_plan_memory(plan, measure="trace",
+                                                    n_hvp=int(self._kw("trace").get("n_hvp", 60))))
+        known = [p for p in predictions if p is not None]
+        return max(known, key=lambda p: p.peak_bytes) if known else None
+
     def describe(self) -> str:
         line = super().describe()
         if not set(self.measures) & {"lambda_max", "lambda_min", "eos_ratio", "trace"}:
             return line
         slices = self._slices()
+        memory = self.check_memory()
+        if memory is not None and slices is not None:
+            return (f"{line[:-1]}; memory per check (live-tensor cost model, docs/cost_model.md): "
+                    f"~{memory.over_step:.2f}x a training step's above the weights and optimizer state, at its "
+                    f"{memory.phase} "
+                    f"({slices} micro-batch{'es' if slices > 1 else ''} per probe batch, {self._planned_hvp()} "
+                    f"products, {memory.device_vectors:.0f} model-size vectors on the device).")
         vectors = DEFAULT_MAX_BASIS + 1 + EXTRA_VECTORS["autograd"]
         if slices is None:
             graph = (f"the products' graph at most ~{GRAPH_FACTOR['autograd'] / AUTO_MAX_MICRO_BATCHES:.1f}x a "
@@ -283,7 +307,7 @@ class SharpnessMonitor(Monitor):
                     on_device = resolve_basis_device(kw.get("basis_device", "auto"), device) == device
                     plan = plan_products(model, batches, self.loss_fn, hvp=kw.get("hvp", "auto"),
                                          basis_on_device=on_device)
-                    self._auto = (key, plan.micro_batches, plan.hvp)
+                    self._auto = (key, plan.micro_batches, plan.hvp, plan)
                     if plan.reason:
                         self.warn_once("finite-difference", f"sharpness checks use {plan.reason}.")
                 except ConfigurationError:

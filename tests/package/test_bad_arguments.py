@@ -56,7 +56,7 @@ ZERO_OK = {
     "gamma", "decay", "beta", "beta1", "beta2", "beta3", "momentum", "drop", "lmbda", "alpha", "tiny", "epochs_ago",
     "first_step", "rise", "clear_below", "p_init", "weight", "budget", "threshold", "rho", "eps", "sigma", "damping",
     "s_init", "probe_state_max_bytes", "tail", "optimizer_state_vectors", "alpha_max", "rho_norm", "span", "epsilon",
-    "init_mag", "step_size",
+    "init_mag", "step_size", "resident_bytes", "pass_bytes", "gradient_bytes", "graph_bytes",
 }
 # (callable, knob) pairs whose value is a probability or a fraction: 1.5 must be refused.
 UNIT = {
@@ -145,7 +145,7 @@ def public_callables() -> dict[str, Callable[..., Any]]:
             if name in SKIP or not callable(obj) or (inspect.isclass(obj) and issubclass(obj, BaseException)):
                 continue
             if is_dataclass(obj) and (name.endswith(("Result", "Report", "Cost", "Curvature", "Density", "Slice"))
-                                      or name in {"AdversarialGeometry", "Alert", "PassCount", "ProductPlan"}):
+                                      or name in {"AdversarialGeometry", "Alert", "CheckMemory", "PassCount", "ProductPlan"}):
                 continue  # result containers: built by sharpguard, not by callers
             key = name if module_name.startswith("sharpguard") else f"{module_name.split('.')[1]}.{name}"
             found.setdefault(key, obj)
@@ -257,6 +257,13 @@ def base_call(name: str, obj: Callable[..., Any], world: World, params: dict[str
         return (m, b), kwargs
     if name == "estimate_check_cost":
         return (1000,), {"step_seconds": 0.1, "step_peak_bytes": 1e6, **kwargs}
+    if name == "estimate_check_memory":
+        return (), {"step_peak_bytes": 1e6, "resident_bytes": 1e5, "vector_bytes": 1e4, **kwargs}
+    if name == "estimate_plan_memory":
+        from sharpguard.sharpness import ProductPlan
+
+        return (ProductPlan(micro_batches=2, hvp="autograd", saved_bytes=1e6, saved_math_bytes=2e6, vector_bytes=1e4,
+                            gradient_bytes=1e4, slice_fraction=0.5),), kwargs
     if name == "estimate_sam_cost":
         return (1000,), {"step_seconds": 0.1, **kwargs}
     if name in ("per_example_norm",):

@@ -592,8 +592,8 @@ def test_auto_micro_batches_split_only_where_the_graph_is_large():
     and the gradient) is split until it fits, at most 8 slices and one example per slice. The choice
     changes nothing in the model (it runs one forward inside the guards)."""
     from sharpguard.monitor import SharpnessMonitor
-    from sharpguard.sharpness.cost import DEFAULT_MAX_BASIS, GRAPH_FACTOR
-    from sharpguard.sharpness.micro import AUTO_SLACK_BYTES, PRODUCT_VECTORS, auto_micro_batches
+    from sharpguard.sharpness.cost import DEFAULT_MAX_BASIS, EXACT_GRAPH_FACTOR, EXACT_PRODUCT_VECTORS, GRAPH_FACTOR
+    from sharpguard.sharpness.micro import AUTO_SLACK_BYTES, PRODUCT_VECTORS, auto_micro_batches, plan_products
 
     small, batches = mlp_case()
     assert auto_micro_batches(small, batches) == 1
@@ -621,7 +621,22 @@ def test_auto_micro_batches_split_only_where_the_graph_is_large():
     assert "chosen at the first check" in mon.describe()
     _, settings = mon.measure(model, with_settings=True)
     assert settings["sharpness/lambda_max"]["micro_batches"] == slices
-    assert f"({slices} micro-batches per probe batch)" in mon.describe()
+    # its console line quotes the live-tensor cost model on what the plan measured (docs/cost_model.md)
+    plan = plan_products(model, [batch])
+    assert (plan.vector_bytes, plan.gradient_bytes) == (grad, grad) and plan.saved_bytes >= saved
+    bounds = [round(i * 2048 / slices) for i in range(slices + 1)]  # split_batch's slices
+    assert plan.slice_fraction == max(b - a for a, b in zip(bounds, bounds[1:])) / 2048 and plan.basis_on_device
+    memory = mon.check_memory()
+    share = plan.slice_fraction
+    # an exact product on the largest slice: its double-backward graph, the basis rows and the product's vectors
+    measured = plan.saved_bytes
+    by_hand = EXACT_GRAPH_FACTOR * share * measured + (DEFAULT_MAX_BASIS + 1 + EXACT_PRODUCT_VECTORS) * grad
+    assert memory is not None and memory.phase == "exact product"
+    assert memory.peak_bytes == pytest.approx(by_hand, rel=1e-12)
+    assert memory.over_step == pytest.approx(by_hand / (measured + grad), rel=1e-12)
+    assert (f"~{memory.over_step:.2f}x a training step's above the weights and optimizer state, at its exact product "
+            f"({slices} micro-batches per probe batch, autograd products") in mon.describe()
+    assert SharpnessMonitor(("lambda_max",), micro_batches=8).check_memory() is None  # no plan: nothing claimed
     with pytest.raises(ConfigurationError, match="'auto' or a positive integer"):
         SharpnessMonitor(micro_batches="eight")
     # the measures take the same choice (their default), and the eigenvalue is the whole batch's
