@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 import traceback
 import warnings
@@ -185,6 +186,11 @@ def with_layer_fits(raw: dict[str, Any]) -> dict[str, Any]:
                 target = f"{key} (fit)" if key in full["rows"] and "memory" in full["rows"][key] else key
                 if target != key and key != "train":
                     continue
+                if _plans_differ(key, one["rows"], two["rows"]):
+                    # a line through two different plans is no check's cost (1.1B: -16 GiB was fitted once)
+                    full["rows"][key] = {"error": "not fitted: the plan differs at 1 and 2 blocks (simulate it "
+                                                  "at full depth)", "from_layers": [1, 2]}
+                    continue
                 lin = lambda a, b: a + (b - a) * (depth - 1)  # noqa: E731
                 m1, m2 = r1["memory"], r2["memory"]
                 full["rows"][target] = {
@@ -200,8 +206,23 @@ def with_layer_fits(raw: dict[str, Any]) -> dict[str, Any]:
                     "flops": lin(r1["flops"], r2["flops"]),
                     "from_layers": [1, 2],
                     **{k: v for k, v in r1.items() if k in ("n_hvp", "micro_batches", "steps", "hvp")},
+                    **{k: lin(r1[k], r2[k]) for k in ("saved_bytes", "saved_math_bytes") if k in r1 and k in r2},
                 }
     return {k: v for k, v in out.items() if "@" not in k}
+
+
+def _plans_differ(key: str, one: dict[str, Any], two: dict[str, Any]) -> bool:
+    """Whether a check row ran different plans (micro-batches, product method) at 1 and 2 blocks."""
+    if not key.startswith("check:") or key.startswith("check:plan"):
+        return False
+    plan = "check:plan_host" if key.endswith("_host") else "check:plan"
+
+    def chosen(rows: dict[str, Any]) -> tuple[Any, Any]:
+        row, made = rows.get(key, {}), rows.get(plan, {})
+        return (row.get("micro_batches") or made.get("micro_batches"),
+                str(row.get("hvp") or made.get("hvp") or "").split("+")[0])
+
+    return chosen(one) != chosen(two)
 
 
 def loss_of(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -280,8 +301,17 @@ def simulate(name: str, mode: str, rows: set[str] | None = None,
                 on_row(out)
             print(f"  {name}/{mode}/{key}: {_short(result)}", flush=True)
 
+        def fwd_bwd_eval() -> None:  # the pass a check runs (eval mode: no dropout), for the live cost model
+            was = model.training
+            model.eval()
+            try:
+                fwd_bwd()
+            finally:
+                model.train(was)
+
         row("train", train, [opt])
         row("fwd_bwd", fwd_bwd, [opt])
+        row("fwd_bwd_eval", fwd_bwd_eval, [opt])
         for variant in SAM_VARIANTS:
             def sam_row(variant: str = variant) -> None:
                 def closure() -> torch.Tensor:
@@ -402,8 +432,12 @@ def simulate(name: str, mode: str, rows: set[str] | None = None,
             return {"n_hvp": int(r.n_hvp), "micro_batches": _plain(r.settings.get("micro_batches")),
                     "hvp": str(r.hvp_method)}
 
-        row("check:plan", plan_row(False), [opt], lambda p: {"micro_batches": p.micro_batches, "hvp": p.hvp})
-        row("check:plan_host", plan_row(True), [opt], lambda p: {"micro_batches": p.micro_batches, "hvp": p.hvp})
+        def plan_settings(p: Any) -> dict[str, Any]:
+            return {"micro_batches": p.micro_batches, "hvp": p.hvp, "saved_bytes": p.saved_bytes,
+                    "saved_math_bytes": p.saved_math_bytes}
+
+        row("check:plan", plan_row(False), [opt], plan_settings)
+        row("check:plan_host", plan_row(True), [opt], plan_settings)
         row("check:lambda_max", lambda: hessian_eigenvalues(model, batch, k=1, **planned(False)), [opt], eig_settings,
             lambda: planned(False))
         # the same check with the Krylov basis in host memory, where basis_device="auto" keeps it on an
@@ -631,6 +665,31 @@ SHAPES = {
 }
 
 
+RESIDENT_CATEGORIES = ("parameters", "buffers", "optimizer_state", "inputs", "other", "all_gather",
+                       "unsharded_parameters", "reduce_scatter", "unsharded_gradients")
+
+
+def _live_check_memory(name: str, entry: dict[str, Any], key: str, micro: int, hvp: str, n_hvp: int,
+                       plan: dict[str, Any]) -> Any:
+    """``estimate_check_memory`` for one simulated check, from the same entry's training step (its peak and
+    resident bytes), its eval-mode forward and backward (the pass a check runs) and the plan's measurement."""
+    from sharpguard.sharpness.cost import estimate_check_memory
+
+    rows = entry["rows"]
+    step, passed = rows.get("train", {}).get("memory"), rows.get("fwd_bwd_eval", {}).get("memory")
+    if step is None or passed is None or (hvp == "autograd" and not plan.get("saved_math_bytes")):
+        return None
+    resident = sum(step["peak_by_category"].get(c, 0) for c in RESIDENT_CATEGORIES)
+    examples = SHAPES.get(name, {}).get("batch", micro)
+    measure = "trace" if key.startswith("check:trace") else ("monitor" if key.startswith("check:monitor")
+                                                             else "lambda_max")
+    return estimate_check_memory(
+        step_peak_bytes=step["peak_bytes"], resident_bytes=resident, vector_bytes=entry["param_bytes"],
+        pass_bytes=passed["peak_bytes"] - resident, hvp=hvp, micro_batches=micro,
+        slice_fraction=math.ceil(examples / micro) / examples, basis_on_device=not key.endswith("_host"),
+        measure=measure, n_hvp=n_hvp, graph_bytes=plan.get("saved_math_bytes") or None)
+
+
 def cost_model_table(raw: dict[str, Any]) -> str:
     """``sharpguard.sharpness.cost`` predictions against the simulated figures (relative error)."""
     raw = with_layer_fits(raw)
@@ -678,24 +737,24 @@ def cost_model_table(raw: dict[str, Any]) -> str:
                     if "flops" in rows.get(two, {}) and "flops" in rows.get(one, {}):
                         add(label, f"{two}: 2nd product FLOPs / fwd+bwd", HVP_FLOPS_CACHED,
                             (rows[two]["flops"] - rows[one]["flops"]) / fb)
-            for key in ("check:lambda_max", "check:lambda_max_host", "check:monitor", "check:monitor_host"):
+            for key in ("check:lambda_max", "check:lambda_max_host", "check:monitor", "check:monitor_host",
+                        "check:trace", "check:trace_host"):
                 r = rows.get(key, {})
                 if "memory" not in r or not r.get("n_hvp"):
                     continue
-                # the monitor's plan is the function's on the same probe (its row does not record it)
-                micro = next((m for m in (r.get("micro_batches"), rows.get("check:lambda_max", {}).get("micro_batches"))
-                              if isinstance(m, int)), 1)
-                model_bytes = cat["parameters"] + cat["buffers"] + cat["inputs"] + cat["other"]
-                step_extra = t["peak_bytes"] - model_bytes
-                # the method the check's plan chose (the monitor's plan is the function's on the same probe)
-                method = str(r.get("hvp") or rows.get("check:lambda_max", {}).get("hvp") or "autograd")
+                host = key.endswith("_host")
+                plan = rows.get("check:plan_host" if host else "check:plan", {})
+                # the plan the check ran (the monitor's is the function's on the same probe)
+                micro = next((m for m in (r.get("micro_batches"), plan.get("micro_batches")) if isinstance(m, int)), 1)
+                method = str(r.get("hvp") or plan.get("hvp") or "autograd")
                 hvp = "finite_difference" if method.startswith("finite") else "autograd"
-                c = estimate_check_cost(int(p_local), step_peak_bytes=step_extra, step_seconds=1.0,
-                                        n_hvp=int(r["n_hvp"]), micro_batches=micro, hvp=hvp,
-                                        basis_on_device=not key.endswith("_host"))
-                add(label, f"{key} ({micro} micro-batches, {hvp}): peak",
-                    model_bytes + cat["optimizer_state"] + c.peak_bytes, r["memory"]["peak_bytes"], "GiB")
-                add(label, f"{key}: FLOPs / step", c.flops_over_step, r["flops"] / rows["train"]["flops"])
+                flops = estimate_check_cost(int(p_local), step_peak_bytes=t["peak_bytes"], step_seconds=1.0,
+                                            n_hvp=int(r["n_hvp"]), micro_batches=micro, hvp=hvp)
+                add(label, f"{key}: FLOPs / step", flops.flops_over_step, r["flops"] / rows["train"]["flops"])
+                live = _live_check_memory(name, entry, key, micro, hvp, int(r["n_hvp"]), plan)
+                if live is not None:
+                    add(label, f"{key} ({micro} micro-batch{'es' if micro > 1 else ''}, {hvp}): peak, {live.phase}",
+                        live.peak_bytes, r["memory"]["peak_bytes"], "GiB")
     return "\n".join(lines)
 
 

@@ -212,6 +212,7 @@ def blocks() -> dict[str, str]:
         out.update({f"scenario-{name}": render_scenario(name, kept) for name in kept["scenarios"]})
     if SIMULATE_RAW.exists():
         out["simulated-scale"] = render_simulated(json.loads(SIMULATE_RAW.read_text()))
+        out["simulated-cost-model"] = render_simulated_cost_model(json.loads(SIMULATE_RAW.read_text()))
     if SIMULATE_VS_CPU.exists():
         out["simulated-vs-cpu"] = render_simulated_vs_cpu(json.loads(SIMULATE_VS_CPU.read_text()))
     return out
@@ -224,6 +225,15 @@ def render_simulated_vs_cpu(sim: dict) -> str:
     from benchmarks.simulate import validation_table
 
     return validation_table(sim) + "\n"
+
+
+def render_simulated_cost_model(raw: dict) -> str:
+    """benchmarks/simulate.py's table of ``sharpguard.sharpness.cost`` against the simulated counts."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.simulate import cost_model_table
+
+    return cost_model_table(raw) + "\n"
 
 
 def render_simulated(raw: dict) -> str:

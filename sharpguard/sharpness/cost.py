@@ -27,12 +27,9 @@ device and FSDP2) the FLOP ratios (``HVP_FLOPS``, ``SAM_FLOPS``) and the float32
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from .. import _validation as rules
-
-if TYPE_CHECKING:
-    from .micro import ProductPlan
 
 __all__ = [
     "CheckCost",
@@ -308,15 +305,16 @@ def estimate_check_memory(
                        device_vectors=float(vectors))
 
 
-def estimate_plan_memory(plan: ProductPlan, *, measure: str = "monitor", n_hvp: int = 9,
+def estimate_plan_memory(plan: Any, *, measure: str = "monitor", n_hvp: int = 9,
                          max_basis: int = DEFAULT_MAX_BASIS) -> CheckMemory | None:
     """:func:`estimate_check_memory` from what :func:`~sharpguard.sharpness.plan_products` measured, over the
     bytes the device holds between steps (weights, buffers, optimizer state: they cancel): the training step
     taken as the plan takes it, the probe batch's saved tensors plus the gradients. ``None`` where the plan
     measured nothing (a batch that cannot be split)."""
-    from .micro import ProductPlan
-
-    if not isinstance(plan, ProductPlan):
+    # a ProductPlan, read by its fields (micro.py imports this module: no import back)
+    fields = ("micro_batches", "hvp", "saved_bytes", "saved_math_bytes", "vector_bytes", "gradient_bytes",
+              "slice_fraction", "basis_on_device")
+    if not all(hasattr(plan, f) for f in fields):
         from ..errors import ConfigurationError
 
         raise ConfigurationError(f"plan must be a ProductPlan from plan_products, got {type(plan).__name__}.")

@@ -145,7 +145,8 @@ def public_callables() -> dict[str, Callable[..., Any]]:
             if name in SKIP or not callable(obj) or (inspect.isclass(obj) and issubclass(obj, BaseException)):
                 continue
             if is_dataclass(obj) and (name.endswith(("Result", "Report", "Cost", "Curvature", "Density", "Slice"))
-                                      or name in {"AdversarialGeometry", "Alert", "CheckMemory", "PassCount", "ProductPlan"}):
+                                      or name in {"AdversarialGeometry", "Alert", "CheckMemory", "PassCount",
+                                                  "ProductPlan"}):
                 continue  # result containers: built by sharpguard, not by callers
             key = name if module_name.startswith("sharpguard") else f"{module_name.split('.')[1]}.{name}"
             found.setdefault(key, obj)
