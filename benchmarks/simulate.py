@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 import traceback
 import warnings
@@ -665,15 +664,13 @@ SHAPES = {
 }
 
 
-RESIDENT_CATEGORIES = ("parameters", "buffers", "optimizer_state", "inputs", "other", "all_gather",
-                       "unsharded_parameters", "reduce_scatter", "unsharded_gradients")
-
-
 def _live_check_memory(name: str, entry: dict[str, Any], key: str, micro: int, hvp: str, n_hvp: int,
                        plan: dict[str, Any]) -> Any:
     """``estimate_check_memory`` for one simulated check, from the same entry's training step (its peak and
     resident bytes), its eval-mode forward and backward (the pass a check runs) and the plan's measurement."""
     from sharpguard.sharpness.cost import estimate_check_memory
+    from sharpguard.sharpness.micro import largest_slice
+    from sharpguard.simulate import RESIDENT_CATEGORIES
 
     rows = entry["rows"]
     step, passed = rows.get("train", {}).get("memory"), rows.get("fwd_bwd_eval", {}).get("memory")
@@ -686,7 +683,7 @@ def _live_check_memory(name: str, entry: dict[str, Any], key: str, micro: int, h
     return estimate_check_memory(
         step_peak_bytes=step["peak_bytes"], resident_bytes=resident, vector_bytes=entry["param_bytes"],
         pass_bytes=passed["peak_bytes"] - resident, hvp=hvp, micro_batches=micro,
-        slice_fraction=math.ceil(examples / micro) / examples, basis_on_device=not key.endswith("_host"),
+        slice_fraction=largest_slice(examples, micro), basis_on_device=not key.endswith("_host"),
         measure=measure, n_hvp=n_hvp, graph_bytes=plan.get("saved_math_bytes") or None)
 
 

@@ -211,8 +211,9 @@ def blocks() -> dict[str, str]:
         kept = json.loads(SCENARIO_RUNS.read_text())
         out.update({f"scenario-{name}": render_scenario(name, kept) for name in kept["scenarios"]})
     if SIMULATE_RAW.exists():
-        out["simulated-scale"] = render_simulated(json.loads(SIMULATE_RAW.read_text()))
-        out["simulated-cost-model"] = render_simulated_cost_model(json.loads(SIMULATE_RAW.read_text()))
+        raw = json.loads(SIMULATE_RAW.read_text())
+        out["simulated-scale"] = render_simulated(raw)
+        out["simulated-cost-model"] = render_simulated_cost_model(raw)
     if SIMULATE_VS_CPU.exists():
         out["simulated-vs-cpu"] = render_simulated_vs_cpu(json.loads(SIMULATE_VS_CPU.read_text()))
     return out

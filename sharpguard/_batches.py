@@ -231,6 +231,13 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return apply_to_tensors(batch, lambda t: t.to(device))
 
 
+def slice_bounds(n: int, parts: int) -> list[int]:
+    """Where :func:`split_batch` cuts ``n`` examples into ``parts`` slices (at most ``n``, at least 1): as even
+    as whole examples allow."""
+    parts = max(1, min(int(parts), n))
+    return [round(i * n / parts) for i in range(parts + 1)]
+
+
 def split_batch(batch: Any, parts: int) -> list[Any]:
     """``batch`` as up to ``parts`` consecutive micro-batches along its example dimension.
 
@@ -243,7 +250,7 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
     parts = max(1, min(int(parts), n))
     if parts == 1:
         return [batch]
-    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    bounds = slice_bounds(n, parts)
 
     for tensor in tensors_in(batch):
         if tensor.dim() > 0 and tensor.shape[0] != n:

@@ -79,6 +79,10 @@ _CATEGORY_OF = {
     "Other": "other",
 }
 CATEGORIES: tuple[str, ...] = tuple(dict.fromkeys(_CATEGORY_OF.values()))
+#: what a training step's peak holds besides its transient (weights, optimizer state, inputs, FSDP2's gathered
+#: weights and collective buffers): the resident bytes of ``sharpness.cost.estimate_check_memory``
+RESIDENT_CATEGORIES: tuple[str, ...] = tuple(c for c in CATEGORIES if c not in ("activations", "temporaries",
+                                                                                "gradients"))
 
 
 @dataclass(frozen=True)

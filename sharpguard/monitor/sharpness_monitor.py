@@ -188,8 +188,8 @@ class SharpnessMonitor(Monitor):
         self.measure_kwargs = {k: dict(v) for k, v in (measure_kwargs or {}).items()}
         self.warm_start = warm_start
         self.micro_batches = micro_batches
-        # (probe batch ids, slices, product method) chosen by "auto" (sharpguard.sharpness.plan_products)
-        self._auto: tuple[tuple[int, ...], int, str, ProductPlan] | None = None
+        # (probe batch ids, the plan) chosen by "auto" (sharpguard.sharpness.plan_products)
+        self._auto: tuple[tuple[int, ...], ProductPlan] | None = None
         self._eigenvector: Any | None = None
         self._eos_vector: Any | None = None
         self.n_hvp_total = 0
@@ -209,14 +209,14 @@ class SharpnessMonitor(Monitor):
 
     def _planned_hvp(self) -> str:
         """The product method ``micro_batches="auto"`` chose (exact products before its first choice)."""
-        return self._auto[2] if self.micro_batches == "auto" and self._auto is not None else "autograd"
+        return self._auto[1].hvp if self.micro_batches == "auto" and self._auto is not None else "autograd"
 
     def _slices(self) -> int | None:
         """The micro-batches a probe batch actually splits into: ``micro_batches``, or fewer when the
         probe's smallest batch has fewer examples (one each); ``micro_batches`` before the probe exists.
         Under ``"auto"``: the last choice, or None before the first check."""
         if self.micro_batches == "auto":
-            return None if self._auto is None else self._auto[1]
+            return None if self._auto is None else self._auto[1].micro_batches
         if not self.probe.ready:
             return self.micro_batches
         try:
@@ -255,7 +255,7 @@ class SharpnessMonitor(Monitor):
         that plan, or with ``micro_batches`` fixed by the caller."""
         if self.micro_batches != "auto" or self._auto is None:
             return None
-        plan, want, predictions = self._auto[3], set(self.measures), []
+        plan, want, predictions = self._auto[1], set(self.measures), []
         if want & {"lambda_max", "lambda_min", "eos_ratio"}:
             predictions.append(estimate_plan_memory(plan, measure="monitor"))
         if "trace" in want:
@@ -270,7 +270,7 @@ class SharpnessMonitor(Monitor):
             return line
         slices = self._slices()
         memory = self.check_memory()
-        if memory is not None and slices is not None:
+        if memory is not None:  # a plan exists, so the slices are known
             return (f"{line[:-1]}; memory per check (live-tensor cost model, docs/cost_model.md): "
                     f"~{memory.over_step:.2f}x a training step's above the weights and optimizer state, at its "
                     f"{memory.phase} "
@@ -307,7 +307,7 @@ class SharpnessMonitor(Monitor):
                     on_device = resolve_basis_device(kw.get("basis_device", "auto"), device) == device
                     plan = plan_products(model, batches, self.loss_fn, hvp=kw.get("hvp", "auto"),
                                          basis_on_device=on_device)
-                    self._auto = (key, plan.micro_batches, plan.hvp, plan)
+                    self._auto = (key, plan)
                     if plan.reason:
                         self.warn_once("finite-difference", f"sharpness checks use {plan.reason}.")
                 except ConfigurationError:
@@ -315,7 +315,7 @@ class SharpnessMonitor(Monitor):
                 except Exception as exc:  # noqa: BLE001 - the loss cannot run on a slice: whole batches
                     self._whole_batches_from_now_on(exc)
                     return 1
-            micro = self._auto[1]
+            micro = self._auto[1].micro_batches
             if micro == 1:
                 return 1
         try:

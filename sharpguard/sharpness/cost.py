@@ -94,14 +94,6 @@ class SamCost:
     flops_over_step: float = SAM_FLOPS  # matrix-product FLOPs over a plain step's
 
 
-def _non_negative(name: str, value: float) -> float:
-    from ..errors import ConfigurationError
-
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < float("inf"):
-        raise ConfigurationError(f"{name} must be a finite number of bytes >= 0, got {value!r}.")
-    return float(value)
-
-
 def _positive(name: str, value: float) -> float:
     from .._validation import positive
 
@@ -262,31 +254,28 @@ def estimate_check_memory(
             attention kernel (``plan_products`` measures it: ``ProductPlan.saved_math_bytes``).
     """
     from ..errors import ConfigurationError
-    from .._validation import positive_int
 
-    if hvp not in GRAPH_FACTOR:
-        raise ConfigurationError(f"hvp must be one of {sorted(GRAPH_FACTOR)}, got {hvp!r}.")
-    if measure not in ("lambda_max", "monitor", "trace"):
-        raise ConfigurationError(f"measure must be 'lambda_max', 'monitor' or 'trace', got {measure!r}.")
+    rules.one_of("hvp", hvp, sorted(GRAPH_FACTOR))
+    rules.one_of("measure", measure, ("lambda_max", "monitor", "trace"))
     step_peak = _positive("step_peak_bytes", step_peak_bytes)
-    resident = _non_negative("resident_bytes", resident_bytes)
+    resident = rules.non_negative("resident_bytes", resident_bytes)
     if resident > step_peak:
         raise ConfigurationError(f"resident_bytes must be between 0 and step_peak_bytes ({step_peak:.4g}), "
                                  f"got {resident_bytes!r}.")
     vec = _positive("vector_bytes", vector_bytes)
-    grad = vec if gradient_bytes is None else _non_negative("gradient_bytes", gradient_bytes)
-    transient = step_peak - resident if pass_bytes is None else _non_negative("pass_bytes", pass_bytes)
-    micro = positive_int("micro_batches", micro_batches)
-    max_basis, n_hvp = positive_int("max_basis", max_basis), positive_int("n_hvp", n_hvp)
+    grad = vec if gradient_bytes is None else rules.non_negative("gradient_bytes", gradient_bytes)
+    transient = step_peak - resident if pass_bytes is None else rules.non_negative("pass_bytes", pass_bytes)
+    micro = rules.positive_int("micro_batches", micro_batches)
+    max_basis, n_hvp = rules.positive_int("max_basis", max_basis), rules.positive_int("n_hvp", n_hvp)
     if graph_bytes is not None:
-        graph_bytes = _non_negative("graph_bytes", graph_bytes)
-    share = 1.0 / micro if slice_fraction is None else slice_fraction
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share <= 1.0:
-        raise ConfigurationError(f"slice_fraction must be in (0, 1], got {slice_fraction!r}.")
+        graph_bytes = rules.non_negative("graph_bytes", graph_bytes)
+    share = 1.0 / micro if slice_fraction is None else rules.between(0.0, 1.0, low_open=True)(
+        "slice_fraction", slice_fraction)
+    on_device = rules.flag("basis_on_device", basis_on_device)
     several = 1 if micro > 1 else 0
     if hvp == "autograd":  # the basis rows on the device, or the one row the product copies in
-        vectors = (max_basis + 1 if rules.flag("basis_on_device", basis_on_device) else 0) + EXACT_PRODUCT_VECTORS
-    elif not rules.flag("basis_on_device", basis_on_device):
+        vectors = (max_basis + 1 if on_device else 0) + EXACT_PRODUCT_VECTORS
+    elif not on_device:
         vectors = 0.0
     elif measure == "trace":
         vectors = n_hvp // 3 + HUTCHPP_VECTORS + several
@@ -295,7 +284,7 @@ def estimate_check_memory(
     if hvp == "autograd":
         if graph_bytes is None:
             raise ConfigurationError("exact products need graph_bytes (ProductPlan.saved_math_bytes).")
-        passes = {"exact product": resident + EXACT_GRAPH_FACTOR * share * float(graph_bytes) + vectors * vec}
+        passes = {"exact product": resident + EXACT_GRAPH_FACTOR * share * graph_bytes + vectors * vec}
     else:
         flatten = (FLATTEN_VECTORS + several) * grad if vectors else grad
         passes = {"gradient pass": resident + share * transient + vectors * vec,

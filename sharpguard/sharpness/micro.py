@@ -19,7 +19,7 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 
-from .._batches import as_batches, batch_size, default_loss_fn, detach_inference, split_batch
+from .._batches import as_batches, batch_size, default_loss_fn, detach_inference, slice_bounds, split_batch
 from .._modules import has_fake_tensors, unwrap_data_parallel
 from .._state import local_shard, side_effect_free, trainable_parameters
 from ..errors import ConfigurationError
@@ -187,14 +187,13 @@ def plan_products(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None,
     slices = fd_slices if use_fd else exact_slices
     return ProductPlan(micro_batches=slices, hvp="finite_difference" if use_fd else "autograd", reason=reason,
                        saved_bytes=saved, saved_math_bytes=saved_math, vector_bytes=vector_bytes,
-                       gradient_bytes=grad_bytes, slice_fraction=_largest_slice(n, slices),
+                       gradient_bytes=grad_bytes, slice_fraction=largest_slice(n, slices),
                        basis_on_device=bool(basis_on_device))
 
 
-def _largest_slice(n: int, parts: int) -> float:
+def largest_slice(n: int, parts: int) -> float:
     """The largest of ``split_batch``'s slices of ``n`` examples in ``parts``, as a share of ``n``."""
-    parts = max(1, min(parts, n))
-    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    bounds = slice_bounds(n, parts)
     return max(b - a for a, b in zip(bounds, bounds[1:])) / n
 
 

@@ -16,7 +16,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sharpguard.monitor import SharpnessMonitor
-from sharpguard.simulate import CATEGORIES, fake_process_group, fake_tensors, parameter_bytes, profile_step
+from sharpguard.simulate import RESIDENT_CATEGORIES, fake_process_group, fake_tensors, parameter_bytes, profile_step
 from sharpguard.sharpness import hessian_eigenvalues, hessian_trace, plan_products
 from sharpguard.sharpness.cost import DEFAULT_MAX_BASIS, estimate_check_memory
 from sharpguard.sharpness.micro import FD_PRODUCT_VECTORS, _math_attention_kernel, _saved_bytes
@@ -102,10 +102,6 @@ def test_monitor_says_once_that_it_takes_finite_differences():
     assert len(said) == 1
     assert metrics["sharpness/lambda_max"] > 0
     assert settings["sharpness/lambda_max"]["hvp"] == "finite_difference"
-
-
-#: what a training step's peak holds besides its transient (sharpguard.simulate's categories)
-RESIDENT_CATEGORIES = [c for c in CATEGORIES if c not in ("activations", "temporaries", "gradients")]
 
 
 def _fake_long_sequence_peaks(layers: int = 4, world: int | None = None,
