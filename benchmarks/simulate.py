@@ -240,8 +240,11 @@ def _error(exc: BaseException) -> str:
 
 
 def simulate(name: str, mode: str, rows: set[str] | None = None,
-             on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Every row of one model in one mode; errors are recorded per row."""
+             on_row: Callable[[dict[str, Any]], None] | None = None,
+             plans: dict[bool, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Every row of one model in one mode; errors are recorded per row. ``plans`` (keyed by "basis in host
+    memory"): the micro-batches and product method the checks run instead of planning their own; a layered
+    run (``llama-7b@2``) takes the full-depth model's, so its checks are the full-depth checks' per block."""
     import sharpguard as sg
     from sharpguard.optim import SAMConfig, SAMEngine
     from sharpguard.sharpness import HVPOperator, hessian_eigenvalues, hessian_trace
@@ -250,6 +253,7 @@ def simulate(name: str, mode: str, rows: set[str] | None = None,
     base, _, layers = name.partition("@")
     build = MODELS[base][0] if not layers else (lambda: LAYERED[base](int(layers)))
     out: dict[str, Any] = {"model": name, "mode": mode, "world": WORLD if mode == "fsdp8" else 1, "rows": {}}
+    forced = plans
     torch.manual_seed(0)
     with _mesh(mode) as mesh, fake_tensors():
         model, blocks, make_batch = build()
@@ -408,17 +412,19 @@ def simulate(name: str, mode: str, rows: set[str] | None = None,
         # product: its measuring forwards hold nothing afterwards. It is its own row and the checks below take it
         # as made, so each row's peak is one phase's, linear in the depth where the layered fit needs it (a
         # constant planning transient would otherwise be fitted as the check's own peak at 1 and 2 blocks).
-        plans = {}
+        chosen: dict[bool, dict[str, Any]] = {}
 
         def planned(host: bool) -> dict[str, Any]:
-            if host not in plans:
+            if host not in chosen and forced is not None:
+                chosen[host] = {"micro_batches": int(forced[host]["micro_batches"]), "hvp": str(forced[host]["hvp"])}
+            if host not in chosen:
                 from sharpguard.sharpness import plan_products
 
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     plan = plan_products(model, [batch], basis_on_device=not host)
-                plans[host] = {"micro_batches": plan.micro_batches, "hvp": plan.hvp}
-            return plans[host]
+                chosen[host] = {"micro_batches": plan.micro_batches, "hvp": plan.hvp}
+            return chosen[host]
 
         def plan_row(host: bool) -> Callable[[], Any]:
             def run() -> Any:
@@ -450,8 +456,12 @@ def simulate(name: str, mode: str, rows: set[str] | None = None,
             from sharpguard.monitor import SharpnessMonitor
 
             # host: the monitor as it runs on an accelerator, basis (and warm-start vector) in host memory
-            monitor = SharpnessMonitor(measures=("lambda_max",), probe=[batch], alerts=None,
-                                       measure_kwargs={"lambda_max": {"basis_device": "meta"}} if host else None)
+            kwargs: dict[str, Any] = {"basis_device": "meta"} if host else {}
+            micro: int | str = "auto"
+            if forced is not None:  # the full-depth plan, not this depth's (a layered run)
+                micro, kwargs["hvp"] = planned(host)["micro_batches"], planned(host)["hvp"]
+            monitor = SharpnessMonitor(measures=("lambda_max",), probe=[batch], alerts=None, micro_batches=micro,
+                                       measure_kwargs={"lambda_max": kwargs} if kwargs else None)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 # the first (quick) check plans (the plan rows above): the row is the steady-state check after it
@@ -460,15 +470,16 @@ def simulate(name: str, mode: str, rows: set[str] | None = None,
 
         for key, host in (("check:monitor", False), ("check:monitor_host", True)):
             made: dict[str, Any] = {}
-            row(key, lambda made=made: made["check"](), [opt], lambda m: {"n_hvp": _n_hvp(m)},
+            row(key, lambda made=made: made["check"](), [opt],
+                lambda m, host=host: {"n_hvp": _n_hvp(m), **planned(host)},
                 lambda made=made, host=host: made.setdefault("check", monitor_check(host)))
         # Hutch++ with 9 products (3 sketch vectors), not the default 60 (20 sketch vectors, 20 x 3 passes
         # of simulation per check); the sketch adds one parameter-sized vector per 3 products.
         row("check:trace", lambda: hessian_trace(model, batch, n_hvp=TRACE_PRODUCTS, **planned(False)), [opt],
-            lambda r: {"n_hvp": int(r.n_hvp)}, lambda: planned(False))
+            lambda r: {"n_hvp": int(r.n_hvp), **planned(False)}, lambda: planned(False))
         row("check:trace_host", lambda: hessian_trace(model, batch, n_hvp=TRACE_PRODUCTS, basis_device="meta",
                                                       **planned(True)),
-            [opt], lambda r: {"n_hvp": int(r.n_hvp)}, lambda: planned(True))
+            [opt], lambda r: {"n_hvp": int(r.n_hvp), **planned(True)}, lambda: planned(True))
         if not isinstance(batch, dict):
             def robustness_check() -> Any:
                 from sharpguard.monitor import RobustnessMonitor
@@ -477,6 +488,40 @@ def simulate(name: str, mode: str, rows: set[str] | None = None,
 
             row("check:robustness", robustness_check, [opt])
     return out
+
+
+_PLANNED: set[str] = set()  # the full-depth models whose plans this run simulated
+
+
+def _full_depth_plans(name: str, mode: str, raw: dict[str, Any], wanted: set[str] | None
+                      ) -> dict[bool, dict[str, Any]] | None:
+    """For a layered run (``llama-7b@2``), the full-depth model's check plans, simulated once per run of this
+    script (a full-depth forward of a slice: seconds; a stored plan may be an older planner's). ``None`` for a
+    full-depth run."""
+    base, _, layers = name.partition("@")
+    if not layers or (wanted is not None and not any(w.startswith("check") for w in wanted)):
+        return None
+    keys = {False: "check:plan", True: "check:plan_host"}
+    if f"{base}:{mode}" not in _PLANNED:
+        _PLANNED.add(f"{base}:{mode}")
+        print(f"  {base}/{mode}: full-depth plans first", flush=True)
+        entry = simulate(base, mode, set(keys.values()))
+        _save_rows(f"{base}:{mode}", entry, raw)
+    rows = raw[f"{base}:{mode}"]["rows"]
+    return {host: {"micro_batches": rows[k]["micro_batches"], "hvp": rows[k]["hvp"]} for host, k in keys.items()}
+
+
+def _save_rows(item: str, entry: dict[str, Any], raw: dict[str, Any], old_rows: dict[str, Any] | None = None) -> None:
+    """Merge ``entry``'s rows into the raw file's ``item`` (under a lock: runs of other models may write it)."""
+    import fcntl
+
+    with open(RAW.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = json.loads(RAW.read_text()) if RAW.exists() else {}
+        kept = current.get(item, {}).get("rows", {}) if old_rows is None else old_rows
+        current[item] = {**current.get(item, {}), **entry, "rows": {**kept, **entry["rows"]}, "machine": machine()}
+        RAW.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+    raw.update(current)
 
 
 def _first_cached(model: nn.Module, batch: Any) -> Callable[[], Any]:
@@ -1035,12 +1080,9 @@ def main() -> None:
 
             def save(entry: dict[str, Any], item: str = item, old_rows: dict[str, Any] = old_rows) -> None:
                 # after every row: a long run killed part-way keeps what it measured
-                current = json.loads(RAW.read_text()) if RAW.exists() else {}
-                current[item] = {**entry, "rows": {**old_rows, **entry["rows"]}, "machine": machine()}
-                RAW.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
-                raw.update(current)
+                _save_rows(item, entry, raw, old_rows)
 
-            save(simulate(name, mode, wanted, on_row=save))
+            save(simulate(name, mode, wanted, on_row=save, plans=_full_depth_plans(name, mode, raw, wanted)))
     write_section("Simulated production scale", table(raw))
 
 

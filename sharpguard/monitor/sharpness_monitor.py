@@ -18,8 +18,8 @@ from torch import nn
 from .._batches import batch_size, default_loss_fn, split_batch
 from .._validation import check_keywords, keywords_of, positive, positive_int
 from ..errors import ConfigurationError
-from ..sharpness.cost import (DEFAULT_MAX_BASIS, EXTRA_VECTORS, GRAPH_FACTOR, CheckMemory, check_passes_per_hvp,
-                              estimate_plan_memory)
+from ..sharpness.cost import (DEFAULT_MAX_BASIS, EXACT_GRAPH_FACTOR, EXACT_PRODUCT_VECTORS, CheckMemory,
+                              check_passes_per_hvp, estimate_plan_memory)
 from ..sharpness.micro import AUTO_MAX_MICRO_BATCHES, ProductPlan, plan_products
 from ..sharpness.lanczos import resolve_basis_device
 from .alerts import AlertRule, default_sharpness_alerts
@@ -276,17 +276,18 @@ class SharpnessMonitor(Monitor):
                     f"{memory.phase} "
                     f"({slices} micro-batch{'es' if slices > 1 else ''} per probe batch, {self._planned_hvp()} "
                     f"products, {memory.device_vectors:.0f} model-size vectors on the device).")
-        vectors = DEFAULT_MAX_BASIS + 1 + EXTRA_VECTORS["autograd"]
+        # no plan yet: the live-tensor model's exact product (estimate_check_memory), its graph over the saved tensors
+        vectors = DEFAULT_MAX_BASIS + 1 + EXACT_PRODUCT_VECTORS
         if slices is None:
-            graph = (f"the products' graph at most ~{GRAPH_FACTOR['autograd'] / AUTO_MAX_MICRO_BATCHES:.1f}x a "
-                     "training step's activations, split so that the check fits in a training step's memory "
+            graph = (f"the products' graph at most ~{EXACT_GRAPH_FACTOR / AUTO_MAX_MICRO_BATCHES:.1f}x what a "
+                     "training step's forward saves, split so that the check fits in a training step's memory "
                      f"(micro-batches chosen at the first check, up to {AUTO_MAX_MICRO_BATCHES})")
         else:
             where = "" if self.probe.ready or slices == 1 else "up to "
-            graph = (f"the products' graph ~{GRAPH_FACTOR['autograd'] / slices:.1f}x a training step's activations "
+            graph = (f"the products' graph ~{EXACT_GRAPH_FACTOR / slices:.1f}x what a training step's forward saves "
                      f"({where}{slices} micro-batch{'es' if slices > 1 else ''} per probe batch)")
-        return (f"{line[:-1]}; memory per check (cost model, docs/cost_model.md): {graph} plus ~{vectors:.0f} "
-                f"model-size vectors.")
+        return (f"{line[:-1]}; memory per check (live-tensor cost model, docs/cost_model.md): {graph} plus "
+                f"~{vectors:.0f} model-size vectors.")
 
     def _kw(self, name: str) -> dict[str, Any]:
         return dict(self.measure_kwargs.get(name, {}))

@@ -194,7 +194,7 @@ HUTCHPP_VECTORS = 3
 #: (benchmarks/simulate.py, ``hvp_exact``; docs/cost_model.md, "Live memory")
 EXACT_GRAPH_FACTOR = 2.87
 #: parameter-sized vectors an exact product adds on the device: the vector in, the product and the gradient
-#: being differentiated (the same count as ``sharpness.micro.PRODUCT_VECTORS``)
+#: being differentiated (operator.py, ``_hvp_autograd``)
 EXACT_PRODUCT_VECTORS = 3
 #: at the end of a gradient pass the device holds the parameters' gradients and their flat copy, and with
 #: micro-batches also the flat sum of the slices before it (one more vector)

@@ -23,14 +23,12 @@ from .._batches import as_batches, batch_size, default_loss_fn, detach_inference
 from .._modules import has_fake_tensors, unwrap_data_parallel
 from .._state import local_shard, side_effect_free, trainable_parameters
 from ..errors import ConfigurationError
-from .cost import GRAPH_FACTOR
+from .cost import estimate_plan_memory
 from .. import _validation as rules
 
 __all__ = [
     "AUTO_MAX_MICRO_BATCHES",
     "AUTO_SLACK_BYTES",
-    "FD_PRODUCT_VECTORS",
-    "PRODUCT_VECTORS",
     "ProductPlan",
     "auto_micro_batches",
     "plan_products",
@@ -55,14 +53,6 @@ HVP_CHOICES: tuple[str, ...] = get_args(HVPMethod)
 #: gives up the whole batch and its cached graph (below it, memory is not worth the time)
 AUTO_SLACK_BYTES = 2**20
 AUTO_MAX_MICRO_BATCHES = 8
-#: Krylov-sized vectors a product holds on the device besides the basis: the vector in, the accumulated
-#: product and the gradient whose graph it differentiates (operator.py, ``_hvp_autograd``)
-PRODUCT_VECTORS = 3
-#: the same for a finite-difference product: the vector in, the entry weights' copy, the gradient at
-#: ``w + h v`` and the one being accumulated at ``w - h v`` (operator.py, ``_hvp_finite_difference``)
-FD_PRODUCT_VECTORS = 4
-
-
 @dataclass(frozen=True)
 class ProductPlan:
     """How a check's Hessian-vector products run: micro-batches per probe batch and the product method
@@ -107,17 +97,18 @@ def plan_products(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None,
     uses, ``A_math`` under the math kernel the exact product's double backward needs (no fused kernel has
     a derivative of its backward; the math kernel keeps each head's ``T x T`` attention weights, which at
     long sequences outgrow everything else). A training step on that batch holds at least ``A`` plus the
-    gradient ``G`` (the parameters' bytes). On ``s`` slices an exact product holds
-    ``GRAPH_FACTOR["autograd"] * A_math / s`` and a finite-difference one ``GRAPH_FACTOR["finite_difference"]
-    * A / s`` (docs/cost_model.md), each plus its Krylov vectors on the device ``V`` (its product's own,
-    :data:`PRODUCT_VECTORS` or :data:`FD_PRODUCT_VECTORS`, and the Lanczos basis, ``DEFAULT_MAX_BASIS + 1``
-    rows where it shares the device, none where it lives in host memory - the exact product's vector in is
-    the row's copy, and a finite-difference product then keeps all of its vectors there: ``basis_on_device``, default
-    whether the model is on the CPU, as :func:`~sharpguard.sharpness.lanczos.resolve_basis_device` decides).
+    gradient ``G`` (the parameters' bytes). On ``s`` slices a check's device peak is what the live-tensor cost
+    model predicts from these measurements (:func:`~sharpguard.sharpness.cost.estimate_plan_memory`, a monitor's
+    lambda_max check: an exact product's double backward ``EXACT_GRAPH_FACTOR * f A_math`` for the largest
+    slice's share ``f``, a finite-difference check's gradient pass or flatten, each with its Krylov vectors on
+    the device; the basis, ``DEFAULT_MAX_BASIS + 1`` rows, counts where it shares the device and not where it
+    lives in host memory: ``basis_on_device``, default whether the model is on the CPU, as
+    :func:`~sharpguard.sharpness.lanczos.resolve_basis_device` decides).
 
-    The slices are the fewest with ``graph / s + V <= A + G + AUTO_SLACK_BYTES``, at most
-    :data:`AUTO_MAX_MICRO_BATCHES` and one example per slice; where no split fits, a slice's graph is held
-    to ``AUTO_SLACK_BYTES`` (the most slices for a large graph, none for a tiny one). ``hvp="auto"`` keeps
+    The slices are the fewest whose predicted peak is at most ``A + G + AUTO_SLACK_BYTES``, at most
+    :data:`AUTO_MAX_MICRO_BATCHES` and one example per slice; where no split fits, the fewest of the lowest
+    predicted peak (the most slices for an exact product's graph; a finite-difference check whose vectors
+    alone pass the step gains nothing from slicing). ``hvp="auto"`` keeps
     exact products wherever they fit, and takes finite differences only where they do not and the
     finite-difference estimate is lower (long sequences, one example per device): the plan's ``reason``
     says so. On an FSDP2 model a rank measures its shard and the weights its forward gathers count as saved
@@ -132,14 +123,11 @@ def plan_products(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None,
         # its math-kernel forward (each head's T x T weights) would be the plan's own peak at long sequences
         hvp = "finite_difference"
     batches = as_batches(batches)
-    from .cost import DEFAULT_MAX_BASIS
-
     params = [local_shard(p) for p in trainable_parameters(model)]  # an FSDP2 rank holds (and measures) its shard
     vector_bytes = sum(p.numel() * max(p.element_size(), 4) for p in params)  # Krylov vectors: >= float32
     grad_bytes = sum(p.numel() * p.element_size() for p in params)
     if basis_on_device is None:
         basis_on_device = params[0].device.type == "cpu"
-    basis_rows = DEFAULT_MAX_BASIS + 1 if basis_on_device else 0
     fake = has_fake_tensors(model)
     batch = detach_inference(max(batches, key=batch_size))
     n = batch_size(batch)
@@ -160,22 +148,20 @@ def plan_products(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None,
                 saved_math = _saved_bytes(model, part, loss_fn) * scale
         most = min(AUTO_MAX_MICRO_BATCHES, n)
         allowed = saved + grad_bytes + AUTO_SLACK_BYTES  # the training step's own peak (and the slack)
-        exact_graph, fd_graph = GRAPH_FACTOR["autograd"] * saved_math, GRAPH_FACTOR["finite_difference"] * saved
-        exact_vectors = (PRODUCT_VECTORS + basis_rows) * vector_bytes
-        # with the basis in host memory a finite-difference product keeps every vector there (operator.py,
-        # ``_central_difference_host``): the device holds the gradient being taken, counted in the step's G
-        fd_vectors = (FD_PRODUCT_VECTORS + basis_rows) * vector_bytes if basis_on_device else 0.0
-        exact_slices = _fewest_slices(exact_graph, max(allowed - exact_vectors, AUTO_SLACK_BYTES), most)
-        fd_slices = _fewest_slices(fd_graph, max(allowed - fd_vectors, AUTO_SLACK_BYTES), most)
-        if hvp == "auto":
-            exact_peak = exact_graph / exact_slices + exact_vectors
-            fd_peak = fd_graph / fd_slices + fd_vectors
-            if exact_peak > allowed and fd_peak + AUTO_SLACK_BYTES < exact_peak:
-                use_fd = True
-                reason = (f"finite-difference products: an exact product's double backward would hold "
-                          f"~{exact_peak / 2**30:.3g} GiB at {exact_slices} micro-batch"
-                          f"{'es' if exact_slices > 1 else ''} (math attention kernel), more than a training "
-                          f"step's ~{allowed / 2**30:.3g} GiB; finite differences ~{fd_peak / 2**30:.3g} GiB")
+
+        def candidate(method: str, slices: int) -> ProductPlan:
+            return ProductPlan(micro_batches=slices, hvp=method, saved_bytes=saved, saved_math_bytes=saved_math,
+                               vector_bytes=vector_bytes, gradient_bytes=grad_bytes,
+                               slice_fraction=largest_slice(n, slices), basis_on_device=bool(basis_on_device))
+
+        exact_slices, exact_peak = _fewest_fitting(lambda s: candidate("autograd", s), allowed, most)
+        fd_slices, fd_peak = _fewest_fitting(lambda s: candidate("finite_difference", s), allowed, most)
+        if hvp == "auto" and exact_peak > allowed and fd_peak + AUTO_SLACK_BYTES < exact_peak:
+            use_fd = True
+            reason = (f"finite-difference products: an exact product's double backward would hold "
+                      f"~{exact_peak / 2**30:.3g} GiB at {exact_slices} micro-batch"
+                      f"{'es' if exact_slices > 1 else ''} (math attention kernel), more than a training "
+                      f"step's ~{allowed / 2**30:.3g} GiB; finite differences ~{fd_peak / 2**30:.3g} GiB")
     if distributed is None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed and not fake:
@@ -265,6 +251,22 @@ def _reshard(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+def _fewest_fitting(candidate: Callable[[int], ProductPlan], allowed: float, most: int) -> tuple[int, float]:
+    """The fewest slices ``s <= most`` whose check the live-tensor cost model
+    (:func:`~sharpguard.sharpness.cost.estimate_plan_memory`, a monitor's lambda_max check: the largest of the
+    lambda_max checks) holds within ``allowed`` bytes, and that peak; where none fits, the fewest slices of the
+    lowest peak (an exact product's graph shrinks with every slice; a finite-difference check's flatten does not)."""
+    best = (1, math.inf)
+    for slices in range(1, most + 1):
+        memory = estimate_plan_memory(candidate(slices), measure="monitor")
+        peak = math.inf if memory is None else memory.peak_bytes
+        if peak <= allowed:
+            return slices, peak
+        if peak < best[1]:
+            best = (slices, peak)
+    return best
 
 
 def _fewest_slices(graph: float, budget: float, most: int) -> int:

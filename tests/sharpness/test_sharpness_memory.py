@@ -374,14 +374,14 @@ def test_the_monitor_states_the_micro_batches_a_probe_really_splits_into():
     """The console line's memory terms use the slices a probe batch actually gives: 8 when asked for 8,
     fewer (one example each) for a smaller batch, 1 - a cached graph - for a single example."""
     from sharpguard.monitor import SharpnessMonitor
-    from sharpguard.sharpness.cost import GRAPH_FACTOR, HVP_PASSES, HVP_PASSES_CACHED
+    from sharpguard.sharpness.cost import EXACT_GRAPH_FACTOR, HVP_PASSES, HVP_PASSES_CACHED
 
     assert "up to 8 micro-batches" in SharpnessMonitor(("lambda_max",), every_n_steps=1, micro_batches=8).describe()
     for n, slices in ((32, 8), (3, 3), (1, 1)):
         probe = [(torch.randn(n, 6), torch.randint(0, 4, (n,)))]
         mon = SharpnessMonitor(("lambda_max",), every_n_steps=1, probe=probe, micro_batches=8)
         line = mon.describe()
-        assert f"~{GRAPH_FACTOR['autograd'] / slices:.1f}x" in line, line
+        assert f"~{EXACT_GRAPH_FACTOR / slices:.1f}x" in line, line
         assert f"({slices} micro-batch{'es' if slices > 1 else ''} per probe batch)" in line, line
         assert mon.HVP_STEPS == (HVP_PASSES_CACHED if slices == 1 else HVP_PASSES["autograd"])
 
@@ -588,12 +588,13 @@ def _activation_heavy() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
 
 def test_auto_micro_batches_split_only_where_the_graph_is_large():
     """A small model keeps its whole batch (and the cached graph); one whose check would pass a training
-    step's memory (graph ``GRAPH_FACTOR * A / s`` plus the Krylov vectors against the activations ``A``
-    and the gradient) is split until it fits, at most 8 slices and one example per slice. The choice
-    changes nothing in the model (it runs one forward inside the guards)."""
+    step's memory (the live-tensor model's exact product: graph ``EXACT_GRAPH_FACTOR * f A`` for the largest
+    slice's share ``f``, plus the Krylov vectors, against the saved tensors ``A`` and the gradient) is split
+    until it fits, at most 8 slices and one example per slice. The choice changes nothing in the model (it
+    runs one forward inside the guards)."""
     from sharpguard.monitor import SharpnessMonitor
-    from sharpguard.sharpness.cost import DEFAULT_MAX_BASIS, EXACT_GRAPH_FACTOR, EXACT_PRODUCT_VECTORS, GRAPH_FACTOR
-    from sharpguard.sharpness.micro import AUTO_SLACK_BYTES, PRODUCT_VECTORS, auto_micro_batches, plan_products
+    from sharpguard.sharpness.cost import DEFAULT_MAX_BASIS, EXACT_GRAPH_FACTOR, EXACT_PRODUCT_VECTORS
+    from sharpguard.sharpness.micro import AUTO_SLACK_BYTES, auto_micro_batches, plan_products
 
     small, batches = mlp_case()
     assert auto_micro_batches(small, batches) == 1
@@ -604,12 +605,17 @@ def test_auto_micro_batches_split_only_where_the_graph_is_large():
     # log-softmax, the targets (measured on an eighth of the batch and scaled: the same for equal rows)
     saved = 4 * 2048 * (64 + 8192 + 10) + 8 * 2048
     grad = 4 * sum(p.numel() for p in model.parameters())
-    vectors = (PRODUCT_VECTORS + DEFAULT_MAX_BASIS + 1) * grad  # on the CPU the basis shares the memory
-    assert slices == math.ceil(GRAPH_FACTOR["autograd"] * saved / (saved + grad + AUTO_SLACK_BYTES - vectors)) > 1
+    vectors = (EXACT_PRODUCT_VECTORS + DEFAULT_MAX_BASIS + 1) * grad  # on the CPU the basis shares the memory
+
+    def fits(s: int) -> bool:  # 2048 examples in s slices: the largest is ceil(2048 / s) or close to it
+        largest = max(round((i + 1) * 2048 / s) - round(i * 2048 / s) for i in range(s))
+        return EXACT_GRAPH_FACTOR * largest / 2048 * saved + vectors <= saved + grad + AUTO_SLACK_BYTES
+
+    assert slices == min(s for s in range(1, 9) if fits(s)) > 1
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and model.training
     assert all(p.grad is None for p in model.parameters())
-    # four times the examples: four times the training step's activations, room for a larger slice
-    wide = (torch.randn(8192, 64), torch.randint(0, 10, (8192,)))
+    # eight times the examples: eight times the training step's activations, room for a larger slice
+    wide = (torch.randn(16384, 64), torch.randint(0, 10, (16384,)))
     assert auto_micro_batches(model, [wide]) < slices
     # 512 examples: the Krylov vectors (9 x 2.3 MiB) alone pass the step's activations, no split fits, so
     # each slice is held as small as allowed: capped at 8 slices, and at one example per slice
@@ -654,10 +660,10 @@ def _auto_worker(rank: int, port: int, out_dir: str) -> None:
 
     with process_group(rank, 2, port):
         model, batch = _activation_heavy()
-        # rank 0 probes 2048 examples, rank 1 8192 (room for larger slices: fewer): the ranks must agree
+        # rank 0 probes 2048 examples, rank 1 16384 (room for larger slices: fewer): the ranks must agree
         if rank == 1:
             g = torch.Generator().manual_seed(5)
-            batch = (torch.randn(8192, 64, generator=g), torch.randint(0, 10, (8192,), generator=g))
+            batch = (torch.randn(16384, 64, generator=g), torch.randint(0, 10, (16384,), generator=g))
         choice = auto_micro_batches(model, [batch])
         with open(f"{out_dir}/{rank}.txt", "w") as fh:
             fh.write(str(choice))
@@ -673,7 +679,7 @@ def test_auto_micro_batches_agree_across_ranks(tmp_path):
 
     model, batch = _activation_heavy()
     alone = auto_micro_batches(model, [batch])
-    wide = (torch.randn(8192, 64), torch.randint(0, 10, (8192,)))
+    wide = (torch.randn(16384, 64), torch.randint(0, 10, (16384,)))
     assert alone > auto_micro_batches(model, [wide]) > 1
     assert [int((tmp_path / f"{r}.txt").read_text()) for r in (0, 1)] == [alone, alone]
 

@@ -124,6 +124,40 @@ def test_two_forwards_in_one_call_are_counted():
     assert 0 < peer.memory.peak_bytes - plain.memory.peak_bytes <= pbytes
 
 
+def test_flops_counted_in_the_same_run_leave_a_double_backwards_memory_alone():
+    """An exact micro-batched check on a GPT-2 built from its config: counting FLOPs in the run (the whole
+    call's count, no per-module breakdown) gives FlopCounterMode's count and the peak of a run that counts
+    none (FlopCounterMode's module tracker kept ~a batch's logits alive per product at 124M)."""
+    import warnings
+
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sharpguard.sharpness import hessian_eigenvalues
+    from sharpguard.simulate import flop_counter
+
+    torch.manual_seed(0)
+    with fake_tensors(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=512, n_positions=128, bos_token_id=0,
+                            eos_token_id=0, attn_implementation="sdpa", loss_type="ForCausalLM")
+        model = GPT2LMHeadModel(config)
+        ids = torch.randint(0, 512, (4, 128))
+        batch = {"input_ids": ids, "labels": ids}
+
+        def check() -> None:
+            hessian_eigenvalues(model, batch, k=1, micro_batches=2, hvp="autograd", max_iter=3)
+
+        alone = profile_step(check, model=model, inputs=[batch], count_flops=False)
+        counted = profile_step(check, model=model, inputs=[batch])
+        with FlopCounterMode(display=False) as reference:
+            check()
+        with flop_counter() as whole:
+            check()
+    assert counted.memory.peak_bytes == alone.memory.peak_bytes
+    assert counted.flops == whole.get_total_flops() == reference.get_total_flops() > 0
+
+
 def test_fsdp2_on_a_fake_process_group_holds_a_shard_per_rank():
     widths = [64, 128, 64, 16]  # every dimension divisible by the world size: equal shards
     with fake_tensors():
