@@ -18,8 +18,8 @@ from torch import nn
 from .._batches import batch_size, default_loss_fn, split_batch
 from .._validation import check_keywords, keywords_of, positive, positive_int
 from ..errors import ConfigurationError
-from ..sharpness.cost import (DEFAULT_MAX_BASIS, EXACT_GRAPH_FACTOR, EXACT_PRODUCT_VECTORS, CheckMemory,
-                              check_passes_per_hvp, estimate_plan_memory)
+from ..sharpness.cost import (EXACT_GRAPH_FACTOR, CheckMemory, check_passes_per_hvp, estimate_check_memory,
+                              estimate_plan_memory)
 from ..sharpness.micro import AUTO_MAX_MICRO_BATCHES, ProductPlan, plan_products
 from ..sharpness.lanczos import resolve_basis_device
 from .alerts import AlertRule, default_sharpness_alerts
@@ -277,7 +277,8 @@ class SharpnessMonitor(Monitor):
                     f"({slices} micro-batch{'es' if slices > 1 else ''} per probe batch, {self._planned_hvp()} "
                     f"products, {memory.device_vectors:.0f} model-size vectors on the device).")
         # no plan yet: the live-tensor model's exact product (estimate_check_memory), its graph over the saved tensors
-        vectors = DEFAULT_MAX_BASIS + 1 + EXACT_PRODUCT_VECTORS
+        vectors = estimate_check_memory(step_peak_bytes=1.0, resident_bytes=0.0, vector_bytes=1.0, hvp="autograd",
+                                        graph_bytes=0.0, measure="monitor").device_vectors  # the basis on the device
         if slices is None:
             graph = (f"the products' graph at most ~{EXACT_GRAPH_FACTOR / AUTO_MAX_MICRO_BATCHES:.1f}x what a "
                      "training step's forward saves, split so that the check fits in a training step's memory "

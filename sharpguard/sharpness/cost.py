@@ -196,8 +196,8 @@ EXACT_GRAPH_FACTOR = 2.87
 #: parameter-sized vectors an exact product adds on the device: the vector in, the product and the gradient
 #: being differentiated (operator.py, ``_hvp_autograd``)
 EXACT_PRODUCT_VECTORS = 3
-#: at the end of a gradient pass the device holds the parameters' gradients and their flat copy, and with
-#: micro-batches also the flat sum of the slices before it (one more vector)
+#: at the end of a gradient pass the device holds the parameters' gradients and their flat copy (with
+#: micro-batches the flat sum of the slices before it too, counted once, among the check's vectors)
 FLATTEN_VECTORS = 2
 
 
@@ -225,14 +225,15 @@ def estimate_check_memory(
 
     * the **gradient pass** of the largest slice: ``resident + f pass + V P`` (``f`` the slice's share of the
       batch; exact products hold ``c_x f graph`` instead, their double-backward graph);
-    * the **flatten** that follows it: ``resident + (FLATTEN_VECTORS + [m > 1]) G + V P``, the gradients, their
-      flat copy and, over several slices, the running sum;
+    * the **flatten** that follows it: ``resident + FLATTEN_VECTORS G + V P``, the gradients and their flat copy
+      (over several slices the running sum of the slices before is among ``V``);
 
     with ``V`` the parameter-sized vectors the check keeps on the device: with the basis there,
     ``max_basis + 1`` rows and ``FD_RESIDENT_VECTORS`` (plus ``MONITOR_VECTORS`` for a monitor's warm start,
     or Hutch++'s ``n_hvp // 3 + HUTCHPP_VECTORS`` for a trace; one more for the running sum over several
     slices); with the basis in host memory (``basis_device="auto"`` on an accelerator) none, and the flatten
-    copies each gradient off the device as it goes.
+    copies each gradient off the device as it goes. An exact product holds ``EXACT_PRODUCT_VECTORS`` and,
+    with the basis on the device, the rows a product runs beside (:func:`_exact_basis_vectors`).
 
     Args:
         step_peak_bytes: the training step's device peak (``torch.cuda.max_memory_allocated`` around a step).
@@ -273,8 +274,8 @@ def estimate_check_memory(
         "slice_fraction", slice_fraction)
     on_device = rules.flag("basis_on_device", basis_on_device)
     several = 1 if micro > 1 else 0
-    if hvp == "autograd":  # the basis rows on the device, or the one row the product copies in
-        vectors = (max_basis + 1 if on_device else 0) + EXACT_PRODUCT_VECTORS
+    if hvp == "autograd":
+        vectors = EXACT_PRODUCT_VECTORS + (_exact_basis_vectors(measure, max_basis, n_hvp) if on_device else 0)
     elif not on_device:
         vectors = 0.0
     elif measure == "trace":
@@ -286,12 +287,24 @@ def estimate_check_memory(
             raise ConfigurationError("exact products need graph_bytes (ProductPlan.saved_math_bytes).")
         passes = {"exact product": resident + EXACT_GRAPH_FACTOR * share * graph_bytes + vectors * vec}
     else:
-        flatten = (FLATTEN_VECTORS + several) * grad if vectors else grad
+        flatten = FLATTEN_VECTORS * grad if vectors else grad  # the slices' running sum is one of the vectors
         passes = {"gradient pass": resident + share * transient + vectors * vec,
                   "flatten": resident + flatten + vectors * vec}
     phase = max(passes, key=passes.__getitem__)
     return CheckMemory(peak_bytes=passes[phase], over_step=passes[phase] / step_peak, phase=phase,
                        device_vectors=float(vectors))
+
+
+def _exact_basis_vectors(measure: str, max_basis: int, n_hvp: int) -> int:
+    """Parameter-sized vectors an exact product's double backward runs beside when the Krylov basis shares the
+    device, over those of the same product with the basis in host memory: Lanczos holds at most ``max_basis``
+    rows during a product (the next row is the product's result, stored after it) and its vector in is the
+    last of them, not the copy a host basis makes (lanczos.py, ``Lanczos.step``): ``max_basis - 1``, and a
+    monitor's warm start; Hutch++ its sketch's ``n_hvp // 3`` products. Simulated exactly on GPT-2 124M's
+    8-slice checks (4, 5 and 3 vectors over the host basis's; docs/cost_model.md, "Live memory")."""
+    if measure == "trace":
+        return n_hvp // 3
+    return max_basis - 1 + (MONITOR_VECTORS if measure == "monitor" else 0)
 
 
 def estimate_plan_memory(plan: Any, *, measure: str = "monitor", n_hvp: int = 9,

@@ -593,7 +593,7 @@ def test_auto_micro_batches_split_only_where_the_graph_is_large():
     until it fits, at most 8 slices and one example per slice. The choice changes nothing in the model (it
     runs one forward inside the guards)."""
     from sharpguard.monitor import SharpnessMonitor
-    from sharpguard.sharpness.cost import DEFAULT_MAX_BASIS, EXACT_GRAPH_FACTOR, EXACT_PRODUCT_VECTORS
+    from sharpguard.sharpness.cost import DEFAULT_MAX_BASIS, EXACT_GRAPH_FACTOR, EXACT_PRODUCT_VECTORS, MONITOR_VECTORS
     from sharpguard.sharpness.micro import AUTO_SLACK_BYTES, auto_micro_batches, plan_products
 
     small, batches = mlp_case()
@@ -605,7 +605,9 @@ def test_auto_micro_batches_split_only_where_the_graph_is_large():
     # log-softmax, the targets (measured on an eighth of the batch and scaled: the same for equal rows)
     saved = 4 * 2048 * (64 + 8192 + 10) + 8 * 2048
     grad = 4 * sum(p.numel() for p in model.parameters())
-    vectors = (EXACT_PRODUCT_VECTORS + DEFAULT_MAX_BASIS + 1) * grad  # on the CPU the basis shares the memory
+    # on the CPU the basis shares the memory: a product runs beside max_basis rows, its vector in the last of them,
+    # and the plan makes room for a monitor's warm start (estimate_plan_memory's measure="monitor")
+    vectors = (EXACT_PRODUCT_VECTORS + DEFAULT_MAX_BASIS - 1 + MONITOR_VECTORS) * grad
 
     def fits(s: int) -> bool:  # 2048 examples in s slices: the largest is ceil(2048 / s) or close to it
         largest = max(round((i + 1) * 2048 / s) - round(i * 2048 / s) for i in range(s))
@@ -636,7 +638,7 @@ def test_auto_micro_batches_split_only_where_the_graph_is_large():
     share = plan.slice_fraction
     # an exact product on the largest slice: its double-backward graph, the basis rows and the product's vectors
     measured = plan.saved_bytes
-    by_hand = EXACT_GRAPH_FACTOR * share * measured + (DEFAULT_MAX_BASIS + 1 + EXACT_PRODUCT_VECTORS) * grad
+    by_hand = EXACT_GRAPH_FACTOR * share * measured + vectors
     assert memory is not None and memory.phase == "exact product"
     assert memory.peak_bytes == pytest.approx(by_hand, rel=1e-12)
     assert memory.over_step == pytest.approx(by_hand / (measured + grad), rel=1e-12)

@@ -131,7 +131,6 @@ def test_flops_counted_in_the_same_run_leave_a_double_backwards_memory_alone():
     import warnings
 
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     from sharpguard.sharpness import hessian_eigenvalues
     from sharpguard.simulate import flop_counter
@@ -139,11 +138,7 @@ def test_flops_counted_in_the_same_run_leave_a_double_backwards_memory_alone():
     torch.manual_seed(0)
     with fake_tensors(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=512, n_positions=128, bos_token_id=0,
-                            eos_token_id=0, attn_implementation="sdpa", loss_type="ForCausalLM")
-        model = GPT2LMHeadModel(config)
-        ids = torch.randint(0, 512, (4, 128))
-        batch = {"input_ids": ids, "labels": ids}
+        model, batch = _small_fake_gpt2()
 
         def check() -> None:
             hessian_eigenvalues(model, batch, k=1, micro_batches=2, hvp="autograd", max_iter=3)
@@ -156,6 +151,50 @@ def test_flops_counted_in_the_same_run_leave_a_double_backwards_memory_alone():
             check()
     assert counted.memory.peak_bytes == alone.memory.peak_bytes
     assert counted.flops == whole.get_total_flops() == reference.get_total_flops() > 0
+
+
+def _small_fake_gpt2() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=512, n_positions=128, bos_token_id=0,
+                        eos_token_id=0, attn_implementation="sdpa", loss_type="ForCausalLM")
+    ids = torch.randint(0, 512, (4, 128))
+    return GPT2LMHeadModel(config), {"input_ids": ids, "labels": ids}
+
+
+def test_exact_checks_hold_the_basis_rows_the_cost_model_counts():
+    """Exact micro-batched checks with the Krylov basis on the device and in host memory differ by the vectors
+    ``estimate_check_memory`` counts, to a few scalars' bytes: Lanczos runs a product beside at most
+    ``max_basis`` rows, its vector in the last of them (``max_basis - 1`` more than the host basis's copy),
+    Hutch++ beside its sketch's ``n_hvp // 3`` products."""
+    import warnings
+
+    from sharpguard.sharpness import hessian_eigenvalues, hessian_trace
+    from sharpguard.sharpness.cost import DEFAULT_MAX_BASIS, estimate_check_memory
+
+    torch.manual_seed(0)
+    with fake_tensors(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, batch = _small_fake_gpt2()
+        exact = {"micro_batches": 2, "hvp": "autograd"}
+        checks = {
+            "lambda_max": lambda: hessian_eigenvalues(model, batch, k=1, **exact),
+            "lambda_max_host": lambda: hessian_eigenvalues(model, batch, k=1, basis_device="meta", **exact),
+            "trace": lambda: hessian_trace(model, batch, n_hvp=9, **exact),
+            "trace_host": lambda: hessian_trace(model, batch, n_hvp=9, basis_device="meta", **exact),
+        }
+        peaks = {name: profile_step(fn, model=model, inputs=[batch], count_flops=False).memory.peak_bytes
+                 for name, fn in checks.items()}
+        pbytes = parameter_bytes(model)
+
+    def predicted(measure: str, on_device: bool) -> float:
+        return estimate_check_memory(step_peak_bytes=1e9, resident_bytes=0.0, vector_bytes=pbytes, hvp="autograd",
+                                     graph_bytes=1e8, micro_batches=2, measure=measure, n_hvp=9,
+                                     basis_on_device=on_device).peak_bytes
+
+    for measure, vectors in (("lambda_max", DEFAULT_MAX_BASIS - 1), ("trace", 9 // 3)):
+        assert abs(peaks[measure] - peaks[f"{measure}_host"] - vectors * pbytes) <= 1024  # and a few scalars
+        assert predicted(measure, True) - predicted(measure, False) == vectors * pbytes
 
 
 def test_fsdp2_on_a_fake_process_group_holds_a_shard_per_rank():
