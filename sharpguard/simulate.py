@@ -270,7 +270,7 @@ def flop_counter() -> Any:
     attention kernel's, without its per-module breakdown: the module tracker behind that breakdown hooks the
     inputs and outputs of every module's forward for the backward, and across a double backward (an exact
     Hessian-vector product) those hooks keep tensors alive that the call alone would free, so the memory
-    counted in the same run would be the counter's as well (GPT-2 124M's exact check: ~1.3 GiB per product)."""
+    counted in the same run would be the counter's as well (docs/cost_model.md, "Live memory")."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas())

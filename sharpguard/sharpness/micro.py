@@ -53,6 +53,8 @@ HVP_CHOICES: tuple[str, ...] = get_args(HVPMethod)
 #: gives up the whole batch and its cached graph (below it, memory is not worth the time)
 AUTO_SLACK_BYTES = 2**20
 AUTO_MAX_MICRO_BATCHES = 8
+
+
 @dataclass(frozen=True)
 class ProductPlan:
     """How a check's Hessian-vector products run: micro-batches per probe batch and the product method
@@ -101,8 +103,8 @@ def plan_products(model: nn.Module, batches: Sequence[Any], loss_fn: Any = None,
     model predicts from these measurements (:func:`~sharpguard.sharpness.cost.estimate_plan_memory`, a monitor's
     lambda_max check: an exact product's double backward ``EXACT_GRAPH_FACTOR * f A_math`` for the largest
     slice's share ``f``, a finite-difference check's gradient pass or flatten, each with its Krylov vectors on
-    the device; the basis, ``DEFAULT_MAX_BASIS + 1`` rows, counts where it shares the device and not where it
-    lives in host memory: ``basis_on_device``, default whether the model is on the CPU, as
+    the device; the Lanczos basis counts where it shares the device and not where it lives in host memory:
+    ``basis_on_device``, default whether the model is on the CPU, as
     :func:`~sharpguard.sharpness.lanczos.resolve_basis_device` decides).
 
     The slices are the fewest whose predicted peak is at most ``A + G + AUTO_SLACK_BYTES``, at most
