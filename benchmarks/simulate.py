@@ -253,7 +253,6 @@ def simulate(name: str, mode: str, rows: set[str] | None = None,
     base, _, layers = name.partition("@")
     build = MODELS[base][0] if not layers else (lambda: LAYERED[base](int(layers)))
     out: dict[str, Any] = {"model": name, "mode": mode, "world": WORLD if mode == "fsdp8" else 1, "rows": {}}
-    forced = plans
     torch.manual_seed(0)
     with _mesh(mode) as mesh, fake_tensors():
         model, blocks, make_batch = build()
@@ -412,11 +411,9 @@ def simulate(name: str, mode: str, rows: set[str] | None = None,
         # product: its measuring forwards hold nothing afterwards. It is its own row and the checks below take it
         # as made, so each row's peak is one phase's, linear in the depth where the layered fit needs it (a
         # constant planning transient would otherwise be fitted as the check's own peak at 1 and 2 blocks).
-        chosen: dict[bool, dict[str, Any]] = {}
+        chosen: dict[bool, dict[str, Any]] = {host: dict(plan) for host, plan in (plans or {}).items()}
 
         def planned(host: bool) -> dict[str, Any]:
-            if host not in chosen and forced is not None:
-                chosen[host] = {"micro_batches": int(forced[host]["micro_batches"]), "hvp": str(forced[host]["hvp"])}
             if host not in chosen:
                 from sharpguard.sharpness import plan_products
 
@@ -458,7 +455,7 @@ def simulate(name: str, mode: str, rows: set[str] | None = None,
             # host: the monitor as it runs on an accelerator, basis (and warm-start vector) in host memory
             kwargs: dict[str, Any] = {"basis_device": "meta"} if host else {}
             micro: int | str = "auto"
-            if forced is not None:  # the full-depth plan, not this depth's (a layered run)
+            if plans is not None:  # the full-depth plan, not this depth's (a layered run)
                 micro, kwargs["hvp"] = planned(host)["micro_batches"], planned(host)["hvp"]
             monitor = SharpnessMonitor(measures=("lambda_max",), probe=[batch], alerts=None, micro_batches=micro,
                                        measure_kwargs={"lambda_max": kwargs} if kwargs else None)

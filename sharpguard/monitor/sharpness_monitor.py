@@ -18,7 +18,7 @@ from torch import nn
 from .._batches import batch_size, default_loss_fn, split_batch
 from .._validation import check_keywords, keywords_of, positive, positive_int
 from ..errors import ConfigurationError
-from ..sharpness.cost import (EXACT_GRAPH_FACTOR, CheckMemory, check_passes_per_hvp, estimate_check_memory,
+from ..sharpness.cost import (EXACT_GRAPH_FACTOR, CheckMemory, _device_vectors, check_passes_per_hvp,
                               estimate_plan_memory)
 from ..sharpness.micro import AUTO_MAX_MICRO_BATCHES, ProductPlan, plan_products
 from ..sharpness.lanczos import resolve_basis_device
@@ -276,9 +276,8 @@ class SharpnessMonitor(Monitor):
                     f"{memory.phase} "
                     f"({slices} micro-batch{'es' if slices > 1 else ''} per probe batch, {self._planned_hvp()} "
                     f"products, {memory.device_vectors:.0f} model-size vectors on the device).")
-        # no plan yet: the live-tensor model's exact product (estimate_check_memory), its graph over the saved tensors
-        vectors = estimate_check_memory(step_peak_bytes=1.0, resident_bytes=0.0, vector_bytes=1.0, hvp="autograd",
-                                        graph_bytes=0.0, measure="monitor").device_vectors  # the basis on the device
+        # no plan yet: the live-tensor model's exact product, its basis on the device
+        vectors = _device_vectors("autograd", "monitor")
         if slices is None:
             graph = (f"the products' graph at most ~{EXACT_GRAPH_FACTOR / AUTO_MAX_MICRO_BATCHES:.1f}x what a "
                      "training step's forward saves, split so that the check fits in a training step's memory "

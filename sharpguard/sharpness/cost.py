@@ -228,12 +228,10 @@ def estimate_check_memory(
     * the **flatten** that follows it: ``resident + FLATTEN_VECTORS G + V P``, the gradients and their flat copy
       (over several slices the running sum of the slices before is among ``V``);
 
-    with ``V`` the parameter-sized vectors the check keeps on the device: with the basis there,
-    ``max_basis + 1`` rows and ``FD_RESIDENT_VECTORS`` (plus ``MONITOR_VECTORS`` for a monitor's warm start,
-    or Hutch++'s ``n_hvp // 3 + HUTCHPP_VECTORS`` for a trace; one more for the running sum over several
-    slices); with the basis in host memory (``basis_device="auto"`` on an accelerator) none, and the flatten
-    copies each gradient off the device as it goes. An exact product holds ``EXACT_PRODUCT_VECTORS`` and,
-    with the basis on the device, the rows a product runs beside (:func:`_exact_basis_vectors`).
+    with ``V`` the parameter-sized vectors the check keeps on the device (:func:`_device_vectors`: the basis
+    rows and the product's own; none for finite differences with the basis in host memory, as
+    ``basis_device="auto"`` keeps it on an accelerator, where the flatten copies each gradient off the device
+    as it goes).
 
     Args:
         step_peak_bytes: the training step's device peak (``torch.cuda.max_memory_allocated`` around a step).
@@ -273,15 +271,8 @@ def estimate_check_memory(
     share = 1.0 / micro if slice_fraction is None else rules.between(0.0, 1.0, low_open=True)(
         "slice_fraction", slice_fraction)
     on_device = rules.flag("basis_on_device", basis_on_device)
-    several = 1 if micro > 1 else 0
-    if hvp == "autograd":
-        vectors = EXACT_PRODUCT_VECTORS + (_exact_basis_vectors(measure, max_basis, n_hvp) if on_device else 0)
-    elif not on_device:
-        vectors = 0.0
-    elif measure == "trace":
-        vectors = n_hvp // 3 + HUTCHPP_VECTORS + several
-    else:
-        vectors = max_basis + 1 + FD_RESIDENT_VECTORS + several + (MONITOR_VECTORS if measure == "monitor" else 0)
+    vectors = _device_vectors(hvp, measure, basis_on_device=on_device, several_slices=micro > 1,
+                             max_basis=max_basis, n_hvp=n_hvp)
     if hvp == "autograd":
         if graph_bytes is None:
             raise ConfigurationError("exact products need graph_bytes (ProductPlan.saved_math_bytes).")
@@ -295,16 +286,29 @@ def estimate_check_memory(
                        device_vectors=float(vectors))
 
 
-def _exact_basis_vectors(measure: str, max_basis: int, n_hvp: int) -> int:
-    """Parameter-sized vectors an exact product's double backward runs beside when the Krylov basis shares the
-    device, over those of the same product with the basis in host memory: Lanczos holds at most ``max_basis``
-    rows during a product (the next row is the product's result, stored after it) and its vector in is the
-    last of them, not the copy a host basis makes (lanczos.py, ``Lanczos.step``): ``max_basis - 1``, and a
-    monitor's warm start; Hutch++ its sketch's ``n_hvp // 3`` products. Simulated exactly on GPT-2 124M's
-    8-slice checks (4, 5 and 3 vectors over the host basis's; docs/cost_model.md, "Live memory")."""
+def _device_vectors(hvp: str, measure: str, *, basis_on_device: bool = True, several_slices: bool = False,
+                   max_basis: int = DEFAULT_MAX_BASIS, n_hvp: int = 9) -> int:
+    """Parameter-sized vectors a check keeps on the device beside its graph (:func:`estimate_check_memory`'s
+    ``V``; arguments as there, ``several_slices``: more than one micro-batch).
+
+    Finite differences: with the basis there, ``max_basis + 1`` rows and ``FD_RESIDENT_VECTORS`` (plus
+    ``MONITOR_VECTORS`` for a monitor's warm start), or Hutch++'s ``n_hvp // 3 + HUTCHPP_VECTORS``, and the
+    slices' running sum over several slices; with the basis in host memory none. Exact products:
+    ``EXACT_PRODUCT_VECTORS``, and with the basis on the device the rows a product runs beside - Lanczos holds
+    at most ``max_basis`` rows during a product (the next row is the product's result, stored after it) and its
+    vector in is the last of them, not the copy a host basis makes (lanczos.py, ``Lanczos.step``):
+    ``max_basis - 1`` more, and a monitor's warm start; Hutch++ its sketch's ``n_hvp // 3`` products
+    (tests/sharpness/test_simulated_scale.py; docs/cost_model.md, "Live memory")."""
+    monitor = MONITOR_VECTORS if measure == "monitor" else 0
+    if hvp == "autograd":
+        if not basis_on_device:
+            return EXACT_PRODUCT_VECTORS
+        return EXACT_PRODUCT_VECTORS + (n_hvp // 3 if measure == "trace" else max_basis - 1 + monitor)
+    if not basis_on_device:
+        return 0
     if measure == "trace":
-        return n_hvp // 3
-    return max_basis - 1 + (MONITOR_VECTORS if measure == "monitor" else 0)
+        return n_hvp // 3 + HUTCHPP_VECTORS + int(several_slices)
+    return max_basis + 1 + FD_RESIDENT_VECTORS + int(several_slices) + monitor
 
 
 def estimate_plan_memory(plan: Any, *, measure: str = "monitor", n_hvp: int = 9,

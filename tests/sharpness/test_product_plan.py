@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from sharpguard.monitor import SharpnessMonitor
 from sharpguard.simulate import RESIDENT_CATEGORIES, fake_process_group, fake_tensors, parameter_bytes, profile_step
 from sharpguard.sharpness import hessian_eigenvalues, hessian_trace, plan_products
-from sharpguard.sharpness.cost import DEFAULT_MAX_BASIS, FD_RESIDENT_VECTORS, FLATTEN_VECTORS, estimate_check_memory
+from sharpguard.sharpness.cost import FLATTEN_VECTORS, _device_vectors, estimate_check_memory
 from sharpguard.sharpness.micro import _math_attention_kernel, _saved_bytes
 
 VOCAB = 64
@@ -147,9 +147,9 @@ def test_fake_long_sequence_check_holds_no_double_backward_graph():
         check=lambda model, batch: hessian_eigenvalues(model, batch, k=1),
         exact=lambda model, batch: hessian_eigenvalues(model, batch, k=1, hvp="autograd", max_iter=2),
     )
-    # the live model's finite-difference check above the step's gradients: the flatten's flat copy and running
-    # sum, the basis rows, the entry weights and the slices' running sum vector
-    vectors = FLATTEN_VECTORS + DEFAULT_MAX_BASIS + 1 + FD_RESIDENT_VECTORS + 1
+    # the live model's finite-difference check: the flatten's gradients and flat copy and the check's own vectors
+    # on the device (basis rows, entry weights, the slices' running sum); the step's own gradients are a margin
+    vectors = FLATTEN_VECTORS + _device_vectors("finite_difference", "lambda_max", several_slices=True)
     assert peaks["check"] - step <= vectors * param_bytes
     assert peaks["exact"] > 3 * step
 

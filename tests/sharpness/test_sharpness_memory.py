@@ -5,7 +5,6 @@ parameter that never had a gradient."""
 from __future__ import annotations
 
 import gc
-import math
 import warnings
 
 import numpy as np
