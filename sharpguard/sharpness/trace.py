@@ -60,6 +60,35 @@ def _cholesky_qr(y: torch.Tensor, total: Any, cost_only: bool = False) -> torch.
     return q
 
 
+def _householder_q(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning the tall ``y`` (``n x s``, ``s`` small), as ``torch.linalg.qr(y)[0]``:
+    Householder QR (Golub & Van Loan, Matrix Computations, 4th ed., Alg. 5.2.1 and the backward accumulation of
+    Sec. 5.1.6) by rank-one updates in place. ``y`` is overwritten by the reflectors; the only model-size memory
+    is ``Q`` itself. LAPACK's QR through torch (``linalg.qr``, ``householder_product``, ``ormqr``) copies its
+    operands and takes a workspace of the full height (16 model-size vectors with MKL's ``orgqr``: hundreds of GB
+    of host memory at 7B), which a sketch of a few vectors does not need. No value is read on the host."""
+    n, s = y.shape
+    k = min(n, s)  # Q is n x min(n, s), as the reduced QR's
+    taus = []
+    for j in range(k):
+        v = y[j:, j]  # becomes the reflector v = x - alpha e1, alpha = -sign(x_0) ||x||
+        below = torch.linalg.vector_norm(v[1:])
+        norm = torch.linalg.vector_norm(v)
+        v[0] += torch.where(v[0] >= 0, norm, -norm)  # no cancellation: the signs agree
+        # nothing below the diagonal: no reflection (H = I), as LAPACK's larfg, so Q's signs are LAPACK's
+        tau = torch.where(below > 0, 2.0 / (v @ v), torch.zeros_like(norm))
+        if j + 1 < s:
+            rest = y[j:, j + 1:]
+            rest.addr_(v, (v @ rest) * tau, alpha=-1)
+        taus.append(tau)
+    q = torch.zeros((k, n), dtype=y.dtype, device=y.device).T  # column-major, as y: its columns are contiguous
+    q.diagonal().fill_(1)
+    for j in reversed(range(k)):  # Q = H_1 ... H_k I[:, :k], applied from the last reflector back
+        v, block = y[j:, j], q[j:, j:]
+        block.addr_(v, (v @ block) * taus[j], alpha=-1)
+    return q
+
+
 def _mean_stderr(samples: list[float]) -> tuple[float, float]:
     m = len(samples)
     mean = math.fsum(samples) / m
@@ -135,13 +164,13 @@ def hessian_trace(
         else:
             s = n_hvp // 3
             # the sketch Y = H S and its basis Q (s model-size vectors each) live on basis_device
-            y = torch.empty((n_local, s), dtype=op.dtype, device=where)
+            y = torch.empty((s, n_local), dtype=op.dtype, device=where).T  # column-major: columns contiguous
             for i in range(s):
                 y[:, i] = op.matvec(rademacher(n_local, generator, op.dtype, where))
             if reduce is not None:
                 q = _cholesky_qr(y, total, cost_only=op.cost_only)
             else:
-                q = torch.linalg.qr(y)[0]  # orthonormal columns
+                q = _householder_q(y)  # orthonormal columns; y is overwritten
             del y
             exact = math.fsum(quadratic_form(q[:, i]) for i in range(q.shape[1]))
             samples = []

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tests.sharpness.test_sharpness_curvature import bert_case, conv_bn_case, dense_hessian, mlp_case
 from torch import nn
 from torch.utils import checkpoint
@@ -812,3 +814,36 @@ def test_the_basis_goes_to_host_memory_on_an_accelerator_and_bad_devices_are_ref
     assert res.settings["basis_device"] == "cpu"
     dense = torch.linalg.eigvalsh(dense_hessian(model, batches))[-1]
     assert res.lambda_max == pytest.approx(float(dense), rel=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hutch++'s QR of its sketch
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 200), cols=st.integers(1, 12), seed=st.integers(0, 2**16), dependent=st.booleans())
+def test_the_sketchs_householder_qr_is_lapacks(rows, cols, seed, dependent):
+    """Hutch++'s basis comes from an in-place Householder QR (LAPACK's orgqr through torch allocates 16
+    model-size vectors of workspace with MKL); it must be LAPACK's Q: same columns, same signs, float64."""
+    from sharpguard.sharpness.trace import _householder_q
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(cols, rows, dtype=torch.float64, generator=g).T  # column-major, as the sketch
+    if dependent and 1 < cols <= rows:
+        y[:, -1] = 2 * y[:, 0]  # rank deficient: the last column of Q is any orthonormal completion
+    reference = torch.linalg.qr(y)[0]  # n x min(n, s)
+    q = _householder_q(y.T.clone().T)
+    assert q.shape == reference.shape
+    assert torch.allclose(q.T @ q, torch.eye(q.shape[1], dtype=torch.float64), atol=1e-12)
+    spanned = q.shape[1] - (1 if dependent and 1 < cols <= rows else 0)
+    assert torch.allclose(q[:, :spanned], reference[:, :spanned], atol=1e-10)
+
+
+def test_the_sketchs_qr_allocates_its_basis_and_nothing_else_model_sized():
+    from benchmarks.scale import live_peak_bytes
+    from sharpguard.sharpness.trace import _householder_q
+
+    rows, cols = 50_000, 4
+    y = torch.randn(cols, rows).T
+    extra = live_peak_bytes(lambda: _householder_q(y))
+    assert 4 * rows * cols <= extra < 4 * rows * cols + 4 * rows // 2  # Q; not one more column
