@@ -46,6 +46,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -196,6 +197,32 @@ def _reset_peak() -> float:
 
 def _peak_mib() -> float:
     return _status_mib("VmHWM")
+
+
+def live_peak_bytes(fn: Callable[[], object]) -> int:
+    """The most bytes that CPU tensors allocated while ``fn`` runs hold at once, less those they have freed:
+    the CPU allocator's own running count, which it reports to ``torch.profiler`` with ``profile_memory=True``.
+    Unlike the peak RSS it counts live tensor storages only (no lazy initialisation, no pages glibc keeps after
+    a free), the quantity the simulation counts, measured on real kernels."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            events.append(event)
+    if not events:
+        return 0
+    events.sort(key=lambda e: e.start_time_ns)
+    # the count is the process's since profiling first began (blocks freed while no profiler ran are never
+    # taken off it), so the peak is measured from the count just before this run's first allocation
+    first = events[0].extra_fields
+    return max(e.extra_fields.total_allocated for e in events) - (first.total_allocated - first.alloc_size)
 
 
 def _pyhessian(model, batch=None, dataloader=None):

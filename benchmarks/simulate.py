@@ -693,6 +693,11 @@ def table(raw: dict[str, Any]) -> str:
     lines += ["### The cost model against the simulation", "", cost_model_table(raw), ""]
     if VALIDATION_RAW.exists():
         lines += ["### The simulation against the CPU (benchmarks/scale.py's models)", "",
+                  "`python benchmarks/simulate.py --validate`: each run simulated, then run on real CPU tensors with "
+                  "the CPU allocator's live bytes counted (*CPU live*: its own running count, reported to "
+                  "`torch.profiler`; `scale.live_peak_bytes`), like for like, the difference in brackets; *CPU RSS*: "
+                  "benchmarks/scale.py's fresh-process extra peak RSS (scale_raw.json), allocator and lazy "
+                  "initialisation included (docs/cost_model.md says where and why it differs).", "",
                   validation_table(json.loads(VALIDATION_RAW.read_text())), ""]
     return "\n".join(lines)
 
@@ -879,15 +884,20 @@ VALIDATION_RAW = Path(__file__).with_name("simulate_vs_cpu.json")
 MIB = 2**20
 
 
-def validate(only: set[str] | None = None, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+def validate(only: set[str] | None = None, previous: dict[str, Any] | None = None,
+             on_model: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Simulate what ``scale.py`` measures (fresh-process extra peaks: the first training step with a new
     AdamW, a SAM step, the peer SAM step, one product on two half batches, a check with ``max_iter=20``
-    whole and in the micro-batches the monitor chose) and return both, per model."""
+    whole and in the micro-batches the monitor chose, its products fixed at the cost-only run's six, which fill
+    the basis), run each again on real tensors counting the CPU allocator's live bytes
+    (``scale.live_peak_bytes``: the like-for-like figure), and return both, per model."""
     import scale
     from sharpguard.optim import SAM
     from sharpguard.sharpness import HVPOperator, hessian_eigenvalues
+    from sharpguard.sharpness.lanczos import default_max_basis, fixed_product_count
 
     measured = json.loads(SCALE_RAW.read_text())
+    torch.set_num_threads(1)  # as scale.py measures
     out: dict[str, Any] = {}
     for name, rec in measured.items():
         print(f"validate {name}", flush=True)
@@ -912,7 +922,16 @@ def validate(only: set[str] | None = None, previous: dict[str, Any] | None = Non
             except Exception as exc:  # noqa: BLE001 - recorded
                 res[key] = {"error": _error(exc)}
             res[key]["seconds"] = time.perf_counter() - start
-            print(f"  {key}: {res[key].get('error') or round(res[key]['extra_bytes'] / MIB, 1)}", flush=True)
+            # the same thing on real tensors, counted by the CPU allocator: the like-for-like measurement
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.manual_seed(0)
+                model, batch = scale.build(name, False)
+                model.train(train_mode)
+                fn, _ = make(model, batch)
+                res[key]["live_bytes"] = scale.live_peak_bytes(fn)
+            print(f"  {key}: {res[key].get('error') or round(res[key]['extra_bytes'] / MIB, 1)} simulated, "
+                  f"{round(res[key]['live_bytes'] / MIB, 1)} on the CPU", flush=True)
 
         def train(model, batch):
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -967,11 +986,15 @@ def validate(only: set[str] | None = None, previous: dict[str, Any] | None = Non
                     torch.autograd.grad(grads, params, grad_outputs=[torch.ones_like(p) for p in params])
             return fn, []
 
+        # the products a cost-only run takes (enough to fill the bounded basis, where the memory peaks), taken
+        # by the real run too: the profiler's records of a 20-product check at 29M outgrow this machine's memory
+        products = fixed_product_count(None, True, scale.MAX_ITER, default_max_basis(1, "largest"))
+
         def check(micro: int):
             def make(model, batch):
                 if micro == 1:  # whole batches, as scale.py's whole-batch check
                     return (lambda: hessian_eigenvalues(model, batch, scale.loss_of, k=1, max_iter=scale.MAX_ITER,
-                                                        micro_batches=1)), []
+                                                        micro_batches=1, fixed_products=products)), []
                 # as scale.py: targets kept batch-first so the batch splits by examples, the same loss
                 x, y = batch
                 probe = (x, x[:, 1:] if name.startswith("gpt2") else y)
@@ -979,7 +1002,7 @@ def validate(only: set[str] | None = None, previous: dict[str, Any] | None = Non
                 def loss(m: nn.Module, b: Any) -> torch.Tensor:
                     return nn.functional.cross_entropy(m(b[0]), b[1].reshape(-1))
                 return (lambda: hessian_eigenvalues(model, probe, loss, k=1, max_iter=scale.MAX_ITER,
-                                                    micro_batches=micro)), []
+                                                    micro_batches=micro, fixed_products=products)), []
             return make
 
         one("train", train)
@@ -994,28 +1017,38 @@ def validate(only: set[str] | None = None, previous: dict[str, Any] | None = Non
         sliced = rec["mem"]["check"] if "check_whole" in rec["mem"] else rec["mem"]["check_mb"]
         one("check_mb", check(int(sliced.get("micro_batches", 8))))
         out[name] = res
+        if on_model is not None:
+            on_model(out)
     return out
 
 
 def validation_table(sim: dict[str, Any]) -> str:
-    """Simulated against measured (scale_raw.json), the ratios scale.py reports."""
+    """Simulated against the same runs on the CPU: live bytes (the CPU allocator's count, like for like; the
+    difference in brackets) and scale.py's peak RSS (scale_raw.json), as the ratios scale.py reports."""
     measured = json.loads(SCALE_RAW.read_text())
     lines = [
-        "| model | train step extra peak: simulated (live tensors) / measured (RSS) | SAM extra / param bytes: "
-        "simulated (fallback, skip) / measured | peer SAM extra / param bytes: simulated / measured | one product's "
-        "extra / train's: simulated / measured | check / train: simulated / measured | check, monitor's micro-batches "
-        "/ train: simulated / measured | exact product / fwd+bwd: FLOPs (simulated) / time (measured) |",
+        "| model | train step extra peak, MiB: simulated / CPU live / CPU RSS | SAM extra / param bytes (fallback, "
+        "skip): simulated / CPU live / CPU RSS | peer SAM extra / param bytes: simulated / CPU live / CPU RSS | one "
+        "product's extra / train's: simulated / CPU live / CPU RSS | check / train: simulated / CPU live / CPU RSS | "
+        "check, monitor's micro-batches / train: simulated / CPU live / CPU RSS | exact product / fwd+bwd: FLOPs "
+        "(simulated) / time (CPU) |",
         "|---|---|---|---|---|---|---|---|",
     ]
 
-    def ratio(res: dict[str, Any], key: str, over: float) -> float | None:
-        r = res.get(key, {})
-        return None if "extra_bytes" not in r else r["extra_bytes"] / over
+    def figure(res: dict[str, Any], field: str, key: str, over: str | None = None, scale: float = 1.0,
+               less: str | None = None) -> float | None:
+        """``(res[key][field] - res[less][field]) / (res[over][field] or scale)``, or None where one is missing."""
+        keys = [key] + [k for k in (over, less) if k is not None]
+        if any(field not in res.get(k, {}) for k in keys):
+            return None
+        value = res[key][field] - (res[less][field] if less else 0)
+        return value / (res[over][field] if over else scale)
 
-    def pair(a: float | None, b: float, fmt: str = "{:.2f}") -> str:
-        if a is None:
-            return f"not run / {fmt.format(b)}"
-        return f"{fmt.format(a)} / {fmt.format(b)} ({(a - b) / b:+.0%})"
+    def cell(a: float | None, b: float | None, rss: float, fmt: str = "{:.2f}") -> str:
+        sim_s = "not run" if a is None else fmt.format(a)
+        live_s = "not run" if b is None else fmt.format(b)
+        diff = "" if a is None or b is None or b == 0 else f" ({(a - b) / b:+.0%})"
+        return f"{sim_s} / {live_s}{diff} / {fmt.format(rss)}"
 
     for name, res in sim.items():
         rec = measured[name]
@@ -1025,23 +1058,28 @@ def validation_table(sim: dict[str, Any]) -> str:
         whole, micro = (m["check_whole"], m["check"]) if "check_whole" in m else (m["check"], m["check_mb"])
         pb = 4 * res["params"]
         tm = m["train"]["extra_mib"] * MIB
-        ts = res.get("train", {}).get("extra_bytes")
-        sam_f = (None if ts is None or "extra_bytes" not in res.get("sam_fallback", {})
-                 else (res["sam_fallback"]["extra_bytes"] - ts) / pb)
-        sam_s = None if ts is None or "extra_bytes" not in res.get("sam", {}) else (res["sam"]["extra_bytes"] - ts) / pb
-        peer = (None if ts is None or "extra_bytes" not in res.get("peer_sam", {})
-                else (res["peer_sam"]["extra_bytes"] - ts) / pb)
+        sams = []
+        for field in ("extra_bytes", "live_bytes"):
+            both = [figure(res, field, k, scale=pb, less="train") for k in ("sam_fallback", "sam")]
+            sams.append("n/a" if None in both else ", ".join(f"{v:.2f}" for v in both))
         fb = res.get("fwd_bwd", {}).get("flops")
         ref = res.get("ref_hvp", {}).get("flops")
+        flops = "not run" if not (fb and ref) else f"{ref / fb:.2f}"
+
+        def both(key: str, **how: Any) -> tuple[float | None, float | None]:
+            return figure(res, "extra_bytes", key, **how), figure(res, "live_bytes", key, **how)
+
+        def rss_ratio(entry: dict[str, Any]) -> float:
+            return entry["extra_mib"] * MIB / tm
+
         lines.append(
-            f"| {name} | {pair(None if ts is None else ts / MIB, tm / MIB, '{:.0f} MiB')} | "
-            f"{'n/a' if sam_f is None else f'{sam_f:.2f}'}, {'n/a' if sam_s is None else f'{sam_s:.2f}'} / "
-            f"{(m['sam']['extra_mib'] * MIB - tm) / pb:.2f} | "
-            f"{pair(peer, (m['peer_sam']['extra_mib'] * MIB - tm) / pb)} | "
-            f"{pair(None if ts is None else ratio(res, 'hvp', ts), m['hvp']['extra_mib'] * MIB / tm)} | "
-            f"{pair(None if ts is None else ratio(res, 'check', ts), whole['extra_mib'] * MIB / tm)} | "
-            f"{pair(None if ts is None else ratio(res, 'check_mb', ts), micro['extra_mib'] * MIB / tm)} | "
-            f"{pair(None if not (fb and ref) else ref / fb, rec['time']['hvp'] / rec['time']['fwd_bwd'])} |"
+            f"| {name} | {cell(*both('train', scale=MIB), tm / MIB, '{:.0f}')} | "
+            f"{sams[0]} / {sams[1]} / {(m['sam']['extra_mib'] * MIB - tm) / pb:.2f} | "
+            f"{cell(*both('peer_sam', scale=pb, less='train'), (m['peer_sam']['extra_mib'] * MIB - tm) / pb)} | "
+            f"{cell(*both('hvp', over='train'), rss_ratio(m['hvp']))} | "
+            f"{cell(*both('check', over='train'), rss_ratio(whole))} | "
+            f"{cell(*both('check_mb', over='train'), rss_ratio(micro))} | "
+            f"{flops} / {rec['time']['hvp'] / rec['time']['fwd_bwd']:.2f} |"
         )
     errors = sorted({f"{k}: {v['error']}" for res in sim.values() for k, v in res.items()
                      if isinstance(v, dict) and "error" in v})
@@ -1066,7 +1104,10 @@ def main() -> None:
     if args.validate:
         previous = json.loads(VALIDATION_RAW.read_text()) if VALIDATION_RAW.exists() else None
         only = None if args.rows is None else set(args.rows.split(","))
-        VALIDATION_RAW.write_text(json.dumps(validate(only, previous), indent=1, sort_keys=True) + "\n")
+        def save(out: dict[str, Any]) -> None:  # after every model: a run stopped part-way keeps what it measured
+            VALIDATION_RAW.write_text(json.dumps({**(previous or {}), **out}, indent=1, sort_keys=True) + "\n")
+
+        save(validate(only, previous, on_model=save))
     elif not args.table:
         todo = args.only or [f"{n}:{m}" for n in MODELS for m in MODES]
         wanted = None if args.rows is None else set(args.rows.split(","))
