@@ -624,8 +624,11 @@ def targets(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def table(raw: dict[str, Any]) -> str:
     raw = with_layer_fits(raw)
+    # where the rows were simulated (each raw entry records its run's machine), not where the table is rendered
+    machines = sorted({entry["machine"] for entry in raw.values() if "machine" in entry}) or [machine()]
+    where = f"Machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines)}"
     lines = [
-        f"Machine: {machine()}. Simulated with `FakeTensorMode` (nothing allocated): live tensor bytes by "
+        f"{where}. Simulated with `FakeTensorMode` (nothing allocated): live tensor bytes by "
         "`MemTracker` (single device) / `FSDPMemTracker` (FSDP2, fake process group of 8 ranks, per rank), "
         "FLOPs by `FlopCounterMode` (matmul/conv/attention only). float32 throughout, AdamW, no activation "
         "checkpointing. Ratios are to the plain training step (forward + backward + AdamW step) of the same "
@@ -636,7 +639,12 @@ def table(raw: dict[str, Any]) -> str:
         "vector it reads, the entry weights, both gradients) in host memory, as `basis_device=\"auto\"` does on an "
         "accelerator; the meta device stands for the host, and every peak is the model's device's. A check passes "
         "its target when its peak is within 1 KiB of the step's (a check's scalars: `SCALAR_SLACK_BYTES`). Rows "
-        "`from 1- and 2-block runs` are fitted linearly in the depth. "
+        "`from 1- and 2-block runs` are fitted linearly in the depth. A check row is the cost-only run of its "
+        "`products`; a real check also runs its determinism check (the first product applied twice), measured on "
+        "fake tensors (tests/sharpness/test_simulation_against_cpu.py) at exactly one product's FLOPs more and, "
+        "with the basis in host memory (`_host` rows), not a byte more on the device; with the basis on the device "
+        "a trace check holds one model-size vector more while it runs (+1.00 in `extra peak / param bytes`), and "
+        "a lambda_max check's peak is unchanged. "
         "Raw: `benchmarks/simulate_raw.json`. Run: `python benchmarks/simulate.py`.",
         "",
     ]

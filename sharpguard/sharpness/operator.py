@@ -445,17 +445,21 @@ class HVPOperator(ProbeLoss):
             # dropped first and the new one cached in its place: never two gradient graphs alive at once.
             self._graphs.clear()
             again = self._product(v)
-            diff = self.vector_norm(hv - again)
-            scale = self.vector_norm(hv)
-            if not diff <= self._rtol * max(scale, torch.finfo(self.dtype).tiny):
-                raise NonDeterministicHVPError(
-                    f"two Hessian-vector products with the same vector differ (relative difference "
-                    f"{diff / max(scale, 1e-300):.2e}); the loss is random - measure in eval mode (train=False), "
-                    f"turn off dropout/augmentation, and pass a fixed probe set."
-                )
+            diff, scale = self._norm_tensor(hv - again), self._norm_tensor(hv)
+            if not self.cost_only:
+                self._require_deterministic(float(diff), float(scale))
         return hv
 
     __matmul__ = matvec
+
+    def _require_deterministic(self, diff: float, scale: float) -> None:
+        """Raise where the two products of the determinism check differ by more than ``sqrt(eps)``."""
+        if not diff <= self._rtol * max(scale, torch.finfo(self.dtype).tiny):
+            raise NonDeterministicHVPError(
+                f"two Hessian-vector products with the same vector differ (relative difference "
+                f"{diff / max(scale, 1e-300):.2e}); the loss is random - measure in eval mode (train=False), "
+                f"turn off dropout/augmentation, and pass a fixed probe set."
+            )
 
     def _product(self, v: torch.Tensor, fresh: bool = False) -> torch.Tensor:
         self.n_hvp += 1

@@ -95,3 +95,47 @@ def test_a_cost_only_run_leaves_out_the_determinism_checks_product_and_the_one_v
     model, _ = _gpt2()
     vector = 4 * sum(p.numel() for p in model.parameters())
     assert live - simulated == pytest.approx(vector, abs=16 * 1024), (live - simulated, vector)
+
+
+def _simulated(check: Callable[[nn.Module, Any], Any]) -> tuple[int, int]:
+    """The device's peak over its bytes before the call, and the FLOPs, of ``check(model, ids)`` on fake tensors."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with fake_tensors():
+            model, ids = _gpt2()
+            prof = profile_step(lambda: check(model, ids), model=model, inputs=list(ids.values()))
+    return prof.memory.peak_bytes - prof.memory.start_bytes, prof.flops
+
+
+@pytest.mark.parametrize(("hvp", "micro_batches"), [("autograd", 2), ("finite_difference", 1)])
+def test_the_determinism_product_costs_one_product_and_no_device_memory_with_the_basis_in_host_memory(
+        monkeypatch, hvp, micro_batches):
+    """The real default's determinism check, run on fake tensors (the operator's own code, its comparison
+    left out where nothing can be read): exactly one product's FLOPs more than the cost-only run (the same as a
+    run of one more product), and, with the basis in host memory (``basis_device="auto"`` on an accelerator;
+    the meta device stands for the host), not a byte more on the device: the first product's result waits in
+    host memory. (With the basis on the device, the cases above show a lambda_max check's peak unchanged and the
+    test above a Hutch++ check's one model-size vector higher.) Exact products on two slices, so that no
+    product reuses a cached graph and each costs the same."""
+    from sharpguard.sharpness.operator import HVPOperator
+
+    lambda_max = {n: (lambda model, ids, n=n: hessian_eigenvalues(
+        model, ids, _loss, k=1, hvp=hvp, micro_batches=micro_batches, basis_device="meta", fixed_products=n))
+        for n in (3, 4)}
+    trace = {n: (lambda model, ids, n=n: hessian_trace(
+        model, ids, _loss, n_hvp=n, hvp=hvp, micro_batches=micro_batches, basis_device="meta")) for n in (3, 4)}
+    cost_only = {name: {n: _simulated(check) for n, check in checks.items()}
+                 for name, checks in (("lambda_max", lambda_max), ("trace", trace))}
+
+    init = HVPOperator.__init__
+
+    def with_the_check(self, *args, **kwargs):  # as on real tensors: the check runs (its reads are skipped)
+        init(self, *args, **kwargs)
+        self._unchecked = True
+
+    monkeypatch.setattr(HVPOperator, "__init__", with_the_check)
+    checked = {"lambda_max": _simulated(lambda_max[3]), "trace": _simulated(trace[3])}
+    for name, (peak, flops) in checked.items():
+        n, n_plus_1 = cost_only[name][3], cost_only[name][4]
+        assert flops == n_plus_1[1] > n[1], (name, flops, n, n_plus_1)
+        assert peak == n[0] == n_plus_1[0], (name, peak, n, n_plus_1)
