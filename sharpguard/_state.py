@@ -80,6 +80,31 @@ def preserve_parameters(params: Iterable[torch.Tensor]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def preserve_sharding(model: nn.Module) -> Iterator[None]:
+    """FSDP2 modules come back as sharded as they were: a forward without a backward leaves the root's
+    parameters gathered (the root does not reshard after its forward), which would hold them between steps.
+    FSDP2 registers the gathered parameters in place of the sharded ones, so a module whose registered
+    parameters changed in the body is resharded."""
+    modules = fsdp2_modules(model)
+    registered = [dict(module.named_parameters()) for module in modules]
+    try:
+        yield
+    finally:
+        for module, before in zip(modules, registered):
+            if any(before.get(name) is not p for name, p in module.named_parameters()):
+                module.reshard()
+
+
+def fsdp2_modules(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 (``fully_shard``) modules of ``model``, itself included; none where torch has no FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return []
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+@contextlib.contextmanager
 def preserve_rng() -> Iterator[None]:
     """Restore the global CPU (and, where initialised, CUDA) RNG state on exit."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
@@ -90,7 +115,8 @@ def preserve_rng() -> Iterator[None]:
 @contextlib.contextmanager
 def side_effect_free(model: nn.Module, *, train: bool | None = False, parameters: bool = True,
                      backup_device: torch.device | None = None) -> Iterator[None]:
-    """All guards at once: what a monitor or measurement wraps its work in.
+    """All guards at once: what a monitor or measurement wraps its work in (an FSDP2 model sharded on entry
+    is resharded on exit).
 
     ``train=False`` (the default) runs the body in eval mode; ``None`` keeps the current modes.
     ``parameters=False`` skips the parameter copy for code that never writes to weights.
@@ -104,6 +130,7 @@ def side_effect_free(model: nn.Module, *, train: bool | None = False, parameters
         if parameters:
             stack.enter_context(preserve_parameters(params))
         stack.enter_context(preserve_modes(model, train))
+        stack.enter_context(preserve_sharding(model))
         yield
 
 

@@ -213,8 +213,7 @@ def _saved_bytes(model: nn.Module, part: Any, loss_fn: Any) -> float:
     with side_effect_free(model, parameters=False), torch.inference_mode(False), torch.enable_grad():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = fn(module, part)
-        del loss
-        _reshard(model)
+        del loss  # the guard reshards an FSDP2 root the forward left gathered
     return float(total)
 
 
@@ -241,18 +240,6 @@ def _math_attention_kernel() -> Callable[[], contextlib.AbstractContextManager] 
     except ImportError:  # pragma: no cover - torch < 2.3
         return None
     return lambda: sdpa_kernel(SDPBackend.MATH)
-
-
-def _reshard(model: nn.Module) -> None:
-    """Give FSDP2 modules their sharded parameters back: a forward without a backward leaves the root's
-    gathered (the root does not reshard after forward), and the products expect DTensor parameters."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 def _fewest_fitting(candidate: Callable[[int], ProductPlan], allowed: float, most: int) -> tuple[int, float]:

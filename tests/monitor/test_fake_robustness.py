@@ -253,3 +253,32 @@ def test_the_simulated_profile_of_the_default_check_has_memory_and_flops():
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     assert prof.memory.peak_by_category["parameters"] == params
     assert prof.memory.peak_bytes > prof.memory.start_bytes
+
+
+def test_the_robustness_monitor_runs_on_fsdp2_over_a_fake_world_of_8_and_leaves_it_as_sharded_as_it_was():
+    """Every robustness measure on a ViT under ``fully_shard`` (each block and the root) over a fake process
+    group of 8: a cost-only run, and the parameters are this rank's shards again afterwards. The attacks'
+    forwards gather the root's parameters and no backward through the weights reshards them (FSDP2's root keeps
+    them after its forward), so the monitor's guard does; a root the caller had gathered stays gathered."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from sharpguard.simulate import fake_process_group, fake_tensors
+
+    with fake_process_group(8) as mesh, fake_tensors():
+        model = _fake_vit()
+        for layer in model.inner.vit.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        monitors = [RobustnessMonitor(probe=_batches(), alerts=None),
+                    RobustnessMonitor(RobustnessMonitor.MEASURES, probe=_batches(1, rows=2), alerts=None, steps=2,
+                                      restarts=2)]
+        for monitor in monitors:
+            metrics, settings = monitor.measure(model, with_settings=True)
+            assert all(math.isnan(v) and settings[k]["cost_only"] for k, v in metrics.items()), metrics
+            assert all(isinstance(p, DTensor) for p in model.parameters())
+        model.unshard()
+        gathered = dict(model.named_parameters())
+        assert not all(isinstance(p, DTensor) for p in gathered.values())
+        monitors[0].measure(model)
+        assert all(gathered[name] is p for name, p in model.named_parameters())
