@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from torch import nn
 
 from .._batches import LossFn
 from ..errors import ConfigurationError, require
-from .lanczos import BasisDevice, Krylov, rademacher, resolve_basis_device
-from .operator import HVPMethod, HVPOperator
+from .lanczos import BasisDevice, Krylov, _reduced_on, make_operator, rademacher, resolve_basis_device
+from .operator import HVPMethod
 from .. import _validation as rules
 
 __all__ = ["SpectralDensity", "plot_spectral_density", "spectral_density"]
@@ -84,6 +83,9 @@ def spectral_density(
     host memory when the model is on an accelerator); ``micro_batches`` (default ``"auto"``) bounds the
     products' graph as in :func:`~sharpguard.sharpness.hessian_eigenvalues`. On fake tensors
     (``FakeTensorMode``) the call is a cost-only run: all ``n_v * n_iter`` products, NaN nodes and density.
+    On a sharded (FSDP2) model the products are finite differences of FSDP's gradients and each rank draws its
+    own slice of every start vector (:func:`~sharpguard.sharpness.hessian_eigenvalues`' rules); every rank gets
+    the same nodes and weights.
     """
     if not (isinstance(n_iter, int) and n_iter >= 1 and isinstance(n_v, int) and n_v >= 1):
         raise ConfigurationError(f"n_iter and n_v must be positive integers, got {n_iter!r} and {n_v!r}.")
@@ -93,18 +95,20 @@ def spectral_density(
         raise ConfigurationError(f"sigma must be a positive number, got {sigma!r}.")
     where = resolve_basis_device(basis_device, next(p for p in model.parameters()).device)
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(int(seed))
-    op = HVPOperator(
-        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph,
-        micro_batches=micro_batches, host_device=where,
+    op, reduce, generator = make_operator(
+        model, batches, loss_fn, seed=seed, hvp=hvp, train=train, check_determinism=check_determinism,
+        cache_graph=cache_graph, micro_batches=micro_batches, host_device=where,
     )
+    if reduce is not None and where != op.device:
+        reduce = _reduced_on(reduce, op.device)  # the collectives run where the products do (NCCL)
     nodes, weights = [], []
     with op:
         for _ in range(n_v):
             v = rademacher(op.size, generator, op.dtype, where)
             # no restart on breakdown: the quadrature of v is exact on its own Krylov space. The operator
             # takes the rows where they live (its host_device is `where`): no device copy of them
-            kry = Krylov(op.matvec, v, n_iter, generator, restart=False, basis_device=where, cost_only=op.cost_only)
+            kry = Krylov(op.matvec, v, n_iter, generator, restart=False, reduce=reduce, basis_device=where,
+                         cost_only=op.cost_only)
             while kry.step():
                 pass
             theta, s, _ = kry.ritz()

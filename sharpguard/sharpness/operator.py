@@ -94,8 +94,9 @@ class ProbeLoss:
             # autograd.grad returns None for FSDP's sharded parameters: measured here, the curvature would be 0
             raise ConfigurationError(
                 "the model is sharded (FSDP2 DTensor parameters): this measure's gradients cannot reach them; "
-                "hessian_eigenvalues, eos_ratio and hessian_trace (and the SharpnessMonitor's lambda_max, eos_ratio "
-                "and trace) support sharded models (finite differences of FSDP's own gradients); the others do not yet."
+                "hessian_eigenvalues, eos_ratio, hessian_trace and spectral_density (and the SharpnessMonitor's "
+                "lambda_max, eos_ratio and trace) support sharded models (finite differences of FSDP's own gradients); "
+                "the others do not yet."
             )
         self.batches = [detach_inference(b) for b in as_batches(batches)]
         if loss_fn is None:

@@ -146,6 +146,9 @@ def test_checks_run_on_fsdp2_over_a_fake_world_of_8(fake_world):
         assert eig.settings["n_params"] == 8 * local
         tr = hessian_trace(model, batch, n_hvp=3)
         assert tr.n_hvp == 3 and tr.settings["sharded"]
+        density = spectral_density(model, batch, n_iter=4, n_v=2)
+        assert density.n_hvp == 8 and density.hvp_method == "finite_difference"
+        assert all(math.isnan(t) for run in density.nodes for t in run.tolist())
         # the parameters are sharded again after the checks (the auto choice's forward gathers the root's)
         assert all(isinstance(p, DTensor) for p in model.parameters())
         mon = SharpnessMonitor(("lambda_max", "trace"), probe=[batch], measure_kwargs={"trace": {"n_hvp": 3}})

@@ -4,7 +4,7 @@ Each rank holds its slice of every parameter and its own probe batches; ``hessia
 give the top eigenvalues of the exact dense Hessian of the probe loss over the union of both ranks'
 batches (computed on an unsharded copy in float64), with the Krylov vectors held as slices; eos_ratio the
 same for SGD and, from the sharded Adam state, the unsharded preconditioned value; Hutch++ the exact trace
-when its sketch spans every direction. Measures
+when its sketch spans every direction; the spectral density's nodes the extreme eigenvalues. Measures
 that cannot reach sharded parameters refuse them instead of reporting a zero curvature.
 """
 
@@ -64,7 +64,8 @@ def _worker(rank, port, world, out):
     from torch.distributed.fsdp import fully_shard
 
     from sharpguard.errors import ConfigurationError
-    from sharpguard.sharpness import eos_ratio, hessian_eigenvalues, hessian_trace, worst_case_sharpness
+    from sharpguard.sharpness import (eos_ratio, hessian_eigenvalues, hessian_trace, spectral_density,
+                                      worst_case_sharpness)
 
     with process_group(rank, world, port):
         mesh = init_device_mesh("cpu", (world,))
@@ -84,6 +85,8 @@ def _worker(rank, port, world, out):
             refused.append(str(exc))
         # Hutch++ with more sketch vectors than parameters: Q spans everything, the trace is exact
         trace = hessian_trace(net, batch, n_hvp=3 * 70)  # 70 sketch vectors, 66 parameters
+        # stochastic Lanczos quadrature over a full Krylov space: each run's nodes span the whole spectrum
+        density = spectral_density(net, batch, n_iter=66, n_v=2)
         try:
             hessian_eigenvalues(net, batch, hvp="autograd")
         except ConfigurationError as exc:
@@ -105,6 +108,7 @@ def _worker(rank, port, world, out):
             "n_params": res.settings["n_params"], "sharded": res.settings["sharded"], "method": res.hvp_method,
             "slice": int(res.eigenvectors[0].numel()), "two": two.eigenvalues, "refused": refused,
             "trace": (trace.trace, trace.settings["sharded"], trace.settings["n_params"]),
+            "density": ([t.tolist() for t in density.nodes], [float(w.sum()) for w in density.weights]),
             "unchanged": unchanged, "monitor": metrics.get("sharpness/lambda_max"),
             "monitor_said": [str(w.message) for w in caught], "sgd_eos": (sgd_eos.lambda_max, sgd_eos.ratio),
         }
@@ -132,6 +136,10 @@ def test_lambda_max_of_an_fsdp2_model_is_the_dense_hessians_of_the_union():
     torch.testing.assert_close(torch.tensor(r0["two"][0]), torch.tensor(expected[0]), rtol=1e-6, atol=1e-8)
     assert r0["trace"] == r1["trace"] and r0["trace"][1] and r0["trace"][2] == H.shape[0]
     assert r0["trace"][0] == pytest.approx(float(torch.trace(H)), rel=1e-6)
+    nodes, weight_sums = r0["density"]
+    assert r0["density"] == r1["density"] and weight_sums == pytest.approx([1.0, 1.0], abs=1e-12)
+    for run in nodes:  # the extreme Ritz values of a full Krylov space are the Hessian's extremes
+        assert max(run) == pytest.approx(expected[0], rel=1e-6) and min(run) == pytest.approx(expected[-1], rel=1e-5)
     assert len(r0["refused"]) == 2
     assert "sharded" in r0["refused"][0] and "hessian_trace" in r0["refused"][0]
     assert "finite_difference" in r0["refused"][1]
