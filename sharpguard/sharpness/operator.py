@@ -94,9 +94,9 @@ class ProbeLoss:
             # autograd.grad returns None for FSDP's sharded parameters: measured here, the curvature would be 0
             raise ConfigurationError(
                 "the model is sharded (FSDP2 DTensor parameters): this measure's gradients cannot reach them; "
-                "hessian_eigenvalues, eos_ratio, hessian_trace and spectral_density (and the SharpnessMonitor's "
-                "lambda_max, eos_ratio and trace) support sharded models (finite differences of FSDP's own gradients); "
-                "the others do not yet."
+                "hessian_eigenvalues, eos_ratio, hessian_trace, spectral_density (finite differences of FSDP's own "
+                "gradients), worst_case_sharpness, average_sharpness, first_order_sharpness and keskar_sharpness (and "
+                "the SharpnessMonitor's measures of the same names) support sharded models; the others do not yet."
             )
         self.batches = [detach_inference(b) for b in as_batches(batches)]
         if loss_fn is None:
@@ -239,6 +239,20 @@ class ProbeLoss:
             for p, chunk in zip(self.params, self.unflatten(vector)):
                 p.copy_(chunk)
         self._at_w0 = vector is w0
+
+    # -- norms over the whole vector ---------------------------------------------------------------
+    def vector_norm(self, vector: torch.Tensor) -> float:
+        """The 2-norm of a flat vector of this probe (over every shard for a sharded model)."""
+        return float(self._norm_tensor(vector))
+
+    def _norm_tensor(self, vector: torch.Tensor) -> torch.Tensor:
+        """:meth:`vector_norm` as a tensor, not read back (a cost-only run computes it all the same)."""
+        return torch.linalg.vector_norm(vector)
+
+    def _sum_over_slices(self, partial: torch.Tensor) -> torch.Tensor:
+        """A sum over a flat vector's entries from this rank's partial sum: the partial sum itself, since every
+        rank holds the whole vector (a sharded model's probe sums the ranks' slices)."""
+        return partial
 
     # -- collectives ----------------------------------------------------------------------------
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -567,14 +581,6 @@ class HVPOperator(ProbeLoss):
                 "a custom autograd.Function marked @once_differentiable has no double backward"
             ) from RuntimeError("once_differentiable")
         return pairs
-
-    def vector_norm(self, vector: torch.Tensor) -> float:
-        """The 2-norm of a flat vector of this operator (over every shard for a sharded model)."""
-        return float(self._norm_tensor(vector))
-
-    def _norm_tensor(self, vector: torch.Tensor) -> torch.Tensor:
-        """:meth:`vector_norm` as a tensor, not read back (a cost-only run computes it all the same)."""
-        return torch.linalg.vector_norm(vector)
 
     def _weighted_norm(self, w0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``||w0 * v||`` (over every shard); with ``w0`` in host memory, a parameter at a time."""

@@ -36,7 +36,7 @@ from torch import nn
 from .._batches import LossFn
 from .._validation import one_of, positive
 from ..errors import ConfigurationError
-from .operator import ProbeLoss, has_fake_tensors
+from .operator import ProbeLoss, has_fake_tensors, is_sharded
 from .. import _validation as rules
 
 Norm = Literal["l2", "linf"]
@@ -78,30 +78,40 @@ def _check_norm(norm: str) -> None:
     one_of("norm", norm, ("l2", "linf"))
 
 
+def _probe(model: nn.Module, batches: Any, loss_fn: LossFn | None, train: bool) -> ProbeLoss:
+    """The probe loss a perturbation measure moves the weights of. An FSDP2 model gets the sharded operator's
+    (:mod:`.sharded`): FSDP's own gradient, this rank's slice of every vector, norms summed over the ranks."""
+    if not is_sharded(model):
+        return ProbeLoss(model, batches, loss_fn, train=train)
+    from .sharded import ShardedHVPOperator
+
+    return ShardedHVPOperator(model, batches, loss_fn, train=train, check_determinism=False, micro_batches=1)
+
+
 def _scale(probe: ProbeLoss, adaptive: bool, eta: float) -> torch.Tensor | None:
     """The diagonal of ``T`` (``|w| + eta``), or None for the identity."""
     return probe.w0.abs() + eta if adaptive else None
 
 
-def _direction(g: torch.Tensor, norm: Norm, cost_only: bool = False) -> torch.Tensor:
-    """Unit ascent direction of a linear function with gradient ``g`` in the ``norm`` ball.
-
-    ``cost_only`` (fake tensors, no value to read): the same tensor work with the test kept on the device."""
+def _direction(probe: ProbeLoss, g: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """Unit ascent direction of a linear function with gradient ``g`` in the ``norm`` ball (the 2-norm over
+    every rank's slice of a sharded model). In a cost-only run (fake tensors, no value to read) the same
+    tensor work, with the test kept on the device."""
     if norm == "linf":
         return torch.sign(g)
-    n = torch.linalg.vector_norm(g)
-    if cost_only:
+    n = probe._norm_tensor(g)
+    if probe.cost_only:
         return torch.where(n > 0, g / n, torch.zeros_like(g))
     return g / n if float(n) > 0 else torch.zeros_like(g)
 
 
-def _project(u: torch.Tensor, rho: float, norm: Norm, cost_only: bool = False) -> torch.Tensor:
+def _project(probe: ProbeLoss, u: torch.Tensor, rho: float, norm: Norm) -> torch.Tensor:
     if norm == "linf":
         return u.clamp(-rho, rho)
-    if cost_only:  # the radius test on the device (fake tensors have no value to read)
-        n_t = torch.linalg.vector_norm(u)
+    if probe.cost_only:  # the radius test on the device (fake tensors have no value to read)
+        n_t = probe._norm_tensor(u)
         return u * torch.where(n_t > rho, rho / n_t, torch.ones_like(n_t))
-    n = float(torch.linalg.vector_norm(u))
+    n = probe.vector_norm(u)
     return u * (rho / n) if n > rho else u
 
 
@@ -111,7 +121,6 @@ def _ascent(probe: ProbeLoss, rho: float, steps: int, t: torch.Tensor | None, no
     In a cost-only run (``probe.cost_only``: fake tensors) the losses are NaN, so no step is ever halved:
     exactly ``steps`` gradients and one forward, as a real run without overshoot."""
     w0 = probe.w0
-    cost_only = probe.cost_only
     u = torch.zeros_like(w0)
     step, previous = rho, -math.inf
     base = best = None
@@ -129,7 +138,7 @@ def _ascent(probe: ProbeLoss, rho: float, steps: int, t: torch.Tensor | None, no
         if it > 1 and loss <= previous:
             step /= 2  # overshoot: shorten the step (APGD-style, Croce & Hein 2020)
         previous = loss
-        u = _project(u + step * _direction(g if t is None else t * g, norm, cost_only), rho, norm, cost_only)
+        u = _project(probe, u + step * _direction(probe, g if t is None else t * g, norm), rho, norm)
         if it == 0:
             step = rho / 2
     probe.set_parameters(w0)
@@ -139,6 +148,8 @@ def _ascent(probe: ProbeLoss, rho: float, steps: int, t: torch.Tensor | None, no
 def _settings(probe: ProbeLoss, **kw: Any) -> dict[str, Any]:
     # ``cost_only`` only on fake tensors: a real run's settings are as they were
     flag = {"cost_only": True} if probe.cost_only else {}
+    if getattr(probe, "supports_sharded", False):
+        flag["sharded"] = True  # the sharded operator's probe: the numbers are the union's, on every rank
     return {**kw, "probe_examples": probe.n_examples, "probe_batches": len(probe.batches), **flag}
 
 
@@ -168,8 +179,13 @@ def worst_case_sharpness(
         raise ConfigurationError(f"steps must be a positive integer, got {steps!r}.")
     if not (eta >= 0 and math.isfinite(eta)):
         raise ConfigurationError(f"eta must be a non-negative number, got {eta!r}.")
+    if per_batch and is_sharded(model):
+        raise ConfigurationError(
+            "per_batch=True (m-sharpness) maximizes on each rank's own batch, but a sharded (FSDP2) model's "
+            "gradient is every rank's at once; pass per_batch=False, or measure an unsharded copy."
+        )
     start = time.perf_counter()
-    probe = ProbeLoss(model, batches, loss_fn, train=train)
+    probe = _probe(model, batches, loss_fn, train)
     with probe:
         t = _scale(probe, adaptive, eta)
         if per_batch:
@@ -232,7 +248,9 @@ def average_sharpness(
         raise ConfigurationError(f"eta must be a non-negative number, got {eta!r}.")
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(int(seed))
-    probe = ProbeLoss(model, batches, loss_fn, train=train)
+    probe = _probe(model, batches, loss_fn, train)
+    if is_sharded(model):  # each rank draws its own slice of the noise (make_operator's rule)
+        generator.manual_seed(int(seed) * 1_000_003 + torch.distributed.get_rank())
     with probe:
         t = _scale(probe, adaptive, eta)
         base = probe.loss()
@@ -275,12 +293,14 @@ def first_order_sharpness(
     _check_positive("rho", rho)
     _check_norm(norm)
     start = time.perf_counter()
-    probe = ProbeLoss(model, batches, loss_fn, train=train)
+    probe = _probe(model, batches, loss_fn, train)
     with probe:
         t = _scale(probe, adaptive, eta)
         base, g = probe.loss_and_grad()
         tg = g if t is None else t * g
-        dual = probe._read(torch.linalg.vector_norm(tg, ord=2 if norm == "l2" else 1))  # NaN when cost-only
+        # over every rank's slice of a sharded model; NaN when cost-only
+        norm_t = probe._norm_tensor(tg) if norm == "l2" else probe._sum_over_slices(tg.abs().sum())
+        dual = probe._read(norm_t)
     kind = "adaptive " if adaptive else ""
     dual_name = "||T g||" if adaptive else "||g||"
     return SharpnessResult(
@@ -326,14 +346,19 @@ def keskar_sharpness(
             if solver == "lbfgsb":
                 raise ConfigurationError("solver='lbfgsb' needs scipy; install it or pass solver='projected'.")
             minimize = None
-        solver = "lbfgsb" if minimize is not None else "projected"
+        solver = "lbfgsb" if minimize is not None and not (solver == "auto" and is_sharded(model)) else "projected"
+    if solver == "lbfgsb" and is_sharded(model):
+        raise ConfigurationError(
+            "scipy's L-BFGS-B needs the whole weight vector on one host, but each rank holds a slice of a sharded "
+            "(FSDP2) model; pass solver='projected' (or 'auto', which takes it for a sharded model)."
+        )
     if solver == "lbfgsb" and has_fake_tensors(model):
         raise ConfigurationError(
             "scipy's L-BFGS-B reads the loss and gradient on the host, which fake tensors (FakeTensorMode) do not "
             "have; pass solver='projected' for a cost-only run of max_iter gradients."
         )
     start = time.perf_counter()
-    probe = ProbeLoss(model, batches, loss_fn, train=train)
+    probe = _probe(model, batches, loss_fn, train)
     with probe:
         w0 = probe.w0
         bound = epsilon * (w0.abs() + 1.0)

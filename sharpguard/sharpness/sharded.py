@@ -84,8 +84,8 @@ class ShardedHVPOperator(HVPOperator):
         torch.distributed.all_reduce(partial)
         return partial
 
-    def vector_norm(self, vector: torch.Tensor) -> float:
-        return float(self._norm_tensor(vector))
+    def _sum_over_slices(self, partial: torch.Tensor) -> torch.Tensor:
+        return self.reduce_sum(partial.to(device=self.device, dtype=torch.float64).reshape(1))[0]
 
     def _norm_tensor(self, vector: torch.Tensor) -> torch.Tensor:
         # a vector in host memory sums its slices' partial result on the device, where the collectives run

@@ -23,7 +23,7 @@ from torch import nn
 from .._batches import LossFn
 from ..errors import ConfigurationError
 from .lanczos import BasisDevice, make_operator, rademacher, resolve_basis_device, total_size
-from .operator import HVPMethod, HVPOperator
+from .operator import HVPMethod
 from .. import _validation as rules
 
 __all__ = ["TraceResult", "hessian_trace"]

@@ -25,6 +25,7 @@ from sharpguard.sharpness import (
     hessian_trace,
     spectral_density,
 )
+from sharpguard.sharpness import average_sharpness, first_order_sharpness, keskar_sharpness, worst_case_sharpness
 
 VOCAB = 128
 
@@ -149,6 +150,12 @@ def test_checks_run_on_fsdp2_over_a_fake_world_of_8(fake_world):
         density = spectral_density(model, batch, n_iter=4, n_v=2)
         assert density.n_hvp == 8 and density.hvp_method == "finite_difference"
         assert all(math.isnan(t) for run in density.nodes for t in run.tolist())
+        # the weight-perturbation measures: FSDP's gradients, a fixed number of passes, nothing read
+        for result in (worst_case_sharpness(model, batch, steps=2), average_sharpness(model, batch, n_samples=2),
+                       first_order_sharpness(model, batch), keskar_sharpness(model, batch, max_iter=2)):
+            assert math.isnan(result.value) and result.settings["cost_only"] and result.settings["sharded"]
+        watched = SharpnessMonitor(("worst_case", "average"), probe=[batch], alerts=None).measure(model)
+        assert math.isnan(watched["sharpness/worst_case"]) and math.isnan(watched["sharpness/average"])
         # the parameters are sharded again after the checks (the auto choice's forward gathers the root's)
         assert all(isinstance(p, DTensor) for p in model.parameters())
         mon = SharpnessMonitor(("lambda_max", "trace"), probe=[batch], measure_kwargs={"trace": {"n_hvp": 3}})

@@ -4,7 +4,8 @@ Each rank holds its slice of every parameter and its own probe batches; ``hessia
 give the top eigenvalues of the exact dense Hessian of the probe loss over the union of both ranks'
 batches (computed on an unsharded copy in float64), with the Krylov vectors held as slices; eos_ratio the
 same for SGD and, from the sharded Adam state, the unsharded preconditioned value; Hutch++ the exact trace
-when its sketch spans every direction; the spectral density's nodes the extreme eigenvalues. Measures
+when its sketch spans every direction; the spectral density's nodes the extreme eigenvalues; the
+weight-perturbation measures the unsharded model's values on the union of the batches. Measures
 that cannot reach sharded parameters refuse them instead of reporting a zero curvature.
 """
 
@@ -59,13 +60,26 @@ def adam_step(net: nn.Module, batch, scale: float = 1.0) -> torch.optim.Adam:
     return opt
 
 
+def perturbation_measures(net: nn.Module, batch) -> dict:
+    """The weight-perturbation measures, each with settings a sharded model takes (Keskar's projected ascent:
+    L-BFGS-B needs the whole vector on one host; the average measure's noise draws are checked apart)."""
+    from sharpguard.sharpness import first_order_sharpness, keskar_sharpness, worst_case_sharpness
+
+    return {
+        "worst_case": worst_case_sharpness(net, batch, steps=3),
+        "worst_case_adaptive_linf": worst_case_sharpness(net, batch, steps=3, adaptive=True, norm="linf", eta=0.01),
+        "first_order": first_order_sharpness(net, batch),
+        "first_order_linf": first_order_sharpness(net, batch, norm="linf", adaptive=True),
+        "keskar": keskar_sharpness(net, batch, max_iter=3, solver="projected"),
+    }
+
+
 def _worker(rank, port, world, out):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from sharpguard.errors import ConfigurationError
-    from sharpguard.sharpness import (eos_ratio, hessian_eigenvalues, hessian_trace, spectral_density,
-                                      worst_case_sharpness)
+    from sharpguard.sharpness import eos_ratio, hessian_eigenvalues, hessian_trace, loss_slice_1d, spectral_density
 
     with process_group(rank, world, port):
         mesh = init_device_mesh("cpu", (world,))
@@ -80,9 +94,11 @@ def _worker(rank, port, world, out):
         two = hessian_eigenvalues(net, batch, k=1, tol=1e-9, max_iter=80, micro_batches=2)
         refused = []
         try:
-            worst_case_sharpness(net, batch)
+            loss_slice_1d(net, batch)
         except ConfigurationError as exc:
             refused.append(str(exc))
+        out[f"perturbation{rank}"] = {name: (r.value, r.loss, r.settings.get("sharded"))
+                                      for name, r in perturbation_measures(net, batch).items()}
         # Hutch++ with more sketch vectors than parameters: Q spans everything, the trace is exact
         trace = hessian_trace(net, batch, n_hvp=3 * 70)  # 70 sketch vectors, 66 parameters
         # stochastic Lanczos quadrature over a full Krylov space: each run's nodes span the whole spectrum
@@ -102,6 +118,10 @@ def _worker(rank, port, world, out):
             warnings.simplefilter("always")
             metrics = monitor.measure(net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
         sgd_eos = eos_ratio(net, batch, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), tol=1e-9, max_iter=80)
+        from sharpguard.sharpness import average_sharpness
+
+        average = average_sharpness(net, batch, sigma=1e-3, n_samples=50)
+        out[f"average{rank}"] = (average.value, average.stderr)
         unchanged = all(torch.equal(a, p.to_local()) and p.grad is None for a, p in zip(before, net.parameters()))
         out[rank] = {
             "eigenvalues": res.eigenvalues, "residuals": res.residuals, "converged": res.converged,
@@ -144,6 +164,17 @@ def test_lambda_max_of_an_fsdp2_model_is_the_dense_hessians_of_the_union():
     assert "sharded" in r0["refused"][0] and "hessian_trace" in r0["refused"][0]
     assert "finite_difference" in r0["refused"][1]
     assert r0["unchanged"] and r1["unchanged"]
+    # the weight-perturbation measures: every rank the unsharded model's numbers on the union of the batches
+    unsharded = perturbation_measures(make_net(), union_batch())
+    assert out["perturbation0"] == out["perturbation1"]
+    for name, (value, loss, sharded) in out["perturbation0"].items():
+        assert sharded and value > 0, name
+        assert value == pytest.approx(unsharded[name].value, rel=1e-9), name
+        assert loss == pytest.approx(unsharded[name].loss, rel=1e-12), name
+    # average sharpness, each rank drawing its own slice of the noise: sigma^2 / 2 tr(H) within its error
+    (average, stderr), other = out["average0"], out["average1"]
+    assert other == (average, stderr) and stderr > 0
+    assert abs(average - 0.5e-6 * float(torch.trace(H))) <= 4 * stderr + 1e-9
     assert r0["monitor"] == r1["monitor"] and abs(r0["monitor"] - expected[0]) <= 1e-6 * abs(expected[0])
     # SGD's edge of stability: the Hessian itself against (2 + 2 beta) / lr; the monitor measured it too
     assert r0["sgd_eos"][0] == pytest.approx(expected[0], rel=1e-6)
