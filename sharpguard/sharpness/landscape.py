@@ -22,7 +22,7 @@ from torch import nn
 from .._batches import LossFn
 from ..errors import ConfigurationError, require
 from .operator import ProbeLoss
-from .perturbation import _settings
+from .perturbation import _probe, _settings
 from .. import _validation as rules
 
 __all__ = ["LossSlice", "filter_normalized_direction", "loss_slice_1d", "loss_slice_2d", "plot_loss_slice"]
@@ -62,8 +62,9 @@ def filter_normalized_direction(
         if p.dim() <= 1:
             if ignore_bias_bn:
                 d.zero_()
-            else:  # the whole vector is one filter (not one filter per element, loss-landscapes#3)
-                d.mul_(torch.linalg.vector_norm(w) / (torch.linalg.vector_norm(d) + 1e-10))
+            else:  # the whole vector is one filter (not one filter per element, loss-landscapes#3); its
+                # norms over every rank's slice of a sharded model (a row of a matrix is never split)
+                d.mul_(probe._norm_tensor(w) / (probe._norm_tensor(d) + 1e-10))
         else:
             dims = tuple(range(1, p.dim()))
             d.mul_(
@@ -89,6 +90,8 @@ def _directions(probe: ProbeLoss, given: Any, count: int, seed: int, ignore_bias
             raise ConfigurationError(f"pass {count} directions, got {len(given)}.")
         return [probe.as_vector(d, "direction") for d in given]
     generator = torch.Generator().manual_seed(int(seed))
+    if getattr(probe, "supports_sharded", False):  # each rank draws its own slice (make_operator's rule)
+        generator.manual_seed(int(seed) * 1_000_003 + torch.distributed.get_rank())
     return [filter_normalized_direction(probe, generator, ignore_bias_bn=ignore_bias_bn) for _ in range(count)]
 
 
@@ -114,10 +117,12 @@ def loss_slice_1d(
 ) -> LossSlice:
     """``L(w + alpha d)`` for ``alpha`` in ``linspace(-span, span, n_points)`` (``n_points`` forwards
     over the probe). ``direction`` (flat or per-parameter) replaces the random filter-normalized one
-    and is used as given (e.g. a Hessian eigenvector)."""
+    and is used as given (e.g. a Hessian eigenvector). On a sharded (FSDP2) model every vector is this rank's
+    slice (a given direction too, shaped like the local shards), each rank draws its own slice of a random
+    direction, and the losses are the union's, the same on every rank."""
     alphas = _coordinates(span, n_points)
     start = time.perf_counter()
-    probe = ProbeLoss(model, batches, loss_fn, train=train)
+    probe = _probe(model, batches, loss_fn, train)
     with probe:
         (d,) = _directions(probe, direction, 1, seed, ignore_bias_bn)
         center = probe.loss()
@@ -153,7 +158,7 @@ def loss_slice_2d(
     """``L(w + alpha d1 + beta d2)`` on an ``n_points x n_points`` grid (``n_points**2`` forwards)."""
     coords = _coordinates(span, n_points)
     start = time.perf_counter()
-    probe = ProbeLoss(model, batches, loss_fn, train=train)
+    probe = _probe(model, batches, loss_fn, train)
     with probe:
         d1, d2 = _directions(probe, directions, 2, seed, ignore_bias_bn)
         center = probe.loss()

@@ -38,7 +38,7 @@ from torch._subclasses.fake_tensor import is_fake
 from .._batches import LossFn, as_batches, batch_size, logits_of
 from .._state import side_effect_free
 from ..errors import ConfigurationError, NonFiniteLossError
-from .operator import HVPOperator
+from .operator import HVPOperator, is_sharded
 from .. import _validation as rules
 
 __all__ = ["RelativeFlatnessResult", "relative_flatness", "penultimate_linear"]
@@ -189,6 +189,11 @@ def relative_flatness(
     """
     if method not in ("auto", "closed_form", "hvp"):
         raise ConfigurationError(f"method must be 'auto', 'closed_form' or 'hvp', got {method!r}.")
+    if is_sharded(model):  # the layer's weight is a slice on each rank: its Gram matrix would be this rank's
+        raise ConfigurationError(
+            "relative_flatness does not measure sharded (FSDP2) models yet: the layer's weight is split over the "
+            "ranks; measure an unsharded copy of the model (or of its last layers)."
+        )
     name, module = _resolve_layer(model, layer)
     batch_list = as_batches(batches)
     weight = module.weight

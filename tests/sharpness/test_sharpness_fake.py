@@ -25,8 +25,8 @@ from sharpguard.sharpness import (
     hessian_trace,
     spectral_density,
 )
-from sharpguard.sharpness import (average_sharpness, first_order_sharpness, keskar_sharpness, robust_sharpness,
-                                  worst_case_sharpness)
+from sharpguard.sharpness import (average_sharpness, first_order_sharpness, keskar_sharpness, loss_slice_1d,
+                                  robust_sharpness, worst_case_sharpness)
 
 VOCAB = 128
 
@@ -155,6 +155,8 @@ def test_checks_run_on_fsdp2_over_a_fake_world_of_8(fake_world):
         for result in (worst_case_sharpness(model, batch, steps=2), average_sharpness(model, batch, n_samples=2),
                        first_order_sharpness(model, batch), keskar_sharpness(model, batch, max_iter=2)):
             assert math.isnan(result.value) and result.settings["cost_only"] and result.settings["sharded"]
+        line = loss_slice_1d(model, batch, n_points=3)
+        assert line.settings["sharded"] and all(math.isnan(v) for v in line.losses.tolist())
         watched = SharpnessMonitor(("worst_case", "average"), probe=[batch], alerts=None).measure(model)
         assert math.isnan(watched["sharpness/worst_case"]) and math.isnan(watched["sharpness/average"])
         with pytest.raises(ConfigurationError, match="robust_sharpness does not measure sharded"):

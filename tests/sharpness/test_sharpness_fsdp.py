@@ -74,12 +74,40 @@ def perturbation_measures(net: nn.Module, batch) -> dict:
     }
 
 
+def full_directions() -> list[torch.Tensor]:
+    """Two filter-normalized directions of the unsharded network (biases included), as flat vectors."""
+    from sharpguard.sharpness import ProbeLoss, filter_normalized_direction
+
+    generator = torch.Generator().manual_seed(3)
+    probe = ProbeLoss(make_net(), union_batch())
+    return [filter_normalized_direction(probe, generator, ignore_bias_bn=False) for _ in range(2)]
+
+
+def local_slice(direction: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's part of a flat direction of the unsharded network: FSDP2 shards every parameter along
+    its first dimension in ``torch.chunk`` pieces."""
+    params = list(make_net().parameters())
+    pieces = torch.split(direction, [p.numel() for p in params])
+    return torch.cat([torch.chunk(piece.view(p.shape), world)[rank].reshape(-1) for piece, p in zip(pieces, params)])
+
+
+def loss_slices(net: nn.Module, batch, directions: list[torch.Tensor]) -> dict:
+    """1-D and 2-D slices along given directions, and a 1-D slice along a random direction (biases included)."""
+    from sharpguard.sharpness import loss_slice_1d, loss_slice_2d
+
+    one = loss_slice_1d(net, batch, direction=directions[0], n_points=5)
+    two = loss_slice_2d(net, batch, directions=tuple(directions), n_points=3)
+    drawn = loss_slice_1d(net, batch, n_points=5, ignore_bias_bn=False)
+    return {"one": one.losses.tolist(), "two": two.losses.tolist(), "center": one.loss_at_center,
+            "drawn": drawn.losses.tolist()}
+
+
 def _worker(rank, port, world, out):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from sharpguard.errors import ConfigurationError
-    from sharpguard.sharpness import eos_ratio, hessian_eigenvalues, hessian_trace, loss_slice_1d, spectral_density
+    from sharpguard.sharpness import eos_ratio, hessian_eigenvalues, hessian_trace, relative_flatness, spectral_density
 
     with process_group(rank, world, port):
         mesh = init_device_mesh("cpu", (world,))
@@ -94,9 +122,10 @@ def _worker(rank, port, world, out):
         two = hessian_eigenvalues(net, batch, k=1, tol=1e-9, max_iter=80, micro_batches=2)
         refused = []
         try:
-            loss_slice_1d(net, batch)
+            relative_flatness(net, batch)
         except ConfigurationError as exc:
             refused.append(str(exc))
+        out[f"slices{rank}"] = loss_slices(net, batch, [local_slice(d, rank, world) for d in full_directions()])
         out[f"perturbation{rank}"] = {name: (r.value, r.loss, r.settings.get("sharded"))
                                       for name, r in perturbation_measures(net, batch).items()}
         # Hutch++ with more sketch vectors than parameters: Q spans everything, the trace is exact
@@ -161,7 +190,7 @@ def test_lambda_max_of_an_fsdp2_model_is_the_dense_hessians_of_the_union():
     for run in nodes:  # the extreme Ritz values of a full Krylov space are the Hessian's extremes
         assert max(run) == pytest.approx(expected[0], rel=1e-6) and min(run) == pytest.approx(expected[-1], rel=1e-5)
     assert len(r0["refused"]) == 2
-    assert "sharded" in r0["refused"][0] and "hessian_trace" in r0["refused"][0]
+    assert "relative_flatness does not measure sharded" in r0["refused"][0]
     assert "finite_difference" in r0["refused"][1]
     assert r0["unchanged"] and r1["unchanged"]
     # the weight-perturbation measures: every rank the unsharded model's numbers on the union of the batches
@@ -171,6 +200,16 @@ def test_lambda_max_of_an_fsdp2_model_is_the_dense_hessians_of_the_union():
         assert sharded and value > 0, name
         assert value == pytest.approx(unsharded[name].value, rel=1e-9), name
         assert loss == pytest.approx(unsharded[name].loss, rel=1e-12), name
+    # loss slices along the unsharded network's directions, each rank holding its slice of them
+    slices = loss_slices(make_net(), union_batch(), full_directions())
+    assert out["slices0"] == out["slices1"]
+    for key in ("one", "two", "center"):
+        got = torch.tensor(out["slices0"][key], dtype=torch.float64)
+        want = torch.tensor(slices[key], dtype=torch.float64)
+        assert torch.allclose(got, want, rtol=1e-12, atol=0), (key, got, want)
+    drawn = out["slices0"]["drawn"]  # its own random direction (a slice per rank): the same centre, moved ends
+    assert drawn[2] == pytest.approx(slices["center"], rel=1e-12)
+    assert all(abs(drawn[i] - drawn[2]) > 1e-3 for i in (0, 4))
     # average sharpness, each rank drawing its own slice of the noise: sigma^2 / 2 tr(H) within its error
     (average, stderr), other = out["average0"], out["average1"]
     assert other == (average, stderr) and stderr > 0
