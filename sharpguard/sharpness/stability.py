@@ -33,6 +33,7 @@ from torch import nn
 
 from .._batches import LossFn
 from ..errors import ConfigurationError
+from .._state import local_shard
 from .._validation import positive_int
 from .lanczos import (
     BasisDevice,
@@ -322,13 +323,15 @@ def _names(model: nn.Module, params: list[torch.Tensor], limit: int = 3) -> str:
 
 
 def _update_direction(op: HVPOperator, optimizer: Any) -> torch.Tensor:
-    """The direction of the optimizer's next update from its state (momentum buffer or Adam's m/sqrt(v))."""
+    """The direction of the optimizer's next update from its state (momentum buffer or Adam's m/sqrt(v));
+    on a sharded model this rank's slice of it, from the state of its DTensor parameters."""
     opt = _base_optimizer(optimizer)
     kind = _kind(opt)
-    groups = _group_of(opt, op.params)
+    keys = getattr(op, "sharded_params", op.params)  # the optimizer's keys (a sharded model's DTensors)
+    groups = _group_of(opt, keys)
     parts = []
-    for p, g in zip(op.params, groups):
-        state = opt.state.get(p, {})
+    for p, key, g in zip(op.params, keys, groups):
+        state = {k: local_shard(v) if isinstance(v, torch.Tensor) else v for k, v in opt.state.get(key, {}).items()}
         if kind == "sgd":
             buf = state.get("momentum_buffer")
             if buf is None:
@@ -340,13 +343,13 @@ def _update_direction(op: HVPOperator, optimizer: Any) -> torch.Tensor:
         else:
             if "exp_avg" not in state:
                 # never updated (no gradient yet): it contributes no update, unless nothing has state
-                if not any("exp_avg" in opt.state.get(q, {}) for q in op.params):
+                if not any("exp_avg" in opt.state.get(q, {}) for q in keys):
                     raise ConfigurationError("the optimizer has no exp_avg yet; measure after its first step.")
                 parts.append(torch.zeros(p.numel(), device=op.device, dtype=op.dtype))
                 continue
             step = float(state["step"])
             m_hat = state["exp_avg"].detach() / (1.0 - g["betas"][0] ** step)
-            u = float(g["lr"]) * m_hat / _adam_denominator(opt, p, g)
+            u = float(g["lr"]) * m_hat / local_shard(_adam_denominator(opt, key, g))
         parts.append(u.reshape(-1).to(device=op.device, dtype=op.dtype))
     return torch.cat(parts)
 
@@ -379,9 +382,9 @@ def directional_curvature(
     if isinstance(direction, str) and direction == "update" and optimizer is None:
         raise ConfigurationError("direction='update' needs the optimizer; pass optimizer=.")
     start = time.perf_counter()
-    op = HVPOperator(
-        model, batches, loss_fn, hvp=hvp, train=train, check_determinism=check_determinism, cache_graph=cache_graph,
-        micro_batches=micro_batches,
+    op, _, _ = make_operator(
+        model, batches, loss_fn, seed=0, hvp=hvp, train=train, check_determinism=check_determinism,
+        cache_graph=cache_graph, micro_batches=micro_batches,
     )
     with op:
         if isinstance(direction, str) and direction == "gradient":
@@ -390,18 +393,19 @@ def directional_curvature(
             u = _update_direction(op, optimizer)
         else:
             u = op.as_vector(direction, "direction")
+        # norms and the inner product over every rank's slice of a sharded model
         if op.cost_only:  # nothing to read: the same operations, NaN results
-            u = u / torch.linalg.vector_norm(u)
-            norm = value = op._read(u @ op.matvec(u))
+            u = u / op._norm_tensor(u)
+            norm = value = op._read(op._sum_over_slices(u @ op.matvec(u)))
         else:
-            norm = float(torch.linalg.vector_norm(u))
+            norm = op.vector_norm(u)
             if not (norm > 0 and math.isfinite(norm)):
                 raise ConfigurationError(
                     f"the {direction if isinstance(direction, str) else 'given'} direction is zero "
                     "or not finite; curvature along it is undefined."
                 )
             u = u / norm
-            value = float(u @ op.matvec(u))
+            value = float(op._sum_over_slices(u @ op.matvec(u)))
     return DirectionalCurvature(
         value=value,
         direction=direction if isinstance(direction, str) else "given",
@@ -410,5 +414,5 @@ def directional_curvature(
         norm=norm,
         seconds=time.perf_counter() - start,
         settings={"train": train, "probe_examples": op.n_examples, "micro_batches": op.micro_batches,
-                  "cost_only": op.cost_only},
+                  "cost_only": op.cost_only, **({"sharded": True} if op.supports_sharded else {})},
     )

@@ -155,6 +155,8 @@ def test_checks_run_on_fsdp2_over_a_fake_world_of_8(fake_world):
         for result in (worst_case_sharpness(model, batch, steps=2), average_sharpness(model, batch, n_samples=2),
                        first_order_sharpness(model, batch), keskar_sharpness(model, batch, max_iter=2)):
             assert math.isnan(result.value) and result.settings["cost_only"] and result.settings["sharded"]
+        along = directional_curvature(model, batch)
+        assert math.isnan(along.value) and along.settings["sharded"] and along.n_hvp == 1
         line = loss_slice_1d(model, batch, n_points=3)
         assert line.settings["sharded"] and all(math.isnan(v) for v in line.losses.tolist())
         watched = SharpnessMonitor(("worst_case", "average"), probe=[batch], alerts=None).measure(model)

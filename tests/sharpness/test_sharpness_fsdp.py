@@ -163,9 +163,15 @@ def _worker(rank, port, world, out):
         }
         # Adam's preconditioned operator from its sharded state, after one step on the union's gradient
         # (each rank's loss weighted by its share of the examples times the world size: FSDP averages)
+        from sharpguard.sharpness import directional_curvature
+
+        along_gradient = directional_curvature(net, batch)
         adam = adam_step(net, batch, scale=len(batch[1]) / N_TOTAL * world)
         r = eos_ratio(net, batch, adam, tol=1e-9, max_iter=80)
         out[f"adam{rank}"] = (r.lambda_max, r.ratio, r.preconditioned)
+        along_update = directional_curvature(net, batch, direction="update", optimizer=adam)
+        out[f"directional{rank}"] = [(c.value, c.norm, c.settings.get("sharded"))
+                                     for c in (along_gradient, along_update)]
 
 
 def test_lambda_max_of_an_fsdp2_model_is_the_dense_hessians_of_the_union():
@@ -200,6 +206,16 @@ def test_lambda_max_of_an_fsdp2_model_is_the_dense_hessians_of_the_union():
         assert sharded and value > 0, name
         assert value == pytest.approx(unsharded[name].value, rel=1e-9), name
         assert loss == pytest.approx(unsharded[name].loss, rel=1e-12), name
+    # curvature along the gradient and along Adam's next update (from its sharded state)
+    from sharpguard.sharpness import directional_curvature
+
+    reference = make_net()
+    along_gradient = directional_curvature(reference, union_batch())
+    along_update = directional_curvature(reference, union_batch(), direction="update",
+                                         optimizer=adam_step(reference, union_batch()))
+    assert out["directional0"] == out["directional1"]
+    for (value, norm, sharded), want in zip(out["directional0"], (along_gradient, along_update)):
+        assert sharded and value == pytest.approx(want.value, rel=1e-6) and norm == pytest.approx(want.norm, rel=1e-9)
     # loss slices along the unsharded network's directions, each rank holding its slice of them
     slices = loss_slices(make_net(), union_batch(), full_directions())
     assert out["slices0"] == out["slices1"]
