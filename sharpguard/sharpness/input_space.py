@@ -38,7 +38,7 @@ from ..attacks._context import check_labels
 from ..attacks.losses import resolve_loss
 from ..errors import ConfigurationError
 from .lanczos import lanczos
-from .operator import _math_attention_kernel, is_sharded
+from .operator import _math_attention_kernel
 from .perturbation import SharpnessResult, worst_case_sharpness
 from .. import _validation as rules
 
@@ -210,13 +210,6 @@ def robust_sharpness(
     Stutz et al.'s scale-invariant choice). Returns the :class:`SharpnessResult` of
     :func:`~sharpguard.sharpness.worst_case_sharpness`; ``loss`` is ``R(w)``.
     """
-    if is_sharded(model):
-        # worst_case_sharpness takes sharded models, but an attack's input gradients inside FSDP's own
-        # gradient passes have not been checked against an unsharded run: refused rather than trusted
-        raise ConfigurationError(
-            "robust_sharpness does not measure sharded (FSDP2) models yet; measure an unsharded copy of the model "
-            "(worst_case_sharpness with your own loss does take sharded models)."
-        )
     attack = _pgd_attack(eps, alpha, attack_steps, norm, seed, bounds)
     _xy(batches)  # refuse token or unlabeled batches before anything runs
 

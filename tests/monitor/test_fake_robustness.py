@@ -277,6 +277,9 @@ def test_the_robustness_monitor_runs_on_fsdp2_over_a_fake_world_of_8_and_leaves_
             metrics, settings = monitor.measure(model, with_settings=True)
             assert all(math.isnan(v) and settings[k]["cost_only"] for k, v in metrics.items()), metrics
             assert all(isinstance(p, DTensor) for p in model.parameters())
+        # robust-loss sharpness: the attacks' input gradients inside FSDP's own gradient passes
+        robust = robust_sharpness(model, _batches(1, rows=2), eps=0.01, steps=1, attack_steps=1)
+        assert math.isnan(robust.value) and robust.settings["cost_only"] and robust.settings["sharded"]
         model.unshard()
         gathered = dict(model.named_parameters())
         assert not all(isinstance(p, DTensor) for p in gathered.values())

@@ -74,6 +74,10 @@ def perturbation_measures(net: nn.Module, batch) -> dict:
     }
 
 
+#: a short robust-sharpness run on unbounded inputs
+ROBUST = {"eps": 0.1, "attack_steps": 3, "steps": 2, "bounds": None}
+
+
 def full_directions() -> list[torch.Tensor]:
     """Two filter-normalized directions of the unsharded network (biases included), as flat vectors."""
     from sharpguard.sharpness import ProbeLoss, filter_normalized_direction
@@ -163,8 +167,11 @@ def _worker(rank, port, world, out):
         }
         # Adam's preconditioned operator from its sharded state, after one step on the union's gradient
         # (each rank's loss weighted by its share of the examples times the world size: FSDP averages)
-        from sharpguard.sharpness import directional_curvature
+        from sharpguard.sharpness import directional_curvature, robust_sharpness
 
+        # the robust loss (PGD examples at every weight the ascent visits), both ranks on rank 0's batch
+        robust = robust_sharpness(net, rank_batch(0), **ROBUST)
+        out[f"robust{rank}"] = (robust.value, robust.loss, robust.settings.get("sharded"))
         along_gradient = directional_curvature(net, batch)
         adam = adam_step(net, batch, scale=len(batch[1]) / N_TOTAL * world)
         r = eos_ratio(net, batch, adam, tol=1e-9, max_iter=80)
@@ -206,8 +213,14 @@ def test_lambda_max_of_an_fsdp2_model_is_the_dense_hessians_of_the_union():
         assert sharded and value > 0, name
         assert value == pytest.approx(unsharded[name].value, rel=1e-9), name
         assert loss == pytest.approx(unsharded[name].loss, rel=1e-12), name
+    # robust sharpness: the attack's input gradients inside FSDP's passes, the ascent on FSDP's gradients;
+    # every rank holds rank 0's batch, whose random starts are then the unsharded run's
+    from sharpguard.sharpness import directional_curvature, robust_sharpness
+
+    robust = robust_sharpness(make_net(), rank_batch(0), **ROBUST)
+    assert out["robust0"] == out["robust1"] and out["robust0"][2] and robust.value > 0
+    assert out["robust0"][:2] == pytest.approx((robust.value, robust.loss), rel=1e-9)
     # curvature along the gradient and along Adam's next update (from its sharded state)
-    from sharpguard.sharpness import directional_curvature
 
     reference = make_net()
     along_gradient = directional_curvature(reference, union_batch())
