@@ -38,7 +38,7 @@ from ..attacks._context import check_labels
 from ..attacks.losses import resolve_loss
 from ..errors import ConfigurationError
 from .lanczos import lanczos
-from .operator import _math_attention_kernel
+from .operator import _math_attention_kernel, is_sharded
 from .perturbation import SharpnessResult, worst_case_sharpness
 from .. import _validation as rules
 
@@ -85,6 +85,17 @@ class InputCurvature:
     converged: float
     seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _refuse_sharded(model: nn.Module, what: str) -> None:
+    """The input Hessian differentiates twice through the weights; FSDP2 frees the weights it gathered once
+    the first backward is done, so the second one would read freed storage (torch's "setStorage ... out of
+    bounds" error on a real sharded model; fake tensors, which have no storage, do not show it)."""
+    if is_sharded(model):
+        raise ConfigurationError(
+            f"{what} does not measure sharded (FSDP2) models: its input-Hessian products differentiate twice "
+            "through weights FSDP frees after each backward; measure an unsharded copy of the model."
+        )
 
 
 def _input_eigs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, tol: float, max_iter: int,
@@ -156,6 +167,7 @@ def input_hessian_eigenvalue(
         raise ConfigurationError(f"n_examples must be a positive integer, got {n_examples!r}.")
     if not (tol > 0 and math.isfinite(tol)) or not (isinstance(max_iter, int) and max_iter >= 1):
         raise ConfigurationError(f"tol must be positive and max_iter a positive integer, got {tol!r} and {max_iter!r}.")
+    _refuse_sharded(model, "input_hessian_eigenvalue")
     x, y = _xy(batches)
     x, y = x[:n_examples], y[:n_examples]
     start = time.perf_counter()
@@ -275,6 +287,7 @@ def adversarial_geometry(
     wrong: there ``adv_confidence_fooled`` is high and ``adv_curvature`` low. One PGD run, one forward and
     backward per input set, and Lanczos on ``n_curvature`` examples of each.
     """
+    _refuse_sharded(model, "adversarial_geometry")
     attack = _pgd_attack(eps, alpha, attack_steps, norm, seed, bounds)
     x, y = _xy(batches)
     start = time.perf_counter()

@@ -257,7 +257,8 @@ def test_the_simulated_profile_of_the_default_check_has_memory_and_flops():
 
 def test_the_robustness_monitor_runs_on_fsdp2_over_a_fake_world_of_8_and_leaves_it_as_sharded_as_it_was():
     """Every robustness measure on a ViT under ``fully_shard`` (each block and the root) over a fake process
-    group of 8: a cost-only run, and the parameters are this rank's shards again afterwards. The attacks'
+    group of 8: a cost-only run, and the parameters are this rank's shards again afterwards; the input
+    curvature ones refuse a sharded model in one sentence (on a real one they would read freed weights). The attacks'
     forwards gather the root's parameters and no backward through the weights reshards them (FSDP2's root keeps
     them after its forward), so the monitor's guard does; a root the caller had gathered stays gathered."""
     from torch.distributed.fsdp import fully_shard
@@ -270,12 +271,19 @@ def test_the_robustness_monitor_runs_on_fsdp2_over_a_fake_world_of_8_and_leaves_
         for layer in model.inner.vit.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        # every measure but the input curvature ones (refused below: FSDP frees the weights their second
+        # backward reads)
+        curvature = {"input_curvature", "adv_confidence", "adv_input_curvature"}
+        rest = tuple(m for m in RobustnessMonitor.MEASURES if m not in curvature)
         monitors = [RobustnessMonitor(probe=_batches(), alerts=None),
-                    RobustnessMonitor(RobustnessMonitor.MEASURES, probe=_batches(1, rows=2), alerts=None, steps=2,
-                                      restarts=2)]
+                    RobustnessMonitor(rest, probe=_batches(1, rows=2), alerts=None, steps=2, restarts=2)]
         for monitor in monitors:
             metrics, settings = monitor.measure(model, with_settings=True)
             assert all(math.isnan(v) and settings[k]["cost_only"] for k, v in metrics.items()), metrics
+            assert all(isinstance(p, DTensor) for p in model.parameters())
+        for name in sorted(curvature):
+            with pytest.raises(ConfigurationError, match="does not measure sharded"):
+                RobustnessMonitor((name,), probe=_batches(1, rows=2), alerts=None, steps=2).measure(model)
             assert all(isinstance(p, DTensor) for p in model.parameters())
         # robust-loss sharpness: the attacks' input gradients inside FSDP's own gradient passes
         robust = robust_sharpness(model, _batches(1, rows=2), eps=0.01, steps=1, attack_steps=1)

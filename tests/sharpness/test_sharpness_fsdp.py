@@ -172,6 +172,13 @@ def _worker(rank, port, world, out):
         # the robust loss (PGD examples at every weight the ascent visits), both ranks on rank 0's batch
         robust = robust_sharpness(net, rank_batch(0), **ROBUST)
         out[f"robust{rank}"] = (robust.value, robust.loss, robust.settings.get("sharded"))
+        # input-space curvature differentiates twice through weights FSDP frees after a backward: refused
+        from sharpguard.sharpness import input_hessian_eigenvalue
+
+        try:
+            input_hessian_eigenvalue(net, batch)
+        except ConfigurationError as exc:
+            out[f"input{rank}"] = str(exc)
         along_gradient = directional_curvature(net, batch)
         adam = adam_step(net, batch, scale=len(batch[1]) / N_TOTAL * world)
         r = eos_ratio(net, batch, adam, tol=1e-9, max_iter=80)
@@ -202,7 +209,7 @@ def test_lambda_max_of_an_fsdp2_model_is_the_dense_hessians_of_the_union():
     assert r0["density"] == r1["density"] and weight_sums == pytest.approx([1.0, 1.0], abs=1e-12)
     for run in nodes:  # the extreme Ritz values of a full Krylov space are the Hessian's extremes
         assert max(run) == pytest.approx(expected[0], rel=1e-6) and min(run) == pytest.approx(expected[-1], rel=1e-5)
-    assert len(r0["refused"]) == 2
+    assert len(r0["refused"]) == 2 and "input_hessian_eigenvalue does not measure sharded" in out["input0"]
     assert "relative_flatness does not measure sharded" in r0["refused"][0]
     assert "finite_difference" in r0["refused"][1]
     assert r0["unchanged"] and r1["unchanged"]
