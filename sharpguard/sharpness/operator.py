@@ -96,8 +96,8 @@ class ProbeLoss:
                 "the model is sharded (FSDP2 DTensor parameters): this measure's gradients cannot reach them; "
                 "hessian_eigenvalues, eos_ratio, hessian_trace, spectral_density (finite differences of FSDP's own "
                 "gradients), directional_curvature, worst_case_sharpness, average_sharpness, first_order_sharpness, "
-                "keskar_sharpness, robust_sharpness and the loss slices (and the SharpnessMonitor's measures of the "
-                "same names) support sharded models; relative_flatness does not yet."
+                "keskar_sharpness, robust_sharpness, relative_flatness (closed form) and the loss slices (and the "
+                "SharpnessMonitor's measures of the same names) support sharded models."
             )
         self.batches = [detach_inference(b) for b in as_batches(batches)]
         if loss_fn is None:

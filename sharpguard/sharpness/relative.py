@@ -101,10 +101,21 @@ def _resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> tuple[str
     return name, module
 
 
-def _closed_form(model: nn.Module, module: nn.Module, batches: list[Any]) -> torch.Tensor | None:
+def _examples_over_ranks(n: int, cost_only: bool, device: torch.device) -> int:
+    """The ranks' example counts summed (all ranks call this together); a cost-only run's fake collective
+    returns nothing to read, so every rank is taken to hold ``n``."""
+    if cost_only:
+        return n * torch.distributed.get_world_size()
+    count = torch.tensor([float(n)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(count)
+    return round(float(count[0]))
+
+
+def _closed_form(model: nn.Module, module: nn.Module, batches: list[Any], sharded: bool = False) -> torch.Tensor | None:
     """``Tr(H_{s,s'})`` from the softmax closed form, or ``None`` when it does not apply (the layer's output
     is not the model's logits, its input is not ``(batch, features)``, or the batches are not tuples).
-    On fake tensors (no values to compare) a layer output of the logits' shape is taken to be the logits."""
+    On fake tensors (no values to compare) a layer output of the logits' shape is taken to be the logits.
+    ``sharded`` (FSDP2, every rank its own batches): the sums and the example count over every rank's."""
     captured: dict[str, torch.Tensor] = {}
 
     def hook(_m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -142,6 +153,9 @@ def _closed_form(model: nn.Module, module: nn.Module, batches: list[Any]) -> tor
                 captured.clear()
     finally:
         handle.remove()
+    if total is not None and sharded:  # the same structure on every rank: all ranks reach this together
+        torch.distributed.all_reduce(total)
+        n = _examples_over_ranks(n, is_fake(total), total.device)
     if total is None or (not is_fake(total) and not bool(torch.isfinite(total).all())):
         return None
     return total / n
@@ -189,10 +203,12 @@ def relative_flatness(
     """
     if method not in ("auto", "closed_form", "hvp"):
         raise ConfigurationError(f"method must be 'auto', 'closed_form' or 'hvp', got {method!r}.")
-    if is_sharded(model):  # the layer's weight is a slice on each rank: its Gram matrix would be this rank's
+    sharded = is_sharded(model)
+    if sharded and (method == "hvp" or loss_fn is not None):
+        # the exact path differentiates with respect to the layer's weight, which FSDP keeps out of autograd's reach
         raise ConfigurationError(
-            "relative_flatness does not measure sharded (FSDP2) models yet: the layer's weight is split over the "
-            "ranks; measure an unsharded copy of the model (or of its last layers)."
+            "on a sharded (FSDP2) model relative_flatness takes the closed form only (the default cross-entropy, "
+            "(inputs, labels) batches and the logits' layer); measure an unsharded copy for another loss."
         )
     name, module = _resolve_layer(model, layer)
     batch_list = as_batches(batches)
@@ -204,7 +220,12 @@ def relative_flatness(
     n_hvp = 0
     if method in ("auto", "closed_form") and loss_fn is None:
         with side_effect_free(model, train=False, parameters=False):
-            blocks = _closed_form(model, module, batch_list)
+            blocks = _closed_form(model, module, batch_list, sharded)
+    if blocks is None and sharded:
+        raise ConfigurationError(
+            "on a sharded (FSDP2) model relative_flatness takes the closed form only, which needs (inputs, labels) "
+            "batches and a layer whose output is the model's logits; measure an unsharded copy otherwise."
+        )
     if blocks is None:
         if method == "closed_form":
             raise ConfigurationError(
@@ -221,7 +242,8 @@ def relative_flatness(
                                      "its curvature.")
         blocks, n_hvp = _hvp_blocks(model, module, batch_list, loss_fn)
         used = "hvp"
-    w = weight.detach().double().cpu()
+    # a sharded layer's weight is gathered whole on every rank (one layer: d_out x d_in)
+    w = (weight.full_tensor() if hasattr(weight, "full_tensor") else weight).detach().double().cpu()
     gram = w @ w.T  # <w_s, w_s'>
     value_t = (gram * blocks).sum()
     neuronwise_t = (torch.diagonal(gram) * torch.diagonal(blocks)).sum()
@@ -231,6 +253,8 @@ def relative_flatness(
     if not cost_only and not (torch.isfinite(torch.tensor([value, neuronwise])).all()):
         raise NonFiniteLossError("relative flatness is not finite; check the model and the probe set for overflow.")
     n_examples = sum(batch_size(b) for b in batch_list)
+    if sharded:  # every rank's examples (a fake process group has no count to read: the ranks are taken alike)
+        n_examples = _examples_over_ranks(n_examples, cost_only, weight.device)
     return RelativeFlatnessResult(
         value=value,
         neuronwise=neuronwise,

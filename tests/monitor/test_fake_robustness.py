@@ -285,6 +285,9 @@ def test_the_robustness_monitor_runs_on_fsdp2_over_a_fake_world_of_8_and_leaves_
             with pytest.raises(ConfigurationError, match="does not measure sharded"):
                 RobustnessMonitor((name,), probe=_batches(1, rows=2), alerts=None, steps=2).measure(model)
             assert all(isinstance(p, DTensor) for p in model.parameters())
+        # relative flatness's closed form: the classifier's whole weight, the blocks summed over the ranks
+        flat = relative_flatness(model, _batches(1, rows=2))
+        assert math.isnan(flat.value) and flat.settings["cost_only"] and flat.n_examples == 8 * 2
         # robust-loss sharpness: the attacks' input gradients inside FSDP's own gradient passes
         robust = robust_sharpness(model, _batches(1, rows=2), eps=0.01, steps=1, attack_steps=1)
         assert math.isnan(robust.value) and robust.settings["cost_only"] and robust.settings["sharded"]

@@ -125,8 +125,10 @@ def _worker(rank, port, world, out):
         res = hessian_eigenvalues(net, batch, k=2, which="both", tol=1e-9, max_iter=80, return_eigenvectors=True)
         two = hessian_eigenvalues(net, batch, k=1, tol=1e-9, max_iter=80, micro_batches=2)
         refused = []
+        flatness = relative_flatness(net, batch)
+        out[f"flatness{rank}"] = (flatness.value, flatness.neuronwise, flatness.n_examples, flatness.method)
         try:
-            relative_flatness(net, batch)
+            relative_flatness(net, batch, method="hvp")
         except ConfigurationError as exc:
             refused.append(str(exc))
         out[f"slices{rank}"] = loss_slices(net, batch, [local_slice(d, rank, world) for d in full_directions()])
@@ -210,7 +212,13 @@ def test_lambda_max_of_an_fsdp2_model_is_the_dense_hessians_of_the_union():
     for run in nodes:  # the extreme Ritz values of a full Krylov space are the Hessian's extremes
         assert max(run) == pytest.approx(expected[0], rel=1e-6) and min(run) == pytest.approx(expected[-1], rel=1e-5)
     assert len(r0["refused"]) == 2 and "input_hessian_eigenvalue does not measure sharded" in out["input0"]
-    assert "relative_flatness does not measure sharded" in r0["refused"][0]
+    assert "closed form only" in r0["refused"][0]
+    # relative flatness (closed form): the layer's whole weight, the Hessian blocks over the union's examples
+    from sharpguard.sharpness import relative_flatness
+
+    flat = relative_flatness(make_net(), union_batch())
+    assert out["flatness0"] == out["flatness1"] and out["flatness0"][2:] == (N_TOTAL, "closed_form")
+    assert out["flatness0"][:2] == pytest.approx((flat.value, flat.neuronwise), rel=1e-12)
     assert "finite_difference" in r0["refused"][1]
     assert r0["unchanged"] and r1["unchanged"]
     # the weight-perturbation measures: every rank the unsharded model's numbers on the union of the batches
