@@ -61,12 +61,13 @@ def _cholesky_qr(y: torch.Tensor, total: Any, cost_only: bool = False) -> torch.
 
 
 def _householder_q(y: torch.Tensor) -> torch.Tensor:
-    """Orthonormal columns spanning the tall ``y`` (``n x s``, ``s`` small), as ``torch.linalg.qr(y)[0]``:
-    Householder QR (Golub & Van Loan, Matrix Computations, 4th ed., Alg. 5.2.1 and the backward accumulation of
-    Sec. 5.1.6) by rank-one updates in place. ``y`` is overwritten by the reflectors; the only model-size memory
-    is ``Q`` itself. LAPACK's QR through torch (``linalg.qr``, ``householder_product``, ``ormqr``) copies its
-    operands and takes a workspace of the full height (16 model-size vectors with MKL's ``orgqr``: hundreds of GB
-    of host memory at 7B), which a sketch of a few vectors does not need. No value is read on the host."""
+    """Orthonormal columns spanning the tall ``y`` (``n x s``, ``s`` small), as ``torch.linalg.qr(y)[0]``,
+    formed in ``y``'s own storage: Householder QR (Golub & Van Loan, Matrix Computations, 4th ed., Alg. 5.2.1)
+    by rank-one updates, then Q accumulated backward over the reflectors where they lie (LAPACK's ``dorg2r``).
+    Returns a view of ``y`` (its first ``min(n, s)`` columns); no model-size memory is allocated. LAPACK's QR
+    through torch (``linalg.qr``, ``householder_product``, ``ormqr``) copies its operands and takes a workspace
+    of the full height (16 model-size vectors with MKL's ``orgqr``: hundreds of GB of host memory at 7B), which
+    a sketch of a few vectors does not need. No value is read on the host."""
     n, s = y.shape
     k = min(n, s)  # Q is n x min(n, s), as the reduced QR's
     taus = []
@@ -81,12 +82,18 @@ def _householder_q(y: torch.Tensor) -> torch.Tensor:
             rest = y[j:, j + 1:]
             rest.addr_(v, (v @ rest) * tau, alpha=-1)
         taus.append(tau)
-    q = torch.zeros((k, n), dtype=y.dtype, device=y.device).T  # column-major, as y: its columns are contiguous
-    q.diagonal().fill_(1)
-    for j in reversed(range(k)):  # Q = H_1 ... H_k I[:, :k], applied from the last reflector back
-        v, block = y[j:, j], q[j:, j:]
-        block.addr_(v, (v @ block) * taus[j], alpha=-1)
-    return q
+    # Q = H_1 ... H_k I[:, :k], from the last reflector back. Before step j the columns right of j hold
+    # H_{j+1} ... H_k e_i, zero above their own diagonal; column j still holds its reflector v_j (rows j..n),
+    # and H_j e_j = e_j - tau_j v_j[0] v_j replaces it, with R's entries above it zeroed.
+    for j in reversed(range(k)):
+        v = y[j:, j]
+        if j + 1 < k:
+            block = y[j:, j + 1:k]
+            block.addr_(v, (v @ block) * taus[j], alpha=-1)
+        v.mul_(-taus[j] * v[0])
+        v[0] += 1
+        y[:j, j].zero_()
+    return y[:, :k]
 
 
 def _mean_stderr(samples: list[float]) -> tuple[float, float]:
@@ -170,7 +177,7 @@ def hessian_trace(
             if reduce is not None:
                 q = _cholesky_qr(y, total, cost_only=op.cost_only)
             else:
-                q = _householder_q(y)  # orthonormal columns; y is overwritten
+                q = _householder_q(y)  # orthonormal columns, in y's storage
             del y
             exact = math.fsum(quadratic_form(q[:, i]) for i in range(q.shape[1]))
             samples = []
