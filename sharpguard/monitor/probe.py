@@ -15,6 +15,7 @@ metric so results from different probes are never compared silently.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -199,7 +200,7 @@ class ProbeSet:
             "batches": None,
         }
         if self._batches and self.nbytes <= max_bytes:
-            state["batches"] = [move_to(b, torch.device("cpu")) for b in self._batches]
+            state["batches"] = [_loadable(move_to(b, torch.device("cpu"))) for b in self._batches]
         return state
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device | None = None) -> bool:
@@ -210,10 +211,59 @@ class ProbeSet:
             if self.source != "given":  # a given probe stays; a captured one is captured again
                 self._batches, self._held, self._frozen = [], 0, False
             return False
-        batches = list(state["batches"])
+        classes = _namedtuple_classes(self._batches)  # a given probe's own classes, where it was given again
+        batches = [_restored(b, classes) for b in state["batches"]]
         self._batches = [move_to(b, device) for b in batches] if device is not None else batches
         self._held, self._frozen = int(state["held"]), bool(state["frozen"])
         return True
+
+
+#: the key a stored namedtuple batch is kept under: ``torch.load(weights_only=True)`` refuses the class itself
+_NAMEDTUPLE = "__sharpguard_namedtuple__"
+
+
+def _loadable(batch: Any) -> Any:
+    """``batch`` with every namedtuple as a plain mapping naming its class and fields, so that a checkpoint
+    holding the probe loads with ``weights_only=True`` (a namedtuple's class is not an allowed global)."""
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return {_NAMEDTUPLE: [type(batch).__name__, *batch._fields], "values": [_loadable(v) for v in batch]}
+    if isinstance(batch, Mapping):
+        return {k: _loadable(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_loadable(v) for v in batch)
+    return batch
+
+
+def _namedtuple_classes(batches: Sequence[Any]) -> dict[tuple[str, ...], type]:
+    """The namedtuple classes in ``batches``, by name and fields."""
+    found: dict[tuple[str, ...], type] = {}
+
+    def walk(item: Any) -> None:
+        if isinstance(item, tuple) and hasattr(item, "_fields"):
+            found[(type(item).__name__, *item._fields)] = type(item)
+        if isinstance(item, Mapping):
+            item = list(item.values())
+        if isinstance(item, (tuple, list)):
+            for v in item:
+                walk(v)
+
+    walk(list(batches))
+    return found
+
+
+def _restored(batch: Any, classes: Mapping[tuple[str, ...], type]) -> Any:
+    """:func:`_loadable` undone: each stored namedtuple comes back as the class of that name and those fields
+    among ``classes`` (the probe given to the new monitor), else as a namedtuple class made to match it, whose
+    fields a ``loss_fn`` reads the same way."""
+    if isinstance(batch, Mapping) and _NAMEDTUPLE in batch:
+        key = tuple(str(k) for k in batch[_NAMEDTUPLE])
+        cls = classes.get(key) or collections.namedtuple(key[0], key[1:])
+        return cls(*(_restored(v, classes) for v in batch["values"]))
+    if isinstance(batch, Mapping):
+        return {k: _restored(v, classes) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_restored(v, classes) for v in batch)
+    return batch
 
 
 def batch_size_of(batch: Any) -> int:

@@ -182,3 +182,40 @@ def test_a_due_check_without_any_probe_says_why_once():
     assert sum("probe set is empty" in str(w.message) for w in record) == 1
     notes = [r for r in mon.history.records if r["metric"] == "monitor/note"]
     assert len(notes) == 1 and notes[0]["step"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- namedtuple probes
+NamedBatch = __import__("collections").namedtuple("NamedBatch", ["x", "y"])
+
+
+def _named_probe() -> list:
+    g = torch.Generator().manual_seed(5)
+    return [NamedBatch(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g))]
+
+
+def _named_loss(model: nn.Module, batch) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(batch.x), batch.y)  # attribute access, as a user's loss_fn does
+
+
+def test_a_namedtuple_probe_resumes_from_a_weights_only_checkpoint():
+    """A probe of namedtuple batches is stored as plain data: the checkpoint loads with ``weights_only=True``
+    (the class is no allowed global; it had refused the whole checkpoint) and the resumed monitor measures
+    the same value, its batches again namedtuples: the given probe's own class where it is given again, one
+    of the same name and fields otherwise."""
+    import io
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    monitor = SharpnessMonitor(("lambda_max",), probe=_named_probe(), loss_fn=_named_loss, alerts=None)
+    before = monitor.measure(model)["sharpness/lambda_max"]
+    buffer = io.BytesIO()
+    torch.save(monitor.state_dict(), buffer)
+    for probe in (None, _named_probe()):
+        buffer.seek(0)
+        state = torch.load(buffer, weights_only=True)
+        resumed = SharpnessMonitor(("lambda_max",), probe=probe, loss_fn=_named_loss, alerts=None)
+        resumed.load_state_dict(state)
+        (batch,) = resumed.probe.batches
+        assert batch._fields == ("x", "y") and type(batch).__name__ == "NamedBatch"
+        assert (type(batch) is NamedBatch) == (probe is not None)
+        assert resumed.measure(model)["sharpness/lambda_max"] == before
