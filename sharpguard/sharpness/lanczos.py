@@ -540,15 +540,13 @@ def make_operator(
     FSDP's gradients; the vectors are this rank's slices, summed over the ranks by ``reduce``), with the
     generator offset by the rank so each rank draws its own slice of a random start vector.
     """
-    generator = torch.Generator().manual_seed(int(seed))
     if not is_sharded(model):
-        return HVPOperator(model, batches, loss_fn, **kwargs), None, generator
-    from .sharded import ShardedHVPOperator
+        return HVPOperator(model, batches, loss_fn, **kwargs), None, torch.Generator().manual_seed(int(seed))
+    from .sharded import ShardedHVPOperator, slice_generator
 
     kwargs.pop("cache_graph", None)  # no graph to cache: every product is two gradient passes
     op = ShardedHVPOperator(model, batches, loss_fn, **kwargs)
-    generator.manual_seed(int(seed) * 1_000_003 + torch.distributed.get_rank())
-    return op, op.reduce_sum, generator
+    return op, op.reduce_sum, slice_generator(seed)
 
 
 @rules.checked()

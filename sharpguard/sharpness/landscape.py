@@ -23,6 +23,7 @@ from .._batches import LossFn
 from ..errors import ConfigurationError, require
 from .operator import ProbeLoss
 from .perturbation import _probe, _settings
+from .sharded import slice_generator
 from .. import _validation as rules
 
 __all__ = ["LossSlice", "filter_normalized_direction", "loss_slice_1d", "loss_slice_2d", "plot_loss_slice"]
@@ -89,9 +90,8 @@ def _directions(probe: ProbeLoss, given: Any, count: int, seed: int, ignore_bias
         if len(given) != count:
             raise ConfigurationError(f"pass {count} directions, got {len(given)}.")
         return [probe.as_vector(d, "direction") for d in given]
-    generator = torch.Generator().manual_seed(int(seed))
-    if getattr(probe, "supports_sharded", False):  # each rank draws its own slice (make_operator's rule)
-        generator.manual_seed(int(seed) * 1_000_003 + torch.distributed.get_rank())
+    # on a sharded model each rank draws its own slice of the directions
+    generator = slice_generator(seed) if probe.supports_sharded else torch.Generator().manual_seed(int(seed))
     return [filter_normalized_direction(probe, generator, ignore_bias_bn=ignore_bias_bn) for _ in range(count)]
 
 

@@ -69,6 +69,16 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def examples_over_ranks(n: int, cost_only: bool, device: torch.device) -> int:
+    """The ranks' example counts summed (every rank calls this together). A cost-only run's fake collective
+    returns no readable count, so every rank is taken to hold ``n``."""
+    if cost_only:
+        return n * torch.distributed.get_world_size()
+    count = torch.tensor([float(n)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(count)
+    return round(float(count[0]))
+
+
 class ProbeLoss:
     """The probe loss ``L(w)`` and its gradient, on flat vectors over the trainable parameters.
 
@@ -121,12 +131,7 @@ class ProbeLoss:
         #: fake tensors (FakeTensorMode): the same operations, no value read back (losses, norms and
         #: eigenvalues come out NaN); what such a run costs is what it is for
         self.cost_only = has_fake_tensors(model)
-        if self.cost_only:
-            # a fake collective returns no readable count: every rank is taken to hold this rank's examples
-            world = torch.distributed.get_world_size() if self.distributed else 1
-            total = float(sum(sizes) * world)
-        else:
-            total = float(self._all_reduce(torch.tensor(float(sum(sizes)), dtype=torch.float64, device=self.device)))
+        total = float(examples_over_ranks(sum(sizes), self.cost_only, self.device) if self.distributed else sum(sizes))
         self.n_examples = round(total)
         self.weights = [s / float(total) for s in sizes]
         self._stack: contextlib.ExitStack | None = None

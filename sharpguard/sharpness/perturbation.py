@@ -37,6 +37,7 @@ from .._batches import LossFn
 from .._validation import one_of, positive
 from ..errors import ConfigurationError
 from .operator import ProbeLoss, has_fake_tensors, is_sharded
+from .sharded import ShardedHVPOperator, slice_generator
 from .. import _validation as rules
 
 Norm = Literal["l2", "linf"]
@@ -83,8 +84,6 @@ def _probe(model: nn.Module, batches: Any, loss_fn: LossFn | None, train: bool) 
     (:mod:`.sharded`): FSDP's own gradient, this rank's slice of every vector, norms summed over the ranks."""
     if not is_sharded(model):
         return ProbeLoss(model, batches, loss_fn, train=train)
-    from .sharded import ShardedHVPOperator
-
     return ShardedHVPOperator(model, batches, loss_fn, train=train, check_determinism=False, micro_batches=1)
 
 
@@ -148,7 +147,7 @@ def _ascent(probe: ProbeLoss, rho: float, steps: int, t: torch.Tensor | None, no
 def _settings(probe: ProbeLoss, **kw: Any) -> dict[str, Any]:
     # ``cost_only`` only on fake tensors: a real run's settings are as they were
     flag = {"cost_only": True} if probe.cost_only else {}
-    if getattr(probe, "supports_sharded", False):
+    if probe.supports_sharded:
         flag["sharded"] = True  # the sharded operator's probe: the numbers are the union's, on every rank
     return {**kw, "probe_examples": probe.n_examples, "probe_batches": len(probe.batches), **flag}
 
@@ -247,10 +246,9 @@ def average_sharpness(
     if not (eta >= 0 and math.isfinite(eta)):
         raise ConfigurationError(f"eta must be a non-negative number, got {eta!r}.")
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(int(seed))
     probe = _probe(model, batches, loss_fn, train)
-    if is_sharded(model):  # each rank draws its own slice of the noise (make_operator's rule)
-        generator.manual_seed(int(seed) * 1_000_003 + torch.distributed.get_rank())
+    # on a sharded model each rank draws its own slice of the noise
+    generator = slice_generator(seed) if probe.supports_sharded else torch.Generator().manual_seed(int(seed))
     with probe:
         t = _scale(probe, adaptive, eta)
         base = probe.loss()

@@ -38,7 +38,7 @@ from torch._subclasses.fake_tensor import is_fake
 from .._batches import LossFn, as_batches, batch_size, logits_of
 from .._state import side_effect_free
 from ..errors import ConfigurationError, NonFiniteLossError
-from .operator import HVPOperator, is_sharded
+from .operator import HVPOperator, examples_over_ranks, is_sharded
 from .. import _validation as rules
 
 __all__ = ["RelativeFlatnessResult", "relative_flatness", "penultimate_linear"]
@@ -101,21 +101,12 @@ def _resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> tuple[str
     return name, module
 
 
-def _examples_over_ranks(n: int, cost_only: bool, device: torch.device) -> int:
-    """The ranks' example counts summed (all ranks call this together); a cost-only run's fake collective
-    returns nothing to read, so every rank is taken to hold ``n``."""
-    if cost_only:
-        return n * torch.distributed.get_world_size()
-    count = torch.tensor([float(n)], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(count)
-    return round(float(count[0]))
-
-
-def _closed_form(model: nn.Module, module: nn.Module, batches: list[Any], sharded: bool = False) -> torch.Tensor | None:
-    """``Tr(H_{s,s'})`` from the softmax closed form, or ``None`` when it does not apply (the layer's output
-    is not the model's logits, its input is not ``(batch, features)``, or the batches are not tuples).
-    On fake tensors (no values to compare) a layer output of the logits' shape is taken to be the logits.
-    ``sharded`` (FSDP2, every rank its own batches): the sums and the example count over every rank's."""
+def _closed_form(model: nn.Module, module: nn.Module, batches: list[Any],
+                 sharded: bool = False) -> tuple[torch.Tensor, int] | None:
+    """``Tr(H_{s,s'})`` from the softmax closed form and the examples it is averaged over, or ``None`` when it
+    does not apply (the layer's output is not the model's logits, its input is not ``(batch, features)``, or the
+    batches are not tuples). On fake tensors (no values to compare) a layer output of the logits' shape is taken
+    to be the logits. ``sharded`` (FSDP2, every rank its own batches): the sums and the count over every rank's."""
     captured: dict[str, torch.Tensor] = {}
 
     def hook(_m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -155,10 +146,10 @@ def _closed_form(model: nn.Module, module: nn.Module, batches: list[Any], sharde
         handle.remove()
     if total is not None and sharded:  # the same structure on every rank: all ranks reach this together
         torch.distributed.all_reduce(total)
-        n = _examples_over_ranks(n, is_fake(total), total.device)
+        n = examples_over_ranks(n, is_fake(total), total.device)
     if total is None or (not is_fake(total) and not bool(torch.isfinite(total).all())):
         return None
-    return total / n
+    return total / n, n
 
 
 def _hvp_blocks(model: nn.Module, module: nn.Module, batches: list[Any],
@@ -204,29 +195,27 @@ def relative_flatness(
     if method not in ("auto", "closed_form", "hvp"):
         raise ConfigurationError(f"method must be 'auto', 'closed_form' or 'hvp', got {method!r}.")
     sharded = is_sharded(model)
-    if sharded and (method == "hvp" or loss_fn is not None):
-        # the exact path differentiates with respect to the layer's weight, which FSDP keeps out of autograd's reach
-        raise ConfigurationError(
-            "on a sharded (FSDP2) model relative_flatness takes the closed form only (the default cross-entropy, "
-            "(inputs, labels) batches and the logits' layer); measure an unsharded copy for another loss."
-        )
     name, module = _resolve_layer(model, layer)
     batch_list = as_batches(batches)
     weight = module.weight
     d_out, d_in = weight.shape
     start = time.perf_counter()
-    blocks = None
+    closed = None
     used = "closed_form"
     n_hvp = 0
     if method in ("auto", "closed_form") and loss_fn is None:
         with side_effect_free(model, train=False, parameters=False):
-            blocks = _closed_form(model, module, batch_list, sharded)
-    if blocks is None and sharded:
+            closed = _closed_form(model, module, batch_list, sharded)
+    if closed is None and sharded:
+        # the exact path differentiates with respect to the layer's weight, which FSDP keeps out of autograd's reach
         raise ConfigurationError(
-            "on a sharded (FSDP2) model relative_flatness takes the closed form only, which needs (inputs, labels) "
-            "batches and a layer whose output is the model's logits; measure an unsharded copy otherwise."
+            "on a sharded (FSDP2) model relative_flatness takes the closed form only: the default cross-entropy "
+            "(no loss_fn, method 'auto' or 'closed_form'), (inputs, labels) batches and a layer whose output is the "
+            "model's logits; measure an unsharded copy otherwise."
         )
-    if blocks is None:
+    if closed is not None:
+        blocks, n_examples = closed
+    else:
         if method == "closed_form":
             raise ConfigurationError(
                 "the closed form needs the default cross-entropy loss, (inputs, labels) batches and a layer whose "
@@ -242,6 +231,7 @@ def relative_flatness(
                                      "its curvature.")
         blocks, n_hvp = _hvp_blocks(model, module, batch_list, loss_fn)
         used = "hvp"
+        n_examples = sum(batch_size(b) for b in batch_list)
     # a sharded layer's weight is gathered whole on every rank (one layer: d_out x d_in)
     w = (weight.full_tensor() if hasattr(weight, "full_tensor") else weight).detach().double().cpu()
     gram = w @ w.T  # <w_s, w_s'>
@@ -252,9 +242,6 @@ def relative_flatness(
     neuronwise = math.nan if cost_only else float(neuronwise_t)
     if not cost_only and not (torch.isfinite(torch.tensor([value, neuronwise])).all()):
         raise NonFiniteLossError("relative flatness is not finite; check the model and the probe set for overflow.")
-    n_examples = sum(batch_size(b) for b in batch_list)
-    if sharded:  # every rank's examples (a fake process group has no count to read: the ranks are taken alike)
-        n_examples = _examples_over_ranks(n_examples, cost_only, weight.device)
     return RelativeFlatnessResult(
         value=value,
         neuronwise=neuronwise,

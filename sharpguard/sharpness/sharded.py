@@ -36,6 +36,12 @@ from .. import _validation as rules
 __all__ = ["ShardedHVPOperator", "is_sharded"]
 
 
+def slice_generator(seed: int) -> torch.Generator:
+    """The CPU generator this rank draws its slice of a random vector from: seeded by ``seed`` and the rank, so
+    the ranks' slices are independent draws and the whole vector one draw over the union of the parameters."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + torch.distributed.get_rank())
+
+
 class ShardedHVPOperator(HVPOperator):
     """``v -> H v`` on an FSDP2 model, ``v`` and ``H v`` as this rank's slices (see the module docs).
 

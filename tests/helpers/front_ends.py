@@ -51,8 +51,9 @@ def run_plain(optimizer: torch.optim.Optimizer, model: nn.Module, batches: Seque
 
 def run_lightning(model: nn.Module, make_optimizer: MakeOptimizer, loader: torch.utils.data.DataLoader,
                   callback: Any, accumulation: int = 1, *, loss_fn: LossFn = model_loss, max_steps: int = -1,
-                  max_epochs: int | None = None, plugins: list | None = None) -> None:
-    """A LightningModule whose ``training_step`` is ``loss_fn`` (Lightning divides by the accumulation)."""
+                  max_epochs: int | None = None, plugins: list | None = None) -> Any:
+    """A LightningModule whose ``training_step`` is ``loss_fn`` (Lightning divides by the accumulation);
+    returns the Trainer once it is done."""
     from sharpguard.integrations._lightning_namespace import pl
 
     class Lit(pl.LightningModule):
@@ -72,6 +73,7 @@ def run_lightning(model: nn.Module, make_optimizer: MakeOptimizer, loader: torch
         callbacks=[callback], plugins=plugins,
     )
     trainer.fit(Lit(), loader)
+    return trainer
 
 
 def run_hf(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: torch.utils.data.Dataset, tmp_path: Path,

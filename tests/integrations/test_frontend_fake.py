@@ -26,6 +26,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor
 
 from sharpguard.simulate import fake_tensors
+from tests.helpers import front_ends
 
 pytestmark = pytest.mark.usefixtures("_fresh_accelerate_state")
 
@@ -48,36 +49,14 @@ class _Batches:
 def _plain(model: nn.Module, opt: torch.optim.Optimizer, batches: list) -> None:
     from sharpguard.optim import make_sam
 
-    sam = make_sam(opt, "sam", rho=0.05)
-    for batch in batches:
-        def closure(batch=batch) -> torch.Tensor:
-            loss = model(**batch).loss
-            loss.backward()
-            return loss
-
-        sam.zero_grad()
-        sam.step(closure)
+    front_ends.run_plain(make_sam(opt, "sam", rho=0.05), model, batches, accumulation=1)
 
 
 def _lightning(model: nn.Module, opt: torch.optim.Optimizer, batches: list) -> None:
-    from sharpguard.integrations._lightning_namespace import pl
     from sharpguard.integrations.lightning import SharpnessAwareMinimization
 
-    class Lit(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = model
-
-        def training_step(self, batch, batch_idx):
-            return self.net(**batch).loss
-
-        def configure_optimizers(self):
-            return opt
-
-    trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[SharpnessAwareMinimization(rho=0.05)])
-    trainer.fit(Lit(), _Batches(batches))
+    trainer = front_ends.run_lightning(model, lambda net: opt, _Batches(batches),
+                                       SharpnessAwareMinimization(rho=0.05), max_steps=STEPS)
     assert trainer.global_step == STEPS
 
 
@@ -115,19 +94,7 @@ def _frames_into_torch(tb) -> int:
 
 
 def _accelerate(model: nn.Module, opt: torch.optim.Optimizer, batches: list) -> None:
-    from accelerate import Accelerator
-
-    from sharpguard.integrations.accelerate import SharpnessAwareMinimization
-
-    accelerator = Accelerator(cpu=True)
-    prepared, prepared_opt = accelerator.prepare(model, opt)
-    helper = SharpnessAwareMinimization(accelerator, prepared, prepared_opt, loss_fn=lambda m, b: m(**b).loss,
-                                        rho=0.05)
-    for batch in batches:
-        with accelerator.accumulate(prepared):
-            helper.backward(batch)
-            prepared_opt.step()
-            prepared_opt.zero_grad()
+    front_ends.run_accelerate(model, opt, _Batches(batches), {"rho": 0.05})  # prepare() passes the iterable on
 
 
 FRONT_ENDS = {"plain": _plain, "lightning": _lightning, "huggingface": _huggingface, "accelerate": _accelerate}
