@@ -16,10 +16,8 @@ spawned where the shards must really be split):
 from __future__ import annotations
 
 import copy
-import datetime
 import io
 import math
-import socket
 import warnings
 
 import pytest
@@ -31,6 +29,7 @@ from torch import nn
 
 from sharpguard.errors import ConfigurationError
 from sharpguard.optim import SAMConfig, SAMEngine
+from tests.helpers.distributed import free_port, process_group
 
 LR = 0.1
 STEPS, RESUME_AT = 6, 3
@@ -495,19 +494,12 @@ def test_accelerate_helper_state_round_trips_the_sharded_engine(mesh):
 
 
 # ------------------------------------------------------------------------------- two ranks: real shards
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_rank_worker(rank: int, port: int, world: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                           timeout=datetime.timedelta(seconds=120))
-    try:
+    # the shared helper: its exit frees what holds the group and meets at a barrier before destroying it (a
+    # rank tearing gloo down at interpreter exit while the other still talks can die with SIGABRT)
+    with process_group(rank, world, port):
         mesh = init_device_mesh("cpu", (world,))
         results = {}
         for case in CASES:
@@ -542,16 +534,13 @@ def _two_rank_worker(rank: int, port: int, world: int, out: str) -> None:
             own = flat.sharpguard_state_dict()
         results["flat"] = {"buffers": own["buffers"], "step": own["step"], "said": [str(w.message) for w in said]}
         torch.save(results, f"{out}/rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.distributed
 def test_two_ranks_resume_from_rank_zeros_checkpoint_equals_never_stopping(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_two_rank_worker, args=(_free_port(), 2, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_two_rank_worker, args=(free_port(), 2, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         flat = results.pop("flat")
