@@ -29,7 +29,6 @@ from torch import nn
 
 from sharpguard.errors import ConfigurationError
 from sharpguard.optim import SAMConfig, SAMEngine
-from tests.helpers.distributed import free_port, process_group
 
 LR = 0.1
 STEPS, RESUME_AT = 6, 3
@@ -497,6 +496,9 @@ def test_accelerate_helper_state_round_trips_the_sharded_engine(mesh):
 def _two_rank_worker(rank: int, port: int, world: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
+    # imported here: this file also runs as a torchrun script (below), where `tests` is not importable
+    from tests.helpers.distributed import process_group
+
     # the shared helper: its exit frees what holds the group and meets at a barrier before destroying it (a
     # rank tearing gloo down at interpreter exit while the other still talks can die with SIGABRT)
     with process_group(rank, world, port):
@@ -539,6 +541,8 @@ def _two_rank_worker(rank: int, port: int, world: int, out: str) -> None:
 @pytest.mark.distributed
 def test_two_ranks_resume_from_rank_zeros_checkpoint_equals_never_stopping(tmp_path):
     import torch.multiprocessing as mp
+
+    from tests.helpers.distributed import free_port
 
     mp.spawn(_two_rank_worker, args=(free_port(), 2, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
