@@ -95,6 +95,36 @@ def preserve_sharding(model: nn.Module) -> Iterator[None]:
                 module.reshard()
 
 
+@contextlib.contextmanager
+def held_gathered(model: nn.Module) -> Iterator[None]:
+    """Every FSDP2 module's parameters gathered on entry and held through the body's forwards and backwards,
+    then sharded again as :func:`preserve_sharding` finds them: for a double backward, whose second pass reads
+    the weights FSDP2 frees once the first is done (its hooks gather them for a first backward only). Holds
+    the whole model's parameters on every rank while the body runs; changes nothing for an unsharded model."""
+    modules = fsdp2_modules(model)
+    if not modules:
+        yield
+        return
+    states = {id(s): s for s in (module._get_fsdp_state() for module in modules)}.values()
+    saved = [(group, group.post_forward_mesh_info, group.reshard_after_backward)
+             for state in states for group in state._fsdp_param_groups]
+    with preserve_sharding(model):
+        try:
+            for group, _, _ in saved:  # FSDP2's own switches (set_reshard_after_forward/_backward), set per group
+                group.post_forward_mesh_info = None
+                group.reshard_after_backward = False
+            for module in modules:
+                module.unshard()
+            yield
+        finally:
+            for group, mesh_info, after_backward in saved:
+                group.post_forward_mesh_info, group.reshard_after_backward = mesh_info, after_backward
+            for state in states:  # a root first run in the body: FSDP2 keeps a root gathered after its forward
+                if state._is_root and state._auto_reshard_after_forward:
+                    for group in state._fsdp_param_groups:
+                        group.post_forward_mesh_info = None
+
+
 def fsdp2_modules(model: nn.Module) -> list[nn.Module]:
     """The FSDP2 (``fully_shard``) modules of ``model``, itself included; none where torch has no FSDP2."""
     try:

@@ -32,7 +32,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
 from .._batches import as_batches, logits_of
-from .._state import side_effect_free
+from .._state import held_gathered, side_effect_free
 from ..attacks import pgd
 from ..attacks._context import check_labels
 from ..attacks.losses import resolve_loss
@@ -87,15 +87,15 @@ class InputCurvature:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def _refuse_sharded(model: nn.Module, what: str) -> None:
-    """The input Hessian differentiates twice through the weights; FSDP2 frees the weights it gathered once
-    the first backward is done, so the second one would read freed storage (torch's "setStorage ... out of
-    bounds" error on a real sharded model; fake tensors, which have no storage, do not show it)."""
-    if is_sharded(model):
-        raise ConfigurationError(
-            f"{what} does not measure sharded (FSDP2) models: its input-Hessian products differentiate twice "
-            "through weights FSDP frees after each backward; measure an unsharded copy of the model."
-        )
+def _union(sharded: bool, cost_only: bool, *per_example: list[float]) -> tuple[list[float], ...]:
+    """Per-example values over every rank's examples (rank order), where ``sharded``: each rank of an FSDP2 model
+    measures its own probe batches, and a measure reports the union, as the weight-space measures do. A
+    cost-only run reads nothing, so its (NaN) values stay this rank's."""
+    if not sharded or cost_only:
+        return per_example
+    ranks: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(ranks, per_example)
+    return tuple([v for rank in ranks for v in rank[i]] for i in range(len(per_example)))
 
 
 def _input_eigs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, tol: float, max_iter: int,
@@ -162,23 +162,29 @@ def input_hessian_eigenvalue(
     that is nearly linear around its data, so small values. Lanczos (:func:`~sharpguard.sharpness.lanczos.lanczos`)
     on exact input Hessian-vector products (double backward through the input only), ``max_iter``
     products per example at most. ``loss``: an attack objective name (``"ce"``, ``"margin"``, ...).
+    On a sharded (FSDP2) model every rank measures its own probe batches with the whole model gathered for
+    the call (the second backward reads the weights FSDP2 would free after the first: the unsharded
+    parameters' bytes on every rank while it runs), and every rank returns the values over all ranks' examples;
+    ``n_hvp`` counts this rank's products.
     """
     if not (isinstance(n_examples, int) and n_examples >= 1):
         raise ConfigurationError(f"n_examples must be a positive integer, got {n_examples!r}.")
     if not (tol > 0 and math.isfinite(tol)) or not (isinstance(max_iter, int) and max_iter >= 1):
         raise ConfigurationError(f"tol must be positive and max_iter a positive integer, got {tol!r} and {max_iter!r}.")
-    _refuse_sharded(model, "input_hessian_eigenvalue")
     x, y = _xy(batches)
     x, y = x[:n_examples], y[:n_examples]
+    sharded, cost_only = is_sharded(model), is_fake(x)
     start = time.perf_counter()
-    with side_effect_free(model, train=False, parameters=False), torch.inference_mode(False), torch.enable_grad():
+    with side_effect_free(model, train=False, parameters=False), held_gathered(model), \
+            torch.inference_mode(False), torch.enable_grad():
         values, n_hvp, converged = _input_eigs(model, x, y, loss, tol, max_iter, seed)
+    values, flags = _union(sharded, cost_only, values, [float(converged)])
     mean, median, top = _summary(values)
     return InputCurvature(
         mean=mean, median=median, max=top, values=values, n_examples=len(values), n_hvp=n_hvp,
-        converged=converged / len(values), seconds=time.perf_counter() - start,
+        converged=sum(flags) / len(values), seconds=time.perf_counter() - start,
         settings={"n_examples": n_examples, "loss": loss, "tol": tol, "max_iter": max_iter, "seed": seed,
-                  **({"cost_only": True} if is_fake(x) else {})},
+                  **({"sharded": True} if sharded else {}), **({"cost_only": True} if cost_only else {})},
     )
 
 
@@ -285,13 +291,15 @@ def adversarial_geometry(
 
     Walter et al. (ICLR 2026) find adversarial examples in large flat regions where the model is confidently
     wrong: there ``adv_confidence_fooled`` is high and ``adv_curvature`` low. One PGD run, one forward and
-    backward per input set, and Lanczos on ``n_curvature`` examples of each.
+    backward per input set, and Lanczos on ``n_curvature`` examples of each. On a sharded (FSDP2) model every
+    rank attacks and measures its own probe batches with the whole model gathered for the call (as
+    :func:`input_hessian_eigenvalue`), and every rank returns the figures over all ranks' examples.
     """
-    _refuse_sharded(model, "adversarial_geometry")
     attack = _pgd_attack(eps, alpha, attack_steps, norm, seed, bounds)
     x, y = _xy(batches)
     start = time.perf_counter()
-    with side_effect_free(model, train=False, parameters=False), torch.inference_mode(False), torch.enable_grad():
+    with side_effect_free(model, train=False, parameters=False), held_gathered(model), \
+            torch.inference_mode(False), torch.enable_grad():
         x_adv = attack(model, x, y)
         clean_conf, _, clean_g = _confidence_and_grad(model, x, y)
         adv_conf, adv_pred, adv_g = _confidence_and_grad(model, x_adv, y)
@@ -310,6 +318,11 @@ def adversarial_geometry(
             settings={"eps": eps, "attack_steps": attack_steps, "norm": norm, "n_curvature": k, "seed": seed,
                       "cost_only": True},
         )
+    # one host copy of each per-example figure, over every rank's examples where the model is sharded
+    per_example = [t.detach().double().cpu().tolist() for t in (fooled, clean_conf, adv_conf, clean_g, adv_g)]
+    union = _union(is_sharded(model), False, *per_example, clean_curv, adv_curv)
+    fooled, clean_conf, adv_conf, clean_g, adv_g = (torch.tensor(v, dtype=torch.float64) for v in union[:5])
+    fooled = fooled.bool()
     return AdversarialGeometry(
         fooled=float(fooled.double().mean()),
         clean_confidence=float(clean_conf.mean()),
@@ -317,9 +330,10 @@ def adversarial_geometry(
         adv_confidence_fooled=float(adv_conf[fooled].mean()) if bool(fooled.any()) else None,
         clean_grad_norm=float(clean_g.mean()),
         adv_grad_norm=float(adv_g.mean()),
-        clean_curvature=_summary(clean_curv)[0],
-        adv_curvature=_summary(adv_curv)[0],
-        n_examples=int(x.shape[0]),
+        clean_curvature=_summary(union[5])[0],
+        adv_curvature=_summary(union[6])[0],
+        n_examples=len(union[0]),
         seconds=time.perf_counter() - start,
-        settings={"eps": eps, "attack_steps": attack_steps, "norm": norm, "n_curvature": k, "seed": seed},
+        settings={"eps": eps, "attack_steps": attack_steps, "norm": norm, "n_curvature": k, "seed": seed,
+                  **({"sharded": True} if is_sharded(model) else {})},
     )

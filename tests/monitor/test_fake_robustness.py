@@ -258,33 +258,35 @@ def test_the_simulated_profile_of_the_default_check_has_memory_and_flops():
 def test_the_robustness_monitor_runs_on_fsdp2_over_a_fake_world_of_8_and_leaves_it_as_sharded_as_it_was():
     """Every robustness measure on a ViT under ``fully_shard`` (each block and the root) over a fake process
     group of 8: a cost-only run, and the parameters are this rank's shards again afterwards; the input
-    curvature ones refuse a sharded model in one sentence (on a real one they would read freed weights). The attacks'
+    curvature ones hold the whole model gathered through their double backward (on a real one the second backward
+    would read freed weights), which FSDP2's tracker counts as unsharded parameters. The attacks'
     forwards gather the root's parameters and no backward through the weights reshards them (FSDP2's root keeps
     them after its forward), so the monitor's guard does; a root the caller had gathered stays gathered."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from sharpguard.simulate import fake_process_group, fake_tensors
+    from sharpguard.simulate import fake_process_group, fake_tensors, profile_step
 
     with fake_process_group(8) as mesh, fake_tensors():
         model = _fake_vit()
         for layer in model.inner.vit.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        # every measure but the input curvature ones (refused below: FSDP frees the weights their second
-        # backward reads)
-        curvature = {"input_curvature", "adv_confidence", "adv_input_curvature"}
-        rest = tuple(m for m in RobustnessMonitor.MEASURES if m not in curvature)
         monitors = [RobustnessMonitor(probe=_batches(), alerts=None),
-                    RobustnessMonitor(rest, probe=_batches(1, rows=2), alerts=None, steps=2, restarts=2)]
+                    RobustnessMonitor(RobustnessMonitor.MEASURES, probe=_batches(1, rows=2), alerts=None, steps=2,
+                                      restarts=2)]
         for monitor in monitors:
             metrics, settings = monitor.measure(model, with_settings=True)
             assert all(math.isnan(v) and settings[k]["cost_only"] for k, v in metrics.items()), metrics
             assert all(isinstance(p, DTensor) for p in model.parameters())
-        for name in sorted(curvature):
-            with pytest.raises(ConfigurationError, match="does not measure sharded"):
-                RobustnessMonitor((name,), probe=_batches(1, rows=2), alerts=None, steps=2).measure(model)
-            assert all(isinstance(p, DTensor) for p in model.parameters())
+        assert {"robustness/input_curvature", "robustness/adv_input_curvature"} <= set(metrics)
+        # the input curvature's cost: every block's weights gathered at once, the whole model on this rank
+        prof = profile_step(lambda: input_hessian_eigenvalue(model, _batches(1, rows=2), max_iter=2), model=model)
+        # (DTensors: the global sizes; FSDP2 pads each parameter's rows to a multiple of the world size)
+        whole = sum(-(-p.shape[0] // 8) * 8 * p[0].numel() * p.element_size() if p.dim() else p.element_size()
+                    for p in model.parameters())
+        assert prof.memory.peak_by_category["unsharded_parameters"] == whole
+        assert all(isinstance(p, DTensor) for p in model.parameters())
         # relative flatness's closed form: the classifier's whole weight, the blocks summed over the ranks
         flat = relative_flatness(model, _batches(1, rows=2))
         assert math.isnan(flat.value) and flat.settings["cost_only"] and flat.n_examples == 8 * 2

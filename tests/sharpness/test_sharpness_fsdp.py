@@ -5,8 +5,10 @@ give the top eigenvalues of the exact dense Hessian of the probe loss over the u
 batches (computed on an unsharded copy in float64), with the Krylov vectors held as slices; eos_ratio the
 same for SGD and, from the sharded Adam state, the unsharded preconditioned value; Hutch++ the exact trace
 when its sketch spans every direction; the spectral density's nodes the extreme eigenvalues; the
-weight-perturbation measures the unsharded model's values on the union of the batches. Measures
-that cannot reach sharded parameters refuse them instead of reporting a zero curvature.
+weight-perturbation measures the unsharded model's values on the union of the batches; the input-space
+curvature and adversarial geometry (the model held gathered through their double backward) the unsharded
+model's on the union of the examples. Measures that cannot reach sharded parameters refuse them instead of
+reporting a zero curvature.
 """
 
 from __future__ import annotations
@@ -76,6 +78,12 @@ def perturbation_measures(net: nn.Module, batch) -> dict:
 
 #: a short robust-sharpness run on unbounded inputs
 ROBUST = {"eps": 0.1, "attack_steps": 3, "steps": 2, "bounds": None}
+#: a short adversarial-geometry run on unbounded inputs, with the input curvature at 8 examples of each set
+GEOMETRY = {"eps": 0.1, "attack_steps": 3, "bounds": None, "n_curvature": 8}
+
+
+def _figures(geometry) -> dict:
+    return {k: v for k, v in vars(geometry).items() if k not in ("seconds", "settings")}
 
 
 def full_directions() -> list[torch.Tensor]:
@@ -174,13 +182,19 @@ def _worker(rank, port, world, out):
         # the robust loss (PGD examples at every weight the ascent visits), both ranks on rank 0's batch
         robust = robust_sharpness(net, rank_batch(0), **ROBUST)
         out[f"robust{rank}"] = (robust.value, robust.loss, robust.settings.get("sharded"))
-        # input-space curvature differentiates twice through weights FSDP frees after a backward: refused
-        from sharpguard.sharpness import input_hessian_eigenvalue
+        # input-space curvature: its second backward reads weights FSDP frees after a backward, so the call
+        # holds them gathered; every rank returns the union's values and the shards are as they were after it
+        from torch.distributed.tensor import DTensor
 
-        try:
-            input_hessian_eigenvalue(net, batch)
-        except ConfigurationError as exc:
-            out[f"input{rank}"] = str(exc)
+        from sharpguard.sharpness import adversarial_geometry, input_hessian_eigenvalue
+
+        curvature = input_hessian_eigenvalue(net, batch, tol=1e-10)
+        geometry = adversarial_geometry(net, rank_batch(0), **GEOMETRY)
+        resharded = all(isinstance(p, DTensor) and torch.equal(a, p.to_local()) and p.grad is None
+                        for a, p in zip(before, net.parameters()))
+        out[f"input{rank}"] = (sorted(curvature.values), curvature.n_examples, curvature.converged,
+                               curvature.settings.get("sharded"), _figures(geometry), geometry.settings.get("sharded"),
+                               resharded)
         along_gradient = directional_curvature(net, batch)
         adam = adam_step(net, batch, scale=len(batch[1]) / N_TOTAL * world)
         r = eos_ratio(net, batch, adam, tol=1e-9, max_iter=80)
@@ -211,7 +225,18 @@ def test_lambda_max_of_an_fsdp2_model_is_the_dense_hessians_of_the_union():
     assert r0["density"] == r1["density"] and weight_sums == pytest.approx([1.0, 1.0], abs=1e-12)
     for run in nodes:  # the extreme Ritz values of a full Krylov space are the Hessian's extremes
         assert max(run) == pytest.approx(expected[0], rel=1e-6) and min(run) == pytest.approx(expected[-1], rel=1e-5)
-    assert len(r0["refused"]) == 2 and "input_hessian_eigenvalue does not measure sharded" in out["input0"]
+    assert len(r0["refused"]) == 2
+    # the input curvature of every example of both ranks, as the unsharded model's on the union (a 5-dim input:
+    # Lanczos spans it); adversarial geometry with both ranks on rank 0's batch, whose attack starts are then
+    # the unsharded run's: the same figures over twice the examples
+    from sharpguard.sharpness import adversarial_geometry, input_hessian_eigenvalue
+
+    curvature = input_hessian_eigenvalue(make_net(), union_batch(), tol=1e-10)
+    geometry = _figures(adversarial_geometry(make_net(), rank_batch(0), **GEOMETRY))
+    values, n, converged, sharded, figures, geometry_sharded, resharded = out["input0"]
+    assert out["input0"] == out["input1"] and n == N_TOTAL and converged == 1.0 and sharded and geometry_sharded
+    assert values == pytest.approx(sorted(curvature.values), rel=1e-9) and resharded
+    assert figures.pop("n_examples") == 2 * geometry.pop("n_examples") and figures == pytest.approx(geometry, rel=1e-12)
     assert "closed form only" in r0["refused"][0]
     # relative flatness (closed form): the layer's whole weight, the Hessian blocks over the union's examples
     from sharpguard.sharpness import relative_flatness
