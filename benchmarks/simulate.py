@@ -640,11 +640,9 @@ def table(raw: dict[str, Any]) -> str:
         "accelerator; the meta device stands for the host, and every peak is the model's device's. A check passes "
         "its target when its peak is within 1 KiB of the step's (a check's scalars: `SCALAR_SLACK_BYTES`). Rows "
         "`from 1- and 2-block runs` are fitted linearly in the depth. A check row is the cost-only run of its "
-        "`products`; a real check also runs its determinism check (the first product applied twice), measured on "
-        "fake tensors (tests/sharpness/test_simulation_against_cpu.py) at exactly one product's FLOPs more and, "
-        "with the basis in host memory (`_host` rows), not a byte more on the device; with the basis on the device "
-        "a trace check holds one model-size vector more while it runs (+1.00 in `extra peak / param bytes`), and "
-        "a lambda_max check's peak is unchanged. "
+        "`products`, the default determinism check's second product (the first product applied again) counted "
+        "among them, as a real check runs them: only the comparison, which reads values, is left out "
+        "(tests/sharpness/test_simulation_against_cpu.py). "
         "Raw: `benchmarks/simulate_raw.json`. Run: `python benchmarks/simulate.py`.",
         "",
     ]
@@ -1122,9 +1120,11 @@ def main() -> None:
         for item in todo:
             name, mode = item.split(":")
             print(f"{name} ({mode})", flush=True)
-            old_rows = dict(raw.get(item, {}).get("rows", {})) if wanted is not None else {}
+            # a part (--rows) merges into the rows on file when it saves, which another run filling other rows
+            # of the same model may have written since this one started; a whole run replaces them
+            old_rows = None if wanted is not None else {}
 
-            def save(entry: dict[str, Any], item: str = item, old_rows: dict[str, Any] = old_rows) -> None:
+            def save(entry: dict[str, Any], item: str = item, old_rows: dict[str, Any] | None = old_rows) -> None:
                 # after every row: a long run killed part-way keeps what it measured
                 _save_rows(item, entry, raw, old_rows)
 

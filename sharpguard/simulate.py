@@ -233,7 +233,7 @@ def profile_step(
         tracker = _tracker_class()()
         tracker.track_external(model, *optimizers, *tensors)
     counter = flop_counter() if count_flops else contextlib.nullcontext()
-    with tracker:
+    with _module_pops_holding_no_graph(), tracker:
         start_total, _ = _by_category(tracker.get_tracker_snapshot("current"), device)
         with counter:
             fn()
@@ -251,6 +251,32 @@ def profile_step(
         flops=flops,
         flops_by_operator=by_op,
     )
+
+
+@contextlib.contextmanager
+def _module_pops_holding_no_graph() -> Iterator[None]:
+    """Trackers whose module pops in backward keep no gradient graph alive.
+
+    torch's ``ModTracker`` (under ``MemTracker`` and ``FSDPMemTracker``) pops a module in backward through
+    ``register_multi_grad_hook(inputs, fn, mode="all")``, whose hooks hold the inputs' autograd nodes: a cycle
+    through C++ that Python's collector cannot see. A graph kept for reuse (``retain_graph=True``: a cached
+    Hessian-vector product's gradient graph) is then never freed while the tracker runs, and the tracker counts
+    its saved tensors to the end of the call, above what the same run allocates (a second cached graph built
+    after the first is dropped counted both). Mode ``"any"`` holds no node. The categories and the peaks depend
+    on whether a backward is running, not on when a module is popped in it, so only the per-module backward
+    attribution, which nothing here reports, moves (a module leaves the stack at its first input gradient)."""
+    from torch.distributed._tools import mod_tracker
+
+    original = mod_tracker.register_multi_grad_hook
+
+    def first_gradient(tensors: Any, fn: Callable[..., Any], *, mode: str = "all") -> Any:
+        return original(tensors, fn, mode="any")
+
+    mod_tracker.register_multi_grad_hook = first_gradient
+    try:
+        yield
+    finally:
+        mod_tracker.register_multi_grad_hook = original
 
 
 class _WholeCall:

@@ -114,6 +114,7 @@ def estimate_check_cost(
     micro_batches: int = 1,
     probe_batches: int = 1,
     basis_on_device: bool = True,
+    check_determinism: bool = True,
 ) -> CheckCost:
     """Extra peak memory and time of ``hessian_eigenvalues(k=1)`` with ``n_hvp`` products.
 
@@ -125,7 +126,8 @@ def estimate_check_cost(
         step_seconds: one training step's wall time; a product costs ``HVP_PASSES[hvp]`` of its
             forward+backward (taken as the whole step, which slightly overstates the check's time).
         hvp: ``"autograd"`` (exact, double backward) or ``"finite_difference"``.
-        n_hvp: products per check (the monitor's default cap is 20; a warm start needs a few).
+        n_hvp: products per check, the determinism check's second product included, as a result's ``n_hvp``
+            counts them (the monitor's default cap is 20; a warm start needs a few).
         max_basis: the Lanczos basis cap (``hessian_eigenvalues(max_basis=...)``).
         dtype_bytes: bytes per parameter (4 for float32; Krylov vectors are never below float32).
         optimizer_state_vectors: model-size state vectors of the optimizer (Adam 2, SGD momentum 1).
@@ -135,6 +137,8 @@ def estimate_check_cost(
             the gradient graph is cached and a product costs ``HVP_PASSES_CACHED`` passes.
         basis_on_device: whether the Lanczos basis shares the device (``basis_device="auto"`` keeps it in
             host memory on an accelerator: then one of its rows is on the device at a time).
+        check_determinism: the check's determinism check (on by default): on a cached graph its second product
+            builds the graph afresh, one forward and backward more.
     """
     from ..errors import ConfigurationError
 
@@ -164,9 +168,10 @@ def estimate_check_cost(
         basis_bytes=basis,
         n_hvp=n_hvp,
         hvp=hvp,
-        # a cached graph is built once (a forward and a backward), then every product is one double backward
+        # a cached graph is built once (a forward and a backward), then every product is one double backward;
+        # the determinism check's second product builds it again (a cached graph would hide randomness)
         flops_over_step=n_hvp * batches * check_flops_per_hvp(hvp, micro_batches=micro, probe_batches=batches)
-        + (1.0 if cached else 0.0),
+        + ((1.0 + float(rules.flag("check_determinism", check_determinism))) if cached else 0.0),
     )
 
 
@@ -189,6 +194,10 @@ MONITOR_VECTORS = 1
 #: Hutch++ keeps its sketch's ``s`` columns (``n_hvp // 3``) and 3 more vectors: ``Q``'s column, the product
 #: and the probe (trace.py)
 HUTCHPP_VECTORS = 3
+#: the determinism check (on by default) holds the first product's result through its second product
+#: (operator.py, ``HVPOperator.matvec``): one vector more during a Hutch++ check's first product, its peak with
+#: the vectors on the device; a Lanczos check's basis is still short then
+DETERMINISM_VECTORS = 1
 #: an exact product's double-backward graph, live, over what the forward saves for backward under the math
 #: attention kernel (``ProductPlan.saved_math_bytes``): simulated on GPT-2's uncached whole-batch product
 #: (benchmarks/simulate.py, ``hvp_exact``; docs/cost_model.md, "Live memory")
@@ -297,17 +306,20 @@ def _device_vectors(hvp: str, measure: str, *, basis_on_device: bool = True, sev
     ``EXACT_PRODUCT_VECTORS``, and with the basis on the device the rows a product runs beside - Lanczos holds
     at most ``max_basis`` rows during a product (the next row is the product's result, stored after it) and its
     vector in is the last of them, not the copy a host basis makes (lanczos.py, ``Lanczos.step``):
-    ``max_basis - 1`` more, and a monitor's warm start; Hutch++ its sketch's ``n_hvp // 3`` products
+    ``max_basis - 1`` more, and a monitor's warm start; Hutch++ its sketch's ``n_hvp // 3`` products. With its
+    vectors on the device a Hutch++ check also holds ``DETERMINISM_VECTORS`` through the determinism check
     (tests/sharpness/test_simulated_scale.py; docs/cost_model.md, "Live memory")."""
     monitor = MONITOR_VECTORS if measure == "monitor" else 0
     if hvp == "autograd":
         if not basis_on_device:
             return EXACT_PRODUCT_VECTORS
-        return EXACT_PRODUCT_VECTORS + (n_hvp // 3 if measure == "trace" else max_basis - 1 + monitor)
+        if measure == "trace":
+            return EXACT_PRODUCT_VECTORS + n_hvp // 3 + DETERMINISM_VECTORS
+        return EXACT_PRODUCT_VECTORS + max_basis - 1 + monitor
     if not basis_on_device:
         return 0
     if measure == "trace":
-        return n_hvp // 3 + HUTCHPP_VECTORS + int(several_slices)
+        return n_hvp // 3 + HUTCHPP_VECTORS + int(several_slices) + DETERMINISM_VECTORS
     return max_basis + 1 + FD_RESIDENT_VECTORS + int(several_slices) + monitor
 
 

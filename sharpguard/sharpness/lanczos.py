@@ -590,9 +590,9 @@ def hessian_eigenvalues(
     ``fixed_products=n`` runs exactly ``n`` products whatever the convergence (plus the determinism
     check's one). On fake tensors (a model built under ``FakeTensorMode``, FSDP2 on a fake process group)
     nothing can be read back, so the call is a cost-only run: every operation of a check runs, no
-    eigenvalue is claimed (NaN; ``cost_only=True``), the determinism check is off and ``n_hvp`` is
-    exactly ``fixed_products``, by default ``min(max_iter, max_basis + 1)`` - enough to fill the basis
-    and restart it once, the check's memory peak. On a sharded (FSDP2) model every rank calls
+    eigenvalue is claimed (NaN; ``cost_only=True``), the determinism check runs its second product but
+    compares nothing, and ``n_hvp`` is ``fixed_products`` (by default ``min(max_iter, max_basis + 1)``,
+    enough to fill the basis and restart it once, the check's memory peak) plus that product. On a sharded (FSDP2) model every rank calls
     this with its own probe batches (the same number on every rank): the products are finite differences
     of FSDP's gradients and the vectors (``eigenvectors``, ``init``) are this rank's slices
     (:mod:`sharpguard.sharpness.sharded`). The model is left exactly

@@ -433,8 +433,9 @@ class HVPOperator(ProbeLoss):
             self.host_device = None
         self.method: str | None = "finite_difference" if hvp == "finite_difference" else None
         self._kernel: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-        # the determinism check compares two products' values: not in a cost-only run (nothing is read)
-        self._unchecked = bool(check_determinism) and not self.cost_only
+        # a cost-only run takes the determinism check's second product too (its cost is the real check's)
+        # and leaves out only the comparison, which reads values
+        self._unchecked = bool(check_determinism)
         # The least precise parameter dtype sets both the finite-difference step and the tolerance of
         # the determinism check (sqrt(eps): GPU atomics reorder sums, dropout changes the product O(1)).
         eps_mach = max(torch.finfo(p.dtype).eps for p in self.params)

@@ -134,7 +134,8 @@ def hessian_trace(
     (``"auto"``: host memory when the model is on an accelerator; see
     :func:`~sharpguard.sharpness.lanczos.resolve_basis_device`). On fake tensors (``FakeTensorMode``)
     the call is a cost-only run: the same ``n_hvp`` products and vector work, no value read (``trace``,
-    ``stderr`` and ``samples`` are NaN, ``settings["cost_only"]`` is True, no determinism check).
+    ``stderr`` and ``samples`` are NaN, ``settings["cost_only"]`` is True; the determinism check's second
+    product runs, its comparison does not).
     """
     if method not in ("hutch++", "hutchinson"):
         raise ConfigurationError(f"method must be 'hutch++' or 'hutchinson', got {method!r}.")

@@ -55,26 +55,27 @@ def test_every_hvp_measure_is_a_cost_only_run_on_fake_tensors():
         assert all(is_fake(p) for p in model.parameters())
         eig = hessian_eigenvalues(model, batch)
         # nothing can converge when nothing is read: the stated default count, enough to fill the basis
-        # (max_basis 5) and restart it once
-        assert eig.cost_only and eig.settings["fixed_products"] == 6 and eig.n_hvp == 6
+        # (max_basis 5) and restart it once, and, as in a real run, the determinism check's second product
+        assert eig.cost_only and eig.settings["fixed_products"] == 6 and eig.n_hvp == 6 + 1
         assert eig.basis_vectors == 6 and eig.n_restarts == 1
         assert math.isnan(eig.lambda_max) and math.isnan(eig.residuals[0]) and not eig.converged
-        assert hessian_eigenvalues(model, batch, fixed_products=3).n_hvp == 3
+        assert hessian_eigenvalues(model, batch, fixed_products=3).n_hvp == 3 + 1
+        assert hessian_eigenvalues(model, batch, fixed_products=3, check_determinism=False).n_hvp == 3
         both = hessian_eigenvalues(model, batch, which="both", fixed_products=4)
-        assert both.n_hvp == 4 and len(both.eigenvalues) == 2
+        assert both.n_hvp == 4 + 1 and len(both.eigenvalues) == 2
         tr = hessian_trace(model, batch, n_hvp=6)
-        assert tr.n_hvp == 6 and tr.settings["cost_only"] and math.isnan(tr.trace)
-        assert hessian_trace(model, batch, method="hutchinson", n_hvp=2).n_hvp == 2
+        assert tr.n_hvp == 6 + 1 and tr.settings["cost_only"] and math.isnan(tr.trace)
+        assert hessian_trace(model, batch, method="hutchinson", n_hvp=2).n_hvp == 2 + 1
         slq = spectral_density(model, batch, n_iter=3, n_v=2)
-        assert slq.n_hvp == 6 and slq.settings["cost_only"]
+        assert slq.n_hvp == 6 + 1 and slq.settings["cost_only"]
         d = directional_curvature(model, batch)
-        assert d.n_hvp == 1 and math.isnan(d.value)
+        assert d.n_hvp == 1 + 1 and math.isnan(d.value)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         model(**batch).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         eos = eos_ratio(model, batch, opt, fixed_products=4)
-        assert eos.n_hvp == 4 and math.isnan(eos.ratio) and eos.settings["cost_only"]
+        assert eos.n_hvp == 4 + 1 and math.isnan(eos.ratio) and eos.settings["cost_only"]
         # bad input is still refused with its sentence
         with pytest.raises(ConfigurationError, match="fixed_products"):
             hessian_eigenvalues(model, batch, fixed_products=0)
@@ -141,22 +142,22 @@ def test_checks_run_on_fsdp2_over_a_fake_world_of_8(fake_world):
         fully_shard(model, mesh=fake_world)
         batch = {k: torch.randint(0, VOCAB, v.shape) for k, v in _batch().items()}
         eig = hessian_eigenvalues(model, batch)
-        assert eig.cost_only and eig.settings["sharded"] and eig.n_hvp == 6
+        assert eig.cost_only and eig.settings["sharded"] and eig.n_hvp == 6 + 1  # + the determinism product
         assert eig.hvp_method == "finite_difference"  # FSDP's gradients, differenced
         assert eig.settings["probe_examples"] == 8 * 4  # every rank taken to hold this rank's examples
         local = sum(p.to_local().numel() for p in model.parameters())
         assert eig.settings["n_params"] == 8 * local
         tr = hessian_trace(model, batch, n_hvp=3)
-        assert tr.n_hvp == 3 and tr.settings["sharded"]
+        assert tr.n_hvp == 3 + 1 and tr.settings["sharded"]
         density = spectral_density(model, batch, n_iter=4, n_v=2)
-        assert density.n_hvp == 8 and density.hvp_method == "finite_difference"
+        assert density.n_hvp == 8 + 1 and density.hvp_method == "finite_difference"
         assert all(math.isnan(t) for run in density.nodes for t in run.tolist())
         # the weight-perturbation measures: FSDP's gradients, a fixed number of passes, nothing read
         for result in (worst_case_sharpness(model, batch, steps=2), average_sharpness(model, batch, n_samples=2),
                        first_order_sharpness(model, batch), keskar_sharpness(model, batch, max_iter=2)):
             assert math.isnan(result.value) and result.settings["cost_only"] and result.settings["sharded"]
         along = directional_curvature(model, batch)
-        assert math.isnan(along.value) and along.settings["sharded"] and along.n_hvp == 1
+        assert math.isnan(along.value) and along.settings["sharded"] and along.n_hvp == 1 + 1
         line = loss_slice_1d(model, batch, n_points=3)
         assert line.settings["sharded"] and all(math.isnan(v) for v in line.losses.tolist())
         watched = SharpnessMonitor(("worst_case", "average"), probe=[batch], alerts=None).measure(model)
@@ -165,7 +166,7 @@ def test_checks_run_on_fsdp2_over_a_fake_world_of_8(fake_world):
         assert all(isinstance(p, DTensor) for p in model.parameters())
         mon = SharpnessMonitor(("lambda_max", "trace"), probe=[batch], measure_kwargs={"trace": {"n_hvp": 3}})
         metrics, settings = mon.measure(model, with_settings=True)
-        assert math.isnan(metrics["sharpness/lambda_max"]) and metrics["monitor/n_hvp"] == 6 + 3
+        assert math.isnan(metrics["sharpness/lambda_max"]) and metrics["monitor/n_hvp"] == 6 + 1 + 3 + 1
         assert settings["sharpness/lambda_max"]["cost_only"]
 
 
@@ -181,4 +182,5 @@ def test_the_default_sharpness_monitor_check_runs_on_fake_tensors():
         metrics, settings = mon.measure(model, opt, with_settings=True)
     assert math.isnan(metrics["sharpness/lambda_max"]) and math.isnan(metrics["sharpness/eos_ratio"])
     assert settings["sharpness/lambda_max"]["cost_only"] and settings["sharpness/eos_ratio"]["cost_only"]
-    assert metrics["monitor/n_hvp"] == 6 + 6  # two cost-only Lanczos runs of max_basis + 1 products
+    # two cost-only Lanczos runs of max_basis + 1 products, each with its determinism check's second product
+    assert metrics["monitor/n_hvp"] == 6 + 1 + 6 + 1

@@ -166,7 +166,8 @@ def test_exact_checks_hold_the_basis_rows_the_cost_model_counts():
     """Exact micro-batched checks with the Krylov basis on the device and in host memory differ by the vectors
     ``estimate_check_memory`` counts, to a few scalars' bytes: Lanczos runs a product beside at most
     ``max_basis`` rows, its vector in the last of them (``max_basis - 1`` more than the host basis's copy),
-    Hutch++ beside its sketch's ``n_hvp // 3`` products."""
+    Hutch++ beside its sketch's ``n_hvp // 3`` products and, through the determinism check (its first product's
+    result held through the second), one vector more."""
     import warnings
 
     from sharpguard.sharpness import hessian_eigenvalues, hessian_trace
@@ -192,7 +193,7 @@ def test_exact_checks_hold_the_basis_rows_the_cost_model_counts():
                                      graph_bytes=1e8, micro_batches=2, measure=measure, n_hvp=9,
                                      basis_on_device=on_device).peak_bytes
 
-    for measure, vectors in (("lambda_max", DEFAULT_MAX_BASIS - 1), ("trace", 9 // 3)):
+    for measure, vectors in (("lambda_max", DEFAULT_MAX_BASIS - 1), ("trace", 9 // 3 + 1)):
         assert abs(peaks[measure] - peaks[f"{measure}_host"] - vectors * pbytes) <= 1024  # and a few scalars
         assert predicted(measure, True) - predicted(measure, False) == vectors * pbytes
 
@@ -397,9 +398,10 @@ def test_activation_layouts_predict_the_simulated_step(layout, layers, hidden_pe
 
 
 def test_check_flops_follow_the_cost_model():
-    """A check of n products on a cached graph is one forward+backward plus n double backwards; on
-    micro-batches every product is a forward, a backward and a double backward (3 passes); the cost
-    model's ``flops_over_step`` says the same (needs wt-d2: checks on fake tensors)."""
+    """A check of n products on a cached graph is one forward+backward plus n double backwards, and its
+    determinism check one more product on a graph built afresh; on micro-batches every product is a forward, a
+    backward and a double backward (3 passes); the cost model's ``flops_over_step`` says the same, from the
+    products the result counts (needs wt-d2: checks on fake tensors)."""
     from sharpguard.sharpness import estimate_check_cost, hessian_eigenvalues
 
     with fake_tensors():
@@ -414,8 +416,12 @@ def test_check_flops_follow_the_cost_model():
         base = profile_step(fwd_bwd, model=model).flops
         n = 7
         for micro in (1, 2):
-            prof = profile_step(lambda micro=micro: hessian_eigenvalues(model, data, k=1, fixed_products=n,
-                                                                        micro_batches=micro), model=model)
-            predicted = estimate_check_cost(sum(p.numel() for p in model.parameters()), step_peak_bytes=1e9,
-                                            step_seconds=1.0, n_hvp=n, micro_batches=micro).flops_over_step
-            assert prof.flops / base == pytest.approx(predicted, rel=0.10)
+            for checked in (True, False):
+                runs = []
+                prof = profile_step(lambda: runs.append(hessian_eigenvalues(
+                    model, data, k=1, fixed_products=n, micro_batches=micro, check_determinism=checked)), model=model)
+                assert runs[0].n_hvp == n + checked
+                predicted = estimate_check_cost(sum(p.numel() for p in model.parameters()), step_peak_bytes=1e9,
+                                                step_seconds=1.0, n_hvp=runs[0].n_hvp, micro_batches=micro,
+                                                check_determinism=checked).flops_over_step
+                assert prof.flops / base == pytest.approx(predicted, rel=0.10)

@@ -59,13 +59,14 @@ def _check(micro_batches: int, hvp: str = "auto") -> Callable[[nn.Module, Any], 
                                                           micro_batches=micro_batches)
 
 
-def _trace(check_determinism: bool) -> Callable[[nn.Module, Any], Callable[[], Any]]:
-    return lambda model, ids: lambda: hessian_trace(model, ids, _loss, n_hvp=3, micro_batches=2,
+def _trace(check_determinism: bool, micro_batches: int = 2) -> Callable[[nn.Module, Any], Callable[[], Any]]:
+    return lambda model, ids: lambda: hessian_trace(model, ids, _loss, n_hvp=3, micro_batches=micro_batches,
                                                     check_determinism=check_determinism)
 
 
 STEPS = {"train": _train, "sam": _sam, "check, whole batch": _check(1), "check, 2 slices": _check(2),
-         "check, finite differences": _check(2, "finite_difference"), "trace, 2 slices": _trace(False)}
+         "check, finite differences": _check(2, "finite_difference"), "trace, 2 slices": _trace(True),
+         "trace, 2 slices, no determinism check": _trace(False), "trace, whole batch": _trace(True, 1)}
 
 
 def _simulated_and_live(make: Callable[[nn.Module, Any], Callable[[], Any]]) -> tuple[int, int]:
@@ -86,15 +87,40 @@ def test_a_simulated_peak_is_the_live_bytes_the_same_run_allocates_on_the_cpu(st
     assert simulated == pytest.approx(live, rel=0.02), (simulated, live)
 
 
-def test_a_cost_only_run_leaves_out_the_determinism_checks_product_and_the_one_vector_it_holds():
-    """A cost-only run reads no value, so it runs no determinism check (the first product applied twice and
-    compared). The real default does: one more product, and the first product's result held through it. With
-    the basis where the products run (here the CPU) that vector sets a trace check's peak, one model-size
-    vector above the simulation; a lambda_max check peaks later (its basis grows), as the cases above show."""
-    simulated, live = _simulated_and_live(_trace(True))
+def test_the_determinism_check_holds_one_vector_more_in_the_simulation_as_on_the_cpu():
+    """The determinism check (the first product applied twice and compared) runs its second product in a
+    cost-only run too; only the comparison, which reads values, is left out. The first product's result is
+    held through the second, which with the basis where the products run (here the CPU) sets a trace check's
+    peak one model-size vector above the same check without it, in the simulation as in the live bytes."""
     model, _ = _gpt2()
     vector = 4 * sum(p.numel() for p in model.parameters())
-    assert live - simulated == pytest.approx(vector, abs=16 * 1024), (live - simulated, vector)
+    (sim_checked, live_checked), (sim_plain, live_plain) = _simulated_and_live(_trace(True)), _simulated_and_live(
+        _trace(False))
+    assert sim_checked - sim_plain == pytest.approx(vector, abs=16 * 1024), (sim_checked - sim_plain, vector)
+    assert live_checked - live_plain == pytest.approx(vector, abs=16 * 1024), (live_checked - live_plain, vector)
+
+
+def test_a_dropped_cached_graph_leaves_the_simulated_memory():
+    """A cached product's gradient graph (kept with ``retain_graph=True``) dropped before the call ends: the
+    tracker sees it go, as the CPU does. torch's module tracker would otherwise hold it through its backward
+    hooks to the end of the call (sharpguard.simulate._module_pops_holding_no_graph), and the determinism
+    check, which drops the first product's cached graph and builds its own, would count two graphs."""
+    from sharpguard.sharpness.operator import HVPOperator
+
+    def product_then_drop(model: nn.Module, ids: Any) -> Callable[[], Any]:
+        def fn() -> None:
+            with HVPOperator(model, ids, _loss, check_determinism=False, cache_graph=True, micro_batches=1) as op:
+                op.matvec(torch.ones(op.size))
+                op._graphs.clear()
+        return fn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with fake_tensors():
+            model, ids = _gpt2()
+            prof = profile_step(product_then_drop(model, ids), model=model, inputs=list(ids.values()),
+                                count_flops=False)
+    assert prof.memory.end_bytes == prof.memory.start_bytes and prof.memory.end_by_category["activations"] == 0
 
 
 def _simulated(check: Callable[[nn.Module, Any], Any]) -> tuple[int, int]:
@@ -109,33 +135,26 @@ def _simulated(check: Callable[[nn.Module, Any], Any]) -> tuple[int, int]:
 
 @pytest.mark.parametrize(("hvp", "micro_batches"), [("autograd", 2), ("finite_difference", 1)])
 def test_the_determinism_product_costs_one_product_and_no_device_memory_with_the_basis_in_host_memory(
-        monkeypatch, hvp, micro_batches):
-    """The real default's determinism check, run on fake tensors (the operator's own code, its comparison
-    left out where nothing can be read): exactly one product's FLOPs more than the cost-only run (the same as a
-    run of one more product), and, with the basis in host memory (``basis_device="auto"`` on an accelerator;
-    the meta device stands for the host), not a byte more on the device: the first product's result waits in
-    host memory. (With the basis on the device, the cases above show a lambda_max check's peak unchanged and the
-    test above a Hutch++ check's one model-size vector higher.) Exact products on two slices, so that no
-    product reuses a cached graph and each costs the same."""
-    from sharpguard.sharpness.operator import HVPOperator
+        hvp, micro_batches):
+    """A cost-only run at the default (``check_determinism=True``) costs exactly one product's FLOPs more than
+    the same run without the check (the same as a run of one more product) and, with the basis in host memory
+    (``basis_device="auto"`` on an accelerator; the meta device stands for the host), not a byte more on the
+    device: the first product's result waits in host memory. Its ``n_hvp`` counts the extra product. Exact
+    products on two slices, so that no product reuses a cached graph and each costs the same."""
+    def lambda_max(n: int, checked: bool = False) -> Callable[[nn.Module, Any], Any]:
+        return lambda model, ids: hessian_eigenvalues(model, ids, _loss, k=1, hvp=hvp, micro_batches=micro_batches,
+                                                      basis_device="meta", fixed_products=n, check_determinism=checked)
 
-    lambda_max = {n: (lambda model, ids, n=n: hessian_eigenvalues(
-        model, ids, _loss, k=1, hvp=hvp, micro_batches=micro_batches, basis_device="meta", fixed_products=n))
-        for n in (3, 4)}
-    trace = {n: (lambda model, ids, n=n: hessian_trace(
-        model, ids, _loss, n_hvp=n, hvp=hvp, micro_batches=micro_batches, basis_device="meta")) for n in (3, 4)}
-    cost_only = {name: {n: _simulated(check) for n, check in checks.items()}
-                 for name, checks in (("lambda_max", lambda_max), ("trace", trace))}
+    def trace(n: int, checked: bool = False) -> Callable[[nn.Module, Any], Any]:
+        return lambda model, ids: hessian_trace(model, ids, _loss, n_hvp=n, hvp=hvp, micro_batches=micro_batches,
+                                                basis_device="meta", check_determinism=checked)
 
-    init = HVPOperator.__init__
-
-    def with_the_check(self, *args, **kwargs):  # as on real tensors: the check runs (its reads are skipped)
-        init(self, *args, **kwargs)
-        self._unchecked = True
-
-    monkeypatch.setattr(HVPOperator, "__init__", with_the_check)
-    checked = {"lambda_max": _simulated(lambda_max[3]), "trace": _simulated(trace[3])}
-    for name, (peak, flops) in checked.items():
-        n, n_plus_1 = cost_only[name][3], cost_only[name][4]
-        assert flops == n_plus_1[1] > n[1], (name, flops, n, n_plus_1)
-        assert peak == n[0] == n_plus_1[0], (name, peak, n, n_plus_1)
+    for name, check in (("lambda_max", lambda_max), ("trace", trace)):
+        n, n_plus_1, checked = _simulated(check(3)), _simulated(check(4)), _simulated(check(3, True))
+        assert checked[1] == n_plus_1[1] > n[1], (name, checked, n, n_plus_1)
+        assert checked[0] == n[0] == n_plus_1[0], (name, checked, n, n_plus_1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with fake_tensors():
+            model, ids = _gpt2()
+            assert lambda_max(3, True)(model, ids).n_hvp == 4 and trace(3, True)(model, ids).n_hvp == 4
