@@ -592,8 +592,9 @@ def hessian_eigenvalues(
     nothing can be read back, so the call is a cost-only run: every operation of a check runs, no
     eigenvalue is claimed (NaN; ``cost_only=True``), the determinism check runs its second product but
     compares nothing, and ``n_hvp`` is ``fixed_products`` (by default ``min(max_iter, max_basis + 1)``,
-    enough to fill the basis and restart it once, the check's memory peak) plus that product. On a sharded (FSDP2) model every rank calls
-    this with its own probe batches (the same number on every rank): the products are finite differences
+    enough to fill the basis and restart it once, the check's memory peak) plus that product. On a sharded
+    (FSDP2) model every rank calls this with its own probe batches (the same number on every rank): the
+    products are finite differences
     of FSDP's gradients and the vectors (``eigenvectors``, ``init``) are this rank's slices
     (:mod:`sharpguard.sharpness.sharded`). The model is left exactly
     as found (parameters, ``.grad``, buffers, modes, global RNG). ``n_hvp`` counts every product,
