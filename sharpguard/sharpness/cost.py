@@ -171,7 +171,7 @@ def estimate_check_cost(
         # a cached graph is built once (a forward and a backward), then every product is one double backward;
         # the determinism check's second product builds it again (a cached graph would hide randomness)
         flops_over_step=n_hvp * batches * check_flops_per_hvp(hvp, micro_batches=micro, probe_batches=batches)
-        + ((1.0 + float(rules.flag("check_determinism", check_determinism))) if cached else 0.0),
+        + ((1.0 + float(check_determinism)) if cached else 0.0),
     )
 
 

@@ -297,6 +297,7 @@ def adversarial_geometry(
     """
     attack = _pgd_attack(eps, alpha, attack_steps, norm, seed, bounds)
     x, y = _xy(batches)
+    sharded = is_sharded(model)
     start = time.perf_counter()
     with side_effect_free(model, train=False, parameters=False), held_gathered(model), \
             torch.inference_mode(False), torch.enable_grad():
@@ -320,7 +321,7 @@ def adversarial_geometry(
         )
     # one host copy of each per-example figure, over every rank's examples where the model is sharded
     per_example = [t.detach().double().cpu().tolist() for t in (fooled, clean_conf, adv_conf, clean_g, adv_g)]
-    union = _union(is_sharded(model), False, *per_example, clean_curv, adv_curv)
+    union = _union(sharded, False, *per_example, clean_curv, adv_curv)
     fooled, clean_conf, adv_conf, clean_g, adv_g = (torch.tensor(v, dtype=torch.float64) for v in union[:5])
     fooled = fooled.bool()
     return AdversarialGeometry(
@@ -335,5 +336,5 @@ def adversarial_geometry(
         n_examples=len(union[0]),
         seconds=time.perf_counter() - start,
         settings={"eps": eps, "attack_steps": attack_steps, "norm": norm, "n_curvature": k, "seed": seed,
-                  **({"sharded": True} if is_sharded(model) else {})},
+                  **({"sharded": True} if sharded else {})},
     )
